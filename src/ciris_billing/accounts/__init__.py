@@ -1,0 +1,1 @@
+"""Accounts: identity, free and paid uses, credit checks, charges and the ledger."""

@@ -1,0 +1,260 @@
+"""HTTP routes for accounts, credit checks, charges and the ledger. Thin: parse, call, render."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+from sqlalchemy import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ciris_billing import idempotency
+from ciris_billing.accounts import service
+from ciris_billing.accounts.schemas import (
+    AccountCreate,
+    AccountOut,
+    ChargeCreate,
+    ChargeOut,
+    CreditCheck,
+    CreditCheckOut,
+    ErrorOut,
+    IdentityFields,
+    PurchaseRequiredOut,
+    TransactionsOut,
+)
+from ciris_billing.db import iso
+from ciris_billing.deps import (
+    IdempotencyKeyHeader,
+    ReadKey,
+    StateDep,
+    WriteKey,
+    json_response,
+    run_idempotent,
+)
+from ciris_billing.errors import InvalidRequest
+from ciris_billing.observability import ACCOUNTS_CREATED, CHARGES, CREDIT_CHECKS, log
+
+router = APIRouter(prefix="/v1/billing", tags=["billing"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "No valid API key"},
+    403: {"model": ErrorOut, "description": "The key lacks the scope"},
+    422: {"model": ErrorOut, "description": "Invalid request"},
+}
+
+
+def account_body(row: Row[Any]) -> dict[str, Any]:
+    return {
+        "account_id": row.id,
+        "oauth_provider": row.oauth_provider,
+        "external_id": row.external_id,
+        "customer_email": row.customer_email,
+        "display_name": row.display_name,
+        "plan_name": row.plan_name,
+        "currency": row.currency,
+        "status": row.status,
+        "balance_minor": int(row.paid_uses_remaining),
+        "credits_remaining": int(row.paid_uses_remaining),
+        "free_uses_remaining": int(row.free_uses_remaining),
+        "total_uses": int(row.total_uses),
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+    }
+
+
+def path_identity(oauth_provider: str, external_id: str) -> service.Identity:
+    try:
+        fields = IdentityFields(oauth_provider=oauth_provider, external_id=external_id)
+    except ValidationError as exc:
+        raise InvalidRequest(
+            "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors())
+        ) from None
+    return service.Identity(fields.oauth_provider, fields.external_id)
+
+
+def identity_of(body: IdentityFields) -> service.Identity:
+    return service.Identity(body.oauth_provider, body.external_id)
+
+
+@router.post(
+    "/accounts",
+    response_model=AccountOut,
+    status_code=201,
+    responses={200: {"model": AccountOut, "description": "The account already existed"}, **ERRORS},
+)
+async def create_account(
+    body: AccountCreate,
+    request: Request,
+    state: StateDep,
+    _key: WriteKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    """Get or create an account; a new one starts with the free uses (and any initial balance)."""
+    key = idempotency.resolve_key(idempotency_key)
+    new = service.NewAccount(
+        initial_paid_uses=body.initial_balance_minor,
+        currency=body.currency,
+        plan_name=body.plan_name,
+        customer_email=body.customer_email,
+        display_name=body.display_name,
+    )
+
+    async def work(conn: AsyncConnection) -> tuple[int, Any]:
+        row, created = await service.ensure_account(conn, identity_of(body), state.pricing, new)
+        if created:
+            ACCOUNTS_CREATED.inc()
+            log.info("account_created", account_id=row.id, oauth_provider=row.oauth_provider)
+        return (201 if created else 200), account_body(row)
+
+    return await run_idempotent(request, state, key, body.model_dump(mode="json"), work)
+
+
+@router.get(
+    "/accounts/{oauth_provider}/{external_id}",
+    response_model=AccountOut,
+    responses={404: {"model": ErrorOut}, **ERRORS},
+)
+async def get_account(
+    oauth_provider: Annotated[str, Path(examples=["oauth:google"])],
+    external_id: Annotated[str, Path(examples=["user@example.com"])],
+    state: StateDep,
+    _key: ReadKey,
+) -> Response:
+    """An account's balances and details."""
+    identity = path_identity(oauth_provider, external_id)
+    async with state.engine.connect() as conn:
+        row = await service.get_account(conn, identity)
+    return json_response(200, account_body(row))
+
+
+@router.post(
+    "/credits/check",
+    response_model=CreditCheckOut,
+    response_model_exclude_unset=True,
+    responses=ERRORS,
+)
+async def check_credit(body: CreditCheck, state: StateDep, _key: ReadKey) -> Response:
+    """May this user go on? Creates the account (with its free uses) on first sight."""
+    async with state.engine.begin() as conn:
+        status = await service.check_credit(conn, identity_of(body), state.pricing)
+    CREDIT_CHECKS.labels("true" if status.purchase_required else "false").inc()
+    answer: dict[str, Any] = {
+        "has_credit": status.has_credit,
+        "credits_remaining": status.credits_remaining,
+        "plan_name": status.plan_name,
+        "reason": status.reason,
+        "free_uses_remaining": status.free_uses_remaining,
+        "total_uses": status.total_uses,
+        "purchase_required": status.purchase_required,
+    }
+    if status.purchase_required:
+        answer["purchase_price_minor"] = status.purchase_price_minor
+        answer["purchase_uses"] = status.purchase_uses
+    return json_response(200, answer)
+
+
+@router.post(
+    "/charges",
+    response_model=ChargeOut,
+    status_code=201,
+    responses={
+        402: {"model": PurchaseRequiredOut, "description": "No use left: a purchase is required"},
+        409: {"model": ErrorOut, "description": "Idempotency key reused for another request"},
+        **ERRORS,
+    },
+)
+async def create_charge(
+    body: ChargeCreate,
+    request: Request,
+    state: StateDep,
+    _key: WriteKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    """Record a use: free uses first, then paid ones. 402 when none is left; never below zero."""
+    key = idempotency.resolve_key(idempotency_key, body.idempotency_key)
+    identity = identity_of(body)
+    charge_request = service.ChargeRequest(
+        uses=body.uses,
+        amount_minor=body.amount_minor,
+        currency=body.currency or state.pricing.currency,
+        description=body.description,
+        metadata=body.metadata,
+        idempotency_key=key,
+    )
+
+    async def work(conn: AsyncConnection) -> tuple[int, Any]:
+        charge = await service.charge(conn, identity, charge_request, state.pricing)
+        return 201, {
+            "charge_id": charge.charge_id,
+            "account_id": charge.account_id,
+            "oauth_provider": identity.oauth_provider,
+            "external_id": identity.external_id,
+            "uses": charge.uses,
+            "free_uses_used": charge.free_uses_used,
+            "paid_uses_used": charge.paid_uses_used,
+            "amount_minor": charge.amount_minor,
+            "currency": charge.currency,
+            "description": charge.description,
+            "metadata": charge.metadata,
+            "free_uses_remaining": charge.free_uses_remaining,
+            "credits_remaining": charge.credits_remaining,
+            "balance_minor": charge.credits_remaining,
+            "total_uses": charge.total_uses,
+            "plan_name": charge.plan_name,
+            "created_at": charge.created_at,
+        }
+
+    payload = body.model_dump(mode="json", exclude={"idempotency_key"})
+    try:
+        response = await run_idempotent(request, state, key, payload, work)
+    except Exception:
+        CHARGES.labels("False").inc()
+        raise
+    CHARGES.labels("True").inc()
+    return response
+
+
+@router.get(
+    "/transactions", response_model=TransactionsOut, responses={404: {"model": ErrorOut}, **ERRORS}
+)
+async def list_transactions(
+    state: StateDep,
+    _key: ReadKey,
+    oauth_provider: Annotated[str, Query(examples=["oauth:google"])],
+    external_id: Annotated[str, Query(examples=["user@example.com"])],
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> Response:
+    """The account's ledger (charges and credits), newest first, paginated with limit/offset."""
+    identity = path_identity(oauth_provider, external_id)
+    async with state.engine.connect() as conn:
+        account = await service.get_account(conn, identity)
+        rows, total = await service.list_transactions(conn, account.id, limit=limit, offset=offset)
+    items = [
+        {
+            "transaction_id": row.transaction_id,
+            "type": row.type,
+            "kind": row.kind,
+            "free_uses_delta": int(row.free_uses_delta),
+            "paid_uses_delta": int(row.paid_uses_delta),
+            "amount_minor": int(row.amount_minor),
+            "currency": row.currency,
+            "description": row.description,
+            "external_transaction_id": row.external_transaction_id,
+            "created_at": iso(row.created_at),
+        }
+        for row in rows
+    ]
+    return json_response(
+        200,
+        {
+            "account_id": account.id,
+            "transactions": items,
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "has_more": offset + len(items) < total,
+        },
+    )

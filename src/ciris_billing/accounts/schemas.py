@@ -1,0 +1,171 @@
+"""Request and response bodies for accounts, checks, charges and the ledger (the guide's fields)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+
+OAuthProvider = Annotated[
+    str,
+    StringConstraints(pattern=r"^oauth:[a-z0-9][a-z0-9_.-]{0,57}$"),
+    Field(description="Identity provider, e.g. `oauth:google`", examples=["oauth:google"]),
+]
+Currency = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z]{3}$", to_upper=True),
+    Field(description="ISO 4217 code", examples=["USD"]),
+]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=40)]
+MetadataValue = (
+    Annotated[str, StringConstraints(max_length=500)]
+    | StrictInt
+    | Annotated[float, Field(allow_inf_nan=False)]
+    | bool
+    | None
+)
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=50)]
+
+MAX_USES_PER_CHARGE = 1_000
+MAX_MINOR = 100_000_000
+
+
+def _check_external_id(value: str) -> str:
+    if not value.strip():
+        raise ValueError("external_id must not be blank")
+    if "/" in value or not value.isprintable():
+        raise ValueError("external_id must not contain '/' or control characters")
+    return value
+
+
+class IdentityFields(BaseModel):
+    oauth_provider: OAuthProvider
+    external_id: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=255),
+        Field(description="The user's id at the provider", examples=["user@example.com"]),
+    ]
+
+    _external_id = field_validator("external_id")(_check_external_id)
+
+
+class AccountCreate(IdentityFields):
+    initial_balance_minor: StrictInt = Field(
+        default=0, ge=0, le=1_000_000, description="Paid uses to grant, only if the account is new"
+    )
+    currency: Currency | None = None
+    plan_name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")] = "free"
+    customer_email: Annotated[str, StringConstraints(max_length=320)] | None = None
+    display_name: Annotated[str, StringConstraints(max_length=255)] | None = None
+
+    @field_validator("customer_email")
+    @classmethod
+    def _email_shape(cls, value: str | None) -> str | None:
+        if value is not None and (value.count("@") != 1 or not value.isprintable()):
+            raise ValueError("customer_email is not an email address")
+        return value
+
+
+class AccountOut(BaseModel):
+    account_id: str
+    oauth_provider: str
+    external_id: str
+    customer_email: str | None
+    display_name: str | None
+    plan_name: str
+    currency: str
+    status: str
+    balance_minor: int = Field(description="Paid uses left (same as credits_remaining)")
+    credits_remaining: int
+    free_uses_remaining: int
+    total_uses: int
+    created_at: str
+    updated_at: str
+
+
+class CreditCheck(IdentityFields):
+    context: dict[str, Any] = Field(default_factory=dict)
+    customer_email: Annotated[str, StringConstraints(max_length=320)] | None = None
+
+
+class CreditCheckOut(BaseModel):
+    has_credit: bool
+    credits_remaining: int
+    plan_name: str
+    reason: str | None
+    free_uses_remaining: int
+    total_uses: int
+    purchase_required: bool
+    purchase_price_minor: int | None = Field(
+        default=None, description="Only when purchase_required"
+    )
+    purchase_uses: int | None = Field(default=None, description="Only when purchase_required")
+
+
+class ChargeCreate(IdentityFields):
+    amount_minor: StrictInt = Field(default=0, ge=0, le=MAX_MINOR)
+    currency: Currency | None = None
+    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+    metadata: Metadata = Field(default_factory=dict)
+    uses: StrictInt = Field(default=1, ge=1, le=MAX_USES_PER_CHARGE)
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+
+
+class ChargeOut(BaseModel):
+    charge_id: str
+    account_id: str
+    oauth_provider: str
+    external_id: str
+    uses: int
+    free_uses_used: int
+    paid_uses_used: int
+    amount_minor: int
+    currency: str
+    description: str | None
+    metadata: dict[str, Any]
+    free_uses_remaining: int
+    credits_remaining: int
+    balance_minor: int
+    total_uses: int
+    plan_name: str
+    created_at: str
+
+
+class PurchaseRequiredOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    error: Literal["purchase_required"]
+    detail: str
+    purchase_required: bool
+    purchase_price_minor: int
+    purchase_uses: int
+    currency: str
+
+
+class ErrorOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    detail: str
+
+
+class TransactionOut(BaseModel):
+    transaction_id: str
+    type: Literal["charge", "credit"]
+    kind: str
+    free_uses_delta: int
+    paid_uses_delta: int
+    amount_minor: int
+    currency: str
+    description: str | None
+    external_transaction_id: str | None
+    created_at: str
+
+
+class TransactionsOut(BaseModel):
+    account_id: str
+    transactions: list[TransactionOut]
+    total: int
+    limit: int
+    offset: int
+    has_more: bool

@@ -1,0 +1,132 @@
+"""create_app(): settings, lifespan (database, keys), routers, and the one error shape."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ciris_billing import __version__
+from ciris_billing.accounts.routes import router as accounts_router
+from ciris_billing.auth import KeyStore
+from ciris_billing.config import Settings, get_settings
+from ciris_billing.db import create_engine
+from ciris_billing.deps import AppState, StateDep, json_response
+from ciris_billing.errors import BillingError
+from ciris_billing.observability import (
+    RequestContextMiddleware,
+    configure_logging,
+    log,
+    metrics_payload,
+)
+from ciris_billing.pricing import Pricing
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        app.state.billing = AppState(
+            settings=settings,
+            engine=engine,
+            pricing=Pricing.from_settings(settings),
+            keys=KeyStore(engine, settings.api_key_cache_seconds),
+        )
+        log.info("billing_started", version=__version__, database=engine.dialect.name)
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(
+        title="CIRIS Billing API",
+        version=__version__,
+        description="Free uses, paid uses and purchases for AI-agent products.",
+        lifespan=lifespan,
+    )
+    app.include_router(accounts_router)
+    _add_operational_routes(app)
+    _add_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def _add_operational_routes(app: FastAPI) -> None:
+    @app.get("/health", tags=["operations"])
+    async def health(state: StateDep) -> Response:
+        """Liveness and database reachability (no API key needed)."""
+        try:
+            async with state.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except (DBAPIError, OSError, PoolTimeout):
+            return json_response(503, {"status": "unavailable", "database": "unreachable"})
+        return json_response(200, {"status": "ok", "database": "ok", "version": __version__})
+
+    @app.get("/metrics", tags=["operations"], include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus exposition."""
+        payload, content_type = metrics_payload()
+        return Response(content=payload, media_type=content_type)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(BillingError)
+    async def billing_error(_request: Request, exc: BillingError) -> Response:
+        return json_response(exc.status_code, exc.body())
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        problems = [_describe(error) for error in exc.errors()]
+        return json_response(
+            422,
+            {
+                "error": "validation_error",
+                "detail": "; ".join(p["message"] for p in problems) or "Invalid request",
+                "errors": problems,
+            },
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return json_response(exc.status_code, {"error": code, "detail": str(exc.detail)})
+
+    @app.exception_handler(DBAPIError)
+    async def database_error(_request: Request, exc: DBAPIError) -> Response:
+        if exc.connection_invalidated or isinstance(exc.orig, OSError):
+            log.warning("database_unavailable", error_type=type(exc.orig).__name__)
+            return json_response(
+                503,
+                {"error": "database_unavailable", "detail": "The database is unreachable; retry"},
+            )
+        log.error("database_error", error_type=type(exc.orig).__name__, exc_info=exc)
+        return json_response(500, {"error": "internal_error", "detail": "Internal error"})
+
+    @app.exception_handler(OSError)
+    async def connection_error(_request: Request, exc: OSError) -> Response:
+        log.warning("database_unavailable", error_type=type(exc).__name__)
+        return json_response(
+            503, {"error": "database_unavailable", "detail": "The database is unreachable; retry"}
+        )
+
+
+def _describe(error: Any) -> dict[str, Any]:
+    """A validation problem without echoing the input back (it may hold secrets)."""
+    location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    message = str(error.get("msg", "invalid"))
+    return {
+        "field": location,
+        "message": f"{location}: {message}" if location else message,
+        "type": error.get("type"),
+    }

@@ -1,0 +1,170 @@
+"""`ciris-billing`: serve, migrate, keys, audit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import click
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ciris_billing import auth
+from ciris_billing.audit import audit as run_audit
+from ciris_billing.config import get_settings
+from ciris_billing.db import create_engine, iso
+from ciris_billing.errors import BillingError
+
+T = TypeVar("T")
+
+
+def _with_connection(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """Run `work` in one committed transaction on the configured database."""
+
+    async def run() -> T:
+        engine = create_engine(get_settings())
+        try:
+            async with engine.begin() as conn:
+                return await work(conn)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def migrate_database(database_url: str | None = None) -> None:
+    """Bring the schema to the latest migration (alembic upgrade head)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", "ciris_billing:migrations")
+    config.attributes["database_url"] = database_url or get_settings().database_url
+    command.upgrade(config, "head")
+
+
+@click.group()
+def main() -> None:
+    """CIRIS Billing: free uses, paid uses, purchases and a ledger that cannot go wrong."""
+
+
+@main.command()
+def migrate() -> None:
+    """Apply database migrations."""
+    migrate_database()
+    click.echo("Database is at the latest migration.")
+
+
+def _bootstrap_admin_key() -> None:
+    """On first start (no key at all), create an admin key and print it once."""
+
+    async def work(conn: AsyncConnection) -> str | None:
+        if await auth.count_keys(conn):
+            return None
+        _key_id, key = await auth.create_key(conn, "admin (first start)", frozenset({"admin"}))
+        return key
+
+    key = _with_connection(work)
+    if key is not None:
+        click.echo("Created the first API key (scope: admin). It is shown only once; store it now:")
+        click.echo(f"  {key}")
+        click.echo(
+            "Make more with: ciris-billing keys create --name NAME --scopes read,write",
+        )
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--migrate/--no-migrate", "run_migrations", default=True, show_default=True)
+def serve(host: str, port: int, workers: int, run_migrations: bool) -> None:
+    """Migrate, make sure an admin key exists, and serve the API."""
+    import uvicorn
+
+    settings = get_settings()
+    if run_migrations:
+        migrate_database()
+    _bootstrap_admin_key()
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Workers share one metrics view through files in this directory.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ciris-billing-metrics-")
+    click.echo(
+        f"Serving CIRIS Billing on http://{host}:{port} "
+        f"(database: {settings.async_database_url.split(':', 1)[0]}, workers: {workers})"
+    )
+    uvicorn.run(
+        "ciris_billing.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        log_config=None,
+        server_header=False,
+    )
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="Who or what uses the key")
+@click.option("--scopes", default="read,write", show_default=True, help="read, write, admin")
+def keys_create(name: str, scopes: str) -> None:
+    """Create a key; the key itself is printed alone on the last line, once."""
+    try:
+        scope_set = auth.parse_scopes(scopes)
+    except BillingError as exc:
+        raise click.BadParameter(exc.detail, param_hint="--scopes") from None
+    key_id, key = _with_connection(lambda conn: auth.create_key(conn, name, scope_set))
+    click.echo(
+        f"Created key {key_id} ({name}; scopes: {','.join(sorted(scope_set))}). Store it now:"
+    )
+    click.echo(key)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys (never the keys themselves: only their first characters)."""
+    rows = _with_connection(auth.list_keys)
+    for row in rows:
+        state = f"revoked {iso(row.revoked_at)}" if row.revoked_at else "active"
+        click.echo(
+            f"{row.id}  {row.key_prefix}...  {row.scopes:<16} {state:<10} "
+            f"{iso(row.created_at)}  {row.name}"
+        )
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id (see `keys list`); running servers stop accepting it in seconds."""
+    if not _with_connection(lambda conn: auth.revoke_key(conn, key_id)):
+        raise click.ClickException(f"No active key with id {key_id}")
+    click.echo(f"Revoked {key_id}.")
+
+
+@main.command("audit")
+def audit_command() -> None:
+    """Check every account's counters against its ledger; exit 1 on any difference."""
+    report = _with_connection(run_audit)
+    for d in report.discrepancies:
+        click.echo(
+            f"MISMATCH {d.account_id} ({d.oauth_provider} {d.external_id}): "
+            f"counters free={d.counters[0]} paid={d.counters[1]} total={d.counters[2]}; "
+            f"ledger free={d.ledger[0]} paid={d.ledger[1]} total={d.ledger[2]}"
+        )
+    verdict = "clean" if report.clean else f"{len(report.discrepancies)} mismatched"
+    click.echo(f"Audited {report.accounts_checked} accounts: {verdict}.")
+    if not report.clean:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Database: the schema (SQLAlchemy Core tables), the engine, and dialect helpers.
+
+The ledger's invariants live here, in the database, so that no code path can break them:
+CHECK constraints keep every counter at zero or above, unique constraints make identities,
+idempotency keys and external transaction ids impossible to record twice.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    event,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection as SyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ciris_billing.config import Settings, async_database_url
+
+# Stable constraint names, so Alembic migrations and `alembic check` agree on both dialects.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+Id = String(40)
+Uses = BigInteger().with_variant(Integer(), "sqlite")
+Minor = BigInteger().with_variant(Integer(), "sqlite")
+Timestamp = DateTime(timezone=True)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("oauth_provider", String(64), nullable=False),
+    Column("external_id", String(255), nullable=False),
+    Column("customer_email", String(320)),
+    Column("display_name", String(255)),
+    Column("plan_name", String(32), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("free_uses_remaining", Uses, nullable=False),
+    Column("paid_uses_remaining", Uses, nullable=False),
+    Column("total_uses", Uses, nullable=False),
+    # Written by the charge UPDATE itself: SET sees the old counters, so this column lets
+    # RETURNING report how the charge split between free and paid uses without a prior read.
+    Column("last_charge_free_uses", Uses, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    # One account per identity, even when first requests race (INSERT ... ON CONFLICT DO NOTHING).
+    UniqueConstraint("oauth_provider", "external_id"),
+    CheckConstraint("free_uses_remaining >= 0", name="free_uses_not_negative"),
+    CheckConstraint("paid_uses_remaining >= 0", name="paid_uses_not_negative"),
+    CheckConstraint("total_uses >= 0", name="total_uses_not_negative"),
+    CheckConstraint("last_charge_free_uses >= 0", name="last_charge_free_uses_not_negative"),
+    CheckConstraint("status IN ('active', 'suspended')", name="status_known"),
+)
+
+charges = Table(
+    "charges",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("account_id", Id, ForeignKey("accounts.id"), nullable=False),
+    Column("uses", Uses, nullable=False),
+    Column("free_uses_used", Uses, nullable=False),
+    Column("paid_uses_used", Uses, nullable=False),
+    Column("amount_minor", Minor, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("description", String(500)),
+    Column("metadata", JSON, nullable=False),
+    Column("idempotency_key", String(255)),
+    Column("created_at", Timestamp, nullable=False),
+    CheckConstraint("uses > 0", name="uses_positive"),
+    CheckConstraint("free_uses_used >= 0 AND paid_uses_used >= 0", name="split_not_negative"),
+    CheckConstraint("free_uses_used + paid_uses_used = uses", name="split_adds_up"),
+    CheckConstraint("amount_minor >= 0", name="amount_not_negative"),
+    Index(None, "account_id", "created_at"),
+)
+
+CREDIT_KINDS = ("free_grant", "initial_balance", "purchase", "grant", "adjustment", "refund")
+
+credits = Table(
+    "credits",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("account_id", Id, ForeignKey("accounts.id"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("free_uses_delta", Uses, nullable=False),
+    Column("paid_uses_delta", Uses, nullable=False),
+    Column("amount_minor", Minor, nullable=False),
+    Column("currency", String(3), nullable=False),
+    # A provider's id for the money behind this row (e.g. a Stripe `pi_...`): unique, so a
+    # payment can never be credited twice, whichever path (webhook, reconcile) gets there first.
+    Column("external_transaction_id", String(255), unique=True),
+    Column("description", String(500)),
+    Column("idempotency_key", String(255)),
+    Column("created_at", Timestamp, nullable=False),
+    CheckConstraint(
+        "kind IN ('free_grant', 'initial_balance', 'purchase', 'grant', 'adjustment', 'refund')",
+        name="kind_known",
+    ),
+    Index(None, "account_id", "created_at"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("key_prefix", String(16), nullable=False),
+    # SHA-256 of the key: keys are 256-bit random, so a fast hash is safe and costs microseconds.
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("scopes", String(64), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("revoked_at", Timestamp),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    # The key is the primary key: two requests with one key can never both commit.
+    Column("key", String(255), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("response_status", Integer, nullable=False),
+    Column("response_body", Text, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(value: datetime | str) -> str:
+    """A timestamp as ISO 8601 in UTC; SQLite hands back naive datetimes (or text from a UNION)."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.isoformat()
+
+
+def new_id(prefix: str) -> str:
+    """A public id such as `ch_3f9a...`: random, so ids never collide across processes."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def insert_or_ignore(conn: AsyncConnection, table: Table) -> Any:
+    """`INSERT ... ON CONFLICT DO NOTHING` for the connection's dialect.
+
+    On PostgreSQL a conflicting insert waits for the other transaction and then does nothing,
+    so a caller that sees no row inserted can read the committed winner.
+    """
+    if conn.dialect.name == "postgresql":
+        return pg_insert(table).on_conflict_do_nothing()
+    return sqlite_insert(table).on_conflict_do_nothing()
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves (below); pysqlite's implicit BEGIN is DEFERRED.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: SyncConnection) -> None:
+        # IMMEDIATE takes the write lock up front: two processes can never both read a
+        # balance and then race to write it (a DEFERRED transaction would fail with BUSY).
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_engine(settings: Settings | str) -> AsyncEngine:
+    url = settings if isinstance(settings, str) else settings.database_url
+    pool_size = 10 if isinstance(settings, str) else settings.db_pool_size
+    async_url = async_database_url(url)
+    if async_url.startswith("sqlite"):
+        # SQLite has one writer at a time; one pooled connection per process queues requests
+        # in Python instead of spinning on the file lock.
+        engine = create_async_engine(async_url, pool_size=1, max_overflow=0, pool_timeout=60)
+        _configure_sqlite(engine)
+        return engine
+    return create_async_engine(async_url, pool_size=pool_size, max_overflow=pool_size)

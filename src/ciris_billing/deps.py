@@ -1,0 +1,90 @@
+"""What routes share: the app's state, API-key scopes, transactions and idempotent replay."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+from fastapi.responses import Response
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ciris_billing import idempotency
+from ciris_billing.auth import KeyStore, Principal, presented_key
+from ciris_billing.config import Settings
+from ciris_billing.pricing import Pricing
+
+
+@dataclass(slots=True)
+class AppState:
+    settings: Settings
+    engine: AsyncEngine
+    pricing: Pricing
+    keys: KeyStore
+
+
+def app_state(request: Request) -> AppState:
+    state: AppState = request.app.state.billing
+    return state
+
+
+StateDep = Annotated[AppState, Depends(app_state)]
+
+
+def require(scope: str) -> Any:
+    async def dependency(request: Request, state: StateDep) -> Principal:
+        return await state.keys.authenticate(presented_key(request.headers), scope)
+
+    return Depends(dependency)
+
+
+ReadKey = Annotated[Principal, require("read")]
+WriteKey = Annotated[Principal, require("write")]
+AdminKey = Annotated[Principal, require("admin")]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Retry-safe key: the same key and request replay the first response",
+    ),
+]
+
+
+def json_response(status_code: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        content=json.dumps(body, separators=(",", ":")),
+        status_code=status_code,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+Work = Callable[[AsyncConnection], Awaitable[tuple[int, Any]]]
+
+
+async def run_idempotent(
+    request: Request, state: AppState, key: str | None, payload: Any, work: Work
+) -> Response:
+    """Run `work` in one transaction; with a key, record its response or replay the stored one.
+
+    The transaction commits before the response is sent, so a client never sees a success
+    that did not commit.
+    """
+    async with state.engine.begin() as conn:
+        if key is not None:
+            request_fingerprint = idempotency.fingerprint(request.method, request.url.path, payload)
+            stored = await idempotency.claim(conn, key, request_fingerprint)
+            if stored is not None:
+                return Response(
+                    content=stored.body,
+                    status_code=stored.status_code,
+                    media_type="application/json",
+                    headers={"Idempotent-Replayed": "true"},
+                )
+        status_code, body = await work(conn)
+        text = json.dumps(body, separators=(",", ":"))
+        if key is not None:
+            await idempotency.record(conn, key, status_code, text)
+    return Response(content=text, status_code=status_code, media_type="application/json")

@@ -1,0 +1,44 @@
+"""Alembic environment: runs migrations on the async engine, SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from ciris_billing.config import get_settings
+from ciris_billing.db import create_engine, metadata
+
+config = context.config
+
+
+def _database_url() -> str:
+    url = config.attributes.get("database_url") or get_settings().database_url
+    return str(url)
+
+
+def _run(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_async() -> None:
+    engine = create_engine(_database_url())
+    async with engine.connect() as connection:
+        await connection.run_sync(_run)
+        await connection.commit()
+    await engine.dispose()
+
+
+if context.is_offline_mode():
+    raise SystemExit(
+        "Offline (SQL script) migrations are not supported; run them against a database"
+    )
+asyncio.run(_run_async())

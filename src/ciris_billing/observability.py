@@ -1,0 +1,107 @@
+"""JSON logs with request ids, and Prometheus metrics (the guide's names)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import Any
+
+import structlog
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prometheus_multiprocess
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = structlog.get_logger("ciris_billing")
+
+CREDIT_CHECKS = Counter(
+    "billing_credit_checks_total", "Credit checks answered", ["purchase_required"]
+)
+CHARGES = Counter("billing_charges_total", "Charge attempts", ["success"])
+ACCOUNTS_CREATED = Counter("billing_accounts_created_total", "Accounts created")
+HTTP_LATENCY = Histogram(
+    "billing_http_request_duration_seconds",
+    "HTTP request latency by route template",
+    ["method", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """structlog → one JSON object per line on stdout, carrying context vars (request_id)."""
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    logging.basicConfig(format="%(message)s", stream=sys.stdout, level=numeric, force=True)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def metrics_payload() -> tuple[bytes, str]:
+    """The exposition text: across all worker processes when running multi-process."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+class RequestContextMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware cost): request id in logs and response, latency metric."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        status = 500
+        header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route: Any = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            HTTP_LATENCY.labels(scope["method"], template, str(status)).observe(
+                time.perf_counter() - started
+            )
+            structlog.contextvars.clear_contextvars()
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text: str = value.decode("latin-1")
+            # Accept only a sane id from callers; anything else gets a fresh one.
+            if 0 < len(text) <= 128 and all(c.isalnum() or c in "-_.:" for c in text):
+                return text
+    return None
