@@ -125,6 +125,8 @@ def _describe(error: Any) -> dict[str, Any]:
     """A validation problem without echoing the input back (it may hold secrets)."""
     location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
     message = str(error.get("msg", "invalid"))
+    if not location and error.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        message = "The request body must be a JSON object (send Content-Type: application/json)"
     return {
         "field": location,
         "message": f"{location}: {message}" if location else message,

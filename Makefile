@@ -1,0 +1,40 @@
+# CIRIS Billing. `make run` serves the API; `make test` runs every check. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv run test lint test-e2e-python test-local clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Serve on 127.0.0.1:8000 (DATABASE_URL, default a SQLite file here); migrates first.
+run: venv
+	$(BIN)/ciris-billing serve
+
+## Lint, format, types, migrations vs models, and the whole test suite (SQLite and PostgreSQL).
+test: venv lint
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  DATABASE_URL="sqlite:///$$tmp/check.db" $(BIN)/ciris-billing migrate >/dev/null && \
+	  DATABASE_URL="sqlite:///$$tmp/check.db" $(BIN)/alembic check
+
+## The guide's local stack: migrate and serve (on this machine, with local processes).
+test-local: run
+
+## The guide's end-to-end suite.
+test-e2e-python: venv
+	$(BIN)/pytest tests/test_guide_flow.py tests/test_multiprocess.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

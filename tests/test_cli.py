@@ -1,0 +1,116 @@
+"""The operator's commands: first-start key, keys create/list/revoke, audit, migrate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from sqlalchemy import update
+
+from ciris_billing.db import accounts, create_engine
+from tests.test_multiprocess import _free_port
+
+CLI = [sys.executable, "-m", "ciris_billing.cli"]
+
+
+def run(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url}
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_first_start_prints_an_admin_key_once(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    port = _free_port()
+    env = {**os.environ, "DATABASE_URL": database_url}
+    out = (tmp_path / "out.log").open("w")
+    process = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port)],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        printed = (tmp_path / "out.log").read_text()
+        key = printed.split("store it now:\n", 1)[1].split()[0]
+        assert key.startswith("cbk_")
+        assert "ciris-billing keys create" in printed
+        check = httpx.post(
+            f"http://127.0.0.1:{port}/v1/billing/credits/check",
+            json={"oauth_provider": "oauth:google", "external_id": "cli@example.com"},
+            headers={"X-API-Key": key},
+        )
+        assert check.status_code == 200
+        assert key not in printed.split("store it now:\n", 1)[1].split("\n", 2)[2], "shown once"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+        out.close()
+    second = run(database_url, "keys", "list")
+    assert "admin (first start)" in second.stdout
+    assert key not in second.stdout
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'keys.db'}"
+    assert run(database_url, "migrate").returncode == 0
+    created = run(database_url, "keys", "create", "--name", "agent", "--scopes", "read,write")
+    assert created.returncode == 0
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("cbk_")
+    listed = run(database_url, "keys", "list").stdout
+    assert "agent" in listed
+    assert "read,write" in listed
+    assert key not in listed
+    key_id = listed.split()[0]
+    assert run(database_url, "keys", "revoke", key_id).returncode == 0
+    assert "revoked" in run(database_url, "keys", "list").stdout
+    assert run(database_url, "keys", "revoke", key_id).returncode != 0
+    bad = run(database_url, "keys", "create", "--name", "x", "--scopes", "root")
+    assert bad.returncode != 0
+
+
+def test_audit_finds_a_tampered_counter(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'audit.db'}"
+    assert run(database_url, "migrate").returncode == 0
+    assert run(database_url, "audit").stdout.strip() == "Audited 0 accounts: clean."
+
+    async def setup_and_tamper() -> None:
+        from ciris_billing.accounts import service
+        from ciris_billing.pricing import Pricing
+
+        engine = create_engine(database_url)
+        pricing = Pricing(3, 20, 500, "USD")
+        async with engine.begin() as conn:
+            await service.ensure_account(conn, service.Identity("oauth:google", "a@b.c"), pricing)
+            await service.ensure_account(conn, service.Identity("oauth:google", "d@e.f"), pricing)
+        async with engine.begin() as conn:
+            await conn.execute(
+                update(accounts)
+                .where(accounts.c.external_id == "a@b.c")
+                .values(paid_uses_remaining=7)
+            )
+        await engine.dispose()
+
+    asyncio.run(setup_and_tamper())
+    audited = run(database_url, "audit")
+    assert audited.returncode == 1
+    assert "MISMATCH" in audited.stdout
+    assert "a@b.c" in audited.stdout
+    assert "d@e.f" not in audited.stdout
