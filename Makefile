@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint test-e2e-python test-local clean
+.PHONY: venv run test lint test-e2e-python test-local bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-local: run
 ## The guide's end-to-end suite.
 test-e2e-python: venv
 	$(BIN)/pytest tests/test_guide_flow.py tests/test_multiprocess.py
+
+## Throughput and latency of the hot path against PostgreSQL's own limit (prints a table).
+bench: venv
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -33,7 +33,7 @@ from ciris_billing.deps import (
     json_response,
     run_idempotent,
 )
-from ciris_billing.errors import InvalidRequest
+from ciris_billing.errors import InvalidRequest, PurchaseRequired
 from ciris_billing.observability import ACCOUNTS_CREATED, CHARGES, CREDIT_CHECKS, log
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
@@ -186,6 +186,14 @@ async def create_charge(
 
     async def work(conn: AsyncConnection) -> tuple[int, Any]:
         charge = await service.charge(conn, identity, charge_request, state.pricing)
+        log.info(
+            "charge_created",
+            charge_id=charge.charge_id,
+            account_id=charge.account_id,
+            uses=charge.uses,
+            free_uses_used=charge.free_uses_used,
+            paid_uses_used=charge.paid_uses_used,
+        )
         return 201, {
             "charge_id": charge.charge_id,
             "account_id": charge.account_id,
@@ -209,6 +217,10 @@ async def create_charge(
     payload = body.model_dump(mode="json", exclude={"idempotency_key"})
     try:
         response = await run_idempotent(request, state, key, payload, work)
+    except PurchaseRequired:
+        CHARGES.labels("False").inc()
+        log.info("charge_refused_purchase_required", oauth_provider=identity.oauth_provider)
+        raise
     except Exception:
         CHARGES.labels("False").inc()
         raise
