@@ -27,7 +27,11 @@ from ciris_billing.observability import (
     log,
     metrics_payload,
 )
+from ciris_billing.payments.providers import get_payment_provider
+from ciris_billing.payments.routes import router as payments_router
 from ciris_billing.pricing import Pricing
+from ciris_billing.webhooks import inbox
+from ciris_billing.webhooks.routes import router as webhooks_router
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -37,16 +41,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
-        app.state.billing = AppState(
+
+        async def deliver(payload: bytes, signature: str) -> None:
+            # The sandbox's webhooks enter through the same inbox as Stripe's.
+            await inbox.receive(engine, state.provider, payload, signature)
+
+        provider = get_payment_provider(settings, engine, deliver)
+        state = AppState(
             settings=settings,
             engine=engine,
             pricing=Pricing.from_settings(settings),
             keys=KeyStore(engine, settings.api_key_cache_seconds),
+            provider=provider,
         )
+        app.state.billing = state
         log.info("billing_started", version=__version__, database=engine.dialect.name)
+        announce_provider(provider.name)
         try:
             yield
         finally:
+            await provider.aclose()
             await engine.dispose()
 
     app = FastAPI(
@@ -56,10 +70,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(accounts_router)
+    app.include_router(payments_router)
+    app.include_router(webhooks_router)
     _add_operational_routes(app)
     _add_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def announce_provider(name: str) -> None:
+    """Say loudly which payment provider is active."""
+    if name == "sandbox":
+        log.warning(
+            "payment_provider_active",
+            provider="sandbox",
+            message="SANDBOX payments: test cards only, no real money moves",
+        )
+    else:
+        log.info("payment_provider_active", provider=name)
 
 
 def _add_operational_routes(app: FastAPI) -> None:

@@ -10,13 +10,17 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import click
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import auth
 from ciris_billing.audit import audit as run_audit
 from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine, iso
 from ciris_billing.errors import BillingError
+from ciris_billing.payments import service as payments
+from ciris_billing.payments.providers import PaymentConfigurationError, get_payment_provider
+from ciris_billing.payments.providers.base import PaymentProvider
+from ciris_billing.webhooks import inbox
 
 T = TypeVar("T")
 
@@ -86,16 +90,26 @@ def serve(host: str, port: int, workers: int, run_migrations: bool) -> None:
     import uvicorn
 
     settings = get_settings()
+    problems = settings.payment_problems()
+    if problems:
+        raise click.ClickException("Refusing to start: " + "; ".join(problems))
     if run_migrations:
         migrate_database()
     _bootstrap_admin_key()
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Workers share one metrics view through files in this directory.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ciris-billing-metrics-")
+    provider = settings.active_payment_provider
     click.echo(
         f"Serving CIRIS Billing on http://{host}:{port} "
-        f"(database: {settings.async_database_url.split(':', 1)[0]}, workers: {workers})"
+        f"(database: {settings.async_database_url.split(':', 1)[0]}, workers: {workers}, "
+        f"payments: {provider})"
     )
+    if provider == "sandbox":
+        click.echo(
+            "*** PAYMENTS ARE IN SANDBOX MODE: test cards only, no real money moves. "
+            "Set STRIPE_API_KEY / PAYMENT_PROVIDER=stripe for real payments. ***"
+        )
     uvicorn.run(
         "ciris_billing.app:create_app",
         factory=True,
@@ -148,6 +162,77 @@ def keys_revoke(key_id: str) -> None:
     if not _with_connection(lambda conn: auth.revoke_key(conn, key_id)):
         raise click.ClickException(f"No active key with id {key_id}")
     click.echo(f"Revoked {key_id}.")
+
+
+async def _with_provider(work: Callable[[AsyncEngine, PaymentProvider], Awaitable[T]]) -> T:
+    settings = get_settings()
+    engine = create_engine(settings)
+    try:
+        provider = get_payment_provider(settings, engine)
+    except PaymentConfigurationError as exc:
+        await engine.dispose()
+        raise click.ClickException(str(exc)) from None
+    try:
+        return await work(engine, provider)
+    finally:
+        await provider.aclose()
+        await engine.dispose()
+
+
+@main.command()
+def reconcile() -> None:
+    """Ask the provider about every purchase not yet final; credit paid ones (exactly once)."""
+
+    async def work(engine: AsyncEngine, provider: PaymentProvider) -> dict[str, int]:
+        async with engine.connect() as conn:
+            open_purchases = await payments.open_purchases(conn, provider.name)
+        outcomes: dict[str, int] = {}
+        for index, purchase in enumerate(open_purchases, 1):
+            try:
+                payment = await provider.get_payment(purchase.payment_id)
+                if payment is None:
+                    outcome = "unknown_payment"
+                else:
+                    async with engine.begin() as conn:
+                        outcome = await payments.apply_payment(conn, provider.name, payment)
+            except BillingError as exc:
+                outcome = f"error:{exc.code}"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            click.echo(f"[{index}/{len(open_purchases)}] {purchase.payment_id}: {outcome}")
+        return outcomes
+
+    outcomes = asyncio.run(_with_provider(work))
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(outcomes.items())) or "nothing open"
+    click.echo(f"Reconciled: {summary}.")
+    if any(key.startswith("error:") for key in outcomes):
+        sys.exit(1)
+
+
+@main.group()
+def webhooks() -> None:
+    """Stored webhook events."""
+
+
+@webhooks.command("replay")
+def webhooks_replay() -> None:
+    """Handle again every stored event that was not handled (a failed attempt)."""
+
+    async def work(engine: AsyncEngine, provider: PaymentProvider) -> tuple[int, int]:
+        handled = failed = 0
+        for event_id in await inbox.unhandled_event_ids(engine, provider.name):
+            try:
+                result = await inbox.handle(engine, provider, event_id)
+                click.echo(f"{event_id}: {result.outcome}")
+                handled += 1
+            except BillingError as exc:
+                click.echo(f"{event_id}: failed ({exc.code})")
+                failed += 1
+        return handled, failed
+
+    handled, failed = asyncio.run(_with_provider(work))
+    click.echo(f"Replayed {handled} events, {failed} still failing.")
+    if failed:
+        sys.exit(1)
 
 
 @main.command("audit")

@@ -35,11 +35,16 @@ class Settings(BaseSettings):
     price_per_purchase_minor: int = Field(default=500, ge=1)
     currency: str = "USD"
 
-    # Payments (the guide's names). Used by the payment providers.
+    # Payments (the guide's names). Without PAYMENT_PROVIDER: stripe if STRIPE_API_KEY is set,
+    # else the built-in sandbox.
     payment_provider: Literal["sandbox", "stripe"] | None = None
     stripe_api_key: SecretStr | None = None
     stripe_webhook_secret: SecretStr | None = None
     stripe_publishable_key: str | None = None
+    # Point the Stripe SDK at another Stripe-compatible server (e.g. localstripe).
+    stripe_api_base: str | None = None
+    # The sandbox signs its webhooks like Stripe; every worker must share this secret.
+    sandbox_webhook_secret: SecretStr = SecretStr("whsec_sandbox_local_testing_only")
 
     # Operations.
     log_level: str = "INFO"
@@ -66,6 +71,41 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.async_database_url.startswith("sqlite")
+
+    @property
+    def active_payment_provider(self) -> Literal["sandbox", "stripe"]:
+        if self.payment_provider is not None:
+            return self.payment_provider
+        return "stripe" if self.stripe_api_key is not None else "sandbox"
+
+    def payment_problems(self) -> list[str]:
+        """Why this payment configuration must not start (empty when it may)."""
+        api_key = self.stripe_api_key.get_secret_value() if self.stripe_api_key else ""
+        problems = []
+        if self.active_payment_provider == "sandbox":
+            if api_key.startswith(("sk_live_", "rk_live_")) or (
+                self.stripe_publishable_key or ""
+            ).startswith("pk_live_"):
+                problems.append(
+                    "Live Stripe keys are set but the sandbox provider is selected: "
+                    "set PAYMENT_PROVIDER=stripe, or remove the live keys"
+                )
+        else:
+            if not api_key:
+                problems.append(
+                    "PAYMENT_PROVIDER=stripe needs STRIPE_API_KEY (sk_test_... or sk_live_...)"
+                )
+            elif not api_key.startswith(("sk_", "rk_")):
+                problems.append("STRIPE_API_KEY must start with sk_test_, sk_live_ or rk_")
+            secret = (
+                self.stripe_webhook_secret.get_secret_value() if self.stripe_webhook_secret else ""
+            )
+            if not secret:
+                problems.append(
+                    "PAYMENT_PROVIDER=stripe needs STRIPE_WEBHOOK_SECRET (whsec_...): "
+                    "without it no payment can ever be credited"
+                )
+        return problems
 
 
 @lru_cache

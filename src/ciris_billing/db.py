@@ -149,6 +149,89 @@ idempotency_keys = Table(
 )
 
 
+PURCHASE_STATUSES = (
+    "requires_payment_method",
+    "requires_confirmation",
+    "requires_action",
+    "processing",
+    "requires_capture",
+    "succeeded",
+    "failed",
+    "canceled",
+)
+
+purchases = Table(
+    "purchases",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("account_id", Id, ForeignKey("accounts.id"), nullable=False),
+    Column("provider", String(32), nullable=False),
+    Column("payment_id", String(255), nullable=False),
+    Column("amount_minor", Minor, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("uses", Uses, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("customer_email", String(320)),
+    Column("failure_message", String(500)),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    Column("credited_at", Timestamp),
+    # One purchase per provider payment: a retried create finds the row instead of adding one.
+    UniqueConstraint("provider", "payment_id"),
+    CheckConstraint("amount_minor > 0", name="amount_positive"),
+    CheckConstraint("uses > 0", name="uses_positive"),
+    CheckConstraint(
+        "status IN (" + ", ".join(f"'{s}'" for s in PURCHASE_STATUSES) + ")",
+        name="status_known",
+    ),
+    Index(None, "account_id", "created_at"),
+    Index(None, "status"),
+)
+
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("provider", String(32), nullable=False),
+    Column("event_id", String(255), nullable=False),
+    Column("type", String(100), nullable=False),
+    Column("payment_id", String(255)),
+    Column("payload", Text, nullable=False),
+    Column("received_at", Timestamp, nullable=False),
+    # Set only in the transaction that applied the event: a failed attempt leaves it NULL,
+    # so the provider's retry (or `webhooks replay`) handles it again.
+    Column("handled_at", Timestamp),
+    Column("outcome", String(32)),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", String(500)),
+    # Each provider event is stored once, however often it is delivered.
+    UniqueConstraint("provider", "event_id"),
+    Index(None, "handled_at"),
+)
+
+sandbox_payments = Table(
+    "sandbox_payments",
+    metadata,
+    # The built-in sandbox provider's own state (it plays Stripe in test mode). In the
+    # database so that every worker, and the CLI's reconcile, see the same payments.
+    Column("id", String(64), primary_key=True),
+    Column("idempotency_key", String(255), nullable=False, unique=True),
+    Column("amount_minor", Minor, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("client_secret", String(128), nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("failure_message", String(500)),
+    Column("amount_refunded_minor", Minor, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    CheckConstraint(
+        "amount_refunded_minor >= 0 AND amount_refunded_minor <= amount_minor",
+        name="refund_within_amount",
+    ),
+)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ciris_billing import idempotency
 from ciris_billing.auth import KeyStore, Principal, presented_key
 from ciris_billing.config import Settings
+from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
 
 
@@ -23,6 +24,7 @@ class AppState:
     engine: AsyncEngine
     pricing: Pricing
     keys: KeyStore
+    provider: PaymentProvider
 
 
 def app_state(request: Request) -> AppState:
@@ -64,6 +66,28 @@ def json_response(status_code: int, body: Any, headers: dict[str, str] | None = 
 Work = Callable[[AsyncConnection], Awaitable[tuple[int, Any]]]
 
 
+async def replay_if_known(
+    request: Request, state: AppState, key: str | None, payload: Any
+) -> Response | None:
+    """Before an effect outside our database (a provider call): the stored response for this
+    key, a 409 for a different request under it, or None to go ahead."""
+    if key is None:
+        return None
+    request_fingerprint = idempotency.fingerprint(request.method, request.url.path, payload)
+    async with state.engine.connect() as conn:
+        stored = await idempotency.lookup(conn, key, request_fingerprint)
+    return None if stored is None else _replayed(stored)
+
+
+def _replayed(stored: idempotency.StoredResponse) -> Response:
+    return Response(
+        content=stored.body,
+        status_code=stored.status_code,
+        media_type="application/json",
+        headers={"Idempotent-Replayed": "true"},
+    )
+
+
 async def run_idempotent(
     request: Request, state: AppState, key: str | None, payload: Any, work: Work
 ) -> Response:
@@ -77,12 +101,7 @@ async def run_idempotent(
             request_fingerprint = idempotency.fingerprint(request.method, request.url.path, payload)
             stored = await idempotency.claim(conn, key, request_fingerprint)
             if stored is not None:
-                return Response(
-                    content=stored.body,
-                    status_code=stored.status_code,
-                    media_type="application/json",
-                    headers={"Idempotent-Replayed": "true"},
-                )
+                return _replayed(stored)
         status_code, body = await work(conn)
         text = json.dumps(body, separators=(",", ":"))
         if key is not None:

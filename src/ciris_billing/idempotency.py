@@ -62,9 +62,20 @@ async def claim(conn: AsyncConnection, key: str, request_fingerprint: str) -> St
     )
     if inserted.first() is not None:
         return None
+    stored = await lookup(conn, key, request_fingerprint)
+    assert stored is not None  # the INSERT conflicted, so the row exists (and is committed)
+    return stored
+
+
+async def lookup(
+    conn: AsyncConnection, key: str, request_fingerprint: str
+) -> StoredResponse | None:
+    """The response recorded under `key`, None if the key is unused; 409 for another request."""
     stored = (
         await conn.execute(select(idempotency_keys).where(idempotency_keys.c.key == key))
-    ).one()
+    ).first()
+    if stored is None:
+        return None
     if stored.fingerprint != request_fingerprint:
         raise IdempotencyKeyReused(
             "This Idempotency-Key was already used with a different request; "

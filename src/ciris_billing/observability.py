@@ -27,6 +27,12 @@ CREDIT_CHECKS = Counter(
 )
 CHARGES = Counter("billing_charges_total", "Charge attempts", ["success"])
 ACCOUNTS_CREATED = Counter("billing_accounts_created_total", "Accounts created")
+PURCHASES = Counter("billing_purchases_total", "Purchases by outcome", ["provider", "status"])
+WEBHOOK_EVENTS = Counter(
+    "billing_webhook_events_total",
+    "Webhook events by type and outcome",
+    ["provider", "type", "outcome"],
+)
 HTTP_LATENCY = Histogram(
     "billing_http_request_duration_seconds",
     "HTTP request latency by route template",

@@ -1,0 +1,1 @@
+"""Payments: purchases of uses through a provider-agnostic PaymentProvider."""

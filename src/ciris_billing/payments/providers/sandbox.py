@@ -1,0 +1,299 @@
+"""The built-in sandbox provider: Stripe test mode on a laptop, with no account anywhere.
+
+Payments live in the `sandbox_payments` table. The customer's side (what Stripe.js does) is
+`confirm_with_card` and `authenticate`, driven by the guide's test cards; every state change
+sends a signed webhook (Stripe's header and HMAC scheme, the sandbox's own secret) through the
+service's own webhook pipeline, exactly as a Stripe event would arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ciris_billing.db import insert_or_ignore, sandbox_payments, utcnow
+from ciris_billing.errors import BillingError
+from ciris_billing.observability import log
+from ciris_billing.payments.providers import signing
+from ciris_billing.payments.providers.base import (
+    InvalidWebhookSignature,
+    PaymentIntent,
+    PaymentResult,
+    PaymentStatus,
+    ProviderError,
+    WebhookEvent,
+)
+
+Deliver = Callable[[bytes, str], Awaitable[Any]]
+
+# The guide's test cards, and what Stripe test mode does with them.
+CARD_SUCCEEDS = "4242424242424242"
+CARD_DECLINED = "4000000000009995"  # insufficient funds
+CARD_NEEDS_AUTHENTICATION = "4000002500003155"  # 3D Secure
+CARD_CHARGE_DECLINED = "4000000000000341"
+DECLINES = {
+    CARD_DECLINED: "Your card has insufficient funds.",
+    CARD_CHARGE_DECLINED: "Your card was declined.",
+    "4000000000000002": "Your card was declined.",
+}
+
+
+class CardDeclined(BillingError):
+    status_code = 402
+    code = "card_declined"
+
+
+class PaymentNotFound(BillingError):
+    status_code = 404
+    code = "payment_not_found"
+
+
+class PaymentStateConflict(BillingError):
+    status_code = 409
+    code = "payment_state_conflict"
+
+
+def _luhn_ok(number: str) -> bool:
+    digits = [int(d) for d in number]
+    for i in range(len(digits) - 2, -1, -2):
+        digits[i] = digits[i] * 2 - 9 if digits[i] > 4 else digits[i] * 2
+    return sum(digits) % 10 == 0
+
+
+def normalize_card(number: str) -> str:
+    digits = number.replace(" ", "").replace("-", "")
+    if not digits.isdigit() or not 12 <= len(digits) <= 19 or not _luhn_ok(digits):
+        raise CardDeclined("Your card number is incorrect.", decline_code="incorrect_number")
+    return digits
+
+
+class SandboxProvider:
+    name = "sandbox"
+    publishable_key: str | None = None
+
+    def __init__(self, engine: AsyncEngine, webhook_secret: str, deliver: Deliver | None) -> None:
+        self._engine = engine
+        self._secret = webhook_secret
+        self._deliver = deliver
+
+    async def create_payment_intent(self, intent: PaymentIntent) -> PaymentResult:
+        payment_id = "pi_sbx_" + secrets.token_hex(12)
+        now = utcnow()
+        async with self._engine.begin() as conn:
+            # Like Stripe's Idempotency-Key: the same key returns the intent made the first time.
+            await conn.execute(
+                insert_or_ignore(conn, sandbox_payments).values(
+                    id=payment_id,
+                    idempotency_key=intent.idempotency_key,
+                    amount_minor=intent.amount_minor,
+                    currency=intent.currency.upper(),
+                    status="requires_payment_method",
+                    client_secret=f"{payment_id}_secret_{secrets.token_urlsafe(18)}",
+                    metadata={
+                        "ciris_purchase_id": intent.purchase_id,
+                        "ciris_account_id": intent.account_id,
+                    },
+                    failure_message=None,
+                    amount_refunded_minor=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            row = (
+                await conn.execute(
+                    select(sandbox_payments).where(
+                        sandbox_payments.c.idempotency_key == intent.idempotency_key
+                    )
+                )
+            ).one()
+        if row.amount_minor != intent.amount_minor or row.currency != intent.currency.upper():
+            raise ProviderError("Idempotency key reused with different parameters")
+        return _result(row)
+
+    async def get_payment(self, payment_id: str) -> PaymentResult | None:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(sandbox_payments).where(sandbox_payments.c.id == payment_id)
+                )
+            ).first()
+        return None if row is None else _result(row)
+
+    async def confirm_payment(self, payment_id: str) -> bool:
+        payment = await self.get_payment(payment_id)
+        return payment is not None and payment.status == "succeeded"
+
+    async def verify_webhook(self, payload: bytes, signature: str) -> WebhookEvent:
+        if not signing.verify(payload, signature, self._secret):
+            raise InvalidWebhookSignature("Invalid webhook signature")
+        return parse_event(payload)
+
+    async def refund_payment(self, payment_id: str, amount_minor: int | None) -> str:
+        async with self._engine.begin() as conn:
+            row = await _locked(conn, payment_id)
+            if row.status != "succeeded":
+                raise ProviderError("Only a succeeded payment can be refunded")
+            amount = (
+                row.amount_minor - row.amount_refunded_minor
+                if amount_minor is None
+                else amount_minor
+            )
+            if amount <= 0 or row.amount_refunded_minor + amount > row.amount_minor:
+                raise ProviderError("Refund amount exceeds what is left of the payment")
+            await conn.execute(
+                sandbox_payments.update()
+                .where(sandbox_payments.c.id == payment_id)
+                .values(
+                    amount_refunded_minor=row.amount_refunded_minor + amount, updated_at=utcnow()
+                )
+            )
+        return "re_sbx_" + secrets.token_hex(12)
+
+    async def aclose(self) -> None:
+        return None
+
+    # The customer's side: what Stripe.js and the card network do in test mode.
+
+    async def confirm_with_card(
+        self, payment_id: str, client_secret: str, card_number: str
+    ) -> PaymentResult:
+        card = normalize_card(card_number)
+        async with self._engine.begin() as conn:
+            row = await _locked(conn, payment_id, client_secret)
+            if row.status not in ("requires_payment_method", "requires_confirmation"):
+                raise PaymentStateConflict(f"This payment is {row.status}; it cannot be confirmed")
+            if card == CARD_NEEDS_AUTHENTICATION:
+                status: PaymentStatus = "requires_action"
+                failure = None
+            elif card in DECLINES:
+                status, failure = "requires_payment_method", DECLINES[card]
+            else:
+                status, failure = "succeeded", None
+            await _set_status(conn, payment_id, status, failure)
+        payment = await self._emit(payment_id)
+        if failure is not None:
+            raise CardDeclined(failure, payment_id=payment_id, status=payment.status)
+        return payment
+
+    async def authenticate(
+        self, payment_id: str, client_secret: str, success: bool
+    ) -> PaymentResult:
+        async with self._engine.begin() as conn:
+            row = await _locked(conn, payment_id, client_secret)
+            if row.status != "requires_action":
+                raise PaymentStateConflict(f"This payment is {row.status}; nothing to authenticate")
+            if success:
+                await _set_status(conn, payment_id, "succeeded", None)
+            else:
+                await _set_status(
+                    conn,
+                    payment_id,
+                    "requires_payment_method",
+                    "The provided PaymentMethod has failed authentication.",
+                )
+        return await self._emit(payment_id)
+
+    async def _emit(self, payment_id: str) -> PaymentResult:
+        payment = await self.get_payment(payment_id)
+        assert payment is not None
+        event_type = {
+            "succeeded": "payment_intent.succeeded",
+            "requires_payment_method": "payment_intent.payment_failed",
+            "requires_action": "payment_intent.requires_action",
+        }.get(payment.status)
+        if event_type is not None:
+            await self.send_event(event_type, _export(payment))
+        return payment
+
+    async def send_event(self, event_type: str, data_object: dict[str, Any]) -> None:
+        """Sign an event like Stripe does and hand it to the service's webhook pipeline."""
+        created = int(time.time())
+        event = {
+            "id": "evt_sbx_" + secrets.token_hex(12),
+            "object": "event",
+            "type": event_type,
+            "created": created,
+            "livemode": False,
+            "data": {"object": data_object},
+        }
+        payload = json.dumps(event, separators=(",", ":")).encode()
+        if self._deliver is None:
+            return
+        try:
+            await self._deliver(payload, signing.sign(payload, self._secret, created))
+        except Exception as exc:  # a failed delivery is what reconcile is for
+            log.warning("sandbox_webhook_delivery_failed", event_type=event_type, error=str(exc))
+
+
+async def _locked(conn: Any, payment_id: str, client_secret: str | None = None) -> Any:
+    row = (
+        await conn.execute(
+            select(sandbox_payments).where(sandbox_payments.c.id == payment_id).with_for_update()
+        )
+    ).first()
+    if row is None or (
+        client_secret is not None and not secrets.compare_digest(row.client_secret, client_secret)
+    ):
+        raise PaymentNotFound("No such payment intent (or wrong client_secret)")
+    return row
+
+
+async def _set_status(
+    conn: Any, payment_id: str, status: PaymentStatus, failure: str | None
+) -> None:
+    await conn.execute(
+        sandbox_payments.update()
+        .where(sandbox_payments.c.id == payment_id)
+        .values(status=status, failure_message=failure, updated_at=utcnow())
+    )
+
+
+def _result(row: Any) -> PaymentResult:
+    return PaymentResult(
+        payment_id=row.id,
+        status=row.status,
+        amount_minor=int(row.amount_minor),
+        currency=row.currency,
+        client_secret=row.client_secret,
+        metadata=dict(row.metadata),
+        failure_message=row.failure_message,
+        amount_refunded_minor=int(row.amount_refunded_minor),
+    )
+
+
+def _export(payment: PaymentResult) -> dict[str, Any]:
+    """The payment as a Stripe-shaped `payment_intent` object (no client secret)."""
+    return {
+        "id": payment.payment_id,
+        "object": "payment_intent",
+        "amount": payment.amount_minor,
+        "currency": payment.currency.lower(),
+        "status": payment.status,
+        "metadata": payment.metadata,
+        "last_payment_error": (
+            {"message": payment.failure_message} if payment.failure_message else None
+        ),
+    }
+
+
+def parse_event(payload: bytes) -> WebhookEvent:
+    """A Stripe-shaped event body → WebhookEvent (after its signature was verified)."""
+    try:
+        event = json.loads(payload)
+        data_object = event["data"]["object"]
+        event_id, event_type, created = str(event["id"]), str(event["type"]), int(event["created"])
+    except (ValueError, KeyError, TypeError):
+        raise InvalidWebhookSignature("Webhook body is not a valid event") from None
+    payment_id: str | None = None
+    if isinstance(data_object, dict):
+        if data_object.get("object") == "payment_intent":
+            payment_id = data_object.get("id")
+        elif isinstance(data_object.get("payment_intent"), str):
+            payment_id = data_object["payment_intent"]
+    return WebhookEvent(event_id, event_type, payment_id, created, event)

@@ -1,0 +1,186 @@
+"""HTTP routes for purchases, and the sandbox provider's stand-in for Stripe.js."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from sqlalchemy import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ciris_billing import idempotency
+from ciris_billing.accounts import service as accounts
+from ciris_billing.accounts.schemas import ErrorOut
+from ciris_billing.db import iso
+from ciris_billing.deps import (
+    AppState,
+    IdempotencyKeyHeader,
+    ReadKey,
+    StateDep,
+    WriteKey,
+    json_response,
+    replay_if_known,
+    run_idempotent,
+)
+from ciris_billing.errors import BillingError
+from ciris_billing.observability import PURCHASES, log
+from ciris_billing.payments import service
+from ciris_billing.payments.providers.base import PaymentIntent, PaymentResult
+from ciris_billing.payments.providers.sandbox import SandboxProvider
+from ciris_billing.payments.schemas import (
+    PurchaseCreate,
+    PurchaseOut,
+    SandboxAuthenticate,
+    SandboxConfirm,
+    SandboxPaymentOut,
+)
+
+router = APIRouter(prefix="/v1/billing", tags=["purchases"])
+
+
+def purchase_body(
+    purchase: Row[Any], state: AppState, client_secret: str | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "purchase_id": purchase.id,
+        "payment_id": purchase.payment_id,
+        "amount_minor": int(purchase.amount_minor),
+        "currency": purchase.currency,
+        "uses_purchased": int(purchase.uses),
+        "status": purchase.status,
+        "provider": purchase.provider,
+        "account_id": purchase.account_id,
+        "credited": purchase.credited_at is not None,
+        "failure_message": purchase.failure_message,
+        "created_at": iso(purchase.created_at),
+        "updated_at": iso(purchase.updated_at),
+    }
+    if client_secret is not None:
+        body["client_secret"] = client_secret
+    if state.provider.publishable_key:
+        body["publishable_key"] = state.provider.publishable_key
+    return body
+
+
+@router.post(
+    "/purchases",
+    response_model=PurchaseOut,
+    status_code=201,
+    responses={
+        409: {"model": ErrorOut},
+        502: {"model": ErrorOut, "description": "The payment provider refused"},
+        503: {"model": ErrorOut, "description": "The payment provider is unreachable"},
+    },
+)
+async def create_purchase(
+    body: PurchaseCreate,
+    request: Request,
+    state: StateDep,
+    _key: WriteKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    """Start buying uses: a payment intent with the provider, paid with its `client_secret`."""
+    key = idempotency.resolve_key(idempotency_key)
+    payload = body.model_dump(mode="json")
+    replay = await replay_if_known(request, state, key, payload)
+    if replay is not None:
+        return replay
+    identity = accounts.Identity(body.oauth_provider, body.external_id)
+    async with state.engine.begin() as conn:
+        account, _ = await accounts.ensure_account(conn, identity, state.pricing)
+    offer = service.Offer.from_pricing(state.pricing)
+    purchase_id = service.purchase_id_for(key)
+    # No transaction is open while the provider answers; its idempotency key makes a retry
+    # of this request find the same payment rather than create a second one.
+    payment = await state.provider.create_payment_intent(
+        PaymentIntent(
+            amount_minor=offer.amount_minor,
+            currency=offer.currency,
+            purchase_id=purchase_id,
+            account_id=account.id,
+            idempotency_key=f"purchase-{purchase_id}",
+            customer_email=body.customer_email,
+        )
+    )
+
+    async def work(conn: AsyncConnection) -> tuple[int, Any]:
+        purchase = await service.record_purchase(
+            conn,
+            purchase_id=purchase_id,
+            account_id=account.id,
+            provider=state.provider.name,
+            payment=payment,
+            offer=offer,
+            customer_email=body.customer_email,
+        )
+        return 201, purchase_body(purchase, state, payment.client_secret)
+
+    response = await run_idempotent(request, state, key, payload, work)
+    PURCHASES.labels(state.provider.name, "created").inc()
+    log.info(
+        f"{state.provider.name}_purchase_created",
+        payment_id=payment.payment_id,
+        purchase_id=purchase_id,
+        account_id=account.id,
+        amount_minor=offer.amount_minor,
+    )
+    return response
+
+
+@router.get(
+    "/purchases/{payment_id}", response_model=PurchaseOut, responses={404: {"model": ErrorOut}}
+)
+async def get_purchase(payment_id: str, state: StateDep, _key: ReadKey) -> Response:
+    """A purchase's status (`succeeded` once its uses are credited)."""
+    async with state.engine.connect() as conn:
+        purchase = await service.get_purchase(conn, state.provider.name, payment_id)
+    return json_response(200, purchase_body(purchase, state))
+
+
+class SandboxInactive(BillingError):
+    status_code = 404
+    code = "sandbox_inactive"
+
+
+def _sandbox(state: AppState) -> SandboxProvider:
+    if not isinstance(state.provider, SandboxProvider):
+        raise SandboxInactive("The sandbox provider is not active (PAYMENT_PROVIDER=stripe)")
+    return state.provider
+
+
+def _sandbox_body(payment: PaymentResult) -> dict[str, Any]:
+    return {
+        "payment_id": payment.payment_id,
+        "status": payment.status,
+        "amount_minor": payment.amount_minor,
+        "currency": payment.currency,
+        "failure_message": payment.failure_message,
+    }
+
+
+@router.post(
+    "/sandbox/payment_intents/{payment_id}/confirm",
+    response_model=SandboxPaymentOut,
+    tags=["sandbox"],
+    responses={402: {"model": ErrorOut, "description": "Card declined"}},
+)
+async def sandbox_confirm(payment_id: str, body: SandboxConfirm, state: StateDep) -> Response:
+    """Sandbox only: pay with a test card (4242… succeeds, …9995 declines, …3155 needs 3DS)."""
+    payment = await _sandbox(state).confirm_with_card(
+        payment_id, body.client_secret, body.card_number
+    )
+    return json_response(200, _sandbox_body(payment))
+
+
+@router.post(
+    "/sandbox/payment_intents/{payment_id}/authenticate",
+    response_model=SandboxPaymentOut,
+    tags=["sandbox"],
+)
+async def sandbox_authenticate(
+    payment_id: str, body: SandboxAuthenticate, state: StateDep
+) -> Response:
+    """Sandbox only: complete (or fail) the 3D Secure step of a `requires_action` payment."""
+    payment = await _sandbox(state).authenticate(payment_id, body.client_secret, body.success)
+    return json_response(200, _sandbox_body(payment))

@@ -1,0 +1,62 @@
+"""Request and response bodies for purchases and the sandbox's card confirmation."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, Field, StrictBool, StringConstraints, field_validator
+
+from ciris_billing.accounts.schemas import IdentityFields
+
+
+class PurchaseCreate(IdentityFields):
+    customer_email: Annotated[str, StringConstraints(max_length=320)] | None = None
+
+    @field_validator("customer_email")
+    @classmethod
+    def _email_shape(cls, value: str | None) -> str | None:
+        if value is not None and (value.count("@") != 1 or not value.isprintable()):
+            raise ValueError("customer_email is not an email address")
+        return value
+
+
+class PurchaseOut(BaseModel):
+    purchase_id: str
+    payment_id: str
+    client_secret: str | None = Field(default=None, description="Only when the purchase is created")
+    amount_minor: int
+    currency: str
+    uses_purchased: int
+    status: str
+    provider: str
+    publishable_key: str | None = Field(default=None, description="Where the provider has one")
+    account_id: str | None = None
+    credited: bool | None = None
+    failure_message: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+ClientSecret = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class SandboxConfirm(BaseModel):
+    client_secret: ClientSecret
+    card_number: Annotated[
+        str,
+        StringConstraints(min_length=12, max_length=23),
+        Field(examples=["4242 4242 4242 4242"]),
+    ]
+
+
+class SandboxAuthenticate(BaseModel):
+    client_secret: ClientSecret
+    success: StrictBool = True
+
+
+class SandboxPaymentOut(BaseModel):
+    payment_id: str
+    status: str
+    amount_minor: int
+    currency: str
+    failure_message: str | None

@@ -1,0 +1,219 @@
+"""Purchases: create one with the provider, and apply what the provider says about it.
+
+`apply_payment` is the one place a payment turns into uses. The webhook inbox and `reconcile`
+both call it with the payment as fetched from the provider (never the event body), so the
+order in which events arrive does not matter and a payment is credited exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ciris_billing.db import accounts, credits, insert_or_ignore, new_id, purchases, utcnow
+from ciris_billing.errors import BillingError
+from ciris_billing.observability import PURCHASES, log
+from ciris_billing.payments.providers.base import (
+    PURCHASE_ID_KEY,
+    PaymentResult,
+)
+from ciris_billing.pricing import Pricing
+
+# A purchase in one of these states will not change by itself any more (reconcile skips it).
+FINAL_STATUSES = ("succeeded", "canceled")
+
+
+class PurchaseNotFound(BillingError):
+    status_code = 404
+    code = "purchase_not_found"
+
+
+class PurchaseNotYetRecorded(BillingError):
+    """A payment of ours whose purchase row is not visible yet: retry later."""
+
+    status_code = 503
+    code = "purchase_not_yet_recorded"
+
+
+def purchase_id_for(idempotency_key: str | None) -> str:
+    """The local purchase id. From the client's key when it has one, so a retried request
+    asks the provider with the same idempotency key and gets the same payment back."""
+    if idempotency_key is None:
+        return new_id("pur")
+    return "pur_" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    amount_minor: int
+    currency: str
+    uses: int
+
+    @classmethod
+    def from_pricing(cls, pricing: Pricing) -> Offer:
+        return cls(
+            pricing.price_per_purchase_minor, pricing.currency, pricing.paid_uses_per_purchase
+        )
+
+
+async def record_purchase(
+    conn: AsyncConnection,
+    *,
+    purchase_id: str,
+    account_id: str,
+    provider: str,
+    payment: PaymentResult,
+    offer: Offer,
+    customer_email: str | None,
+) -> Row[Any]:
+    """Insert the purchase for a payment the provider created (once per provider payment)."""
+    now = utcnow()
+    await conn.execute(
+        insert_or_ignore(conn, purchases).values(
+            id=purchase_id,
+            account_id=account_id,
+            provider=provider,
+            payment_id=payment.payment_id,
+            amount_minor=offer.amount_minor,
+            currency=offer.currency,
+            uses=offer.uses,
+            status=payment.status,
+            customer_email=customer_email,
+            failure_message=None,
+            created_at=now,
+            updated_at=now,
+            credited_at=None,
+        )
+    )
+    return await get_purchase(conn, provider, payment.payment_id)
+
+
+async def find_purchase(conn: AsyncConnection, provider: str, payment_id: str) -> Row[Any] | None:
+    result = await conn.execute(
+        select(purchases).where(
+            purchases.c.provider == provider, purchases.c.payment_id == payment_id
+        )
+    )
+    return result.first()
+
+
+async def get_purchase(conn: AsyncConnection, provider: str, payment_id: str) -> Row[Any]:
+    row = await find_purchase(conn, provider, payment_id)
+    if row is None:
+        raise PurchaseNotFound(f"No purchase for payment {payment_id}")
+    return row
+
+
+async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
+    """Add the purchase's uses to its account, exactly once. True if this call credited it.
+
+    The credits row carries the payment id in `external_transaction_id`, which is unique: of
+    any number of concurrent or repeated attempts, only one INSERT can succeed, and only that
+    one adds the uses, in the same transaction.
+    """
+    now = utcnow()
+    inserted = await conn.execute(
+        insert_or_ignore(conn, credits)
+        .values(
+            id=new_id("cr"),
+            account_id=purchase.account_id,
+            kind="purchase",
+            free_uses_delta=0,
+            paid_uses_delta=purchase.uses,
+            amount_minor=purchase.amount_minor,
+            currency=purchase.currency,
+            external_transaction_id=purchase.payment_id,
+            description=f"Purchase of {purchase.uses} uses",
+            idempotency_key=None,
+            created_at=now,
+        )
+        .returning(credits.c.id)
+    )
+    credited = inserted.first() is not None
+    if credited:
+        await conn.execute(
+            accounts.update()
+            .where(accounts.c.id == purchase.account_id)
+            .values(
+                paid_uses_remaining=accounts.c.paid_uses_remaining + purchase.uses, updated_at=now
+            )
+        )
+    await conn.execute(
+        purchases.update()
+        .where(purchases.c.id == purchase.id)
+        .values(status="succeeded", failure_message=None, credited_at=now, updated_at=now)
+    )
+    return credited
+
+
+async def apply_payment(conn: AsyncConnection, provider: str, payment: PaymentResult) -> str:
+    """Bring the purchase in line with the payment as the provider reports it now.
+
+    Returns the outcome: credited, already_credited, failed, status_updated, amount_mismatch,
+    not_ours. Raises PurchaseNotYetRecorded for our payment whose purchase is not visible yet.
+    """
+    purchase = await find_purchase(conn, provider, payment.payment_id)
+    if purchase is None:
+        if payment.metadata.get(PURCHASE_ID_KEY):
+            raise PurchaseNotYetRecorded("The purchase for this payment is not recorded yet; retry")
+        return "not_ours"
+    claimed = payment.metadata.get(PURCHASE_ID_KEY)
+    if claimed is not None and claimed != purchase.id:
+        log.error(
+            "payment_purchase_mismatch", payment_id=payment.payment_id, purchase_id=purchase.id
+        )
+        return "purchase_mismatch"
+    now = utcnow()
+    if payment.status == "succeeded":
+        if (
+            payment.amount_minor != purchase.amount_minor
+            or payment.currency.upper() != purchase.currency
+        ):
+            log.error(
+                f"{provider}_payment_amount_mismatch",
+                payment_id=payment.payment_id,
+                expected_minor=purchase.amount_minor,
+                paid_minor=payment.amount_minor,
+                paid_currency=payment.currency,
+            )
+            return "amount_mismatch"
+        if await credit_purchase(conn, purchase):
+            PURCHASES.labels(provider, "succeeded").inc()
+            log.info(
+                f"{provider}_payment_credited",
+                payment_id=payment.payment_id,
+                purchase_id=purchase.id,
+                account_id=purchase.account_id,
+                uses=purchase.uses,
+            )
+            return "credited"
+        return "already_credited"
+    if purchase.credited_at is not None:
+        return "already_credited"  # a late failure never undoes a success
+    failed = payment.status == "requires_payment_method" and payment.failure_message is not None
+    status = "failed" if failed else payment.status
+    await conn.execute(
+        purchases.update()
+        .where(purchases.c.id == purchase.id, purchases.c.credited_at.is_(None))
+        .values(status=status, failure_message=payment.failure_message, updated_at=now)
+    )
+    if failed:
+        PURCHASES.labels(provider, "failed").inc()
+        log.info(
+            f"{provider}_payment_failed", payment_id=payment.payment_id, purchase_id=purchase.id
+        )
+        return "failed"
+    return "status_updated"
+
+
+async def open_purchases(conn: AsyncConnection, provider: str) -> list[Row[Any]]:
+    result = await conn.execute(
+        select(purchases)
+        .where(purchases.c.provider == provider, purchases.c.status.not_in(FINAL_STATUSES))
+        .order_by(purchases.c.created_at)
+    )
+    return list(result)

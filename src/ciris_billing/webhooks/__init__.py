@@ -1,0 +1,1 @@
+"""Webhooks: verify the signature, store the event, handle it exactly once."""

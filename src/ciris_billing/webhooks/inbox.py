@@ -1,0 +1,152 @@
+"""The webhook inbox: verify, store, then handle each provider event exactly once.
+
+1. The signature is checked on the raw body before anything else (bad: 400, nothing stored).
+2. The event is stored under a unique (provider, event id): redeliveries add nothing.
+3. The payment is fetched from the provider (the event body is never trusted), then applied
+   and the event marked handled in one transaction, with the event row locked so concurrent
+   deliveries of one event queue up and find it handled. A failure leaves it unhandled and
+   answers 5xx, so the provider retries (or `ciris-billing webhooks replay` does).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ciris_billing.db import insert_or_ignore, new_id, utcnow, webhook_events
+from ciris_billing.errors import BillingError
+from ciris_billing.observability import WEBHOOK_EVENTS, log
+from ciris_billing.payments import service as payments
+from ciris_billing.payments.providers.base import PaymentProvider, WebhookEvent
+
+# Events that say something about a payment: each makes us fetch the payment and apply it.
+PAYMENT_EVENTS = frozenset(
+    {
+        "payment_intent.succeeded",
+        "payment_intent.payment_failed",
+        "payment_intent.canceled",
+        "payment_intent.processing",
+        "payment_intent.requires_action",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    event_id: str
+    outcome: str
+
+
+async def receive(
+    engine: AsyncEngine, provider: PaymentProvider, payload: bytes, signature: str | None
+) -> Handled:
+    event = await provider.verify_webhook(payload, signature or "")
+    log.info(
+        f"{provider.name}_webhook_received",
+        event_id=event.event_id,
+        event_type=event.type,
+        payment_id=event.payment_id,
+    )
+    await store(engine, provider.name, event)
+    return await handle(engine, provider, event.event_id)
+
+
+async def store(engine: AsyncEngine, provider: str, event: WebhookEvent) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert_or_ignore(conn, webhook_events).values(
+                id=new_id("whe"),
+                provider=provider,
+                event_id=event.event_id,
+                type=event.type,
+                payment_id=event.payment_id,
+                payload=json.dumps(event.payload, separators=(",", ":")),
+                received_at=utcnow(),
+                handled_at=None,
+                outcome=None,
+                attempts=0,
+                last_error=None,
+            )
+        )
+
+
+def _event_clause(provider: str, event_id: str) -> Any:
+    return (webhook_events.c.provider == provider) & (webhook_events.c.event_id == event_id)
+
+
+async def handle(engine: AsyncEngine, provider: PaymentProvider, event_id: str) -> Handled:
+    """Handle a stored event unless it was already; safe to call any number of times."""
+    where = _event_clause(provider.name, event_id)
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(webhook_events).where(where))).one()
+    if row.handled_at is not None:
+        return _done(provider.name, row.type, event_id, "duplicate")
+    try:
+        payment = None
+        if row.type in PAYMENT_EVENTS and row.payment_id:
+            # Outside any transaction: no lock is held while the provider answers.
+            payment = await provider.get_payment(row.payment_id)
+        async with engine.begin() as conn:
+            locked = (
+                await conn.execute(select(webhook_events).where(where).with_for_update())
+            ).one()
+            if locked.handled_at is not None:
+                return _done(provider.name, row.type, event_id, "duplicate")
+            if row.type not in PAYMENT_EVENTS or not row.payment_id:
+                outcome = "ignored"
+            elif payment is None:
+                outcome = "unknown_payment"
+            else:
+                outcome = await payments.apply_payment(conn, provider.name, payment)
+            await conn.execute(
+                webhook_events.update()
+                .where(where)
+                .values(
+                    handled_at=utcnow(),
+                    outcome=outcome,
+                    attempts=webhook_events.c.attempts + 1,
+                    last_error=None,
+                )
+            )
+    except BillingError as exc:
+        await _record_failure(engine, where, exc.code)
+        WEBHOOK_EVENTS.labels(provider.name, row.type, "retry").inc()
+        log.warning(
+            f"{provider.name}_webhook_failed",
+            event_id=event_id,
+            event_type=row.type,
+            error=exc.code,
+        )
+        raise
+    return _done(provider.name, row.type, event_id, outcome)
+
+
+async def _record_failure(engine: AsyncEngine, where: Any, error: str) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            webhook_events.update()
+            .where(where)
+            .values(attempts=webhook_events.c.attempts + 1, last_error=error[:500])
+        )
+
+
+def _done(provider: str, event_type: str, event_id: str, outcome: str) -> Handled:
+    WEBHOOK_EVENTS.labels(provider, event_type, outcome).inc()
+    log.info(
+        f"{provider}_webhook_handled", event_id=event_id, event_type=event_type, outcome=outcome
+    )
+    return Handled(event_id, outcome)
+
+
+async def unhandled_event_ids(engine: AsyncEngine, provider: str) -> list[str]:
+    async with engine.connect() as conn:
+        result = await conn.execute(
+            select(webhook_events.c.event_id)
+            .where(webhook_events.c.provider == provider, webhook_events.c.handled_at.is_(None))
+            .order_by(webhook_events.c.received_at)
+        )
+        return [row.event_id for row in result]

@@ -1,0 +1,44 @@
+"""`POST /v1/billing/webhooks/{provider}`: the signature is the credential (no API key)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ciris_billing.deps import StateDep, json_response
+from ciris_billing.errors import BillingError
+from ciris_billing.webhooks import inbox
+
+router = APIRouter(prefix="/v1/billing/webhooks", tags=["webhooks"])
+
+MAX_WEBHOOK_BYTES = 256 * 1024
+
+
+class WebhookTooLarge(BillingError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnknownProvider(BillingError):
+    status_code = 404
+    code = "unknown_payment_provider"
+
+
+@router.post("/{provider_name}", responses={400: {"description": "Bad or missing signature"}})
+async def receive_webhook(provider_name: str, request: Request, state: StateDep) -> Response:
+    """Events from the payment provider, verified by their `Stripe-Signature` header."""
+    provider = state.provider
+    if provider.name != provider_name:
+        raise UnknownProvider(f"No payment provider '{provider_name}' is active here")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_WEBHOOK_BYTES:
+        raise WebhookTooLarge("Webhook body too large")
+    payload = await request.body()
+    if len(payload) > MAX_WEBHOOK_BYTES:
+        raise WebhookTooLarge("Webhook body too large")
+    handled = await inbox.receive(
+        state.engine, provider, payload, request.headers.get("stripe-signature")
+    )
+    return json_response(
+        200, {"received": True, "event_id": handled.event_id, "outcome": handled.outcome}
+    )
