@@ -27,6 +27,7 @@ from ciris_billing.audit import AuditReport, audit
 from ciris_billing.cli import migrate_database
 from ciris_billing.config import Settings
 from ciris_billing.db import create_engine, metadata
+from ciris_billing.deps import AppState
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -99,6 +100,7 @@ class Api:
     engine: AsyncEngine
     keys: dict[str, str]
     settings: Settings
+    state: AppState
 
     def headers(self, scope: str = "write", **extra: str) -> dict[str, str]:
         return {"X-API-Key": self.keys[scope], **extra}
@@ -134,7 +136,9 @@ async def api(database_url: str) -> AsyncIterator[Api]:
                 )
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://billing.test") as http:
-            yield Api(http=http, engine=engine, keys=keys, settings=settings)
+            yield Api(
+                http=http, engine=engine, keys=keys, settings=settings, state=app.state.billing
+            )
 
 
 def identity(external_id: str = "user@example.com") -> dict[str, str]:

@@ -48,7 +48,11 @@ async def test_buy_20_uses_with_4242(api: Api) -> None:
     bought = await purchase(api)
     assert bought["payment_id"].startswith("pi_")
     assert bought["client_secret"].startswith(bought["payment_id"] + "_secret_")
-    assert (bought["amount_minor"], bought["currency"], bought["uses_purchased"]) == (500, "USD", 20)
+    assert (bought["amount_minor"], bought["currency"], bought["uses_purchased"]) == (
+        500,
+        "USD",
+        20,
+    )
     assert bought["status"] == "requires_payment_method"
     assert "publishable_key" not in bought
 
@@ -146,7 +150,9 @@ async def test_purchase_idempotency_returns_the_same_intent(api: Api) -> None:
     again = await purchase(api, **{"Idempotency-Key": "buy-1"})
     assert first == again
     other = await api.post(
-        "/v1/billing/purchases", identity("someone-else@example.com"), **{"Idempotency-Key": "buy-1"}
+        "/v1/billing/purchases",
+        identity("someone-else@example.com"),
+        **{"Idempotency-Key": "buy-1"},
     )
     assert other.status_code == 409
 
