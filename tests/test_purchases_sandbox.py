@@ -20,7 +20,10 @@ async def exhaust_free_uses(api: Api, user: dict[str, str] = USER) -> None:
         assert (await api.post("/v1/billing/charges", user)).status_code == 201
 
 
-async def purchase(api: Api, user: dict[str, str] = USER, **headers: str) -> dict[str, Any]:
+async def purchase(
+    api: Api, user: dict[str, str] = USER, idempotency_key: str | None = None
+) -> dict[str, Any]:
+    headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
     response = await api.post(
         "/v1/billing/purchases", {**user, "customer_email": user["external_id"]}, **headers
     )
@@ -146,8 +149,8 @@ async def test_wrong_client_secret_or_bad_card_is_refused(api: Api) -> None:
 
 
 async def test_purchase_idempotency_returns_the_same_intent(api: Api) -> None:
-    first = await purchase(api, **{"Idempotency-Key": "buy-1"})
-    again = await purchase(api, **{"Idempotency-Key": "buy-1"})
+    first = await purchase(api, idempotency_key="buy-1")
+    again = await purchase(api, idempotency_key="buy-1")
     assert first == again
     other = await api.post(
         "/v1/billing/purchases",
