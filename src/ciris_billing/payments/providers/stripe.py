@@ -1,0 +1,205 @@
+"""The Stripe provider: PaymentIntents through the official SDK's async client.
+
+The only module that imports `stripe`. It translates the SDK's objects and errors into the
+provider-neutral types of `base`, and never lets a secret (API key, webhook secret, client
+secret) into an error message.
+
+Errors: Stripe unreachable (connection refused, timeout, ...) is ProviderUnavailable (503,
+retry later); any other Stripe error is ProviderError (502) naming only Stripe's HTTP status
+and error code. Unknown payments are `None` from get_payment, not errors.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final, cast, get_args
+
+import stripe
+
+from ciris_billing.payments.providers.base import (
+    ACCOUNT_ID_KEY,
+    PURCHASE_ID_KEY,
+    InvalidWebhookSignature,
+    PaymentIntent,
+    PaymentResult,
+    PaymentStatus,
+    ProviderError,
+    ProviderUnavailable,
+    WebhookEvent,
+)
+from ciris_billing.payments.providers.signing import DEFAULT_TOLERANCE_SECONDS
+
+_STATUSES: Final[frozenset[str]] = frozenset(get_args(PaymentStatus))
+# A status this code does not know (a newer API version) is treated as still in flight:
+# never credited, looked at again later.
+_UNKNOWN_STATUS: Final[PaymentStatus] = "processing"
+
+DEFAULT_MAX_NETWORK_RETRIES: Final = 2
+DEFAULT_TIMEOUT_SECONDS: Final = 30.0
+
+
+def _status(value: str) -> PaymentStatus:
+    if value in _STATUSES:
+        return cast(PaymentStatus, value)
+    return _UNKNOWN_STATUS
+
+
+def _provider_error(exc: stripe.StripeError, action: str) -> ProviderError | ProviderUnavailable:
+    """A neutral error for a failed SDK call; the SDK's own message is never copied."""
+    if isinstance(exc, stripe.APIConnectionError):
+        return ProviderUnavailable(f"Stripe could not be reached to {action}; try again later")
+    details = []
+    if exc.http_status is not None:
+        details.append(f"http_status={exc.http_status}")
+    if exc.code:
+        details.append(f"code={exc.code}")
+    suffix = f" ({', '.join(details)})" if details else ""
+    return ProviderError(f"Stripe refused to {action}{suffix}")
+
+
+def _is_missing(exc: stripe.StripeError) -> bool:
+    return isinstance(exc, stripe.InvalidRequestError) and (
+        exc.http_status == 404 or exc.code == "resource_missing"
+    )
+
+
+def _amount_refunded(intent: stripe.PaymentIntent) -> int:
+    """From the latest charge when it came expanded (retrieve asks for it); else 0."""
+    charge = intent.latest_charge
+    if isinstance(charge, stripe.Charge):
+        return int(charge.amount_refunded or 0)
+    return 0
+
+
+def _result(intent: stripe.PaymentIntent) -> PaymentResult:
+    error = intent.last_payment_error
+    metadata = intent.metadata.to_dict() if intent.metadata is not None else {}
+    return PaymentResult(
+        payment_id=intent.id,
+        status=_status(intent.status),
+        amount_minor=intent.amount,
+        currency=intent.currency.upper(),
+        client_secret=intent.client_secret,
+        metadata={str(key): str(value) for key, value in metadata.items()},
+        failure_message=error.message if error is not None else None,
+        amount_refunded_minor=_amount_refunded(intent),
+    )
+
+
+def _payment_id_of(data_object: dict[str, Any]) -> str | None:
+    """The PaymentIntent an event's object is, or belongs to (charges, refunds, disputes)."""
+    if data_object.get("object") == "payment_intent":
+        value = data_object.get("id")
+    else:
+        value = data_object.get("payment_intent")
+    if isinstance(value, dict):  # an expanded PaymentIntent
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+class StripeProvider:
+    name = "stripe"
+
+    def __init__(
+        self,
+        api_key: str,
+        webhook_secret: str,
+        publishable_key: str | None,
+        api_base: str | None = None,
+        *,
+        max_network_retries: int = DEFAULT_MAX_NETWORK_RETRIES,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
+        if not webhook_secret:
+            raise ValueError("StripeProvider needs a webhook secret")
+        self.publishable_key = publishable_key
+        self._webhook_secret = webhook_secret
+        self._http = stripe.HTTPXClient(timeout=timeout_seconds)
+        self._client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base} if api_base else None,
+            http_client=self._http,
+            max_network_retries=max_network_retries,
+        )
+
+    def __repr__(self) -> str:  # never show the keys
+        return f"StripeProvider(publishable_key={self.publishable_key!r})"
+
+    async def create_payment_intent(self, intent: PaymentIntent) -> PaymentResult:
+        try:
+            created = await self._client.v1.payment_intents.create_async(
+                params={
+                    "amount": intent.amount_minor,
+                    "currency": intent.currency.lower(),
+                    # No payment-method-type parameter. At the SDK's pinned API version
+                    # (2026-10-28.endive) Stripe rejects `payment_method_types` (400
+                    # payment_method_types_no_longer_supported), and localstripe rejects its
+                    # replacement `allowed_payment_method_types`. Without either, Stripe offers
+                    # the account's dynamic payment methods (cards included), localstripe any card.
+                    "metadata": {
+                        PURCHASE_ID_KEY: intent.purchase_id,
+                        ACCOUNT_ID_KEY: intent.account_id,
+                    },
+                },
+                options={"idempotency_key": intent.idempotency_key},
+            )
+        except stripe.StripeError as exc:
+            raise _provider_error(exc, "create the payment") from None
+        return _result(created)
+
+    async def get_payment(self, payment_id: str) -> PaymentResult | None:
+        try:
+            found = await self._client.v1.payment_intents.retrieve_async(
+                payment_id, params={"expand": ["latest_charge"]}
+            )
+        except stripe.StripeError as exc:
+            if _is_missing(exc):
+                return None
+            raise _provider_error(exc, "look up the payment") from None
+        return _result(found)
+
+    async def confirm_payment(self, payment_id: str) -> bool:
+        payment = await self.get_payment(payment_id)
+        return payment is not None and payment.status == "succeeded"
+
+    async def verify_webhook(self, payload: bytes, signature: str) -> WebhookEvent:
+        try:
+            stripe.WebhookSignature.verify_header(
+                payload, signature, self._webhook_secret, DEFAULT_TOLERANCE_SECONDS
+            )
+        except Exception:
+            # The SDK's message may quote the header or payload: say only what is wrong.
+            raise InvalidWebhookSignature(
+                "Missing, malformed, stale or wrong Stripe-Signature"
+            ) from None
+        try:
+            event = json.loads(payload)
+            data_object = event["data"]["object"]
+            if not isinstance(data_object, dict):
+                raise TypeError("data.object is not an object")
+            return WebhookEvent(
+                event_id=str(event["id"]),
+                type=str(event["type"]),
+                payment_id=_payment_id_of(data_object),
+                created=int(event["created"]),
+                payload=event,
+            )
+        except (ValueError, KeyError, TypeError):
+            raise InvalidWebhookSignature("The signed webhook body is not a Stripe event") from None
+
+    async def refund_payment(self, payment_id: str, amount_minor: int | None) -> str:
+        params: stripe.params.RefundCreateParams = {"payment_intent": payment_id}
+        if amount_minor is not None:
+            params["amount"] = amount_minor
+        try:
+            refund = await self._client.v1.refunds.create_async(
+                params=params,
+                options={"idempotency_key": f"refund-{payment_id}-{amount_minor or 'full'}"},
+            )
+        except stripe.StripeError as exc:
+            raise _provider_error(exc, "refund the payment") from None
+        return refund.id
+
+    async def aclose(self) -> None:
+        """Close the HTTPX connection pool (the SDK's own, public close; it is unannotated)."""
+        await self._http.close_async()  # type: ignore[no-untyped-call]
