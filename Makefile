@@ -32,9 +32,11 @@ lint: venv
 ## The guide's local stack: migrate and serve (on this machine, with local processes).
 test-local: run
 
-## The guide's end-to-end suite.
+## The guide's end-to-end suite: the guide's flows over HTTP, sandbox and Stripe (localstripe).
+E2E_TESTS := tests/test_guide_flow.py tests/test_purchases_sandbox.py tests/test_webhooks.py \
+	tests/test_e2e_stripe.py tests/test_multiprocess.py
 test-e2e-python: venv
-	$(BIN)/pytest tests/test_guide_flow.py tests/test_multiprocess.py
+	$(BIN)/pytest $(E2E_TESTS)
 
 ## Throughput and latency of the hot path against PostgreSQL's own limit (prints a table).
 bench: venv

@@ -1,0 +1,252 @@
+"""End to end with PAYMENT_PROVIDER=stripe against localstripe: the official SDK, real
+HTTP, real signed webhooks delivered by localstripe to the running service, PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from ciris_billing.db import create_engine
+from ciris_billing.payments.providers import signing
+from tests.conftest import _truncate
+from tests.localstripe import (
+    CARD_DECLINED_AT_CHARGE,
+    CARD_REQUIRES_3DS,
+    TEST_API_KEY,
+    LocalStripe,
+    run_localstripe,
+)
+from tests.servers import cli, create_key, running_service, service_env
+
+WEBHOOK_SECRET = "whsec_e2e_localstripe_secret"
+PUBLISHABLE_KEY = "pk_test_e2e_publishable"
+
+
+@dataclass
+class Stack:
+    base: str
+    key: str
+    stripe: LocalStripe
+    env: dict[str, str]
+    log_path: Path
+
+    def post(self, path: str, body: Any, **headers: str) -> httpx.Response:
+        return httpx.post(
+            self.base + path, json=body, headers={"X-API-Key": self.key, **headers}, timeout=30
+        )
+
+    def get(self, path: str, **params: str) -> httpx.Response:
+        return httpx.get(
+            self.base + path, params=params, headers={"X-API-Key": self.key}, timeout=30
+        )
+
+    def check(self, external_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = self.post(
+            "/v1/billing/credits/check",
+            {"oauth_provider": "oauth:google", "external_id": external_id, "context": {}},
+        ).json()
+        return body
+
+    def purchase(self, external_id: str) -> dict[str, Any]:
+        response = self.post(
+            "/v1/billing/purchases",
+            {
+                "oauth_provider": "oauth:google",
+                "external_id": external_id,
+                "customer_email": external_id,
+            },
+        )
+        assert response.status_code == 201, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def wait_for_purchase(
+        self, payment_id: str, status: str, timeout: float = 20
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            body: dict[str, Any] = self.get(f"/v1/billing/purchases/{payment_id}").json()
+            if body["status"] == status or time.monotonic() > deadline:
+                return body
+            time.sleep(0.2)
+
+
+def stripe_env(database_url: str, api_base: str) -> dict[str, str]:
+    return service_env(
+        database_url,
+        PAYMENT_PROVIDER="stripe",
+        STRIPE_API_KEY=TEST_API_KEY,
+        STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        STRIPE_PUBLISHABLE_KEY=PUBLISHABLE_KEY,
+        STRIPE_API_BASE=api_base,
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    import asyncio
+
+    asyncio.run(_truncate(postgres_url))
+    state_dir = tmp_path_factory.mktemp("localstripe")
+    with run_localstripe(state_dir) as stripe_server:
+        env = stripe_env(postgres_url, stripe_server.base_url)
+        key = create_key(env)
+        log_path = state_dir / "service.log"
+        with running_service(env, log_path) as base:
+            stripe_server.register_webhook(f"{base}/v1/billing/webhooks/stripe", WEBHOOK_SECRET)
+            yield Stack(base, key, stripe_server, env, log_path)
+
+
+def test_purchase_paid_on_stripe_credits_20_uses(stack: Stack, postgres_url: str) -> None:
+    user = "stripe-buyer@example.com"
+    for _ in range(3):
+        assert (
+            stack.post(
+                "/v1/billing/charges", {"oauth_provider": "oauth:google", "external_id": user}
+            ).status_code
+            == 201
+        )
+    assert stack.check(user)["purchase_required"] is True
+
+    bought = stack.purchase(user)
+    assert bought["payment_id"].startswith("pi_")
+    assert bought["client_secret"]
+    assert bought["publishable_key"] == PUBLISHABLE_KEY
+    assert (bought["amount_minor"], bought["currency"], bought["uses_purchased"]) == (
+        500,
+        "USD",
+        20,
+    )
+    intent = stack.stripe.retrieve(bought["payment_id"])
+    assert intent["metadata"]["ciris_purchase_id"] == bought["purchase_id"]
+    assert intent["metadata"]["ciris_account_id"] == bought["account_id"]
+
+    paid = stack.stripe.pay(bought["payment_id"])  # the customer's browser, pm_card_visa
+    assert paid["status"] == "succeeded"
+    assert stack.wait_for_purchase(bought["payment_id"], "succeeded")["credited"] is True
+
+    after = stack.check(user)
+    assert after["credits_remaining"] == 20
+    assert after["purchase_required"] is False
+    assert after["has_credit"] is True
+
+    async def guide_query() -> list[Any]:
+        engine = create_engine(postgres_url)
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT * FROM credits WHERE external_transaction_id LIKE 'pi_%' "
+                    "ORDER BY created_at DESC LIMIT 10"
+                )
+            )
+            found = list(rows)
+        await engine.dispose()
+        return found
+
+    import asyncio
+
+    rows = asyncio.run(guide_query())
+    assert bought["payment_id"] in [row.external_transaction_id for row in rows]
+
+    logs = stack.log_path.read_text()
+    assert '"event": "stripe_webhook_received"' in logs
+    assert '"event": "stripe_payment_credited"' in logs
+    for secret in (TEST_API_KEY, WEBHOOK_SECRET, bought["client_secret"], stack.key):
+        assert secret not in logs
+
+
+def test_declined_card_fails_the_purchase(stack: Stack) -> None:
+    user = "stripe-declined@example.com"
+    bought = stack.purchase(user)
+    card = stack.stripe.create_card_payment_method(CARD_DECLINED_AT_CHARGE)
+    stack.stripe.pay(bought["payment_id"], card)
+    failed = stack.wait_for_purchase(bought["payment_id"], "failed")
+    assert failed["status"] == "failed"
+    assert failed["credited"] is False
+    assert stack.check(user)["credits_remaining"] == 0
+
+
+def test_3ds_card_requires_action_then_credits(stack: Stack) -> None:
+    user = "stripe-3ds@example.com"
+    bought = stack.purchase(user)
+    card = stack.stripe.create_card_payment_method(CARD_REQUIRES_3DS)
+    assert stack.stripe.pay(bought["payment_id"], card)["status"] == "requires_action"
+    stack.stripe.authenticate(bought["payment_id"], bought["client_secret"], success=True)
+    assert stack.wait_for_purchase(bought["payment_id"], "succeeded")["credited"] is True
+    assert stack.check(user)["credits_remaining"] == 20
+
+
+def test_forged_webhook_is_refused(stack: Stack) -> None:
+    bought = stack.purchase("stripe-forged@example.com")
+    payload = (
+        b'{"id":"evt_forged","object":"event","type":"payment_intent.succeeded","created":1,'
+        b'"data":{"object":{"id":"'
+        + bought["payment_id"].encode()
+        + b'","object":"payment_intent"}}}'
+    )
+    forged = httpx.post(
+        f"{stack.base}/v1/billing/webhooks/stripe",
+        content=payload,
+        headers={"Stripe-Signature": signing.sign(payload, "whsec_attacker")},
+    )
+    assert forged.status_code == 400
+    assert stack.check("stripe-forged@example.com")["credits_remaining"] == 0
+
+
+def test_audit_is_clean_after_the_stripe_flows(stack: Stack) -> None:
+    audited = cli(stack.env, "audit")
+    assert audited.returncode == 0, audited.stdout
+
+
+def test_provider_down_while_confirming_is_credited_by_reconcile(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Stripe unreachable when the webhook arrives: 503, not handled; reconcile credits once."""
+    user = "stripe-outage@example.com"
+    with run_localstripe(tmp_path / "ls") as stripe_server:
+        env = stripe_env(postgres_url, stripe_server.base_url)
+        key = create_key(env)
+        with running_service(env, tmp_path / "service.log") as base:
+            stack = Stack(base, key, stripe_server, env, tmp_path / "service.log")
+            bought = stack.purchase(user)
+            assert stripe_server.pay(bought["payment_id"])["status"] == "succeeded"
+        # (no webhook registered: this one is lost)
+    # localstripe is stopped; its state stays in tmp_path / "ls".
+    payload = (
+        b'{"id":"evt_outage","object":"event","type":"payment_intent.succeeded","created":'
+        + str(int(time.time())).encode()
+        + b',"data":{"object":{"id":"'
+        + bought["payment_id"].encode()
+        + b'","object":"payment_intent"}}}'
+    )
+    with running_service(env, tmp_path / "service2.log") as base:
+        delivered = httpx.post(
+            f"{base}/v1/billing/webhooks/stripe",
+            content=payload,
+            headers={"Stripe-Signature": signing.sign(payload, WEBHOOK_SECRET)},
+            timeout=60,
+        )
+        assert delivered.status_code == 503
+        assert delivered.json()["error"] == "payment_provider_unavailable"
+        stack = Stack(base, key, stripe_server, env, tmp_path / "service2.log")
+        assert stack.check(user)["credits_remaining"] == 0
+
+    with run_localstripe(tmp_path / "ls") as back:  # the same state, a new port
+        env_back = stripe_env(postgres_url, back.base_url)
+        assert back.retrieve(bought["payment_id"])["status"] == "succeeded"
+        first = cli(env_back, "reconcile")
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert f"{bought['payment_id']}: credited" in first.stdout
+        replay = cli(env_back, "webhooks", "replay")
+        assert "evt_outage: already_credited" in replay.stdout, replay.stdout + replay.stderr
+        with running_service(env_back, tmp_path / "service3.log") as base:
+            stack = Stack(base, key, back, env_back, tmp_path / "service3.log")
+            assert stack.check(user)["credits_remaining"] == 20
+        assert cli(env_back, "audit").returncode == 0
