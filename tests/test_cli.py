@@ -114,3 +114,27 @@ def test_audit_finds_a_tampered_counter(tmp_path: Path) -> None:
     assert "MISMATCH" in audited.stdout
     assert "a@b.c" in audited.stdout
     assert "d@e.f" not in audited.stdout
+
+
+def test_unsafe_payment_configurations_refuse_to_start(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'refuse.db'}"
+    cases = [
+        ({"PAYMENT_PROVIDER": "sandbox", "STRIPE_API_KEY": "sk_live_abc123"}, "Live Stripe keys"),
+        (
+            {"PAYMENT_PROVIDER": "stripe", "STRIPE_API_KEY": "sk_test_abc123"},
+            "STRIPE_WEBHOOK_SECRET",
+        ),
+        ({"PAYMENT_PROVIDER": "stripe"}, "needs STRIPE_API_KEY"),
+    ]
+    for extra, message in cases:
+        env = {**os.environ, "DATABASE_URL": database_url, **extra}
+        refused = subprocess.run(
+            [*CLI, "serve", "--port", str(_free_port())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode != 0
+        assert message in refused.stderr
+        assert "sk_live_abc123" not in refused.stderr + refused.stdout
