@@ -15,8 +15,8 @@ class Discrepancy:
     account_id: str
     oauth_provider: str
     external_id: str
-    counters: tuple[int, int, int]  # free uses, paid uses, total uses on the account
-    ledger: tuple[int, int, int]  # the same three, summed from credits and charges
+    counters: tuple[int, int, int, int]  # free, paid, total and held uses on the account
+    ledger: tuple[int, int, int, int]  # the same four, summed from credits and charges
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,7 @@ async def audit(conn: AsyncConnection) -> AuditReport:
             credits.c.account_id,
             func.sum(credits.c.free_uses_delta).label("free"),
             func.sum(credits.c.paid_uses_delta).label("paid"),
+            func.sum(credits.c.held_uses_delta).label("held"),
         )
         .group_by(credits.c.account_id)
         .subquery()
@@ -52,6 +53,7 @@ async def audit(conn: AsyncConnection) -> AuditReport:
     ledger_free = func.coalesce(credited.c.free, 0) - func.coalesce(spent.c.free, 0)
     ledger_paid = func.coalesce(credited.c.paid, 0) - func.coalesce(spent.c.paid, 0)
     ledger_uses = func.coalesce(spent.c.uses, 0)
+    ledger_held = func.coalesce(credited.c.held, 0)
     mismatched = await conn.execute(
         select(
             accounts.c.id,
@@ -60,9 +62,11 @@ async def audit(conn: AsyncConnection) -> AuditReport:
             accounts.c.free_uses_remaining,
             accounts.c.paid_uses_remaining,
             accounts.c.total_uses,
+            accounts.c.held_uses,
             ledger_free.label("ledger_free"),
             ledger_paid.label("ledger_paid"),
             ledger_uses.label("ledger_uses"),
+            ledger_held.label("ledger_held"),
         )
         .select_from(
             accounts.outerjoin(credited, credited.c.account_id == accounts.c.id).outerjoin(
@@ -74,6 +78,8 @@ async def audit(conn: AsyncConnection) -> AuditReport:
                 accounts.c.free_uses_remaining != ledger_free,
                 accounts.c.paid_uses_remaining != ledger_paid,
                 accounts.c.total_uses != ledger_uses,
+                accounts.c.held_uses != ledger_held,
+                accounts.c.held_uses < 0,
                 accounts.c.free_uses_remaining < 0,
                 accounts.c.paid_uses_remaining < 0,
             )
@@ -89,8 +95,14 @@ async def audit(conn: AsyncConnection) -> AuditReport:
                 int(row.free_uses_remaining),
                 int(row.paid_uses_remaining),
                 int(row.total_uses),
+                int(row.held_uses),
             ),
-            ledger=(int(row.ledger_free), int(row.ledger_paid), int(row.ledger_uses)),
+            ledger=(
+                int(row.ledger_free),
+                int(row.ledger_paid),
+                int(row.ledger_uses),
+                int(row.ledger_held),
+            ),
         )
         for row in mismatched
     ]

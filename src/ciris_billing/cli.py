@@ -242,8 +242,9 @@ def audit_command() -> None:
     for d in report.discrepancies:
         click.echo(
             f"MISMATCH {d.account_id} ({d.oauth_provider} {d.external_id}): "
-            f"counters free={d.counters[0]} paid={d.counters[1]} total={d.counters[2]}; "
-            f"ledger free={d.ledger[0]} paid={d.ledger[1]} total={d.ledger[2]}"
+            f"counters free={d.counters[0]} paid={d.counters[1]} total={d.counters[2]} "
+            f"held={d.counters[3]}; ledger free={d.ledger[0]} paid={d.ledger[1]} "
+            f"total={d.ledger[2]} held={d.ledger[3]}"
         )
     verdict = "clean" if report.clean else f"{len(report.discrepancies)} mismatched"
     click.echo(f"Audited {report.accounts_checked} accounts: {verdict}.")

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    text,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -67,6 +68,10 @@ accounts = Table(
     # Written by the charge UPDATE itself: SET sees the old counters, so this column lets
     # RETURNING report how the charge split between free and paid uses without a prior read.
     Column("last_charge_free_uses", Uses, nullable=False),
+    # Paid uses frozen by an open dispute: not spendable until the dispute is won.
+    Column("held_uses", Uses, nullable=False, server_default=text("0")),
+    Column("status_reason", String(500)),
+    Column("erased_at", Timestamp),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     # One account per identity, even when first requests race (INSERT ... ON CONFLICT DO NOTHING).
@@ -75,6 +80,7 @@ accounts = Table(
     CheckConstraint("paid_uses_remaining >= 0", name="paid_uses_not_negative"),
     CheckConstraint("total_uses >= 0", name="total_uses_not_negative"),
     CheckConstraint("last_charge_free_uses >= 0", name="last_charge_free_uses_not_negative"),
+    CheckConstraint("held_uses >= 0", name="held_uses_not_negative"),
     CheckConstraint("status IN ('active', 'suspended')", name="status_known"),
 )
 
@@ -99,7 +105,17 @@ charges = Table(
     Index(None, "account_id", "created_at"),
 )
 
-CREDIT_KINDS = ("free_grant", "initial_balance", "purchase", "grant", "adjustment", "refund")
+CREDIT_KINDS = (
+    "free_grant",
+    "initial_balance",
+    "purchase",
+    "grant",
+    "adjustment",
+    "refund",
+    "dispute_hold",
+    "dispute_lost",
+    "dispute_won",
+)
 
 credits = Table(
     "credits",
@@ -109,6 +125,10 @@ credits = Table(
     Column("kind", String(32), nullable=False),
     Column("free_uses_delta", Uses, nullable=False),
     Column("paid_uses_delta", Uses, nullable=False),
+    Column("held_uses_delta", Uses, nullable=False, server_default=text("0")),
+    # Uses a refund should have taken back but could not (already spent): never negative
+    # balances, the difference is recorded here instead.
+    Column("shortfall_uses", Uses, nullable=False, server_default=text("0")),
     Column("amount_minor", Minor, nullable=False),
     Column("currency", String(3), nullable=False),
     # A provider's id for the money behind this row (e.g. a Stripe `pi_...`): unique, so a
@@ -118,9 +138,10 @@ credits = Table(
     Column("idempotency_key", String(255)),
     Column("created_at", Timestamp, nullable=False),
     CheckConstraint(
-        "kind IN ('free_grant', 'initial_balance', 'purchase', 'grant', 'adjustment', 'refund')",
+        "kind IN (" + ", ".join(f"'{kind}'" for kind in CREDIT_KINDS) + ")",
         name="kind_known",
     ),
+    CheckConstraint("shortfall_uses >= 0", name="shortfall_not_negative"),
     Index(None, "account_id", "created_at"),
 )
 
@@ -158,6 +179,8 @@ PURCHASE_STATUSES = (
     "succeeded",
     "failed",
     "canceled",
+    "partially_refunded",
+    "refunded",
 )
 
 purchases = Table(
@@ -171,6 +194,10 @@ purchases = Table(
     Column("currency", String(3), nullable=False),
     Column("uses", Uses, nullable=False),
     Column("status", String(32), nullable=False),
+    # Cumulative, as the provider reports it: a refund is applied by moving this forward,
+    # under the purchase's row lock, so each refunded amount is taken back once.
+    Column("refunded_minor", Minor, nullable=False, server_default=text("0")),
+    Column("uses_refunded", Uses, nullable=False, server_default=text("0")),
     Column("customer_email", String(320)),
     Column("failure_message", String(500)),
     Column("created_at", Timestamp, nullable=False),
@@ -181,11 +208,36 @@ purchases = Table(
     CheckConstraint("amount_minor > 0", name="amount_positive"),
     CheckConstraint("uses > 0", name="uses_positive"),
     CheckConstraint(
+        "refunded_minor >= 0 AND refunded_minor <= amount_minor", name="refund_within_amount"
+    ),
+    CheckConstraint("uses_refunded >= 0 AND uses_refunded <= uses", name="uses_refunded_within"),
+    CheckConstraint(
         "status IN (" + ", ".join(f"'{s}'" for s in PURCHASE_STATUSES) + ")",
         name="status_known",
     ),
     Index(None, "account_id", "created_at"),
     Index(None, "status"),
+)
+
+DISPUTE_STATES = ("open", "won", "lost")
+
+disputes = Table(
+    "disputes",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("provider", String(32), nullable=False),
+    Column("dispute_id", String(255), nullable=False),
+    Column("purchase_id", Id, ForeignKey("purchases.id"), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("held_uses", Uses, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("closed_at", Timestamp),
+    # One row per provider dispute: its hold and its release happen once each.
+    UniqueConstraint("provider", "dispute_id"),
+    CheckConstraint("held_uses >= 0", name="held_uses_not_negative"),
+    CheckConstraint(
+        "state IN (" + ", ".join(f"'{s}'" for s in DISPUTE_STATES) + ")", name="state_known"
+    ),
 )
 
 webhook_events = Table(
@@ -223,6 +275,8 @@ sandbox_payments = Table(
     Column("metadata", JSON, nullable=False),
     Column("failure_message", String(500)),
     Column("amount_refunded_minor", Minor, nullable=False),
+    Column("dispute_id", String(64)),
+    Column("dispute_status", String(32)),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     CheckConstraint(

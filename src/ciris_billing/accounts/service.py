@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.db import accounts, charges, credits, insert_or_ignore, new_id, utcnow
 from ciris_billing.errors import AccountNotFound, AccountSuspended, PurchaseRequired
+from ciris_billing.ledger import write_credit
 from ciris_billing.pricing import Pricing
 
 NO_USES_LEFT = "No free uses or credits remaining"
@@ -90,29 +91,24 @@ async def ensure_account(
     )
     created = inserted.first() is not None
     if created:
-        grants = [
-            ("free_grant", pricing.free_uses_per_account, 0, "Free uses for a new account"),
-            ("initial_balance", 0, new.initial_paid_uses, "Initial balance"),
-        ]
-        rows = [
-            {
-                "id": new_id("cr"),
-                "account_id": account_id,
-                "kind": kind,
-                "free_uses_delta": free,
-                "paid_uses_delta": paid,
-                "amount_minor": 0,
-                "currency": currency,
-                "external_transaction_id": None,
-                "description": description,
-                "idempotency_key": None,
-                "created_at": now,
-            }
-            for kind, free, paid, description in grants
-            if free or paid
-        ]
-        if rows:
-            await conn.execute(credits.insert(), rows)
+        if pricing.free_uses_per_account:
+            await write_credit(
+                conn,
+                account_id=account_id,
+                kind="free_grant",
+                currency=currency,
+                free=pricing.free_uses_per_account,
+                description="Free uses for a new account",
+            )
+        if new.initial_paid_uses:
+            await write_credit(
+                conn,
+                account_id=account_id,
+                kind="initial_balance",
+                currency=currency,
+                paid=new.initial_paid_uses,
+                description="Initial balance",
+            )
     return await get_account(conn, identity), created
 
 

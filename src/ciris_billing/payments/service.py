@@ -14,9 +14,11 @@ from typing import Any
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.db import accounts, credits, insert_or_ignore, new_id, purchases, utcnow
+from ciris_billing.db import accounts, insert_or_ignore, new_id, purchases, utcnow
 from ciris_billing.errors import BillingError
+from ciris_billing.ledger import write_credit
 from ciris_billing.observability import PURCHASES, log
+from ciris_billing.payments import refunds
 from ciris_billing.payments.providers.base import (
     PURCHASE_ID_KEY,
     PaymentResult,
@@ -116,24 +118,16 @@ async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
     one adds the uses, in the same transaction.
     """
     now = utcnow()
-    inserted = await conn.execute(
-        insert_or_ignore(conn, credits)
-        .values(
-            id=new_id("cr"),
-            account_id=purchase.account_id,
-            kind="purchase",
-            free_uses_delta=0,
-            paid_uses_delta=purchase.uses,
-            amount_minor=purchase.amount_minor,
-            currency=purchase.currency,
-            external_transaction_id=purchase.payment_id,
-            description=f"Purchase of {purchase.uses} uses",
-            idempotency_key=None,
-            created_at=now,
-        )
-        .returning(credits.c.id)
+    credited = await write_credit(
+        conn,
+        account_id=purchase.account_id,
+        kind="purchase",
+        currency=purchase.currency,
+        paid=purchase.uses,
+        amount_minor=purchase.amount_minor,
+        external_transaction_id=purchase.payment_id,
+        description=f"Purchase of {purchase.uses} uses",
     )
-    credited = inserted.first() is not None
     if credited:
         await conn.execute(
             accounts.update()
@@ -142,11 +136,11 @@ async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
                 paid_uses_remaining=accounts.c.paid_uses_remaining + purchase.uses, updated_at=now
             )
         )
-    await conn.execute(
-        purchases.update()
-        .where(purchases.c.id == purchase.id)
-        .values(status="succeeded", failure_message=None, credited_at=now, updated_at=now)
-    )
+        await conn.execute(
+            purchases.update()
+            .where(purchases.c.id == purchase.id)
+            .values(status="succeeded", failure_message=None, credited_at=now, updated_at=now)
+        )
     return credited
 
 
@@ -181,6 +175,7 @@ async def apply_payment(conn: AsyncConnection, provider: str, payment: PaymentRe
                 paid_currency=payment.currency,
             )
             return "amount_mismatch"
+        outcome = "already_credited"
         if await credit_purchase(conn, purchase):
             PURCHASES.labels(provider, "succeeded").inc()
             log.info(
@@ -190,8 +185,15 @@ async def apply_payment(conn: AsyncConnection, provider: str, payment: PaymentRe
                 account_id=purchase.account_id,
                 uses=purchase.uses,
             )
-            return "credited"
-        return "already_credited"
+            outcome = "credited"
+        if payment.amount_refunded_minor > purchase.refunded_minor and (
+            await refunds.apply_refunded_total(
+                conn, purchase.id, payment.amount_refunded_minor, source="provider"
+            )
+        ):
+            PURCHASES.labels(provider, "refunded").inc()
+            outcome = "refunded" if outcome == "already_credited" else "credited_and_refunded"
+        return outcome
     if purchase.credited_at is not None:
         return "already_credited"  # a late failure never undoes a success
     failed = payment.status == "requires_payment_method" and payment.failure_message is not None

@@ -21,7 +21,8 @@ from ciris_billing.db import insert_or_ignore, new_id, utcnow, webhook_events
 from ciris_billing.errors import BillingError
 from ciris_billing.observability import WEBHOOK_EVENTS, log
 from ciris_billing.payments import service as payments
-from ciris_billing.payments.providers.base import PaymentProvider, WebhookEvent
+from ciris_billing.payments.disputes import apply_dispute
+from ciris_billing.payments.providers.base import Dispute, PaymentProvider, WebhookEvent
 
 # Events that say something about a payment: each makes us fetch the payment and apply it.
 PAYMENT_EVENTS = frozenset(
@@ -31,6 +32,20 @@ PAYMENT_EVENTS = frozenset(
         "payment_intent.canceled",
         "payment_intent.processing",
         "payment_intent.requires_action",
+        # Refunds, from our API or the provider's dashboard: the payment's refunded total.
+        "charge.refunded",
+        "charge.refund.updated",
+        "refund.created",
+        "refund.updated",
+    }
+)
+DISPUTE_EVENTS = frozenset(
+    {
+        "charge.dispute.created",
+        "charge.dispute.updated",
+        "charge.dispute.closed",
+        "charge.dispute.funds_withdrawn",
+        "charge.dispute.funds_reinstated",
     }
 )
 
@@ -86,22 +101,26 @@ async def handle(engine: AsyncEngine, provider: PaymentProvider, event_id: str) 
     if row.handled_at is not None:
         return _done(provider.name, row.type, event_id, "duplicate")
     try:
-        payment = None
+        # Ask the provider first, outside any transaction: no lock is held while it answers.
+        payment = dispute = None
         if row.type in PAYMENT_EVENTS and row.payment_id:
-            # Outside any transaction: no lock is held while the provider answers.
             payment = await provider.get_payment(row.payment_id)
+        elif row.type in DISPUTE_EVENTS:
+            dispute = await _current_dispute(provider, json.loads(row.payload))
         async with engine.begin() as conn:
             locked = (
                 await conn.execute(select(webhook_events).where(where).with_for_update())
             ).one()
             if locked.handled_at is not None:
                 return _done(provider.name, row.type, event_id, "duplicate")
-            if row.type not in PAYMENT_EVENTS or not row.payment_id:
-                outcome = "ignored"
-            elif payment is None:
+            if payment is not None:
+                outcome = await payments.apply_payment(conn, provider.name, payment)
+            elif dispute is not None and dispute.payment_id:
+                outcome = await apply_dispute(conn, provider.name, dispute)
+            elif row.type in PAYMENT_EVENTS | DISPUTE_EVENTS:
                 outcome = "unknown_payment"
             else:
-                outcome = await payments.apply_payment(conn, provider.name, payment)
+                outcome = "ignored"
             await conn.execute(
                 webhook_events.update()
                 .where(where)
@@ -123,6 +142,25 @@ async def handle(engine: AsyncEngine, provider: PaymentProvider, event_id: str) 
         )
         raise
     return _done(provider.name, row.type, event_id, outcome)
+
+
+async def _current_dispute(provider: PaymentProvider, event: dict[str, Any]) -> Dispute | None:
+    """The dispute as the provider reports it, mapped dispute → charge → payment through the
+    provider. A provider that cannot show the dispute itself (localstripe has no disputes)
+    leaves us its status from the signed event; the payment is still resolved by the provider."""
+    data = event.get("data", {}).get("object", {})
+    dispute_id = data.get("id") if isinstance(data, dict) else None
+    if not isinstance(dispute_id, str):
+        return None
+    found = await provider.get_dispute(dispute_id)
+    if found is not None and found.payment_id:
+        return found
+    charge_id = data.get("charge")
+    payment_id = (
+        await provider.payment_for_charge(charge_id) if isinstance(charge_id, str) else None
+    )
+    status = found.status if found is not None else str(data.get("status", ""))
+    return Dispute(dispute_id, payment_id, status, int(data.get("amount") or 0))
 
 
 async def _record_failure(engine: AsyncEngine, where: Any, error: str) -> None:

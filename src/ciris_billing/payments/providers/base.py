@@ -59,6 +59,27 @@ class WebhookEvent:
     payload: dict[str, Any]
 
 
+DisputeStatus = Literal[
+    "warning_needs_response",
+    "warning_under_review",
+    "warning_closed",
+    "needs_response",
+    "under_review",
+    "won",
+    "lost",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Dispute:
+    """A chargeback as the provider sees it now, with the payment it disputes."""
+
+    dispute_id: str
+    payment_id: str | None
+    status: str
+    amount_minor: int
+
+
 # Metadata keys we put on every payment, so an event can be traced back to its purchase.
 PURCHASE_ID_KEY = "ciris_purchase_id"
 ACCOUNT_ID_KEY = "ciris_account_id"
@@ -101,8 +122,18 @@ class PaymentProvider(Protocol):
         """Check the signature on the raw body (raise InvalidWebhookSignature), then parse."""
         ...
 
-    async def refund_payment(self, payment_id: str, amount_minor: int | None) -> str:
+    async def refund_payment(
+        self, payment_id: str, amount_minor: int | None, idempotency_key: str | None = None
+    ) -> str:
         """Refund all (None) or part of a payment; returns the provider's refund id."""
+        ...
+
+    async def get_dispute(self, dispute_id: str) -> Dispute | None:
+        """The dispute's current state, or None when the provider does not know it."""
+        ...
+
+    async def payment_for_charge(self, charge_id: str) -> str | None:
+        """The payment a charge belongs to (disputes name a charge), or None if unknown."""
         ...
 
     async def aclose(self) -> None: ...

@@ -22,6 +22,7 @@ from ciris_billing.errors import BillingError
 from ciris_billing.observability import log
 from ciris_billing.payments.providers import signing
 from ciris_billing.payments.providers.base import (
+    Dispute,
     InvalidWebhookSignature,
     PaymentIntent,
     PaymentResult,
@@ -134,17 +135,16 @@ class SandboxProvider:
             raise InvalidWebhookSignature("Invalid webhook signature")
         return parse_event(payload)
 
-    async def refund_payment(self, payment_id: str, amount_minor: int | None) -> str:
+    async def refund_payment(
+        self, payment_id: str, amount_minor: int | None, idempotency_key: str | None = None
+    ) -> str:
         async with self._engine.begin() as conn:
             row = await _locked(conn, payment_id)
             if row.status != "succeeded":
                 raise ProviderError("Only a succeeded payment can be refunded")
-            amount = (
-                row.amount_minor - row.amount_refunded_minor
-                if amount_minor is None
-                else amount_minor
-            )
-            if amount <= 0 or row.amount_refunded_minor + amount > row.amount_minor:
+            left = row.amount_minor - row.amount_refunded_minor
+            amount = left if amount_minor is None else amount_minor
+            if amount <= 0 or amount > left:
                 raise ProviderError("Refund amount exceeds what is left of the payment")
             await conn.execute(
                 sandbox_payments.update()
@@ -153,7 +153,62 @@ class SandboxProvider:
                     amount_refunded_minor=row.amount_refunded_minor + amount, updated_at=utcnow()
                 )
             )
+        # Like Stripe, a refund (from the API or the dashboard) is announced by charge.refunded.
+        await self.send_event("charge.refunded", await self._charge_object(payment_id))
         return "re_sbx_" + secrets.token_hex(12)
+
+    async def get_dispute(self, dispute_id: str) -> Dispute | None:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(sandbox_payments).where(sandbox_payments.c.dispute_id == dispute_id)
+                )
+            ).first()
+        if row is None:
+            return None
+        return Dispute(dispute_id, row.id, row.dispute_status, int(row.amount_minor))
+
+    async def payment_for_charge(self, charge_id: str) -> str | None:
+        payment_id = "pi_" + charge_id.removeprefix("ch_")
+        return payment_id if await self.get_payment(payment_id) is not None else None
+
+    async def dispute(self, payment_id: str, status: str) -> Dispute:
+        """The bank's side: open a chargeback on a paid payment, or close it (won / lost)."""
+        async with self._engine.begin() as conn:
+            row = await _locked(conn, payment_id)
+            if row.status != "succeeded":
+                raise PaymentStateConflict("Only a succeeded payment can be disputed")
+            dispute_id = row.dispute_id or "dp_sbx_" + secrets.token_hex(12)
+            await conn.execute(
+                sandbox_payments.update()
+                .where(sandbox_payments.c.id == payment_id)
+                .values(dispute_id=dispute_id, dispute_status=status, updated_at=utcnow())
+            )
+        closed = status in ("won", "lost", "warning_closed")
+        event_type = "charge.dispute.closed" if closed else "charge.dispute.created"
+        dispute = {
+            "id": dispute_id,
+            "object": "dispute",
+            "charge": "ch_" + payment_id.removeprefix("pi_"),
+            "status": status,
+            "amount": int(row.amount_minor),
+            "currency": row.currency.lower(),
+        }
+        await self.send_event(event_type, dispute)
+        return Dispute(dispute_id, payment_id, status, int(row.amount_minor))
+
+    async def _charge_object(self, payment_id: str) -> dict[str, Any]:
+        payment = await self.get_payment(payment_id)
+        assert payment is not None
+        return {
+            "id": "ch_" + payment_id.removeprefix("pi_"),
+            "object": "charge",
+            "payment_intent": payment_id,
+            "amount": payment.amount_minor,
+            "amount_refunded": payment.amount_refunded_minor,
+            "currency": payment.currency.lower(),
+            "refunded": payment.amount_refunded_minor == payment.amount_minor,
+        }
 
     async def aclose(self) -> None:
         return None

@@ -12,6 +12,7 @@ and error code. Unknown payments are `None` from get_payment, not errors.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, Final, cast, get_args
 
 import stripe
@@ -19,6 +20,7 @@ import stripe
 from ciris_billing.payments.providers.base import (
     ACCOUNT_ID_KEY,
     PURCHASE_ID_KEY,
+    Dispute,
     InvalidWebhookSignature,
     PaymentIntent,
     PaymentResult,
@@ -69,6 +71,14 @@ def _amount_refunded(intent: stripe.PaymentIntent) -> int:
     if isinstance(charge, stripe.Charge):
         return int(charge.amount_refunded or 0)
     return 0
+
+
+def _id_of(value: Any) -> str | None:
+    """An expandable field's id, whether it came as an id or as the expanded object."""
+    if isinstance(value, str):
+        return value
+    found = getattr(value, "id", None)
+    return found if isinstance(found, str) else None
 
 
 def _result(intent: stripe.PaymentIntent) -> PaymentResult:
@@ -187,18 +197,50 @@ class StripeProvider:
         except (ValueError, KeyError, TypeError):
             raise InvalidWebhookSignature("The signed webhook body is not a Stripe event") from None
 
-    async def refund_payment(self, payment_id: str, amount_minor: int | None) -> str:
+    async def refund_payment(
+        self, payment_id: str, amount_minor: int | None, idempotency_key: str | None = None
+    ) -> str:
         params: stripe.params.RefundCreateParams = {"payment_intent": payment_id}
         if amount_minor is not None:
             params["amount"] = amount_minor
+        # A caller's key makes its retries one refund; without one, each call is a new refund
+        # (two partial refunds of the same amount are legitimate and must not be merged).
+        key = idempotency_key or f"refund-{payment_id}-{uuid.uuid4().hex}"
         try:
             refund = await self._client.v1.refunds.create_async(
-                params=params,
-                options={"idempotency_key": f"refund-{payment_id}-{amount_minor or 'full'}"},
+                params=params, options={"idempotency_key": key}
             )
         except stripe.StripeError as exc:
             raise _provider_error(exc, "refund the payment") from None
         return refund.id
+
+    async def get_dispute(self, dispute_id: str) -> Dispute | None:
+        try:
+            found = await self._client.v1.disputes.retrieve_async(dispute_id)
+        except stripe.StripeError as exc:
+            if _is_missing(exc):
+                return None
+            raise _provider_error(exc, "look up the dispute") from None
+        payment_id = _id_of(getattr(found, "payment_intent", None))
+        if payment_id is None:
+            payment_id = await self.payment_for_charge(_id_of(found.charge) or "")
+        return Dispute(
+            dispute_id=found.id,
+            payment_id=payment_id,
+            status=str(found.status),
+            amount_minor=int(found.amount or 0),
+        )
+
+    async def payment_for_charge(self, charge_id: str) -> str | None:
+        if not charge_id:
+            return None
+        try:
+            charge = await self._client.v1.charges.retrieve_async(charge_id)
+        except stripe.StripeError as exc:
+            if _is_missing(exc):
+                return None
+            raise _provider_error(exc, "look up the charge") from None
+        return _id_of(charge.payment_intent)
 
     async def aclose(self) -> None:
         """Close the HTTPX connection pool (the SDK's own, public close; it is unannotated)."""

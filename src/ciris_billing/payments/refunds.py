@@ -1,0 +1,127 @@
+"""Refunds: money going back takes the refunded share of the uses back, exactly once.
+
+Refunds are applied as a cumulative total: the provider reports how much of a payment has
+been refunded in all, and `apply_refunded_total` moves the purchase's `refunded_minor` forward
+to it under the purchase's row lock. Whether the refund came through our API, Stripe's
+dashboard (a `charge.refunded` webhook) or both, in any order, each refunded amount is taken
+back once: a second path finds nothing left to apply. The ledger row's external id names the
+new total, so even two racing writers could not both record it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ciris_billing.db import accounts, purchases, utcnow
+from ciris_billing.errors import BillingError
+from ciris_billing.ledger import write_credit
+from ciris_billing.observability import log
+
+
+class RefundNotAllowed(BillingError):
+    status_code = 409
+    code = "refund_not_allowed"
+
+
+class RefundExceedsPayment(BillingError):
+    status_code = 422
+    code = "refund_exceeds_payment"
+
+
+@dataclass(frozen=True, slots=True)
+class RefundApplied:
+    amount_minor: int  # money refunded by this step
+    uses_reversed: int  # paid uses taken back from the account
+    shortfall_uses: int  # uses that should have gone back but were already spent
+
+
+def uses_for_refund(uses: int, amount_minor: int, refunded_minor: int) -> int:
+    """The refunded share of a purchase's uses, rounded up (a 1-cent refund takes a use)."""
+    return -(-uses * refunded_minor // amount_minor)
+
+
+def refundable_amount(purchase: Row[Any], requested_minor: int | None) -> int:
+    """What a refund request may refund, or a clear error."""
+    if purchase.credited_at is None:
+        raise RefundNotAllowed(
+            f"Purchase {purchase.payment_id} is {purchase.status}; only a paid one can be refunded"
+        )
+    left = int(purchase.amount_minor) - int(purchase.refunded_minor)
+    amount = left if requested_minor is None else requested_minor
+    if left <= 0:
+        raise RefundExceedsPayment(f"Purchase {purchase.payment_id} is already fully refunded")
+    if amount > left:
+        raise RefundExceedsPayment(
+            f"A refund of {amount} exceeds the {left} minor units left to refund"
+        )
+    return amount
+
+
+async def apply_refunded_total(
+    conn: AsyncConnection, purchase_id: str, refunded_total_minor: int, source: str
+) -> RefundApplied | None:
+    """Bring the purchase's refunds up to the provider's cumulative total (None: nothing new)."""
+    # Row locks (PostgreSQL) / the write lock (SQLite) make this read-then-write safe: no other
+    # transaction can move this purchase's or account's counters until we commit.
+    purchase = (
+        await conn.execute(select(purchases).where(purchases.c.id == purchase_id).with_for_update())
+    ).one()
+    total = min(refunded_total_minor, int(purchase.amount_minor))
+    if total <= purchase.refunded_minor or purchase.credited_at is None:
+        return None
+    uses_target = uses_for_refund(int(purchase.uses), int(purchase.amount_minor), total)
+    uses_due = uses_target - int(purchase.uses_refunded)
+    account = (
+        await conn.execute(
+            select(accounts.c.paid_uses_remaining)
+            .where(accounts.c.id == purchase.account_id)
+            .with_for_update()
+        )
+    ).one()
+    take = min(uses_due, int(account.paid_uses_remaining))
+    shortfall = uses_due - take
+    amount = total - int(purchase.refunded_minor)
+    recorded = await write_credit(
+        conn,
+        account_id=purchase.account_id,
+        kind="refund",
+        currency=purchase.currency,
+        paid=-take,
+        shortfall=shortfall,
+        amount_minor=amount,
+        external_transaction_id=f"{purchase.payment_id}:refunded:{total}",
+        description=f"Refund of {amount} ({source})"
+        + (f"; {shortfall} uses already spent" if shortfall else ""),
+    )
+    if not recorded:
+        return None
+    now = utcnow()
+    await conn.execute(
+        accounts.update()
+        .where(accounts.c.id == purchase.account_id)
+        .values(paid_uses_remaining=accounts.c.paid_uses_remaining - take, updated_at=now)
+    )
+    await conn.execute(
+        purchases.update()
+        .where(purchases.c.id == purchase.id)
+        .values(
+            refunded_minor=total,
+            uses_refunded=uses_target,
+            status="refunded" if total == purchase.amount_minor else "partially_refunded",
+            updated_at=now,
+        )
+    )
+    log.info(
+        f"{purchase.provider}_refund_applied",
+        payment_id=purchase.payment_id,
+        purchase_id=purchase.id,
+        amount_minor=amount,
+        uses_reversed=take,
+        shortfall_uses=shortfall,
+        source=source,
+    )
+    return RefundApplied(amount, take, shortfall)
