@@ -15,8 +15,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ciris_billing import __version__
+from ciris_billing.accounts.admin_routes import router as admin_router
 from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.auth import KeyStore
+from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.db import create_engine
 from ciris_billing.deps import AppState, StateDep, json_response
@@ -70,8 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(accounts_router)
+    app.include_router(admin_router)
     app.include_router(payments_router)
     app.include_router(webhooks_router)
+    app.include_router(checkout_router)
     _add_operational_routes(app)
     _add_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)

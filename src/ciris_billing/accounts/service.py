@@ -130,7 +130,9 @@ def credit_status(account: Row[Any], pricing: Pricing) -> CreditStatus:
     paid = int(account.paid_uses_remaining)
     has_credit = account.status == "active" and free + paid > 0
     if account.status != "active":
-        reason: str | None = "Account is suspended"
+        reason: str | None = "Account is suspended" + (
+            f": {account.status_reason}" if account.status_reason else ""
+        )
     else:
         reason = None if has_credit else NO_USES_LEFT
     purchase_required = account.status == "active" and not has_credit

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.db import accounts, purchases, utcnow
+from ciris_billing.db import accounts, credits, purchases, utcnow
 from ciris_billing.errors import BillingError
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
@@ -125,3 +125,19 @@ async def apply_refunded_total(
         source=source,
     )
     return RefundApplied(amount, take, shortfall)
+
+
+async def refund_totals(conn: AsyncConnection, purchase: Row[Any]) -> tuple[int, int]:
+    """(uses taken back, shortfall uses) over all of a purchase's refunds."""
+    row = (
+        await conn.execute(
+            select(
+                func.coalesce(func.sum(-credits.c.paid_uses_delta), 0).label("reversed"),
+                func.coalesce(func.sum(credits.c.shortfall_uses), 0).label("shortfall"),
+            ).where(
+                credits.c.kind == "refund",
+                credits.c.external_transaction_id.startswith(f"{purchase.payment_id}:refunded:"),
+            )
+        )
+    ).one()
+    return int(row.reversed), int(row.shortfall)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, Field, StrictInt, StringConstraints
 from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -14,6 +15,7 @@ from ciris_billing.accounts import service as accounts
 from ciris_billing.accounts.schemas import ErrorOut
 from ciris_billing.db import iso
 from ciris_billing.deps import (
+    AdminKey,
     AppState,
     IdempotencyKeyHeader,
     ReadKey,
@@ -25,7 +27,7 @@ from ciris_billing.deps import (
 )
 from ciris_billing.errors import BillingError
 from ciris_billing.observability import PURCHASES, log
-from ciris_billing.payments import service
+from ciris_billing.payments import refunds, service
 from ciris_billing.payments.providers.base import PaymentIntent, PaymentResult
 from ciris_billing.payments.providers.sandbox import SandboxProvider
 from ciris_billing.payments.schemas import (
@@ -128,6 +130,68 @@ async def create_purchase(
     return response
 
 
+class RefundCreate(BaseModel):
+    amount_minor: StrictInt | None = Field(
+        default=None, ge=1, le=100_000_000, description="Partial refund; omit for the rest"
+    )
+    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+
+
+@router.post(
+    "/purchases/{payment_id}/refund",
+    status_code=201,
+    responses={409: {"model": ErrorOut}, 422: {"model": ErrorOut}, 502: {"model": ErrorOut}},
+)
+async def refund_purchase(
+    payment_id: str,
+    body: RefundCreate,
+    request: Request,
+    state: StateDep,
+    _key: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    """Refund all or part of a purchase; the refunded share of its uses goes back (rounded up),
+    never below zero (a shortfall is recorded). The refund's webhook changes nothing more."""
+    key = idempotency.resolve_key(idempotency_key, body.idempotency_key)
+    payload = {
+        "payment_id": payment_id,
+        **body.model_dump(mode="json", exclude={"idempotency_key"}),
+    }
+    replay = await replay_if_known(request, state, key, payload)
+    if replay is not None:
+        return replay
+    async with state.engine.connect() as conn:
+        purchase = await service.get_purchase(conn, state.provider.name, payment_id)
+    amount = refunds.refundable_amount(purchase, body.amount_minor)
+    provider_key = None if key is None else f"refund-{purchase.id}-{key}"
+    refund_id = await state.provider.refund_payment(payment_id, amount, provider_key)
+    payment = await state.provider.get_payment(payment_id)
+    # The provider's cumulative total, or at least what we just refunded (if its view lags).
+    total = max(payment.amount_refunded_minor if payment else 0, purchase.refunded_minor + amount)
+
+    async def work(conn: AsyncConnection) -> tuple[int, Any]:
+        await refunds.apply_refunded_total(conn, purchase.id, total, source="api")
+        fresh = await service.get_purchase(conn, state.provider.name, payment_id)
+        reversed_uses, shortfall = await refunds.refund_totals(conn, fresh)
+        return 201, {
+            "refund_id": refund_id,
+            "payment_id": payment_id,
+            "amount_minor": amount,
+            "currency": fresh.currency,
+            "reason": body.reason,
+            "purchase_status": fresh.status,
+            "refunded_minor": int(fresh.refunded_minor),
+            "uses_refunded": int(fresh.uses_refunded),
+            "uses_reversed": reversed_uses,
+            "shortfall_uses": shortfall,
+        }
+
+    response = await run_idempotent(request, state, key, payload, work)
+    log.info(f"{state.provider.name}_refund_created", payment_id=payment_id, amount_minor=amount)
+    return response
+
+
 @router.get(
     "/purchases/{payment_id}", response_model=PurchaseOut, responses={404: {"model": ErrorOut}}
 )
@@ -184,3 +248,35 @@ async def sandbox_authenticate(
     """Sandbox only: complete (or fail) the 3D Secure step of a `requires_action` payment."""
     payment = await _sandbox(state).authenticate(payment_id, body.client_secret, body.success)
     return json_response(200, _sandbox_body(payment))
+
+
+class SandboxDispute(BaseModel):
+    status: Annotated[
+        str,
+        StringConstraints(pattern=r"^(needs_response|under_review|won|lost|warning_closed)$"),
+    ] = "needs_response"
+
+
+@router.post("/sandbox/payment_intents/{payment_id}/dispute", tags=["sandbox"])
+async def sandbox_dispute(
+    payment_id: str, body: SandboxDispute, state: StateDep, _key: AdminKey
+) -> Response:
+    """Sandbox only: the bank opens (or closes, won/lost) a chargeback; its webhook follows."""
+    dispute = await _sandbox(state).dispute(payment_id, body.status)
+    return json_response(
+        200, {"dispute_id": dispute.dispute_id, "payment_id": payment_id, "status": dispute.status}
+    )
+
+
+class SandboxRefund(BaseModel):
+    amount_minor: StrictInt | None = Field(default=None, ge=1, le=100_000_000)
+
+
+@router.post("/sandbox/payment_intents/{payment_id}/dashboard_refund", tags=["sandbox"])
+async def sandbox_dashboard_refund(
+    payment_id: str, body: SandboxRefund, state: StateDep, _key: AdminKey
+) -> Response:
+    """Sandbox only: a refund made in the provider's dashboard, outside this service; only its
+    `charge.refunded` webhook tells us."""
+    refund_id = await _sandbox(state).refund_payment(payment_id, body.amount_minor)
+    return json_response(200, {"refund_id": refund_id, "payment_id": payment_id})

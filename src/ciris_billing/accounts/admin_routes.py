@@ -1,0 +1,119 @@
+"""Operator routes (admin scope): grants, suspension, erasure and export."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field, StrictInt, StringConstraints
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ciris_billing import idempotency
+from ciris_billing.accounts import admin
+from ciris_billing.accounts.routes import account_body, identity_of, path_identity
+from ciris_billing.accounts.schemas import AccountOut, ErrorOut, IdentityFields
+from ciris_billing.deps import (
+    AdminKey,
+    IdempotencyKeyHeader,
+    StateDep,
+    json_response,
+    run_idempotent,
+)
+from ciris_billing.errors import InvalidRequest
+from ciris_billing.observability import log
+
+router = APIRouter(prefix="/v1/billing", tags=["operators"])
+
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=500, strip_whitespace=True)]
+
+
+class GrantCreate(IdentityFields):
+    uses: StrictInt = Field(
+        ge=-1_000_000, le=1_000_000, description="Positive grants, negative removes"
+    )
+    reason: Reason
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+
+
+class StatusChange(BaseModel):
+    reason: Reason | None = None
+
+
+@router.post("/credits", status_code=201, responses={422: {"model": ErrorOut}})
+async def grant_credits(
+    body: GrantCreate,
+    request: Request,
+    state: StateDep,
+    _key: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    """Grant (uses > 0) or take back (uses < 0) paid uses, with a reason; never below zero."""
+    key = idempotency.resolve_key(idempotency_key, body.idempotency_key)
+    if body.uses == 0:
+        raise InvalidRequest("uses must not be 0")
+
+    async def work(conn: AsyncConnection) -> tuple[int, Any]:
+        done = await admin.grant(
+            conn, identity_of(body), body.uses, body.reason, state.pricing, key
+        )
+        log.info("credits_granted", account_id=done.account.id, uses=body.uses, kind=done.kind)
+        return 201, {
+            "kind": done.kind,
+            "uses": done.uses,
+            "reason": body.reason,
+            "account": account_body(done.account),
+        }
+
+    payload = body.model_dump(mode="json", exclude={"idempotency_key"})
+    return await run_idempotent(request, state, key, payload, work)
+
+
+async def _set_status(
+    oauth_provider: str, external_id: str, status: str, reason: str | None, state: StateDep
+) -> Response:
+    identity = path_identity(oauth_provider, external_id)
+    async with state.engine.begin() as conn:
+        row = await admin.set_status(conn, identity, status, reason)
+    log.info(f"account_{status}", account_id=row.id)
+    return json_response(200, account_body(row) | {"status_reason": row.status_reason})
+
+
+@router.post("/accounts/{oauth_provider}/{external_id}/suspend", response_model=AccountOut)
+async def suspend_account(
+    oauth_provider: str, external_id: str, body: StatusChange, state: StateDep, _key: AdminKey
+) -> Response:
+    """Suspend: charges are refused (403) and checks say why, until reactivated."""
+    return await _set_status(oauth_provider, external_id, "suspended", body.reason, state)
+
+
+@router.post("/accounts/{oauth_provider}/{external_id}/reactivate", response_model=AccountOut)
+async def reactivate_account(
+    oauth_provider: str, external_id: str, state: StateDep, _key: AdminKey
+) -> Response:
+    return await _set_status(oauth_provider, external_id, "active", None, state)
+
+
+@router.delete("/accounts/{oauth_provider}/{external_id}", responses={404: {"model": ErrorOut}})
+async def erase_account(
+    oauth_provider: str, external_id: str, state: StateDep, _key: AdminKey
+) -> Response:
+    """Erase the account's personal data; the ledger and its amounts stay."""
+    identity = path_identity(oauth_provider, external_id)
+    async with state.engine.begin() as conn:
+        row = await admin.erase(conn, identity)
+    log.info("account_erased", account_id=row.id)
+    return json_response(
+        200, {"account_id": row.id, "erased": True, "fields_erased": list(admin.ERASED_FIELDS)}
+    )
+
+
+@router.get("/accounts/{oauth_provider}/{external_id}/export", responses={404: {"model": ErrorOut}})
+async def export_account(
+    oauth_provider: str, external_id: str, state: StateDep, _key: AdminKey
+) -> Response:
+    """Everything held about the account, as JSON."""
+    identity = path_identity(oauth_provider, external_id)
+    async with state.engine.connect() as conn:
+        data = await admin.export(conn, identity)
+    return json_response(200, data)
