@@ -1,0 +1,264 @@
+"""The public payment page: `GET /v1/billing/checkout/{payment_id}` and what it loads.
+
+No API key anywhere: the page is static (the same bytes for every purchase, no secret and no
+purchase data in it); its script reads the client secret from the URL fragment and asks
+`GET .../checkout/{payment_id}/summary` with `X-Client-Secret`. The summary is answered only
+when that secret equals the payment's client secret at the provider (constant-time compare);
+otherwise it is a 404 that does not say whether the payment exists.
+
+Headers: `Cache-Control: no-store` and `Referrer-Policy: no-referrer` on the page and the
+summary, and a Content-Security-Policy with no `'unsafe-inline'`: script and style come from
+this service (`assets/checkout.js`, `assets/checkout.css`), plus js.stripe.com in Stripe mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from functools import lru_cache
+from importlib.resources import files
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from ciris_billing.accounts.schemas import ErrorOut
+from ciris_billing.db import accounts
+from ciris_billing.deps import AppState, StateDep, json_response
+from ciris_billing.errors import BillingError
+from ciris_billing.payments import service as payments
+
+router = APIRouter(prefix="/v1/billing", tags=["checkout"])
+
+# Provider payment ids (`pi_...`, `pi_sbx_...`): anything else is not worth a lookup.
+_PAYMENT_ID = re.compile(r"[A-Za-z0-9_]{1,255}")
+MAX_CLIENT_SECRET_LENGTH = 200
+
+# Stripe's published needs for Stripe.js and the Payment Element.
+STRIPE_JS_URL = "https://js.stripe.com/v3/"
+_STRIPE_SCRIPT = ("https://js.stripe.com", "https://*.js.stripe.com")
+_STRIPE_FRAME = ("https://js.stripe.com", "https://*.js.stripe.com", "https://hooks.stripe.com")
+_STRIPE_CONNECT = ("https://api.stripe.com", "https://*.stripe.com")
+_STRIPE_IMG = ("https://*.stripe.com",)
+
+# Stripe's zero-decimal and three-decimal currencies; the rest have two minor digits.
+_ZERO_DECIMAL = frozenset(
+    [
+        "BIF",
+        "CLP",
+        "DJF",
+        "GNF",
+        "JPY",
+        "KMF",
+        "KRW",
+        "MGA",
+        "PYG",
+        "RWF",
+        "UGX",
+        "VND",
+        "VUV",
+        "XAF",
+        "XOF",
+        "XPF",
+    ]
+)
+_THREE_DECIMAL = frozenset(["BHD", "JOD", "KWD", "OMR", "TND"])
+_SYMBOLS = {
+    "USD": "$",
+    "EUR": "€",
+    "GBP": "£",
+    "JPY": "¥",
+    "INR": "₹",
+    "CAD": "CA$",
+    "AUD": "A$",
+    "NZD": "NZ$",
+}
+
+
+class CheckoutNotFound(BillingError):
+    status_code = 404
+    code = "checkout_not_found"
+
+
+class CheckoutSummary(BaseModel):
+    payment_id: str
+    uses: int = Field(description="Uses this purchase buys")
+    uses_purchased: int
+    amount_minor: int
+    currency: str
+    price: str = Field(examples=["$5.00"])
+    status: str = Field(description="The purchase: `succeeded` once its uses are credited")
+    payment_status: str = Field(description="The payment as the provider reports it now")
+    credited: bool
+    failure_message: str | None
+    free_uses_remaining: int
+    credits_remaining: int = Field(description="Paid uses left on the account")
+    provider: str
+    publishable_key: str | None = Field(default=None, description="Stripe mode only")
+
+
+def format_price(amount_minor: int, currency: str) -> str:
+    """`500, "USD"` → `$5.00`; `500, "JPY"` → `¥500`; unknown symbols → `5.00 CHF`."""
+    code = currency.upper()
+    digits = 0 if code in _ZERO_DECIMAL else 3 if code in _THREE_DECIMAL else 2
+    amount = f"{amount_minor / 10**digits:,.{digits}f}"
+    symbol = _SYMBOLS.get(code)
+    return f"{symbol}{amount}" if symbol else f"{amount} {code}"
+
+
+def content_security_policy(provider: str) -> str:
+    stripe = provider == "stripe"
+    directives = {
+        "default-src": ["'none'"],
+        "script-src": ["'self'", *(_STRIPE_SCRIPT if stripe else ())],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:", *(_STRIPE_IMG if stripe else ())],
+        "connect-src": ["'self'", *(_STRIPE_CONNECT if stripe else ())],
+        "frame-src": list(_STRIPE_FRAME) if stripe else ["'none'"],
+        "form-action": ["'none'"],  # the card form is sent by script, never by the browser
+        "frame-ancestors": ["'none'"],
+        "base-uri": ["'none'"],
+    }
+    return "; ".join(f"{name} {' '.join(values)}" for name, values in directives.items())
+
+
+PRIVATE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def page_headers(provider: str) -> dict[str, str]:
+    return {
+        **PRIVATE_HEADERS,
+        "Content-Security-Policy": content_security_policy(provider),
+        "X-Frame-Options": "DENY",
+        "X-Robots-Tag": "noindex",
+    }
+
+
+@lru_cache
+def _asset(name: str) -> str:
+    return files("ciris_billing.checkout").joinpath(name).read_text(encoding="utf-8")
+
+
+@lru_cache
+def asset_version() -> str:
+    """Changes with the script or style, so a browser never runs a stale one."""
+    digest = hashlib.sha256()
+    for name in ("checkout.js", "checkout.css"):
+        digest.update(_asset(name).encode())
+    return digest.hexdigest()[:16]
+
+
+@lru_cache
+def page_html(provider: str) -> str:
+    """The page for this provider. Nothing here depends on the purchase or on any secret."""
+    stripe_js = f'<script src="{STRIPE_JS_URL}" defer></script>' if provider == "stripe" else ""
+    return (
+        _asset("page.html")
+        .replace("@@PROVIDER@@", "stripe" if provider == "stripe" else "sandbox")
+        .replace("@@STRIPE_JS@@", stripe_js)
+        .replace("@@VERSION@@", asset_version())
+    )
+
+
+def _static(name: str, media_type: str) -> Response:
+    return Response(
+        content=_asset(name),
+        media_type=media_type,
+        headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+@router.get("/checkout/assets/checkout.js", include_in_schema=False)
+async def checkout_script() -> Response:
+    return _static("checkout.js", "text/javascript; charset=utf-8")
+
+
+@router.get("/checkout/assets/checkout.css", include_in_schema=False)
+async def checkout_style() -> Response:
+    return _static("checkout.css", "text/css; charset=utf-8")
+
+
+@router.get("/checkout/{payment_id}", include_in_schema=False)
+async def checkout_page(payment_id: str, state: StateDep) -> Response:
+    """The payment page (public). Its link carries the client secret as `#cs=...`."""
+    del payment_id  # read by the page's script; the HTML is the same for every purchase
+    return Response(
+        content=page_html(state.provider.name),
+        media_type="text/html; charset=utf-8",
+        headers=page_headers(state.provider.name),
+    )
+
+
+ClientSecretHeader = Annotated[
+    str | None,
+    Header(alias="X-Client-Secret", description="The purchase's payment client secret"),
+]
+
+
+@router.get(
+    "/checkout/{payment_id}/summary",
+    response_model=CheckoutSummary,
+    responses={404: {"model": ErrorOut, "description": "Unknown payment or wrong secret"}},
+)
+async def checkout_summary(
+    payment_id: str, state: StateDep, client_secret: ClientSecretHeader = None
+) -> Response:
+    """What the payment page shows: the offer, the payment's status and the account's balance.
+
+    No API key: the payment's client secret (sent as `X-Client-Secret`) is the credential.
+    """
+    if (
+        not client_secret
+        or len(client_secret) > MAX_CLIENT_SECRET_LENGTH
+        or not _PAYMENT_ID.fullmatch(payment_id)
+    ):
+        raise _not_found()
+    async with state.engine.connect() as conn:
+        purchase = await payments.find_purchase(conn, state.provider.name, payment_id)
+    if purchase is None:
+        raise _not_found()
+    payment = await state.provider.get_payment(payment_id)
+    if (
+        payment is None
+        or payment.client_secret is None
+        or not secrets.compare_digest(payment.client_secret.encode(), client_secret.encode())
+    ):
+        raise _not_found()
+    async with state.engine.connect() as conn:
+        # Read after the secret was checked, and fresh: the page polls this for the balance.
+        purchase = await payments.get_purchase(conn, state.provider.name, payment_id)
+        account = (
+            await conn.execute(select(accounts).where(accounts.c.id == purchase.account_id))
+        ).one()
+    return json_response(200, _summary(state, purchase, account, payment.status), PRIVATE_HEADERS)
+
+
+def _not_found() -> CheckoutNotFound:
+    return CheckoutNotFound("No such checkout (unknown payment, or wrong client secret)")
+
+
+def _summary(state: AppState, purchase: Any, account: Any, payment_status: str) -> dict[str, Any]:
+    uses = int(purchase.uses)
+    return CheckoutSummary(
+        payment_id=purchase.payment_id,
+        uses=uses,
+        uses_purchased=uses,
+        amount_minor=int(purchase.amount_minor),
+        currency=purchase.currency,
+        price=format_price(int(purchase.amount_minor), purchase.currency),
+        status=purchase.status,
+        payment_status=payment_status,
+        credited=purchase.credited_at is not None,
+        failure_message=purchase.failure_message,
+        free_uses_remaining=int(account.free_uses_remaining),
+        credits_remaining=int(account.paid_uses_remaining),
+        provider=state.provider.name,
+        publishable_key=state.provider.publishable_key,
+    ).model_dump(mode="json")
