@@ -3,6 +3,7 @@ HTTP, real signed webhooks delivered by localstripe to the running service, Post
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -250,3 +251,151 @@ def test_provider_down_while_confirming_is_credited_by_reconcile(
             stack = Stack(base, key, back, env_back, tmp_path / "service3.log")
             assert stack.check(user)["credits_remaining"] == 20
         assert cli(env_back, "audit").returncode == 0
+
+
+# Money going back, against localstripe (refunds through the official SDK; localstripe sends
+# no charge.refunded or dispute events, so those are built and signed here, as Stripe would).
+
+
+def paid(stack: Stack, user: str) -> dict[str, Any]:
+    bought = stack.purchase(user)
+    stack.stripe.pay(bought["payment_id"])
+    assert stack.wait_for_purchase(bought["payment_id"], "succeeded")["credited"] is True
+    return bought
+
+
+def refund(stack: Stack, payment_id: str, body: dict[str, Any], **headers: str) -> httpx.Response:
+    return stack.post(f"/v1/billing/purchases/{payment_id}/refund", body, **headers)
+
+
+def deliver(
+    stack: Stack, event_type: str, data_object: dict[str, Any], event_id: str
+) -> httpx.Response:
+    payload = json.dumps(
+        {
+            "id": event_id,
+            "object": "event",
+            "type": event_type,
+            "created": int(time.time()),
+            "data": {"object": data_object},
+        }
+    ).encode()
+    return httpx.post(
+        f"{stack.base}/v1/billing/webhooks/stripe",
+        content=payload,
+        headers={"Stripe-Signature": signing.sign(payload, WEBHOOK_SECRET)},
+        timeout=30,
+    )
+
+
+def test_refunds_through_stripe(stack: Stack) -> None:
+    full = paid(stack, "ls-full@example.com")
+    body = refund(stack, full["payment_id"], {}).json()
+    assert (body["amount_minor"], body["uses_reversed"], body["purchase_status"]) == (
+        500,
+        20,
+        "refunded",
+    )
+    assert stack.stripe.retrieve(full["payment_id"])["latest_charge"]["amount_refunded"] == 500
+    assert stack.check("ls-full@example.com")["credits_remaining"] == 0
+
+    part = paid(stack, "ls-part@example.com")
+    first = refund(stack, part["payment_id"], {"amount_minor": 125}, **{"Idempotency-Key": "ls-k1"})
+    again = refund(stack, part["payment_id"], {"amount_minor": 125}, **{"Idempotency-Key": "ls-k1"})
+    assert first.status_code == again.status_code == 201
+    assert first.json() == again.json()
+    assert first.json()["uses_refunded"] == 5
+    beyond = refund(
+        stack, part["payment_id"], {"amount_minor": 400}, **{"Idempotency-Key": "ls-k2"}
+    )
+    assert beyond.status_code == 422
+    assert stack.stripe.retrieve(part["payment_id"])["latest_charge"]["amount_refunded"] == 125
+    assert stack.check("ls-part@example.com")["credits_remaining"] == 15
+
+    spent = paid(stack, "ls-spent@example.com")
+    for _ in range(3 + 18):
+        stack.post(
+            "/v1/billing/charges",
+            {"oauth_provider": "oauth:google", "external_id": "ls-spent@example.com"},
+        )
+    body = refund(stack, spent["payment_id"], {}).json()
+    assert (body["uses_reversed"], body["shortfall_uses"]) == (2, 18)
+    assert stack.check("ls-spent@example.com")["credits_remaining"] == 0
+
+
+def test_dashboard_refund_by_charge_refunded_webhook_applies_once(stack: Stack) -> None:
+    user = "ls-dashboard@example.com"
+    bought = paid(stack, user)
+    charge = stack.stripe.retrieve(bought["payment_id"])["latest_charge"]
+    # The refund is made in Stripe's dashboard: only the webhook tells us.
+    refund_made = httpx.post(
+        f"{stack.stripe.base_url}/v1/refunds",
+        data={"payment_intent": bought["payment_id"], "amount": "250"},
+        headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+    )
+    assert refund_made.status_code == 200
+    event = {
+        "id": charge["id"],
+        "object": "charge",
+        "payment_intent": bought["payment_id"],
+        "amount_refunded": 250,
+    }
+    for _ in range(2):
+        response = deliver(stack, "charge.refunded", event, f"evt_refund_{charge['id']}")
+        assert response.status_code == 200
+    deliver(stack, "charge.refunded", event, f"evt_refund_again_{charge['id']}")
+    assert stack.check(user)["credits_remaining"] == 10
+    status = stack.get(f"/v1/billing/purchases/{bought['payment_id']}").json()
+    assert status["status"] == "partially_refunded"
+    # The API refund of the rest afterwards takes only what is left.
+    rest = refund(stack, bought["payment_id"], {}).json()
+    assert (rest["amount_minor"], rest["uses_refunded"]) == (250, 20)
+    assert stack.check(user)["credits_remaining"] == 0
+
+
+@pytest.mark.parametrize(
+    ("outcome", "order", "credits_after"),
+    [
+        ("lost", ["created", "created", "closed", "closed"], 0),
+        ("lost", ["closed", "created", "closed", "created"], 0),
+        ("won", ["created", "closed", "created", "closed"], 20),
+        ("won", ["closed", "closed", "created", "created"], 20),
+    ],
+)
+def test_disputes_in_any_order_hold_once_and_close_once(
+    stack: Stack, outcome: str, order: list[str], credits_after: int
+) -> None:
+    user = f"ls-dispute-{outcome}-{order[0]}@example.com"
+    bought = paid(stack, user)
+    charge_id = stack.stripe.retrieve(bought["payment_id"])["latest_charge"]["id"]
+    dispute_id = "dp_" + charge_id.removeprefix("ch_")
+    # No payment_intent field: the service must map the charge to its payment via Stripe.
+    objects = {
+        "created": {
+            "id": dispute_id,
+            "object": "dispute",
+            "charge": charge_id,
+            "status": "needs_response",
+            "amount": 500,
+        },
+        "closed": {
+            "id": dispute_id,
+            "object": "dispute",
+            "charge": charge_id,
+            "status": outcome,
+            "amount": 500,
+        },
+    }
+    for index, step in enumerate(order):
+        response = deliver(
+            stack, f"charge.dispute.{step}", objects[step], f"evt_{dispute_id}_{step}"
+        )
+        assert response.status_code == 200, response.text
+        if "closed" not in order[: index + 1]:
+            assert stack.check(user)["credits_remaining"] == 0, "held while open"
+    assert stack.check(user)["credits_remaining"] == credits_after
+    export = stack.get(f"/v1/billing/accounts/oauth:google/{user}/export").json()
+    kinds = sorted(c["kind"] for c in export["credits"] if c["kind"].startswith("dispute"))
+    assert kinds == ["dispute_hold", f"dispute_{outcome}"]
+    assert export["account"]["held_uses"] == 0
+    assert cli(stack.env, "audit").returncode == 0

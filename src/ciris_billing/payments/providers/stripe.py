@@ -60,9 +60,9 @@ def _provider_error(exc: stripe.StripeError, action: str) -> ProviderError | Pro
 
 
 def _is_missing(exc: stripe.StripeError) -> bool:
-    return isinstance(exc, stripe.InvalidRequestError) and (
-        exc.http_status == 404 or exc.code == "resource_missing"
-    )
+    # Any 404: Stripe says resource_missing; a Stripe-compatible server without the resource
+    # type at all (localstripe has no disputes) answers a bare 404.
+    return exc.http_status == 404 or exc.code == "resource_missing"
 
 
 def _amount_refunded(intent: stripe.PaymentIntent) -> int:
