@@ -123,3 +123,30 @@ async def test_export_lists_everything_and_needs_admin(api: Api) -> None:
         "/v1/billing/accounts/oauth:google/nobody@x.y/export", headers=api.headers("admin")
     )
     assert missing.status_code == 404
+
+
+async def test_operator_cli(api: Api) -> None:
+    from tests.servers import cli, service_env
+    from tests.test_refunds_disputes import paid_purchase
+
+    env = service_env(api.settings.database_url, PAYMENT_PROVIDER="sandbox")
+    bought = await paid_purchase(api, USER)
+    granted = cli(
+        env, "grant", "oauth:google", USER["external_id"], "--uses", "5", "--reason", "Sorry"
+    )
+    assert granted.returncode == 0, granted.stderr
+    assert "paid uses now 25" in granted.stdout
+    refunded = cli(env, "refund", bought["payment_id"], "--amount", "250")
+    assert refunded.returncode == 0, refunded.stderr
+    assert json.loads(refunded.stdout)["uses_refunded"] == 10
+    again = cli(env, "refund", bought["payment_id"], "--amount", "300")
+    assert again.returncode != 0
+    assert "refund_exceeds_payment" in again.stderr
+    assert cli(env, "suspend", "oauth:google", USER["external_id"], "--reason", "x").returncode == 0
+    assert (await api.post("/v1/billing/charges", USER)).status_code == 403
+    assert cli(env, "reactivate", "oauth:google", USER["external_id"]).returncode == 0
+    exported = json.loads(cli(env, "export", "oauth:google", USER["external_id"]).stdout)
+    assert exported["account"]["paid_uses_remaining"] == 15
+    assert cli(env, "erase", "--yes", "oauth:google", USER["external_id"]).returncode == 0
+    assert USER["external_id"] not in cli(env, "export", "oauth:google", USER["external_id"]).stdout
+    assert cli(env, "audit").returncode == 0

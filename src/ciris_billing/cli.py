@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import tempfile
@@ -13,13 +14,19 @@ import click
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import auth
+from ciris_billing.accounts import admin
+from ciris_billing.accounts.schemas import IdentityFields
+from ciris_billing.accounts.service import Identity
 from ciris_billing.audit import audit as run_audit
 from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine, iso
 from ciris_billing.errors import BillingError
+from ciris_billing.observability import configure_logging
+from ciris_billing.payments import refunds
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers import PaymentConfigurationError, get_payment_provider
 from ciris_billing.payments.providers.base import PaymentProvider
+from ciris_billing.pricing import Pricing
 from ciris_billing.webhooks import inbox
 
 T = TypeVar("T")
@@ -27,16 +34,16 @@ T = TypeVar("T")
 
 def _with_connection(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
     """Run `work` in one committed transaction on the configured database."""
+    return asyncio.run(_with_connection_async(work))
 
-    async def run() -> T:
-        engine = create_engine(get_settings())
-        try:
-            async with engine.begin() as conn:
-                return await work(conn)
-        finally:
-            await engine.dispose()
 
-    return asyncio.run(run())
+async def _with_connection_async(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    engine = create_engine(get_settings())
+    try:
+        async with engine.begin() as conn:
+            return await work(conn)
+    finally:
+        await engine.dispose()
 
 
 def migrate_database(database_url: str | None = None) -> None:
@@ -53,6 +60,8 @@ def migrate_database(database_url: str | None = None) -> None:
 @click.group()
 def main() -> None:
     """CIRIS Billing: free uses, paid uses, purchases and a ledger that cannot go wrong."""
+    # Commands print their results on stdout; their logs go to stderr (the server logs to stdout).
+    configure_logging(get_settings().log_level, sys.stderr)
 
 
 @main.command()
@@ -233,6 +242,107 @@ def webhooks_replay() -> None:
     click.echo(f"Replayed {handled} events, {failed} still failing.")
     if failed:
         sys.exit(1)
+
+
+def _identity(oauth_provider: str, external_id: str) -> Identity:
+    try:
+        fields = IdentityFields(oauth_provider=oauth_provider, external_id=external_id)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return Identity(fields.oauth_provider, fields.external_id)
+
+
+def _print_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@main.command()
+@click.argument("payment_id")
+@click.option(
+    "--amount", "amount_minor", type=click.IntRange(min=1), help="Minor units (default: all)"
+)
+@click.option("--reason", default=None)
+def refund(payment_id: str, amount_minor: int | None, reason: str | None) -> None:
+    """Refund a purchase (all, or --amount minor units); takes its share of uses back."""
+
+    async def work(engine: AsyncEngine, provider: PaymentProvider) -> dict[str, object]:
+        made = await refunds.make_refund(engine, provider, payment_id, amount_minor, None)
+        async with engine.begin() as conn:
+            return await refunds.record_refund(conn, provider.name, made, reason)
+
+    _print_json(_run_operator(_with_provider(work)))
+
+
+def _run_operator(work: Awaitable[T]) -> T:
+    async def run() -> T:
+        return await work
+
+    try:
+        return asyncio.run(run())
+    except BillingError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.detail}") from None
+
+
+@main.command()
+@click.argument("oauth_provider")
+@click.argument("external_id")
+@click.option("--uses", required=True, type=int, help="Positive grants; negative takes back")
+@click.option("--reason", required=True)
+def grant(oauth_provider: str, external_id: str, uses: int, reason: str) -> None:
+    """Grant (or with negative --uses, take back) paid uses, with a reason."""
+    if uses == 0:
+        raise click.BadParameter("must not be 0", param_hint="--uses")
+    identity = _identity(oauth_provider, external_id)
+    pricing = Pricing.from_settings(get_settings())
+    done = _run_operator(
+        _with_connection_async(lambda conn: admin.grant(conn, identity, uses, reason, pricing))
+    )
+    click.echo(f"{done.kind}: {uses:+d} uses; paid uses now {done.account.paid_uses_remaining}.")
+
+
+@main.command()
+@click.argument("oauth_provider")
+@click.argument("external_id")
+@click.option("--reason", default=None)
+def suspend(oauth_provider: str, external_id: str, reason: str | None) -> None:
+    """Suspend an account: its charges are refused until reactivated."""
+    identity = _identity(oauth_provider, external_id)
+    _run_operator(
+        _with_connection_async(lambda conn: admin.set_status(conn, identity, "suspended", reason))
+    )
+    click.echo("Suspended.")
+
+
+@main.command()
+@click.argument("oauth_provider")
+@click.argument("external_id")
+def reactivate(oauth_provider: str, external_id: str) -> None:
+    """Reactivate a suspended account."""
+    identity = _identity(oauth_provider, external_id)
+    _run_operator(
+        _with_connection_async(lambda conn: admin.set_status(conn, identity, "active", None))
+    )
+    click.echo("Reactivated.")
+
+
+@main.command()
+@click.argument("oauth_provider")
+@click.argument("external_id")
+@click.confirmation_option(prompt="Erase this account's personal data? The ledger stays.")
+def erase(oauth_provider: str, external_id: str) -> None:
+    """Erase an account's personal data (the ledger and its amounts stay)."""
+    identity = _identity(oauth_provider, external_id)
+    row = _run_operator(_with_connection_async(lambda conn: admin.erase(conn, identity)))
+    click.echo(f"Erased personal data of {row.id}.")
+
+
+@main.command()
+@click.argument("oauth_provider")
+@click.argument("external_id")
+def export(oauth_provider: str, external_id: str) -> None:
+    """Everything held about an account, as JSON."""
+    identity = _identity(oauth_provider, external_id)
+    _print_json(_run_operator(_with_connection_async(lambda conn: admin.export(conn, identity))))
 
 
 @main.command("audit")

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing.db import accounts, credits, purchases, utcnow
 from ciris_billing.errors import BillingError
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
+from ciris_billing.payments.providers.base import PaymentProvider
+from ciris_billing.payments.purchases import get_purchase
 
 
 class RefundNotAllowed(BillingError):
@@ -141,3 +143,52 @@ async def refund_totals(conn: AsyncConnection, purchase: Row[Any]) -> tuple[int,
         )
     ).one()
     return int(row.reversed), int(row.shortfall)
+
+
+@dataclass(frozen=True, slots=True)
+class MadeRefund:
+    refund_id: str
+    payment_id: str
+    purchase_id: str
+    amount_minor: int
+    refunded_total_minor: int
+
+
+async def make_refund(
+    engine: AsyncEngine,
+    provider: PaymentProvider,
+    payment_id: str,
+    amount_minor: int | None,
+    idempotency_key: str | None,
+) -> MadeRefund:
+    """Refund at the provider (no transaction is open while it answers)."""
+    async with engine.connect() as conn:
+        purchase = await get_purchase(conn, provider.name, payment_id)
+    amount = refundable_amount(purchase, amount_minor)
+    refund_id = await provider.refund_payment(payment_id, amount, idempotency_key)
+    payment = await provider.get_payment(payment_id)
+    # The provider's cumulative total, or at least what we just refunded (if its view lags).
+    reported = payment.amount_refunded_minor if payment else 0
+    total = max(reported, int(purchase.refunded_minor) + amount)
+    return MadeRefund(refund_id, payment_id, purchase.id, amount, total)
+
+
+async def record_refund(
+    conn: AsyncConnection, provider: str, made: MadeRefund, reason: str | None
+) -> dict[str, Any]:
+    """Take the refund's uses back (unless its webhook already did) and describe the result."""
+    await apply_refunded_total(conn, made.purchase_id, made.refunded_total_minor, source="api")
+    purchase = await get_purchase(conn, provider, made.payment_id)
+    reversed_uses, shortfall = await refund_totals(conn, purchase)
+    return {
+        "refund_id": made.refund_id,
+        "payment_id": made.payment_id,
+        "amount_minor": made.amount_minor,
+        "currency": purchase.currency,
+        "reason": reason,
+        "purchase_status": purchase.status,
+        "refunded_minor": int(purchase.refunded_minor),
+        "uses_refunded": int(purchase.uses_refunded),
+        "uses_reversed": reversed_uses,
+        "shortfall_uses": shortfall,
+    }

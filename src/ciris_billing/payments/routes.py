@@ -30,6 +30,7 @@ from ciris_billing.observability import PURCHASES, log
 from ciris_billing.payments import refunds, service
 from ciris_billing.payments.providers.base import PaymentIntent, PaymentResult
 from ciris_billing.payments.providers.sandbox import SandboxProvider
+from ciris_billing.payments.purchases import get_purchase as lookup_purchase
 from ciris_billing.payments.schemas import (
     PurchaseCreate,
     PurchaseOut,
@@ -161,34 +162,20 @@ async def refund_purchase(
     replay = await replay_if_known(request, state, key, payload)
     if replay is not None:
         return replay
-    async with state.engine.connect() as conn:
-        purchase = await service.get_purchase(conn, state.provider.name, payment_id)
-    amount = refunds.refundable_amount(purchase, body.amount_minor)
-    provider_key = None if key is None else f"refund-{purchase.id}-{key}"
-    refund_id = await state.provider.refund_payment(payment_id, amount, provider_key)
-    payment = await state.provider.get_payment(payment_id)
-    # The provider's cumulative total, or at least what we just refunded (if its view lags).
-    total = max(payment.amount_refunded_minor if payment else 0, purchase.refunded_minor + amount)
+    provider_key = None if key is None else f"refund-{payment_id}-{key}"
+    made = await refunds.make_refund(
+        state.engine, state.provider, payment_id, body.amount_minor, provider_key
+    )
 
     async def work(conn: AsyncConnection) -> tuple[int, Any]:
-        await refunds.apply_refunded_total(conn, purchase.id, total, source="api")
-        fresh = await service.get_purchase(conn, state.provider.name, payment_id)
-        reversed_uses, shortfall = await refunds.refund_totals(conn, fresh)
-        return 201, {
-            "refund_id": refund_id,
-            "payment_id": payment_id,
-            "amount_minor": amount,
-            "currency": fresh.currency,
-            "reason": body.reason,
-            "purchase_status": fresh.status,
-            "refunded_minor": int(fresh.refunded_minor),
-            "uses_refunded": int(fresh.uses_refunded),
-            "uses_reversed": reversed_uses,
-            "shortfall_uses": shortfall,
-        }
+        return 201, await refunds.record_refund(conn, state.provider.name, made, body.reason)
 
     response = await run_idempotent(request, state, key, payload, work)
-    log.info(f"{state.provider.name}_refund_created", payment_id=payment_id, amount_minor=amount)
+    log.info(
+        f"{state.provider.name}_refund_created",
+        payment_id=payment_id,
+        amount_minor=made.amount_minor,
+    )
     return response
 
 
@@ -198,7 +185,7 @@ async def refund_purchase(
 async def get_purchase(payment_id: str, state: StateDep, _key: ReadKey) -> Response:
     """A purchase's status (`succeeded` once its uses are credited)."""
     async with state.engine.connect() as conn:
-        purchase = await service.get_purchase(conn, state.provider.name, payment_id)
+        purchase = await lookup_purchase(conn, state.provider.name, payment_id)
     return json_response(200, purchase_body(purchase, state))
 
 

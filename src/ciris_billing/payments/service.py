@@ -23,15 +23,14 @@ from ciris_billing.payments.providers.base import (
     PURCHASE_ID_KEY,
     PaymentResult,
 )
+
+# Re-exported: callers look purchases up through the service.
+from ciris_billing.payments.purchases import find_purchase as find_purchase
+from ciris_billing.payments.purchases import get_purchase as get_purchase
 from ciris_billing.pricing import Pricing
 
 # A purchase in one of these states will not change by itself any more (reconcile skips it).
 FINAL_STATUSES = ("succeeded", "canceled")
-
-
-class PurchaseNotFound(BillingError):
-    status_code = 404
-    code = "purchase_not_found"
 
 
 class PurchaseNotYetRecorded(BillingError):
@@ -92,22 +91,6 @@ async def record_purchase(
         )
     )
     return await get_purchase(conn, provider, payment.payment_id)
-
-
-async def find_purchase(conn: AsyncConnection, provider: str, payment_id: str) -> Row[Any] | None:
-    result = await conn.execute(
-        select(purchases).where(
-            purchases.c.provider == provider, purchases.c.payment_id == payment_id
-        )
-    )
-    return result.first()
-
-
-async def get_purchase(conn: AsyncConnection, provider: str, payment_id: str) -> Row[Any]:
-    row = await find_purchase(conn, provider, payment_id)
-    if row is None:
-        raise PurchaseNotFound(f"No purchase for payment {payment_id}")
-    return row
 
 
 async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
