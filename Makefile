@@ -29,8 +29,10 @@ lint: venv
 	  DATABASE_URL="sqlite:///$$tmp/check.db" $(BIN)/ciris-billing migrate >/dev/null && \
 	  DATABASE_URL="sqlite:///$$tmp/check.db" $(BIN)/alembic check
 
-## The guide's local stack: migrate and serve (on this machine, with local processes).
-test-local: run
+## The guide's local stack: Docker Compose (API, PostgreSQL, Prometheus, Grafana) if the engine
+## answers, else migrate + serve with local processes.
+test-local: venv
+	scripts/test-local
 
 ## The guide's end-to-end suite: the guide's flows over HTTP, sandbox and Stripe (localstripe).
 E2E_TESTS := tests/test_guide_flow.py tests/test_purchases_sandbox.py tests/test_webhooks.py \
