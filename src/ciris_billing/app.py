@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -55,6 +56,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pricing=Pricing.from_settings(settings),
             keys=KeyStore(engine, settings.api_key_cache_seconds),
             provider=provider,
+            link_secret=(
+                settings.checkout_link_secret.get_secret_value().encode()
+                if settings.checkout_link_secret
+                else secrets.token_bytes(32)
+            ),
         )
         app.state.billing = state
         log.info("billing_started", version=__version__, database=engine.dialect.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -105,6 +106,9 @@ def serve(host: str, port: int, workers: int, run_migrations: bool) -> None:
     if run_migrations:
         migrate_database()
     _bootstrap_admin_key()
+    if not settings.checkout_link_secret:
+        # Every worker must verify the buy links any worker signed.
+        os.environ["CHECKOUT_LINK_SECRET"] = secrets.token_urlsafe(32)
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Workers share one metrics view through files in this directory.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ciris-billing-metrics-")

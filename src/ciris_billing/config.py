@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     # The sandbox signs its webhooks like Stripe; every worker must share this secret.
     sandbox_webhook_secret: SecretStr = SecretStr("whsec_sandbox_local_testing_only")
 
+    # Where buyers reach this service (checkout links); default: the request's own base URL.
+    public_base_url: str | None = None
+    # Signs the buy links in 402 answers. Unset: `serve` makes one per start (shared by its
+    # workers); set it when several hosts serve the same links.
+    checkout_link_secret: SecretStr | None = None
+
     # Operations.
     log_level: str = "INFO"
     api_key_cache_seconds: float = Field(default=5.0, ge=0, le=300)

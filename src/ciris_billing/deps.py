@@ -25,6 +25,10 @@ class AppState:
     pricing: Pricing
     keys: KeyStore
     provider: PaymentProvider
+    link_secret: bytes
+
+    def public_base_url(self, request: Request) -> str:
+        return self.settings.public_base_url or str(request.base_url)
 
 
 def app_state(request: Request) -> AppState:

@@ -24,6 +24,7 @@ from ciris_billing.accounts.schemas import (
     PurchaseRequiredOut,
     TransactionsOut,
 )
+from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.db import iso
 from ciris_billing.deps import (
     IdempotencyKeyHeader,
@@ -217,9 +218,12 @@ async def create_charge(
     payload = body.model_dump(mode="json", exclude={"idempotency_key"})
     try:
         response = await run_idempotent(request, state, key, payload, work)
-    except PurchaseRequired:
+    except PurchaseRequired as refused:
         CHARGES.labels("False").inc()
         log.info("charge_refused_purchase_required", oauth_provider=identity.oauth_provider)
+        # Where the user can buy more: a signed, expiring link (no database write on a 402).
+        token = buy_token(state.link_secret, identity.oauth_provider, identity.external_id)
+        refused.extra["checkout_url"] = buy_url(state.public_base_url(request), token)
         raise
     except Exception:
         CHARGES.labels("False").inc()

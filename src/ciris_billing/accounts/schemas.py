@@ -140,6 +140,7 @@ class PurchaseRequiredOut(BaseModel):
     purchase_price_minor: int
     purchase_uses: int
     currency: str
+    checkout_url: str = Field(description="A page where the user can buy more (expires in 24 h)")
 
 
 class ErrorOut(BaseModel):

@@ -7,6 +7,6 @@ page, its script and style, and the summary JSON the page reads.
 
 from __future__ import annotations
 
-from ciris_billing.checkout.links import checkout_url
+from ciris_billing.checkout.links import buy_token, buy_url, checkout_url, read_buy_token
 
-__all__ = ["checkout_url"]
+__all__ = ["buy_token", "buy_url", "checkout_url", "read_buy_token"]

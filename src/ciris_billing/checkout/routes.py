@@ -20,13 +20,15 @@ from functools import lru_cache
 from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from ciris_billing.accounts.schemas import ErrorOut
-from ciris_billing.db import accounts
+from ciris_billing.accounts.service import Identity
+from ciris_billing.checkout.links import checkout_url, read_buy_token
+from ciris_billing.db import accounts, purchases
 from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.errors import BillingError
 from ciris_billing.payments import service as payments
@@ -262,3 +264,44 @@ def _summary(state: AppState, purchase: Any, account: Any, payment_status: str) 
         provider=state.provider.name,
         publishable_key=state.provider.publishable_key,
     ).model_dump(mode="json")
+
+
+@router.get(
+    "/buy/{token}",
+    status_code=303,
+    responses={404: {"model": ErrorOut, "description": "Invalid or expired link"}},
+)
+async def buy(token: str, request: Request, state: StateDep) -> Response:
+    """Public: the `checkout_url` of a 402 answer. Starts a purchase for the link's identity
+    (the same one each time the link is opened) and redirects to its payment page."""
+    named = read_buy_token(state.link_secret, token) if len(token) <= 2048 else None
+    if named is None:
+        raise CheckoutNotFound("This buy link is invalid or has expired; ask for a new one")
+    identity = Identity(*named)
+    key = "buy:" + hashlib.sha256(token.encode()).hexdigest()
+    purchase_id = payments.purchase_id_for(key)
+    async with state.engine.connect() as conn:
+        existing = (
+            await conn.execute(select(purchases).where(purchases.c.id == purchase_id))
+        ).first()
+    if existing is not None:
+        payment = await state.provider.get_payment(existing.payment_id)
+    else:
+        started = await payments.start_purchase(
+            state.engine, state.provider, state.pricing, identity, None, key
+        )
+        async with state.engine.begin() as conn:
+            await payments.record_purchase(
+                conn,
+                purchase_id=started.purchase_id,
+                account_id=started.account_id,
+                provider=state.provider.name,
+                payment=started.payment,
+                offer=started.offer,
+                customer_email=None,
+            )
+        payment = started.payment
+    if payment is None or not payment.client_secret:
+        raise CheckoutNotFound("This purchase can no longer be paid; ask for a new link")
+    target = checkout_url(state.public_base_url(request), payment.payment_id, payment.client_secret)
+    return Response(status_code=303, headers={"Location": target, **PRIVATE_HEADERS})

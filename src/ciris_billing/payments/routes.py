@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ciris_billing import idempotency
 from ciris_billing.accounts import service as accounts
 from ciris_billing.accounts.schemas import ErrorOut
+from ciris_billing.checkout.links import checkout_url
 from ciris_billing.db import iso
 from ciris_billing.deps import (
     AdminKey,
@@ -28,7 +29,7 @@ from ciris_billing.deps import (
 from ciris_billing.errors import BillingError
 from ciris_billing.observability import PURCHASES, log
 from ciris_billing.payments import refunds, service
-from ciris_billing.payments.providers.base import PaymentIntent, PaymentResult
+from ciris_billing.payments.providers.base import PaymentResult
 from ciris_billing.payments.providers.sandbox import SandboxProvider
 from ciris_billing.payments.purchases import get_purchase as lookup_purchase
 from ciris_billing.payments.schemas import (
@@ -90,43 +91,37 @@ async def create_purchase(
     if replay is not None:
         return replay
     identity = accounts.Identity(body.oauth_provider, body.external_id)
-    async with state.engine.begin() as conn:
-        account, _ = await accounts.ensure_account(conn, identity, state.pricing)
-    offer = service.Offer.from_pricing(state.pricing)
-    purchase_id = service.purchase_id_for(key)
-    # No transaction is open while the provider answers; its idempotency key makes a retry
-    # of this request find the same payment rather than create a second one.
-    payment = await state.provider.create_payment_intent(
-        PaymentIntent(
-            amount_minor=offer.amount_minor,
-            currency=offer.currency,
-            purchase_id=purchase_id,
-            account_id=account.id,
-            idempotency_key=f"purchase-{purchase_id}",
-            customer_email=body.customer_email,
-        )
+    started = await service.start_purchase(
+        state.engine, state.provider, state.pricing, identity, body.customer_email, key
     )
 
     async def work(conn: AsyncConnection) -> tuple[int, Any]:
         purchase = await service.record_purchase(
             conn,
-            purchase_id=purchase_id,
-            account_id=account.id,
+            purchase_id=started.purchase_id,
+            account_id=started.account_id,
             provider=state.provider.name,
-            payment=payment,
-            offer=offer,
+            payment=started.payment,
+            offer=started.offer,
             customer_email=body.customer_email,
         )
-        return 201, purchase_body(purchase, state, payment.client_secret)
+        answer = purchase_body(purchase, state, started.payment.client_secret)
+        if started.payment.client_secret:
+            answer["checkout_url"] = checkout_url(
+                state.public_base_url(request),
+                started.payment.payment_id,
+                started.payment.client_secret,
+            )
+        return 201, answer
 
     response = await run_idempotent(request, state, key, payload, work)
     PURCHASES.labels(state.provider.name, "created").inc()
     log.info(
         f"{state.provider.name}_purchase_created",
-        payment_id=payment.payment_id,
-        purchase_id=purchase_id,
-        account_id=account.id,
-        amount_minor=offer.amount_minor,
+        payment_id=started.payment.payment_id,
+        purchase_id=started.purchase_id,
+        account_id=started.account_id,
+        amount_minor=started.offer.amount_minor,
     )
     return response
 

@@ -30,6 +30,9 @@ class PurchaseOut(BaseModel):
     status: str
     provider: str
     publishable_key: str | None = Field(default=None, description="Where the provider has one")
+    checkout_url: str | None = Field(
+        default=None, description="The payment page (carries the client secret in its #fragment)"
+    )
     account_id: str | None = None
     credited: bool | None = None
     failure_message: str | None = None

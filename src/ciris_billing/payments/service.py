@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ciris_billing.accounts.service import Identity, ensure_account
 from ciris_billing.db import accounts, insert_or_ignore, new_id, purchases, utcnow
 from ciris_billing.errors import BillingError
 from ciris_billing.ledger import write_credit
@@ -21,6 +22,8 @@ from ciris_billing.observability import PURCHASES, log
 from ciris_billing.payments import refunds
 from ciris_billing.payments.providers.base import (
     PURCHASE_ID_KEY,
+    PaymentIntent,
+    PaymentProvider,
     PaymentResult,
 )
 
@@ -59,6 +62,44 @@ class Offer:
         return cls(
             pricing.price_per_purchase_minor, pricing.currency, pricing.paid_uses_per_purchase
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StartedPurchase:
+    purchase_id: str
+    account_id: str
+    payment: PaymentResult
+    offer: Offer
+
+
+async def start_purchase(
+    engine: AsyncEngine,
+    provider: PaymentProvider,
+    pricing: Pricing,
+    identity: Identity,
+    customer_email: str | None,
+    idempotency_key: str | None,
+) -> StartedPurchase:
+    """Create the provider's payment for one offer (the purchase row is written afterwards).
+
+    No transaction is open while the provider answers; its idempotency key, derived from the
+    local purchase id, makes a retry find the same payment rather than create a second one.
+    """
+    async with engine.begin() as conn:
+        account, _ = await ensure_account(conn, identity, pricing)
+    offer = Offer.from_pricing(pricing)
+    purchase_id = purchase_id_for(idempotency_key)
+    payment = await provider.create_payment_intent(
+        PaymentIntent(
+            amount_minor=offer.amount_minor,
+            currency=offer.currency,
+            purchase_id=purchase_id,
+            account_id=account.id,
+            idempotency_key=f"purchase-{purchase_id}",
+            customer_email=customer_email,
+        )
+    )
+    return StartedPurchase(purchase_id, account.id, payment, offer)
 
 
 async def record_purchase(
