@@ -293,7 +293,9 @@ async def _locked(conn: Any, payment_id: str, client_secret: str | None = None) 
         )
     ).first()
     if row is None or (
-        client_secret is not None and not secrets.compare_digest(row.client_secret, client_secret)
+        client_secret is not None
+        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+        and not secrets.compare_digest(row.client_secret.encode(), client_secret.encode())
     ):
         raise PaymentNotFound("No such payment intent (or wrong client_secret)")
     return row
