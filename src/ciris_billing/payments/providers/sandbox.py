@@ -140,12 +140,13 @@ class SandboxProvider:
     ) -> str:
         async with self._engine.begin() as conn:
             row = await _locked(conn, payment_id)
+            # Refusals are the payment's state, not a provider failure: 409, as for disputes.
             if row.status != "succeeded":
-                raise ProviderError("Only a succeeded payment can be refunded")
+                raise PaymentStateConflict("Only a succeeded payment can be refunded")
             left = row.amount_minor - row.amount_refunded_minor
             amount = left if amount_minor is None else amount_minor
             if amount <= 0 or amount > left:
-                raise ProviderError("Refund amount exceeds what is left of the payment")
+                raise PaymentStateConflict("Refund amount exceeds what is left of the payment")
             await conn.execute(
                 sandbox_payments.update()
                 .where(sandbox_payments.c.id == payment_id)
