@@ -1,0 +1,89 @@
+-- wrk script for CIRIS Billing: credit checks, charges, one hot account, or the agent's mix.
+--
+--   wrk -t2 -c64 -d10s -s bench/billing.lua -H "X-API-Key: ..." URL -- MODE ACCOUNTS [LIMIT] [IDEM]
+--
+-- MODE      check | charge | hot | mix (check then charge for the same user) | hello (GET /)
+-- ACCOUNTS  seeded accounts are bench-1@example.com .. bench-ACCOUNTS@example.com;
+--           the hot account is bench-0@example.com
+-- LIMIT     stop each thread after LIMIT responses (0 = run for the duration); a thread that
+--           stops writes "wrk-thread-done" to stderr so the caller can end wrk early
+-- IDEM      if given, every charge carries "Idempotency-Key: IDEM-<thread>-<n>"
+-- done() prints one line: BENCH_RESULT {json}, latencies in microseconds.
+
+local CHECK = "/v1/billing/credits/check"
+local CHARGE = "/v1/billing/charges"
+local CHECK_BODY = '{"oauth_provider":"oauth:google","external_id":"bench-%d@example.com",'
+  .. '"context":{}}'
+local CHARGE_BODY = '{"oauth_provider":"oauth:google","external_id":"bench-%d@example.com",'
+  .. '"amount_minor":100,"currency":"USD","description":"bench","metadata":{}}'
+
+local threads = {}
+local mode, accounts, idem, thread_id
+local sent = 0
+local pending_charge = nil
+
+function setup(thread)
+  table.insert(threads, thread)
+  thread:set("id", #threads)
+end
+
+function init(args)
+  mode = args[1] or "check"
+  accounts = tonumber(args[2] or "10000")
+  local limit = tonumber(args[3] or "0")
+  idem = args[4]
+  thread_id = wrk.thread:get("id")
+  math.randomseed(os.time() * 1000 + thread_id)
+  if limit > 0 then
+    -- Defined only when needed: wrk parses response headers only if `response` exists.
+    local received = 0
+    response = function(status, headers, body)
+      received = received + 1
+      if received == limit then
+        io.stderr:write("wrk-thread-done\n")
+        io.stderr:flush()
+        wrk.thread:stop()
+      end
+    end
+  end
+end
+
+local function charge(n)
+  local headers = nil
+  if idem then
+    sent = sent + 1
+    headers = { ["Idempotency-Key"] = string.format("%s-%d-%d", idem, thread_id, sent) }
+  end
+  return wrk.format("POST", CHARGE, headers, string.format(CHARGE_BODY, n))
+end
+
+function request()
+  if mode == "hello" then
+    return wrk.format("GET", "/")
+  elseif mode == "check" then
+    return wrk.format("POST", CHECK, nil, string.format(CHECK_BODY, math.random(1, accounts)))
+  elseif mode == "charge" then
+    return charge(math.random(1, accounts))
+  elseif mode == "hot" then
+    return charge(0)
+  end
+  -- mix: one interaction = a check, then a charge for the same user.
+  if pending_charge then
+    local n = pending_charge
+    pending_charge = nil
+    return charge(n)
+  end
+  pending_charge = math.random(1, accounts)
+  return wrk.format("POST", CHECK, nil, string.format(CHECK_BODY, pending_charge))
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_RESULT {"requests":%d,"duration_us":%d,"status_errors":%d,"connect":%d,'
+      .. '"read":%d,"write":%d,"timeout":%d,"p50":%d,"p90":%d,"p99":%d,"mean":%.1f,"max":%d}\n',
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean,
+    latency.max
+  ))
+end

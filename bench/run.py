@@ -1,0 +1,612 @@
+"""The hot path against PostgreSQL's own limit: `make bench` (see bench/README.md).
+
+One run, on this machine, over loopback only: a fresh PostgreSQL database with seeded accounts;
+pgbench running the service's own charge and check SQL (the physical limit); a bare FastAPI
+"hello" app (the HTTP ceiling); then `ciris-billing serve --workers 2` driven by wrk. Prints one
+table, the audit, and writes bench/RESULTS.md. The bench database is dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BIN = ROOT / ".venv" / "bin"
+PSQL, PGBENCH, WRK = "/usr/bin/psql", "/usr/bin/pgbench", "/usr/bin/wrk"
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
+DB, GROWTH_DB = "ciris_billing_bench", "ciris_billing_bench_growth"
+ACCOUNTS, GROWTH_ACCOUNTS = 10_000, 1_000_000
+FREE_USES, PAID_USES = 3, 1_000_000  # every account can pay for every charge of the run
+CONNECTIONS = (8, 64)
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def run(
+    cmd: Sequence[str], env: dict[str, str] | None = None, timeout: float = 3600, check: bool = True
+) -> str:
+    """Run a command to completion; its stdout, or an error carrying its output."""
+    done = subprocess.run(  # noqa: S603 (fixed programs, our own arguments)
+        list(cmd), env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({done.returncode}):\n{done.stderr}")
+    return done.stdout
+
+
+def psql(sql: str, db: str = "postgres") -> str:
+    return run([PSQL, "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", f"{PG_SERVER}/{db}", "-c", sql])
+
+
+def ensure_wrk() -> None:
+    if Path(WRK).exists():
+        return
+    apt = ["/usr/bin/apt-get", "install", "-y", "wrk"]
+    try:
+        run(apt)
+    except RuntimeError:
+        run(["/usr/bin/apt-get", "update"])
+        run(apt)
+
+
+# ---------------------------------------------------------------------------------- database
+
+
+def seed_sql(accounts: int, history: bool) -> str:
+    """Accounts bench-0 (the hot one) .. bench-N, each with its ledger rows so audit is clean.
+
+    With `history`, account n also has n % 7 past charges of one use (free uses first): about
+    3 charges per account, so 1M accounts carry ~3M charges + 2M credits = ~5M ledger rows.
+    """
+    k = "(n % 7)" if history else "0"
+    return f"""
+    INSERT INTO accounts (id, oauth_provider, external_id, plan_name, currency, status,
+        free_uses_remaining, paid_uses_remaining, total_uses, last_charge_free_uses,
+        created_at, updated_at)
+    SELECT 'acct_bench_' || n, 'oauth:google', 'bench-' || n || '@example.com', 'free', 'USD',
+        'active', {FREE_USES} - least({k}, {FREE_USES}),
+        {PAID_USES} - greatest({k} - {FREE_USES}, 0), {k}, 0, now(), now()
+    FROM generate_series(0, {accounts}) AS n;
+    INSERT INTO credits (id, account_id, kind, free_uses_delta, paid_uses_delta, amount_minor,
+        currency, description, created_at)
+    SELECT 'cr_bench_' || g.kind || '_' || n, 'acct_bench_' || n, g.kind, g.free, g.paid, 0,
+        'USD', 'bench seed', now() - interval '2 days'
+    FROM generate_series(0, {accounts}) AS n,
+        (VALUES ('free_grant', {FREE_USES}, 0), ('initial_balance', 0, {PAID_USES}))
+        AS g(kind, free, paid);
+    INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
+        currency, description, metadata, idempotency_key, created_at)
+    SELECT 'ch_bench_' || n || '_' || i, 'acct_bench_' || n, 1,
+        (i <= {FREE_USES})::int, (i > {FREE_USES})::int, 100, 'USD', 'bench seed', '{{}}', NULL,
+        now() - interval '1 day'
+    FROM generate_series(0, {accounts}) AS n, generate_series(1, {k}) AS i;
+    """  # noqa: S608 (our own numbers, no input)
+
+
+def create_database(db: str, accounts: int, history: bool) -> str:
+    """A fresh, migrated, seeded database; returns a write-scoped API key for it."""
+    drop_database(db)
+    psql(f"CREATE DATABASE {db}")
+    env = service_env(db)
+    run([str(BIN / "ciris-billing"), "migrate"], env=env)
+    psql(seed_sql(accounts, history), db)
+    psql("VACUUM ANALYZE", db)
+    output = run(
+        [str(BIN / "ciris-billing"), "keys", "create", "--name", "bench", "--scopes", "write"],
+        env=env,
+    )
+    return output.strip().splitlines()[-1]
+
+
+def drop_database(db: str) -> None:
+    psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def service_env(db: str, metrics_dir: str | None = None) -> dict[str, str]:
+    env = dict(os.environ, DATABASE_URL=f"{PG_SERVER}/{db}", LOG_LEVEL="WARNING")
+    if metrics_dir:
+        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    return env
+
+
+def total_uses(db: str, n: int) -> int:
+    return int(psql(f"SELECT total_uses FROM accounts WHERE id = 'acct_bench_{n:d}'", db))  # noqa: S608
+
+
+# ------------------------------------------------------------------------------- processes
+
+
+def _stat(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()  # fields from `state` on
+
+
+def descendants(root: int) -> list[int]:
+    """`root` and every live process below it."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents.setdefault(int(_stat(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, ValueError):
+                continue
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(parents.get(pid, []))
+    return tree
+
+
+def cpu_seconds(root: int | None) -> float:
+    """CPU time of a process tree: live processes, plus the root's reaped children."""
+    if root is None:
+        return 0.0
+    ticks = 0
+    for pid in descendants(root):
+        try:
+            fields = _stat(pid)
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        if pid == root:
+            ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks / TICKS
+
+
+def postmaster_pid() -> int:
+    data_dir = psql("SHOW data_directory")
+    return int(Path(data_dir.strip(), "postmaster.pid").read_text().split()[0])
+
+
+def worker_rss_mb(server: int) -> dict[int, float]:
+    """VmRSS of each uvicorn worker (the server's children, not multiprocessing's helpers)."""
+    rss = {}
+    for pid in descendants(server)[1:]:
+        try:
+            if b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        if match:
+            rss[pid] = int(match.group(1)) / 1024
+    return rss
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def serving(cmd: list[str], env: dict[str, str], url: str) -> Iterator[int]:
+    """Start a server in its own process group, wait until `url` answers, stop it after."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(  # noqa: S603 (our own venv's programs)
+            cmd, env=env, cwd=BENCH, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not healthy(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"server did not start:\n{log.read().decode()[-3000:]}")
+                time.sleep(0.3)
+            yield proc.pid
+        finally:
+            stop_group(proc)
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group we started (the server and its workers), SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=15)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# ------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Row:
+    scenario: str
+    connections: int
+    rps: float
+    p50: float  # milliseconds
+    p90: float
+    p99: float
+    errors: int
+    server_cpu: float | None  # % of one core (200% = both cores)
+    db_cpu: float | None
+    successes: int = 0
+    ratio: str = ""
+
+
+class Meter:
+    """Wall time and CPU of the server's and PostgreSQL's process trees over one measurement."""
+
+    def __init__(self, server: int | None) -> None:
+        self.server, self.postmaster = server, postmaster_pid()
+
+    def __enter__(self) -> Meter:
+        self.start = time.monotonic()
+        self.cpu = (cpu_seconds(self.server), cpu_seconds(self.postmaster))
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        wall = time.monotonic() - self.start
+        self.server_cpu = (cpu_seconds(self.server) - self.cpu[0]) / wall * 100
+        self.db_cpu = (cpu_seconds(self.postmaster) - self.cpu[1]) / wall * 100
+
+
+def wrk(
+    name: str,
+    url: str,
+    key: str,
+    mode: str,
+    connections: int,
+    duration: int,
+    server: int,
+    *,
+    accounts: int = ACCOUNTS,
+    limit: int = 0,
+) -> Row:
+    """Drive `url` with bench/billing.lua. With `limit`, stop after about that many responses."""
+    threads = 2
+    per_thread = -(-limit // threads)
+    cmd = [WRK, *f"-t{threads} -c{connections} -d{duration}s --timeout 10s".split()]
+    cmd += ["-s", str(BENCH / "billing.lua"), "-H", f"X-API-Key: {key}"]
+    cmd += ["-H", "Content-Type: application/json", url, "--", mode, str(accounts), str(per_thread)]
+    with Meter(server) as meter:
+        proc = subprocess.Popen(  # noqa: S603 (wrk with our own arguments)
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        if limit:
+            # Each thread writes one line when its share is done; then end wrk's sleep early.
+            assert proc.stderr is not None
+            finished = 0
+            while finished < threads and (line := proc.stderr.readline()):
+                finished += "wrk-thread-done" in line
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=duration + 60)
+    match = re.search(r"^BENCH_RESULT (\{.*\})$", out, re.M)
+    if proc.returncode != 0 or not match:
+        raise RuntimeError(f"wrk failed ({proc.returncode}):\n{out}\n{err}")
+    r = json.loads(match.group(1))
+    errors = r["status_errors"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
+    rps = r["requests"] / (r["duration_us"] / 1e6)
+    p50, p90, p99 = (r[p] / 1000 for p in ("p50", "p90", "p99"))
+    row = Row(name, connections, rps, p50, p90, p99, errors, meter.server_cpu, meter.db_cpu)
+    row.successes = r["requests"] - r["status_errors"]
+    return row
+
+
+def pgbench(
+    name: str, db: str, scripts: list[str], connections: int, duration: int, accounts: range
+) -> Row:
+    """pgbench with bench/pgbench/*.sql; latency percentiles from its per-transaction log."""
+    with tempfile.TemporaryDirectory() as logs:
+        options = f"-h 127.0.0.1 -U postgres -n -M prepared -c {connections} -j 2 -T {duration}"
+        cmd = [PGBENCH, *options.split(), "-l", "--sampling-rate=0.2", f"--log-prefix={logs}/tx"]
+        cmd += f"-D provider=oauth:google -D lo={accounts[0]} -D hi={accounts[-1]}".split()
+        for script in scripts:
+            cmd += ["-f", f"{BENCH / 'pgbench' / script}@1"]
+        with Meter(None) as meter:
+            out = run([*cmd, db], timeout=duration + 120)
+        fields = (line.split() for log in Path(logs).iterdir() for line in log.open())
+        latencies = sorted(int(f[2]) for f in fields if f[2].isdigit())  # not "failed"/"skipped"
+    tps = re.search(r"tps = ([\d.]+) \(without initial", out)
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    if not tps:
+        raise RuntimeError(f"pgbench printed no tps:\n{out}")
+    p50, p90, p99 = (percentile(latencies, p) / 1000 for p in (50, 90, 99))
+    errors = int(failed.group(1)) if failed else 0
+    return Row(name, connections, float(tps.group(1)), p50, p90, p99, errors, None, meter.db_cpu)
+
+
+def percentile(values: list[int], p: float) -> float:
+    return float(values[min(len(values) - 1, int(len(values) * p / 100))]) if values else 0.0
+
+
+# ------------------------------------------------------------------------------- the run
+
+
+def references(duration: int) -> dict[tuple[str, int], Row]:
+    """pgbench on the bench database and the bare hello app: what the service is compared to."""
+    refs: dict[tuple[str, int], Row] = {}
+    random_accounts, hot = range(1, ACCOUNTS + 1), range(1)
+    for label, scripts, accounts in (
+        ("pgbench check", ["check.sql"], random_accounts),
+        ("pgbench charge", ["charge.sql"], random_accounts),
+        ("pgbench charge hot", ["charge.sql"], hot),
+        ("pgbench mix", ["check.sql", "charge.sql"], random_accounts),
+    ):
+        for c in CONNECTIONS:
+            refs[label, c] = pgbench(label, DB, scripts, c, duration, accounts)
+            print_row(refs[label, c])
+    port = free_port()
+    # The service's server settings (cli.py serve): uvloop, httptools, no access log.
+    hello = [str(BIN / "python"), "-m", "uvicorn", "hello_app:app", "--app-dir", str(BENCH)]
+    options = f"--host 127.0.0.1 --port {port} --workers 2 --loop uvloop --http httptools"
+    hello += f"{options} --no-access-log --no-server-header --log-level warning".split()
+    url = f"http://127.0.0.1:{port}"
+    with serving(hello, dict(os.environ), f"{url}/") as pid:
+        wrk("warm-up", url, "-", "hello", 64, 2, pid)
+        for c in CONNECTIONS:
+            refs["hello", c] = wrk("hello (HTTP ceiling)", url, "-", "hello", c, duration, pid)
+            print_row(refs["hello", c])
+    return refs
+
+
+def service_command(port: int) -> list[str]:
+    options = f"serve --host 127.0.0.1 --port {port} --workers 2 --no-migrate"
+    return [str(BIN / "ciris-billing"), *options.split()]
+
+
+SCENARIOS = (
+    ("(a) check, random", "check", "pgbench check"),
+    ("(b) charge, random", "charge", "pgbench charge"),
+    ("(c) charge, hot account", "hot", "pgbench charge hot"),
+    ("(d) agent mix: check+charge", "mix", "pgbench mix"),
+)
+
+
+def service(key: str, duration: int, refs: dict[tuple[str, int], Row]) -> tuple[list[Row], str]:
+    """The four scenarios against `ciris-billing serve --workers 2`; rows and the hot check."""
+    rows: list[Row] = []
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with (
+        tempfile.TemporaryDirectory() as metrics,
+        serving(service_command(port), service_env(DB, metrics), f"{url}/health") as pid,
+    ):
+        wrk("warm-up", url, key, "check", 64, 2, pid)
+        hot_before, hot_ok = total_uses(DB, 0), 0
+        for name, mode, ref in SCENARIOS:
+            for c in CONNECTIONS:
+                row = wrk(name, url, key, mode, c, duration, pid)
+                base = refs[ref, c]
+                row.ratio = f"{row.rps / base.rps:.2f} x {ref}"
+                if mode == "check":
+                    row.ratio += f"; {row.rps / refs['hello', c].rps:.2f} x hello"
+                if mode == "hot":
+                    hot_ok += row.successes
+                rows.append(row)
+                print_row(row)
+    hot_after = total_uses(DB, 0)
+    in_flight = hot_after - hot_before - hot_ok
+    verdict = "consistent" if 0 <= in_flight <= sum(CONNECTIONS) else "INCONSISTENT"
+    hot = (
+        f"Hot account bench-0@example.com: total_uses {hot_after} (+{hot_after - hot_before} "
+        f"during scenario (c)); wrk saw {hot_ok} successful charges; the {in_flight} more were "
+        f"in flight when wrk stopped (0..{sum(CONNECTIONS)} expected): {verdict}."
+    )
+    return rows, hot
+
+
+def audit(db: str) -> str:
+    command = [str(BIN / "ciris-billing"), "audit"]
+    done = subprocess.run(  # noqa: S603 (our own venv's program)
+        command, env=service_env(db), capture_output=True, text=True, check=False, timeout=1800
+    )
+    return f"$ ciris-billing audit  (exit {done.returncode})\n{done.stdout.strip()}"
+
+
+def growth(duration: int, requests: int, base: Row) -> tuple[Row, str]:
+    """Scenario (b) at 64 connections on 1M accounts / ~5M ledger rows, and worker memory."""
+    started = time.monotonic()
+    key = create_database(GROWTH_DB, GROWTH_ACCOUNTS, history=True)
+    counts = (
+        "SELECT (SELECT count(*) FROM accounts),"
+        " (SELECT count(*) FROM charges) + (SELECT count(*) FROM credits)"
+    )
+    accounts, ledger = psql(counts, GROWTH_DB).split("|")
+    seconds = time.monotonic() - started
+    lines = [f"Seeded {int(accounts):,} accounts, {int(ledger):,} ledger rows in {seconds:.0f} s."]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with (
+        tempfile.TemporaryDirectory() as metrics,
+        serving(service_command(port), service_env(GROWTH_DB, metrics), f"{url}/health") as pid,
+    ):
+        rss = [(0, worker_rss_mb(pid))]
+        name = "(b) charge, random, 1M accounts"
+        row = wrk(name, url, key, "charge", 64, duration, pid, accounts=GROWTH_ACCOUNTS)
+        row.ratio = f"{row.rps / base.rps:.2f} x (b) at 10k accounts"
+        served = row.successes
+        for target in sorted({min(100_000, requests), requests}):
+            if target > served:
+                more = target - served
+                part = wrk(
+                    name, url, key, "charge", 64, 7200, pid, accounts=GROWTH_ACCOUNTS, limit=more
+                )
+                served += part.successes
+                lines.append(
+                    f"{part.successes:,} more charges at {part.rps:,.0f}/s "
+                    f"(p99 {part.p99:.1f} ms, {part.errors} errors)."
+                )
+            rss.append((served, worker_rss_mb(pid)))
+    for count, sizes in rss:
+        mb = ", ".join(f"{v:.1f}" for v in sizes.values())
+        lines.append(f"Worker RSS after {count:,} charges: {mb} MB")
+    largest = max(max(sizes.values(), default=0.0) for _, sizes in rss)
+    (first, at_first), (last, at_last) = rss[-2], rss[-1]
+    change = max((at_last[p] / at_first[p] - 1 for p in at_last if p in at_first), default=0.0)
+    audited = audit(GROWTH_DB)
+    checks = [
+        (
+            f"throughput within 15% of 10k accounts: {row.rps / base.rps:.2f}",
+            row.rps >= 0.85 * base.rps,
+        ),
+        (f"RSS under 150 MB per worker: largest {largest:.1f} MB", largest < 150),
+        (f"RSS growth from {first:,} to {last:,} charges under 10%: {change:+.1%}", change < 0.1),
+        ("audit clean", "exit 0" in audited),
+    ]
+    lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks]
+    return row, "\n".join([*lines, audited])
+
+
+# ------------------------------------------------------------------------------- reporting
+
+HEADER = (
+    "| scenario | conns | req/s | p50 ms | p90 ms | p99 ms | errors | server CPU | db CPU | ratio |"
+)
+
+
+def cells(row: Row) -> tuple[str, ...]:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}%"
+
+    latencies = (f"{ms:.1f}" for ms in (row.p50, row.p90, row.p99))
+    return (
+        row.scenario,
+        str(row.connections),
+        f"{row.rps:,.0f}",
+        *latencies,
+        str(row.errors),
+        pct(row.server_cpu),
+        pct(row.db_cpu),
+        row.ratio,
+    )
+
+
+def table(rows: list[Row]) -> str:
+    lines = [HEADER, "|---" * (HEADER.count("|") - 1) + "|"]
+    lines += [f"| {' | '.join(cells(r))} |" for r in rows]
+    return "\n".join(lines)
+
+
+def print_row(row: Row) -> None:
+    c = cells(row)
+    line = f"  {c[0]:<32} c={c[1]:>2} {c[2]:>7} req/s  p99 {c[5]:>6} ms  errors {c[6]}"
+    print(line, flush=True)
+
+
+def targets(rows: list[Row], refs: dict[tuple[str, int], Row], clean: bool) -> list[str]:
+    """The issue's targets, as checked by this run."""
+    by = {(r.scenario, r.connections): r for r in rows}
+    charge64, charge8 = by["(b) charge, random", 64], by["(b) charge, random", 8]
+    check64 = by["(a) check, random", 64]
+    hot_errors = sum(by["(c) charge, hot account", c].errors for c in CONNECTIONS)
+    vs_pgbench = charge64.rps / refs["pgbench charge", 64].rps
+    vs_hello = check64.rps / refs["hello", 64].rps
+    audit_text = "clean" if clean else "NOT clean"
+    checks = [
+        (f"charges c=64 >= 0.5 x pgbench charge: {vs_pgbench:.2f}", vs_pgbench >= 0.5),
+        (f"charges c=64 p99 < 100 ms: {charge64.p99:.1f} ms", charge64.p99 < 100),
+        (f"charges c=8 p99 < 20 ms: {charge8.p99:.1f} ms", charge8.p99 < 20),
+        (f"checks c=64 >= 0.5 x hello: {vs_hello:.2f}", vs_hello >= 0.5),
+        (f"hot account: {hot_errors} errors, audit {audit_text}", hot_errors == 0 and clean),
+    ]
+    return [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks]
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    mem = re.search(r"^MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M)
+    pg = psql("SELECT version()").split(" on ")[0]
+    sync = psql("SHOW synchronous_commit").strip()
+    wrk_version = run([WRK, "-v"], check=False).splitlines()[0].split(" [")[0]  # exits 1
+    return (
+        f"{os.cpu_count()} cores ({model.group(1) if model else 'unknown CPU'}), "
+        f"{int(mem.group(1)) // 1024 // 1024 if mem else '?'} GiB; {pg} "
+        f"(synchronous_commit {sync}); Python {platform.python_version()}; "
+        f"{wrk_version} and pgbench on the same cores"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--quick", action="store_true", help="3 s per measurement")
+    parser.add_argument(
+        "--growth", action="store_true", help="also 1M accounts / 5M ledger rows, worker RSS (long)"
+    )
+    parser.add_argument(
+        "--growth-requests", type=int, default=1_000_000, help="charges before the last RSS reading"
+    )
+    args = parser.parse_args()
+    duration = 3 if args.quick else args.duration
+    command = " ".join([".venv/bin/python bench/run.py", *sys.argv[1:]])
+    started, date = time.monotonic(), datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = f"load average {os.getloadavg()[0]:.2f} at the start"  # others' work shares the cores
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-ups below
+    ensure_wrk()
+    try:
+        print(f"Seeding {ACCOUNTS:,} accounts in {DB} ...", flush=True)
+        key = create_database(DB, ACCOUNTS, history=False)
+        print(f"References ({duration} s each):", flush=True)
+        refs = references(duration)
+        print("The service (ciris-billing serve --workers 2):", flush=True)
+        rows, hot = service(key, duration, refs)
+        audited = audit(DB)
+        if args.growth:
+            print("Growth (1M accounts; long) ...", flush=True)
+            base = next(r for r in rows if r.scenario.startswith("(b)") and r.connections == 64)
+            growth_row, growth_text = growth(duration, args.growth_requests, base)
+    finally:
+        drop_database(DB)
+        if args.growth:
+            drop_database(GROWTH_DB)
+    elapsed = time.monotonic() - started
+    load += f", {os.getloadavg()[0]:.2f} at the end"
+    header = (
+        f"- Command: `{command}` (`make bench` without flags), {duration} s per measurement, "
+        f"total {elapsed:.0f} s\n- Date: {date}\n- Machine: {machine()}; {load}\n"
+        f"- Server: `ciris-billing serve --workers 2` (uvicorn, uvloop, httptools), "
+        f"LOG_LEVEL=WARNING; wrk -t2 over loopback; CPU in % of one core (200% = both)"
+    )
+    growth_file = BENCH / "RESULTS-growth.md"
+    if args.growth:
+        growth_part = f"Growth:\n\n{table([growth_row, base])}\n\n{growth_text}"
+        growth_file.write_text(f"# Growth benchmark\n\n{header}\n\n{growth_part}\n")
+    elif growth_file.exists():
+        growth_part = "Growth: not measured in this run (`--growth`); the last growth run is in "
+        growth_part += "RESULTS-growth.md."
+    else:
+        growth_part = "Growth: not measured in this run (`--growth`)."
+    all_rows = rows + sorted(refs.values(), key=lambda r: (r.scenario, r.connections))
+    checks = targets(rows, refs, "exit 0" in audited)
+    report = f"{table(all_rows)}\n\n{audited}\n\n{hot}\n\nTargets (issue 5):\n"
+    report += "\n".join(checks) + f"\n\n{growth_part}"
+    print(f"\n{report}\n\nTotal time: {elapsed:.0f} s; {load}")
+    (BENCH / "RESULTS.md").write_text(f"# Benchmark results\n\n{header}\n\n{report}\n")
+
+
+if __name__ == "__main__":
+    main()
