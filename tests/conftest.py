@@ -124,7 +124,9 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
 
 @pytest.fixture
 async def api(database_url: str) -> AsyncIterator[Api]:
-    settings = make_settings(database_url)
+    # Floods of concurrent requests are what these tests send: room for them (test_limits.py
+    # tests the limits themselves).
+    settings = make_settings(database_url, rate_limit_account_per_minute=60_000)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         engine: AsyncEngine = app.state.billing.engine

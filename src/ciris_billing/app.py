@@ -25,6 +25,7 @@ from ciris_billing.db import create_engine
 from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.errors import BillingError
 from ciris_billing.observability import (
+    BodySizeLimitMiddleware,
     RequestContextMiddleware,
     configure_logging,
     log,
@@ -33,6 +34,7 @@ from ciris_billing.observability import (
 from ciris_billing.payments.providers import get_payment_provider
 from ciris_billing.payments.routes import router as payments_router
 from ciris_billing.pricing import Pricing
+from ciris_billing.ratelimit import TokenBuckets
 from ciris_billing.webhooks import inbox
 from ciris_billing.webhooks.routes import router as webhooks_router
 
@@ -61,6 +63,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if settings.checkout_link_secret
                 else secrets.token_bytes(32)
             ),
+            key_limits=TokenBuckets(
+                settings.rate_limit_key_per_second, 2 * settings.rate_limit_key_per_second
+            ),
+            account_limits=TokenBuckets(
+                settings.rate_limit_account_per_minute / 60,
+                settings.rate_limit_account_per_minute / 6,
+            ),
         )
         app.state.billing = state
         log.info("billing_started", version=__version__, database=engine.dialect.name)
@@ -84,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(checkout_router)
     _add_operational_routes(app)
     _add_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
 
@@ -121,7 +131,9 @@ def _add_operational_routes(app: FastAPI) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BillingError)
     async def billing_error(_request: Request, exc: BillingError) -> Response:
-        return json_response(exc.status_code, exc.body())
+        retry_after = exc.extra.get("retry_after_seconds")
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return json_response(exc.status_code, exc.body(), headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
@@ -137,7 +149,15 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body that is not UTF-8: bad input, a 422 like any other.
+            return json_response(
+                422,
+                {"error": "validation_error", "detail": "The request body is not valid JSON"},
+            )
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return json_response(exc.status_code, {"error": code, "detail": str(exc.detail)})
 
     @app.exception_handler(DBAPIError)

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     # workers); set it when several hosts serve the same links.
     checkout_link_secret: SecretStr | None = None
 
+    # Rate limits, per worker process (0 turns one off). Per API key: requests per second
+    # (bursts up to twice that). Per account (free-tier abuse): checks and charges per minute.
+    rate_limit_key_per_second: float = Field(default=2000, ge=0)
+    rate_limit_account_per_minute: float = Field(default=600, ge=0)
+    # Request bodies larger than this are refused with 413 before they are read.
+    max_request_bytes: int = Field(default=262_144, ge=1024, le=16 * 1024 * 1024)
+
     # Operations.
     log_level: str = "INFO"
     api_key_cache_seconds: float = Field(default=5.0, ge=0, le=300)

@@ -16,6 +16,7 @@ from ciris_billing.auth import KeyStore, Principal, presented_key
 from ciris_billing.config import Settings
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
+from ciris_billing.ratelimit import TokenBuckets
 
 
 @dataclass(slots=True)
@@ -26,6 +27,8 @@ class AppState:
     keys: KeyStore
     provider: PaymentProvider
     link_secret: bytes
+    key_limits: TokenBuckets
+    account_limits: TokenBuckets
 
     def public_base_url(self, request: Request) -> str:
         return self.settings.public_base_url or str(request.base_url)
@@ -41,7 +44,9 @@ StateDep = Annotated[AppState, Depends(app_state)]
 
 def require(scope: str) -> Any:
     async def dependency(request: Request, state: StateDep) -> Principal:
-        return await state.keys.authenticate(presented_key(request.headers), scope)
+        principal = await state.keys.authenticate(presented_key(request.headers), scope)
+        state.key_limits.check(principal.key_id, "API key")
+        return principal
 
     return Depends(dependency)
 

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ciris_billing import idempotency
 from ciris_billing.accounts import admin
 from ciris_billing.accounts.routes import account_body, identity_of, path_identity
-from ciris_billing.accounts.schemas import AccountOut, ErrorOut, IdentityFields
+from ciris_billing.accounts.schemas import AccountOut, IdentityFields, error_responses
 from ciris_billing.deps import (
     AdminKey,
     IdempotencyKeyHeader,
@@ -23,7 +23,10 @@ from ciris_billing.deps import (
 from ciris_billing.errors import InvalidRequest
 from ciris_billing.observability import log
 
-router = APIRouter(prefix="/v1/billing", tags=["operators"])
+# Every operator route needs the admin key and validates its input.
+router = APIRouter(
+    prefix="/v1/billing", tags=["operators"], responses=error_responses(401, 403, 422)
+)
 
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=500, strip_whitespace=True)]
 
@@ -40,7 +43,7 @@ class StatusChange(BaseModel):
     reason: Reason | None = None
 
 
-@router.post("/credits", status_code=201, responses={422: {"model": ErrorOut}})
+@router.post("/credits", status_code=201, responses=error_responses(409))
 async def grant_credits(
     body: GrantCreate,
     request: Request,
@@ -79,7 +82,11 @@ async def _set_status(
     return json_response(200, account_body(row) | {"status_reason": row.status_reason})
 
 
-@router.post("/accounts/{oauth_provider}/{external_id}/suspend", response_model=AccountOut)
+@router.post(
+    "/accounts/{oauth_provider}/{external_id}/suspend",
+    response_model=AccountOut,
+    responses=error_responses(404),
+)
 async def suspend_account(
     oauth_provider: str, external_id: str, body: StatusChange, state: StateDep, _key: AdminKey
 ) -> Response:
@@ -87,14 +94,18 @@ async def suspend_account(
     return await _set_status(oauth_provider, external_id, "suspended", body.reason, state)
 
 
-@router.post("/accounts/{oauth_provider}/{external_id}/reactivate", response_model=AccountOut)
+@router.post(
+    "/accounts/{oauth_provider}/{external_id}/reactivate",
+    response_model=AccountOut,
+    responses=error_responses(404),
+)
 async def reactivate_account(
     oauth_provider: str, external_id: str, state: StateDep, _key: AdminKey
 ) -> Response:
     return await _set_status(oauth_provider, external_id, "active", None, state)
 
 
-@router.delete("/accounts/{oauth_provider}/{external_id}", responses={404: {"model": ErrorOut}})
+@router.delete("/accounts/{oauth_provider}/{external_id}", responses=error_responses(404))
 async def erase_account(
     oauth_provider: str, external_id: str, state: StateDep, _key: AdminKey
 ) -> Response:
@@ -108,7 +119,7 @@ async def erase_account(
     )
 
 
-@router.get("/accounts/{oauth_provider}/{external_id}/export", responses={404: {"model": ErrorOut}})
+@router.get("/accounts/{oauth_provider}/{external_id}/export", responses=error_responses(404))
 async def export_account(
     oauth_provider: str, external_id: str, state: StateDep, _key: AdminKey
 ) -> Response:

@@ -23,6 +23,7 @@ from ciris_billing.accounts.schemas import (
     IdentityFields,
     PurchaseRequiredOut,
     TransactionsOut,
+    error_responses,
 )
 from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.db import iso
@@ -39,11 +40,7 @@ from ciris_billing.observability import ACCOUNTS_CREATED, CHARGES, CREDIT_CHECKS
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "No valid API key"},
-    403: {"model": ErrorOut, "description": "The key lacks the scope"},
-    422: {"model": ErrorOut, "description": "Invalid request"},
-}
+ERRORS = error_responses(401, 403, 422)
 
 
 def account_body(row: Row[Any]) -> dict[str, Any]:
@@ -83,7 +80,11 @@ def identity_of(body: IdentityFields) -> service.Identity:
     "/accounts",
     response_model=AccountOut,
     status_code=201,
-    responses={200: {"model": AccountOut, "description": "The account already existed"}, **ERRORS},
+    responses={
+        200: {"model": AccountOut, "description": "The account already existed"},
+        **ERRORS,
+        **error_responses(409),
+    },
 )
 async def create_account(
     body: AccountCreate,
@@ -138,6 +139,7 @@ async def get_account(
 )
 async def check_credit(body: CreditCheck, state: StateDep, _key: ReadKey) -> Response:
     """May this user go on? Creates the account (with its free uses) on first sight."""
+    state.account_limits.check(f"{body.oauth_provider}/{body.external_id}", "account")
     async with state.engine.begin() as conn:
         status = await service.check_credit(conn, identity_of(body), state.pricing)
     CREDIT_CHECKS.labels("true" if status.purchase_required else "false").inc()
@@ -176,6 +178,7 @@ async def create_charge(
     """Record a use: free uses first, then paid ones. 402 when none is left; never below zero."""
     key = idempotency.resolve_key(idempotency_key, body.idempotency_key)
     identity = identity_of(body)
+    state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
     charge_request = service.ChargeRequest(
         uses=body.uses,
         amount_minor=body.amount_minor,

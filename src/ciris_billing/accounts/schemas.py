@@ -150,6 +150,26 @@ class ErrorOut(BaseModel):
     detail: str
 
 
+ERROR_DESCRIPTIONS = {
+    400: "Bad request",
+    401: "No valid API key",
+    402: "Payment required",
+    403: "The key lacks the scope",
+    404: "Not found",
+    409: "Conflict (e.g. an idempotency key reused for another request)",
+    413: "Request body too large",
+    422: "Invalid request",
+    502: "The payment provider refused",
+    503: "The payment provider or the database is unreachable; retry",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for the error statuses a route answers, all in the one error shape
+    (FastAPI would otherwise declare its own 422 body, which this service never sends)."""
+    return {code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
 class TransactionOut(BaseModel):
     transaction_id: str
     type: Literal["charge", "credit"]

@@ -25,7 +25,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from ciris_billing.accounts.schemas import ErrorOut
+from ciris_billing.accounts.schemas import ErrorOut, error_responses
 from ciris_billing.accounts.service import Identity
 from ciris_billing.checkout.links import checkout_url, read_buy_token
 from ciris_billing.db import accounts, purchases
@@ -207,7 +207,10 @@ ClientSecretHeader = Annotated[
 @router.get(
     "/checkout/{payment_id}/summary",
     response_model=CheckoutSummary,
-    responses={404: {"model": ErrorOut, "description": "Unknown payment or wrong secret"}},
+    responses={
+        404: {"model": ErrorOut, "description": "Unknown payment or wrong secret"},
+        **error_responses(422),
+    },
 )
 async def checkout_summary(
     payment_id: str, state: StateDep, client_secret: ClientSecretHeader = None
@@ -269,7 +272,10 @@ def _summary(state: AppState, purchase: Any, account: Any, payment_status: str) 
 @router.get(
     "/buy/{token}",
     status_code=303,
-    responses={404: {"model": ErrorOut, "description": "Invalid or expired link"}},
+    responses={
+        404: {"model": ErrorOut, "description": "Invalid or expired link"},
+        **error_responses(422, 502, 503),
+    },
 )
 async def buy(token: str, request: Request, state: StateDep) -> Response:
     """Public: the `checkout_url` of a 402 answer. Starts a purchase for the link's identity

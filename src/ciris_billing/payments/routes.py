@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
 from ciris_billing.accounts import service as accounts
-from ciris_billing.accounts.schemas import ErrorOut
+from ciris_billing.accounts.schemas import ErrorOut, error_responses
 from ciris_billing.checkout.links import checkout_url
 from ciris_billing.db import iso
 from ciris_billing.deps import (
@@ -40,7 +40,7 @@ from ciris_billing.payments.schemas import (
     SandboxPaymentOut,
 )
 
-router = APIRouter(prefix="/v1/billing", tags=["purchases"])
+router = APIRouter(prefix="/v1/billing", tags=["purchases"], responses=error_responses(422))
 
 
 def purchase_body(
@@ -71,11 +71,7 @@ def purchase_body(
     "/purchases",
     response_model=PurchaseOut,
     status_code=201,
-    responses={
-        409: {"model": ErrorOut},
-        502: {"model": ErrorOut, "description": "The payment provider refused"},
-        503: {"model": ErrorOut, "description": "The payment provider is unreachable"},
-    },
+    responses=error_responses(401, 403, 409, 502, 503),
 )
 async def create_purchase(
     body: PurchaseCreate,
@@ -137,7 +133,7 @@ class RefundCreate(BaseModel):
 @router.post(
     "/purchases/{payment_id}/refund",
     status_code=201,
-    responses={409: {"model": ErrorOut}, 422: {"model": ErrorOut}, 502: {"model": ErrorOut}},
+    responses=error_responses(401, 403, 404, 409, 502, 503),
 )
 async def refund_purchase(
     payment_id: str,
@@ -175,7 +171,7 @@ async def refund_purchase(
 
 
 @router.get(
-    "/purchases/{payment_id}", response_model=PurchaseOut, responses={404: {"model": ErrorOut}}
+    "/purchases/{payment_id}", response_model=PurchaseOut, responses=error_responses(401, 403, 404)
 )
 async def get_purchase(payment_id: str, state: StateDep, _key: ReadKey) -> Response:
     """A purchase's status (`succeeded` once its uses are credited)."""
@@ -209,7 +205,10 @@ def _sandbox_body(payment: PaymentResult) -> dict[str, Any]:
     "/sandbox/payment_intents/{payment_id}/confirm",
     response_model=SandboxPaymentOut,
     tags=["sandbox"],
-    responses={402: {"model": ErrorOut, "description": "Card declined"}},
+    responses={
+        402: {"model": ErrorOut, "description": "Card declined"},
+        **error_responses(404, 409),
+    },
 )
 async def sandbox_confirm(payment_id: str, body: SandboxConfirm, state: StateDep) -> Response:
     """Sandbox only: pay with a test card (4242… succeeds, …9995 declines, …3155 needs 3DS)."""
@@ -223,6 +222,7 @@ async def sandbox_confirm(payment_id: str, body: SandboxConfirm, state: StateDep
     "/sandbox/payment_intents/{payment_id}/authenticate",
     response_model=SandboxPaymentOut,
     tags=["sandbox"],
+    responses=error_responses(404, 409),
 )
 async def sandbox_authenticate(
     payment_id: str, body: SandboxAuthenticate, state: StateDep
@@ -239,7 +239,11 @@ class SandboxDispute(BaseModel):
     ] = "needs_response"
 
 
-@router.post("/sandbox/payment_intents/{payment_id}/dispute", tags=["sandbox"])
+@router.post(
+    "/sandbox/payment_intents/{payment_id}/dispute",
+    tags=["sandbox"],
+    responses=error_responses(401, 403, 404, 409),
+)
 async def sandbox_dispute(
     payment_id: str, body: SandboxDispute, state: StateDep, _key: AdminKey
 ) -> Response:
@@ -254,7 +258,11 @@ class SandboxRefund(BaseModel):
     amount_minor: StrictInt | None = Field(default=None, ge=1, le=100_000_000)
 
 
-@router.post("/sandbox/payment_intents/{payment_id}/dashboard_refund", tags=["sandbox"])
+@router.post(
+    "/sandbox/payment_intents/{payment_id}/dashboard_refund",
+    tags=["sandbox"],
+    responses=error_responses(401, 403, 404, 409),
+)
 async def sandbox_dashboard_refund(
     payment_id: str, body: SandboxRefund, state: StateDep, _key: AdminKey
 ) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from ciris_billing.accounts.schemas import ErrorOut, error_responses
 from ciris_billing.deps import StateDep, json_response
 from ciris_billing.errors import BillingError
 from ciris_billing.webhooks import inbox
@@ -24,7 +25,15 @@ class UnknownProvider(BillingError):
     code = "unknown_payment_provider"
 
 
-@router.post("/{provider_name}", responses={400: {"description": "Bad or missing signature"}})
+@router.post(
+    "/{provider_name}",
+    responses={
+        **error_responses(413, 422),
+        400: {"model": ErrorOut, "description": "Bad or missing signature"},
+        404: {"model": ErrorOut, "description": "No such payment provider is active"},
+        503: {"model": ErrorOut, "description": "Not handled yet; the provider retries"},
+    },
+)
 async def receive_webhook(provider_name: str, request: Request, state: StateDep) -> Response:
     """Events from the payment provider, verified by their `Stripe-Signature` header."""
     provider = state.provider
