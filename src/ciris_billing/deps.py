@@ -48,6 +48,7 @@ def require(scope: str) -> Any:
         state.key_limits.check(principal.key_id, "API key")
         return principal
 
+    dependency.required_scope = scope  # type: ignore[attr-defined]  # read by the security tests
     return Depends(dependency)
 
 
