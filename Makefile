@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint test-e2e-python test-local bench clean
+.PHONY: venv run test lint test-e2e-python test-local bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,8 @@ test: venv lint
 	$(BIN)/pytest
 
 lint: venv
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/mypy
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  DATABASE_URL="sqlite:///$$tmp/check.db" $(BIN)/ciris-billing migrate >/dev/null && \
@@ -43,6 +43,11 @@ test-e2e-python: venv
 ## Throughput and latency of the hot path against PostgreSQL's own limit (prints a table).
 bench: venv
 	$(BIN)/python bench/run.py
+
+## Minutes of mixed traffic (checks, charges, purchases with webhooks) on PostgreSQL, several
+## workers; prints totals that must reconcile exactly (SOAK_SECONDS, SOAK_CONCURRENCY, ...).
+soak: venv
+	$(BIN)/python scripts/soak.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
