@@ -22,7 +22,12 @@ from ciris_billing.errors import BillingError
 from ciris_billing.observability import WEBHOOK_EVENTS, log
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.disputes import apply_dispute
-from ciris_billing.payments.providers.base import Dispute, PaymentProvider, WebhookEvent
+from ciris_billing.payments.providers.base import (
+    Dispute,
+    InvalidWebhookSignature,
+    PaymentProvider,
+    WebhookEvent,
+)
 
 # Events that say something about a payment: each makes us fetch the payment and apply it.
 PAYMENT_EVENTS = frozenset(
@@ -60,6 +65,7 @@ async def receive(
     engine: AsyncEngine, provider: PaymentProvider, payload: bytes, signature: str | None
 ) -> Handled:
     event = await provider.verify_webhook(payload, signature or "")
+    _check_storable(event)
     log.info(
         f"{provider.name}_webhook_received",
         event_id=event.event_id,
@@ -68,6 +74,21 @@ async def receive(
     )
     await store(engine, provider.name, event)
     return await handle(engine, provider, event.event_id)
+
+
+def _fits(value: object, max_length: int) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= max_length and value.isprintable()
+
+
+def _check_storable(event: WebhookEvent) -> None:
+    """A signed body is still input: an id, type or payment id that is not a short printable
+    string (too long for its column, a NUL PostgreSQL refuses) is a bad event, not a 500."""
+    if not (
+        _fits(event.event_id, 255)
+        and _fits(event.type, 100)
+        and (event.payment_id is None or _fits(event.payment_id, 255))
+    ):
+        raise InvalidWebhookSignature("The signed webhook body is not a valid event")
 
 
 async def store(engine: AsyncEngine, provider: str, event: WebhookEvent) -> None:
@@ -160,7 +181,8 @@ async def _current_dispute(provider: PaymentProvider, event: dict[str, Any]) -> 
         await provider.payment_for_charge(charge_id) if isinstance(charge_id, str) else None
     )
     status = found.status if found is not None else str(data.get("status", ""))
-    return Dispute(dispute_id, payment_id, status, int(data.get("amount") or 0))
+    amount = data.get("amount")
+    return Dispute(dispute_id, payment_id, status, amount if type(amount) is int else 0)
 
 
 async def _record_failure(engine: AsyncEngine, where: Any, error: str) -> None:

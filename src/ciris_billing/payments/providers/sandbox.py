@@ -346,7 +346,7 @@ def parse_event(payload: bytes) -> WebhookEvent:
         event = json.loads(payload)
         data_object = event["data"]["object"]
         event_id, event_type, created = str(event["id"]), str(event["type"]), int(event["created"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):  # int(Infinity)
         raise InvalidWebhookSignature("Webhook body is not a valid event") from None
     payment_id: str | None = None
     if isinstance(data_object, dict):

@@ -194,7 +194,7 @@ class StripeProvider:
                 created=int(event["created"]),
                 payload=event,
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):  # int(Infinity)
             raise InvalidWebhookSignature("The signed webhook body is not a Stripe event") from None
 
     async def refund_payment(
