@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
+from ciris_billing.audit import audit
 from ciris_billing.db import create_engine, metadata
+from tests.conftest import _pg_admin, _with_database
 
 
 def _diff(connection: Connection) -> list[object]:
@@ -20,3 +27,66 @@ async def test_models_match_migrations(database_url: str) -> None:
         differences = await conn.run_sync(_diff)
     await engine.dispose()
     assert differences == []
+
+
+async def test_upgrading_a_database_that_holds_data(tmp_path: Path, postgres_url: str) -> None:
+    """Later migrations rebuild tables on SQLite; the rows (and foreign keys) must survive."""
+    name = f"ciris_billing_upgrade_{uuid.uuid4().hex[:8]}"
+    await _pg_admin(f'CREATE DATABASE "{name}"')
+    try:
+        for url in (f"sqlite:///{tmp_path / 'old.db'}", _with_database(postgres_url, name)):
+            await _upgrade_with_data(url)
+    finally:
+        await _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _upgrade_with_data(url: str) -> None:
+    await asyncio.to_thread(_upgrade, url, "0002")
+    engine = create_engine(url)
+    now = datetime.now(UTC)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO accounts (id, oauth_provider, external_id, plan_name, currency, "
+                "status, free_uses_remaining, paid_uses_remaining, total_uses, "
+                "last_charge_free_uses, created_at, updated_at) VALUES ('acct_old', "
+                "'oauth:google', 'old@example.com', 'free', 'USD', 'active', 2, 0, 1, 1, :t, :t)"
+            ),
+            {"t": now},
+        )
+        await conn.execute(
+            text(
+                "INSERT INTO credits (id, account_id, kind, free_uses_delta, paid_uses_delta, "
+                "amount_minor, currency, created_at) VALUES "
+                "('cr_old', 'acct_old', 'free_grant', 3, 0, 0, 'USD', :t)"
+            ),
+            {"t": now},
+        )
+        await conn.execute(
+            text(
+                "INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, "
+                "amount_minor, currency, metadata, created_at) VALUES "
+                "('ch_old', 'acct_old', 1, 1, 0, 100, 'USD', '{}', :t)"
+            ),
+            {"t": now},
+        )
+    await engine.dispose()
+    await asyncio.to_thread(_upgrade, url, "head")
+    engine = create_engine(url)
+    async with engine.connect() as conn:
+        report = await audit(conn)
+        held = await conn.scalar(text("SELECT held_uses FROM accounts WHERE id = 'acct_old'"))
+    await engine.dispose()
+    assert report.accounts_checked == 1
+    assert report.clean
+    assert held == 0
+
+
+def _upgrade(url: str, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", "ciris_billing:migrations")
+    config.attributes["database_url"] = url
+    command.upgrade(config, revision)

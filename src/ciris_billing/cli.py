@@ -19,6 +19,7 @@ from ciris_billing.accounts import admin
 from ciris_billing.accounts.schemas import IdentityFields
 from ciris_billing.accounts.service import Identity
 from ciris_billing.audit import audit as run_audit
+from ciris_billing.cli_lookup import COMMANDS
 from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine, iso
 from ciris_billing.errors import BillingError
@@ -352,6 +353,7 @@ def export(oauth_provider: str, external_id: str) -> None:
 @main.command("audit")
 def audit_command() -> None:
     """Check every account's counters against its ledger; exit 1 on any difference."""
+    click.echo("Auditing every account against its ledger...", err=True)
     report = _with_connection(run_audit)
     for d in report.discrepancies:
         click.echo(
@@ -364,6 +366,10 @@ def audit_command() -> None:
     click.echo(f"Audited {report.accounts_checked} accounts: {verdict}.")
     if not report.clean:
         sys.exit(1)
+
+
+for _command in COMMANDS:
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

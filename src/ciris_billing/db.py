@@ -314,7 +314,7 @@ def insert_or_ignore(conn: AsyncConnection, table: Table) -> Any:
     return sqlite_insert(table).on_conflict_do_nothing()
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: AsyncEngine, foreign_keys: bool) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let us issue BEGIN ourselves (below); pysqlite's implicit BEGIN is DEFERRED.
@@ -323,7 +323,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
@@ -333,7 +333,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def create_engine(settings: Settings | str) -> AsyncEngine:
+def create_engine(settings: Settings | str, *, for_migrations: bool = False) -> AsyncEngine:
+    """The async engine. `for_migrations`: SQLite rebuilds a table to alter it (copy, drop,
+    rename), which foreign-key enforcement would refuse while other tables point at it."""
     url = settings if isinstance(settings, str) else settings.database_url
     pool_size = 10 if isinstance(settings, str) else settings.db_pool_size
     async_url = async_database_url(url)
@@ -341,6 +343,6 @@ def create_engine(settings: Settings | str) -> AsyncEngine:
         # SQLite has one writer at a time; one pooled connection per process queues requests
         # in Python instead of spinning on the file lock.
         engine = create_async_engine(async_url, pool_size=1, max_overflow=0, pool_timeout=60)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, foreign_keys=not for_migrations)
         return engine
     return create_async_engine(async_url, pool_size=pool_size, max_overflow=pool_size)

@@ -30,7 +30,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_engine(_database_url())
+    engine = create_engine(_database_url(), for_migrations=True)
     async with engine.connect() as connection:
         await connection.run_sync(_run)
         await connection.commit()
