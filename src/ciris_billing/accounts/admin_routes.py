@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ciris_billing import idempotency
 from ciris_billing.accounts import admin
 from ciris_billing.accounts.routes import account_body, identity_of, path_identity
-from ciris_billing.accounts.schemas import AccountOut, IdentityFields, error_responses
+from ciris_billing.accounts.schemas import NO_NUL, AccountOut, IdentityFields, error_responses
 from ciris_billing.deps import (
     AdminKey,
     IdempotencyKeyHeader,
@@ -28,7 +28,9 @@ router = APIRouter(
     prefix="/v1/billing", tags=["operators"], responses=error_responses(401, 403, 422)
 )
 
-Reason = Annotated[str, StringConstraints(min_length=1, max_length=500, strip_whitespace=True)]
+Reason = Annotated[
+    str, StringConstraints(min_length=1, max_length=500, strip_whitespace=True, pattern=NO_NUL)
+]
 
 
 class GrantCreate(IdentityFields):

@@ -16,6 +16,9 @@ Currency = Annotated[
     StringConstraints(pattern=r"^[A-Za-z]{3}$", to_upper=True),
     Field(description="ISO 4217 code", examples=["USD"]),
 ]
+# Free text that is stored: PostgreSQL text cannot hold NUL, so it is refused as input (422)
+# rather than failing the insert (500).
+NO_NUL = r"^[^\x00]*$"
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=40)]
 MetadataValue = (
     Annotated[str, StringConstraints(max_length=500)]
@@ -56,7 +59,7 @@ class AccountCreate(IdentityFields):
     currency: Currency | None = None
     plan_name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")] = "free"
     customer_email: Annotated[str, StringConstraints(max_length=320)] | None = None
-    display_name: Annotated[str, StringConstraints(max_length=255)] | None = None
+    display_name: Annotated[str, StringConstraints(max_length=255, pattern=NO_NUL)] | None = None
 
     @field_validator("customer_email")
     @classmethod
@@ -105,7 +108,7 @@ class CreditCheckOut(BaseModel):
 class ChargeCreate(IdentityFields):
     amount_minor: StrictInt = Field(default=0, ge=0, le=MAX_MINOR)
     currency: Currency | None = None
-    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+    description: Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL)] | None = None
     metadata: Metadata = Field(default_factory=dict)
     uses: StrictInt = Field(default=1, ge=1, le=MAX_USES_PER_CHARGE)
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None

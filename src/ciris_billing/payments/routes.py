@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
 from ciris_billing.accounts import service as accounts
-from ciris_billing.accounts.schemas import ErrorOut, error_responses
+from ciris_billing.accounts.schemas import NO_NUL, ErrorOut, error_responses
 from ciris_billing.checkout.links import checkout_url
 from ciris_billing.db import iso
 from ciris_billing.deps import (
@@ -126,7 +126,7 @@ class RefundCreate(BaseModel):
     amount_minor: StrictInt | None = Field(
         default=None, ge=1, le=100_000_000, description="Partial refund; omit for the rest"
     )
-    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+    reason: Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL)] | None = None
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
 
 
