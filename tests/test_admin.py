@@ -150,3 +150,30 @@ async def test_operator_cli(api: Api) -> None:
     assert cli(env, "erase", "--yes", "oauth:google", USER["external_id"]).returncode == 0
     assert USER["external_id"] not in cli(env, "export", "oauth:google", USER["external_id"]).stdout
     assert cli(env, "audit").returncode == 0
+
+
+async def test_operator_lookups(api: Api) -> None:
+    from tests.servers import cli, service_env
+    from tests.test_refunds_disputes import paid_purchase
+
+    env = service_env(api.settings.database_url)
+    bought = await paid_purchase(api, USER)
+    await api.post("/v1/billing/charges", USER)
+    shown = json.loads(
+        cli(env, "accounts", "show", f"oauth:google/{USER['external_id']}", "--json").stdout
+    )
+    assert (shown["free_uses_remaining"], shown["paid_uses_remaining"]) == (2, 20)
+    listed = json.loads(cli(env, "accounts", "list", "--json").stdout)
+    assert [a["external_id"] for a in listed] == [USER["external_id"]]
+    ledger = json.loads(
+        cli(env, "transactions", "oauth:google", USER["external_id"], "--json").stdout
+    )
+    assert [t["kind"] for t in ledger] == ["charge", "purchase", "free_grant"]
+    paid = json.loads(cli(env, "purchases", "list", "--status", "succeeded", "--json").stdout)
+    assert [p["payment_id"] for p in paid] == [bought["payment_id"]]
+    table = cli(env, "purchases", "list")
+    assert table.returncode == 0
+    assert "Purchases" in table.stdout
+    missing = cli(env, "accounts", "show", "oauth:google/nobody@x.y")
+    assert missing.returncode != 0
+    assert "account_not_found" in missing.stderr
