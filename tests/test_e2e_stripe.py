@@ -399,3 +399,35 @@ def test_disputes_in_any_order_hold_once_and_close_once(
     assert kinds == ["dispute_hold", f"dispute_{outcome}"]
     assert export["account"]["held_uses"] == 0
     assert cli(stack.env, "audit").returncode == 0
+
+
+def test_agent_client_end_to_end(stack: Stack) -> None:
+    """The agent's own client against the running service and Stripe (localstripe)."""
+    from ciris_billing.client import BillingClient, PurchaseRequiredError
+
+    user = "ls-agent@example.com"
+    with BillingClient(stack.base, stack.key, backoff=0.01) as billing:
+        for _ in range(3):
+            assert billing.check("oauth:google", user).has_credit
+            billing.charge("oauth:google", user, description="chat turn")
+        with pytest.raises(PurchaseRequiredError) as refused:
+            billing.charge("oauth:google", user)
+        assert (refused.value.offer.uses, refused.value.offer.price_minor) == (20, 500)
+        assert refused.value.checkout_url is not None
+        assert "/v1/billing/buy/" in refused.value.checkout_url
+
+        bought = billing.purchase("oauth:google", user)
+        assert bought.checkout_url is not None
+        stack.stripe.pay(bought.payment_id)
+        deadline = time.monotonic() + 20
+        while billing.purchase_status(bought.payment_id).status != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        after = billing.check("oauth:google", user)
+        assert (after.has_credit, after.credits_remaining) == (True, 20)
+        charged = billing.charge("oauth:google", user, idempotency_key="msg-42")
+        again = billing.charge("oauth:google", user, idempotency_key="msg-42")
+        assert again.replayed
+        assert again.charge_id == charged.charge_id
+        ledger = billing.transactions("oauth:google", user)
+        assert ledger.transactions[0].kind == "charge"
