@@ -36,7 +36,8 @@ test-local: venv
 
 ## The guide's end-to-end suite: the guide's flows over HTTP, sandbox and Stripe (localstripe).
 E2E_TESTS := tests/test_guide_flow.py tests/test_purchases_sandbox.py tests/test_webhooks.py \
-	tests/test_e2e_stripe.py tests/test_multiprocess.py
+	tests/test_refunds_disputes.py tests/test_e2e_stripe.py tests/test_multiprocess.py \
+	tests/test_checkout.py tests/test_checkout_browser.py tests/test_buy_link.py tests/test_client.py
 test-e2e-python: venv
 	$(BIN)/pytest $(E2E_TESTS)
 
