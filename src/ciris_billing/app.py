@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -160,15 +161,21 @@ def _add_error_handlers(app: FastAPI) -> None:
         )
         return json_response(exc.status_code, {"error": code, "detail": str(exc.detail)})
 
+    # A connection lost or refused (also while the pool opens one, where the driver's error may
+    # arrive unwrapped) and a pool with no connection to give are "unavailable: retry" (503);
+    # any other database error is a bug (500).
     @app.exception_handler(DBAPIError)
-    async def database_error(_request: Request, exc: DBAPIError) -> Response:
-        if exc.connection_invalidated or isinstance(exc.orig, OSError):
-            log.warning("database_unavailable", error_type=type(exc.orig).__name__)
+    @app.exception_handler(asyncpg.InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def database_error(_request: Request, exc: Exception) -> Response:
+        cause = exc.orig if isinstance(exc, DBAPIError) else exc
+        if isinstance(exc, PoolTimeout) or _connection_lost(exc):
+            log.warning("database_unavailable", error_type=type(cause).__name__)
             return json_response(
                 503,
                 {"error": "database_unavailable", "detail": "The database is unreachable; retry"},
             )
-        log.error("database_error", error_type=type(exc.orig).__name__, exc_info=exc)
+        log.error("database_error", error_type=type(cause).__name__, exc_info=exc)
         return json_response(500, {"error": "internal_error", "detail": "Internal error"})
 
     @app.exception_handler(OSError)
@@ -177,6 +184,30 @@ def _add_error_handlers(app: FastAPI) -> None:
         return json_response(
             503, {"error": "database_unavailable", "detail": "The database is unreachable; retry"}
         )
+
+
+# SQLSTATEs of a lost connection: class 08 (connection exception), and the server shutting
+# down, crashed or not accepting connections yet (57P01, 57P02, 57P03).
+_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether this error (or one it came from) says the database connection is gone."""
+    current: BaseException | None = exc
+    for _ in range(10):
+        if current is None:
+            return False
+        if isinstance(current, OSError):
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        sqlstate = getattr(current, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_CONNECTION_SQLSTATES):
+            return True
+        if isinstance(current, asyncpg.InterfaceError) and "connection is closed" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _describe(error: Any) -> dict[str, Any]:
