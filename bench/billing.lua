@@ -52,7 +52,11 @@ local function charge(n)
   local headers = nil
   if idem then
     sent = sent + 1
-    headers = { ["Idempotency-Key"] = string.format("%s-%d-%d", idem, thread_id, sent) }
+    headers = {} -- a headers table replaces wrk.headers (the API key): copy them
+    for name, value in pairs(wrk.headers) do
+      headers[name] = value
+    end
+    headers["Idempotency-Key"] = string.format("%s-%d-%d", idem, thread_id, sent)
   end
   return wrk.format("POST", CHARGE, headers, string.format(CHARGE_BODY, n))
 end

@@ -119,8 +119,17 @@ def drop_database(db: str) -> None:
     psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
+# Rate limits are policy, not cost: raised far above what wrk sends (the hot account would get
+# 429s past 10 charges/s per worker), while their token buckets still run on every request.
+SERVICE_SETTINGS = {
+    "LOG_LEVEL": "WARNING",
+    "RATE_LIMIT_KEY_PER_SECOND": "1000000",
+    "RATE_LIMIT_ACCOUNT_PER_MINUTE": "100000000",
+}
+
+
 def service_env(db: str, metrics_dir: str | None = None) -> dict[str, str]:
-    env = dict(os.environ, DATABASE_URL=f"{PG_SERVER}/{db}", LOG_LEVEL="WARNING")
+    env = dict(os.environ, DATABASE_URL=f"{PG_SERVER}/{db}", **SERVICE_SETTINGS)
     if metrics_dir:
         env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     return env
@@ -284,6 +293,7 @@ def wrk(
     *,
     accounts: int = ACCOUNTS,
     limit: int = 0,
+    idempotency: str = "",
 ) -> Row:
     """Drive `url` with bench/billing.lua. With `limit`, stop after about that many responses."""
     threads = 2
@@ -291,18 +301,25 @@ def wrk(
     cmd = [WRK, *f"-t{threads} -c{connections} -d{duration}s --timeout 10s".split()]
     cmd += ["-s", str(BENCH / "billing.lua"), "-H", f"X-API-Key: {key}"]
     cmd += ["-H", "Content-Type: application/json", url, "--", mode, str(accounts), str(per_thread)]
-    with Meter(server) as meter:
-        proc = subprocess.Popen(  # noqa: S603 (wrk with our own arguments)
+    cmd += [idempotency] if idempotency else []
+    with (
+        Meter(server) as meter,
+        subprocess.Popen(  # noqa: S603 (wrk with our own arguments)
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        if limit:
-            # Each thread writes one line when its share is done; then end wrk's sleep early.
-            assert proc.stderr is not None
-            finished = 0
-            while finished < threads and (line := proc.stderr.readline()):
-                finished += "wrk-thread-done" in line
-            proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=duration + 60)
+        ) as proc,
+    ):
+        try:
+            if limit:
+                # Each thread writes one line when its share is done; then end wrk's sleep.
+                assert proc.stderr is not None
+                finished = 0
+                while finished < threads and (line := proc.stderr.readline()):
+                    finished += "wrk-thread-done" in line
+                proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=duration + 60)
+        finally:
+            if proc.poll() is None:  # interrupted: leave no load generator behind
+                proc.kill()
     match = re.search(r"^BENCH_RESULT (\{.*\})$", out, re.M)
     if proc.returncode != 0 or not match:
         raise RuntimeError(f"wrk failed ({proc.returncode}):\n{out}\n{err}")
@@ -385,7 +402,9 @@ SCENARIOS = (
 )
 
 
-def service(key: str, duration: int, refs: dict[tuple[str, int], Row]) -> tuple[list[Row], str]:
+def service(
+    key: str, duration: int, refs: dict[tuple[str, int], Row], idempotency: bool
+) -> tuple[list[Row], str]:
     """The four scenarios against `ciris-billing serve --workers 2`; rows and the hot check."""
     rows: list[Row] = []
     port = free_port()
@@ -398,7 +417,8 @@ def service(key: str, duration: int, refs: dict[tuple[str, int], Row]) -> tuple[
         hot_before, hot_ok = total_uses(DB, 0), 0
         for name, mode, ref in SCENARIOS:
             for c in CONNECTIONS:
-                row = wrk(name, url, key, mode, c, duration, pid)
+                prefix = f"bench-{time.time_ns()}" if idempotency else ""
+                row = wrk(name, url, key, mode, c, duration, pid, idempotency=prefix)
                 base = refs[ref, c]
                 row.ratio = f"{row.rps / base.rps:.2f} x {ref}"
                 if mode == "check":
@@ -558,6 +578,9 @@ def main() -> None:
         "--growth", action="store_true", help="also 1M accounts / 5M ledger rows, worker RSS (long)"
     )
     parser.add_argument(
+        "--idempotency", action="store_true", help="every charge sends a unique Idempotency-Key"
+    )
+    parser.add_argument(
         "--growth-requests", type=int, default=1_000_000, help="charges before the last RSS reading"
     )
     args = parser.parse_args()
@@ -573,7 +596,7 @@ def main() -> None:
         print(f"References ({duration} s each):", flush=True)
         refs = references(duration)
         print("The service (ciris-billing serve --workers 2):", flush=True)
-        rows, hot = service(key, duration, refs)
+        rows, hot = service(key, duration, refs, args.idempotency)
         audited = audit(DB)
         if args.growth:
             print("Growth (1M accounts; long) ...", flush=True)
@@ -589,7 +612,9 @@ def main() -> None:
         f"- Command: `{command}` (`make bench` without flags), {duration} s per measurement, "
         f"total {elapsed:.0f} s\n- Date: {date}\n- Machine: {machine()}; {load}\n"
         f"- Server: `ciris-billing serve --workers 2` (uvicorn, uvloop, httptools), "
-        f"LOG_LEVEL=WARNING; wrk -t2 over loopback; CPU in % of one core (200% = both)"
+        f"{' '.join(f'{k}={v}' for k, v in SERVICE_SETTINGS.items())}; "
+        f"wrk -t2 over loopback; CPU in % of one core (200% = both); "
+        f"charges {'with' if args.idempotency else 'without'} an Idempotency-Key"
     )
     growth_file = BENCH / "RESULTS-growth.md"
     if args.growth:
