@@ -96,7 +96,15 @@ charges = Table(
     Column("currency", String(3), nullable=False),
     Column("description", String(500)),
     Column("metadata", JSON, nullable=False),
-    Column("idempotency_key", String(255)),
+    # A charge's idempotency key lives on the charge itself, unique: two requests with one key
+    # can never both commit a charge, and the retry's answer is rebuilt from this row (the
+    # fingerprint tells a retry from a different request; the *_after counters are the
+    # balances the first answer reported).
+    Column("idempotency_key", String(255), unique=True),
+    Column("request_fingerprint", String(64)),
+    Column("free_uses_after", Uses),
+    Column("paid_uses_after", Uses),
+    Column("total_uses_after", Uses),
     Column("created_at", Timestamp, nullable=False),
     CheckConstraint("uses > 0", name="uses_positive"),
     CheckConstraint("free_uses_used >= 0 AND paid_uses_used >= 0", name="split_not_negative"),

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.db import idempotency_keys, insert_or_ignore, utcnow
+from ciris_billing.db import charges, idempotency_keys, insert_or_ignore, utcnow
 from ciris_billing.errors import IdempotencyKeyReused, InvalidRequest
 
 MAX_KEY_LENGTH = 255
@@ -49,6 +49,7 @@ def resolve_key(header: str | None, body_field: str | None = None) -> str | None
 
 async def claim(conn: AsyncConnection, key: str, request_fingerprint: str) -> StoredResponse | None:
     """Take the key for this request, or return the response already recorded under it."""
+    await _refuse_if_charge_key(conn, key)
     inserted = await conn.execute(
         insert_or_ignore(conn, idempotency_keys)
         .values(
@@ -68,13 +69,16 @@ async def claim(conn: AsyncConnection, key: str, request_fingerprint: str) -> St
 
 
 async def lookup(
-    conn: AsyncConnection, key: str, request_fingerprint: str
+    conn: AsyncConnection, key: str, request_fingerprint: str, *, charges_too: bool = True
 ) -> StoredResponse | None:
-    """The response recorded under `key`, None if the key is unused; 409 for another request."""
+    """The response recorded under `key`, None if the key is unused; 409 for another request
+    (including a key a charge already used: charges keep their keys on their own rows)."""
     stored = (
         await conn.execute(select(idempotency_keys).where(idempotency_keys.c.key == key))
     ).first()
     if stored is None:
+        if charges_too:
+            await _refuse_if_charge_key(conn, key)
         return None
     if stored.fingerprint != request_fingerprint:
         raise IdempotencyKeyReused(
@@ -90,3 +94,16 @@ async def record(conn: AsyncConnection, key: str, status_code: int, body: str) -
         .where(idempotency_keys.c.key == key)
         .values(response_status=status_code, response_body=body)
     )
+
+
+async def key_exists(conn: AsyncConnection, key: str) -> bool:
+    """Whether `key` was used on a request recorded in the generic table."""
+    found = await conn.scalar(select(idempotency_keys.c.key).where(idempotency_keys.c.key == key))
+    return found is not None
+
+
+async def _refuse_if_charge_key(conn: AsyncConnection, key: str) -> None:
+    if await conn.scalar(select(charges.c.id).where(charges.c.idempotency_key == key)):
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was already used for a charge; use a new key"
+        )

@@ -11,7 +11,7 @@ from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
-from ciris_billing.accounts import service
+from ciris_billing.accounts import charges, service
 from ciris_billing.accounts.schemas import (
     AccountCreate,
     AccountOut,
@@ -140,8 +140,7 @@ async def get_account(
 async def check_credit(body: CreditCheck, state: StateDep, _key: ReadKey) -> Response:
     """May this user go on? Creates the account (with its free uses) on first sight."""
     state.account_limits.check(f"{body.oauth_provider}/{body.external_id}", "account")
-    async with state.engine.begin() as conn:
-        status = await service.check_credit(conn, identity_of(body), state.pricing)
+    status = await service.check_credit(state.engine, identity_of(body), state.pricing)
     CREDIT_CHECKS.labels("true" if status.purchase_required else "false").inc()
     answer: dict[str, Any] = {
         "has_credit": status.has_credit,
@@ -179,7 +178,7 @@ async def create_charge(
     key = idempotency.resolve_key(idempotency_key, body.idempotency_key)
     identity = identity_of(body)
     state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
-    charge_request = service.ChargeRequest(
+    charge_request = charges.ChargeRequest(
         uses=body.uses,
         amount_minor=body.amount_minor,
         currency=body.currency or state.pricing.currency,
@@ -187,40 +186,8 @@ async def create_charge(
         metadata=body.metadata,
         idempotency_key=key,
     )
-
-    async def work(conn: AsyncConnection) -> tuple[int, Any]:
-        charge = await service.charge(conn, identity, charge_request, state.pricing)
-        log.info(
-            "charge_created",
-            charge_id=charge.charge_id,
-            account_id=charge.account_id,
-            uses=charge.uses,
-            free_uses_used=charge.free_uses_used,
-            paid_uses_used=charge.paid_uses_used,
-        )
-        return 201, {
-            "charge_id": charge.charge_id,
-            "account_id": charge.account_id,
-            "oauth_provider": identity.oauth_provider,
-            "external_id": identity.external_id,
-            "uses": charge.uses,
-            "free_uses_used": charge.free_uses_used,
-            "paid_uses_used": charge.paid_uses_used,
-            "amount_minor": charge.amount_minor,
-            "currency": charge.currency,
-            "description": charge.description,
-            "metadata": charge.metadata,
-            "free_uses_remaining": charge.free_uses_remaining,
-            "credits_remaining": charge.credits_remaining,
-            "balance_minor": charge.credits_remaining,
-            "total_uses": charge.total_uses,
-            "plan_name": charge.plan_name,
-            "created_at": charge.created_at,
-        }
-
-    payload = body.model_dump(mode="json", exclude={"idempotency_key"})
     try:
-        response = await run_idempotent(request, state, key, payload, work)
+        charge = await charges.charge(state.engine, identity, charge_request, state.pricing)
     except PurchaseRequired as refused:
         CHARGES.labels("False").inc()
         log.info("charge_refused_purchase_required", oauth_provider=identity.oauth_provider)
@@ -232,7 +199,37 @@ async def create_charge(
         CHARGES.labels("False").inc()
         raise
     CHARGES.labels("True").inc()
-    return response
+    if not charge.replayed:
+        log.info(
+            "charge_created",
+            charge_id=charge.charge_id,
+            account_id=charge.account_id,
+            uses=charge.uses,
+            free_uses_used=charge.free_uses_used,
+            paid_uses_used=charge.paid_uses_used,
+        )
+    body_out = {
+        "charge_id": charge.charge_id,
+        "account_id": charge.account_id,
+        "oauth_provider": identity.oauth_provider,
+        "external_id": identity.external_id,
+        "uses": charge.uses,
+        "free_uses_used": charge.free_uses_used,
+        "paid_uses_used": charge.paid_uses_used,
+        "amount_minor": charge.amount_minor,
+        "currency": charge.currency,
+        "description": charge.description,
+        "metadata": charge.metadata,
+        "free_uses_remaining": charge.free_uses_remaining,
+        "credits_remaining": charge.credits_remaining,
+        "balance_minor": charge.credits_remaining,
+        "total_uses": charge.total_uses,
+        "plan_name": charge.plan_name,
+        "created_at": charge.created_at,
+    }
+    return json_response(
+        201, body_out, {"Idempotent-Replayed": "true"} if charge.replayed else None
+    )
 
 
 @router.get(

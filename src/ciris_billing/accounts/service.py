@@ -7,17 +7,18 @@ Every change to a counter writes its ledger row in that same transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Row, String, case, cast, func, literal, null, select, union_all
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Row, String, cast, func, literal, null, select, union_all
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing.db import accounts, charges, credits, insert_or_ignore, new_id, utcnow
-from ciris_billing.errors import AccountNotFound, AccountSuspended, PurchaseRequired
+from ciris_billing.errors import AccountNotFound
 from ciris_billing.ledger import write_credit
 from ciris_billing.pricing import Pricing
 
-NO_USES_LEFT = "No free uses or credits remaining"
+NO_USES_LEFT = "No free uses or credits remaining"  # the guide's words
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,14 +38,14 @@ class NewAccount:
     display_name: str | None = None
 
 
-def _identity_clause(identity: Identity) -> Any:
+def identity_clause(identity: Identity) -> Any:
     return (accounts.c.oauth_provider == identity.oauth_provider) & (
         accounts.c.external_id == identity.external_id
     )
 
 
 async def find_account(conn: AsyncConnection, identity: Identity) -> Row[Any] | None:
-    result = await conn.execute(select(accounts).where(_identity_clause(identity)))
+    result = await conn.execute(select(accounts).where(identity_clause(identity)))
     return result.first()
 
 
@@ -125,7 +126,7 @@ class CreditStatus:
     purchase_uses: int | None
 
 
-def credit_status(account: Row[Any], pricing: Pricing) -> CreditStatus:
+def credit_status(account: Any, pricing: Pricing) -> CreditStatus:
     free = int(account.free_uses_remaining)
     paid = int(account.paid_uses_remaining)
     has_credit = account.status == "active" and free + paid > 0
@@ -149,133 +150,28 @@ def credit_status(account: Row[Any], pricing: Pricing) -> CreditStatus:
     )
 
 
-async def check_credit(conn: AsyncConnection, identity: Identity, pricing: Pricing) -> CreditStatus:
-    account = await find_account(conn, identity)
+_CHECK_SQL = """
+SELECT status, status_reason, plan_name, free_uses_remaining, paid_uses_remaining, total_uses
+FROM accounts WHERE oauth_provider = $1 AND external_id = $2
+"""
+
+
+async def check_credit(engine: AsyncEngine, identity: Identity, pricing: Pricing) -> CreditStatus:
+    """The hot read. On PostgreSQL one statement straight to the driver, outside any explicit
+    transaction (one round trip); an unknown identity is then created with its free uses."""
+    account: Any
+    async with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            found = await driver.fetchrow(_CHECK_SQL, identity.oauth_provider, identity.external_id)
+            account = None if found is None else SimpleNamespace(**dict(found))
+        else:
+            account = await find_account(conn, identity)
     if account is None:
-        account, _ = await ensure_account(conn, identity, pricing)
+        async with engine.begin() as conn:
+            account, _ = await ensure_account(conn, identity, pricing)
     return credit_status(account, pricing)
-
-
-@dataclass(frozen=True, slots=True)
-class ChargeRequest:
-    uses: int
-    amount_minor: int
-    currency: str
-    description: str | None
-    metadata: dict[str, Any]
-    idempotency_key: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Charge:
-    charge_id: str
-    account_id: str
-    uses: int
-    free_uses_used: int
-    paid_uses_used: int
-    amount_minor: int
-    currency: str
-    description: str | None
-    metadata: dict[str, Any]
-    free_uses_remaining: int
-    credits_remaining: int
-    total_uses: int
-    plan_name: str
-    created_at: str
-
-
-def _deduct_statement(identity: Identity, uses: int) -> Any:
-    """One conditional UPDATE that spends `uses`, free ones first.
-
-    Correct under concurrency by construction: the WHERE clause re-checks the balance on the
-    locked row, so two charges can never both spend the last use (no read-modify-write in
-    Python). Every SET expression sees the row's old values, which is how
-    `last_charge_free_uses` records the free/paid split for RETURNING.
-    """
-    free = accounts.c.free_uses_remaining
-    paid = accounts.c.paid_uses_remaining
-    enough_free = free >= uses
-    return (
-        accounts.update()
-        .where(
-            _identity_clause(identity),
-            accounts.c.status == "active",
-            free + paid >= uses,
-        )
-        .values(
-            last_charge_free_uses=case((enough_free, uses), else_=free),
-            free_uses_remaining=case((enough_free, free - uses), else_=0),
-            paid_uses_remaining=case((enough_free, paid), else_=paid - (uses - free)),
-            total_uses=accounts.c.total_uses + uses,
-            updated_at=utcnow(),
-        )
-        .returning(
-            accounts.c.id,
-            accounts.c.free_uses_remaining,
-            accounts.c.paid_uses_remaining,
-            accounts.c.total_uses,
-            accounts.c.last_charge_free_uses,
-            accounts.c.plan_name,
-        )
-    )
-
-
-async def charge(
-    conn: AsyncConnection, identity: Identity, request: ChargeRequest, pricing: Pricing
-) -> Charge:
-    """Spend uses (free first, then paid) and write the charge's ledger row, or refuse with 402."""
-    deducted = (await conn.execute(_deduct_statement(identity, request.uses))).first()
-    if deducted is None:
-        account, created = await ensure_account(conn, identity, pricing)
-        if created:
-            deducted = (await conn.execute(_deduct_statement(identity, request.uses))).first()
-        if deducted is None:
-            if account.status != "active":
-                raise AccountSuspended("This account is suspended; charges are refused")
-            raise PurchaseRequired(
-                NO_USES_LEFT,
-                purchase_required=True,
-                purchase_price_minor=pricing.price_per_purchase_minor,
-                purchase_uses=pricing.paid_uses_per_purchase,
-                currency=pricing.currency,
-                free_uses_remaining=int(account.free_uses_remaining),
-                credits_remaining=int(account.paid_uses_remaining),
-                uses_requested=request.uses,
-            )
-    free_used = int(deducted.last_charge_free_uses)
-    now = utcnow()
-    charge_id = new_id("ch")
-    await conn.execute(
-        charges.insert().values(
-            id=charge_id,
-            account_id=deducted.id,
-            uses=request.uses,
-            free_uses_used=free_used,
-            paid_uses_used=request.uses - free_used,
-            amount_minor=request.amount_minor,
-            currency=request.currency,
-            description=request.description,
-            metadata=request.metadata,
-            idempotency_key=request.idempotency_key,
-            created_at=now,
-        )
-    )
-    return Charge(
-        charge_id=charge_id,
-        account_id=deducted.id,
-        uses=request.uses,
-        free_uses_used=free_used,
-        paid_uses_used=request.uses - free_used,
-        amount_minor=request.amount_minor,
-        currency=request.currency,
-        description=request.description,
-        metadata=request.metadata,
-        free_uses_remaining=int(deducted.free_uses_remaining),
-        credits_remaining=int(deducted.paid_uses_remaining),
-        total_uses=int(deducted.total_uses),
-        plan_name=deducted.plan_name,
-        created_at=now.isoformat(),
-    )
 
 
 async def list_transactions(
