@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ciris_billing import __version__
 from ciris_billing.accounts.admin_routes import router as admin_router
 from ciris_billing.accounts.routes import router as accounts_router
+from ciris_billing.accounts.schemas import error_responses
 from ciris_billing.auth import KeyStore
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
@@ -86,6 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Free uses, paid uses and purchases for AI-agent products.",
         lifespan=lifespan,
+        # Any route: a body over MAX_REQUEST_BYTES, or the database unreachable.
+        responses=error_responses(413, 503),
     )
     app.include_router(accounts_router)
     app.include_router(admin_router)
@@ -112,7 +115,11 @@ def announce_provider(name: str) -> None:
 
 
 def _add_operational_routes(app: FastAPI) -> None:
-    @app.get("/health", tags=["operations"])
+    @app.get(
+        "/health",
+        tags=["operations"],
+        responses={503: {"description": "The database is unreachable"}},
+    )
     async def health(state: StateDep) -> Response:
         """Liveness and database reachability (no API key needed)."""
         try:

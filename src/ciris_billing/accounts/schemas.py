@@ -162,6 +162,7 @@ ERROR_DESCRIPTIONS = {
     409: "Conflict (e.g. an idempotency key reused for another request)",
     413: "Request body too large",
     422: "Invalid request",
+    429: "Too many requests for this API key or account; retry after Retry-After seconds",
     502: "The payment provider refused",
     503: "The payment provider or the database is unreachable; retry",
 }
@@ -169,7 +170,10 @@ ERROR_DESCRIPTIONS = {
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` for the error statuses a route answers, all in the one error shape
-    (FastAPI would otherwise declare its own 422 body, which this service never sends)."""
+    (FastAPI would otherwise declare its own 422 body, which this service never sends).
+    A route that takes an API key (401) is also rate limited per key (429)."""
+    if 401 in codes:
+        codes = (*codes, 429)
     return {code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
