@@ -51,7 +51,8 @@ def buy_token(
 def read_buy_token(secret: bytes, token: str, now: float | None = None) -> tuple[str, str] | None:
     """The (oauth_provider, external_id) of a valid, unexpired token; None otherwise."""
     body, _, mac = token.partition(".")
-    if not body or not hmac.compare_digest(mac, _mac(secret, body)):
+    # A real token is ASCII; compare_digest raises a TypeError on non-ASCII str (was a 500).
+    if not body or not token.isascii() or not hmac.compare_digest(mac, _mac(secret, body)):
         return None
     try:
         provider, external_id, expires = json.loads(
