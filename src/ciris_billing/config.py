@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     stripe_publishable_key: str | None = None
     # Point the Stripe SDK at another Stripe-compatible server (e.g. localstripe).
     stripe_api_base: str | None = None
+    # How long each Stripe API request may take (the SDK then retries it, twice at most).
+    stripe_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
     # The sandbox signs its webhooks like Stripe; every worker must share this secret.
     sandbox_webhook_secret: SecretStr = SecretStr("whsec_sandbox_local_testing_only")
 

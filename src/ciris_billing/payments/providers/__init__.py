@@ -32,5 +32,6 @@ def get_payment_provider(
             webhook_secret=settings.stripe_webhook_secret.get_secret_value(),
             publishable_key=settings.stripe_publishable_key,
             api_base=settings.stripe_api_base,
+            timeout_seconds=settings.stripe_timeout_seconds,
         )
     return SandboxProvider(engine, settings.sandbox_webhook_secret.get_secret_value(), deliver)
