@@ -16,7 +16,7 @@ import asyncio
 import json
 import shutil
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +65,8 @@ CARDS = {
     "3ds": "4000 0025 0000 3155",
 }
 CARD = st.sampled_from(["visa", "visa", "declined", "3ds"])  # mostly paid
+# Idempotency keys, shared by charges, grants and refunds: reused often, sometimes elsewhere.
+KEY = st.none() | st.sampled_from(["key-1", "key-2", "key-3"])
 DISPUTE_STATUSES = ["needs_response", "under_review", "won", "lost", "warning_closed"]
 WEBHOOK_SECRET = "whsec_sandbox_local_testing_only"
 FREE_USES, PAID_USES, PRICE = 3, 20, 500
@@ -99,6 +101,8 @@ class Bought:
 class Model:
     books: dict[str, Book] = field(default_factory=dict)
     bought: dict[str, Bought] = field(default_factory=dict)
+    # Idempotency key → (the request that took it, its status, its body)
+    keys: dict[str, tuple[Any, int, Any]] = field(default_factory=dict)
 
     def book(self, user: str) -> Book:
         """The account, created with its free uses on first sight."""
@@ -126,6 +130,7 @@ class Ledger(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.model = Model()
+        self.sent: list[tuple[Callable[..., None], dict[str, Any]]] = []
         self.loop = asyncio.new_event_loop()
         self.stack = AsyncExitStack()
         try:
@@ -166,9 +171,45 @@ class Ledger(RuleBasedStateMachine):
     def run(self, coroutine: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coroutine)
 
-    def post(self, path: str, body: Any, scope: str | None = "write") -> httpx.Response:
+    def post(
+        self, path: str, body: Any, scope: str | None = "write", key: str | None = None
+    ) -> httpx.Response:
         headers = {} if scope is None else {"X-API-Key": self.keys[scope]}
+        if key is not None:
+            headers["Idempotency-Key"] = key
         return self.run(self.http.post(path, json=body, headers=headers))
+
+    def replayed(self, key: str | None, request: Any, response: httpx.Response) -> bool:
+        """Whether the answer came from an earlier request under this key: the same request
+        gets the first answer again (and nothing happens), another request a 409."""
+        if key is None or key not in self.model.keys:
+            return False
+        first_request, first_status, first_body = self.model.keys[key]
+        if request == first_request:
+            assert response.status_code == first_status, (key, response.text)
+            assert response.headers.get("Idempotent-Replayed") == "true", key
+            assert response.json() == first_body, (key, first_body, response.json())
+        else:
+            assert response.status_code == 409, (key, first_request, request, response.text)
+            assert response.json()["error"] == "idempotency_key_reused", response.text
+        return True
+
+    def keyed(self, step: Callable[..., None], **arguments: Any) -> None:
+        step(**arguments)
+        if arguments["key"] is not None:
+            self.sent.append((step, arguments))
+
+    @precondition(lambda self: bool(self.sent))
+    @rule(pick=st.integers(0, 100))
+    def retry(self, pick: int) -> None:
+        """A client retry: an earlier keyed charge, grant or refund sent again as it was."""
+        step, arguments = self.sent[pick % len(self.sent)]
+        step(**arguments)
+
+    def remember(self, key: str | None, request: Any, response: httpx.Response) -> None:
+        """A request that succeeded holds its key; one that failed recorded nothing."""
+        if key is not None and response.is_success:
+            self.model.keys[key] = (request, response.status_code, response.json())
 
     def get(self, path: str, scope: str = "read") -> httpx.Response:
         return self.run(self.http.get(path, headers={"X-API-Key": self.keys[scope]}))
@@ -185,9 +226,16 @@ class Ledger(RuleBasedStateMachine):
         assert body["has_credit"] is (book.free + book.paid > 0)
         assert body["purchase_required"] is (book.free + book.paid == 0)
 
-    @rule(user=st.sampled_from(USERS), uses=st.integers(1, 3))
-    def charge(self, user: str, uses: int) -> None:
-        response = self.post("/v1/billing/charges", {**who(user), "uses": uses})
+    @rule(user=st.sampled_from(USERS), uses=st.integers(1, 3), key=KEY)
+    def charge(self, user: str, uses: int, key: str | None) -> None:
+        self.keyed(self._charge, user=user, uses=uses, key=key)
+
+    def _charge(self, user: str, uses: int, key: str | None) -> None:
+        request = ("/v1/billing/charges", {**who(user), "uses": uses})
+        response = self.post(*request, key=key)
+        if self.replayed(key, request, response):
+            return
+        self.remember(key, request, response)
         book = self.model.books.get(user, Book())
         if book.free + book.paid < uses:
             assert response.status_code == 402, response.text
@@ -289,14 +337,21 @@ class Ledger(RuleBasedStateMachine):
     @rule(
         payment_id=purchases,
         amount=st.none() | st.integers(1, 150) | st.integers(1, 600),
+        key=KEY,
     )
-    def refund(self, payment_id: str, amount: int | None) -> None:
+    def refund(self, payment_id: str, amount: int | None, key: str | None) -> None:
+        self.keyed(self._refund, payment_id=payment_id, amount=amount, key=key)
+
+    def _refund(self, payment_id: str, amount: int | None, key: str | None) -> None:
         bought = self.model.bought[payment_id]
-        response = self.post(
+        request = (
             f"/v1/billing/purchases/{payment_id}/refund",
             {} if amount is None else {"amount_minor": amount},
-            scope="admin",
         )
+        response = self.post(*request, scope="admin", key=key)
+        if self.replayed(key, request, response):
+            return
+        self.remember(key, request, response)
         left = PRICE - bought.refunded_minor
         if not bought.credited:
             assert response.status_code == 409, response.text
@@ -347,11 +402,16 @@ class Ledger(RuleBasedStateMachine):
                 book.paid += bought.held
             bought.dispute = closing
 
-    @rule(user=st.sampled_from(USERS), uses=st.integers(-25, 25).filter(bool))
-    def grant(self, user: str, uses: int) -> None:
-        response = self.post(
-            "/v1/billing/credits", {**who(user), "uses": uses, "reason": "test"}, scope="admin"
-        )
+    @rule(user=st.sampled_from(USERS), uses=st.integers(-25, 25).filter(bool), key=KEY)
+    def grant(self, user: str, uses: int, key: str | None) -> None:
+        self.keyed(self._grant, user=user, uses=uses, key=key)
+
+    def _grant(self, user: str, uses: int, key: str | None) -> None:
+        request = ("/v1/billing/credits", {**who(user), "uses": uses, "reason": "test"})
+        response = self.post(*request, scope="admin", key=key)
+        if self.replayed(key, request, response):
+            return
+        self.remember(key, request, response)
         book = self.model.books.get(user, Book())
         if book.paid + uses < 0:
             assert response.status_code == 422, response.text
