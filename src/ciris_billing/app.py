@@ -125,7 +125,7 @@ def _add_operational_routes(app: FastAPI) -> None:
         try:
             async with state.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
-        except (DBAPIError, OSError, PoolTimeout):
+        except (DBAPIError, OSError, PoolTimeout, asyncpg.InterfaceError):
             return json_response(503, {"status": "unavailable", "database": "unreachable"})
         return json_response(200, {"status": "ok", "database": "ok", "version": __version__})
 
@@ -173,6 +173,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     # any other database error is a bug (500).
     @app.exception_handler(DBAPIError)
     @app.exception_handler(asyncpg.InterfaceError)
+    @app.exception_handler(asyncpg.PostgresError)  # the hot paths use the driver directly
+    @app.exception_handler(asyncpg.InternalClientError)
     @app.exception_handler(PoolTimeout)
     async def database_error(_request: Request, exc: Exception) -> Response:
         cause = exc.orig if isinstance(exc, DBAPIError) else exc
@@ -212,6 +214,11 @@ def _connection_lost(exc: BaseException) -> bool:
         if isinstance(sqlstate, str) and sqlstate.startswith(_CONNECTION_SQLSTATES):
             return True
         if isinstance(current, asyncpg.InterfaceError) and "connection is closed" in str(current):
+            return True
+        if isinstance(current, asyncpg.InternalClientError):
+            # "cannot switch to state N; another operation is in progress" on a connection only
+            # this request holds: the server's error (e.g. the connection terminated) arrived
+            # first; the statement was not sent.
             return True
         current = current.__cause__ or current.__context__
     return False

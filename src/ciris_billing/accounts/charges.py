@@ -154,6 +154,9 @@ async def _one_statement(
         except Exception as exc:  # the driver's UniqueViolationError: a retried key
             if getattr(exc, "sqlstate", None) == "23505":
                 return None
+            # The driver failed behind SQLAlchemy's back, so the pool cannot tell whether the
+            # connection survived (a lost one would be handed out again): never reuse it.
+            await conn.invalidate()
             raise
     return None if row is None else _charge(charge_id, request, row, now)
 

@@ -164,7 +164,13 @@ async def check_credit(engine: AsyncEngine, identity: Identity, pricing: Pricing
         if engine.dialect.name == "postgresql":
             raw = await conn.get_raw_connection()
             driver: Any = raw.driver_connection
-            found = await driver.fetchrow(_CHECK_SQL, identity.oauth_provider, identity.external_id)
+            try:
+                found = await driver.fetchrow(
+                    _CHECK_SQL, identity.oauth_provider, identity.external_id
+                )
+            except Exception:
+                await conn.invalidate()  # failed behind SQLAlchemy's back: never reuse it
+                raise
             account = None if found is None else SimpleNamespace(**dict(found))
         else:
             account = await find_account(conn, identity)
