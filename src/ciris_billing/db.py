@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection as SyncConnection
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ciris_billing.config import Settings, async_database_url
@@ -353,4 +354,16 @@ def create_engine(settings: Settings | str, *, for_migrations: bool = False) -> 
         engine = create_async_engine(async_url, pool_size=1, max_overflow=0, pool_timeout=60)
         _configure_sqlite(engine, foreign_keys=not for_migrations)
         return engine
-    return create_async_engine(async_url, pool_size=pool_size, max_overflow=pool_size)
+    engine = create_async_engine(async_url, pool_size=pool_size, max_overflow=pool_size)
+    _replace_closed_connections(engine)
+    return engine
+
+
+def _replace_closed_connections(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        # A pooled connection the server closed while it sat idle (a restart, a terminated
+        # backend) is known closed by the driver already: the pool replaces it now, at no
+        # round-trip cost, instead of handing it to a request that would fail with a 503.
+        if record.driver_connection.is_closed():
+            raise DisconnectionError("connection closed while idle in the pool")
