@@ -133,6 +133,9 @@ def serve(host: str, port: int, workers: int, run_migrations: bool) -> None:
         access_log=False,
         log_config=None,
         server_header=False,
+        # Longer than clients' idle keep-alive (httpx: 5 s), so a client never reuses a
+        # connection the server is closing at that very moment.
+        timeout_keep_alive=15,
     )
 
 

@@ -354,7 +354,14 @@ def create_engine(settings: Settings | str, *, for_migrations: bool = False) -> 
         engine = create_async_engine(async_url, pool_size=1, max_overflow=0, pool_timeout=60)
         _configure_sqlite(engine, foreign_keys=not for_migrations)
         return engine
-    engine = create_async_engine(async_url, pool_size=pool_size, max_overflow=pool_size)
+    engine = create_async_engine(
+        async_url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        # A database that stops answering (rather than refusing) must not hang requests for
+        # minutes: connecting gives up after 5 s, any one statement after 30 s (then 503).
+        connect_args={"timeout": 5, "command_timeout": 30},
+    )
     _replace_closed_connections(engine)
     return engine
 

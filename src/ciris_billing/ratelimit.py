@@ -22,7 +22,7 @@ class TokenBuckets:
     """`rate` tokens per second, up to `burst`, per key; the least recently used keys are
     forgotten beyond `max_keys` (a forgotten key starts again with a full bucket)."""
 
-    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
+    def __init__(self, rate: float, burst: float, max_keys: int = 20_000) -> None:
         self.rate = rate
         self.burst = max(burst, 1.0)
         self.max_keys = max_keys
