@@ -480,6 +480,8 @@ def growth(duration: int, requests: int, base: Row) -> tuple[Row, str]:
                     f"(p99 {part.p99:.1f} ms, {part.errors} errors)."
                 )
             rss.append((served, worker_rss_mb(pid)))
+            now = ", ".join(f"{mb:.1f}" for mb in rss[-1][1].values())
+            print(f"  worker RSS after {served:,} charges: {now} MB", flush=True)
     for count, sizes in rss:
         mb = ", ".join(f"{v:.1f}" for v in sizes.values())
         lines.append(f"Worker RSS after {count:,} charges: {mb} MB")
@@ -609,7 +611,7 @@ def main() -> None:
     elapsed = time.monotonic() - started
     load += f", {os.getloadavg()[0]:.2f} at the end"
     header = (
-        f"- Command: `{command}` (`make bench` without flags), {duration} s per measurement, "
+        f"- Command: `{command}` (`make bench` runs it without flags), {duration} s per measurement, "
         f"total {elapsed:.0f} s\n- Date: {date}\n- Machine: {machine()}; {load}\n"
         f"- Server: `ciris-billing serve --workers 2` (uvicorn, uvloop, httptools), "
         f"{' '.join(f'{k}={v}' for k, v in SERVICE_SETTINGS.items())}; "
