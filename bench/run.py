@@ -611,8 +611,9 @@ def main() -> None:
     elapsed = time.monotonic() - started
     load += f", {os.getloadavg()[0]:.2f} at the end"
     header = (
-        f"- Command: `{command}` (`make bench` runs it without flags), {duration} s per measurement, "
-        f"total {elapsed:.0f} s\n- Date: {date}\n- Machine: {machine()}; {load}\n"
+        f"- Command: `{command}` (`make bench` runs it without flags), "
+        f"{duration} s per measurement, total {elapsed:.0f} s\n"
+        f"- Date: {date}\n- Machine: {machine()}; {load}\n"
         f"- Server: `ciris-billing serve --workers 2` (uvicorn, uvloop, httptools), "
         f"{' '.join(f'{k}={v}' for k, v in SERVICE_SETTINGS.items())}; "
         f"wrk -t2 over loopback; CPU in % of one core (200% = both); "
