@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+)
 
 OAuthProvider = Annotated[
     str,
@@ -41,6 +49,20 @@ def _check_external_id(value: str) -> str:
     return value
 
 
+def _email_shape(value: str) -> str:
+    if value.count("@") != 1 or not value.isprintable():
+        raise ValueError("not an email address")
+    return value
+
+
+Email = Annotated[
+    str,
+    StringConstraints(max_length=320),
+    AfterValidator(_email_shape),
+    Field(examples=["user@example.com"]),
+]
+
+
 class IdentityFields(BaseModel):
     oauth_provider: OAuthProvider
     external_id: Annotated[
@@ -58,15 +80,8 @@ class AccountCreate(IdentityFields):
     )
     currency: Currency | None = None
     plan_name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")] = "free"
-    customer_email: Annotated[str, StringConstraints(max_length=320)] | None = None
+    customer_email: Email | None = None
     display_name: Annotated[str, StringConstraints(max_length=255, pattern=NO_NUL)] | None = None
-
-    @field_validator("customer_email")
-    @classmethod
-    def _email_shape(cls, value: str | None) -> str | None:
-        if value is not None and (value.count("@") != 1 or not value.isprintable()):
-            raise ValueError("customer_email is not an email address")
-        return value
 
 
 class AccountOut(BaseModel):

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StrictBool, StringConstraints, field_validator
+from pydantic import BaseModel, Field, StrictBool, StringConstraints
 
-from ciris_billing.accounts.schemas import IdentityFields
+from ciris_billing.accounts.schemas import Email, IdentityFields
 
 
 class PurchaseCreate(IdentityFields):
-    customer_email: Annotated[str, StringConstraints(max_length=320)] | None = None
-
-    @field_validator("customer_email")
-    @classmethod
-    def _email_shape(cls, value: str | None) -> str | None:
-        if value is not None and (value.count("@") != 1 or not value.isprintable()):
-            raise ValueError("customer_email is not an email address")
-        return value
+    customer_email: Email | None = None
 
 
 class PurchaseOut(BaseModel):
