@@ -7,6 +7,7 @@ within `API_KEY_CACHE_SECONDS`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -113,6 +114,7 @@ class KeyStore:
         self._engine = engine
         self._ttl = ttl_seconds
         self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._pending: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def _lookup(self, digest: str) -> Principal | None:
         async with self._engine.connect() as conn:
@@ -128,21 +130,34 @@ class KeyStore:
             return None
         return Principal(row.id, row.name, frozenset(row.scopes.split(",")))
 
+    async def _refresh(self, digest: str) -> Principal | None:
+        """One database look-up per key at a time: requests arriving while it runs wait for
+        its answer instead of each querying (no stampede when a cached entry expires)."""
+        pending = self._pending.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(digest))
+            self._pending[digest] = pending
+            try:
+                principal = await asyncio.shield(pending)
+            finally:
+                self._pending.pop(digest, None)
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (time.monotonic() + self._ttl, principal)
+            return principal
+        return await asyncio.shield(pending)
+
     async def authenticate(self, key: str | None, scope: str) -> Principal:
         if not key:
             raise AuthenticationRequired(
                 "An API key is required: send it as X-API-Key or Authorization: Bearer"
             )
         digest = hash_key(key)
-        now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             principal = cached[1]
         else:
-            principal = await self._lookup(digest)
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[digest] = (now + self._ttl, principal)
+            principal = await self._refresh(digest)
         if principal is None:
             raise AuthenticationRequired("The API key is not valid or has been revoked")
         if not principal.allows(scope):

@@ -34,7 +34,8 @@ class AppState:
         return self.settings.public_base_url or str(request.base_url)
 
 
-def app_state(request: Request) -> AppState:
+async def app_state(request: Request) -> AppState:
+    # async: FastAPI runs a plain `def` dependency in a worker thread on every request.
     state: AppState = request.app.state.billing
     return state
 
