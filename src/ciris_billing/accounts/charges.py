@@ -24,12 +24,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import idempotency
-from ciris_billing.accounts.service import Identity, ensure_account, identity_clause
+from ciris_billing.accounts.service import NO_USES_LEFT, Identity, ensure_account, identity_clause
 from ciris_billing.db import accounts, charges, iso, new_id, utcnow
 from ciris_billing.errors import AccountSuspended, IdempotencyKeyReused, PurchaseRequired
 from ciris_billing.pricing import Pricing
 
-NO_USES_LEFT = "No free uses or credits remaining"
 CHARGES_PATH = "/v1/billing/charges"
 
 
