@@ -54,8 +54,3 @@ class PurchaseRequired(BillingError):
 class IdempotencyKeyReused(BillingError):
     status_code = 409
     code = "idempotency_key_reused"
-
-
-class DatabaseUnavailable(BillingError):
-    status_code = 503
-    code = "database_unavailable"
