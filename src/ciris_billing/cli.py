@@ -16,10 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import auth
 from ciris_billing.accounts import admin
-from ciris_billing.accounts.schemas import IdentityFields
-from ciris_billing.accounts.service import Identity
 from ciris_billing.audit import audit as run_audit
-from ciris_billing.cli_lookup import COMMANDS
+from ciris_billing.cli_lookup import COMMANDS, parse_identity
 from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine, iso
 from ciris_billing.errors import BillingError
@@ -252,14 +250,6 @@ def webhooks_replay() -> None:
         sys.exit(1)
 
 
-def _identity(oauth_provider: str, external_id: str) -> Identity:
-    try:
-        fields = IdentityFields(oauth_provider=oauth_provider, external_id=external_id)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return Identity(fields.oauth_provider, fields.external_id)
-
-
 def _print_json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -300,7 +290,7 @@ def grant(oauth_provider: str, external_id: str, uses: int, reason: str) -> None
     """Grant (or with negative --uses, take back) paid uses, with a reason."""
     if uses == 0:
         raise click.BadParameter("must not be 0", param_hint="--uses")
-    identity = _identity(oauth_provider, external_id)
+    identity = parse_identity((oauth_provider, external_id))
     pricing = Pricing.from_settings(get_settings())
     done = _run_operator(
         _with_connection_async(lambda conn: admin.grant(conn, identity, uses, reason, pricing))
@@ -314,7 +304,7 @@ def grant(oauth_provider: str, external_id: str, uses: int, reason: str) -> None
 @click.option("--reason", default=None)
 def suspend(oauth_provider: str, external_id: str, reason: str | None) -> None:
     """Suspend an account: its charges are refused until reactivated."""
-    identity = _identity(oauth_provider, external_id)
+    identity = parse_identity((oauth_provider, external_id))
     _run_operator(
         _with_connection_async(lambda conn: admin.set_status(conn, identity, "suspended", reason))
     )
@@ -326,7 +316,7 @@ def suspend(oauth_provider: str, external_id: str, reason: str | None) -> None:
 @click.argument("external_id")
 def reactivate(oauth_provider: str, external_id: str) -> None:
     """Reactivate a suspended account."""
-    identity = _identity(oauth_provider, external_id)
+    identity = parse_identity((oauth_provider, external_id))
     _run_operator(
         _with_connection_async(lambda conn: admin.set_status(conn, identity, "active", None))
     )
@@ -339,7 +329,7 @@ def reactivate(oauth_provider: str, external_id: str) -> None:
 @click.confirmation_option(prompt="Erase this account's personal data? The ledger stays.")
 def erase(oauth_provider: str, external_id: str) -> None:
     """Erase an account's personal data (the ledger and its amounts stay)."""
-    identity = _identity(oauth_provider, external_id)
+    identity = parse_identity((oauth_provider, external_id))
     row = _run_operator(_with_connection_async(lambda conn: admin.erase(conn, identity)))
     click.echo(f"Erased personal data of {row.id}.")
 
@@ -349,7 +339,7 @@ def erase(oauth_provider: str, external_id: str) -> None:
 @click.argument("external_id")
 def export(oauth_provider: str, external_id: str) -> None:
     """Everything held about an account, as JSON."""
-    identity = _identity(oauth_provider, external_id)
+    identity = parse_identity((oauth_provider, external_id))
     _print_json(_run_operator(_with_connection_async(lambda conn: admin.export(conn, identity))))
 
 
