@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+from pgbench_scripts import write_scripts
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -333,15 +334,15 @@ def wrk(
 
 
 def pgbench(
-    name: str, db: str, scripts: list[str], connections: int, duration: int, accounts: range
+    name: str, db: str, scripts: list[Path], connections: int, duration: int, accounts: range
 ) -> Row:
-    """pgbench with bench/pgbench/*.sql; latency percentiles from its per-transaction log."""
+    """pgbench with the service's statements; latency percentiles from its per-transaction log."""
     with tempfile.TemporaryDirectory() as logs:
         options = f"-h 127.0.0.1 -U postgres -n -M prepared -c {connections} -j 2 -T {duration}"
         cmd = [PGBENCH, *options.split(), "-l", "--sampling-rate=0.2", f"--log-prefix={logs}/tx"]
         cmd += f"-D provider=oauth:google -D lo={accounts[0]} -D hi={accounts[-1]}".split()
         for script in scripts:
-            cmd += ["-f", f"{BENCH / 'pgbench' / script}@1"]
+            cmd += ["-f", f"{script}@1"]
         with Meter(None) as meter:
             out = run([*cmd, db], timeout=duration + 120)
         fields = (line.split() for log in Path(logs).iterdir() for line in log.open())
@@ -366,15 +367,18 @@ def references(duration: int) -> dict[tuple[str, int], Row]:
     """pgbench on the bench database and the bare hello app: what the service is compared to."""
     refs: dict[tuple[str, int], Row] = {}
     random_accounts, hot = range(1, ACCOUNTS + 1), range(1)
-    for label, scripts, accounts in (
-        ("pgbench check", ["check.sql"], random_accounts),
-        ("pgbench charge", ["charge.sql"], random_accounts),
-        ("pgbench charge hot", ["charge.sql"], hot),
-        ("pgbench mix", ["check.sql", "charge.sql"], random_accounts),
-    ):
-        for c in CONNECTIONS:
-            refs[label, c] = pgbench(label, DB, scripts, c, duration, accounts)
-            print_row(refs[label, c])
+    with tempfile.TemporaryDirectory() as directory:
+        sql = write_scripts(Path(directory))
+        check, charge = sql["check.sql"], sql["charge.sql"]
+        for label, scripts, accounts in (
+            ("pgbench check", [check], random_accounts),
+            ("pgbench charge", [charge], random_accounts),
+            ("pgbench charge hot", [charge], hot),
+            ("pgbench mix", [check, charge], random_accounts),
+        ):
+            for c in CONNECTIONS:
+                refs[label, c] = pgbench(label, DB, scripts, c, duration, accounts)
+                print_row(refs[label, c])
     port = free_port()
     # The service's server settings (cli.py serve): uvloop, httptools, no access log.
     hello = [str(BIN / "python"), "-m", "uvicorn", "hello_app:app", "--app-dir", str(BENCH)]

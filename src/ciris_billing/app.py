@@ -23,9 +23,10 @@ from ciris_billing.accounts.schemas import error_responses
 from ciris_billing.auth import KeyStore
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
-from ciris_billing.db import create_engine
+from ciris_billing.db import create_engine, create_statement_pool
 from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.errors import BillingError
+from ciris_billing.hotpath import HotPath
 from ciris_billing.observability import (
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
+        statements = await create_statement_pool(engine, settings.db_pool_size)
 
         async def deliver(payload: bytes, signature: str) -> None:
             # The sandbox's webhooks enter through the same inbox as Stripe's.
@@ -57,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = AppState(
             settings=settings,
             engine=engine,
+            statements=statements,
             pricing=Pricing.from_settings(settings),
             keys=KeyStore(engine, settings.api_key_cache_seconds),
             provider=provider,
@@ -80,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await provider.aclose()
+            if statements is not None:
+                await statements.close()
             await engine.dispose()
 
     app = FastAPI(
@@ -97,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(checkout_router)
     _add_operational_routes(app)
     _add_error_handlers(app)
+    app.add_middleware(HotPath)  # innermost: the two hot routes without the framework's layers
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app

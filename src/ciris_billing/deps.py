@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import asyncpg
 from fastapi import Depends, Header, Request
 from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -23,6 +24,7 @@ from ciris_billing.ratelimit import TokenBuckets
 class AppState:
     settings: Settings
     engine: AsyncEngine
+    statements: asyncpg.Pool | None  # PostgreSQL: the hot path's statement pool
     pricing: Pricing
     keys: KeyStore
     provider: PaymentProvider
@@ -43,11 +45,16 @@ async def app_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(app_state)]
 
 
+async def authorize(state: AppState, headers: Any, scope: str) -> Principal:
+    """The request's API key, which must hold `scope`; then the key's rate limit."""
+    principal = await state.keys.authenticate(presented_key(headers), scope)
+    state.key_limits.check(principal.key_id, "API key")
+    return principal
+
+
 def require(scope: str) -> Any:
     async def dependency(request: Request, state: StateDep) -> Principal:
-        principal = await state.keys.authenticate(presented_key(request.headers), scope)
-        state.key_limits.check(principal.key_id, "API key")
-        return principal
+        return await authorize(state, request.headers, scope)
 
     dependency.required_scope = scope  # type: ignore[attr-defined]  # read by the security tests
     return Depends(dependency)

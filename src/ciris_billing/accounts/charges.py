@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import case, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import idempotency
 from ciris_billing.accounts.service import NO_USES_LEFT, Identity, ensure_account, identity_clause
-from ciris_billing.db import accounts, charges, iso, new_id, utcnow
+from ciris_billing.db import accounts, charges, fetch_one, iso, new_id, utcnow
 from ciris_billing.errors import AccountSuspended, IdempotencyKeyReused, PurchaseRequired
 from ciris_billing.pricing import Pricing
 
@@ -76,7 +77,7 @@ class Charge:
 
 # $1 provider, $2 external id, $3 uses, $4 idempotency key, $5 charge id, $6 amount, $7 currency,
 # $8 description, $9 metadata (JSON text), $10 request fingerprint, $11 now.
-_CHARGE_SQL = """
+CHARGE_SQL = """
 WITH spent AS (
     UPDATE accounts SET
         last_charge_free_uses =
@@ -105,14 +106,19 @@ SELECT * FROM spent
 
 
 async def charge(
-    engine: AsyncEngine, identity: Identity, request: ChargeRequest, pricing: Pricing
+    engine: AsyncEngine,
+    statements: asyncpg.Pool | None,
+    identity: Identity,
+    request: ChargeRequest,
+    pricing: Pricing,
 ) -> Charge:
-    """Spend `request.uses` and record the charge, or raise 402 / 403 / 409."""
+    """Spend `request.uses` and record the charge, or raise 402 / 403 / 409. `statements` is
+    the PostgreSQL statement pool (None on SQLite)."""
     for _attempt in range(3):
         charge_id, now = new_id("ch"), utcnow()
         fingerprint = request.fingerprint(identity) if request.idempotency_key else None
-        if engine.dialect.name == "postgresql":
-            done = await _one_statement(engine, identity, request, charge_id, fingerprint, now)
+        if statements is not None:
+            done = await _one_statement(statements, identity, request, charge_id, fingerprint, now)
         else:
             done = await _in_transaction(engine, identity, request, charge_id, fingerprint, now)
         if done is not None:
@@ -125,38 +131,30 @@ async def charge(
 
 
 async def _one_statement(
-    engine: AsyncEngine,
+    statements: asyncpg.Pool,
     identity: Identity,
     request: ChargeRequest,
     charge_id: str,
     fingerprint: str | None,
     now: datetime,
 ) -> Charge | None:
-    async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        driver: Any = raw.driver_connection
-        try:
-            row = await driver.fetchrow(
-                _CHARGE_SQL,
-                identity.oauth_provider,
-                identity.external_id,
-                request.uses,
-                request.idempotency_key,
-                charge_id,
-                request.amount_minor,
-                request.currency,
-                request.description,
-                json.dumps(request.metadata, separators=(",", ":")),
-                fingerprint,
-                now,
-            )
-        except Exception as exc:  # the driver's UniqueViolationError: a retried key
-            if getattr(exc, "sqlstate", None) == "23505":
-                return None
-            # The driver failed behind SQLAlchemy's back, so the pool cannot tell whether the
-            # connection survived (a lost one would be handed out again): never reuse it.
-            await conn.invalidate()
-            raise
+    arguments = (
+        identity.oauth_provider,
+        identity.external_id,
+        request.uses,
+        request.idempotency_key,
+        charge_id,
+        request.amount_minor,
+        request.currency,
+        request.description,
+        json.dumps(request.metadata, separators=(",", ":")),
+        fingerprint,
+        now,
+    )
+    try:
+        row = await fetch_one(statements, CHARGE_SQL, arguments)
+    except asyncpg.UniqueViolationError:
+        return None  # a retried key: answered from the row that committed
     return None if row is None else _charge(charge_id, request, row, now)
 
 

@@ -140,7 +140,9 @@ async def get_account(
 async def check_credit(body: CreditCheck, state: StateDep, _key: ReadKey) -> Response:
     """May this user go on? Creates the account (with its free uses) on first sight."""
     state.account_limits.check(f"{body.oauth_provider}/{body.external_id}", "account")
-    status = await service.check_credit(state.engine, identity_of(body), state.pricing)
+    status = await service.check_credit(
+        state.engine, state.statements, identity_of(body), state.pricing
+    )
     CREDIT_CHECKS.labels("true" if status.purchase_required else "false").inc()
     answer: dict[str, Any] = {
         "has_credit": status.has_credit,
@@ -187,7 +189,9 @@ async def create_charge(
         idempotency_key=key,
     )
     try:
-        charge = await charges.charge(state.engine, identity, charge_request, state.pricing)
+        charge = await charges.charge(
+            state.engine, state.statements, identity, charge_request, state.pricing
+        )
     except PurchaseRequired as refused:
         CHARGES.labels("False").inc()
         log.info("charge_refused_purchase_required", oauth_provider=identity.oauth_provider)

@@ -10,10 +10,19 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import asyncpg
 from sqlalchemy import Row, String, cast, func, literal, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ciris_billing.db import accounts, charges, credits, insert_or_ignore, new_id, utcnow
+from ciris_billing.db import (
+    accounts,
+    charges,
+    credits,
+    fetch_one,
+    insert_or_ignore,
+    new_id,
+    utcnow,
+)
 from ciris_billing.errors import AccountNotFound
 from ciris_billing.ledger import write_credit
 from ciris_billing.pricing import Pricing
@@ -150,29 +159,25 @@ def credit_status(account: Any, pricing: Pricing) -> CreditStatus:
     )
 
 
-_CHECK_SQL = """
+CHECK_SQL = """
 SELECT status, status_reason, plan_name, free_uses_remaining, paid_uses_remaining, total_uses
 FROM accounts WHERE oauth_provider = $1 AND external_id = $2
 """
 
 
-async def check_credit(engine: AsyncEngine, identity: Identity, pricing: Pricing) -> CreditStatus:
-    """The hot read. On PostgreSQL one statement straight to the driver, outside any explicit
-    transaction (one round trip); an unknown identity is then created with its free uses."""
+async def check_credit(
+    engine: AsyncEngine, statements: asyncpg.Pool | None, identity: Identity, pricing: Pricing
+) -> CreditStatus:
+    """The hot read. On PostgreSQL one statement on the statement pool (one round trip, no
+    transaction); an unknown identity is then created with its free uses."""
     account: Any
-    async with engine.connect() as conn:
-        if engine.dialect.name == "postgresql":
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
-            try:
-                found = await driver.fetchrow(
-                    _CHECK_SQL, identity.oauth_provider, identity.external_id
-                )
-            except Exception:
-                await conn.invalidate()  # failed behind SQLAlchemy's back: never reuse it
-                raise
-            account = None if found is None else SimpleNamespace(**dict(found))
-        else:
+    if statements is not None:
+        found = await fetch_one(
+            statements, CHECK_SQL, (identity.oauth_provider, identity.external_id)
+        )
+        account = None if found is None else SimpleNamespace(**dict(found))
+    else:
+        async with engine.connect() as conn:
             account = await find_account(conn, identity)
     if account is None:
         async with engine.begin() as conn:
