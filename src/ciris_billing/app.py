@@ -23,7 +23,7 @@ from ciris_billing.accounts.schemas import error_responses
 from ciris_billing.auth import KeyStore
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
-from ciris_billing.db import create_engine, create_statement_pool
+from ciris_billing.db import StatementPool, create_engine
 from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.errors import BillingError
 from ciris_billing.hotpath import HotPath
@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
-        statements = await create_statement_pool(engine, settings.db_pool_size)
+        statements = await StatementPool.open(engine, settings.db_pool_size)
 
         async def deliver(payload: bytes, signature: str) -> None:
             # The sandbox's webhooks enter through the same inbox as Stripe's.

@@ -9,7 +9,7 @@ import secrets
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -28,6 +28,7 @@ from ciris_billing.payments.providers import PaymentConfigurationError, get_paym
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
 from ciris_billing.webhooks import inbox
+from ciris_billing.workers import Supervisor, listening_sockets
 
 T = TypeVar("T")
 
@@ -89,6 +90,9 @@ def _bootstrap_admin_key() -> None:
         )
 
 
+APP = "ciris_billing.app:create_app"
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -122,19 +126,24 @@ def serve(host: str, port: int, workers: int, run_migrations: bool) -> None:
             "*** PAYMENTS ARE IN SANDBOX MODE: test cards only, no real money moves. "
             "Set STRIPE_API_KEY / PAYMENT_PROVIDER=stripe for real payments. ***"
         )
-    uvicorn.run(
-        "ciris_billing.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        access_log=False,
-        log_config=None,
-        server_header=False,
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "access_log": False,
+        "log_config": None,
+        "server_header": False,
         # Longer than clients' idle keep-alive (httpx: 5 s), so a client never reuses a
         # connection the server is closing at that very moment.
-        timeout_keep_alive=15,
-    )
+        "timeout_keep_alive": 15,
+    }
+    if workers == 1:
+        uvicorn.run(APP, **options)
+        return
+    # Each worker on its own SO_REUSEPORT socket, so connections spread evenly (workers.py).
+    config = uvicorn.Config(APP, **options)
+    Supervisor(config, listening_sockets(host, port, workers)).run()
 
 
 @main.group()

@@ -387,48 +387,70 @@ def _replace_closed_connections(engine: AsyncEngine) -> None:
 POOL_TIMEOUT_SECONDS = 30
 
 
-async def create_statement_pool(engine: AsyncEngine, size: int) -> asyncpg.Pool | None:
-    """PostgreSQL only: a plain asyncpg pool for the hot path's single statements (the credit
-    check and the charge), beside the engine's pool, with the engine's connection parameters
-    and timeouts. Taking a connection from it costs no SQLAlchemy checkout and no greenlet."""
-    if engine.dialect.name != "postgresql":
-        return None
-    _args, parameters = engine.dialect.create_connect_args(engine.url)
-    pool: asyncpg.Pool = await asyncpg.create_pool(
-        **parameters,
-        min_size=0,  # connect on demand: the service starts while the database is away
-        max_size=size,
-        timeout=5,
-        command_timeout=30,
-        reset=_keep_session,
-    )
-    return pool
+class StatementPool:
+    """PostgreSQL only: the hot path's single statements (the credit check and the charge) on
+    a plain asyncpg pool beside the engine's, with the engine's connection parameters and
+    timeouts. Taking a connection costs no SQLAlchemy checkout and no greenlet.
+
+    Requests get connections strictly in arrival order: asyncpg's pool hands a released
+    connection to whichever request asks first, and a request that was already waiting goes to
+    the back of the line when a newcomer beats it; under load some requests starved for
+    hundreds of milliseconds (p99). A fair semaphore with one permit per connection admits
+    requests first come, first served, so the pool itself never makes anyone wait.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, size: int) -> None:
+        self._pool = pool
+        self._turns = asyncio.Semaphore(size)
+
+    @classmethod
+    async def open(cls, engine: AsyncEngine, size: int) -> StatementPool | None:
+        """The pool for `engine`'s database, or None when it is not PostgreSQL."""
+        if engine.dialect.name != "postgresql":
+            return None
+        _args, parameters = engine.dialect.create_connect_args(engine.url)
+        pool = await asyncpg.create_pool(
+            **parameters,
+            min_size=0,  # connect on demand: the service starts while the database is away
+            max_size=size,
+            timeout=5,
+            command_timeout=30,
+            reset=_keep_session,
+        )
+        return cls(pool, size)
+
+    async def fetch_one(self, sql: str, args: Sequence[Any]) -> asyncpg.Record | None:
+        """One statement on a pooled connection: its row, or None.
+
+        A connection whose statement failed for any reason other than a constraint is closed
+        rather than reused: the pool cannot tell a connection that survived from a lost one,
+        and replaces closed connections with new ones.
+        """
+        # asyncio.timeout rather than acquire(timeout=...): asyncpg implements that with
+        # wait_for, a task per request, which cost a sixth of the throughput (measured).
+        async with asyncio.timeout(POOL_TIMEOUT_SECONDS):
+            await self._turns.acquire()
+        try:
+            async with asyncio.timeout(POOL_TIMEOUT_SECONDS):
+                conn = await self._pool.acquire()
+            try:
+                row: asyncpg.Record | None = await conn.fetchrow(sql, *args)
+            except asyncpg.IntegrityConstraintViolationError:
+                raise
+            except BaseException:
+                conn.terminate()
+                raise
+            finally:
+                await self._pool.release(conn)
+        finally:
+            self._turns.release()
+        return row
+
+    async def close(self) -> None:
+        await self._pool.close()
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:
     """Released connections are not reset: asyncpg's default reset is one more round trip per
     request, and the statements sent through this pool are single autocommit statements that
     leave no session state behind (no transaction, SET, LISTEN, cursor or advisory lock)."""
-
-
-async def fetch_one(pool: asyncpg.Pool, sql: str, args: Sequence[Any]) -> asyncpg.Record | None:
-    """One statement on a pooled connection: its row, or None.
-
-    A connection whose statement failed for any reason other than a constraint is closed
-    rather than reused: the pool cannot tell a connection that survived from a lost one, and
-    replaces closed connections with new ones.
-    """
-    # asyncio.timeout rather than acquire(timeout=...): asyncpg implements that with wait_for,
-    # a task per request, which cost a sixth of the throughput at 64 connections (measured).
-    async with asyncio.timeout(POOL_TIMEOUT_SECONDS):
-        conn = await pool.acquire()
-    try:
-        row: asyncpg.Record | None = await conn.fetchrow(sql, *args)
-    except asyncpg.IntegrityConstraintViolationError:
-        raise
-    except BaseException:
-        conn.terminate()
-        raise
-    finally:
-        await pool.release(conn)
-    return row

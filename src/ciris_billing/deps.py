@@ -7,7 +7,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import asyncpg
 from fastapi import Depends, Header, Request
 from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -15,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ciris_billing import idempotency
 from ciris_billing.auth import KeyStore, Principal, presented_key
 from ciris_billing.config import Settings
+from ciris_billing.db import StatementPool
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
 from ciris_billing.ratelimit import TokenBuckets
@@ -24,7 +24,7 @@ from ciris_billing.ratelimit import TokenBuckets
 class AppState:
     settings: Settings
     engine: AsyncEngine
-    statements: asyncpg.Pool | None  # PostgreSQL: the hot path's statement pool
+    statements: StatementPool | None  # PostgreSQL: the hot path's statement pool
     pricing: Pricing
     keys: KeyStore
     provider: PaymentProvider

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import idempotency
 from ciris_billing.accounts.service import NO_USES_LEFT, Identity, ensure_account, identity_clause
-from ciris_billing.db import accounts, charges, fetch_one, iso, new_id, utcnow
+from ciris_billing.db import StatementPool, accounts, charges, iso, new_id, utcnow
 from ciris_billing.errors import AccountSuspended, IdempotencyKeyReused, PurchaseRequired
 from ciris_billing.pricing import Pricing
 
@@ -107,7 +107,7 @@ SELECT * FROM spent
 
 async def charge(
     engine: AsyncEngine,
-    statements: asyncpg.Pool | None,
+    statements: StatementPool | None,
     identity: Identity,
     request: ChargeRequest,
     pricing: Pricing,
@@ -131,7 +131,7 @@ async def charge(
 
 
 async def _one_statement(
-    statements: asyncpg.Pool,
+    statements: StatementPool,
     identity: Identity,
     request: ChargeRequest,
     charge_id: str,
@@ -152,7 +152,7 @@ async def _one_statement(
         now,
     )
     try:
-        row = await fetch_one(statements, CHARGE_SQL, arguments)
+        row = await statements.fetch_one(CHARGE_SQL, arguments)
     except asyncpg.UniqueViolationError:
         return None  # a retried key: answered from the row that committed
     return None if row is None else _charge(charge_id, request, row, now)

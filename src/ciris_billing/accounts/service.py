@@ -10,15 +10,14 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-import asyncpg
 from sqlalchemy import Row, String, cast, func, literal, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing.db import (
+    StatementPool,
     accounts,
     charges,
     credits,
-    fetch_one,
     insert_or_ignore,
     new_id,
     utcnow,
@@ -166,14 +165,14 @@ FROM accounts WHERE oauth_provider = $1 AND external_id = $2
 
 
 async def check_credit(
-    engine: AsyncEngine, statements: asyncpg.Pool | None, identity: Identity, pricing: Pricing
+    engine: AsyncEngine, statements: StatementPool | None, identity: Identity, pricing: Pricing
 ) -> CreditStatus:
     """The hot read. On PostgreSQL one statement on the statement pool (one round trip, no
     transaction); an unknown identity is then created with its free uses."""
     account: Any
     if statements is not None:
-        found = await fetch_one(
-            statements, CHECK_SQL, (identity.oauth_provider, identity.external_id)
+        found = await statements.fetch_one(
+            CHECK_SQL, (identity.oauth_provider, identity.external_id)
         )
         account = None if found is None else SimpleNamespace(**dict(found))
     else:
