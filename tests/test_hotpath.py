@@ -1,7 +1,7 @@
 """The hot path (hotpath.py) answers credit checks and charges exactly as FastAPI's routes do.
 
-Two apps share one database: the service as it runs, and the same app with the hot path taken
-out of its middleware. Every request below goes to both (each for its own user) and the two
+Two apps share one database: the service as it runs, and the same app built with
+`hot_path=False`. Every request below goes to both (each for its own user) and the two
 answers must be the same: status, body (ids and times aside) and the headers that carry meaning.
 """
 
@@ -18,7 +18,6 @@ from fastapi import FastAPI
 
 from ciris_billing import auth
 from ciris_billing.app import create_app
-from ciris_billing.hotpath import HotPath
 from tests.conftest import make_settings
 
 CHECK = "/v1/billing/credits/check"
@@ -89,22 +88,10 @@ def _masked(value: Any, side: str) -> Any:
     return value
 
 
-def _has_hot_path(app: FastAPI) -> bool:
-    classes: list[object] = [m.cls for m in app.user_middleware]
-    return HotPath in classes
-
-
-def _without_hot_path(app: FastAPI) -> FastAPI:
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not HotPath]  # type: ignore[comparison-overlap]
-    assert not _has_hot_path(app)
-    return app
-
-
 @pytest.fixture
 async def twins(database_url: str) -> AsyncIterator[Twins]:
     settings = make_settings(database_url, rate_limit_account_per_minute=60_000)
-    fast_app, framework_app = create_app(settings), _without_hot_path(create_app(settings))
-    assert _has_hot_path(fast_app)
+    fast_app, framework_app = create_app(settings), create_app(settings, hot_path=False)
     async with (
         fast_app.router.lifespan_context(fast_app),
         framework_app.router.lifespan_context(framework_app),

@@ -2,14 +2,16 @@
 
 Agents make these two requests on every interaction. Profiled under load, FastAPI's routing,
 dependency solving and per-request exception plumbing took more Python time than the check
-itself, so this ASGI middleware (innermost of ours: request ids, latency metric and the body
-limit still wrap it) serves the two routes directly. It changes nothing about what they do:
+itself, so this ASGI layer, in front of the framework (app.py BillingApp: request ids, the
+latency metric and the body limit still wrap it), serves the two routes directly. It changes
+nothing about what they do:
 
 - the body is validated with the route's own pydantic model, exactly as FastAPI would (JSON
   content types only, parsed with `json.loads`);
 - the API key goes through the same `authorize` as the routes' dependency (scope, rate limit);
 - the route's own endpoint function runs, with its own rate limits, metrics, logs and rendering;
-- errors are rendered by the app's own exception handlers.
+- errors are rendered by the app's own exception handlers (an error none handles reaches the
+  server, which answers 500, as it would from inside the framework).
 
 Anything it does not handle whole — another route or method, a non-JSON content type, a body
 that is not valid for the model — goes on to FastAPI unchanged, with the body replayed, and is
@@ -67,10 +69,12 @@ _ROUTES: dict[str, _Route] = {
 
 
 class HotPath:
-    """Serves POST credit checks and charges directly; hands everything else to `app`."""
+    """Serves POST credit checks and charges directly; hands everything else to `app`, the
+    framework's entry point of `billing` (whose state and exception handlers it uses)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, billing: FastAPI) -> None:
         self.app = app
+        self.billing = billing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = _ROUTES.get(scope["path"]) if scope["type"] == "http" else None
@@ -87,13 +91,12 @@ class HotPath:
         if parsed is None:
             await self.app(scope, _replaying(received, receive), send)
             return
-        app: FastAPI = scope["app"]
         scope["route"] = route
         request = Request(scope, receive)
         try:
-            response = await route.endpoint(parsed, request, app.state.billing, headers)
+            response = await route.endpoint(parsed, request, self.billing.state.billing, headers)
         except Exception as exc:
-            response = await _handled(app, request, exc)
+            response = await _handled(self.billing, request, exc)
         await response(scope, receive, send)
 
 
