@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 import time
-import uuid
 from typing import Any, TextIO
 
 import structlog
@@ -102,7 +102,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        request_id = _incoming_request_id(scope) or secrets.token_hex(16)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
