@@ -1,7 +1,7 @@
 """pgbench scripts made from the service's own statements, so the reference can never drift.
 
 The service sends its credit check (`accounts/service.py` CHECK_SQL) and its charge
-(`accounts/charges.py` CHARGE_SQL: one statement, autocommit) with $n parameters; pgbench gets
+(`accounts/charge_writer.py` CHARGE_SQL: one statement, autocommit) with $n parameters; pgbench gets
 the same text with each parameter replaced by the value a bench request carries.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ciris_billing.accounts.charges import CHARGE_SQL
+from ciris_billing.accounts.charge_writer import CHARGE_SQL
 from ciris_billing.accounts.service import CHECK_SQL
 
 # pgbench draws :n per transaction; the seeded identities are bench-<n>@example.com. The

@@ -383,12 +383,16 @@ class ServiceProcesses:
         )
         return len(self._sockets_of(pid) & pending)
 
-    def busiest_worker(self, server_port: int) -> int:
-        """The worker holding the most client connections to `server_port` right now."""
+    def connections_per_worker(self, server_port: int) -> dict[int, int]:
+        """How many client connections to `server_port` each worker holds right now."""
         established = _tcp_inodes(
             lambda local, state, _unread: local == server_port and state == "01"
         )
-        counts = {pid: len(self._sockets_of(pid) & established) for pid in self.workers()}
+        return {pid: len(self._sockets_of(pid) & established) for pid in self.workers()}
+
+    def busiest_worker(self, server_port: int) -> int:
+        """The worker holding the most client connections to `server_port` right now."""
+        counts = self.connections_per_worker(server_port)
         return max(counts, key=lambda pid: counts[pid])
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 
 from tests.conftest import _truncate
+from tests.faults import ServiceProcesses
 from tests.servers import cli, create_key, running_service, service_env
 
 
@@ -50,3 +53,27 @@ async def test_two_workers_100_charges_23_uses(postgres_url: str, tmp_path: Path
     audited = cli(env, "audit")
     assert audited.returncode == 0, audited.stdout + audited.stderr
     assert "Audited 2 accounts: clean." in audited.stdout
+
+
+def test_connections_opened_at_once_spread_over_the_workers(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Each worker listens on its own socket (workers.py), so 40 connections opened at once
+    land on both workers rather than mostly on whichever woke first."""
+    log_path = tmp_path / "server.log"
+    with running_service(service_env(postgres_url), log_path, workers=2) as base:
+        processes = ServiceProcesses.from_log(log_path)
+        processes.wait_for_workers(2)
+        port = int(base.rsplit(":", 1)[1])
+        with ExitStack() as stack:
+            clients = [
+                stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+                for _ in range(40)
+            ]
+            for client in clients:  # answered: the connection is in a worker's hands
+                client.sendall(b"GET /health HTTP/1.1\r\nHost: billing\r\n\r\n")
+                assert client.recv(4096).startswith(b"HTTP/1.1 200")
+            counts = processes.connections_per_worker(port)
+    assert sum(counts.values()) == 40, counts
+    # Spread by hash: fewer than 8 of 40 on one worker has odds of about 1 in 100,000.
+    assert min(counts.values()) >= 8, counts

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ciris_billing import __version__
 from ciris_billing.accounts.admin_routes import router as admin_router
+from ciris_billing.accounts.charge_writer import ChargeWriter
 from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.accounts.schemas import error_responses
 from ciris_billing.auth import KeyStore
@@ -41,6 +42,10 @@ from ciris_billing.pricing import Pricing
 from ciris_billing.ratelimit import TokenBuckets
 from ciris_billing.webhooks import inbox
 from ciris_billing.webhooks.routes import router as webhooks_router
+
+# Charge statements in flight at once per worker (the rest wait and go out batched). Measured
+# at 64 connections: 2, 4 and 10 lanes gave the same throughput; 4 kept p99 lowest at 8.
+CHARGE_LANES = 4
 
 
 class BillingApp(FastAPI):
@@ -80,6 +85,11 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             settings=settings,
             engine=engine,
             statements=statements,
+            charge_writer=(
+                None
+                if statements is None
+                else ChargeWriter(statements, min(CHARGE_LANES, settings.db_pool_size))
+            ),
             pricing=Pricing.from_settings(settings),
             keys=KeyStore(engine, settings.api_key_cache_seconds),
             provider=provider,

@@ -393,6 +393,10 @@ def _replace_closed_connections(engine: AsyncEngine) -> None:
 POOL_TIMEOUT_SECONDS = 30
 
 
+class DuplicateKey(Exception):
+    """A statement broke a unique constraint (the driver's error, kept inside this module)."""
+
+
 class StatementPool:
     """PostgreSQL only: the hot path's single statements (the credit check and the charge) on
     a plain asyncpg pool beside the engine's, with the engine's connection parameters and
@@ -426,12 +430,20 @@ class StatementPool:
         return cls(pool, size)
 
     async def fetch_one(self, sql: str, args: Sequence[Any]) -> asyncpg.Record | None:
-        """One statement on a pooled connection: its row, or None.
+        """One statement on a pooled connection: its row, or None; DuplicateKey when it broke
+        a unique constraint."""
+        row: asyncpg.Record | None = await self._run("fetchrow", sql, args)
+        return row
 
-        A connection whose statement failed for any reason other than a constraint is closed
+    async def fetch_all(self, sql: str, args: Sequence[Any]) -> list[asyncpg.Record]:
+        """One statement on a pooled connection: its rows; DuplicateKey as above."""
+        rows: list[asyncpg.Record] = await self._run("fetch", sql, args)
+        return rows
+
+    async def _run(self, method: str, sql: str, args: Sequence[Any]) -> Any:
+        """A connection whose statement failed for any reason other than a constraint is closed
         rather than reused: the pool cannot tell a connection that survived from a lost one,
-        and replaces closed connections with new ones.
-        """
+        and replaces closed connections with new ones."""
         if self._turns.locked():  # all connections busy: wait for a turn, within bounds
             async with asyncio.timeout(POOL_TIMEOUT_SECONDS):
                 await self._turns.acquire()
@@ -444,7 +456,9 @@ class StatementPool:
             # throughput).
             conn = await self._pool.acquire()
             try:
-                row: asyncpg.Record | None = await conn.fetchrow(sql, *args)
+                return await getattr(conn, method)(sql, *args)
+            except asyncpg.UniqueViolationError as exc:
+                raise DuplicateKey(str(exc)) from exc  # the connection is fine
             except asyncpg.IntegrityConstraintViolationError:
                 raise
             except BaseException:
@@ -454,7 +468,6 @@ class StatementPool:
                 await self._pool.release(conn)
         finally:
             self._turns.release()
-        return row
 
     async def close(self) -> None:
         await self._pool.close()

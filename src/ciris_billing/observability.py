@@ -35,6 +35,11 @@ WEBHOOK_EVENTS = Counter(
     "Webhook events by type and outcome",
     ["provider", "type", "outcome"],
 )
+CHARGE_BATCH_SIZE = Histogram(
+    "billing_charge_batch_size",
+    "Charges written by one statement (PostgreSQL; those that queued up go out together)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 HTTP_LATENCY = Histogram(
     "billing_http_request_duration_seconds",
     "HTTP request latency by route template",

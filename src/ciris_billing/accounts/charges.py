@@ -2,8 +2,9 @@
 
 On PostgreSQL a charge is ONE statement (an UPDATE feeding an INSERT through a CTE) sent
 straight to the driver outside any explicit transaction: one round trip, atomic by itself, and
-the account row is locked only for that statement. Elsewhere (SQLite) the same UPDATE and INSERT
-run in one transaction. Either way:
+the account row is locked only for that statement; charges that queue up together go out as one
+such statement (charge_writer.py). Elsewhere (SQLite) the same UPDATE and INSERT run in one
+transaction. Either way:
 - the UPDATE re-checks the balance on the locked row, so no use is ever spent twice and no
   counter goes below zero (no read-modify-write in Python);
 - the charge's idempotency key is unique on `charges`, so of two requests with one key only one
@@ -19,14 +20,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 from sqlalchemy import case, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import idempotency
+from ciris_billing.accounts.charge_writer import ChargeWriter
 from ciris_billing.accounts.service import NO_USES_LEFT, Identity, ensure_account, identity_clause
-from ciris_billing.db import StatementPool, accounts, charges, iso, new_id, utcnow
+from ciris_billing.db import DuplicateKey, accounts, charges, iso, new_id, utcnow
 from ciris_billing.errors import AccountSuspended, IdempotencyKeyReused, PurchaseRequired
 from ciris_billing.pricing import Pricing
 
@@ -75,50 +76,20 @@ class Charge:
     replayed: bool = False
 
 
-# $1 provider, $2 external id, $3 uses, $4 idempotency key, $5 charge id, $6 amount, $7 currency,
-# $8 description, $9 metadata (JSON text), $10 request fingerprint, $11 now.
-CHARGE_SQL = """
-WITH spent AS (
-    UPDATE accounts SET
-        last_charge_free_uses =
-            CASE WHEN free_uses_remaining >= $3 THEN $3 ELSE free_uses_remaining END,
-        free_uses_remaining =
-            CASE WHEN free_uses_remaining >= $3 THEN free_uses_remaining - $3 ELSE 0 END,
-        paid_uses_remaining = CASE WHEN free_uses_remaining >= $3 THEN paid_uses_remaining
-            ELSE paid_uses_remaining - ($3 - free_uses_remaining) END,
-        total_uses = total_uses + $3,
-        updated_at = $11
-    WHERE oauth_provider = $1 AND external_id = $2 AND status = 'active'
-      AND free_uses_remaining + paid_uses_remaining >= $3
-      AND ($4::text IS NULL OR NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $4))
-    RETURNING id, free_uses_remaining, paid_uses_remaining, total_uses,
-              last_charge_free_uses, plan_name
-), recorded AS (
-    INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
-                         currency, description, metadata, idempotency_key, request_fingerprint,
-                         free_uses_after, paid_uses_after, total_uses_after, created_at)
-    SELECT $5, id, $3, last_charge_free_uses, $3 - last_charge_free_uses, $6, $7, $8, $9::json,
-           $4, $10, free_uses_remaining, paid_uses_remaining, total_uses, $11
-    FROM spent
-)
-SELECT * FROM spent
-"""
-
-
 async def charge(
     engine: AsyncEngine,
-    statements: StatementPool | None,
+    writer: ChargeWriter | None,
     identity: Identity,
     request: ChargeRequest,
     pricing: Pricing,
 ) -> Charge:
-    """Spend `request.uses` and record the charge, or raise 402 / 403 / 409. `statements` is
-    the PostgreSQL statement pool (None on SQLite)."""
+    """Spend `request.uses` and record the charge, or raise 402 / 403 / 409. `writer` sends
+    charges on PostgreSQL (None on SQLite)."""
     for _attempt in range(3):
         charge_id, now = new_id("ch"), utcnow()
         fingerprint = request.fingerprint(identity) if request.idempotency_key else None
-        if statements is not None:
-            done = await _one_statement(statements, identity, request, charge_id, fingerprint, now)
+        if writer is not None:
+            done = await _one_statement(writer, identity, request, charge_id, fingerprint, now)
         else:
             done = await _in_transaction(engine, identity, request, charge_id, fingerprint, now)
         if done is not None:
@@ -131,29 +102,28 @@ async def charge(
 
 
 async def _one_statement(
-    statements: StatementPool,
+    writer: ChargeWriter,
     identity: Identity,
     request: ChargeRequest,
     charge_id: str,
     fingerprint: str | None,
     now: datetime,
 ) -> Charge | None:
-    arguments = (
-        identity.oauth_provider,
-        identity.external_id,
-        request.uses,
-        request.idempotency_key,
-        charge_id,
-        request.amount_minor,
-        request.currency,
-        request.description,
-        json.dumps(request.metadata, separators=(",", ":")),
-        fingerprint,
-        now,
-    )
     try:
-        row = await statements.fetch_one(CHARGE_SQL, arguments)
-    except asyncpg.UniqueViolationError:
+        row = await writer.charge(
+            identity.oauth_provider,
+            identity.external_id,
+            request.uses,
+            request.idempotency_key,
+            charge_id,
+            request.amount_minor,
+            request.currency,
+            request.description,
+            json.dumps(request.metadata, separators=(",", ":")),
+            fingerprint,
+            now,
+        )
+    except DuplicateKey:
         return None  # a retried key: answered from the row that committed
     return None if row is None else _charge(charge_id, request, row, now)
 

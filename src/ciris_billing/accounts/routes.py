@@ -190,7 +190,7 @@ async def create_charge(
     )
     try:
         charge = await charges.charge(
-            state.engine, state.statements, identity, charge_request, state.pricing
+            state.engine, state.charge_writer, identity, charge_request, state.pricing
         )
     except PurchaseRequired as refused:
         CHARGES.labels("False").inc()
