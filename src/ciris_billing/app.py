@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ciris_billing import __version__
+from ciris_billing.accounts.account_reader import AccountReader
 from ciris_billing.accounts.admin_routes import router as admin_router
 from ciris_billing.accounts.charge_writer import ChargeWriter
 from ciris_billing.accounts.routes import router as accounts_router
@@ -43,9 +44,10 @@ from ciris_billing.ratelimit import TokenBuckets
 from ciris_billing.webhooks import inbox
 from ciris_billing.webhooks.routes import router as webhooks_router
 
-# Charge statements in flight at once per worker (the rest wait and go out batched). Measured
-# at 64 connections: 2, 4 and 10 lanes gave the same throughput; 4 kept p99 lowest at 8.
-CHARGE_LANES = 4
+# Statements of each hot kind (check, charge) in flight at once per worker; requests beyond
+# wait and go out batched (lanes.py). Measured for charges at 64 connections: 2, 4 and 10
+# lanes gave the same throughput, 4 the lowest p99 at 8 connections.
+LANES = 4
 
 
 class BillingApp(FastAPI):
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
         statements = await StatementPool.open(engine, settings.db_pool_size)
+        lanes = min(LANES, settings.db_pool_size)
 
         async def deliver(payload: bytes, signature: str) -> None:
             # The sandbox's webhooks enter through the same inbox as Stripe's.
@@ -85,11 +88,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             settings=settings,
             engine=engine,
             statements=statements,
-            charge_writer=(
-                None
-                if statements is None
-                else ChargeWriter(statements, min(CHARGE_LANES, settings.db_pool_size))
-            ),
+            account_reader=None if statements is None else AccountReader(statements, lanes),
+            charge_writer=None if statements is None else ChargeWriter(statements, lanes),
             pricing=Pricing.from_settings(settings),
             keys=KeyStore(engine, settings.api_key_cache_seconds),
             provider=provider,

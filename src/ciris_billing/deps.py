@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import idempotency
+from ciris_billing.accounts.account_reader import AccountReader
 from ciris_billing.accounts.charge_writer import ChargeWriter
 from ciris_billing.auth import KeyStore, Principal, presented_key
 from ciris_billing.config import Settings
@@ -26,7 +27,8 @@ class AppState:
     settings: Settings
     engine: AsyncEngine
     statements: StatementPool | None  # PostgreSQL: the hot path's statement pool
-    charge_writer: ChargeWriter | None  # PostgreSQL: sends charges through that pool
+    account_reader: AccountReader | None  # PostgreSQL: credit checks' reads, through that pool
+    charge_writer: ChargeWriter | None  # PostgreSQL: charges, through that pool
     pricing: Pricing
     keys: KeyStore
     provider: PaymentProvider

@@ -35,9 +35,10 @@ WEBHOOK_EVENTS = Counter(
     "Webhook events by type and outcome",
     ["provider", "type", "outcome"],
 )
-CHARGE_BATCH_SIZE = Histogram(
-    "billing_charge_batch_size",
-    "Charges written by one statement (PostgreSQL; those that queued up go out together)",
+BATCH_SIZE = Histogram(
+    "billing_batch_size",
+    "Requests served by one hot-path statement (PostgreSQL: those that queued up go together)",
+    ["statement"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 HTTP_LATENCY = Histogram(

@@ -1,5 +1,5 @@
-"""Writing charges on PostgreSQL: one statement per charge, and charges that arrive together
-written together.
+"""Writing charges on PostgreSQL: one statement per charge, and charges that queue up written
+together (lanes.py).
 
 A charge is one statement (CHARGE_SQL): the conditional UPDATE of the account feeds the INSERT
 of the ledger row through a CTE, so it deducts only what is there and the row is written in the
@@ -15,21 +15,15 @@ WHERE clause is per row), so the outcome for each charge is what it would be alo
   no row, and its request takes the slow path as a single charge would;
 - if the batch fails on a unique key (a retried idempotency key racing its twin), its charges
   are sent again one by one, each getting its own answer; any other failure is every member's.
-
-Nothing is delayed to form a batch: a charge goes out at once when a lane is free; batches form
-only from charges that arrived while all lanes were busy.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from ciris_billing.db import DuplicateKey, StatementPool
-from ciris_billing.observability import CHARGE_BATCH_SIZE
+from ciris_billing.lanes import Lanes, Waiting
 
 # $1 provider, $2 external id, $3 uses, $4 idempotency key, $5 charge id, $6 amount, $7 currency,
 # $8 description, $9 metadata (JSON text), $10 request fingerprint, $11 now.
@@ -101,35 +95,13 @@ SELECT charge_id, id, free_uses_remaining, paid_uses_remaining, total_uses,
 FROM spent
 """
 
-MAX_BATCH = 64
 
-
-@dataclass(slots=True)
-class _Waiting:
-    arguments: tuple[Any, ...]  # CHARGE_SQL's, in order
-    answer: asyncio.Future[Any] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-    @property
-    def account(self) -> tuple[str, str]:
-        return self.arguments[0], self.arguments[1]
-
-    @property
-    def charge_id(self) -> str:
-        charge_id: str = self.arguments[4]
-        return charge_id
-
-
-class ChargeWriter:
-    """Sends charges through `lanes` concurrent statements at most, batching those that wait."""
+class ChargeWriter(Lanes):
+    """Sends charges through a few concurrent statements, batching those that wait."""
 
     def __init__(self, statements: StatementPool, lanes: int) -> None:
+        super().__init__("charge", lanes)
         self._statements = statements
-        self._lanes = lanes
-        self._busy = 0
-        self._waiting: deque[_Waiting] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def charge(
         self,
@@ -147,68 +119,22 @@ class ChargeWriter:
     ) -> Any:
         """The account's row after the charge (id, counters, plan_name), or None when it was
         not made; DuplicateKey when its idempotency key was already taken."""
-        waiting = _Waiting(
-            (
-                provider,
-                external_id,
-                uses,
-                idempotency_key,
-                charge_id,
-                amount_minor,
-                currency,
-                description,
-                metadata_json,
-                fingerprint,
-                now,
-            )
+        arguments = (
+            provider,
+            external_id,
+            uses,
+            idempotency_key,
+            charge_id,
+            amount_minor,
+            currency,
+            description,
+            metadata_json,
+            fingerprint,
+            now,
         )
-        self._waiting.append(waiting)
-        if self._busy < self._lanes:
-            self._busy += 1
-            task = _loop().create_task(self._lane())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await waiting.answer
+        return await self.submit((provider, external_id), arguments)
 
-    async def _lane(self) -> None:
-        try:
-            while self._waiting:
-                await self._send(self._next_batch())
-        finally:
-            self._busy -= 1
-
-    async def _send(self, batch: list[_Waiting]) -> None:
-        """Answer every charge of the batch: its row, None, or the error that stopped it."""
-        CHARGE_BATCH_SIZE.observe(len(batch))
-        try:
-            if len(batch) == 1:
-                await self._send_one(batch[0])
-            else:
-                await self._send_many(batch)
-        except asyncio.CancelledError:
-            for waiting in batch:
-                _fail(waiting, asyncio.CancelledError())
-            raise
-        except Exception as exc:  # answered to each waiting request, which raises it
-            for waiting in batch:
-                _fail(waiting, exc)
-
-    def _next_batch(self) -> list[_Waiting]:
-        """The oldest waiting charges, at most one per account (the others keep their place)."""
-        batch: list[_Waiting] = []
-        accounts: set[tuple[str, str]] = set()
-        kept: list[_Waiting] = []
-        while self._waiting and len(batch) < MAX_BATCH:
-            waiting = self._waiting.popleft()
-            if waiting.account in accounts:
-                kept.append(waiting)
-            else:
-                accounts.add(waiting.account)
-                batch.append(waiting)
-        self._waiting.extendleft(reversed(kept))
-        return batch
-
-    async def _send_many(self, batch: list[_Waiting]) -> None:
+    async def _send_many(self, batch: list[Waiting]) -> None:
         columns = [list(column) for column in zip(*(w.arguments for w in batch), strict=True)]
         try:
             rows = await self._statements.fetch_all(BATCH_SQL, columns)
@@ -218,30 +144,12 @@ class ChargeWriter:
             return
         made = {row["charge_id"]: row for row in rows}
         for waiting in batch:
-            _answer(waiting, made.get(waiting.charge_id))
+            waiting.settle(made.get(waiting.arguments[4]))  # by charge id
 
-    async def _send_one(self, waiting: _Waiting) -> None:
+    async def _send_one(self, waiting: Waiting) -> None:
         try:
             row = await self._statements.fetch_one(CHARGE_SQL, waiting.arguments)
         except DuplicateKey as exc:
-            _fail(waiting, exc)
+            waiting.fail(exc)
             return
-        _answer(waiting, row)
-
-
-def _loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()
-
-
-def _answer(waiting: _Waiting, row: Any) -> None:
-    if not waiting.answer.done():  # a request that went away no longer waits
-        waiting.answer.set_result(row)
-
-
-def _fail(waiting: _Waiting, exc: BaseException) -> None:
-    if waiting.answer.done():
-        return
-    if isinstance(exc, asyncio.CancelledError):
-        waiting.answer.cancel()
-    else:
-        waiting.answer.set_exception(exc)
+        waiting.settle(row)

@@ -141,7 +141,7 @@ async def check_credit(body: CreditCheck, state: StateDep, _key: ReadKey) -> Res
     """May this user go on? Creates the account (with its free uses) on first sight."""
     state.account_limits.check(f"{body.oauth_provider}/{body.external_id}", "account")
     status = await service.check_credit(
-        state.engine, state.statements, identity_of(body), state.pricing
+        state.engine, state.account_reader, identity_of(body), state.pricing
     )
     CREDIT_CHECKS.labels("true" if status.purchase_required else "false").inc()
     answer: dict[str, Any] = {

@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import Row, String, cast, func, literal, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ciris_billing.accounts.account_reader import AccountReader
 from ciris_billing.db import (
-    StatementPool,
     accounts,
     charges,
     credits,
@@ -158,22 +158,15 @@ def credit_status(account: Any, pricing: Pricing) -> CreditStatus:
     )
 
 
-CHECK_SQL = """
-SELECT status, status_reason, plan_name, free_uses_remaining, paid_uses_remaining, total_uses
-FROM accounts WHERE oauth_provider = $1 AND external_id = $2
-"""
-
-
 async def check_credit(
-    engine: AsyncEngine, statements: StatementPool | None, identity: Identity, pricing: Pricing
+    engine: AsyncEngine, reader: AccountReader | None, identity: Identity, pricing: Pricing
 ) -> CreditStatus:
-    """The hot read. On PostgreSQL one statement on the statement pool (one round trip, no
-    transaction); an unknown identity is then created with its free uses."""
+    """The hot read. On PostgreSQL one statement through the reader (one round trip, no
+    transaction, batched with others under load); an unknown identity is then created with its
+    free uses."""
     account: Any
-    if statements is not None:
-        found = await statements.fetch_one(
-            CHECK_SQL, (identity.oauth_provider, identity.external_id)
-        )
+    if reader is not None:
+        found = await reader.read(identity.oauth_provider, identity.external_id)
         account = None if found is None else SimpleNamespace(**dict(found))
     else:
         async with engine.connect() as conn:

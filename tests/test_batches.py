@@ -1,7 +1,8 @@
-"""Charges that queue up are written together (charge_writer.py), and each one's outcome is
-what it would have been alone. PostgreSQL only (batching is how charges reach it); one lane
-(DB_POOL_SIZE=1), so concurrent charges must queue and go out in batches. No free uses
-(FREE_USES_PER_ACCOUNT=0): every account has exactly the paid uses it is given.
+"""Checks and charges that queue up go out together (lanes.py: account_reader.py,
+charge_writer.py), and each one's outcome is what it would have been alone. PostgreSQL only
+(batching is how the hot path reaches it); one lane (DB_POOL_SIZE=1), so concurrent requests
+must queue and go out in batches. No free uses (FREE_USES_PER_ACCOUNT=0): every account has
+exactly the paid uses it is given.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 
 from ciris_billing import auth
 from ciris_billing.app import create_app
-from ciris_billing.observability import CHARGE_BATCH_SIZE
+from ciris_billing.observability import BATCH_SIZE
 from tests.conftest import Api, _truncate, make_settings
 
 CHARGES = "/v1/billing/charges"
@@ -43,12 +44,12 @@ def user(n: int | str) -> dict[str, Any]:
     return {"oauth_provider": "oauth:google", "external_id": f"batch-{n}@example.com"}
 
 
-def batches_of_more_than_one() -> float:
-    """How many multi-charge batches this process has written so far (the histogram)."""
+def batches_of_more_than_one(statement: str = "charge") -> float:
+    """How many batches of more than one this process has sent so far (the histogram)."""
     buckets: dict[str, float] = {}
-    for metric in CHARGE_BATCH_SIZE.collect():
+    for metric in BATCH_SIZE.collect():
         for sample in metric.samples:
-            if sample.name.endswith("_bucket"):
+            if sample.name.endswith("_bucket") and sample.labels["statement"] == statement:
                 buckets[sample.labels["le"]] = float(sample.value)
     return buckets["+Inf"] - buckets["1.0"]
 
@@ -150,5 +151,35 @@ async def test_one_key_for_two_accounts_in_one_batch(one_lane: Api) -> None:
     assert sorted(statuses[1:3]) == [201, 409], statuses
     assert statuses[0] == 201, statuses
     assert statuses[3:] == [201] * 6, statuses
+    report = await one_lane.audit()
+    assert report.clean, report
+
+
+async def test_each_check_of_a_batch_reads_its_own_account(one_lane: Api) -> None:
+    for n in range(10):
+        await one_lane.post("/v1/billing/accounts", {**user(n), "initial_balance_minor": n})
+    await one_lane.post("/v1/billing/accounts", user("suspended"))
+    await one_lane.post(
+        "/v1/billing/accounts/oauth:google/batch-suspended@example.com/suspend",
+        {"reason": "test"},
+        scope="admin",
+    )
+    before = batches_of_more_than_one("check")
+    asked = [*range(10), *range(10), "new-1", "new-2", "new-1", "suspended"]
+    answers = await asyncio.gather(
+        *(one_lane.post("/v1/billing/credits/check", user(n), scope="read") for n in asked)
+    )
+    assert batches_of_more_than_one("check") > before, "the reads went out in batches"
+    assert {a.status_code for a in answers} == {200}
+    for n, answer in zip(asked, answers, strict=True):
+        body = answer.json()
+        if isinstance(n, int):
+            assert (body["credits_remaining"], body["has_credit"]) == (n, n > 0), (n, body)
+        elif n == "suspended":
+            assert body["reason"] == "Account is suspended: test", body
+        else:  # created on first sight, once, with no free uses here
+            assert (body["credits_remaining"], body["purchase_required"]) == (0, True), body
+    accounts = await one_lane.get("/v1/billing/accounts/oauth:google/batch-new-1@example.com")
+    assert accounts.status_code == 200
     report = await one_lane.audit()
     assert report.clean, report

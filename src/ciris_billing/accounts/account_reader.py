@@ -1,0 +1,51 @@
+"""Reading accounts for credit checks on PostgreSQL: one statement per check, and checks that
+queue up read together in one statement (lanes.py). A read changes nothing, so a batch is
+simply the same SELECT for many identities; each check gets its own account's row (or None).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+from ciris_billing.db import StatementPool
+from ciris_billing.lanes import Lanes, Waiting
+
+# $1 provider, $2 external id.
+CHECK_SQL = """
+SELECT status, status_reason, plan_name, free_uses_remaining, paid_uses_remaining, total_uses
+FROM accounts WHERE oauth_provider = $1 AND external_id = $2
+"""
+
+# The same for many identities: $1 and $2 are arrays, one element per check.
+BATCH_SQL = """
+SELECT i.oauth_provider, i.external_id, a.status, a.status_reason, a.plan_name,
+       a.free_uses_remaining, a.paid_uses_remaining, a.total_uses
+FROM unnest($1::text[], $2::text[]) AS i(oauth_provider, external_id)
+JOIN accounts a ON a.oauth_provider = i.oauth_provider AND a.external_id = i.external_id
+"""
+
+
+class AccountReader(Lanes):
+    """Reads the accounts credit checks ask about, batching the reads that wait."""
+
+    def __init__(self, statements: StatementPool, lanes: int) -> None:
+        super().__init__("check", lanes)
+        self._statements = statements
+
+    async def read(self, provider: str, external_id: str) -> Any:
+        """The account's status, plan and counters, or None when there is no such account."""
+        identity = (provider, external_id)
+        return await self.submit(identity, identity)
+
+    async def _send_one(self, waiting: Waiting) -> None:
+        waiting.settle(await self._statements.fetch_one(CHECK_SQL, waiting.arguments))
+
+    async def _send_many(self, batch: list[Waiting]) -> None:
+        providers, external_ids = ([w.arguments[i] for w in batch] for i in (0, 1))
+        rows = await self._statements.fetch_all(BATCH_SQL, (providers, external_ids))
+        found: dict[Hashable, Any] = {
+            (row["oauth_provider"], row["external_id"]): row for row in rows
+        }
+        for waiting in batch:
+            waiting.settle(found.get(waiting.key))

@@ -1,0 +1,109 @@
+"""Lanes: at most N statements of one kind in flight; requests that arrive while every lane is
+busy wait, and the next free lane sends all of them together in one statement.
+
+Nothing is delayed to form a batch: a request goes out at once when a lane is free; batches
+form only from requests that arrived while all lanes were busy, so under load one round trip
+(and, for writes, one commit) serves many requests. A batch never holds two requests with the
+same key (for charges: the same account), so each request's outcome is what it would be alone.
+Subclasses say how to send one request and how to send a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Hashable
+from typing import Any
+
+from ciris_billing.observability import BATCH_SIZE
+
+MAX_BATCH = 64
+
+
+class Waiting:
+    """One request in line: its statement arguments and the future its answer goes to."""
+
+    __slots__ = ("answer", "arguments", "key")
+
+    def __init__(self, key: Hashable, arguments: tuple[Any, ...]) -> None:
+        self.key = key
+        self.arguments = arguments
+        self.answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def settle(self, result: Any) -> None:
+        if not self.answer.done():  # a request that went away no longer waits
+            self.answer.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.answer.done():
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            self.answer.cancel()
+        else:
+            self.answer.set_exception(exc)
+
+
+class Lanes:
+    """`lanes` concurrent statements at most, named `statement` in the batch-size metric."""
+
+    def __init__(self, statement: str, lanes: int) -> None:
+        self._batch_size = BATCH_SIZE.labels(statement)
+        self._lanes = lanes
+        self._busy = 0
+        self._waiting: deque[Waiting] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, key: Hashable, arguments: tuple[Any, ...]) -> Any:
+        """Wait in line; the answer `_send_one` / `_send_many` gave this request."""
+        waiting = Waiting(key, arguments)
+        self._waiting.append(waiting)
+        if self._busy < self._lanes:
+            self._busy += 1
+            task = asyncio.get_running_loop().create_task(self._lane())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await waiting.answer
+
+    async def _lane(self) -> None:
+        try:
+            while self._waiting:
+                await self._send(self._next_batch())
+        finally:
+            self._busy -= 1
+
+    def _next_batch(self) -> list[Waiting]:
+        """The oldest waiting requests, at most one per key (the others keep their place)."""
+        batch: list[Waiting] = []
+        keys: set[Hashable] = set()
+        kept: list[Waiting] = []
+        while self._waiting and len(batch) < MAX_BATCH:
+            waiting = self._waiting.popleft()
+            if waiting.key in keys:
+                kept.append(waiting)
+            else:
+                keys.add(waiting.key)
+                batch.append(waiting)
+        self._waiting.extendleft(reversed(kept))
+        return batch
+
+    async def _send(self, batch: list[Waiting]) -> None:
+        """Answer every request of the batch: its result, or the error that stopped it."""
+        self._batch_size.observe(len(batch))
+        try:
+            if len(batch) == 1:
+                await self._send_one(batch[0])
+            else:
+                await self._send_many(batch)
+        except asyncio.CancelledError:
+            for waiting in batch:
+                waiting.fail(asyncio.CancelledError())
+            raise
+        except Exception as exc:  # each waiting request raises it
+            for waiting in batch:
+                waiting.fail(exc)
+
+    async def _send_one(self, waiting: Waiting) -> None:
+        raise NotImplementedError
+
+    async def _send_many(self, batch: list[Waiting]) -> None:
+        raise NotImplementedError
