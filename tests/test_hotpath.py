@@ -138,6 +138,9 @@ async def test_idempotent_replay_and_conflict(twins: Twins) -> None:
     assert in_body[0] == 201
 
 
+VALID = b'{"oauth_provider": "oauth:google", "external_id": "USER"}'
+
+
 @pytest.mark.parametrize(
     ("path", "content", "content_type", "expected"),
     [
@@ -153,26 +156,16 @@ async def test_idempotent_replay_and_conflict(twins: Twins) -> None:
         (CHARGES, b"[1, 2]", "application/json", 422),
         (CHARGES, b"", "application/json", 422),
         (CHARGES, b"\xff\xfe", "application/json", 422),
-        (CHARGES, b'{"oauth_provider": "oauth:google", "external_id": "USER"}', "text/plain", 422),
-        (CHARGES, b'{"oauth_provider": "oauth:google", "external_id": "USER"}', "", 422),
-        (
-            CHARGES,
-            b'{"oauth_provider": "oauth:google", "external_id": "USER"}',
-            "application/vnd.ciris+json; charset=utf-8",
-            201,
-        ),
+        (CHARGES, VALID, "text/plain", 422),
+        (CHARGES, VALID, "", 422),
+        (CHARGES, VALID, "application/vnd.ciris+json; charset=utf-8", 201),
         (
             CHECK,
             b'{"oauth_provider": "oauth:google", "external_id": "a/b"}',
             "application/json",
             422,
         ),
-        (
-            CHECK,
-            b'{"oauth_provider": "oauth:google", "external_id": "USER"}',
-            "APPLICATION/JSON",
-            200,
-        ),
+        (CHECK, VALID, "APPLICATION/JSON", 200),
     ],
 )
 async def test_bodies_and_content_types(
