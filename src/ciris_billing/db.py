@@ -398,9 +398,9 @@ class DuplicateKey(Exception):
 
 
 class StatementPool:
-    """PostgreSQL only: the hot path's single statements (the credit check and the charge) on
-    a plain asyncpg pool beside the engine's, with the engine's connection parameters and
-    timeouts. Taking a connection costs no SQLAlchemy checkout and no greenlet.
+    """PostgreSQL only: the hot path's statements (credit checks and charges, one or a batch
+    at a time) on a plain asyncpg pool beside the engine's, with the engine's connection
+    parameters and timeouts. Taking a connection costs no SQLAlchemy checkout and no greenlet.
 
     Requests get connections strictly in arrival order: asyncpg's pool hands a released
     connection to whichever request asks first, and a request that was already waiting goes to
