@@ -88,7 +88,6 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         state = AppState(
             settings=settings,
             engine=engine,
-            statements=statements,
             account_reader=None if statements is None else AccountReader(statements, lanes),
             charge_writer=None if statements is None else ChargeWriter(statements, lanes),
             pricing=Pricing.from_settings(settings),

@@ -16,7 +16,6 @@ from ciris_billing.accounts.account_reader import AccountReader
 from ciris_billing.accounts.charge_writer import ChargeWriter
 from ciris_billing.auth import KeyStore, Principal, presented_key
 from ciris_billing.config import Settings
-from ciris_billing.db import StatementPool
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
 from ciris_billing.ratelimit import TokenBuckets
@@ -26,9 +25,8 @@ from ciris_billing.ratelimit import TokenBuckets
 class AppState:
     settings: Settings
     engine: AsyncEngine
-    statements: StatementPool | None  # PostgreSQL: the hot path's statement pool
-    account_reader: AccountReader | None  # PostgreSQL: credit checks' reads, through that pool
-    charge_writer: ChargeWriter | None  # PostgreSQL: charges, through that pool
+    account_reader: AccountReader | None  # PostgreSQL: credit checks' reads (hot path)
+    charge_writer: ChargeWriter | None  # PostgreSQL: charges (hot path)
     pricing: Pricing
     keys: KeyStore
     provider: PaymentProvider
