@@ -1,9 +1,9 @@
-"""What routes share: the app's state, API-key scopes, transactions and idempotent replay."""
+"""What routes share: the app's state, API-key scopes, the unit of work and idempotent replay."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -19,6 +19,7 @@ from ciris_billing.config import Settings
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
 from ciris_billing.ratelimit import TokenBuckets
+from ciris_billing.unit_of_work import UnitOfWork, unit_of_work
 
 
 @dataclass(slots=True)
@@ -45,6 +46,15 @@ async def app_state(request: Request) -> AppState:
 
 
 StateDep = Annotated[AppState, Depends(app_state)]
+
+
+async def request_unit_of_work(state: StateDep) -> AsyncIterator[UnitOfWork]:
+    async with unit_of_work(state.engine) as work:
+        yield work
+
+
+# scope="function": the commit runs when the route returns, before the response is sent.
+UnitOfWorkDep = Annotated[UnitOfWork, Depends(request_unit_of_work, scope="function")]
 
 
 async def authorize(state: AppState, headers: Any, scope: str) -> Principal:
@@ -87,15 +97,14 @@ Work = Callable[[AsyncConnection], Awaitable[tuple[int, Any]]]
 
 
 async def replay_if_known(
-    request: Request, state: AppState, key: str | None, payload: Any
+    request: Request, work: UnitOfWork, key: str | None, payload: Any
 ) -> Response | None:
     """Before an effect outside our database (a provider call): the stored response for this
     key, a 409 for a different request under it, or None to go ahead."""
     if key is None:
         return None
     request_fingerprint = idempotency.fingerprint(request.method, request.url.path, payload)
-    async with state.engine.connect() as conn:
-        stored = await idempotency.lookup(conn, key, request_fingerprint)
+    stored = await idempotency.lookup(await work.connection(), key, request_fingerprint)
     return None if stored is None else _replayed(stored)
 
 
@@ -109,21 +118,18 @@ def _replayed(stored: idempotency.StoredResponse) -> Response:
 
 
 async def run_idempotent(
-    request: Request, state: AppState, key: str | None, payload: Any, work: Work
+    request: Request, work: UnitOfWork, key: str | None, payload: Any, effect: Work
 ) -> Response:
-    """Run `work` in one transaction; with a key, record its response or replay the stored one.
-
-    The transaction commits before the response is sent, so a client never sees a success
-    that did not commit.
-    """
-    async with state.engine.begin() as conn:
-        if key is not None:
-            request_fingerprint = idempotency.fingerprint(request.method, request.url.path, payload)
-            stored = await idempotency.claim(conn, key, request_fingerprint)
-            if stored is not None:
-                return _replayed(stored)
-        status_code, body = await work(conn)
-        text = json.dumps(body, separators=(",", ":"))
-        if key is not None:
-            await idempotency.record(conn, key, status_code, text)
+    """Run `effect` in the request's unit of work; with a key, record its response in the same
+    transaction or replay the stored one (the unit of work commits before the answer is sent)."""
+    conn = await work.connection()
+    if key is not None:
+        request_fingerprint = idempotency.fingerprint(request.method, request.url.path, payload)
+        stored = await idempotency.claim(conn, key, request_fingerprint)
+        if stored is not None:
+            return _replayed(stored)
+    status_code, body = await effect(conn)
+    text = json.dumps(body, separators=(",", ":"))
+    if key is not None:
+        await idempotency.record(conn, key, status_code, text)
     return Response(content=text, status_code=status_code, media_type="application/json")

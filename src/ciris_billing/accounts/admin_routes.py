@@ -17,11 +17,13 @@ from ciris_billing.deps import (
     AdminKey,
     IdempotencyKeyHeader,
     StateDep,
+    UnitOfWorkDep,
     json_response,
     run_idempotent,
 )
 from ciris_billing.errors import InvalidRequest
 from ciris_billing.observability import log
+from ciris_billing.unit_of_work import UnitOfWork
 
 # Every operator route needs the admin key and validates its input.
 router = APIRouter(
@@ -50,6 +52,7 @@ async def grant_credits(
     body: GrantCreate,
     request: Request,
     state: StateDep,
+    work: UnitOfWorkDep,
     _key: AdminKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
@@ -58,7 +61,7 @@ async def grant_credits(
     if body.uses == 0:
         raise InvalidRequest("uses must not be 0")
 
-    async def work(conn: AsyncConnection) -> tuple[int, Any]:
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
         done = await admin.grant(
             conn, identity_of(body), body.uses, body.reason, state.pricing, key
         )
@@ -71,15 +74,14 @@ async def grant_credits(
         }
 
     payload = body.model_dump(mode="json", exclude={"idempotency_key"})
-    return await run_idempotent(request, state, key, payload, work)
+    return await run_idempotent(request, work, key, payload, effect)
 
 
 async def _set_status(
-    oauth_provider: str, external_id: str, status: str, reason: str | None, state: StateDep
+    oauth_provider: str, external_id: str, status: str, reason: str | None, work: UnitOfWork
 ) -> Response:
     identity = path_identity(oauth_provider, external_id)
-    async with state.engine.begin() as conn:
-        row = await admin.set_status(conn, identity, status, reason)
+    row = await admin.set_status(await work.connection(), identity, status, reason)
     log.info(f"account_{status}", account_id=row.id)
     return json_response(200, account_body(row) | {"status_reason": row.status_reason})
 
@@ -90,10 +92,14 @@ async def _set_status(
     responses=error_responses(404),
 )
 async def suspend_account(
-    oauth_provider: str, external_id: str, body: StatusChange, state: StateDep, _key: AdminKey
+    oauth_provider: str,
+    external_id: str,
+    body: StatusChange,
+    work: UnitOfWorkDep,
+    _key: AdminKey,
 ) -> Response:
     """Suspend: charges are refused (403) and checks say why, until reactivated."""
-    return await _set_status(oauth_provider, external_id, "suspended", body.reason, state)
+    return await _set_status(oauth_provider, external_id, "suspended", body.reason, work)
 
 
 @router.post(
@@ -102,19 +108,18 @@ async def suspend_account(
     responses=error_responses(404),
 )
 async def reactivate_account(
-    oauth_provider: str, external_id: str, state: StateDep, _key: AdminKey
+    oauth_provider: str, external_id: str, work: UnitOfWorkDep, _key: AdminKey
 ) -> Response:
-    return await _set_status(oauth_provider, external_id, "active", None, state)
+    return await _set_status(oauth_provider, external_id, "active", None, work)
 
 
 @router.delete("/accounts/{oauth_provider}/{external_id}", responses=error_responses(404))
 async def erase_account(
-    oauth_provider: str, external_id: str, state: StateDep, _key: AdminKey
+    oauth_provider: str, external_id: str, work: UnitOfWorkDep, _key: AdminKey
 ) -> Response:
     """Erase the account's personal data; the ledger and its amounts stay."""
     identity = path_identity(oauth_provider, external_id)
-    async with state.engine.begin() as conn:
-        row = await admin.erase(conn, identity)
+    row = await admin.erase(await work.connection(), identity)
     log.info("account_erased", account_id=row.id)
     return json_response(
         200, {"account_id": row.id, "erased": True, "fields_erased": list(admin.ERASED_FIELDS)}
@@ -123,10 +128,9 @@ async def erase_account(
 
 @router.get("/accounts/{oauth_provider}/{external_id}/export", responses=error_responses(404))
 async def export_account(
-    oauth_provider: str, external_id: str, state: StateDep, _key: AdminKey
+    oauth_provider: str, external_id: str, work: UnitOfWorkDep, _key: AdminKey
 ) -> Response:
     """Everything held about the account, as JSON."""
     identity = path_identity(oauth_provider, external_id)
-    async with state.engine.connect() as conn:
-        data = await admin.export(conn, identity)
+    data = await admin.export(await work.connection(), identity)
     return json_response(200, data)

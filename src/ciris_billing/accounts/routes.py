@@ -31,6 +31,7 @@ from ciris_billing.deps import (
     IdempotencyKeyHeader,
     ReadKey,
     StateDep,
+    UnitOfWorkDep,
     WriteKey,
     json_response,
     run_idempotent,
@@ -90,6 +91,7 @@ async def create_account(
     body: AccountCreate,
     request: Request,
     state: StateDep,
+    work: UnitOfWorkDep,
     _key: WriteKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
@@ -103,14 +105,14 @@ async def create_account(
         display_name=body.display_name,
     )
 
-    async def work(conn: AsyncConnection) -> tuple[int, Any]:
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
         row, created = await service.ensure_account(conn, identity_of(body), state.pricing, new)
         if created:
             ACCOUNTS_CREATED.inc()
             log.info("account_created", account_id=row.id, oauth_provider=row.oauth_provider)
         return (201 if created else 200), account_body(row)
 
-    return await run_idempotent(request, state, key, body.model_dump(mode="json"), work)
+    return await run_idempotent(request, work, key, body.model_dump(mode="json"), effect)
 
 
 @router.get(
@@ -121,13 +123,12 @@ async def create_account(
 async def get_account(
     oauth_provider: Annotated[str, Path(examples=["oauth:google"])],
     external_id: Annotated[str, Path(examples=["user@example.com"])],
-    state: StateDep,
+    work: UnitOfWorkDep,
     _key: ReadKey,
 ) -> Response:
     """An account's balances and details."""
     identity = path_identity(oauth_provider, external_id)
-    async with state.engine.connect() as conn:
-        row = await service.get_account(conn, identity)
+    row = await service.get_account(await work.connection(), identity)
     return json_response(200, account_body(row))
 
 
@@ -240,7 +241,7 @@ async def create_charge(
     "/transactions", response_model=TransactionsOut, responses={404: {"model": ErrorOut}, **ERRORS}
 )
 async def list_transactions(
-    state: StateDep,
+    work: UnitOfWorkDep,
     _key: ReadKey,
     oauth_provider: Annotated[str, Query(examples=["oauth:google"])],
     external_id: Annotated[str, Query(examples=["user@example.com"])],
@@ -249,9 +250,9 @@ async def list_transactions(
 ) -> Response:
     """The account's ledger (charges and credits), newest first, paginated with limit/offset."""
     identity = path_identity(oauth_provider, external_id)
-    async with state.engine.connect() as conn:
-        account = await service.get_account(conn, identity)
-        rows, total = await service.list_transactions(conn, account.id, limit=limit, offset=offset)
+    conn = await work.connection()
+    account = await service.get_account(conn, identity)
+    rows, total = await service.list_transactions(conn, account.id, limit=limit, offset=offset)
     items = [
         {
             "transaction_id": row.transaction_id,

@@ -21,6 +21,7 @@ from ciris_billing.deps import (
     IdempotencyKeyHeader,
     ReadKey,
     StateDep,
+    UnitOfWorkDep,
     WriteKey,
     json_response,
     replay_if_known,
@@ -77,21 +78,23 @@ async def create_purchase(
     body: PurchaseCreate,
     request: Request,
     state: StateDep,
+    work: UnitOfWorkDep,
     _key: WriteKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Start buying uses: a payment intent with the provider, paid with its `client_secret`."""
     key = idempotency.resolve_key(idempotency_key)
     payload = body.model_dump(mode="json")
-    replay = await replay_if_known(request, state, key, payload)
+    replay = await replay_if_known(request, work, key, payload)
     if replay is not None:
         return replay
     identity = accounts.Identity(body.oauth_provider, body.external_id)
-    started = await service.start_purchase(
-        state.engine, state.provider, state.pricing, identity, body.customer_email, key
-    )
+    async with work.provider_call():
+        started = await service.start_purchase(
+            state.engine, state.provider, state.pricing, identity, body.customer_email, key
+        )
 
-    async def work(conn: AsyncConnection) -> tuple[int, Any]:
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
         purchase = await service.record_purchase(
             conn,
             purchase_id=started.purchase_id,
@@ -110,7 +113,7 @@ async def create_purchase(
             )
         return 201, answer
 
-    response = await run_idempotent(request, state, key, payload, work)
+    response = await run_idempotent(request, work, key, payload, effect)
     PURCHASES.labels(state.provider.name, "created").inc()
     log.info(
         f"{state.provider.name}_purchase_created",
@@ -140,6 +143,7 @@ async def refund_purchase(
     body: RefundCreate,
     request: Request,
     state: StateDep,
+    work: UnitOfWorkDep,
     _key: AdminKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
@@ -150,18 +154,19 @@ async def refund_purchase(
         "payment_id": payment_id,
         **body.model_dump(mode="json", exclude={"idempotency_key"}),
     }
-    replay = await replay_if_known(request, state, key, payload)
+    replay = await replay_if_known(request, work, key, payload)
     if replay is not None:
         return replay
     provider_key = None if key is None else f"refund-{payment_id}-{key}"
-    made = await refunds.make_refund(
-        state.engine, state.provider, payment_id, body.amount_minor, provider_key
-    )
+    async with work.provider_call():
+        made = await refunds.make_refund(
+            state.engine, state.provider, payment_id, body.amount_minor, provider_key
+        )
 
-    async def work(conn: AsyncConnection) -> tuple[int, Any]:
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
         return 201, await refunds.record_refund(conn, state.provider.name, made, body.reason)
 
-    response = await run_idempotent(request, state, key, payload, work)
+    response = await run_idempotent(request, work, key, payload, effect)
     log.info(
         f"{state.provider.name}_refund_created",
         payment_id=payment_id,
@@ -173,10 +178,11 @@ async def refund_purchase(
 @router.get(
     "/purchases/{payment_id}", response_model=PurchaseOut, responses=error_responses(401, 403, 404)
 )
-async def get_purchase(payment_id: str, state: StateDep, _key: ReadKey) -> Response:
+async def get_purchase(
+    payment_id: str, state: StateDep, work: UnitOfWorkDep, _key: ReadKey
+) -> Response:
     """A purchase's status (`succeeded` once its uses are credited)."""
-    async with state.engine.connect() as conn:
-        purchase = await lookup_purchase(conn, state.provider.name, payment_id)
+    purchase = await lookup_purchase(await work.connection(), state.provider.name, payment_id)
     return json_response(200, purchase_body(purchase, state))
 
 
