@@ -23,7 +23,13 @@ from tests.conftest import make_settings
 CHECK = "/v1/billing/credits/check"
 CHARGES = "/v1/billing/charges"
 VOLATILE = ("charge_id", "account_id", "created_at", "updated_at", "checkout_url")
-MEANINGFUL_HEADERS = ("content-type", "idempotent-replayed", "retry-after", "allow")
+MEANINGFUL_HEADERS = (
+    "content-type",
+    "idempotent-replayed",
+    "retry-after",
+    "allow",
+    "www-authenticate",
+)
 
 
 @dataclass
@@ -186,6 +192,23 @@ async def test_keys_scopes_and_methods(twins: Twins) -> None:
     assert (await twins.both("POST", CHARGES, {"uses": "x"}, scope=None))[0] == 401
     assert (await twins.both("POST", CHECK, valid, scope="read"))[0] == 200
     assert (await twins.both("GET", CHARGES, scope="read"))[0] == 405
+
+
+async def test_which_key_header_wins(twins: Twins) -> None:
+    """The routes read keys through FastAPI's security schemes, the fast path from the headers
+    (auth.presented_key): the same key wins on both."""
+    read, write = twins.keys["read"], twins.keys["write"]
+    cases = [
+        ({"X-API-Key": read, "Authorization": f"Bearer {write}"}, 403),  # X-API-Key wins
+        ({"X-API-Key": "", "Authorization": f"Bearer {write}"}, 201),  # an empty one does not
+        ({"Authorization": f"bearer   {write}  "}, 201),
+        ({"Authorization": f"Basic {write}"}, 401),
+        ({"Authorization": "Bearer "}, 401),
+        ({"Authorization": write}, 401),
+    ]
+    for headers, expected in cases:
+        status, _ = await twins.both("POST", CHARGES, user("w"), headers=headers, scope=None)
+        assert status == expected, headers
 
 
 async def test_rate_limited_account_gets_429_with_retry_after(database_url: str) -> None:

@@ -86,6 +86,7 @@ async def test_no_key_401_and_lower_scope_403(api: Api, method: str, path: str, 
     body: Any = {}
     no_key = await api.http.request(method, concrete(path), json=body)
     assert no_key.status_code == 401, no_key.text
+    assert no_key.headers["WWW-Authenticate"].startswith('Bearer realm="ciris-billing"')
     revoked_looking = await api.http.request(
         method, concrete(path), json=body, headers={"Authorization": "Bearer cbk_revoked"}
     )

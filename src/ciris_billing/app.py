@@ -24,12 +24,12 @@ from ciris_billing.accounts.admin_routes import router as admin_router
 from ciris_billing.accounts.charge_writer import ChargeWriter
 from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.accounts.schemas import error_responses
-from ciris_billing.auth import KeyStore
+from ciris_billing.auth import WWW_AUTHENTICATE, KeyStore
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.db import StatementPool, create_engine
 from ciris_billing.deps import AppState, StateDep, json_response
-from ciris_billing.errors import BillingError
+from ciris_billing.errors import AuthenticationRequired, BillingError
 from ciris_billing.hotpath import HotPath
 from ciris_billing.observability import (
     BodySizeLimitMiddleware,
@@ -180,8 +180,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BillingError)
     async def billing_error(_request: Request, exc: BillingError) -> Response:
         retry_after = exc.extra.get("retry_after_seconds")
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        return json_response(exc.status_code, exc.body(), headers)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+        if isinstance(exc, AuthenticationRequired):
+            headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+        return json_response(exc.status_code, exc.body(), headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -25,6 +26,23 @@ SCOPES = ("read", "write", "admin")
 # Each scope includes the ones before it: admin > write > read.
 _RANK = {scope: rank for rank, scope in enumerate(SCOPES)}
 KEY_PREFIX = "cbk_"
+
+# The two ways to present a key, as FastAPI security schemes so /openapi.json declares them on
+# every secured operation (either one suffices). auto_error=False: a missing or wrong key gets
+# this service's own 401 body, not the framework's.
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="ApiKeyHeader",
+    description="An API key in the X-API-Key header (wins over a bearer token if both are sent)",
+    auto_error=False,
+)
+BEARER = HTTPBearer(
+    scheme_name="BearerAuth",
+    description="An API key as a bearer token: Authorization: Bearer <key>",
+    auto_error=False,
+)
+# Sent with every 401: the challenges of both schemes (RFC 9110 asks for at least one).
+WWW_AUTHENTICATE = 'Bearer realm="ciris-billing", ApiKey realm="ciris-billing", header="X-API-Key"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +112,15 @@ async def revoke_key(conn: AsyncConnection, key_id: str) -> bool:
     return bool(result.rowcount)
 
 
+def chosen_key(api_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
+    """The key the routes' security dependencies found: `X-API-Key` wins, as in
+    `presented_key` (both parse the headers the same way)."""
+    return api_key or (bearer.credentials if bearer is not None else None)
+
+
 def presented_key(headers: Any) -> str | None:
-    """The key from `X-API-Key`, or from `Authorization: Bearer ...`."""
+    """The key from `X-API-Key`, or from `Authorization: Bearer ...` (the fast path's reader;
+    the routes get the same answer from `API_KEY_HEADER` and `BEARER`, see `chosen_key`)."""
     key: str | None = headers.get("x-api-key")
     if key:
         return key

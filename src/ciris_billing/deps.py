@@ -7,14 +7,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Security
 from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import idempotency
 from ciris_billing.accounts.account_reader import AccountReader
 from ciris_billing.accounts.charge_writer import ChargeWriter
-from ciris_billing.auth import KeyStore, Principal, presented_key
+from ciris_billing.auth import (
+    API_KEY_HEADER,
+    BEARER,
+    KeyStore,
+    Principal,
+    chosen_key,
+    presented_key,
+)
 from ciris_billing.config import Settings
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
@@ -59,14 +67,24 @@ UnitOfWorkDep = Annotated[UnitOfWork, Depends(request_unit_of_work, scope="funct
 
 async def authorize(state: AppState, headers: Any, scope: str) -> Principal:
     """The request's API key, which must hold `scope`; then the key's rate limit."""
-    principal = await state.keys.authenticate(presented_key(headers), scope)
+    return await authorize_key(state, presented_key(headers), scope)
+
+
+async def authorize_key(state: AppState, key: str | None, scope: str) -> Principal:
+    principal = await state.keys.authenticate(key, scope)
     state.key_limits.check(principal.key_id, "API key")
     return principal
 
 
 def require(scope: str) -> Any:
-    async def dependency(request: Request, state: StateDep) -> Principal:
-        return await authorize(state, request.headers, scope)
+    # The keys come through FastAPI's security dependencies so the OpenAPI document declares
+    # both schemes on the operation; they never raise (auto_error=False), authorize_key does.
+    async def dependency(
+        state: StateDep,
+        api_key: Annotated[str | None, Security(API_KEY_HEADER)],
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+    ) -> Principal:
+        return await authorize_key(state, chosen_key(api_key, bearer), scope)
 
     dependency.required_scope = scope  # type: ignore[attr-defined]  # read by the security tests
     return Depends(dependency)
