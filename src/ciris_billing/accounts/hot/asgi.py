@@ -52,8 +52,8 @@ class HotPathMismatch(RuntimeError):
     """A hot route's dependencies differ from what the fast path implements for it."""
 
 
-def _body(model: type[BaseModel]) -> str:
-    return f"body {model.__name__}"
+def _body(model: Any) -> str:
+    return f"body {getattr(model, '__module__', '')}.{getattr(model, '__qualname__', model)}"
 
 
 def _depends(call: Callable[..., Any]) -> str:
@@ -124,8 +124,7 @@ def requirements(dependant: Dependant) -> frozenset[str]:
     and the framework objects it asks for (the request itself is just the request)."""
     found: set[str] = set()
     for field in dependant.body_params:
-        annotation = field.field_info.annotation
-        found.add(f"body {getattr(annotation, '__name__', annotation)}")
+        found.add(_body(field.field_info.annotation))
     for kind, fields in (
         ("path", dependant.path_params),
         ("query", dependant.query_params),
