@@ -1,7 +1,7 @@
 """pgbench scripts made from the service's own statements, so the reference can never drift.
 
-The service sends its credit check (`accounts/account_reader.py` CHECK_SQL) and its charge
-(`accounts/charge_writer.py` CHARGE_SQL: one statement, autocommit) with $n parameters; pgbench gets
+The service sends its credit check (`accounts/hot/reader.py` CHECK_SQL) and its charge
+(`accounts/hot/writer.py` CHARGE_SQL: one statement, autocommit) with $n parameters; pgbench gets
 the same text with each parameter replaced by the value a bench request carries.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ciris_billing.accounts.account_reader import CHECK_SQL
-from ciris_billing.accounts.charge_writer import CHARGE_SQL
+from ciris_billing.accounts.hot.reader import CHECK_SQL
+from ciris_billing.accounts.hot.writer import CHARGE_SQL
 
 # pgbench draws :n per transaction; the seeded identities are bench-<n>@example.com. The
 # provider comes as a variable (-D provider=oauth:google): pgbench would read the colon in a

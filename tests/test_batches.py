@@ -1,5 +1,5 @@
-"""Checks and charges that queue up go out together (lanes.py: account_reader.py,
-charge_writer.py), and each one's outcome is what it would have been alone. PostgreSQL only
+"""Checks and charges that queue up go out together (accounts/hot/lanes.py: reader.py,
+writer.py), and each one's outcome is what it would have been alone. PostgreSQL only
 (batching is how the hot path reaches it); one lane (DB_POOL_SIZE=1), so concurrent requests
 must queue and go out in batches. No free uses (FREE_USES_PER_ACCOUNT=0): every account has
 exactly the paid uses it is given.

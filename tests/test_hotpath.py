@@ -1,4 +1,5 @@
-"""The hot path (hotpath.py) answers credit checks and charges exactly as FastAPI's routes do.
+"""The hot path (accounts/hot/asgi.py) answers credit checks and charges exactly as FastAPI's
+routes do, and refuses to start when a hot route depends on something it does not implement.
 
 Two apps share one database: the service as it runs, and the same app built with
 `hot_path=False`. Every request below goes to both (each for its own user) and the two
@@ -14,9 +15,12 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI, params
+from fastapi.routing import APIRoute
 
 from ciris_billing import auth
+from ciris_billing.accounts.hot.asgi import HotPath, HotPathMismatch
+from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.app import create_app
 from tests.conftest import make_settings
 
@@ -234,3 +238,56 @@ async def test_latency_metric_is_labelled_with_the_route(twins: Twins) -> None:
         r'status="201"\} [1-9]',
         exposition,
     )
+
+
+def _framework_with(extra: dict[str, list[params.Depends]]) -> FastAPI:
+    """A copy of the accounts routes, with extra dependencies on the routes named in `extra`."""
+    copy = APIRouter()
+    for route in accounts_router.routes:
+        assert isinstance(route, APIRoute)
+        copy.add_api_route(
+            route.path,
+            route.endpoint,
+            methods=sorted(route.methods or ()),
+            dependencies=extra.get(route.path, []),
+        )
+    framework = FastAPI()
+    framework.include_router(copy)
+    return framework
+
+
+async def _audit_log() -> None:
+    """A dependency someone might add to a hot route (say, an audit trail)."""
+
+
+def test_the_fast_path_serves_routes_with_the_dependencies_it_implements() -> None:
+    framework = _framework_with({})
+    HotPath(framework, framework)  # the routes as they are: accepted
+
+
+@pytest.mark.parametrize("path", [CHECK, CHARGES])
+def test_the_fast_path_refuses_a_route_with_a_dependency_it_does_not_implement(
+    path: str,
+) -> None:
+    framework = _framework_with({path: [Depends(_audit_log)]})
+    with pytest.raises(HotPathMismatch, match=f"POST {path}: the route needs .*_audit_log"):
+        HotPath(framework, framework)
+
+
+def test_the_fast_path_refuses_a_router_dependency_and_a_missing_route() -> None:
+    framework = FastAPI()
+    framework.include_router(accounts_router, dependencies=[Depends(_audit_log)])
+    with pytest.raises(HotPathMismatch, match="_audit_log"):
+        HotPath(framework, framework)
+    with pytest.raises(HotPathMismatch, match="0 framework routes"):
+        HotPath(FastAPI(), FastAPI())
+
+
+def test_the_service_refuses_to_start_when_a_hot_route_gains_a_dependency(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    extra = _framework_with({CHARGES: [Depends(_audit_log)]})
+    monkeypatch.setattr("ciris_billing.app.accounts_router", extra.router)
+    with pytest.raises(HotPathMismatch, match="_audit_log"):
+        create_app(make_settings("postgresql://unused@127.0.0.1/unused"))
+    create_app(make_settings("postgresql://unused@127.0.0.1/unused"), hot_path=False)

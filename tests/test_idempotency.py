@@ -79,3 +79,33 @@ async def test_account_creation_replays(api: Api) -> None:
     again = await api.post("/v1/billing/accounts", body, **{"Idempotency-Key": "acct-1"})
     assert first.status_code == again.status_code == 201
     assert first.json() == again.json()
+
+
+async def test_one_key_space_across_charges_and_other_requests(api: Api) -> None:
+    # A charge's key lives on its charge row, any other request's in idempotency_keys: a key
+    # taken in one place is a 409 in the other, in both directions, and nothing is charged.
+    created = await api.post(
+        "/v1/billing/accounts", identity("first@example.com"), **{"Idempotency-Key": "k-acct"}
+    )
+    assert created.status_code == 201
+    charge = await api.post("/v1/billing/charges", CHARGE, **{"Idempotency-Key": "k-acct"})
+    assert charge.status_code == 409
+    assert charge.json()["detail"] == (
+        "This Idempotency-Key was already used with a different request; "
+        "use a new key for a new request"
+    )
+    await api.post("/v1/billing/charges", CHARGE, **{"Idempotency-Key": "k-charge"})
+    account = await api.post(
+        "/v1/billing/accounts", identity("second@example.com"), **{"Idempotency-Key": "k-charge"}
+    )
+    assert account.status_code == 409
+    assert account.json()["detail"] == (
+        "This Idempotency-Key was already used for a charge; use a new key"
+    )
+    replayed = await api.post(
+        "/v1/billing/accounts", identity("first@example.com"), **{"Idempotency-Key": "k-acct"}
+    )
+    assert (replayed.status_code, replayed.headers["Idempotent-Replayed"]) == (201, "true")
+    check = await api.post("/v1/billing/credits/check", identity("retry@example.com"))
+    assert check.json()["total_uses"] == 1
+    assert (await api.audit()).clean

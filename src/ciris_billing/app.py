@@ -19,18 +19,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ciris_billing import __version__
-from ciris_billing.accounts.account_reader import AccountReader
 from ciris_billing.accounts.admin_routes import router as admin_router
-from ciris_billing.accounts.charge_writer import ChargeWriter
+from ciris_billing.accounts.hot.asgi import HotPath
+from ciris_billing.accounts.hot.pool import StatementPool
+from ciris_billing.accounts.hot.reader import AccountReader
+from ciris_billing.accounts.hot.writer import ChargeStore
 from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.accounts.schemas import error_responses
-from ciris_billing.auth import WWW_AUTHENTICATE, KeyStore
+from ciris_billing.auth import KeyStore
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
-from ciris_billing.db import StatementPool, create_engine
+from ciris_billing.db import create_engine
 from ciris_billing.deps import AppState, StateDep, json_response
-from ciris_billing.errors import AuthenticationRequired, BillingError
-from ciris_billing.hotpath import HotPath
+from ciris_billing.errors_http import RENDERED, error_response
 from ciris_billing.observability import (
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
@@ -53,16 +54,24 @@ LANES = 4
 
 class BillingApp(FastAPI):
     """FastAPI, entered through the service's own ASGI layers: request ids and the latency
-    metric, the body-size limit, then the hot path (hotpath.py) ahead of the framework's own
-    middleware and routing. As plain ASGI layers around the app rather than middleware inside
-    it, they spare the two hot routes the framework's per-request layers (profiled: a tenth of
-    a credit check's CPU). Lifespan and everything else pass straight through them."""
+    metric, the body-size limit, then the hot path (accounts/hot/asgi.py) ahead of the
+    framework's own middleware and routing. As plain ASGI layers around the app rather than
+    middleware inside it, they spare the two hot routes the framework's per-request layers
+    (profiled: a tenth of a credit check's CPU). Lifespan and everything else pass straight
+    through them."""
 
-    def __init__(self, *, max_request_bytes: int, hot_path: bool, **options: Any) -> None:
+    def __init__(self, *, max_request_bytes: int, **options: Any) -> None:
         super().__init__(**options)
-        framework: ASGIApp = super().__call__
-        inner = HotPath(framework, self) if hot_path else framework
-        self._entry = RequestContextMiddleware(BodySizeLimitMiddleware(inner, max_request_bytes))
+        self._max_request_bytes = max_request_bytes
+        self._entry = self._layers(super().__call__)
+
+    def _layers(self, inner: ASGIApp) -> ASGIApp:
+        return RequestContextMiddleware(BodySizeLimitMiddleware(inner, self._max_request_bytes))
+
+    def serve_hot_path(self) -> None:
+        """Put the hot path in front of the framework, once every route is in place: it refuses
+        (HotPathMismatch) when a hot route's dependencies differ from what it implements."""
+        self._entry = self._layers(HotPath(super().__call__, self))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
@@ -88,8 +97,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         state = AppState(
             settings=settings,
             engine=engine,
-            account_reader=None if statements is None else AccountReader(statements, lanes),
-            charge_writer=None if statements is None else ChargeWriter(statements, lanes),
+            account_reader=AccountReader(statements, lanes),
+            charge_store=ChargeStore(statements, lanes),
             pricing=Pricing.from_settings(settings),
             keys=KeyStore(engine, settings.api_key_cache_seconds),
             provider=provider,
@@ -118,13 +127,11 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         finally:
             gc.unfreeze()
             await provider.aclose()
-            if statements is not None:
-                await statements.close()
+            await statements.close()
             await engine.dispose()
 
     app = BillingApp(
         max_request_bytes=settings.max_request_bytes,
-        hot_path=hot_path,
         title="CIRIS Billing API",
         version=__version__,
         description="Free uses, paid uses and purchases for AI-agent products.",
@@ -139,6 +146,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(checkout_router)
     _add_operational_routes(app)
     _add_error_handlers(app)
+    if hot_path:
+        app.serve_hot_path()
     return app
 
 
@@ -177,13 +186,15 @@ def _add_operational_routes(app: FastAPI) -> None:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(BillingError)
-    async def billing_error(_request: Request, exc: BillingError) -> Response:
-        retry_after = exc.extra.get("retry_after_seconds")
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-        if isinstance(exc, AuthenticationRequired):
-            headers["WWW-Authenticate"] = WWW_AUTHENTICATE
-        return json_response(exc.status_code, exc.body(), headers or None)
+    async def rendered(_request: Request, exc: Exception) -> Response:
+        # The one renderer, shared with the fast path; registered only for what it answers.
+        response = error_response(exc)
+        if response is None:
+            raise exc
+        return response
+
+    for handled in RENDERED:
+        app.add_exception_handler(handled, rendered)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
@@ -209,61 +220,6 @@ def _add_error_handlers(app: FastAPI) -> None:
             exc.status_code, "http_error"
         )
         return json_response(exc.status_code, {"error": code, "detail": str(exc.detail)})
-
-    # A connection lost or refused (also while the pool opens one, where the driver's error may
-    # arrive unwrapped) and a pool with no connection to give are "unavailable: retry" (503);
-    # any other database error is a bug (500).
-    @app.exception_handler(DBAPIError)
-    @app.exception_handler(asyncpg.InterfaceError)
-    @app.exception_handler(asyncpg.PostgresError)  # the hot paths use the driver directly
-    @app.exception_handler(asyncpg.InternalClientError)
-    @app.exception_handler(PoolTimeout)
-    async def database_error(_request: Request, exc: Exception) -> Response:
-        cause = exc.orig if isinstance(exc, DBAPIError) else exc
-        if isinstance(exc, PoolTimeout) or _connection_lost(exc):
-            log.warning("database_unavailable", error_type=type(cause).__name__)
-            return json_response(
-                503,
-                {"error": "database_unavailable", "detail": "The database is unreachable; retry"},
-            )
-        log.error("database_error", error_type=type(cause).__name__, exc_info=exc)
-        return json_response(500, {"error": "internal_error", "detail": "Internal error"})
-
-    @app.exception_handler(OSError)
-    async def connection_error(_request: Request, exc: OSError) -> Response:
-        log.warning("database_unavailable", error_type=type(exc).__name__)
-        return json_response(
-            503, {"error": "database_unavailable", "detail": "The database is unreachable; retry"}
-        )
-
-
-# SQLSTATEs of a lost connection: class 08 (connection exception), and the server shutting
-# down, crashed or not accepting connections yet (57P01, 57P02, 57P03).
-_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
-
-
-def _connection_lost(exc: BaseException) -> bool:
-    """Whether this error (or one it came from) says the database connection is gone."""
-    current: BaseException | None = exc
-    for _ in range(10):
-        if current is None:
-            return False
-        if isinstance(current, OSError):
-            return True
-        if isinstance(current, DBAPIError) and current.connection_invalidated:
-            return True
-        sqlstate = getattr(current, "sqlstate", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith(_CONNECTION_SQLSTATES):
-            return True
-        if isinstance(current, asyncpg.InterfaceError) and "connection is closed" in str(current):
-            return True
-        if isinstance(current, asyncpg.InternalClientError):
-            # "cannot switch to state N; another operation is in progress" on a connection only
-            # this request holds: the server's error (e.g. the connection terminated) arrived
-            # first; the statement was not sent.
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 def _describe(error: Any) -> dict[str, Any]:

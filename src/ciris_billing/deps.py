@@ -13,8 +13,8 @@ from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import idempotency
-from ciris_billing.accounts.account_reader import AccountReader
-from ciris_billing.accounts.charge_writer import ChargeWriter
+from ciris_billing.accounts.hot.reader import AccountReader
+from ciris_billing.accounts.hot.writer import ChargeStore
 from ciris_billing.auth import (
     API_KEY_HEADER,
     BEARER,
@@ -34,8 +34,8 @@ from ciris_billing.unit_of_work import UnitOfWork, unit_of_work
 class AppState:
     settings: Settings
     engine: AsyncEngine
-    account_reader: AccountReader | None  # PostgreSQL: credit checks' reads (hot path)
-    charge_writer: ChargeWriter | None  # PostgreSQL: charges (hot path)
+    account_reader: AccountReader  # the one credit reader (hot path)
+    charge_store: ChargeStore  # the one charge store (hot path)
     pricing: Pricing
     keys: KeyStore
     provider: PaymentProvider

@@ -1,10 +1,19 @@
-"""Idempotency keys: a retried request gets the original response, never a second effect.
+"""Idempotency keys: a retried request gets the original answer, never a second effect.
 
-The key row is inserted in the same transaction as the mutation it guards, and the key is the
-table's primary key. So the effect and its recorded response commit together or not at all,
-and of two concurrent requests with one key only one can commit: on PostgreSQL the second
-INSERT waits for the first transaction, then finds the row; on SQLite writers are serialized.
-Failed requests (any error) roll back, so their key stays free for a retry.
+One key space, kept in two places, known only to this module:
+- a charge keeps its key on its own row (`charges.idempotency_key`, unique). That is what lets a
+  charge be ONE statement: the INSERT that records the charge takes the key in the same atomic
+  statement, with no second table to write (hot/writer.py);
+- every other request keeps its key in `idempotency_keys` (the primary key) with the response it
+  got, inserted in the same transaction as the effect it guards, so the effect and its recorded
+  response commit together or not at all (`claim`, then `record`).
+
+"What happened under this key" is answered with ONE query over both places (`_find`) and one
+fingerprint check (`_same_request`), so no caller says where to look: a charge asks
+`earlier_charge`, any other request `claim` (or `lookup` before a provider call); a key used
+by the other kind of request is a 409. Of two concurrent requests with one key only one can
+commit (a unique index in either place: the second waits for the first transaction, then finds
+its row). Failed requests roll back, so their key stays free for a retry.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Integer, String, Text, literal, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.db import charges, idempotency_keys, insert_or_ignore, utcnow
@@ -22,15 +31,31 @@ from ciris_billing.errors import IdempotencyKeyReused, InvalidRequest
 
 MAX_KEY_LENGTH = 255
 
+_ANOTHER_REQUEST = (
+    "This Idempotency-Key was already used with a different request; "
+    "use a new key for a new request"
+)
+_A_CHARGE = "This Idempotency-Key was already used for a charge; use a new key"
+
 
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
+    """A request (not a charge) made under the key, with the response it got."""
+
     status_code: int
     body: str
 
 
+@dataclass(frozen=True, slots=True)
+class EarlierCharge:
+    """A charge made under the key."""
+
+    charge_id: str
+
+
 def fingerprint(method: str, path: str, payload: Any) -> str:
-    """What makes two requests "the same": method, path and the parsed body, canonically."""
+    """What makes two requests "the same": method, path and the parsed body, canonically.
+    Computed at the edge (routes, answers) from the validated request."""
     canonical = json.dumps([method, path, payload], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -47,9 +72,91 @@ def resolve_key(header: str | None, body_field: str | None = None) -> str | None
     return key
 
 
+@dataclass(frozen=True, slots=True)
+class _Use:
+    """One earlier use of a key, from either place."""
+
+    by_charge: bool
+    fingerprint: str | None
+    charge_id: str | None
+    response_status: int | None
+    response_body: str | None
+
+
+async def _find(conn: AsyncConnection, key: str) -> _Use | None:
+    """The earlier use of `key`, wherever it is kept: one query over both places."""
+    charge_use = select(
+        literal(True).label("by_charge"),
+        charges.c.request_fingerprint.label("fingerprint"),
+        charges.c.id.label("charge_id"),
+        null().cast(Integer).label("response_status"),
+        null().cast(Text).label("response_body"),
+    ).where(charges.c.idempotency_key == key)
+    request_use = select(
+        literal(False),
+        idempotency_keys.c.fingerprint,
+        null().cast(String),
+        idempotency_keys.c.response_status,
+        idempotency_keys.c.response_body,
+    ).where(idempotency_keys.c.key == key)
+    # At most one row: a charge's statement refuses a key already in idempotency_keys and
+    # `claim` one already on a charge; should a race between the two leave both, the charge
+    # (money moved) is the use that counts.
+    rows = (await conn.execute(union_all(charge_use, request_use))).all()
+    if not rows:
+        return None
+    row = max(rows, key=lambda r: bool(r.by_charge))
+    return _Use(
+        bool(row.by_charge),
+        row.fingerprint,
+        row.charge_id,
+        row.response_status,
+        row.response_body,
+    )
+
+
+def _same_request(use: _Use, request_fingerprint: str) -> None:
+    """The one fingerprint check: a key reused for a different request is a 409."""
+    if use.fingerprint != request_fingerprint:
+        raise IdempotencyKeyReused(_ANOTHER_REQUEST)
+
+
+async def earlier_charge(
+    conn: AsyncConnection, key: str, request_fingerprint: str
+) -> EarlierCharge | None:
+    """For a charge that was not made: the charge already made under `key` (to replay), None if
+    the key is unused; 409 if it was used for a different request."""
+    use = await _find(conn, key)
+    if use is None:
+        return None
+    if not use.by_charge:
+        raise IdempotencyKeyReused(_ANOTHER_REQUEST)
+    _same_request(use, request_fingerprint)
+    assert use.charge_id is not None
+    return EarlierCharge(use.charge_id)
+
+
+async def lookup(
+    conn: AsyncConnection, key: str, request_fingerprint: str
+) -> StoredResponse | None:
+    """For a request that is not a charge: the response recorded under `key`, None if the key
+    is unused; 409 if it was used for a different request (a charge included)."""
+    use = await _find(conn, key)
+    if use is None:
+        return None
+    if use.by_charge:
+        raise IdempotencyKeyReused(_A_CHARGE)
+    _same_request(use, request_fingerprint)
+    assert use.response_status is not None
+    assert use.response_body is not None
+    return StoredResponse(use.response_status, use.response_body)
+
+
 async def claim(conn: AsyncConnection, key: str, request_fingerprint: str) -> StoredResponse | None:
     """Take the key for this request, or return the response already recorded under it."""
-    await _refuse_if_charge_key(conn, key)
+    stored = await lookup(conn, key, request_fingerprint)
+    if stored is not None:
+        return stored
     inserted = await conn.execute(
         insert_or_ignore(conn, idempotency_keys)
         .values(
@@ -63,29 +170,11 @@ async def claim(conn: AsyncConnection, key: str, request_fingerprint: str) -> St
     )
     if inserted.first() is not None:
         return None
+    # Safe: the INSERT conflicted after waiting for the transaction that took the key, whose row
+    # is therefore committed and visible now.
     stored = await lookup(conn, key, request_fingerprint)
-    assert stored is not None  # the INSERT conflicted, so the row exists (and is committed)
+    assert stored is not None
     return stored
-
-
-async def lookup(
-    conn: AsyncConnection, key: str, request_fingerprint: str, *, charges_too: bool = True
-) -> StoredResponse | None:
-    """The response recorded under `key`, None if the key is unused; 409 for another request
-    (including a key a charge already used: charges keep their keys on their own rows)."""
-    stored = (
-        await conn.execute(select(idempotency_keys).where(idempotency_keys.c.key == key))
-    ).first()
-    if stored is None:
-        if charges_too:
-            await _refuse_if_charge_key(conn, key)
-        return None
-    if stored.fingerprint != request_fingerprint:
-        raise IdempotencyKeyReused(
-            "This Idempotency-Key was already used with a different request; "
-            "use a new key for a new request",
-        )
-    return StoredResponse(stored.response_status, stored.response_body)
 
 
 async def record(conn: AsyncConnection, key: str, status_code: int, body: str) -> None:
@@ -94,16 +183,3 @@ async def record(conn: AsyncConnection, key: str, status_code: int, body: str) -
         .where(idempotency_keys.c.key == key)
         .values(response_status=status_code, response_body=body)
     )
-
-
-async def key_exists(conn: AsyncConnection, key: str) -> bool:
-    """Whether `key` was used on a request recorded in the generic table."""
-    found = await conn.scalar(select(idempotency_keys.c.key).where(idempotency_keys.c.key == key))
-    return found is not None
-
-
-async def _refuse_if_charge_key(conn: AsyncConnection, key: str) -> None:
-    if await conn.scalar(select(charges.c.id).where(charges.c.idempotency_key == key)):
-        raise IdempotencyKeyReused(
-            "This Idempotency-Key was already used for a charge; use a new key"
-        )

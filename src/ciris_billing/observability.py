@@ -47,6 +47,9 @@ HTTP_LATENCY = Histogram(
     ["method", "route", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+# The scope key under which a layer that serves a route itself (the fast path) names the route
+# template it served; the framework's own routes are read from scope["route"].
+ROUTE_TEMPLATE = "ciris_billing.route_template"
 
 
 def configure_logging(level: str = "INFO", stream: TextIO = sys.stdout) -> None:
@@ -125,12 +128,17 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            route: Any = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = scope.get(ROUTE_TEMPLATE) or _framework_route(scope) or "unmatched"
             HTTP_LATENCY.labels(scope["method"], template, str(status)).observe(
                 time.perf_counter() - started
             )
             structlog.contextvars.clear_contextvars()
+
+
+def _framework_route(scope: Scope) -> str | None:
+    route: Any = scope.get("route")
+    template: str | None = getattr(route, "path", None)
+    return template
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

@@ -1,60 +1,49 @@
 """Charges: spend uses, free ones first, and write the ledger row — once per idempotency key.
 
-On PostgreSQL a charge is ONE statement (an UPDATE feeding an INSERT through a CTE) sent
-straight to the driver outside any explicit transaction: one round trip, atomic by itself, and
-the account row is locked only for that statement; charges that queue up together go out as one
-such statement (charge_writer.py). Elsewhere (SQLite) the same UPDATE and INSERT run in one
-transaction. Either way:
+A charge is its own unit of work: ONE statement (an UPDATE feeding an INSERT through a CTE,
+hot/writer.py) sent through the charge store outside any explicit transaction — one round trip,
+atomic by itself, the account row locked only for that statement; charges that queue up
+together go out as one such statement. So:
 - the UPDATE re-checks the balance on the locked row, so no use is ever spent twice and no
   counter goes below zero (no read-modify-write in Python);
 - the charge's idempotency key is unique on `charges`, so of two requests with one key only one
-  can commit; the other fails as a whole and is answered from the row that did commit.
+  can commit; the other is answered from the row that did commit (idempotency.py).
 Anything but success (unknown account, no use left, suspended, a retried key) takes the slow
-path, `_after_refusal`, which finds out which it was.
+path, `_after_refusal`, which finds out which it was in a unit of work of its own.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from enum import Enum
 from typing import Any
 
-from sqlalchemy import case, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import idempotency
-from ciris_billing.accounts.charge_writer import ChargeWriter
-from ciris_billing.accounts.service import NO_USES_LEFT, Identity, ensure_account, identity_clause
-from ciris_billing.db import DuplicateKey, accounts, charges, iso, new_id, utcnow
-from ciris_billing.errors import AccountSuspended, IdempotencyKeyReused, PurchaseRequired
+from ciris_billing.accounts.checks import open_account
+from ciris_billing.accounts.hot.writer import ChargeAttempt, ChargeStore
+from ciris_billing.accounts.service import NO_USES_LEFT, Identity, ensure_account
+from ciris_billing.db import accounts, charges, iso, new_id, utcnow
+from ciris_billing.errors import AccountSuspended, PurchaseRequired
 from ciris_billing.pricing import Pricing
-
-CHARGES_PATH = "/v1/billing/charges"
+from ciris_billing.unit_of_work import unit_of_work
 
 
 @dataclass(frozen=True, slots=True)
 class ChargeRequest:
+    """A validated charge. `fingerprint` (with a key) is computed at the edge (answers.py)."""
+
+    identity: Identity
     uses: int
     amount_minor: int
     currency: str
     description: str | None
     metadata: dict[str, Any]
     idempotency_key: str | None
-
-    def fingerprint(self, identity: Identity) -> str:
-        """What makes a retry "the same request" (the generic idempotency fingerprint)."""
-        payload = {
-            "oauth_provider": identity.oauth_provider,
-            "external_id": identity.external_id,
-            "uses": self.uses,
-            "amount_minor": self.amount_minor,
-            "currency": self.currency,
-            "description": self.description,
-            "metadata": self.metadata,
-        }
-        return idempotency.fingerprint("POST", CHARGES_PATH, payload)
+    fingerprint: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,159 +65,64 @@ class Charge:
     replayed: bool = False
 
 
+class _Next(Enum):
+    """What the slow path says when it neither replays nor refuses."""
+
+    TRY_AGAIN = "try_again"  # a new account, or one created or topped up concurrently
+
+
 async def charge(
-    engine: AsyncEngine,
-    writer: ChargeWriter | None,
-    identity: Identity,
-    request: ChargeRequest,
-    pricing: Pricing,
+    request: ChargeRequest, *, store: ChargeStore, engine: AsyncEngine, pricing: Pricing
 ) -> Charge:
-    """Spend `request.uses` and record the charge, or raise 402 / 403 / 409. `writer` sends
-    charges on PostgreSQL (None on SQLite)."""
+    """Spend `request.uses` and record the charge (or replay the one made under its key), or
+    raise 402 / 403 / 409."""
+    metadata_json = json.dumps(request.metadata, separators=(",", ":"))
     for _attempt in range(3):
-        charge_id, now = new_id("ch"), utcnow()
-        fingerprint = request.fingerprint(identity) if request.idempotency_key else None
-        if writer is not None:
-            done = await _one_statement(writer, identity, request, charge_id, fingerprint, now)
-        else:
-            done = await _in_transaction(engine, identity, request, charge_id, fingerprint, now)
-        if done is not None:
-            return done
-        outcome = await _after_refusal(engine, identity, request, fingerprint, pricing)
+        attempt = ChargeAttempt(
+            oauth_provider=request.identity.oauth_provider,
+            external_id=request.identity.external_id,
+            uses=request.uses,
+            amount_minor=request.amount_minor,
+            currency=request.currency,
+            description=request.description,
+            metadata_json=metadata_json,
+            idempotency_key=request.idempotency_key,
+            fingerprint=request.fingerprint,
+            charge_id=new_id("ch"),
+            at=utcnow(),
+        )
+        spent = await store.charge(attempt)
+        if spent is not None:
+            return _charge(attempt, request, spent)
+        outcome = await _after_refusal(engine, request, pricing)
         if isinstance(outcome, Charge):
             return outcome
     # Three rounds of "the account appeared / changed under us": answer from what it holds now.
-    return await _refuse(engine, identity, request, pricing)
-
-
-async def _one_statement(
-    writer: ChargeWriter,
-    identity: Identity,
-    request: ChargeRequest,
-    charge_id: str,
-    fingerprint: str | None,
-    now: datetime,
-) -> Charge | None:
-    try:
-        row = await writer.charge(
-            identity.oauth_provider,
-            identity.external_id,
-            request.uses,
-            request.idempotency_key,
-            charge_id,
-            request.amount_minor,
-            request.currency,
-            request.description,
-            json.dumps(request.metadata, separators=(",", ":")),
-            fingerprint,
-            now,
-        )
-    except DuplicateKey:
-        return None  # a retried key: answered from the row that committed
-    return None if row is None else _charge(charge_id, request, row, now)
-
-
-async def _in_transaction(
-    engine: AsyncEngine,
-    identity: Identity,
-    request: ChargeRequest,
-    charge_id: str,
-    fingerprint: str | None,
-    now: datetime,
-) -> Charge | None:
-    free, paid = accounts.c.free_uses_remaining, accounts.c.paid_uses_remaining
-    enough_free = free >= request.uses
-    try:
-        async with engine.begin() as conn:
-            if request.idempotency_key is not None and await _key_seen(conn, request):
-                return None
-            spent = (
-                await conn.execute(
-                    accounts.update()
-                    .where(
-                        identity_clause(identity),
-                        accounts.c.status == "active",
-                        free + paid >= request.uses,
-                    )
-                    .values(
-                        last_charge_free_uses=case((enough_free, request.uses), else_=free),
-                        free_uses_remaining=case((enough_free, free - request.uses), else_=0),
-                        paid_uses_remaining=case(
-                            (enough_free, paid), else_=paid - (request.uses - free)
-                        ),
-                        total_uses=accounts.c.total_uses + request.uses,
-                        updated_at=now,
-                    )
-                    .returning(
-                        accounts.c.id,
-                        free,
-                        paid,
-                        accounts.c.total_uses,
-                        accounts.c.last_charge_free_uses,
-                        accounts.c.plan_name,
-                    )
-                )
-            ).first()
-            if spent is None:
-                return None
-            free_used = int(spent.last_charge_free_uses)
-            await conn.execute(
-                charges.insert().values(
-                    id=charge_id,
-                    account_id=spent.id,
-                    uses=request.uses,
-                    free_uses_used=free_used,
-                    paid_uses_used=request.uses - free_used,
-                    amount_minor=request.amount_minor,
-                    currency=request.currency,
-                    description=request.description,
-                    metadata=request.metadata,
-                    idempotency_key=request.idempotency_key,
-                    request_fingerprint=fingerprint,
-                    free_uses_after=spent.free_uses_remaining,
-                    paid_uses_after=spent.paid_uses_remaining,
-                    total_uses_after=spent.total_uses,
-                    created_at=now,
-                )
-            )
-    except IntegrityError:
-        return None  # the same key committed first: answered from its row
-    return _charge(charge_id, request, spent._mapping, now)
-
-
-async def _key_seen(conn: AsyncConnection, request: ChargeRequest) -> bool:
-    found = await conn.scalar(
-        select(charges.c.id).where(charges.c.idempotency_key == request.idempotency_key)
-    )
-    return found is not None or await idempotency.key_exists(conn, request.idempotency_key or "")
-
-
-async def _after_refusal(
-    engine: AsyncEngine,
-    identity: Identity,
-    request: ChargeRequest,
-    fingerprint: str | None,
-    pricing: Pricing,
-) -> Charge | str:
-    """Why the charge did not happen: a retried key (replay; 409 if another request), an
-    account that is new or changed meanwhile ("retry"), suspended (403) or empty (402)."""
-    async with engine.begin() as conn:
-        if request.idempotency_key is not None and fingerprint is not None:
-            earlier = await _earlier_charge(conn, identity, request, fingerprint)
-            if earlier is not None:
-                return earlier
-        account, created = await ensure_account(conn, identity, pricing)
-    enough = int(account.free_uses_remaining) + int(account.paid_uses_remaining) >= request.uses
-    if created or (account.status == "active" and enough):
-        return "retry"  # a new account, or one created or topped up concurrently: try again
+    account, _ = await open_account(engine, request.identity, pricing)
     raise _refusal(account, request, pricing)
 
 
-async def _refuse(
-    engine: AsyncEngine, identity: Identity, request: ChargeRequest, pricing: Pricing
-) -> Charge:
-    async with engine.begin() as conn:
-        account, _ = await ensure_account(conn, identity, pricing)
+async def _after_refusal(
+    engine: AsyncEngine, request: ChargeRequest, pricing: Pricing
+) -> Charge | _Next:
+    """Why the charge was not made: a retried key (replay; 409 if another request), an account
+    that is new or changed meanwhile (try again), suspended (403) or empty (402)."""
+    # Its own unit of work: the retry runs on the store's connections, which must see the
+    # account this may open (committed when the block ends).
+    async with unit_of_work(engine) as work:
+        conn = await work.connection()
+        if request.idempotency_key is not None and request.fingerprint is not None:
+            earlier = await idempotency.earlier_charge(
+                conn, request.idempotency_key, request.fingerprint
+            )
+            if earlier is not None:
+                return await _replay(conn, earlier.charge_id)
+            # No use of the key yet: a charge with it committing meanwhile is not a conflict,
+            # the next attempt's statement fails on the unique key and finds it here.
+        account, created = await ensure_account(conn, request.identity, pricing)
+    enough = int(account.free_uses_remaining) + int(account.paid_uses_remaining) >= request.uses
+    if created or (account.status == "active" and enough):
+        return _Next.TRY_AGAIN
     raise _refusal(account, request, pricing)
 
 
@@ -247,27 +141,15 @@ def _refusal(account: Any, request: ChargeRequest, pricing: Pricing) -> Exceptio
     )
 
 
-async def _earlier_charge(
-    conn: AsyncConnection, identity: Identity, request: ChargeRequest, fingerprint: str
-) -> Charge | None:
-    key = request.idempotency_key or ""
+async def _replay(conn: AsyncConnection, charge_id: str) -> Charge:
+    """The charge made earlier under the request's key, as it was answered then."""
     row = (
         await conn.execute(
             select(charges, accounts.c.plan_name)
             .join(accounts, accounts.c.id == charges.c.account_id)
-            .where(charges.c.idempotency_key == key)
+            .where(charges.c.id == charge_id)
         )
-    ).first()
-    if row is None:
-        # A key used on another kind of request is a conflict (lookup raises 409). A charge
-        # with this key committing meanwhile is not: the retry will find and replay it.
-        await idempotency.lookup(conn, key, fingerprint, charges_too=False)
-        return None
-    if row.request_fingerprint != fingerprint:
-        raise IdempotencyKeyReused(
-            "This Idempotency-Key was already used with a different request; "
-            "use a new key for a new request"
-        )
+    ).one()
     return Charge(
         charge_id=row.id,
         account_id=row.account_id,
@@ -287,10 +169,10 @@ async def _earlier_charge(
     )
 
 
-def _charge(charge_id: str, request: ChargeRequest, spent: Any, now: datetime) -> Charge:
+def _charge(attempt: ChargeAttempt, request: ChargeRequest, spent: Any) -> Charge:
     free_used = int(spent["last_charge_free_uses"])
     return Charge(
-        charge_id=charge_id,
+        charge_id=attempt.charge_id,
         account_id=spent["id"],
         uses=request.uses,
         free_uses_used=free_used,
@@ -303,5 +185,5 @@ def _charge(charge_id: str, request: ChargeRequest, spent: Any, now: datetime) -
         credits_remaining=int(spent["paid_uses_remaining"]),
         total_uses=int(spent["total_uses"]),
         plan_name=spent["plan_name"],
-        created_at=iso(now),
+        created_at=iso(attempt.at),
     )

@@ -11,7 +11,7 @@ from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
-from ciris_billing.accounts import charges, service
+from ciris_billing.accounts import answers, service
 from ciris_billing.accounts.schemas import (
     AccountCreate,
     AccountOut,
@@ -25,7 +25,6 @@ from ciris_billing.accounts.schemas import (
     TransactionsOut,
     error_responses,
 )
-from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.db import iso
 from ciris_billing.deps import (
     IdempotencyKeyHeader,
@@ -36,8 +35,8 @@ from ciris_billing.deps import (
     json_response,
     run_idempotent,
 )
-from ciris_billing.errors import InvalidRequest, PurchaseRequired
-from ciris_billing.observability import ACCOUNTS_CREATED, CHARGES, CREDIT_CHECKS, log
+from ciris_billing.errors import InvalidRequest
+from ciris_billing.observability import ACCOUNTS_CREATED, log
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
 
@@ -140,24 +139,9 @@ async def get_account(
 )
 async def check_credit(body: CreditCheck, state: StateDep, _key: ReadKey) -> Response:
     """May this user go on? Creates the account (with its free uses) on first sight."""
-    state.account_limits.check(f"{body.oauth_provider}/{body.external_id}", "account")
-    status = await service.check_credit(
-        state.engine, state.account_reader, identity_of(body), state.pricing
-    )
-    CREDIT_CHECKS.labels("true" if status.purchase_required else "false").inc()
-    answer: dict[str, Any] = {
-        "has_credit": status.has_credit,
-        "credits_remaining": status.credits_remaining,
-        "plan_name": status.plan_name,
-        "reason": status.reason,
-        "free_uses_remaining": status.free_uses_remaining,
-        "total_uses": status.total_uses,
-        "purchase_required": status.purchase_required,
-    }
-    if status.purchase_required:
-        answer["purchase_price_minor"] = status.purchase_price_minor
-        answer["purchase_uses"] = status.purchase_uses
-    return json_response(200, answer)
+    # Answered by answers.py, as on the fast path (hot/asgi.py), which checks at start-up that
+    # this route's dependencies are the ones it implements.
+    return await answers.check(state, body)
 
 
 @router.post(
@@ -178,63 +162,7 @@ async def create_charge(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Record a use: free uses first, then paid ones. 402 when none is left; never below zero."""
-    key = idempotency.resolve_key(idempotency_key, body.idempotency_key)
-    identity = identity_of(body)
-    state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
-    charge_request = charges.ChargeRequest(
-        uses=body.uses,
-        amount_minor=body.amount_minor,
-        currency=body.currency or state.pricing.currency,
-        description=body.description,
-        metadata=body.metadata,
-        idempotency_key=key,
-    )
-    try:
-        charge = await charges.charge(
-            state.engine, state.charge_writer, identity, charge_request, state.pricing
-        )
-    except PurchaseRequired as refused:
-        CHARGES.labels("False").inc()
-        log.info("charge_refused_purchase_required", oauth_provider=identity.oauth_provider)
-        # Where the user can buy more: a signed, expiring link (no database write on a 402).
-        token = buy_token(state.link_secret, identity.oauth_provider, identity.external_id)
-        refused.extra["checkout_url"] = buy_url(state.public_base_url(request), token)
-        raise
-    except Exception:
-        CHARGES.labels("False").inc()
-        raise
-    CHARGES.labels("True").inc()
-    if not charge.replayed:
-        log.info(
-            "charge_created",
-            charge_id=charge.charge_id,
-            account_id=charge.account_id,
-            uses=charge.uses,
-            free_uses_used=charge.free_uses_used,
-            paid_uses_used=charge.paid_uses_used,
-        )
-    body_out = {
-        "charge_id": charge.charge_id,
-        "account_id": charge.account_id,
-        "oauth_provider": identity.oauth_provider,
-        "external_id": identity.external_id,
-        "uses": charge.uses,
-        "free_uses_used": charge.free_uses_used,
-        "paid_uses_used": charge.paid_uses_used,
-        "amount_minor": charge.amount_minor,
-        "currency": charge.currency,
-        "description": charge.description,
-        "metadata": charge.metadata,
-        "free_uses_remaining": charge.free_uses_remaining,
-        "credits_remaining": charge.credits_remaining,
-        "balance_minor": charge.credits_remaining,
-        "total_uses": charge.total_uses,
-        "plan_name": charge.plan_name,
-        "created_at": charge.created_at,
-    }
-    return json_response(
-        201, body_out, {"Idempotent-Replayed": "true"} if charge.replayed else None
-    )
+    return await answers.charge(state, request, body, idempotency_key)
 
 
 @router.get(

@@ -1,4 +1,4 @@
-"""The billing rules: accounts, credit checks, charges and the ledger.
+"""The billing rules for accounts and the ledger (checks: checks.py; charges: charges.py).
 
 Functions here take an open connection inside the caller's transaction and never commit.
 Every change to a counter writes its ledger row in that same transaction.
@@ -7,13 +7,11 @@ Every change to a counter writes its ledger row in that same transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Row, String, cast, func, literal, null, select, union_all
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.accounts.account_reader import AccountReader
 from ciris_billing.db import (
     accounts,
     charges,
@@ -119,62 +117,6 @@ async def ensure_account(
                 description="Initial balance",
             )
     return await get_account(conn, identity), created
-
-
-@dataclass(frozen=True, slots=True)
-class CreditStatus:
-    has_credit: bool
-    credits_remaining: int
-    plan_name: str
-    reason: str | None
-    free_uses_remaining: int
-    total_uses: int
-    purchase_required: bool
-    purchase_price_minor: int | None
-    purchase_uses: int | None
-
-
-def credit_status(account: Any, pricing: Pricing) -> CreditStatus:
-    free = int(account.free_uses_remaining)
-    paid = int(account.paid_uses_remaining)
-    has_credit = account.status == "active" and free + paid > 0
-    if account.status != "active":
-        reason: str | None = "Account is suspended" + (
-            f": {account.status_reason}" if account.status_reason else ""
-        )
-    else:
-        reason = None if has_credit else NO_USES_LEFT
-    purchase_required = account.status == "active" and not has_credit
-    return CreditStatus(
-        has_credit=has_credit,
-        credits_remaining=paid,
-        plan_name=account.plan_name,
-        reason=reason,
-        free_uses_remaining=free,
-        total_uses=int(account.total_uses),
-        purchase_required=purchase_required,
-        purchase_price_minor=pricing.price_per_purchase_minor if purchase_required else None,
-        purchase_uses=pricing.paid_uses_per_purchase if purchase_required else None,
-    )
-
-
-async def check_credit(
-    engine: AsyncEngine, reader: AccountReader | None, identity: Identity, pricing: Pricing
-) -> CreditStatus:
-    """The hot read. On PostgreSQL one statement through the reader (one round trip, no
-    transaction, batched with others under load); an unknown identity is then created with its
-    free uses."""
-    account: Any
-    if reader is not None:
-        found = await reader.read(identity.oauth_provider, identity.external_id)
-        account = None if found is None else SimpleNamespace(**dict(found))
-    else:
-        async with engine.connect() as conn:
-            account = await find_account(conn, identity)
-    if account is None:
-        async with engine.begin() as conn:
-            account, _ = await ensure_account(conn, identity, pricing)
-    return credit_status(account, pricing)
 
 
 async def list_transactions(

@@ -13,21 +13,24 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ciris_billing.observability import BATCH_SIZE
+
+Asked = TypeVar("Asked")  # what one request in line asks for
 
 MAX_BATCH = 64
 
 
-class Waiting:
-    """One request in line: its statement arguments and the future its answer goes to."""
+class Waiting(Generic[Asked]):
+    """One request in line: what it asks (a small frozen dataclass, read by field name) and the
+    future its answer goes to."""
 
-    __slots__ = ("answer", "arguments", "key")
+    __slots__ = ("answer", "key", "request")
 
-    def __init__(self, key: Hashable, arguments: tuple[Any, ...]) -> None:
+    def __init__(self, key: Hashable, request: Asked) -> None:
         self.key = key
-        self.arguments = arguments
+        self.request = request
         self.answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def settle(self, result: Any) -> None:
@@ -43,19 +46,19 @@ class Waiting:
             self.answer.set_exception(exc)
 
 
-class Lanes:
+class Lanes(Generic[Asked]):
     """`lanes` concurrent statements at most, named `statement` in the batch-size metric."""
 
     def __init__(self, statement: str, lanes: int) -> None:
         self._batch_size = BATCH_SIZE.labels(statement)
         self._lanes = lanes
         self._busy = 0
-        self._waiting: deque[Waiting] = deque()
+        self._waiting: deque[Waiting[Asked]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, key: Hashable, arguments: tuple[Any, ...]) -> Any:
+    async def submit(self, key: Hashable, request: Asked) -> Any:
         """Wait in line; the answer `_send_one` / `_send_many` gave this request."""
-        waiting = Waiting(key, arguments)
+        waiting = Waiting(key, request)
         self._waiting.append(waiting)
         if self._busy < self._lanes:
             self._busy += 1
@@ -71,11 +74,11 @@ class Lanes:
         finally:
             self._busy -= 1
 
-    def _next_batch(self) -> list[Waiting]:
+    def _next_batch(self) -> list[Waiting[Asked]]:
         """The oldest waiting requests, at most one per key (the others keep their place)."""
-        batch: list[Waiting] = []
+        batch: list[Waiting[Asked]] = []
         keys: set[Hashable] = set()
-        kept: list[Waiting] = []
+        kept: list[Waiting[Asked]] = []
         while self._waiting and len(batch) < MAX_BATCH:
             waiting = self._waiting.popleft()
             if waiting.key in keys:
@@ -86,7 +89,7 @@ class Lanes:
         self._waiting.extendleft(reversed(kept))
         return batch
 
-    async def _send(self, batch: list[Waiting]) -> None:
+    async def _send(self, batch: list[Waiting[Asked]]) -> None:
         """Answer every request of the batch: its result, or the error that stopped it."""
         self._batch_size.observe(len(batch))
         try:
@@ -102,8 +105,8 @@ class Lanes:
             for waiting in batch:
                 waiting.fail(exc)
 
-    async def _send_one(self, waiting: Waiting) -> None:
+    async def _send_one(self, waiting: Waiting[Asked]) -> None:
         raise NotImplementedError
 
-    async def _send_many(self, batch: list[Waiting]) -> None:
+    async def _send_many(self, batch: list[Waiting[Asked]]) -> None:
         raise NotImplementedError

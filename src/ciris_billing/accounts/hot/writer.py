@@ -1,5 +1,5 @@
-"""Writing charges on PostgreSQL: one statement per charge, and charges that queue up written
-together (lanes.py).
+"""The one charge store: one statement per charge, and charges that queue up written together in
+one statement (lanes.py), behind one call, `ChargeStore.charge(attempt)`.
 
 A charge is one statement (CHARGE_SQL): the conditional UPDATE of the account feeds the INSERT
 of the ledger row through a CTE, so it deducts only what is there and the row is written in the
@@ -19,14 +19,16 @@ WHERE clause is per row), so the outcome for each charge is what it would be alo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ciris_billing.db import DuplicateKey, StatementPool
-from ciris_billing.lanes import Lanes, Waiting
+from ciris_billing.accounts.hot.lanes import Lanes, Waiting
+from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
 
-# $1 provider, $2 external id, $3 uses, $4 idempotency key, $5 charge id, $6 amount, $7 currency,
-# $8 description, $9 metadata (JSON text), $10 request fingerprint, $11 now.
+# The parameters, in ChargeAttempt.parameters() order: $1 provider, $2 external id, $3 uses,
+# $4 idempotency key, $5 charge id, $6 amount, $7 currency, $8 description, $9 metadata (JSON
+# text), $10 request fingerprint, $11 the charge's time.
 CHARGE_SQL = """
 WITH spent AS (
     UPDATE accounts SET
@@ -55,7 +57,7 @@ SELECT * FROM spent
 """
 
 # The same, for many charges: each parameter is an array with one element per charge, in the
-# order above ($9 metadata as JSON text, $11 each charge's own time).
+# same order ($9 metadata as JSON text, $11 each charge's own time).
 BATCH_SQL = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
@@ -96,46 +98,57 @@ FROM spent
 """
 
 
-class ChargeWriter(Lanes):
-    """Sends charges through a few concurrent statements, batching those that wait."""
+@dataclass(frozen=True, slots=True)
+class ChargeAttempt:
+    """One charge as the store sends it: who, what, and the ids and time it is recorded with."""
+
+    oauth_provider: str
+    external_id: str
+    uses: int
+    amount_minor: int
+    currency: str
+    description: str | None
+    metadata_json: str  # the metadata as JSON text (the statement casts it)
+    idempotency_key: str | None
+    fingerprint: str | None  # computed at the edge from the validated request
+    charge_id: str
+    at: datetime
+
+    def parameters(self) -> tuple[Any, ...]:
+        """The statement's $1..$11, in the order CHARGE_SQL and BATCH_SQL name them."""
+        return (
+            self.oauth_provider,
+            self.external_id,
+            self.uses,
+            self.idempotency_key,
+            self.charge_id,
+            self.amount_minor,
+            self.currency,
+            self.description,
+            self.metadata_json,
+            self.fingerprint,
+            self.at,
+        )
+
+
+class ChargeStore(Lanes[ChargeAttempt]):
+    """Makes charges through a few concurrent statements, batching those that wait. Created once
+    at start-up (the app's lifespan); the only code that writes a charge."""
 
     def __init__(self, statements: StatementPool, lanes: int) -> None:
         super().__init__("charge", lanes)
         self._statements = statements
 
-    async def charge(
-        self,
-        provider: str,
-        external_id: str,
-        uses: int,
-        idempotency_key: str | None,
-        charge_id: str,
-        amount_minor: int,
-        currency: str,
-        description: str | None,
-        metadata_json: str,
-        fingerprint: str | None,
-        now: datetime,
-    ) -> Any:
-        """The account's row after the charge (id, counters, plan_name), or None when it was
-        not made; DuplicateKey when its idempotency key was already taken."""
-        arguments = (
-            provider,
-            external_id,
-            uses,
-            idempotency_key,
-            charge_id,
-            amount_minor,
-            currency,
-            description,
-            metadata_json,
-            fingerprint,
-            now,
-        )
-        return await self.submit((provider, external_id), arguments)
+    async def charge(self, attempt: ChargeAttempt) -> Any:
+        """The account's row after the charge (id, counters, last_charge_free_uses, plan_name),
+        or None when it was not made: no active account with enough uses, or the idempotency key
+        already taken (the caller finds out which, outside the hot statement)."""
+        # One account per batch (the lane key): an UPDATE ... FROM updates a row only once.
+        return await self.submit((attempt.oauth_provider, attempt.external_id), attempt)
 
-    async def _send_many(self, batch: list[Waiting]) -> None:
-        columns = [list(column) for column in zip(*(w.arguments for w in batch), strict=True)]
+    async def _send_many(self, batch: list[Waiting[ChargeAttempt]]) -> None:
+        parameters = (waiting.request.parameters() for waiting in batch)
+        columns = [list(column) for column in zip(*parameters, strict=True)]
         try:
             rows = await self._statements.fetch_all(BATCH_SQL, columns)
         except DuplicateKey:
@@ -144,12 +157,13 @@ class ChargeWriter(Lanes):
             return
         made = {row["charge_id"]: row for row in rows}
         for waiting in batch:
-            waiting.settle(made.get(waiting.arguments[4]))  # by charge id
+            waiting.settle(made.get(waiting.request.charge_id))
 
-    async def _send_one(self, waiting: Waiting) -> None:
+    async def _send_one(self, waiting: Waiting[ChargeAttempt]) -> None:
         try:
-            row = await self._statements.fetch_one(CHARGE_SQL, waiting.arguments)
-        except DuplicateKey as exc:
-            waiting.fail(exc)
-            return
+            row = await self._statements.fetch_one(CHARGE_SQL, waiting.request.parameters())
+        except DuplicateKey:
+            # Safe: the key's first use committed (the unique index waited for it); the caller
+            # answers from that row, or 409, as for any charge not made.
+            row = None
         waiting.settle(row)

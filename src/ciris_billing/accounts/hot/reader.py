@@ -1,6 +1,6 @@
-"""Reading accounts for credit checks on PostgreSQL: one statement per check, and checks that
-queue up read together in one statement (lanes.py). A read changes nothing, so a batch is
-simply the same SELECT for many identities; each check gets its own account's row (or None).
+"""The one credit reader: one statement per check, and checks that queue up read together in one
+statement (lanes.py). A read changes nothing, so a batch is simply the same SELECT for many
+identities; each check gets its own account's row (or None).
 """
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-from ciris_billing.db import StatementPool
-from ciris_billing.lanes import Lanes, Waiting
+from ciris_billing.accounts.hot.lanes import Lanes, Waiting
+from ciris_billing.accounts.hot.pool import StatementPool
+from ciris_billing.accounts.service import Identity
 
 # $1 provider, $2 external id.
 CHECK_SQL = """
@@ -26,26 +27,31 @@ JOIN accounts a ON a.oauth_provider = i.oauth_provider AND a.external_id = i.ext
 """
 
 
-class AccountReader(Lanes):
+class AccountReader(Lanes[Identity]):
     """Reads the accounts credit checks ask about, batching the reads that wait."""
 
     def __init__(self, statements: StatementPool, lanes: int) -> None:
         super().__init__("check", lanes)
         self._statements = statements
 
-    async def read(self, provider: str, external_id: str) -> Any:
-        """The account's status, plan and counters, or None when there is no such account."""
-        identity = (provider, external_id)
+    async def read(self, identity: Identity) -> Any:
+        """The account's status, plan and counters (a record), or None when there is no such
+        account."""
         return await self.submit(identity, identity)
 
-    async def _send_one(self, waiting: Waiting) -> None:
-        waiting.settle(await self._statements.fetch_one(CHECK_SQL, waiting.arguments))
+    async def _send_one(self, waiting: Waiting[Identity]) -> None:
+        identity = waiting.request
+        row = await self._statements.fetch_one(
+            CHECK_SQL, (identity.oauth_provider, identity.external_id)
+        )
+        waiting.settle(row)
 
-    async def _send_many(self, batch: list[Waiting]) -> None:
-        providers, external_ids = ([w.arguments[i] for w in batch] for i in (0, 1))
+    async def _send_many(self, batch: list[Waiting[Identity]]) -> None:
+        providers = [w.request.oauth_provider for w in batch]
+        external_ids = [w.request.external_id for w in batch]
         rows = await self._statements.fetch_all(BATCH_SQL, (providers, external_ids))
         found: dict[Hashable, Any] = {
-            (row["oauth_provider"], row["external_id"]): row for row in rows
+            Identity(row["oauth_provider"], row["external_id"]): row for row in rows
         }
         for waiting in batch:
             waiting.settle(found.get(waiting.key))

@@ -1,0 +1,129 @@
+"""What a credit check and a charge answer: status, body, headers, metrics and log events.
+
+The one place both are answered: the framework's routes (routes.py) and the fast path
+(hot/asgi.py) call these functions with the validated body, once the API key is authorized, so
+the two can never answer differently. This is the edge for idempotency too: a charge's
+fingerprint is computed here from the validated request (the business layer gets it as a value).
+
+A charge is its own unit of work: one atomic statement through the charge store (charges.py),
+never a request-scoped transaction; a check is one read. Errors are raised, and rendered by
+errors_http.py for both callers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from ciris_billing import idempotency
+from ciris_billing.accounts import charges, checks
+from ciris_billing.accounts.schemas import ChargeCreate, CreditCheck
+from ciris_billing.accounts.service import Identity
+from ciris_billing.checkout.links import buy_token, buy_url
+from ciris_billing.deps import AppState, json_response
+from ciris_billing.errors import PurchaseRequired
+from ciris_billing.observability import CHARGES, CREDIT_CHECKS, log
+
+CHECK_ROUTE = "/v1/billing/credits/check"
+CHARGE_ROUTE = "/v1/billing/charges"
+REPLAYED = {"Idempotent-Replayed": "true"}
+
+
+async def check(state: AppState, body: CreditCheck) -> Response:
+    """May this user go on? Creates the account (with its free uses) on first sight."""
+    identity = Identity(body.oauth_provider, body.external_id)
+    state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
+    status = await checks.check_credit(state.account_reader, state.engine, identity, state.pricing)
+    CREDIT_CHECKS.labels("true" if status.purchase_required else "false").inc()
+    answer: dict[str, Any] = {
+        "has_credit": status.has_credit,
+        "credits_remaining": status.credits_remaining,
+        "plan_name": status.plan_name,
+        "reason": status.reason,
+        "free_uses_remaining": status.free_uses_remaining,
+        "total_uses": status.total_uses,
+        "purchase_required": status.purchase_required,
+    }
+    if status.purchase_required:
+        answer["purchase_price_minor"] = status.purchase_price_minor
+        answer["purchase_uses"] = status.purchase_uses
+    return json_response(200, answer)
+
+
+async def charge(
+    state: AppState, request: Request, body: ChargeCreate, key_header: str | None
+) -> Response:
+    """Record a use: 201 (replayed: Idempotent-Replayed), 402 with where to buy, 403, 409."""
+    key = idempotency.resolve_key(key_header, body.idempotency_key)
+    identity = Identity(body.oauth_provider, body.external_id)
+    state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
+    currency = body.currency or state.pricing.currency
+    fingerprint = None
+    if key is not None:
+        # What makes a retry "the same request": the route and the validated charge.
+        payload = {
+            "oauth_provider": identity.oauth_provider,
+            "external_id": identity.external_id,
+            "uses": body.uses,
+            "amount_minor": body.amount_minor,
+            "currency": currency,
+            "description": body.description,
+            "metadata": body.metadata,
+        }
+        fingerprint = idempotency.fingerprint("POST", CHARGE_ROUTE, payload)
+    wanted = charges.ChargeRequest(
+        identity=identity,
+        uses=body.uses,
+        amount_minor=body.amount_minor,
+        currency=currency,
+        description=body.description,
+        metadata=body.metadata,
+        idempotency_key=key,
+        fingerprint=fingerprint,
+    )
+    try:
+        made = await charges.charge(
+            wanted, store=state.charge_store, engine=state.engine, pricing=state.pricing
+        )
+    except PurchaseRequired as refused:
+        CHARGES.labels("False").inc()
+        log.info("charge_refused_purchase_required", oauth_provider=identity.oauth_provider)
+        # Where the user can buy more: a signed, expiring link (no database write on a 402).
+        token = buy_token(state.link_secret, identity.oauth_provider, identity.external_id)
+        refused.extra["checkout_url"] = buy_url(state.public_base_url(request), token)
+        raise
+    except Exception:
+        CHARGES.labels("False").inc()
+        raise
+    CHARGES.labels("True").inc()
+    if not made.replayed:
+        log.info(
+            "charge_created",
+            charge_id=made.charge_id,
+            account_id=made.account_id,
+            uses=made.uses,
+            free_uses_used=made.free_uses_used,
+            paid_uses_used=made.paid_uses_used,
+        )
+    answer = {
+        "charge_id": made.charge_id,
+        "account_id": made.account_id,
+        "oauth_provider": identity.oauth_provider,
+        "external_id": identity.external_id,
+        "uses": made.uses,
+        "free_uses_used": made.free_uses_used,
+        "paid_uses_used": made.paid_uses_used,
+        "amount_minor": made.amount_minor,
+        "currency": made.currency,
+        "description": made.description,
+        "metadata": made.metadata,
+        "free_uses_remaining": made.free_uses_remaining,
+        "credits_remaining": made.credits_remaining,
+        "balance_minor": made.credits_remaining,
+        "total_uses": made.total_uses,
+        "plan_name": made.plan_name,
+        "created_at": made.created_at,
+    }
+    return json_response(201, answer, REPLAYED if made.replayed else None)

@@ -1,0 +1,255 @@
+"""The fast path: credit checks and charges served without the framework's layers.
+
+Agents make these two requests on every interaction. Profiled under load, FastAPI's routing,
+dependency solving and per-request exception plumbing took more Python time than the check
+itself, so this ASGI layer, in front of the framework (app.py BillingApp: request ids, the
+latency metric and the body limit still wrap it), serves the two routes itself. It changes
+nothing about what they answer:
+
+- the body is validated with the route's own pydantic model, exactly as FastAPI would (JSON
+  content types only, parsed with `json.loads`);
+- the API key goes through the same `authorize` as the routes' dependency (scope, rate limit);
+- the answer comes from accounts/answers.py, the functions the routes call too (status, body,
+  headers, metrics, logs), and errors are rendered by errors_http.py, as the app's handlers do
+  (an error it does not answer reaches the server, which answers 500, as from the framework);
+- the latency metric is labelled with the route template this layer names as its own.
+
+It cannot skip what a route asks for: each lane declares the route dependencies it implements,
+and `HotPath` refuses to start (HotPathMismatch) unless the framework's route for that path has
+exactly those (added, removed or changed dependencies all count).
+
+Anything it does not handle whole — another route or method, a non-JSON content type, a body
+that is not valid for the model — goes on to FastAPI unchanged, with the body replayed, and is
+answered exactly as before (the same 422s). Validation runs before authentication because it
+has no side effect: a request handed on is authenticated (and rate-limited) once, by FastAPI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, get_args
+
+from fastapi import FastAPI, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.responses import Response
+from fastapi.routing import APIRoute, iter_route_contexts
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ciris_billing.accounts import answers
+from ciris_billing.accounts.schemas import ChargeCreate, CreditCheck
+from ciris_billing.auth import API_KEY_HEADER, BEARER
+from ciris_billing.deps import AppState, ReadKey, WriteKey, app_state, authorize
+from ciris_billing.errors_http import error_response
+from ciris_billing.observability import ROUTE_TEMPLATE
+
+Serve = Callable[[Any, Request, AppState, Headers], Awaitable[Response]]
+
+
+class HotPathMismatch(RuntimeError):
+    """A hot route's dependencies differ from what the fast path implements for it."""
+
+
+def _body(model: Any) -> str:
+    return f"body {getattr(model, '__module__', '')}.{getattr(model, '__qualname__', model)}"
+
+
+def _depends(call: Callable[..., Any]) -> str:
+    scope = getattr(call, "required_scope", None)  # deps.require(scope): an API key's scope
+    # A class instance (fastapi.security's APIKeyHeader, HTTPBearer) is named by its class.
+    named = call if hasattr(call, "__qualname__") else type(call)
+    name = f"depends {named.__module__}.{named.__qualname__}"
+    return name if scope is None else f"{name} scope={scope}"
+
+
+def _api_key(key: Any) -> str:
+    """deps.ReadKey / WriteKey: the scope's dependency, and the app state it reads."""
+    return _depends(get_args(key)[1].dependency)
+
+
+def _header(alias: str) -> str:
+    return f"header {alias}"
+
+
+async def _check(body: Any, _request: Request, state: AppState, headers: Headers) -> Response:
+    await authorize(state, headers, "read")
+    return await answers.check(state, body)
+
+
+async def _charge(body: Any, request: Request, state: AppState, headers: Headers) -> Response:
+    await authorize(state, headers, "write")
+    return await answers.charge(state, request, body, headers.get("idempotency-key"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Lane:
+    path: str  # the route template: the latency metric's label, as for the framework's routes
+    model: type[BaseModel]
+    serve: Serve
+    # Everything the framework's route depends on, as `requirements` describes it, and that
+    # `serve` does itself; anything else on the route refuses start-up.
+    implements: frozenset[str]
+
+
+_STATE = _depends(app_state)  # the app's state: self.billing.state.billing, as app_state reads it
+# The key's two OpenAPI security schemes: authorize() reads both headers itself (chosen_key);
+# they ask the framework for the connection only to read those headers.
+_KEY_SCHEMES = frozenset({_depends(API_KEY_HEADER), _depends(BEARER), "http_connection_param_name"})
+_LANES: dict[str, _Lane] = {
+    lane.path: lane
+    for lane in (
+        _Lane(
+            answers.CHECK_ROUTE,
+            CreditCheck,
+            _check,
+            frozenset({_body(CreditCheck), _STATE, _api_key(ReadKey), *_KEY_SCHEMES}),
+        ),
+        _Lane(
+            answers.CHARGE_ROUTE,
+            ChargeCreate,
+            _charge,
+            frozenset(
+                {
+                    _body(ChargeCreate),
+                    _STATE,
+                    _api_key(WriteKey),
+                    _header("Idempotency-Key"),
+                    *_KEY_SCHEMES,
+                }
+            ),
+        ),
+    )
+}
+
+
+def requirements(dependant: Dependant) -> frozenset[str]:
+    """What a route (or dependency) needs the framework to do for it, sub-dependencies
+    included: its dependencies, parameters from the path, query, headers, cookies and body,
+    and the framework objects it asks for (the request itself is just the request)."""
+    found: set[str] = set()
+    for field in dependant.body_params:
+        found.add(_body(field.field_info.annotation))
+    for kind, fields in (
+        ("path", dependant.path_params),
+        ("query", dependant.query_params),
+        ("header", dependant.header_params),
+        ("cookie", dependant.cookie_params),
+    ):
+        found.update(f"{kind} {field.alias}" for field in fields)
+    for special in (
+        "websocket_param_name",
+        "http_connection_param_name",
+        "response_param_name",
+        "background_tasks_param_name",
+        "security_scopes_param_name",
+    ):
+        if getattr(dependant, special) is not None:
+            found.add(special)
+    for sub in dependant.dependencies:
+        if sub.call is not None:
+            found.add(_depends(sub.call))
+        found |= requirements(sub)
+    return frozenset(found)
+
+
+def check_lanes(app: FastAPI) -> None:
+    """Refuse (HotPathMismatch) unless each lane's POST route exists in `app` and depends on
+    exactly what the lane implements."""
+    for lane in _LANES.values():
+        # The routes as the framework serves them (included routers' dependencies applied).
+        routes = [
+            route
+            for route in iter_route_contexts(app.router.routes)
+            if route.path == lane.path
+            and "POST" in (route.methods or ())
+            and isinstance(route.original_route, APIRoute)
+        ]
+        if len(routes) != 1:
+            raise HotPathMismatch(f"POST {lane.path}: {len(routes)} framework routes, not 1")
+        needed = requirements(routes[0].dependant)
+        if needed != lane.implements:
+            raise HotPathMismatch(
+                f"POST {lane.path}: the route needs {sorted(needed - lane.implements)} that the "
+                f"fast path does not do, and the fast path does {sorted(lane.implements - needed)} "
+                "that the route does not need"
+            )
+
+
+class HotPath:
+    """Serves POST credit checks and charges itself; hands everything else to `app`, the
+    framework's entry point of `billing` (whose state it uses). Refuses to be built when a hot
+    route's dependencies differ from what its lane implements (check_lanes)."""
+
+    def __init__(self, app: ASGIApp, billing: FastAPI) -> None:
+        check_lanes(billing)
+        self.app = app
+        self.billing = billing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lane = _LANES.get(scope["path"]) if scope["type"] == "http" else None
+        if lane is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if not _is_json(headers.get("content-type")):
+            await self.app(scope, receive, send)
+            return
+        received: list[Message] = []
+        body = await _read_body(receive, received)
+        parsed = None if body is None else _validate(lane.model, body)
+        if parsed is None:
+            await self.app(scope, _replaying(received, receive), send)
+            return
+        scope[ROUTE_TEMPLATE] = lane.path
+        request = Request(scope, receive)
+        try:
+            response = await lane.serve(parsed, request, self.billing.state.billing, headers)
+        except Exception as exc:
+            rendered = error_response(exc)
+            if rendered is None:
+                raise
+            response = rendered
+        await response(scope, receive, send)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """FastAPI's rule: application/json or application/*+json (parameters allowed)."""
+    if not content_type:
+        return False
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+async def _read_body(receive: Receive, received: list[Message]) -> bytes | None:
+    """The whole body, or None if the client went away first (`received` keeps every message,
+    so the request can be handed on as it came)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        received.append(message)
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _validate(model: type[BaseModel], body: bytes) -> BaseModel | None:
+    try:
+        return model.model_validate(json.loads(body))
+    except (ValueError, ValidationError):  # JSONDecodeError and UnicodeDecodeError included
+        return None
+
+
+def _replaying(received: list[Message], receive: Receive) -> Receive:
+    pending = list(received)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replay

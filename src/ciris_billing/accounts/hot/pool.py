@@ -1,0 +1,96 @@
+"""The hot path's statement pool: a plain asyncpg pool beside the engine's, fair and reset-free."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ciris_billing.db import POOL_TIMEOUT_SECONDS
+
+
+class DuplicateKey(Exception):
+    """A statement broke a unique constraint (the driver's error, kept inside this module)."""
+
+
+class StatementPool:
+    """The hot path's statements (credit checks and charges, one or a batch
+    at a time) on a plain asyncpg pool beside the engine's, with the engine's connection
+    parameters and timeouts. Taking a connection costs no SQLAlchemy checkout and no greenlet.
+
+    Requests get connections strictly in arrival order: asyncpg's pool hands a released
+    connection to whichever request asks first, and a request that was already waiting goes to
+    the back of the line when a newcomer beats it; under load some requests starved for
+    hundreds of milliseconds (p99). A fair semaphore with one permit per connection admits
+    requests first come, first served, so the pool itself never makes anyone wait.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, size: int) -> None:
+        self._pool = pool
+        self._turns = asyncio.Semaphore(size)
+
+    @classmethod
+    async def open(cls, engine: AsyncEngine, size: int) -> StatementPool:
+        """The pool for `engine`'s database (same parameters, no connection opened yet)."""
+        _args, parameters = engine.dialect.create_connect_args(engine.url)
+        pool = await asyncpg.create_pool(
+            **parameters,
+            min_size=0,  # connect on demand: the service starts while the database is away
+            max_size=size,
+            timeout=5,
+            command_timeout=30,
+            reset=_keep_session,
+        )
+        return cls(pool, size)
+
+    async def fetch_one(self, sql: str, args: Sequence[Any]) -> asyncpg.Record | None:
+        """One statement on a pooled connection: its row, or None; DuplicateKey when it broke
+        a unique constraint."""
+        row: asyncpg.Record | None = await self._run("fetchrow", sql, args)
+        return row
+
+    async def fetch_all(self, sql: str, args: Sequence[Any]) -> list[asyncpg.Record]:
+        """One statement on a pooled connection: its rows; DuplicateKey as above."""
+        rows: list[asyncpg.Record] = await self._run("fetch", sql, args)
+        return rows
+
+    async def _run(self, method: str, sql: str, args: Sequence[Any]) -> Any:
+        """A connection whose statement failed for any reason other than a constraint is closed
+        rather than reused: the pool cannot tell a connection that survived from a lost one,
+        and replaces closed connections with new ones."""
+        if self._turns.locked():  # all connections busy: wait for a turn, within bounds
+            async with asyncio.timeout(POOL_TIMEOUT_SECONDS):
+                await self._turns.acquire()
+        else:
+            await self._turns.acquire()  # returns at once: no timer to set up
+        try:
+            # A turn guarantees a free connection slot, so this only waits when the pool opens
+            # a connection (bounded by its connect timeout). No acquire(timeout=...): asyncpg
+            # implements it with wait_for, a task per request (measured: a sixth of the
+            # throughput).
+            conn = await self._pool.acquire()
+            try:
+                return await getattr(conn, method)(sql, *args)
+            except asyncpg.UniqueViolationError as exc:
+                raise DuplicateKey(str(exc)) from exc  # the connection is fine
+            except asyncpg.IntegrityConstraintViolationError:
+                raise
+            except BaseException:
+                conn.terminate()
+                raise
+            finally:
+                await self._pool.release(conn)
+        finally:
+            self._turns.release()
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+async def _keep_session(_connection: asyncpg.Connection) -> None:
+    """Released connections are not reset: asyncpg's default reset is one more round trip per
+    request, and the statements sent through this pool are single autocommit statements that
+    leave no session state behind (no transaction, SET, LISTEN, cursor or advisory lock)."""
