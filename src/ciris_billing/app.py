@@ -25,12 +25,12 @@ from ciris_billing.accounts.hot.pool import StatementPool
 from ciris_billing.accounts.hot.reader import AccountReader
 from ciris_billing.accounts.hot.writer import ChargeStore
 from ciris_billing.accounts.routes import router as accounts_router
-from ciris_billing.accounts.schemas import error_responses
 from ciris_billing.auth import KeyStore
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.db import create_engine
 from ciris_billing.deps import AppState, StateDep, json_response
+from ciris_billing.errors import error_responses
 from ciris_billing.errors_http import RENDERED, error_response
 from ciris_billing.observability import (
     BodySizeLimitMiddleware,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict
+
 
 class BillingError(Exception):
     status_code: ClassVar[int] = 400
@@ -54,3 +56,35 @@ class PurchaseRequired(BillingError):
 class IdempotencyKeyReused(BillingError):
     status_code = 409
     code = "idempotency_key_reused"
+
+
+# The error shape, as OpenAPI declares it.
+class ErrorOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    detail: str
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Bad request",
+    401: "No valid API key",
+    402: "Payment required",
+    403: "The key lacks the scope",
+    404: "Not found",
+    409: "Conflict (e.g. an idempotency key reused for another request)",
+    413: "Request body too large",
+    422: "Invalid request",
+    429: "Too many requests for this API key or account; retry after Retry-After seconds",
+    502: "The payment provider refused",
+    503: "The payment provider or the database is unreachable; retry",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for the error statuses a route answers, all in the one error shape
+    (FastAPI would otherwise declare its own 422 body, which this service never sends).
+    A route that takes an API key (401) is also rate limited per key (429)."""
+    if 401 in codes:
+        codes = (*codes, 429)
+    return {code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]} for code in codes}

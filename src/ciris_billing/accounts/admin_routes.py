@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, StrictInt, StringConstraints
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
 from ciris_billing.accounts import admin
 from ciris_billing.accounts.routes import account_body, identity_of, path_identity
-from ciris_billing.accounts.schemas import NO_NUL, AccountOut, IdentityFields, error_responses
+from ciris_billing.accounts.schemas import AccountOut, GrantCreate, StatusChange
 from ciris_billing.deps import (
     AdminKey,
     IdempotencyKeyHeader,
@@ -21,7 +20,7 @@ from ciris_billing.deps import (
     json_response,
     run_idempotent,
 )
-from ciris_billing.errors import InvalidRequest
+from ciris_billing.errors import InvalidRequest, error_responses
 from ciris_billing.observability import log
 from ciris_billing.unit_of_work import UnitOfWork
 
@@ -29,22 +28,6 @@ from ciris_billing.unit_of_work import UnitOfWork
 router = APIRouter(
     prefix="/v1/billing", tags=["operators"], responses=error_responses(401, 403, 422)
 )
-
-Reason = Annotated[
-    str, StringConstraints(min_length=1, max_length=500, strip_whitespace=True, pattern=NO_NUL)
-]
-
-
-class GrantCreate(IdentityFields):
-    uses: StrictInt = Field(
-        ge=-1_000_000, le=1_000_000, description="Positive grants, negative removes"
-    )
-    reason: Reason
-    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
-
-
-class StatusChange(BaseModel):
-    reason: Reason | None = None
 
 
 @router.post("/credits", status_code=201, responses=error_responses(409))

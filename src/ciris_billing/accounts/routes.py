@@ -19,11 +19,9 @@ from ciris_billing.accounts.schemas import (
     ChargeOut,
     CreditCheck,
     CreditCheckOut,
-    ErrorOut,
     IdentityFields,
     PurchaseRequiredOut,
     TransactionsOut,
-    error_responses,
 )
 from ciris_billing.db import iso
 from ciris_billing.deps import (
@@ -35,7 +33,7 @@ from ciris_billing.deps import (
     json_response,
     run_idempotent,
 )
-from ciris_billing.errors import InvalidRequest
+from ciris_billing.errors import ErrorOut, InvalidRequest, error_responses
 from ciris_billing.observability import ACCOUNTS_CREATED, log
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])

@@ -161,37 +161,6 @@ class PurchaseRequiredOut(BaseModel):
     checkout_url: str = Field(description="A page where the user can buy more (expires in 24 h)")
 
 
-class ErrorOut(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    error: str
-    detail: str
-
-
-ERROR_DESCRIPTIONS = {
-    400: "Bad request",
-    401: "No valid API key",
-    402: "Payment required",
-    403: "The key lacks the scope",
-    404: "Not found",
-    409: "Conflict (e.g. an idempotency key reused for another request)",
-    413: "Request body too large",
-    422: "Invalid request",
-    429: "Too many requests for this API key or account; retry after Retry-After seconds",
-    502: "The payment provider refused",
-    503: "The payment provider or the database is unreachable; retry",
-}
-
-
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` for the error statuses a route answers, all in the one error shape
-    (FastAPI would otherwise declare its own 422 body, which this service never sends).
-    A route that takes an API key (401) is also rate limited per key (429)."""
-    if 401 in codes:
-        codes = (*codes, 429)
-    return {code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
-
-
 class TransactionOut(BaseModel):
     transaction_id: str
     type: Literal["charge", "credit"]
@@ -212,3 +181,20 @@ class TransactionsOut(BaseModel):
     limit: int
     offset: int
     has_more: bool
+
+
+Reason = Annotated[
+    str, StringConstraints(min_length=1, max_length=500, strip_whitespace=True, pattern=NO_NUL)
+]
+
+
+class GrantCreate(IdentityFields):
+    uses: StrictInt = Field(
+        ge=-1_000_000, le=1_000_000, description="Positive grants, negative removes"
+    )
+    reason: Reason
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+
+
+class StatusChange(BaseModel):
+    reason: Reason | None = None

@@ -25,12 +25,11 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from ciris_billing.accounts.schemas import ErrorOut, error_responses
 from ciris_billing.accounts.service import Identity
 from ciris_billing.checkout.links import checkout_url, read_buy_token
 from ciris_billing.db import accounts, purchases
 from ciris_billing.deps import AppState, StateDep, json_response
-from ciris_billing.errors import BillingError
+from ciris_billing.errors import BillingError, ErrorOut, error_responses
 from ciris_billing.payments import service as payments
 
 router = APIRouter(prefix="/v1/billing", tags=["checkout"])

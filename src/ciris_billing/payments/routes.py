@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
 from ciris_billing.accounts import service as accounts
-from ciris_billing.accounts.schemas import NO_NUL, ErrorOut, error_responses
+from ciris_billing.accounts.schemas import NO_NUL
 from ciris_billing.checkout.links import checkout_url
 from ciris_billing.db import iso
 from ciris_billing.deps import (
@@ -27,7 +27,7 @@ from ciris_billing.deps import (
     replay_if_known,
     run_idempotent,
 )
-from ciris_billing.errors import BillingError
+from ciris_billing.errors import BillingError, ErrorOut, error_responses
 from ciris_billing.observability import PURCHASES, log
 from ciris_billing.payments import refunds, service
 from ciris_billing.payments.providers.base import PaymentResult

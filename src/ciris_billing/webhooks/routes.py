@@ -5,9 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ciris_billing.accounts.schemas import ErrorOut, error_responses
 from ciris_billing.deps import StateDep, json_response
-from ciris_billing.errors import BillingError
+from ciris_billing.errors import BillingError, ErrorOut, error_responses
 from ciris_billing.webhooks import inbox
 
 router = APIRouter(prefix="/v1/billing/webhooks", tags=["webhooks"])
