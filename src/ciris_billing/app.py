@@ -88,8 +88,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         state = AppState(
             settings=settings,
             engine=engine,
-            account_reader=None if statements is None else AccountReader(statements, lanes),
-            charge_writer=None if statements is None else ChargeWriter(statements, lanes),
+            account_reader=AccountReader(statements, lanes),
+            charge_writer=ChargeWriter(statements, lanes),
             pricing=Pricing.from_settings(settings),
             keys=KeyStore(engine, settings.api_key_cache_seconds),
             provider=provider,
@@ -118,8 +118,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         finally:
             gc.unfreeze()
             await provider.aclose()
-            if statements is not None:
-                await statements.close()
+            await statements.close()
             await engine.dispose()
 
     app = BillingApp(
