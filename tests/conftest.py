@@ -8,7 +8,6 @@ of a database.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
 import os
@@ -16,6 +15,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from ciris_billing.cli import migrate_database
 from ciris_billing.config import Settings
 from ciris_billing.db import create_engine, metadata
 from ciris_billing.deps import AppState
-from ciris_billing.embedded import embedded_postgres
+from ciris_billing.embedded import embedded_postgres, run_to_end
 
 TEST_POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -61,7 +61,7 @@ async def pg_admin(admin_url: str, sql: str) -> None:
 def _test_postgres_problem() -> str | None:
     """Why TEST_POSTGRES_URL does not answer (None: it does)."""
     try:
-        asyncio.run(pg_admin(TEST_POSTGRES_URL, "SELECT 1"))
+        run_to_end(pg_admin(TEST_POSTGRES_URL, "SELECT 1"))
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         return repr(exc)
     return None
@@ -96,14 +96,16 @@ def new_database(postgres_admin_url: str) -> Iterator[Callable[[], str]]:
     prefix = f"ciris_billing_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     template = f"{prefix}_template"
     made = [template]
-    asyncio.run(pg_admin(postgres_admin_url, f'CREATE DATABASE "{template}"'))
-    migrate_database(_with_database(postgres_admin_url, template))
+    run_to_end(pg_admin(postgres_admin_url, f'CREATE DATABASE "{template}"'))
+    # On a thread: alembic runs its own event loop, and a test's may be running here.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(migrate_database, _with_database(postgres_admin_url, template)).result()
     counter = itertools.count(1)
 
     def make() -> str:
         name = f"{prefix}_{next(counter)}"
         sql = f'CREATE DATABASE "{name}" TEMPLATE "{template}"'
-        asyncio.run(pg_admin(postgres_admin_url, sql))
+        run_to_end(pg_admin(postgres_admin_url, sql))
         made.append(name)
         return _with_database(postgres_admin_url, name)
 
@@ -112,7 +114,7 @@ def new_database(postgres_admin_url: str) -> Iterator[Callable[[], str]]:
     finally:
         for name in reversed(made):
             sql = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
-            asyncio.run(pg_admin(postgres_admin_url, sql))
+            run_to_end(pg_admin(postgres_admin_url, sql))
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +132,7 @@ def fresh_database(new_database: Callable[[], str]) -> str:
 @pytest.fixture
 def database_url(postgres_url: str) -> str:
     """The session's migrated database, emptied for this test."""
-    asyncio.run(_truncate(postgres_url))
+    run_to_end(_truncate(postgres_url))
     return postgres_url
 
 

@@ -535,7 +535,7 @@ def test_dockerfile_holds_no_secret_and_copies_only_what_the_context_keeps() -> 
                 assert ".env" not in source
                 assert (ROOT / source).exists(), source
                 assert not ignored(source, patterns), f"{source} is in .dockerignore"
-    for needed in (".venv", ".git", "*.db", ".env", ".pytest_cache", ".mypy_cache"):
+    for needed in (".venv", ".git", ".data/", ".env", ".pytest_cache", ".mypy_cache"):
         assert needed in patterns, f".dockerignore lacks {needed}"
 
 

@@ -60,14 +60,26 @@ def migrate_database(database_url: str | None = None) -> None:
     command.upgrade(config, "head")
 
 
-@click.group()
+class _Main(click.Group):
+    """Notes whether the command asks for its --help, which needs no database: the group's
+    callback runs before the command's own options are parsed."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta["help_only"] = any(arg in ctx.help_option_names for arg in rest)
+        return name, command, rest
+
+
+@click.group(cls=_Main)
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """CIRIS Billing: free uses, paid uses, purchases and a ledger that cannot go wrong."""
     settings = get_settings()
     # Commands print their results on stdout; their logs go to stderr (the server logs to stdout).
     configure_logging(settings.log_level, sys.stderr)
-    if settings.database_url is None:
+    if settings.database_url is None and not ctx.meta.get("help_only"):
         _use_embedded_postgres(ctx, settings.embedded_postgres_dir)
 
 

