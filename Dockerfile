@@ -42,7 +42,8 @@ RUN groupadd --system --gid 10001 billing \
 WORKDIR /app
 COPY --from=builder /opt/venv /opt/venv
 COPY alembic.ini ./
-# Writable for the SQLite default (DATABASE_URL unset); compose sets PostgreSQL.
+# Writable for the embedded PostgreSQL's data (.data/postgres, DATABASE_URL unset); compose sets
+# its own PostgreSQL.
 RUN chown billing:billing /app
 
 USER 10001:10001

@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 .PHONY: venv run test lint test-e2e-python test-local bench soak clean
 
@@ -13,11 +15,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## Serve on 127.0.0.1:8000 (DATABASE_URL, default a SQLite file here); migrates first.
+## Serve on $(HOST):$(PORT) (default 127.0.0.1:8000); migrates first. DATABASE_URL unset: an
+## embedded PostgreSQL with its data in .data/postgres (kept; stopped with the service).
 run: venv
-	$(BIN)/ciris-billing serve
+	$(BIN)/ciris-billing serve --host $(HOST) --port $(PORT)
 
-## Lint, format, types, migrations vs models, and the whole test suite (SQLite and PostgreSQL).
+## Lint, format, types, migrations vs models, and the whole test suite, on PostgreSQL:
+## TEST_POSTGRES_URL when it answers, else an embedded server for the run.
 test: venv lint
 	$(BIN)/pytest
 
@@ -25,9 +29,7 @@ lint: venv
 	$(BIN)/ruff check src tests scripts bench
 	$(BIN)/ruff format --check src tests scripts bench
 	$(BIN)/mypy
-	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  DATABASE_URL="sqlite:///$$tmp/check.db" $(BIN)/ciris-billing migrate >/dev/null && \
-	  DATABASE_URL="sqlite:///$$tmp/check.db" $(BIN)/alembic check
+	$(BIN)/python scripts/alembic_check.py >/dev/null
 
 ## The guide's local stack: Docker Compose (API, PostgreSQL, Prometheus, Grafana) if the engine
 ## answers, else migrate + serve with local processes.

@@ -1,16 +1,21 @@
-"""Fixtures: every API test runs on a real SQLite file and on a real PostgreSQL database.
+"""Fixtures: every API test runs on a real PostgreSQL database.
 
-PostgreSQL comes from TEST_POSTGRES_URL (default: the local server, trust auth). Under CI=true
-an unreachable PostgreSQL fails the run; elsewhere its tests are skipped with the reason shown.
+The server is TEST_POSTGRES_URL's (default: the local one, trust auth) when it answers, else an
+embedded PostgreSQL (ciris_billing.embedded) started for the test session in a temporary folder
+and stopped at its end: `make test` needs no PostgreSQL installed. Nothing is skipped for want
+of a database.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
+import itertools
 import os
 import shutil
+import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +33,15 @@ from ciris_billing.cli import migrate_database
 from ciris_billing.config import Settings
 from ciris_billing.db import create_engine, metadata
 from ciris_billing.deps import AppState
+from ciris_billing.embedded import embedded_postgres, run_to_end
 
-POSTGRES_ADMIN_URL = os.environ.get(
+TEST_POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TABLES = ", ".join(table.name for table in reversed(metadata.sorted_tables))
+# A URL for apps that are built but never started (their OpenAPI, their routes): nothing there.
+UNUSED_DATABASE_URL = "postgresql://postgres@127.0.0.1:1/unused"
 
 
 def _with_database(url: str, name: str) -> str:
@@ -41,48 +49,91 @@ def _with_database(url: str, name: str) -> str:
     return f"{base}/{name}"
 
 
-async def _pg_admin(sql: str) -> None:
-    conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+async def pg_admin(admin_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(admin_url, timeout=5)
     try:
         await conn.execute(sql)
     finally:
         await conn.close()
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database for this test session, dropped at the end."""
-    name = f"ciris_billing_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+@functools.cache
+def _test_postgres_problem() -> str | None:
+    """Why TEST_POSTGRES_URL does not answer (None: it does)."""
     try:
-        asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+        run_to_end(pg_admin(TEST_POSTGRES_URL, "SELECT 1"))
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        message = f"PostgreSQL at {POSTGRES_ADMIN_URL} is unreachable: {exc!r}"
-        if IN_CI:
-            pytest.fail(f"{message} (CI=true: PostgreSQL tests must run)", pytrace=False)
-        pytest.skip(message)
-    url = _with_database(POSTGRES_ADMIN_URL, name)
-    migrate_database(url)
-    yield url
-    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        return repr(exc)
+    return None
+
+
+def pytest_report_header() -> str:
+    problem = _test_postgres_problem()
+    if problem is None:
+        return f"postgresql: {TEST_POSTGRES_URL} (TEST_POSTGRES_URL)"
+    return f"postgresql: embedded for this session ({TEST_POSTGRES_URL} unreachable: {problem})"
 
 
 @pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
-    migrate_database(f"sqlite:///{path}")
-    return path
+def postgres_admin_url() -> Iterator[str]:
+    """A server's admin URL (may create and drop databases): TEST_POSTGRES_URL's when it
+    answers, else an embedded server in a temporary folder, stopped and removed at the end."""
+    if _test_postgres_problem() is None:
+        yield TEST_POSTGRES_URL
+        return
+    folder = Path(tempfile.mkdtemp(prefix="ciris-billing-test-pg-"))
+    try:
+        with embedded_postgres(folder / "pgdata", database="postgres") as server:
+            yield server.url("postgres")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A migrated, empty database of each kind."""
-    if request.param == "sqlite":
-        path = tmp_path / "billing.db"
-        shutil.copy(request.getfixturevalue("sqlite_template"), path)
-        return f"sqlite:///{path}"
-    url: str = request.getfixturevalue("postgres_url")
-    asyncio.run(_truncate(url))
-    return url
+@pytest.fixture(scope="session")
+def new_database(postgres_admin_url: str) -> Iterator[Callable[[], str]]:
+    """Makes migrated, empty databases (copies of one migrated template: a file copy, no
+    migrations per database); every one is dropped at the end of the session."""
+    prefix = f"ciris_billing_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    template = f"{prefix}_template"
+    made = [template]
+    run_to_end(pg_admin(postgres_admin_url, f'CREATE DATABASE "{template}"'))
+    # On a thread: alembic runs its own event loop, and a test's may be running here.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(migrate_database, _with_database(postgres_admin_url, template)).result()
+    counter = itertools.count(1)
+
+    def make() -> str:
+        name = f"{prefix}_{next(counter)}"
+        sql = f'CREATE DATABASE "{name}" TEMPLATE "{template}"'
+        run_to_end(pg_admin(postgres_admin_url, sql))
+        made.append(name)
+        return _with_database(postgres_admin_url, name)
+
+    try:
+        yield make
+    finally:
+        for name in reversed(made):
+            sql = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+            run_to_end(pg_admin(postgres_admin_url, sql))
+
+
+@pytest.fixture(scope="session")
+def postgres_url(new_database: Callable[[], str]) -> str:
+    """The session's migrated database (tests empty it as they need)."""
+    return new_database()
+
+
+@pytest.fixture
+def fresh_database(new_database: Callable[[], str]) -> str:
+    """A migrated, empty database of this test's own (for servers started in subprocesses)."""
+    return new_database()
+
+
+@pytest.fixture
+def database_url(postgres_url: str) -> str:
+    """The session's migrated database, emptied for this test."""
+    run_to_end(_truncate(postgres_url))
+    return postgres_url
 
 
 async def _truncate(url: str) -> None:
@@ -101,6 +152,12 @@ class Api:
     keys: dict[str, str]
     settings: Settings
     state: AppState
+
+    @property
+    def database_url(self) -> str:
+        url = self.settings.database_url
+        assert url is not None, "tests always name their database"
+        return url
 
     def headers(self, scope: str = "write", **extra: str) -> dict[str, str]:
         return {"X-API-Key": self.keys[scope], **extra}

@@ -129,7 +129,7 @@ async def test_operator_cli(api: Api) -> None:
     from tests.servers import cli, service_env
     from tests.test_refunds_disputes import paid_purchase
 
-    env = service_env(api.settings.database_url, PAYMENT_PROVIDER="sandbox")
+    env = service_env(api.database_url, PAYMENT_PROVIDER="sandbox")
     bought = await paid_purchase(api, USER)
     granted = cli(
         env, "grant", "oauth:google", USER["external_id"], "--uses", "5", "--reason", "Sorry"
@@ -156,7 +156,7 @@ async def test_operator_lookups(api: Api) -> None:
     from tests.servers import cli, service_env
     from tests.test_refunds_disputes import paid_purchase
 
-    env = service_env(api.settings.database_url)
+    env = service_env(api.database_url)
     bought = await paid_purchase(api, USER)
     await api.post("/v1/billing/charges", USER)
     shown = json.loads(

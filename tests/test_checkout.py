@@ -5,9 +5,7 @@ test_checkout_browser.py."""
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -275,13 +273,9 @@ def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStrip
 
 
 @pytest.fixture
-async def stripe_api(
-    localstripe: LocalStripe, sqlite_template: Path, tmp_path: Path
-) -> AsyncIterator[Api]:
-    path = tmp_path / "stripe.db"
-    shutil.copy(sqlite_template, path)
+async def stripe_api(localstripe: LocalStripe, fresh_database: str) -> AsyncIterator[Api]:
     settings = make_settings(
-        f"sqlite:///{path}",
+        fresh_database,
         payment_provider="stripe",
         stripe_api_key=TEST_API_KEY,
         stripe_webhook_secret=STRIPE_WEBHOOK_SECRET,

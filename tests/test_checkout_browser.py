@@ -1,6 +1,6 @@
 """The payment page in a real headless Chromium (Debian's `chromium`, driven by Playwright).
 
-Against the real service (`ciris-billing serve`, sandbox provider, SQLite): open the checkout
+Against the real service (`ciris-billing serve`, sandbox provider, PostgreSQL): open the checkout
 link, pay with the guide's test cards, see success / decline / "authentication required", and
 check through the API that the uses arrived. Everything runs on a phone-sized screen
 (390x844), which must never scroll sideways.
@@ -15,9 +15,8 @@ Screenshots go to tests/artifacts/ (not in git); their paths are printed.
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,11 +103,11 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def service(sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service(
+    new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
     directory = tmp_path_factory.mktemp("checkout-browser")
-    database = directory / "billing.db"
-    shutil.copy(sqlite_template, database)
-    env = service_env(f"sqlite:///{database}", PAYMENT_PROVIDER="sandbox")
+    env = service_env(new_database(), PAYMENT_PROVIDER="sandbox")
     for name in ("STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET", "STRIPE_PUBLISHABLE_KEY"):
         env.pop(name, None)
     key = create_key(env, "write")

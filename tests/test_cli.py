@@ -24,8 +24,8 @@ def run(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_first_start_prints_an_admin_key_once(tmp_path: Path) -> None:
-    database_url = f"sqlite:///{tmp_path / 'fresh.db'}"
+def test_first_start_prints_an_admin_key_once(fresh_database: str, tmp_path: Path) -> None:
+    database_url = fresh_database
     port = _free_port()
     env = {**os.environ, "DATABASE_URL": database_url}
     out = (tmp_path / "out.log").open("w")
@@ -67,8 +67,8 @@ def test_first_start_prints_an_admin_key_once(tmp_path: Path) -> None:
     assert key not in second.stdout
 
 
-def test_keys_create_list_revoke(tmp_path: Path) -> None:
-    database_url = f"sqlite:///{tmp_path / 'keys.db'}"
+def test_keys_create_list_revoke(fresh_database: str) -> None:
+    database_url = fresh_database
     assert run(database_url, "migrate").returncode == 0
     created = run(database_url, "keys", "create", "--name", "agent", "--scopes", "read,write")
     assert created.returncode == 0
@@ -86,8 +86,8 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
     assert bad.returncode != 0
 
 
-def test_audit_finds_a_tampered_counter(tmp_path: Path) -> None:
-    database_url = f"sqlite:///{tmp_path / 'audit.db'}"
+def test_audit_finds_a_tampered_counter(fresh_database: str) -> None:
+    database_url = fresh_database
     assert run(database_url, "migrate").returncode == 0
     assert run(database_url, "audit").stdout.strip() == "Audited 0 accounts: clean."
 
@@ -116,8 +116,8 @@ def test_audit_finds_a_tampered_counter(tmp_path: Path) -> None:
     assert "d@e.f" not in audited.stdout
 
 
-def test_unsafe_payment_configurations_refuse_to_start(tmp_path: Path) -> None:
-    database_url = f"sqlite:///{tmp_path / 'refuse.db'}"
+def test_unsafe_payment_configurations_refuse_to_start(fresh_database: str) -> None:
+    database_url = fresh_database
     cases = [
         ({"PAYMENT_PROVIDER": "sandbox", "STRIPE_API_KEY": "sk_live_abc123"}, "Live Stripe keys"),
         (
@@ -138,3 +138,58 @@ def test_unsafe_payment_configurations_refuse_to_start(tmp_path: Path) -> None:
         assert refused.returncode != 0
         assert message in refused.stderr
         assert "sk_live_abc123" not in refused.stderr + refused.stdout
+
+
+def _postgres_serving(data_dir: Path) -> bool:
+    """Whether a postgres process serves `data_dir` (its postmaster.pid names a live process)."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+def test_serve_without_database_url_runs_embedded_postgres(tmp_path: Path) -> None:
+    """No DATABASE_URL: `serve` starts an embedded PostgreSQL in .data/postgres under its
+    working directory, says where, serves on it, stops it on SIGTERM, and finds the data kept
+    on the next start (the first key is not made twice)."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    data_dir = tmp_path / ".data" / "postgres"
+    printed: list[str] = []
+    for run_number in (1, 2):
+        port = _free_port()
+        log = tmp_path / f"serve-{run_number}.log"
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                [*CLI, "serve", "--port", str(port)],
+                cwd=tmp_path,  # no .env here: DATABASE_URL stays unset
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                deadline = time.monotonic() + 90
+                while True:
+                    try:
+                        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                        if health.status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    assert process.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.2)
+                assert health.json()["database"] == "ok"
+                assert _postgres_serving(data_dir)
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+        printed.append(log.read_text())
+        assert not _postgres_serving(data_dir), "stopped with the service"
+    first, second = printed
+    assert f"Embedded PostgreSQL (started): data in {data_dir.resolve()}" in first
+    assert "DATABASE_URL=postgresql://postgres@127.0.0.1:" in first
+    assert "store it now:" in first
+    assert "store it now:" not in second, "the data (and the first key) were kept"

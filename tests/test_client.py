@@ -1,6 +1,6 @@
 """The agent client (`ciris_billing.client`) against the real service.
 
-In process (the app behind httpx.ASGITransport, on SQLite and PostgreSQL), with network faults
+In process (the app behind httpx.ASGITransport, on PostgreSQL), with network faults
 injected between client and app by `Network`; and as a real server process on a fixed port,
 stopped and started again, for retries, fail-closed and fail-open.
 """
@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import email.utils
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -386,11 +385,9 @@ class Server:
 
 
 @pytest.fixture
-def server(sqlite_template: Path, tmp_path: Path) -> Server:
-    """A migrated SQLite database with a write key, and a port nothing listens on yet."""
-    database = tmp_path / "billing.db"
-    shutil.copy(sqlite_template, database)
-    env = service_env(f"sqlite:///{database}")
+def server(fresh_database: str, tmp_path: Path) -> Server:
+    """A migrated database with a write key, and a port nothing listens on yet."""
+    env = service_env(fresh_database)
     return Server(env, create_key(env, "write"), free_port(), tmp_path)
 
 

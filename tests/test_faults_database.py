@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from ciris_billing.cli import migrate_database
-from tests.conftest import POSTGRES_ADMIN_URL, _truncate
+from tests.conftest import _truncate
 from tests.faults import (
     Attempt,
     LedgerCheck,
@@ -80,7 +80,9 @@ async def _recovered(http: httpx.AsyncClient, prefix: str, count: int = 24) -> N
     assert 503 not in statuses[count // 2 :], statuses
 
 
-async def test_connections_killed_while_charging(postgres_url: str, tmp_path: Path) -> None:
+async def test_connections_killed_while_charging(
+    postgres_url: str, postgres_admin_url: str, tmp_path: Path
+) -> None:
     await _truncate(postgres_url)
     database = urlsplit(postgres_url).path.lstrip("/")
     env = service_env(postgres_url, RATE_LIMIT_ACCOUNT_PER_MINUTE="60000")
@@ -96,7 +98,7 @@ async def test_connections_killed_while_charging(postgres_url: str, tmp_path: Pa
 
             async def chaos() -> None:
                 nonlocal killed
-                admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+                admin = await asyncpg.connect(postgres_admin_url, timeout=5)
                 try:
                     while not charging.is_set():
                         killed += await admin.fetchval(

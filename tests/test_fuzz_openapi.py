@@ -1,4 +1,4 @@
-"""Schemathesis against the service's own /openapi.json, in process, on SQLite and PostgreSQL.
+"""Schemathesis against the service's own /openapi.json, in process, on PostgreSQL.
 
 Every operation is fuzzed with valid (positive) and invalid (negative) requests, authenticated
 with the admin key and, in a second pass, with a read-only key. Each response must not be a
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,8 +38,8 @@ from ciris_billing.app import create_app
 from ciris_billing.audit import AuditReport, audit
 from ciris_billing.db import create_engine
 from ciris_billing.payments.providers import signing
+from tests.conftest import UNUSED_DATABASE_URL, make_settings
 from tests.conftest import _truncate as truncate
-from tests.conftest import make_settings
 
 VISA = "4242 4242 4242 4242"
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
@@ -57,7 +56,7 @@ KNOWN_USER = {"oauth_provider": "oauth:google", "external_id": "fuzz@example.com
 ERASED_USER = {"oauth_provider": "oauth:google", "external_id": "erase-me@example.com"}
 
 SCHEMA: OpenApiSchema = schemathesis.openapi.from_dict(
-    create_app(make_settings("sqlite://")).openapi()
+    create_app(make_settings(UNUSED_DATABASE_URL)).openapi()
 )
 OPERATIONS = sorted(op.ok().label for op in SCHEMA.get_all_operations() if isinstance(op, Ok))
 
@@ -114,19 +113,12 @@ def _seed(client: asgi.ASGIClient, admin_key: str) -> tuple[list[str], list[str]
     return payment_ids, dispute_ids
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def target(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Target]:
-    """The app on a fresh database of each kind, served in process by schemathesis's ASGI
-    client (its lifespan runs in schemathesis's event-loop thread)."""
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("fuzz") / "billing.db"
-        shutil.copy(request.getfixturevalue("sqlite_template"), path)
-        database_url = f"sqlite:///{path}"
-    else:
-        database_url = request.getfixturevalue("postgres_url")
-        asyncio.run(truncate(database_url))
+@pytest.fixture(scope="module")
+def target(postgres_url: str) -> Iterator[Target]:
+    """The app on an emptied database, served in process by schemathesis's ASGI client (its
+    lifespan runs in schemathesis's event-loop thread)."""
+    database_url = postgres_url
+    asyncio.run(truncate(database_url))
     keys = asyncio.run(_make_keys(database_url))
     app = create_app(make_settings(database_url))
     try:

@@ -6,24 +6,21 @@ webhooks) and keeps its own model of every account (free, paid and held uses, to
 of every purchase. Every answer's status is predicted by the model; after every step the API's
 balances equal the model's, no counter is below zero and `audit` finds no discrepancy.
 
-Each example gets a fresh database (a copy of the migrated SQLite template, or the session's
-PostgreSQL database truncated) and a fresh app on its own event loop.
+Each example gets a fresh database (the session's PostgreSQL database, truncated) and a fresh app
+on its own event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import httpx
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -524,19 +521,6 @@ class Observed:
 
 
 @dataclass
-class SqliteCopies:
-    """A copy of the migrated template per example."""
-
-    template: Path
-    folder: Path
-
-    async def fresh(self) -> str:
-        path = self.folder / f"ledger-{uuid.uuid4().hex[:8]}.db"
-        shutil.copy(self.template, path)
-        return f"sqlite:///{path}"
-
-
-@dataclass
 class TruncatedPostgres:
     """The session's PostgreSQL database, emptied per example."""
 
@@ -552,15 +536,8 @@ class TruncatedPostgres:
         return self.url
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_any_interleaving_keeps_the_books(
-    kind: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> None:
-    databases: Databases
-    if kind == "sqlite":
-        databases = SqliteCopies(request.getfixturevalue("sqlite_template"), tmp_path)
-    else:
-        databases = TruncatedPostgres(request.getfixturevalue("postgres_url"))
+def test_any_interleaving_keeps_the_books(postgres_url: str) -> None:
+    databases: Databases = TruncatedPostgres(postgres_url)
 
     class LedgerOnThisDatabase(Ledger):
         pass

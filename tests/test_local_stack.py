@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import time
 import tomllib
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ciris_billing.config import Settings
-from tests.conftest import IN_CI, POSTGRES_ADMIN_URL, Api, identity
+from tests.conftest import Api, identity, pg_admin
 from tests.servers import free_port, running_service, service_env
 
 # PyYAML ships no type hints (its stubs are a separate package): use it as an untyped module.
@@ -535,7 +535,7 @@ def test_dockerfile_holds_no_secret_and_copies_only_what_the_context_keeps() -> 
                 assert ".env" not in source
                 assert (ROOT / source).exists(), source
                 assert not ignored(source, patterns), f"{source} is in .dockerignore"
-    for needed in (".venv", ".git", "*.db", ".env", ".pytest_cache", ".mypy_cache"):
+    for needed in (".venv", ".git", ".data/", ".env", ".pytest_cache", ".mypy_cache"):
         assert needed in patterns, f".dockerignore lacks {needed}"
 
 
@@ -593,36 +593,38 @@ def run_healthcheck(command: list[str], port: int) -> int:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
 
 
-def test_the_health_checks_pass_on_a_serving_app_and_fail_without_one(tmp_path: Path) -> None:
+def test_the_health_checks_pass_on_a_serving_app_and_fail_without_one(
+    fresh_database: str, tmp_path: Path
+) -> None:
     (health,) = [a for k, a in stages()[-1] if k == "HEALTHCHECK"]
     command = exec_form(health.split("CMD", 1)[1])
     compose_test = service("billing-api")["healthcheck"]["test"]
     assert compose_test == ["CMD", *command], "compose and the image check the same way"
 
     port = free_port()
-    env = service_env(f"sqlite:///{tmp_path / 'health.db'}")
+    env = service_env(fresh_database)
     with running_service(env, tmp_path / "serve.log", port=port):
         assert run_healthcheck(command, port) == 0
     assert run_healthcheck(command, port) != 0
 
 
-def test_alembic_upgrade_head_works_from_the_image_workdir(tmp_path: Path) -> None:
+def test_alembic_upgrade_head_works_from_the_image_workdir(
+    empty_database: str, tmp_path: Path
+) -> None:
     """The guide's `exec billing-api alembic upgrade head`: alembic.ini alone in the workdir."""
     workdir = tmp_path / "app"
     workdir.mkdir()
     shutil.copy(ROOT / "alembic.ini", workdir)
-    database = tmp_path / "billing.db"
     result = subprocess.run(
         [sys.executable, "-m", "alembic", "upgrade", "head"],
         cwd=workdir,
-        env=service_env(f"sqlite:///{database}"),
+        env=service_env(empty_database),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    with sqlite3.connect(database) as conn:
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    tables = asyncio.run(_pg_tables(empty_database))
     assert {"alembic_version", "charges", "credits", "accounts"} <= tables
 
 
@@ -720,16 +722,24 @@ def run_script(
     return result, time.monotonic() - started
 
 
-def sqlite_is_migrated(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with sqlite3.connect(path) as conn:
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-    return {"alembic_version", "charges", "credits"} <= tables
+def is_migrated(url: str) -> bool:
+    return {"alembic_version", "charges", "credits"} <= asyncio.run(_pg_tables(url))
+
+
+@pytest.fixture
+def empty_database(postgres_admin_url: str) -> Iterator[str]:
+    """A database with no tables yet (the script migrates it), dropped afterwards."""
+    name = f"ciris_billing_local_test_{uuid.uuid4().hex[:8]}"
+    asyncio.run(pg_admin(postgres_admin_url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{postgres_admin_url.rpartition('/')[0]}/{name}"
+    finally:
+        sql = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+        asyncio.run(pg_admin(postgres_admin_url, sql))
 
 
 def isolated_root(tmp_path: Path) -> Path:
-    """A copy of the script in an empty tree: no .env, SQLite default lands in the temp dir."""
+    """A copy of the script in an empty tree: no .env; the embedded server's data lands here."""
     root = tmp_path / "checkout"
     (root / "scripts").mkdir(parents=True)
     shutil.copy2(SCRIPT, root / "scripts" / "test-local")
@@ -750,10 +760,10 @@ def test_script_is_executable_bash_with_strict_mode() -> None:
 
 @pytest.mark.parametrize("dry_run", ["--check", "TEST_LOCAL_DRY_RUN=1"])
 def test_check_mode_falls_back_to_local_processes_and_migrates(
-    tmp_path: Path, dry_run: str
+    empty_database: str, tmp_path: Path, dry_run: str
 ) -> None:
-    database = tmp_path / "local.db"
-    env = script_env(tmp_path, ENGINE_DOWN, DATABASE_URL=f"sqlite:///{database}")
+    database = empty_database
+    env = script_env(tmp_path, ENGINE_DOWN, DATABASE_URL=database)
     args: list[str] = []
     if dry_run == "--check":
         args.append("--check")
@@ -767,34 +777,36 @@ def test_check_mode_falls_back_to_local_processes_and_migrates(
     assert "Database is at the latest migration." in out
     assert "not serving (--check)" in out
     assert "Serving CIRIS Billing" not in out
-    assert sqlite_is_migrated(database)
+    assert is_migrated(database)
     assert elapsed < 30
 
 
-def test_check_mode_on_this_machine_as_it_is(tmp_path: Path) -> None:
+def test_check_mode_on_this_machine_as_it_is(empty_database: str, tmp_path: Path) -> None:
     """No fake docker: whatever this machine has, the script picks a path quickly and says so."""
-    database = tmp_path / "here.db"
-    env = script_env(tmp_path, None, DATABASE_URL=f"sqlite:///{database}")
+    database = empty_database
+    env = script_env(tmp_path, None, DATABASE_URL=database)
     result, elapsed = run_script(env, "--check")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "test-local: path: " in result.stdout
     if "path: local processes" in result.stdout:
-        assert sqlite_is_migrated(database)
+        assert is_migrated(database)
     assert elapsed < 30
 
 
-def test_a_hanging_docker_client_is_given_up_on_quickly(tmp_path: Path) -> None:
-    database = tmp_path / "hang.db"
+def test_a_hanging_docker_client_is_given_up_on_quickly(
+    empty_database: str, tmp_path: Path
+) -> None:
+    database = empty_database
     env = script_env(
         tmp_path,
         "exec sleep 60",
-        DATABASE_URL=f"sqlite:///{database}",
+        DATABASE_URL=database,
         TEST_LOCAL_DOCKER_TIMEOUT="1",
     )
     result, elapsed = run_script(env, "--check")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "took over 1s" in result.stdout
-    assert sqlite_is_migrated(database)
+    assert is_migrated(database)
     assert elapsed < 20
 
 
@@ -818,18 +830,18 @@ def test_forcing_docker_without_an_engine_fails_clearly(tmp_path: Path) -> None:
     assert "--docker: the Docker engine is not reachable" in result.stderr
 
 
-def test_dotenv_database_url_is_used(tmp_path: Path) -> None:
+def test_dotenv_database_url_is_used(empty_database: str, tmp_path: Path) -> None:
     root = isolated_root(tmp_path)
-    database = tmp_path / "from-dotenv.db"
-    (root / ".env").write_text(f"DATABASE_URL=sqlite:///{database}\n")
+    database = empty_database
+    (root / ".env").write_text(f"DATABASE_URL={database}\n")
     env = script_env(tmp_path, ENGINE_DOWN)
     result, _elapsed = run_script(env, "--check", script=root / "scripts" / "test-local")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "DATABASE_URL from .env" in result.stdout
-    assert sqlite_is_migrated(database)
+    assert is_migrated(database)
 
 
-def test_sqlite_default_when_no_url_and_no_local_postgres(tmp_path: Path) -> None:
+def test_embedded_postgres_when_no_url_and_no_local_postgres(tmp_path: Path) -> None:
     root = isolated_root(tmp_path)
     env = script_env(
         tmp_path,
@@ -838,17 +850,13 @@ def test_sqlite_default_when_no_url_and_no_local_postgres(tmp_path: Path) -> Non
     )
     result, _elapsed = run_script(env, "--check", script=root / "scripts" / "test-local")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "database: SQLite default ./ciris_billing.db" in result.stdout
+    assert "database: embedded PostgreSQL in ./.data/postgres" in result.stdout
     assert "unreachable" in result.stdout
-    assert sqlite_is_migrated(root / "ciris_billing.db")
-
-
-async def _pg(sql: str) -> None:
-    conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    assert "Embedded PostgreSQL (started): data in" in result.stdout + result.stderr
+    assert "Database is at the latest migration." in result.stdout
+    data_dir = root / ".data" / "postgres"
+    assert (data_dir / "PG_VERSION").exists(), "the data stays in the project"
+    assert not (data_dir / "postmaster.pid").exists(), "stopped when the command ended"
 
 
 async def _pg_tables(url: str) -> set[str]:
@@ -860,16 +868,11 @@ async def _pg_tables(url: str) -> set[str]:
     return {row["tablename"] for row in rows}
 
 
-def test_local_postgres_database_is_created_when_missing(tmp_path: Path) -> None:
-    try:
-        asyncio.run(_pg("SELECT 1"))
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        message = f"PostgreSQL at {POSTGRES_ADMIN_URL} is unreachable: {exc!r}"
-        if IN_CI:
-            pytest.fail(f"{message} (CI=true: PostgreSQL tests must run)", pytrace=False)
-        pytest.skip(message)
+def test_local_postgres_database_is_created_when_missing(
+    postgres_admin_url: str, tmp_path: Path
+) -> None:
     name = f"ciris_billing_local_test_{uuid.uuid4().hex[:8]}"
-    url = f"{POSTGRES_ADMIN_URL.rpartition('/')[0]}/{name}"
+    url = f"{postgres_admin_url.rpartition('/')[0]}/{name}"
     root = isolated_root(tmp_path)
     env = script_env(tmp_path, ENGINE_DOWN, TEST_LOCAL_POSTGRES_URL=url)
     try:
@@ -881,6 +884,7 @@ def test_local_postgres_database_is_created_when_missing(tmp_path: Path) -> None
         again, _elapsed = run_script(env, "--check", script=root / "scripts" / "test-local")
         assert again.returncode == 0, again.stdout + again.stderr
         assert f"database {name} exists" in again.stdout
-        assert not (root / "ciris_billing.db").exists()
+        assert not (root / ".data").exists(), "no embedded server when the local one answers"
     finally:
-        asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        sql = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+        asyncio.run(pg_admin(postgres_admin_url, sql))

@@ -1,11 +1,10 @@
-"""Migrations build exactly the schema the code declares, on both databases."""
+"""Migrations build exactly the schema the code declares."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -13,7 +12,7 @@ from sqlalchemy import Connection, text
 
 from ciris_billing.audit import audit
 from ciris_billing.db import create_engine, metadata
-from tests.conftest import _pg_admin, _with_database
+from tests.conftest import _with_database, pg_admin
 
 
 def _diff(connection: Connection) -> list[object]:
@@ -29,15 +28,14 @@ async def test_models_match_migrations(database_url: str) -> None:
     assert differences == []
 
 
-async def test_upgrading_a_database_that_holds_data(tmp_path: Path, postgres_url: str) -> None:
-    """Later migrations rebuild tables on SQLite; the rows (and foreign keys) must survive."""
+async def test_upgrading_a_database_that_holds_data(postgres_admin_url: str) -> None:
+    """Later migrations alter tables that hold rows: the rows (and foreign keys) must survive."""
     name = f"ciris_billing_upgrade_{uuid.uuid4().hex[:8]}"
-    await _pg_admin(f'CREATE DATABASE "{name}"')
+    await pg_admin(postgres_admin_url, f'CREATE DATABASE "{name}"')
     try:
-        for url in (f"sqlite:///{tmp_path / 'old.db'}", _with_database(postgres_url, name)):
-            await _upgrade_with_data(url)
+        await _upgrade_with_data(_with_database(postgres_admin_url, name))
     finally:
-        await _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await pg_admin(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _upgrade_with_data(url: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from ciris_billing.app import create_app
-from tests.conftest import Api, make_settings
+from tests.conftest import UNUSED_DATABASE_URL, Api, make_settings
 
 # Public by design: liveness, the payment page (its secret is the payment's client secret),
 # the buy link (signed), the webhooks (signed) and the sandbox's card confirmation.
@@ -49,7 +49,7 @@ def api_routes(routes: list[Any]) -> list[APIRoute]:
 
 
 def billing_routes() -> list[tuple[str, str, str | None]]:
-    app = create_app(make_settings("sqlite:///:memory:"))
+    app = create_app(make_settings(UNUSED_DATABASE_URL))
     return [
         (method, route.path, required_scope(route))
         for route in api_routes(app.routes)

@@ -56,7 +56,7 @@ async def succeed_silently(api: Api, payment_id: str, **values: Any) -> None:
 
 
 def cli(api: Api, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": api.settings.database_url, "PAYMENT_PROVIDER": "sandbox"}
+    env = {**os.environ, "DATABASE_URL": api.database_url, "PAYMENT_PROVIDER": "sandbox"}
     return subprocess.run(
         [sys.executable, "-m", "ciris_billing.cli", *args],
         env=env,

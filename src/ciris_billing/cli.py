@@ -9,6 +9,7 @@ import secrets
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -20,6 +21,7 @@ from ciris_billing.audit import audit as run_audit
 from ciris_billing.cli_lookup import COMMANDS, parse_identity
 from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine, iso
+from ciris_billing.embedded import embedded_postgres
 from ciris_billing.errors import BillingError
 from ciris_billing.observability import configure_logging
 from ciris_billing.payments import refunds
@@ -58,11 +60,40 @@ def migrate_database(database_url: str | None = None) -> None:
     command.upgrade(config, "head")
 
 
-@click.group()
-def main() -> None:
+class _Main(click.Group):
+    """Notes whether the command asks for its --help, which needs no database: the group's
+    callback runs before the command's own options are parsed."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta["help_only"] = any(arg in ctx.help_option_names for arg in rest)
+        return name, command, rest
+
+
+@click.group(cls=_Main)
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """CIRIS Billing: free uses, paid uses, purchases and a ledger that cannot go wrong."""
+    settings = get_settings()
     # Commands print their results on stdout; their logs go to stderr (the server logs to stdout).
-    configure_logging(get_settings().log_level, sys.stderr)
+    configure_logging(settings.log_level, sys.stderr)
+    if settings.database_url is None and not ctx.meta.get("help_only"):
+        _use_embedded_postgres(ctx, settings.embedded_postgres_dir)
+
+
+def _use_embedded_postgres(ctx: click.Context, data_dir: Path) -> None:
+    """No DATABASE_URL: start (or join) the embedded PostgreSQL for this command; the command
+    that started it stops it when it ends (for `serve`: when the service stops)."""
+    server = ctx.with_resource(embedded_postgres(data_dir))
+    url = server.url()
+    # Through the environment, so `serve`'s worker processes (which inherit it) connect too.
+    os.environ["DATABASE_URL"] = url
+    get_settings.cache_clear()
+    how = "started" if server.started_here else "already running, joined"
+    click.echo(f"Embedded PostgreSQL ({how}): data in {server.data_dir}", err=True)
+    click.echo(f"  DATABASE_URL={url}", err=True)
 
 
 @main.command()

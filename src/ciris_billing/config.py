@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_DATABASE_URL = "sqlite:///./ciris_billing.db"
+from ciris_billing.embedded import DEFAULT_DATA_DIR
 
 
 def async_database_url(url: str) -> str:
-    """Turn a URL as users write it (`postgresql://`, `sqlite:///`) into an async driver URL."""
+    """Turn a URL as users write it (`postgresql://...`) into an async driver URL."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ValueError(f"DATABASE_URL is not a URL: {url!r}")
     base = scheme.split("+", 1)[0]
     if base in ("postgres", "postgresql"):
         return f"postgresql+asyncpg://{rest}"
-    if base == "sqlite":
-        return f"sqlite+aiosqlite://{rest}"
-    raise ValueError(f"DATABASE_URL scheme {scheme!r} is not supported (use postgresql or sqlite)")
+    raise ValueError(f"DATABASE_URL scheme {scheme!r} is not supported (use postgresql)")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
-    database_url: str = DEFAULT_DATABASE_URL
+    # PostgreSQL. Unset: the CLI starts an embedded server in EMBEDDED_POSTGRES_DIR (embedded.py)
+    # and sets this for the command (and `serve`'s workers).
+    database_url: str | None = None
+    embedded_postgres_dir: Path = DEFAULT_DATA_DIR
 
     # Pricing (the guide's names and defaults).
     free_uses_per_account: int = Field(default=3, ge=0, le=1_000_000)
@@ -75,17 +77,16 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _check_url(cls, value: str) -> str:
-        async_database_url(value)
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            async_database_url(value)
         return value
 
     @property
     def async_database_url(self) -> str:
+        if self.database_url is None:
+            raise RuntimeError("DATABASE_URL is not set (the CLI starts an embedded PostgreSQL)")
         return async_database_url(self.database_url)
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.async_database_url.startswith("sqlite")
 
     @property
     def active_payment_provider(self) -> Literal["sandbox", "stripe"]:

@@ -1,4 +1,4 @@
-"""Database: the schema (SQLAlchemy Core tables), the engine, and dialect helpers.
+"""Database: the schema (SQLAlchemy Core tables), the engine, and statement helpers.
 
 The ledger's invariants live here, in the database, so that no code path can break them:
 CHECK constraints keep every counter at zero or above, unique constraints make identities,
@@ -29,14 +29,12 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection as SyncConnection
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ciris_billing.config import Settings, async_database_url
 
-# Stable constraint names, so Alembic migrations and `alembic check` agree on both dialects.
+# Stable constraint names, so Alembic migrations and `alembic check` agree.
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -48,8 +46,8 @@ metadata = MetaData(
 )
 
 Id = String(40)
-Uses = BigInteger().with_variant(Integer(), "sqlite")
-Minor = BigInteger().with_variant(Integer(), "sqlite")
+Uses = BigInteger()
+Minor = BigInteger()
 Timestamp = DateTime(timezone=True)
 
 ACCOUNTS_FILLFACTOR = 80
@@ -306,7 +304,7 @@ def utcnow() -> datetime:
 
 
 def iso(value: datetime | str) -> str:
-    """A timestamp as ISO 8601 in UTC; SQLite hands back naive datetimes (or text from a UNION)."""
+    """A timestamp (or its ISO text) as ISO 8601 in UTC; a naive one is taken as UTC."""
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -319,47 +317,21 @@ def new_id(prefix: str) -> str:
 
 
 def insert_or_ignore(conn: AsyncConnection, table: Table) -> Any:
-    """`INSERT ... ON CONFLICT DO NOTHING` for the connection's dialect.
+    """`INSERT ... ON CONFLICT DO NOTHING`. `conn` is unused (kept for callers; the statement
+    once depended on its dialect).
 
-    On PostgreSQL a conflicting insert waits for the other transaction and then does nothing,
-    so a caller that sees no row inserted can read the committed winner.
+    A conflicting insert waits for the other transaction and then does nothing, so a caller
+    that sees no row inserted can read the committed winner.
     """
-    if conn.dialect.name == "postgresql":
-        return pg_insert(table).on_conflict_do_nothing()
-    return sqlite_insert(table).on_conflict_do_nothing()
+    return pg_insert(table).on_conflict_do_nothing()
 
 
-def _configure_sqlite(engine: AsyncEngine, foreign_keys: bool) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let us issue BEGIN ourselves (below); pysqlite's implicit BEGIN is DEFERRED.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
-        cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(conn: SyncConnection) -> None:
-        # IMMEDIATE takes the write lock up front: two processes can never both read a
-        # balance and then race to write it (a DEFERRED transaction would fail with BUSY).
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def create_engine(settings: Settings | str, *, for_migrations: bool = False) -> AsyncEngine:
-    """The async engine. `for_migrations`: SQLite rebuilds a table to alter it (copy, drop,
-    rename), which foreign-key enforcement would refuse while other tables point at it."""
-    url = settings if isinstance(settings, str) else settings.database_url
-    pool_size = 10 if isinstance(settings, str) else settings.db_pool_size
-    async_url = async_database_url(url)
-    if async_url.startswith("sqlite"):
-        # SQLite has one writer at a time; one pooled connection per process queues requests
-        # in Python instead of spinning on the file lock.
-        engine = create_async_engine(async_url, pool_size=1, max_overflow=0, pool_timeout=60)
-        _configure_sqlite(engine, foreign_keys=not for_migrations)
-        return engine
+def create_engine(settings: Settings | str) -> AsyncEngine:
+    """The async engine, on `settings`' database (or a `postgresql://` URL)."""
+    if isinstance(settings, str):
+        async_url, pool_size = async_database_url(settings), 10
+    else:
+        async_url, pool_size = settings.async_database_url, settings.db_pool_size
     engine = create_async_engine(
         async_url,
         pool_size=pool_size,

@@ -1,4 +1,4 @@
-"""Alembic environment: runs migrations on the async engine, SQLite or PostgreSQL."""
+"""Alembic environment: runs migrations on the async engine (PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ config = context.config
 
 def _database_url() -> str:
     url = config.attributes.get("database_url") or get_settings().database_url
+    if url is None:
+        raise SystemExit("DATABASE_URL is not set (`ciris-billing migrate` starts an embedded one)")
     return str(url)
 
 
@@ -22,7 +24,6 @@ def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
-        render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )
     with context.begin_transaction():
@@ -30,7 +31,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_engine(_database_url(), for_migrations=True)
+    engine = create_engine(_database_url())
     async with engine.connect() as connection:
         await connection.run_sync(_run)
         await connection.commit()

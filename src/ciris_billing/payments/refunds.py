@@ -67,8 +67,8 @@ async def apply_refunded_total(
     conn: AsyncConnection, purchase_id: str, refunded_total_minor: int, source: str
 ) -> RefundApplied | None:
     """Bring the purchase's refunds up to the provider's cumulative total (None: nothing new)."""
-    # Row locks (PostgreSQL) / the write lock (SQLite) make this read-then-write safe: no other
-    # transaction can move this purchase's or account's counters until we commit.
+    # Row locks make this read-then-write safe: no other transaction can move this purchase's
+    # or account's counters until we commit.
     purchase = (
         await conn.execute(select(purchases).where(purchases.c.id == purchase_id).with_for_update())
     ).one()

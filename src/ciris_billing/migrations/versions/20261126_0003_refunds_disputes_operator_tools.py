@@ -34,9 +34,7 @@ def upgrade() -> None:
         sa.Column("dispute_id", sa.String(length=255), nullable=False),
         sa.Column("purchase_id", sa.String(length=40), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
-        sa.Column(
-            "held_uses", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
-        ),
+        sa.Column("held_uses", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
@@ -49,95 +47,96 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_disputes")),
         sa.UniqueConstraint("provider", "dispute_id", name=op.f("uq_disputes_provider_dispute_id")),
     )
-    with op.batch_alter_table("accounts", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column(
-                "held_uses",
-                sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-                server_default=sa.text("0"),
-                nullable=False,
-            )
-        )
-        batch_op.add_column(sa.Column("status_reason", sa.String(length=500), nullable=True))
-        batch_op.add_column(sa.Column("erased_at", sa.DateTime(timezone=True), nullable=True))
-        batch_op.create_check_constraint("held_uses_not_negative", "held_uses >= 0")
+    op.add_column(
+        "accounts",
+        sa.Column(
+            "held_uses",
+            sa.BigInteger(),
+            server_default=sa.text("0"),
+            nullable=False,
+        ),
+    )
+    op.add_column("accounts", sa.Column("status_reason", sa.String(length=500), nullable=True))
+    op.add_column("accounts", sa.Column("erased_at", sa.DateTime(timezone=True), nullable=True))
+    op.create_check_constraint("held_uses_not_negative", "accounts", "held_uses >= 0")
 
-    with op.batch_alter_table("credits", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column(
-                "held_uses_delta",
-                sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-                server_default=sa.text("0"),
-                nullable=False,
-            )
-        )
-        batch_op.add_column(
-            sa.Column(
-                "shortfall_uses",
-                sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-                server_default=sa.text("0"),
-                nullable=False,
-            )
-        )
-        batch_op.create_check_constraint("shortfall_not_negative", "shortfall_uses >= 0")
-        batch_op.drop_constraint(op.f("ck_credits_kind_known"), type_="check")
-        batch_op.create_check_constraint("kind_known", _in("kind", CREDIT_KINDS))
+    op.add_column(
+        "credits",
+        sa.Column(
+            "held_uses_delta",
+            sa.BigInteger(),
+            server_default=sa.text("0"),
+            nullable=False,
+        ),
+    )
+    op.add_column(
+        "credits",
+        sa.Column(
+            "shortfall_uses",
+            sa.BigInteger(),
+            server_default=sa.text("0"),
+            nullable=False,
+        ),
+    )
+    op.create_check_constraint("shortfall_not_negative", "credits", "shortfall_uses >= 0")
+    op.drop_constraint(op.f("ck_credits_kind_known"), "credits", type_="check")
+    op.create_check_constraint("kind_known", "credits", _in("kind", CREDIT_KINDS))
 
-    with op.batch_alter_table("purchases", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column(
-                "refunded_minor",
-                sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-                server_default=sa.text("0"),
-                nullable=False,
-            )
-        )
-        batch_op.add_column(
-            sa.Column(
-                "uses_refunded",
-                sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-                server_default=sa.text("0"),
-                nullable=False,
-            )
-        )
-        batch_op.create_check_constraint(
-            "refund_within_amount", "refunded_minor >= 0 AND refunded_minor <= amount_minor"
-        )
-        batch_op.create_check_constraint(
-            "uses_refunded_within", "uses_refunded >= 0 AND uses_refunded <= uses"
-        )
-        batch_op.drop_constraint(op.f("ck_purchases_status_known"), type_="check")
-        batch_op.create_check_constraint("status_known", _in("status", PURCHASE_STATUSES))
+    op.add_column(
+        "purchases",
+        sa.Column(
+            "refunded_minor",
+            sa.BigInteger(),
+            server_default=sa.text("0"),
+            nullable=False,
+        ),
+    )
+    op.add_column(
+        "purchases",
+        sa.Column(
+            "uses_refunded",
+            sa.BigInteger(),
+            server_default=sa.text("0"),
+            nullable=False,
+        ),
+    )
+    op.create_check_constraint(
+        "refund_within_amount",
+        "purchases",
+        "refunded_minor >= 0 AND refunded_minor <= amount_minor",
+    )
+    op.create_check_constraint(
+        "uses_refunded_within", "purchases", "uses_refunded >= 0 AND uses_refunded <= uses"
+    )
+    op.drop_constraint(op.f("ck_purchases_status_known"), "purchases", type_="check")
+    op.create_check_constraint("status_known", "purchases", _in("status", PURCHASE_STATUSES))
 
-    with op.batch_alter_table("sandbox_payments", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("dispute_id", sa.String(length=64), nullable=True))
-        batch_op.add_column(sa.Column("dispute_status", sa.String(length=32), nullable=True))
+    op.add_column("sandbox_payments", sa.Column("dispute_id", sa.String(length=64), nullable=True))
+    op.add_column(
+        "sandbox_payments", sa.Column("dispute_status", sa.String(length=32), nullable=True)
+    )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("sandbox_payments", schema=None) as batch_op:
-        batch_op.drop_column("dispute_status")
-        batch_op.drop_column("dispute_id")
+    op.drop_column("sandbox_payments", "dispute_status")
+    op.drop_column("sandbox_payments", "dispute_id")
 
-    with op.batch_alter_table("purchases", schema=None) as batch_op:
-        batch_op.drop_constraint(op.f("ck_purchases_status_known"), type_="check")
-        batch_op.create_check_constraint("status_known", _in("status", OLD_PURCHASE_STATUSES))
-        batch_op.drop_constraint(op.f("ck_purchases_refund_within_amount"), type_="check")
-        batch_op.drop_constraint(op.f("ck_purchases_uses_refunded_within"), type_="check")
-        batch_op.drop_column("uses_refunded")
-        batch_op.drop_column("refunded_minor")
+    op.drop_constraint(op.f("ck_purchases_status_known"), "purchases", type_="check")
+    op.create_check_constraint("status_known", "purchases", _in("status", OLD_PURCHASE_STATUSES))
+    op.drop_constraint(op.f("ck_purchases_refund_within_amount"), "purchases", type_="check")
+    op.drop_constraint(op.f("ck_purchases_uses_refunded_within"), "purchases", type_="check")
+    op.drop_column("purchases", "uses_refunded")
+    op.drop_column("purchases", "refunded_minor")
 
-    with op.batch_alter_table("credits", schema=None) as batch_op:
-        batch_op.drop_constraint(op.f("ck_credits_kind_known"), type_="check")
-        batch_op.create_check_constraint("kind_known", _in("kind", OLD_CREDIT_KINDS))
-        batch_op.drop_constraint(op.f("ck_credits_shortfall_not_negative"), type_="check")
-        batch_op.drop_column("shortfall_uses")
-        batch_op.drop_column("held_uses_delta")
+    op.drop_constraint(op.f("ck_credits_kind_known"), "credits", type_="check")
+    op.create_check_constraint("kind_known", "credits", _in("kind", OLD_CREDIT_KINDS))
+    op.drop_constraint(op.f("ck_credits_shortfall_not_negative"), "credits", type_="check")
+    op.drop_column("credits", "shortfall_uses")
+    op.drop_column("credits", "held_uses_delta")
 
-    with op.batch_alter_table("accounts", schema=None) as batch_op:
-        batch_op.drop_constraint(op.f("ck_accounts_held_uses_not_negative"), type_="check")
-        batch_op.drop_column("erased_at")
-        batch_op.drop_column("status_reason")
-        batch_op.drop_column("held_uses")
+    op.drop_constraint(op.f("ck_accounts_held_uses_not_negative"), "accounts", type_="check")
+    op.drop_column("accounts", "erased_at")
+    op.drop_column("accounts", "status_reason")
+    op.drop_column("accounts", "held_uses")
 
     op.drop_table("disputes")

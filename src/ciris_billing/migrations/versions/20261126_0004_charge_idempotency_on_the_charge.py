@@ -17,38 +17,37 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("charges", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("request_fingerprint", sa.String(length=64), nullable=True))
-        batch_op.add_column(
-            sa.Column(
-                "free_uses_after",
-                sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-                nullable=True,
-            )
-        )
-        batch_op.add_column(
-            sa.Column(
-                "paid_uses_after",
-                sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-                nullable=True,
-            )
-        )
-        batch_op.add_column(
-            sa.Column(
-                "total_uses_after",
-                sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-                nullable=True,
-            )
-        )
-        batch_op.create_unique_constraint(
-            batch_op.f("uq_charges_idempotency_key"), ["idempotency_key"]
-        )
+    op.add_column("charges", sa.Column("request_fingerprint", sa.String(length=64), nullable=True))
+    op.add_column(
+        "charges",
+        sa.Column(
+            "free_uses_after",
+            sa.BigInteger(),
+            nullable=True,
+        ),
+    )
+    op.add_column(
+        "charges",
+        sa.Column(
+            "paid_uses_after",
+            sa.BigInteger(),
+            nullable=True,
+        ),
+    )
+    op.add_column(
+        "charges",
+        sa.Column(
+            "total_uses_after",
+            sa.BigInteger(),
+            nullable=True,
+        ),
+    )
+    op.create_unique_constraint(op.f("uq_charges_idempotency_key"), "charges", ["idempotency_key"])
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("charges", schema=None) as batch_op:
-        batch_op.drop_constraint(batch_op.f("uq_charges_idempotency_key"), type_="unique")
-        batch_op.drop_column("total_uses_after")
-        batch_op.drop_column("paid_uses_after")
-        batch_op.drop_column("free_uses_after")
-        batch_op.drop_column("request_fingerprint")
+    op.drop_constraint(op.f("uq_charges_idempotency_key"), "charges", type_="unique")
+    op.drop_column("charges", "total_uses_after")
+    op.drop_column("charges", "paid_uses_after")
+    op.drop_column("charges", "free_uses_after")
+    op.drop_column("charges", "request_fingerprint")
