@@ -264,3 +264,15 @@ async def open_purchases(conn: AsyncConnection, provider: str) -> list[Row[Any]]
         .order_by(purchases.c.created_at)
     )
     return list(result)
+
+
+async def reconcile_purchase(
+    engine: AsyncEngine, provider: PaymentProvider, payment_id: str
+) -> str:
+    """One step of `reconcile`: bring a purchase in line with its payment at the provider (as a
+    webhook would), e.g. credit a paid one whose webhook never came. Returns the outcome."""
+    payment = await provider.get_payment(payment_id)  # no transaction open while it answers
+    if payment is None:
+        return "unknown_payment"
+    async with engine.begin() as conn:
+        return await apply_payment(conn, provider.name, payment)
