@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import urlsplit
 
+from sqlalchemy import func, select
+
 from ciris_billing.checkout.links import buy_token, read_buy_token
+from ciris_billing.db import purchases
 from tests.conftest import Api, identity
 from tests.test_purchases_sandbox import VISA, check
 
@@ -40,6 +44,15 @@ async def test_402_links_to_a_purchase_and_its_payment_page(api: Api) -> None:
     )
     assert paid.json()["status"] == "succeeded"
     assert (await check(api, USER))["credits_remaining"] == 20
+
+
+async def test_a_double_clicked_link_starts_one_purchase(api: Api) -> None:
+    link = urlsplit(str((await refused_charge(api))["checkout_url"])).path
+    opened = await asyncio.gather(*(api.http.get(link) for _ in range(4)))
+    assert [response.status_code for response in opened] == [303] * 4
+    assert len({response.headers["location"] for response in opened}) == 1
+    async with api.engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(purchases)) == 1
 
 
 async def test_tampered_or_expired_links_are_refused(api: Api) -> None:

@@ -68,16 +68,48 @@ async def _upgrade_with_data(url: str) -> None:
             ),
             {"t": now},
         )
+        # Stripe's words, as purchases stored them before 0006 mapped them to ours.
+        for index, status in enumerate(OLD_TO_NEW_STATUS):
+            await conn.execute(
+                text(
+                    "INSERT INTO purchases (id, account_id, provider, payment_id, amount_minor, "
+                    "currency, uses, status, created_at, updated_at) VALUES "
+                    "(:id, 'acct_old', 'sandbox', :payment_id, 500, 'USD', 20, :status, :t, :t)"
+                ),
+                {
+                    "id": f"pur_old_{index}",
+                    "payment_id": f"pi_old_{index}",
+                    "status": status,
+                    "t": now,
+                },
+            )
     await engine.dispose()
     await asyncio.to_thread(_upgrade, url, "head")
     engine = create_engine(url)
     async with engine.connect() as conn:
         report = await audit(conn)
         held = await conn.scalar(text("SELECT held_uses FROM accounts WHERE id = 'acct_old'"))
+        rows = await conn.execute(text("SELECT payment_id, status FROM purchases"))
+        statuses = {row.payment_id: row.status for row in rows}
     await engine.dispose()
     assert report.accounts_checked == 1
     assert report.clean
     assert held == 0
+    assert statuses == {
+        f"pi_old_{index}": new for index, new in enumerate(OLD_TO_NEW_STATUS.values())
+    }
+
+
+OLD_TO_NEW_STATUS = {
+    "requires_payment_method": "pending",
+    "requires_confirmation": "pending",
+    "requires_action": "requires_action",
+    "processing": "processing",
+    "requires_capture": "processing",
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "canceled": "canceled",
+}
 
 
 def _upgrade(url: str, revision: str) -> None:

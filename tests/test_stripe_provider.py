@@ -20,6 +20,7 @@ from ciris_billing.payments.providers.base import (
     ACCOUNT_ID_KEY,
     PURCHASE_ID_KEY,
     InvalidWebhookSignature,
+    PaymentEvent,
     PaymentIntent,
     PaymentResult,
     ProviderError,
@@ -78,7 +79,7 @@ async def settled(provider: StripeProvider, payment_id: str) -> PaymentResult:
     while True:
         payment = await provider.get_payment(payment_id)
         assert payment is not None
-        if payment.status != "processing" or time.monotonic() > deadline:
+        if payment.state != "processing" or time.monotonic() > deadline:
             return payment
         await asyncio.sleep(0.05)
 
@@ -91,7 +92,7 @@ async def test_create_payment_intent(provider: StripeProvider) -> None:
     created = await provider.create_payment_intent(intent)
 
     assert created.payment_id.startswith("pi_")
-    assert created.status == "requires_payment_method"
+    assert (created.state, created.provider_status) == ("pending", "requires_payment_method")
     assert created.amount_minor == 500
     assert created.currency == "USD"
     assert created.client_secret is not None
@@ -107,8 +108,8 @@ async def test_create_payment_intent(provider: StripeProvider) -> None:
 
     fetched = await provider.get_payment(created.payment_id)
     assert fetched is not None
-    assert (fetched.status, fetched.amount_minor, fetched.currency, fetched.metadata) == (
-        "requires_payment_method",
+    assert (fetched.state, fetched.amount_minor, fetched.currency, fetched.metadata) == (
+        "pending",
         500,
         "USD",
         created.metadata,
@@ -122,7 +123,7 @@ async def test_paid_with_visa_succeeds(provider: StripeProvider, localstripe: Lo
     assert localstripe.pay(created.payment_id)["status"] == "succeeded"
 
     payment = await settled(provider, created.payment_id)
-    assert payment.status == "succeeded"
+    assert (payment.state, payment.provider_status) == ("succeeded", "succeeded")
     assert payment.amount_minor == 500
     assert payment.failure_message is None
     assert await provider.confirm_payment(created.payment_id) is True
@@ -136,7 +137,7 @@ async def test_declined_card(provider: StripeProvider, localstripe: LocalStripe)
 
     payment = await provider.get_payment(created.payment_id)
     assert payment is not None
-    assert payment.status == "requires_payment_method"
+    assert (payment.state, payment.provider_status) == ("failed", "requires_payment_method")
     assert payment.failure_message == "Your card was declined."
     assert await provider.confirm_payment(created.payment_id) is False
 
@@ -151,12 +152,12 @@ async def test_3ds_card_requires_action_then_succeeds(
     assert localstripe.pay(created.payment_id, card)["status"] == "requires_action"
     payment = await provider.get_payment(created.payment_id)
     assert payment is not None
-    assert payment.status == "requires_action"
+    assert (payment.state, payment.provider_status) == ("requires_action", "requires_action")
     assert await provider.confirm_payment(created.payment_id) is False
 
     authenticated = localstripe.authenticate(created.payment_id, created.client_secret)
     assert authenticated["status"] == "succeeded"
-    assert (await settled(provider, created.payment_id)).status == "succeeded"
+    assert (await settled(provider, created.payment_id)).state == "succeeded"
     assert await provider.confirm_payment(created.payment_id) is True
 
 
@@ -172,7 +173,7 @@ async def test_3ds_authentication_failed(
 
     payment = await provider.get_payment(created.payment_id)
     assert payment is not None
-    assert payment.status == "requires_payment_method"
+    assert (payment.state, payment.provider_status) == ("failed", "requires_payment_method")
     assert payment.failure_message is not None
     assert await provider.confirm_payment(created.payment_id) is False
 
@@ -296,6 +297,7 @@ async def test_verify_webhook_accepts_a_signed_event(provider: StripeProvider) -
     assert event.event_id == parsed["id"]
     assert event.type == "payment_intent.succeeded"
     assert event.payment_id == "pi_test123"
+    assert event.subject == PaymentEvent("pi_test123")
     assert event.created == parsed["created"]
     assert event.payload == parsed
 

@@ -41,6 +41,7 @@ from ciris_billing.observability import (
 )
 from ciris_billing.payments.providers import get_payment_provider
 from ciris_billing.payments.routes import router as payments_router
+from ciris_billing.payments.sandbox_routes import router as sandbox_router
 from ciris_billing.pricing import Pricing
 from ciris_billing.ratelimit import TokenBuckets
 from ciris_billing.webhooks import inbox
@@ -142,6 +143,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(accounts_router)
     app.include_router(admin_router)
     app.include_router(payments_router)
+    app.include_router(sandbox_router)
     app.include_router(webhooks_router)
     app.include_router(checkout_router)
     _add_operational_routes(app)

@@ -244,12 +244,7 @@ def reconcile() -> None:
         outcomes: dict[str, int] = {}
         for index, purchase in enumerate(open_purchases, 1):
             try:
-                payment = await provider.get_payment(purchase.payment_id)
-                if payment is None:
-                    outcome = "unknown_payment"
-                else:
-                    async with engine.begin() as conn:
-                        outcome = await payments.apply_payment(conn, provider.name, payment)
+                outcome = await payments.reconcile_purchase(engine, provider, purchase.payment_id)
             except BillingError as exc:
                 outcome = f"error:{exc.code}"
             outcomes[outcome] = outcomes.get(outcome, 0) + 1

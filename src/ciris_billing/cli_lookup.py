@@ -22,6 +22,7 @@ from ciris_billing.accounts.schemas import IdentityFields
 from ciris_billing.config import get_settings
 from ciris_billing.db import accounts, create_engine, iso, purchases
 from ciris_billing.errors import BillingError
+from ciris_billing.payments.purchases import api_status, stored_status
 
 T = TypeVar("T")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table")
@@ -163,10 +164,11 @@ def purchases_list(status: str | None, limit: int, as_json: bool) -> None:
     async def work(conn: AsyncConnection) -> list[dict[str, Any]]:
         query = select(purchases).order_by(purchases.c.created_at.desc()).limit(limit)
         if status:
-            query = query.where(purchases.c.status == status)
+            query = query.where(purchases.c.status == stored_status(status))
         rows = [_plain(row) for row in await conn.execute(query)]
         for row in rows:
             row.pop("customer_email", None)
+            row["status"] = api_status(row["status"])  # the words the API and the guide use
         return rows
 
     columns = (

@@ -183,12 +183,12 @@ idempotency_keys = Table(
 )
 
 
+# Our own words (payments.providers.base.PaymentState, plus the refund states); each provider
+# maps its statuses to them. The API shows `pending` as the guide's `requires_payment_method`.
 PURCHASE_STATUSES = (
-    "requires_payment_method",
-    "requires_confirmation",
+    "pending",
     "requires_action",
     "processing",
-    "requires_capture",
     "succeeded",
     "failed",
     "canceled",

@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from ciris_billing.accounts.service import Identity
 from ciris_billing.checkout.links import checkout_url, read_buy_token
-from ciris_billing.db import accounts, purchases
+from ciris_billing.db import accounts
 from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.errors import BillingError, ErrorOut, error_responses
 from ciris_billing.payments import service as payments
@@ -241,7 +241,9 @@ async def checkout_summary(
         account = (
             await conn.execute(select(accounts).where(accounts.c.id == purchase.account_id))
         ).one()
-    return json_response(200, _summary(state, purchase, account, payment.status), PRIVATE_HEADERS)
+    return json_response(
+        200, _summary(state, purchase, account, payment.provider_status), PRIVATE_HEADERS
+    )
 
 
 def _not_found() -> CheckoutNotFound:
@@ -257,7 +259,7 @@ def _summary(state: AppState, purchase: Any, account: Any, payment_status: str) 
         amount_minor=int(purchase.amount_minor),
         currency=purchase.currency,
         price=format_price(int(purchase.amount_minor), purchase.currency),
-        status=purchase.status,
+        status=payments.api_status(purchase.status),
         payment_status=payment_status,
         credited=purchase.credited_at is not None,
         failure_message=purchase.failure_message,
@@ -283,30 +285,27 @@ async def buy(token: str, request: Request, state: StateDep) -> Response:
     if named is None:
         raise CheckoutNotFound("This buy link is invalid or has expired; ask for a new one")
     identity = Identity(*named)
+    # The signed token (identity + expiry) is the key: reopening or double-clicking one link
+    # finds its purchase; a new 402 mints a new link and so a new purchase.
     key = "buy:" + hashlib.sha256(token.encode()).hexdigest()
-    purchase_id = payments.purchase_id_for(key)
-    async with state.engine.connect() as conn:
-        existing = (
-            await conn.execute(select(purchases).where(purchases.c.id == purchase_id))
-        ).first()
-    if existing is not None:
-        payment = await state.provider.get_payment(existing.payment_id)
-    else:
+    try:
         started = await payments.start_purchase(
             state.engine, state.provider, state.pricing, identity, None, key
         )
-        async with state.engine.begin() as conn:
-            await payments.record_purchase(
-                conn,
-                purchase_id=started.purchase_id,
-                account_id=started.account_id,
-                provider=state.provider.name,
-                payment=started.payment,
-                offer=started.offer,
-                customer_email=None,
-            )
-        payment = started.payment
-    if payment is None or not payment.client_secret:
+    except payments.PurchaseNoLongerPayable:
+        raise CheckoutNotFound("This purchase can no longer be paid; ask for a new link") from None
+    async with state.engine.begin() as conn:
+        await payments.record_purchase(
+            conn,
+            purchase_id=started.purchase_id,
+            account_id=started.account_id,
+            provider=state.provider.name,
+            payment=started.payment,
+            offer=started.offer,
+            customer_email=None,
+        )
+    payment = started.payment
+    if not payment.client_secret:
         raise CheckoutNotFound("This purchase can no longer be paid; ask for a new link")
     target = checkout_url(state.public_base_url(request), payment.payment_id, payment.client_secret)
     return Response(status_code=303, headers={"Location": target, **PRIVATE_HEADERS})

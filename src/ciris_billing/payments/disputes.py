@@ -16,13 +16,6 @@ from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
 from ciris_billing.payments.providers.base import Dispute
 
-WON = frozenset({"won", "warning_closed"})
-LOST = frozenset({"lost"})
-
-
-def state_of(status: str) -> str:
-    return "won" if status in WON else "lost" if status in LOST else "open"
-
 
 async def apply_dispute(conn: AsyncConnection, provider: str, dispute: Dispute) -> str:
     """Bring our books in line with the dispute's current state. Returns the outcome."""
@@ -55,7 +48,7 @@ async def apply_dispute(conn: AsyncConnection, provider: str, dispute: Dispute) 
                 )
             )
         ).one()
-    state = state_of(dispute.status)
+    state = dispute.state
     if row.state == "open" and state != "open":
         await _close(conn, row, state, purchase.account_id, purchase.currency)
         outcome = f"dispute_{state}"
@@ -63,7 +56,7 @@ async def apply_dispute(conn: AsyncConnection, provider: str, dispute: Dispute) 
         f"{provider}_dispute_applied",
         dispute_id=dispute.dispute_id,
         payment_id=dispute.payment_id,
-        status=dispute.status,
+        state=dispute.state,
         outcome=outcome,
     )
     return outcome

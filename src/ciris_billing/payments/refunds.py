@@ -21,7 +21,7 @@ from ciris_billing.errors import BillingError
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
 from ciris_billing.payments.providers.base import PaymentProvider
-from ciris_billing.payments.purchases import get_purchase
+from ciris_billing.payments.purchases import api_status, get_purchase
 
 
 class RefundNotAllowed(BillingError):
@@ -50,7 +50,8 @@ def refundable_amount(purchase: Row[Any], requested_minor: int | None) -> int:
     """What a refund request may refund, or a clear error."""
     if purchase.credited_at is None:
         raise RefundNotAllowed(
-            f"Purchase {purchase.payment_id} is {purchase.status}; only a paid one can be refunded"
+            f"Purchase {purchase.payment_id} is {api_status(purchase.status)}; "
+            "only a paid one can be refunded"
         )
     left = int(purchase.amount_minor) - int(purchase.refunded_minor)
     amount = left if requested_minor is None else requested_minor
@@ -186,7 +187,7 @@ async def record_refund(
         "amount_minor": made.amount_minor,
         "currency": purchase.currency,
         "reason": reason,
-        "purchase_status": purchase.status,
+        "purchase_status": api_status(purchase.status),
         "refunded_minor": int(purchase.refunded_minor),
         "uses_refunded": int(purchase.uses_refunded),
         "uses_reversed": reversed_uses,

@@ -1,4 +1,4 @@
-"""HTTP routes for purchases, and the sandbox provider's stand-in for Stripe.js."""
+"""HTTP routes for purchases and refunds (the sandbox's own endpoints: sandbox_routes)."""
 
 from __future__ import annotations
 
@@ -27,19 +27,11 @@ from ciris_billing.deps import (
     replay_if_known,
     run_idempotent,
 )
-from ciris_billing.errors import BillingError, ErrorOut, error_responses
+from ciris_billing.errors import error_responses
 from ciris_billing.observability import PURCHASES, log
 from ciris_billing.payments import refunds, service
-from ciris_billing.payments.providers.base import PaymentResult
-from ciris_billing.payments.providers.sandbox import SandboxProvider
 from ciris_billing.payments.purchases import get_purchase as lookup_purchase
-from ciris_billing.payments.schemas import (
-    PurchaseCreate,
-    PurchaseOut,
-    SandboxAuthenticate,
-    SandboxConfirm,
-    SandboxPaymentOut,
-)
+from ciris_billing.payments.schemas import PurchaseCreate, PurchaseOut
 
 router = APIRouter(prefix="/v1/billing", tags=["purchases"], responses=error_responses(422))
 
@@ -53,7 +45,7 @@ def purchase_body(
         "amount_minor": int(purchase.amount_minor),
         "currency": purchase.currency,
         "uses_purchased": int(purchase.uses),
-        "status": purchase.status,
+        "status": service.api_status(purchase.status),
         "provider": purchase.provider,
         "account_id": purchase.account_id,
         "credited": purchase.credited_at is not None,
@@ -184,95 +176,3 @@ async def get_purchase(
     """A purchase's status (`succeeded` once its uses are credited)."""
     purchase = await lookup_purchase(await work.connection(), state.provider.name, payment_id)
     return json_response(200, purchase_body(purchase, state))
-
-
-class SandboxInactive(BillingError):
-    status_code = 404
-    code = "sandbox_inactive"
-
-
-def _sandbox(state: AppState) -> SandboxProvider:
-    if not isinstance(state.provider, SandboxProvider):
-        raise SandboxInactive("The sandbox provider is not active (PAYMENT_PROVIDER=stripe)")
-    return state.provider
-
-
-def _sandbox_body(payment: PaymentResult) -> dict[str, Any]:
-    return {
-        "payment_id": payment.payment_id,
-        "status": payment.status,
-        "amount_minor": payment.amount_minor,
-        "currency": payment.currency,
-        "failure_message": payment.failure_message,
-    }
-
-
-@router.post(
-    "/sandbox/payment_intents/{payment_id}/confirm",
-    response_model=SandboxPaymentOut,
-    tags=["sandbox"],
-    responses={
-        402: {"model": ErrorOut, "description": "Card declined"},
-        **error_responses(404, 409),
-    },
-)
-async def sandbox_confirm(payment_id: str, body: SandboxConfirm, state: StateDep) -> Response:
-    """Sandbox only: pay with a test card (4242… succeeds, …9995 declines, …3155 needs 3DS)."""
-    payment = await _sandbox(state).confirm_with_card(
-        payment_id, body.client_secret, body.card_number
-    )
-    return json_response(200, _sandbox_body(payment))
-
-
-@router.post(
-    "/sandbox/payment_intents/{payment_id}/authenticate",
-    response_model=SandboxPaymentOut,
-    tags=["sandbox"],
-    responses=error_responses(404, 409),
-)
-async def sandbox_authenticate(
-    payment_id: str, body: SandboxAuthenticate, state: StateDep
-) -> Response:
-    """Sandbox only: complete (or fail) the 3D Secure step of a `requires_action` payment."""
-    payment = await _sandbox(state).authenticate(payment_id, body.client_secret, body.success)
-    return json_response(200, _sandbox_body(payment))
-
-
-class SandboxDispute(BaseModel):
-    status: Annotated[
-        str,
-        StringConstraints(pattern=r"^(needs_response|under_review|won|lost|warning_closed)$"),
-    ] = "needs_response"
-
-
-@router.post(
-    "/sandbox/payment_intents/{payment_id}/dispute",
-    tags=["sandbox"],
-    responses=error_responses(401, 403, 404, 409),
-)
-async def sandbox_dispute(
-    payment_id: str, body: SandboxDispute, state: StateDep, _key: AdminKey
-) -> Response:
-    """Sandbox only: the bank opens (or closes, won/lost) a chargeback; its webhook follows."""
-    dispute = await _sandbox(state).dispute(payment_id, body.status)
-    return json_response(
-        200, {"dispute_id": dispute.dispute_id, "payment_id": payment_id, "status": dispute.status}
-    )
-
-
-class SandboxRefund(BaseModel):
-    amount_minor: StrictInt | None = Field(default=None, ge=1, le=100_000_000)
-
-
-@router.post(
-    "/sandbox/payment_intents/{payment_id}/dashboard_refund",
-    tags=["sandbox"],
-    responses=error_responses(401, 403, 404, 409),
-)
-async def sandbox_dashboard_refund(
-    payment_id: str, body: SandboxRefund, state: StateDep, _key: AdminKey
-) -> Response:
-    """Sandbox only: a refund made in the provider's dashboard, outside this service; only its
-    `charge.refunded` webhook tells us."""
-    refund_id = await _sandbox(state).refund_payment(payment_id, body.amount_minor)
-    return json_response(200, {"refund_id": refund_id, "payment_id": payment_id})

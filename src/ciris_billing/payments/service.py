@@ -28,6 +28,7 @@ from ciris_billing.payments.providers.base import (
 )
 
 # Re-exported: callers look purchases up through the service.
+from ciris_billing.payments.purchases import api_status as api_status
 from ciris_billing.payments.purchases import find_purchase as find_purchase
 from ciris_billing.payments.purchases import get_purchase as get_purchase
 from ciris_billing.pricing import Pricing
@@ -41,6 +42,13 @@ class PurchaseNotYetRecorded(BillingError):
 
     status_code = 503
     code = "purchase_not_yet_recorded"
+
+
+class PurchaseNoLongerPayable(BillingError):
+    """A retried purchase whose payment the provider no longer knows."""
+
+    status_code = 404
+    code = "purchase_no_longer_payable"
 
 
 def purchase_id_for(idempotency_key: str | None) -> str:
@@ -80,15 +88,29 @@ async def start_purchase(
     customer_email: str | None,
     idempotency_key: str | None,
 ) -> StartedPurchase:
-    """Create the provider's payment for one offer (the purchase row is written afterwards).
+    """Start buying one offer: the one way a purchase begins (the API and the buy link).
 
-    No transaction is open while the provider answers; its idempotency key, derived from the
-    local purchase id, makes a retry find the same payment rather than create a second one.
+    Create the provider's payment; the caller then writes the purchase row (`record_purchase`).
+    With an idempotency key the purchase id is derived from it, so a retry finds the purchase
+    it already recorded (and its payment, from the provider) instead of starting another; a
+    retry racing the first call asks the provider with the same idempotency key. No
+    transaction is open while the provider answers.
     """
+    purchase_id = purchase_id_for(idempotency_key)
+    if idempotency_key is not None:
+        async with engine.connect() as conn:
+            existing = (
+                await conn.execute(select(purchases).where(purchases.c.id == purchase_id))
+            ).first()
+        if existing is not None:
+            payment = await provider.get_payment(existing.payment_id)
+            if payment is None:
+                raise PurchaseNoLongerPayable("The provider no longer knows this purchase")
+            offer = Offer(int(existing.amount_minor), existing.currency, int(existing.uses))
+            return StartedPurchase(purchase_id, existing.account_id, payment, offer)
     async with engine.begin() as conn:
         account, _ = await ensure_account(conn, identity, pricing)
     offer = Offer.from_pricing(pricing)
-    purchase_id = purchase_id_for(idempotency_key)
     payment = await provider.create_payment_intent(
         PaymentIntent(
             amount_minor=offer.amount_minor,
@@ -123,7 +145,7 @@ async def record_purchase(
             amount_minor=offer.amount_minor,
             currency=offer.currency,
             uses=offer.uses,
-            status=payment.status,
+            status=payment.state,
             customer_email=customer_email,
             failure_message=None,
             created_at=now,
@@ -186,7 +208,7 @@ async def apply_payment(conn: AsyncConnection, provider: str, payment: PaymentRe
         )
         return "purchase_mismatch"
     now = utcnow()
-    if payment.status == "succeeded":
+    if payment.state == "succeeded":
         if (
             payment.amount_minor != purchase.amount_minor
             or payment.currency.upper() != purchase.currency
@@ -220,12 +242,11 @@ async def apply_payment(conn: AsyncConnection, provider: str, payment: PaymentRe
         return outcome
     if purchase.credited_at is not None:
         return "already_credited"  # a late failure never undoes a success
-    failed = payment.status == "requires_payment_method" and payment.failure_message is not None
-    status = "failed" if failed else payment.status
+    failed = payment.state == "failed"
     await conn.execute(
         purchases.update()
         .where(purchases.c.id == purchase.id, purchases.c.credited_at.is_(None))
-        .values(status=status, failure_message=payment.failure_message, updated_at=now)
+        .values(status=payment.state, failure_message=payment.failure_message, updated_at=now)
     )
     if failed:
         PURCHASES.labels(provider, "failed").inc()
@@ -243,3 +264,15 @@ async def open_purchases(conn: AsyncConnection, provider: str) -> list[Row[Any]]
         .order_by(purchases.c.created_at)
     )
     return list(result)
+
+
+async def reconcile_purchase(
+    engine: AsyncEngine, provider: PaymentProvider, payment_id: str
+) -> str:
+    """One step of `reconcile`: bring a purchase in line with its payment at the provider (as a
+    webhook would), e.g. credit a paid one whose webhook never came. Returns the outcome."""
+    payment = await provider.get_payment(payment_id)  # no transaction open while it answers
+    if payment is None:
+        return "unknown_payment"
+    async with engine.begin() as conn:
+        return await apply_payment(conn, provider.name, payment)

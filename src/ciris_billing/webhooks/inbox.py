@@ -6,6 +6,9 @@
    and the event marked handled in one transaction, with the event row locked so concurrent
    deliveries of one event queue up and find it handled. A failure leaves it unhandled and
    answers 5xx, so the provider retries (or `ciris-billing webhooks replay` does).
+
+Provider-neutral: the provider parses its events into our types (`WebhookEvent.subject`: a
+payment, refund or dispute event); a stored event is parsed again by its provider on handling.
 """
 
 from __future__ import annotations
@@ -24,34 +27,11 @@ from ciris_billing.payments import service as payments
 from ciris_billing.payments.disputes import apply_dispute
 from ciris_billing.payments.providers.base import (
     Dispute,
+    DisputeEvent,
     InvalidWebhookSignature,
     PaymentProvider,
+    PaymentResult,
     WebhookEvent,
-)
-
-# Events that say something about a payment: each makes us fetch the payment and apply it.
-PAYMENT_EVENTS = frozenset(
-    {
-        "payment_intent.succeeded",
-        "payment_intent.payment_failed",
-        "payment_intent.canceled",
-        "payment_intent.processing",
-        "payment_intent.requires_action",
-        # Refunds, from our API or the provider's dashboard: the payment's refunded total.
-        "charge.refunded",
-        "charge.refund.updated",
-        "refund.created",
-        "refund.updated",
-    }
-)
-DISPUTE_EVENTS = frozenset(
-    {
-        "charge.dispute.created",
-        "charge.dispute.updated",
-        "charge.dispute.closed",
-        "charge.dispute.funds_withdrawn",
-        "charge.dispute.funds_reinstated",
-    }
 )
 
 
@@ -123,11 +103,14 @@ async def handle(engine: AsyncEngine, provider: PaymentProvider, event_id: str) 
         return _done(provider.name, row.type, event_id, "duplicate")
     try:
         # Ask the provider first, outside any transaction: no lock is held while it answers.
-        payment = dispute = None
-        if row.type in PAYMENT_EVENTS and row.payment_id:
-            payment = await provider.get_payment(row.payment_id)
-        elif row.type in DISPUTE_EVENTS:
-            dispute = await _current_dispute(provider, json.loads(row.payload))
+        subject = provider.parse_event(row.payload.encode()).subject
+        payment: PaymentResult | None = None
+        dispute: Dispute | None = None
+        if isinstance(subject, DisputeEvent):
+            dispute = await _current_dispute(provider, subject)
+        elif subject is not None and subject.payment_id:
+            # Payment and refund events alike: the payment now carries its refunded total.
+            payment = await provider.get_payment(subject.payment_id)
         async with engine.begin() as conn:
             locked = (
                 await conn.execute(select(webhook_events).where(where).with_for_update())
@@ -138,7 +121,7 @@ async def handle(engine: AsyncEngine, provider: PaymentProvider, event_id: str) 
                 outcome = await payments.apply_payment(conn, provider.name, payment)
             elif dispute is not None and dispute.payment_id:
                 outcome = await apply_dispute(conn, provider.name, dispute)
-            elif row.type in PAYMENT_EVENTS | DISPUTE_EVENTS:
+            elif subject is not None:
                 outcome = "unknown_payment"
             else:
                 outcome = "ignored"
@@ -165,24 +148,20 @@ async def handle(engine: AsyncEngine, provider: PaymentProvider, event_id: str) 
     return _done(provider.name, row.type, event_id, outcome)
 
 
-async def _current_dispute(provider: PaymentProvider, event: dict[str, Any]) -> Dispute | None:
-    """The dispute as the provider reports it, mapped dispute → charge → payment through the
-    provider. A provider that cannot show the dispute itself (localstripe has no disputes)
-    leaves us its status from the signed event; the payment is still resolved by the provider."""
-    data = event.get("data", {}).get("object", {})
-    dispute_id = data.get("id") if isinstance(data, dict) else None
-    if not isinstance(dispute_id, str):
+async def _current_dispute(provider: PaymentProvider, event: DisputeEvent) -> Dispute | None:
+    """The dispute as the provider reports it, its payment resolved through the provider. A
+    provider that cannot show the dispute itself (localstripe has no disputes) leaves us the
+    state from the signed event; the payment is still resolved by the provider."""
+    if event.dispute_id is None:
         return None
-    found = await provider.get_dispute(dispute_id)
+    found = await provider.get_dispute(event.dispute_id)
     if found is not None and found.payment_id:
         return found
-    charge_id = data.get("charge")
-    payment_id = (
-        await provider.payment_for_charge(charge_id) if isinstance(charge_id, str) else None
-    )
-    status = found.status if found is not None else str(data.get("status", ""))
-    amount = data.get("amount")
-    return Dispute(dispute_id, payment_id, status, amount if type(amount) is int else 0)
+    payment_id = event.payment_id
+    if payment_id is None and event.charge_id is not None:
+        payment_id = await provider.payment_for_charge(event.charge_id)
+    state = found.state if found is not None else event.state
+    return Dispute(event.dispute_id, payment_id, state, event.amount_minor)
 
 
 async def _record_failure(engine: AsyncEngine, where: Any, error: str) -> None:

@@ -10,10 +10,21 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from ciris_billing.db import CREDIT_KINDS, PURCHASE_STATUSES
+from ciris_billing.db import CREDIT_KINDS
 
 OLD_CREDIT_KINDS = ("free_grant", "initial_balance", "purchase", "grant", "adjustment", "refund")
-OLD_PURCHASE_STATUSES = PURCHASE_STATUSES[:-2]
+# Frozen here: the statuses as of this revision (0006 replaced them with our own words).
+OLD_PURCHASE_STATUSES = (
+    "requires_payment_method",
+    "requires_confirmation",
+    "requires_action",
+    "processing",
+    "requires_capture",
+    "succeeded",
+    "failed",
+    "canceled",
+)
+PURCHASE_STATUSES = (*OLD_PURCHASE_STATUSES, "partially_refunded", "refunded")
 
 
 def _in(column: str, values: Sequence[str]) -> str:

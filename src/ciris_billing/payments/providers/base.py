@@ -11,15 +11,18 @@ from typing import Any, Literal, Protocol
 
 from ciris_billing.errors import BillingError
 
-PaymentStatus = Literal[
-    "requires_payment_method",
-    "requires_confirmation",
-    "requires_action",
-    "processing",
-    "requires_capture",
-    "succeeded",
-    "canceled",
+PaymentState = Literal[
+    "pending", "requires_action", "processing", "succeeded", "failed", "canceled"
 ]
+"""A payment in our words, whatever the provider calls it.
+
+pending: waiting for the customer to pay (no attempt yet); requires_action: the customer must
+authenticate (3-D Secure); processing: paid, not settled yet; succeeded: the money is ours;
+failed: the last attempt was declined (the customer may try again with another card); canceled:
+it will never be paid. Each provider maps its own statuses to these, inside its module.
+"""
+
+DisputeState = Literal["open", "won", "lost"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +42,12 @@ class PaymentResult:
     """A payment as the provider sees it now."""
 
     payment_id: str
-    status: PaymentStatus
+    state: PaymentState
     amount_minor: int
     currency: str  # upper case
+    # The provider's own word for the state, shown to people (the checkout page) and never
+    # used for a decision: business code reads `state`.
+    provider_status: str
     client_secret: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     failure_message: str | None = None
@@ -49,25 +55,51 @@ class PaymentResult:
 
 
 @dataclass(frozen=True, slots=True)
+class PaymentEvent:
+    """Something happened to a payment (paid, declined, needs action, canceled): fetch it."""
+
+    payment_id: str | None  # None: the event names no payment
+
+
+@dataclass(frozen=True, slots=True)
+class RefundEvent:
+    """Money went back on a payment (from our API or the provider's dashboard): fetch it."""
+
+    payment_id: str | None  # None: the event names no payment
+
+
+@dataclass(frozen=True, slots=True)
+class DisputeEvent:
+    """A chargeback was opened, changed or closed, as the signed event claims it.
+
+    The inbox asks the provider (`get_dispute`) before acting; the event's own fields are the
+    fallback for a provider that cannot show a dispute.
+    """
+
+    dispute_id: str | None  # None: the event names no dispute we could look up
+    state: DisputeState
+    amount_minor: int
+    payment_id: str | None = None  # when the event names the payment itself
+    charge_id: str | None = None  # when it names a charge of the payment (payment_for_charge)
+
+
+EventSubject = PaymentEvent | RefundEvent | DisputeEvent
+
+
+@dataclass(frozen=True, slots=True)
 class WebhookEvent:
-    """A verified provider event. `payment_id` is set when the event names a payment."""
+    """A provider event, parsed by its provider into our types.
+
+    `type` is the provider's own name for the event: stored and logged, never branched on.
+    `subject` is what it means to us; None for an event we do not act on.
+    """
 
     event_id: str
     type: str
-    payment_id: str | None
+    payment_id: str | None  # the payment the event names, if any: stored for operators
     created: int
     payload: dict[str, Any]
-
-
-DisputeStatus = Literal[
-    "warning_needs_response",
-    "warning_under_review",
-    "warning_closed",
-    "needs_response",
-    "under_review",
-    "won",
-    "lost",
-]
+    subject: EventSubject | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +108,7 @@ class Dispute:
 
     dispute_id: str
     payment_id: str | None
-    status: str
+    state: DisputeState
     amount_minor: int
 
 
@@ -120,6 +152,12 @@ class PaymentProvider(Protocol):
 
     async def verify_webhook(self, payload: bytes, signature: str) -> WebhookEvent:
         """Check the signature on the raw body (raise InvalidWebhookSignature), then parse."""
+        ...
+
+    def parse_event(self, payload: bytes) -> WebhookEvent:
+        """A body whose signature was already verified (a stored event) → WebhookEvent.
+
+        Raises InvalidWebhookSignature when it is not an event of this provider."""
         ...
 
     async def refund_payment(

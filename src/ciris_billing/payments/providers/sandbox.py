@@ -4,6 +4,9 @@ Payments live in the `sandbox_payments` table. The customer's side (what Stripe.
 `confirm_with_card` and `authenticate`, driven by the guide's test cards; every state change
 sends a signed webhook (Stripe's header and HMAC scheme, the sandbox's own secret) through the
 service's own webhook pipeline, exactly as a Stripe event would arrive.
+
+Because the sandbox imitates Stripe on the wire, it stores Stripe's PaymentIntent statuses and
+parses its events with `stripe_wire`, which maps both to our neutral types.
 """
 
 from __future__ import annotations
@@ -20,13 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ciris_billing.db import insert_or_ignore, sandbox_payments, utcnow
 from ciris_billing.errors import BillingError
 from ciris_billing.observability import log
-from ciris_billing.payments.providers import signing
+from ciris_billing.payments.providers import signing, stripe_wire
 from ciris_billing.payments.providers.base import (
     Dispute,
     InvalidWebhookSignature,
     PaymentIntent,
     PaymentResult,
-    PaymentStatus,
     ProviderError,
     WebhookEvent,
 )
@@ -128,12 +130,15 @@ class SandboxProvider:
 
     async def confirm_payment(self, payment_id: str) -> bool:
         payment = await self.get_payment(payment_id)
-        return payment is not None and payment.status == "succeeded"
+        return payment is not None and payment.state == "succeeded"
 
     async def verify_webhook(self, payload: bytes, signature: str) -> WebhookEvent:
         if not signing.verify(payload, signature, self._secret):
             raise InvalidWebhookSignature("Invalid webhook signature")
-        return parse_event(payload)
+        return self.parse_event(payload)
+
+    def parse_event(self, payload: bytes) -> WebhookEvent:
+        return stripe_wire.parse_event(payload)
 
     async def refund_payment(
         self, payment_id: str, amount_minor: int | None, idempotency_key: str | None = None
@@ -167,7 +172,9 @@ class SandboxProvider:
             ).first()
         if row is None:
             return None
-        return Dispute(dispute_id, row.id, row.dispute_status, int(row.amount_minor))
+        return Dispute(
+            dispute_id, row.id, stripe_wire.dispute_state(row.dispute_status), int(row.amount_minor)
+        )
 
     async def payment_for_charge(self, charge_id: str) -> str | None:
         payment_id = "pi_" + charge_id.removeprefix("ch_")
@@ -196,7 +203,9 @@ class SandboxProvider:
             "currency": row.currency.lower(),
         }
         await self.send_event(event_type, dispute)
-        return Dispute(dispute_id, payment_id, status, int(row.amount_minor))
+        return Dispute(
+            dispute_id, payment_id, stripe_wire.dispute_state(status), int(row.amount_minor)
+        )
 
     async def _charge_object(self, payment_id: str) -> dict[str, Any]:
         payment = await self.get_payment(payment_id)
@@ -225,7 +234,7 @@ class SandboxProvider:
             if row.status not in ("requires_payment_method", "requires_confirmation"):
                 raise PaymentStateConflict(f"This payment is {row.status}; it cannot be confirmed")
             if card == CARD_NEEDS_AUTHENTICATION:
-                status: PaymentStatus = "requires_action"
+                status = "requires_action"
                 failure = None
             elif card in DECLINES:
                 status, failure = "requires_payment_method", DECLINES[card]
@@ -234,7 +243,7 @@ class SandboxProvider:
             await _set_status(conn, payment_id, status, failure)
         payment = await self._emit(payment_id)
         if failure is not None:
-            raise CardDeclined(failure, payment_id=payment_id, status=payment.status)
+            raise CardDeclined(failure, payment_id=payment_id, status=payment.provider_status)
         return payment
 
     async def authenticate(
@@ -262,7 +271,7 @@ class SandboxProvider:
             "succeeded": "payment_intent.succeeded",
             "requires_payment_method": "payment_intent.payment_failed",
             "requires_action": "payment_intent.requires_action",
-        }.get(payment.status)
+        }.get(payment.provider_status)
         if event_type is not None:
             await self.send_event(event_type, _export(payment))
         return payment
@@ -302,9 +311,7 @@ async def _locked(conn: Any, payment_id: str, client_secret: str | None = None) 
     return row
 
 
-async def _set_status(
-    conn: Any, payment_id: str, status: PaymentStatus, failure: str | None
-) -> None:
+async def _set_status(conn: Any, payment_id: str, status: str, failure: str | None) -> None:
     await conn.execute(
         sandbox_payments.update()
         .where(sandbox_payments.c.id == payment_id)
@@ -315,9 +322,10 @@ async def _set_status(
 def _result(row: Any) -> PaymentResult:
     return PaymentResult(
         payment_id=row.id,
-        status=row.status,
+        state=stripe_wire.payment_state(row.status, declined=row.failure_message is not None),
         amount_minor=int(row.amount_minor),
         currency=row.currency,
+        provider_status=row.status,
         client_secret=row.client_secret,
         metadata=dict(row.metadata),
         failure_message=row.failure_message,
@@ -332,26 +340,9 @@ def _export(payment: PaymentResult) -> dict[str, Any]:
         "object": "payment_intent",
         "amount": payment.amount_minor,
         "currency": payment.currency.lower(),
-        "status": payment.status,
+        "status": payment.provider_status,
         "metadata": payment.metadata,
         "last_payment_error": (
             {"message": payment.failure_message} if payment.failure_message else None
         ),
     }
-
-
-def parse_event(payload: bytes) -> WebhookEvent:
-    """A Stripe-shaped event body → WebhookEvent (after its signature was verified)."""
-    try:
-        event = json.loads(payload)
-        data_object = event["data"]["object"]
-        event_id, event_type, created = str(event["id"]), str(event["type"]), int(event["created"])
-    except (ValueError, KeyError, TypeError, OverflowError):  # int(Infinity)
-        raise InvalidWebhookSignature("Webhook body is not a valid event") from None
-    payment_id: str | None = None
-    if isinstance(data_object, dict):
-        if data_object.get("object") == "payment_intent":
-            payment_id = data_object.get("id")
-        elif isinstance(data_object.get("payment_intent"), str):
-            payment_id = data_object["payment_intent"]
-    return WebhookEvent(event_id, event_type, payment_id, created, event)

@@ -11,12 +11,12 @@ and error code. Unknown payments are `None` from get_payment, not errors.
 
 from __future__ import annotations
 
-import json
 import uuid
-from typing import Any, Final, cast, get_args
+from typing import Any, Final
 
 import stripe
 
+from ciris_billing.payments.providers import stripe_wire
 from ciris_billing.payments.providers.base import (
     ACCOUNT_ID_KEY,
     PURCHASE_ID_KEY,
@@ -24,26 +24,14 @@ from ciris_billing.payments.providers.base import (
     InvalidWebhookSignature,
     PaymentIntent,
     PaymentResult,
-    PaymentStatus,
     ProviderError,
     ProviderUnavailable,
     WebhookEvent,
 )
 from ciris_billing.payments.providers.signing import DEFAULT_TOLERANCE_SECONDS
 
-_STATUSES: Final[frozenset[str]] = frozenset(get_args(PaymentStatus))
-# A status this code does not know (a newer API version) is treated as still in flight:
-# never credited, looked at again later.
-_UNKNOWN_STATUS: Final[PaymentStatus] = "processing"
-
 DEFAULT_MAX_NETWORK_RETRIES: Final = 2
 DEFAULT_TIMEOUT_SECONDS: Final = 30.0
-
-
-def _status(value: str) -> PaymentStatus:
-    if value in _STATUSES:
-        return cast(PaymentStatus, value)
-    return _UNKNOWN_STATUS
 
 
 def _provider_error(exc: stripe.StripeError, action: str) -> ProviderError | ProviderUnavailable:
@@ -86,25 +74,15 @@ def _result(intent: stripe.PaymentIntent) -> PaymentResult:
     metadata = intent.metadata.to_dict() if intent.metadata is not None else {}
     return PaymentResult(
         payment_id=intent.id,
-        status=_status(intent.status),
+        state=stripe_wire.payment_state(intent.status, declined=error is not None),
         amount_minor=intent.amount,
         currency=intent.currency.upper(),
+        provider_status=intent.status,
         client_secret=intent.client_secret,
         metadata={str(key): str(value) for key, value in metadata.items()},
         failure_message=error.message if error is not None else None,
         amount_refunded_minor=_amount_refunded(intent),
     )
-
-
-def _payment_id_of(data_object: dict[str, Any]) -> str | None:
-    """The PaymentIntent an event's object is, or belongs to (charges, refunds, disputes)."""
-    if data_object.get("object") == "payment_intent":
-        value = data_object.get("id")
-    else:
-        value = data_object.get("payment_intent")
-    if isinstance(value, dict):  # an expanded PaymentIntent
-        value = value.get("id")
-    return value if isinstance(value, str) and value else None
 
 
 class StripeProvider:
@@ -170,7 +148,7 @@ class StripeProvider:
 
     async def confirm_payment(self, payment_id: str) -> bool:
         payment = await self.get_payment(payment_id)
-        return payment is not None and payment.status == "succeeded"
+        return payment is not None and payment.state == "succeeded"
 
     async def verify_webhook(self, payload: bytes, signature: str) -> WebhookEvent:
         try:
@@ -182,20 +160,10 @@ class StripeProvider:
             raise InvalidWebhookSignature(
                 "Missing, malformed, stale or wrong Stripe-Signature"
             ) from None
-        try:
-            event = json.loads(payload)
-            data_object = event["data"]["object"]
-            if not isinstance(data_object, dict):
-                raise TypeError("data.object is not an object")
-            return WebhookEvent(
-                event_id=str(event["id"]),
-                type=str(event["type"]),
-                payment_id=_payment_id_of(data_object),
-                created=int(event["created"]),
-                payload=event,
-            )
-        except (ValueError, KeyError, TypeError, OverflowError):  # int(Infinity)
-            raise InvalidWebhookSignature("The signed webhook body is not a Stripe event") from None
+        return self.parse_event(payload)
+
+    def parse_event(self, payload: bytes) -> WebhookEvent:
+        return stripe_wire.parse_event(payload)
 
     async def refund_payment(
         self, payment_id: str, amount_minor: int | None, idempotency_key: str | None = None
@@ -227,7 +195,7 @@ class StripeProvider:
         return Dispute(
             dispute_id=found.id,
             payment_id=payment_id,
-            status=str(found.status),
+            state=stripe_wire.dispute_state(str(found.status)),
             amount_minor=int(found.amount or 0),
         )
 

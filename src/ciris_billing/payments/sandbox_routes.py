@@ -1,0 +1,114 @@
+"""The sandbox provider's endpoints: its stand-in for Stripe.js, the bank and the dashboard.
+
+Same paths as before under /v1/billing/sandbox; each answers 404 sandbox_inactive when the
+active provider is not the sandbox.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from pydantic import BaseModel, Field, StrictInt, StringConstraints
+
+from ciris_billing.errors import ErrorOut, error_responses
+from ciris_billing.deps import AdminKey, AppState, StateDep, json_response
+from ciris_billing.errors import BillingError
+from ciris_billing.payments.providers.base import PaymentResult
+from ciris_billing.payments.providers.sandbox import SandboxProvider
+from ciris_billing.payments.schemas import SandboxAuthenticate, SandboxConfirm, SandboxPaymentOut
+
+router = APIRouter(prefix="/v1/billing", tags=["purchases"], responses=error_responses(422))
+
+
+class SandboxInactive(BillingError):
+    status_code = 404
+    code = "sandbox_inactive"
+
+
+def _sandbox(state: AppState) -> SandboxProvider:
+    if not isinstance(state.provider, SandboxProvider):
+        raise SandboxInactive("The sandbox provider is not active (PAYMENT_PROVIDER=stripe)")
+    return state.provider
+
+
+def _sandbox_body(payment: PaymentResult) -> dict[str, Any]:
+    return {
+        "payment_id": payment.payment_id,
+        "status": payment.provider_status,  # the sandbox imitates Stripe.js's answer
+        "amount_minor": payment.amount_minor,
+        "currency": payment.currency,
+        "failure_message": payment.failure_message,
+    }
+
+
+@router.post(
+    "/sandbox/payment_intents/{payment_id}/confirm",
+    response_model=SandboxPaymentOut,
+    tags=["sandbox"],
+    responses={
+        402: {"model": ErrorOut, "description": "Card declined"},
+        **error_responses(404, 409),
+    },
+)
+async def sandbox_confirm(payment_id: str, body: SandboxConfirm, state: StateDep) -> Response:
+    """Sandbox only: pay with a test card (4242… succeeds, …9995 declines, …3155 needs 3DS)."""
+    payment = await _sandbox(state).confirm_with_card(
+        payment_id, body.client_secret, body.card_number
+    )
+    return json_response(200, _sandbox_body(payment))
+
+
+@router.post(
+    "/sandbox/payment_intents/{payment_id}/authenticate",
+    response_model=SandboxPaymentOut,
+    tags=["sandbox"],
+    responses=error_responses(404, 409),
+)
+async def sandbox_authenticate(
+    payment_id: str, body: SandboxAuthenticate, state: StateDep
+) -> Response:
+    """Sandbox only: complete (or fail) the 3D Secure step of a `requires_action` payment."""
+    payment = await _sandbox(state).authenticate(payment_id, body.client_secret, body.success)
+    return json_response(200, _sandbox_body(payment))
+
+
+class SandboxDispute(BaseModel):
+    status: Annotated[
+        str,
+        StringConstraints(pattern=r"^(needs_response|under_review|won|lost|warning_closed)$"),
+    ] = "needs_response"
+
+
+@router.post(
+    "/sandbox/payment_intents/{payment_id}/dispute",
+    tags=["sandbox"],
+    responses=error_responses(401, 403, 404, 409),
+)
+async def sandbox_dispute(
+    payment_id: str, body: SandboxDispute, state: StateDep, _key: AdminKey
+) -> Response:
+    """Sandbox only: the bank opens (or closes, won/lost) a chargeback; its webhook follows."""
+    dispute = await _sandbox(state).dispute(payment_id, body.status)
+    return json_response(
+        200, {"dispute_id": dispute.dispute_id, "payment_id": payment_id, "status": body.status}
+    )
+
+
+class SandboxRefund(BaseModel):
+    amount_minor: StrictInt | None = Field(default=None, ge=1, le=100_000_000)
+
+
+@router.post(
+    "/sandbox/payment_intents/{payment_id}/dashboard_refund",
+    tags=["sandbox"],
+    responses=error_responses(401, 403, 404, 409),
+)
+async def sandbox_dashboard_refund(
+    payment_id: str, body: SandboxRefund, state: StateDep, _key: AdminKey
+) -> Response:
+    """Sandbox only: a refund made in the provider's dashboard, outside this service; only its
+    `charge.refunded` webhook tells us."""
+    refund_id = await _sandbox(state).refund_payment(payment_id, body.amount_minor)
+    return json_response(200, {"refund_id": refund_id, "payment_id": payment_id})
