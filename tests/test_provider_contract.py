@@ -31,17 +31,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ciris_billing.accounts.service import Identity
 from ciris_billing.db import accounts, create_engine, metadata, purchases, webhook_events
+from ciris_billing.errors import CardDeclined, InvalidWebhookSignature
 from ciris_billing.payments import service
 from ciris_billing.payments.providers import signing
 from ciris_billing.payments.providers.base import (
     DisputeEvent,
-    InvalidWebhookSignature,
     PaymentEvent,
     PaymentProvider,
     PaymentResult,
     RefundEvent,
 )
-from ciris_billing.payments.providers.sandbox import CardDeclined, SandboxProvider
+from ciris_billing.payments.providers.sandbox import SandboxProvider
 from ciris_billing.payments.providers.stripe import StripeProvider
 from ciris_billing.pricing import Pricing
 from ciris_billing.webhooks import inbox

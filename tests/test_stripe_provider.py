@@ -15,16 +15,14 @@ from typing import Any
 
 import pytest
 
+from ciris_billing.errors import InvalidWebhookSignature, ProviderError, ProviderUnavailable
 from ciris_billing.payments.providers import signing
 from ciris_billing.payments.providers.base import (
     ACCOUNT_ID_KEY,
     PURCHASE_ID_KEY,
-    InvalidWebhookSignature,
     PaymentEvent,
     PaymentIntent,
     PaymentResult,
-    ProviderError,
-    ProviderUnavailable,
 )
 from ciris_billing.payments.providers.stripe import StripeProvider
 from tests.localstripe import (

@@ -58,6 +58,94 @@ class IdempotencyKeyReused(BillingError):
     code = "idempotency_key_reused"
 
 
+class RateLimited(BillingError):
+    status_code = 429
+    code = "rate_limited"
+
+
+class CheckoutNotFound(BillingError):
+    status_code = 404
+    code = "checkout_not_found"
+
+
+class PurchaseNotYetRecorded(BillingError):
+    """A payment of ours whose purchase row is not visible yet: retry later."""
+
+    status_code = 503
+    code = "purchase_not_yet_recorded"
+
+
+class PurchaseNoLongerPayable(BillingError):
+    """A retried purchase whose payment the provider no longer knows."""
+
+    status_code = 404
+    code = "purchase_no_longer_payable"
+
+
+class PurchaseNotFound(BillingError):
+    status_code = 404
+    code = "purchase_not_found"
+
+
+class SandboxInactive(BillingError):
+    status_code = 404
+    code = "sandbox_inactive"
+
+
+class RefundNotAllowed(BillingError):
+    status_code = 409
+    code = "refund_not_allowed"
+
+
+class RefundExceedsPayment(BillingError):
+    status_code = 422
+    code = "refund_exceeds_payment"
+
+
+class InvalidWebhookSignature(BillingError):
+    status_code = 400
+    code = "invalid_webhook_signature"
+
+
+class ProviderError(BillingError):
+    """The provider refused or failed a request (bad gateway)."""
+
+    status_code = 502
+    code = "payment_provider_error"
+
+
+class ProviderUnavailable(BillingError):
+    """The provider could not be reached; retry later."""
+
+    status_code = 503
+    code = "payment_provider_unavailable"
+
+
+class CardDeclined(BillingError):
+    status_code = 402
+    code = "card_declined"
+
+
+class PaymentNotFound(BillingError):
+    status_code = 404
+    code = "payment_not_found"
+
+
+class PaymentStateConflict(BillingError):
+    status_code = 409
+    code = "payment_state_conflict"
+
+
+class UnknownProvider(BillingError):
+    status_code = 404
+    code = "unknown_payment_provider"
+
+
+class AdjustmentBelowZero(BillingError):
+    status_code = 422
+    code = "adjustment_below_zero"
+
+
 # The error shape, as OpenAPI declares it.
 class ErrorOut(BaseModel):
     model_config = ConfigDict(extra="allow")

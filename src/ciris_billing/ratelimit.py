@@ -10,12 +10,7 @@ import math
 import time
 from collections import OrderedDict
 
-from ciris_billing.errors import BillingError
-
-
-class RateLimited(BillingError):
-    status_code = 429
-    code = "rate_limited"
+from ciris_billing.errors import RateLimited
 
 
 class TokenBuckets:

@@ -20,14 +20,9 @@ from ciris_billing.db import (
     purchases,
     utcnow,
 )
-from ciris_billing.errors import AccountNotFound, BillingError
+from ciris_billing.errors import AccountNotFound, AdjustmentBelowZero
 from ciris_billing.ledger import write_credit
 from ciris_billing.pricing import Pricing
-
-
-class AdjustmentBelowZero(BillingError):
-    status_code = 422
-    code = "adjustment_below_zero"
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,12 @@ from ciris_billing.accounts.service import Identity
 from ciris_billing.checkout.links import checkout_url, read_buy_token
 from ciris_billing.db import accounts
 from ciris_billing.deps import AppState, StateDep, json_response
-from ciris_billing.errors import BillingError, ErrorOut, error_responses
+from ciris_billing.errors import (
+    CheckoutNotFound,
+    ErrorOut,
+    PurchaseNoLongerPayable,
+    error_responses,
+)
 from ciris_billing.payments import service as payments
 
 router = APIRouter(prefix="/v1/billing", tags=["checkout"])
@@ -77,11 +82,6 @@ _SYMBOLS = {
     "AUD": "A$",
     "NZD": "NZ$",
 }
-
-
-class CheckoutNotFound(BillingError):
-    status_code = 404
-    code = "checkout_not_found"
 
 
 class CheckoutSummary(BaseModel):
@@ -292,7 +292,7 @@ async def buy(token: str, request: Request, state: StateDep) -> Response:
         started = await payments.start_purchase(
             state.engine, state.provider, state.pricing, identity, None, key
         )
-    except payments.PurchaseNoLongerPayable:
+    except PurchaseNoLongerPayable:
         raise CheckoutNotFound("This purchase can no longer be paid; ask for a new link") from None
     async with state.engine.begin() as conn:
         await payments.record_purchase(

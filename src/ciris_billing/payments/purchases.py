@@ -8,7 +8,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.db import purchases
-from ciris_billing.errors import BillingError
+from ciris_billing.errors import PurchaseNotFound
 
 # The guide documents Stripe's word for a purchase that waits for its payment; the API keeps
 # that promise, whatever we store (db.PURCHASE_STATUSES). Every other status reads the same.
@@ -24,11 +24,6 @@ def api_status(stored: str) -> str:
 def stored_status(shown: str) -> str:
     """The stored purchase status for one the API shows (e.g. a CLI filter)."""
     return _STORED_STATUSES.get(shown, shown)
-
-
-class PurchaseNotFound(BillingError):
-    status_code = 404
-    code = "purchase_not_found"
 
 
 async def find_purchase(conn: AsyncConnection, provider: str, payment_id: str) -> Row[Any] | None:

@@ -17,21 +17,11 @@ from sqlalchemy import Row, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing.db import accounts, credits, purchases, utcnow
-from ciris_billing.errors import BillingError
+from ciris_billing.errors import RefundExceedsPayment, RefundNotAllowed
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.payments.purchases import api_status, get_purchase
-
-
-class RefundNotAllowed(BillingError):
-    status_code = 409
-    code = "refund_not_allowed"
-
-
-class RefundExceedsPayment(BillingError):
-    status_code = 422
-    code = "refund_exceeds_payment"
 
 
 @dataclass(frozen=True, slots=True)

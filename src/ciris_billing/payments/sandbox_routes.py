@@ -12,19 +12,13 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, StrictInt, StringConstraints
 
-from ciris_billing.errors import ErrorOut, error_responses
 from ciris_billing.deps import AdminKey, AppState, StateDep, json_response
-from ciris_billing.errors import BillingError
+from ciris_billing.errors import ErrorOut, SandboxInactive, error_responses
 from ciris_billing.payments.providers.base import PaymentResult
 from ciris_billing.payments.providers.sandbox import SandboxProvider
 from ciris_billing.payments.schemas import SandboxAuthenticate, SandboxConfirm, SandboxPaymentOut
 
 router = APIRouter(prefix="/v1/billing", tags=["purchases"], responses=error_responses(422))
-
-
-class SandboxInactive(BillingError):
-    status_code = 404
-    code = "sandbox_inactive"
 
 
 def _sandbox(state: AppState) -> SandboxProvider:

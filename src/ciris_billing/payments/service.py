@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing.accounts.service import Identity, ensure_account
 from ciris_billing.db import accounts, insert_or_ignore, new_id, purchases, utcnow
-from ciris_billing.errors import BillingError
+from ciris_billing.errors import PurchaseNoLongerPayable, PurchaseNotYetRecorded
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import PURCHASES, log
 from ciris_billing.payments import refunds
@@ -35,20 +35,6 @@ from ciris_billing.pricing import Pricing
 
 # A purchase in one of these states will not change by itself any more (reconcile skips it).
 FINAL_STATUSES = ("succeeded", "canceled")
-
-
-class PurchaseNotYetRecorded(BillingError):
-    """A payment of ours whose purchase row is not visible yet: retry later."""
-
-    status_code = 503
-    code = "purchase_not_yet_recorded"
-
-
-class PurchaseNoLongerPayable(BillingError):
-    """A retried purchase whose payment the provider no longer knows."""
-
-    status_code = 404
-    code = "purchase_no_longer_payable"
 
 
 def purchase_id_for(idempotency_key: str | None) -> str:

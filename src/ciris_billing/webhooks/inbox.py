@@ -21,14 +21,13 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ciris_billing.db import insert_or_ignore, new_id, utcnow, webhook_events
-from ciris_billing.errors import BillingError
+from ciris_billing.errors import BillingError, InvalidWebhookSignature
 from ciris_billing.observability import WEBHOOK_EVENTS, log
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.disputes import apply_dispute
 from ciris_billing.payments.providers.base import (
     Dispute,
     DisputeEvent,
-    InvalidWebhookSignature,
     PaymentProvider,
     PaymentResult,
     WebhookEvent,

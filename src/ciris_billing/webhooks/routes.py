@@ -6,15 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ciris_billing.deps import StateDep, json_response
-from ciris_billing.errors import BillingError, ErrorOut, error_responses
+from ciris_billing.errors import ErrorOut, UnknownProvider, error_responses
 from ciris_billing.webhooks import inbox
 
 router = APIRouter(prefix="/v1/billing/webhooks", tags=["webhooks"])
-
-
-class UnknownProvider(BillingError):
-    status_code = 404
-    code = "unknown_payment_provider"
 
 
 @router.post(

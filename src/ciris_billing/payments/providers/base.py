@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from ciris_billing.errors import BillingError
-
 PaymentState = Literal[
     "pending", "requires_action", "processing", "succeeded", "failed", "canceled"
 ]
@@ -115,25 +113,6 @@ class Dispute:
 # Metadata keys we put on every payment, so an event can be traced back to its purchase.
 PURCHASE_ID_KEY = "ciris_purchase_id"
 ACCOUNT_ID_KEY = "ciris_account_id"
-
-
-class InvalidWebhookSignature(BillingError):
-    status_code = 400
-    code = "invalid_webhook_signature"
-
-
-class ProviderError(BillingError):
-    """The provider refused or failed a request (bad gateway)."""
-
-    status_code = 502
-    code = "payment_provider_error"
-
-
-class ProviderUnavailable(BillingError):
-    """The provider could not be reached; retry later."""
-
-    status_code = 503
-    code = "payment_provider_unavailable"
 
 
 class PaymentProvider(Protocol):

@@ -21,15 +21,19 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ciris_billing.db import insert_or_ignore, sandbox_payments, utcnow
-from ciris_billing.errors import BillingError
+from ciris_billing.errors import (
+    CardDeclined,
+    InvalidWebhookSignature,
+    PaymentNotFound,
+    PaymentStateConflict,
+    ProviderError,
+)
 from ciris_billing.observability import log
 from ciris_billing.payments.providers import signing, stripe_wire
 from ciris_billing.payments.providers.base import (
     Dispute,
-    InvalidWebhookSignature,
     PaymentIntent,
     PaymentResult,
-    ProviderError,
     WebhookEvent,
 )
 
@@ -45,21 +49,6 @@ DECLINES = {
     CARD_CHARGE_DECLINED: "Your card was declined.",
     "4000000000000002": "Your card was declined.",
 }
-
-
-class CardDeclined(BillingError):
-    status_code = 402
-    code = "card_declined"
-
-
-class PaymentNotFound(BillingError):
-    status_code = 404
-    code = "payment_not_found"
-
-
-class PaymentStateConflict(BillingError):
-    status_code = 409
-    code = "payment_state_conflict"
 
 
 def _luhn_ok(number: str) -> bool:

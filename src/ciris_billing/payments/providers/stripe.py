@@ -16,16 +16,14 @@ from typing import Any, Final
 
 import stripe
 
+from ciris_billing.errors import InvalidWebhookSignature, ProviderError, ProviderUnavailable
 from ciris_billing.payments.providers import stripe_wire
 from ciris_billing.payments.providers.base import (
     ACCOUNT_ID_KEY,
     PURCHASE_ID_KEY,
     Dispute,
-    InvalidWebhookSignature,
     PaymentIntent,
     PaymentResult,
-    ProviderError,
-    ProviderUnavailable,
     WebhookEvent,
 )
 from ciris_billing.payments.providers.signing import DEFAULT_TOLERANCE_SECONDS

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+from ciris_billing.errors import InvalidWebhookSignature
 from ciris_billing.payments.providers.base import (
     DisputeEvent,
     DisputeState,
     EventSubject,
-    InvalidWebhookSignature,
     PaymentEvent,
     PaymentState,
     RefundEvent,
