@@ -44,6 +44,7 @@ from ciris_billing.payments.providers.base import (
 from ciris_billing.payments.providers.sandbox import SandboxProvider
 from ciris_billing.payments.providers.stripe import StripeProvider
 from ciris_billing.pricing import Pricing
+from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 from tests.localstripe import TEST_API_KEY, LocalStripe, run_localstripe
 
@@ -311,20 +312,15 @@ async def harness(request: pytest.FixtureRequest, engine: AsyncEngine) -> AsyncI
 async def start(engine: AsyncEngine, harness: Harness, key: str | None = None) -> PaymentResult:
     """Start and record a purchase the way the API and the buy link do."""
     user = f"contract-{uuid.uuid4().hex[:12]}@example.com"
-    started = await service.start_purchase(
-        engine, harness.provider, PRICING, Identity("oauth:google", user), user, key
-    )
-    async with engine.begin() as conn:
-        await service.record_purchase(
-            conn,
-            purchase_id=started.purchase_id,
-            account_id=started.account_id,
-            provider=harness.provider.name,
-            payment=started.payment,
-            offer=started.offer,
-            customer_email=user,
-        )
+    order = service.PurchaseOrder(Identity("oauth:google", user), user, key)
+    async with unit_of_work(engine) as work:
+        started = await service.start_purchase(work, harness.provider, PRICING, order)
     return started.payment
+
+
+async def reconcile(engine: AsyncEngine, harness: Harness, payment_id: str) -> str:
+    async with unit_of_work(engine) as work:
+        return await service.reconcile_purchase(work, harness.provider, payment_id)
 
 
 async def now(harness: Harness, payment_id: str) -> PaymentResult:
@@ -440,9 +436,7 @@ async def test_declined_card_fails_the_purchase(engine: AsyncEngine, harness: Ha
     assert declined.state == "failed"
     assert declined.failure_message
     assert await harness.provider.confirm_payment(payment.payment_id) is False
-    assert await service.reconcile_purchase(engine, harness.provider, payment.payment_id) == (
-        "failed"
-    )
+    assert await reconcile(engine, harness, payment.payment_id) == ("failed")
     row = await purchase_row(engine, harness, payment.payment_id)
     assert (row.status, row.credited_at, row.failure_message) == (
         "failed",
@@ -458,9 +452,7 @@ async def test_3d_secure(engine: AsyncEngine, harness: Harness, success: bool) -
 
     assert (await now(harness, payment.payment_id)).state == "requires_action"
     assert await harness.provider.confirm_payment(payment.payment_id) is False
-    assert await service.reconcile_purchase(engine, harness.provider, payment.payment_id) == (
-        "status_updated"
-    )
+    assert await reconcile(engine, harness, payment.payment_id) == ("status_updated")
     assert (await purchase_row(engine, harness, payment.payment_id)).status == "requires_action"
 
     await harness.authenticate(payment, success)
@@ -583,9 +575,9 @@ async def test_reconcile_credits_a_payment_whose_webhook_never_came(
     async with engine.connect() as conn:
         open_ids = [p.payment_id for p in await service.open_purchases(conn, harness.provider.name)]
     assert payment.payment_id in open_ids
-    outcome = await service.reconcile_purchase(engine, harness.provider, payment.payment_id)
+    outcome = await reconcile(engine, harness, payment.payment_id)
     assert outcome == "credited"
-    again = await service.reconcile_purchase(engine, harness.provider, payment.payment_id)
+    again = await reconcile(engine, harness, payment.payment_id)
     assert again == "already_credited"
     async with engine.connect() as conn:
         open_ids = [p.payment_id for p in await service.open_purchases(conn, harness.provider.name)]

@@ -29,6 +29,7 @@ from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers import PaymentConfigurationError, get_payment_provider
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
+from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 from ciris_billing.workers import Supervisor, listening_sockets
 
@@ -244,7 +245,8 @@ def reconcile() -> None:
         outcomes: dict[str, int] = {}
         for index, purchase in enumerate(open_purchases, 1):
             try:
-                outcome = await payments.reconcile_purchase(engine, provider, purchase.payment_id)
+                async with unit_of_work(engine) as step:
+                    outcome = await payments.reconcile_purchase(step, provider, purchase.payment_id)
             except BillingError as exc:
                 outcome = f"error:{exc.code}"
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
@@ -299,9 +301,9 @@ def refund(payment_id: str, amount_minor: int | None, reason: str | None) -> Non
     """Refund a purchase (all, or --amount minor units); takes its share of uses back."""
 
     async def work(engine: AsyncEngine, provider: PaymentProvider) -> dict[str, object]:
-        made = await refunds.make_refund(engine, provider, payment_id, amount_minor, None)
-        async with engine.begin() as conn:
-            return await refunds.record_refund(conn, provider.name, made, reason)
+        async with unit_of_work(engine) as step:
+            made = await refunds.make_refund(step, provider, payment_id, amount_minor, None)
+            return await refunds.record_refund(await step.connection(), provider.name, made, reason)
 
     _print_json(_run_operator(_with_provider(work)))
 

@@ -28,7 +28,7 @@ from sqlalchemy import select
 from ciris_billing.accounts.service import Identity
 from ciris_billing.checkout.links import checkout_url, read_buy_token
 from ciris_billing.db import accounts
-from ciris_billing.deps import AppState, StateDep, json_response
+from ciris_billing.deps import AppState, StateDep, UnitOfWorkDep, json_response
 from ciris_billing.errors import (
     CheckoutNotFound,
     ErrorOut,
@@ -212,7 +212,7 @@ ClientSecretHeader = Annotated[
     },
 )
 async def checkout_summary(
-    payment_id: str, state: StateDep, client_secret: ClientSecretHeader = None
+    payment_id: str, state: StateDep, work: UnitOfWorkDep, client_secret: ClientSecretHeader = None
 ) -> Response:
     """What the payment page shows: the offer, the payment's status and the account's balance.
 
@@ -224,23 +224,25 @@ async def checkout_summary(
         or not _PAYMENT_ID.fullmatch(payment_id)
     ):
         raise _not_found()
-    async with state.engine.connect() as conn:
-        purchase = await payments.find_purchase(conn, state.provider.name, payment_id)
+    purchase = await payments.find_purchase(
+        await work.connection(), state.provider.name, payment_id
+    )
     if purchase is None:
         raise _not_found()
-    payment = await state.provider.get_payment(payment_id)
+    async with work.provider_call():
+        payment = await state.provider.get_payment(payment_id)
     if (
         payment is None
         or payment.client_secret is None
         or not secrets.compare_digest(payment.client_secret.encode(), client_secret.encode())
     ):
         raise _not_found()
-    async with state.engine.connect() as conn:
-        # Read after the secret was checked, and fresh: the page polls this for the balance.
-        purchase = await payments.get_purchase(conn, state.provider.name, payment_id)
-        account = (
-            await conn.execute(select(accounts).where(accounts.c.id == purchase.account_id))
-        ).one()
+    # Read after the secret was checked, and fresh: the page polls this for the balance.
+    conn = await work.connection()
+    purchase = await payments.get_purchase(conn, state.provider.name, payment_id)
+    account = (
+        await conn.execute(select(accounts).where(accounts.c.id == purchase.account_id))
+    ).one()
     return json_response(
         200, _summary(state, purchase, account, payment.provider_status), PRIVATE_HEADERS
     )
@@ -278,7 +280,7 @@ def _summary(state: AppState, purchase: Any, account: Any, payment_status: str) 
         **error_responses(422, 502, 503),
     },
 )
-async def buy(token: str, request: Request, state: StateDep) -> Response:
+async def buy(token: str, request: Request, state: StateDep, work: UnitOfWorkDep) -> Response:
     """Public: the `checkout_url` of a 402 answer. Starts a purchase for the link's identity
     (the same one each time the link is opened) and redirects to its payment page."""
     named = read_buy_token(state.link_secret, token) if len(token) <= 2048 else None
@@ -288,22 +290,11 @@ async def buy(token: str, request: Request, state: StateDep) -> Response:
     # The signed token (identity + expiry) is the key: reopening or double-clicking one link
     # finds its purchase; a new 402 mints a new link and so a new purchase.
     key = "buy:" + hashlib.sha256(token.encode()).hexdigest()
+    order = payments.PurchaseOrder(identity, customer_email=None, idempotency_key=key)
     try:
-        started = await payments.start_purchase(
-            state.engine, state.provider, state.pricing, identity, None, key
-        )
+        started = await payments.start_purchase(work, state.provider, state.pricing, order)
     except PurchaseNoLongerPayable:
         raise CheckoutNotFound("This purchase can no longer be paid; ask for a new link") from None
-    async with state.engine.begin() as conn:
-        await payments.record_purchase(
-            conn,
-            purchase_id=started.purchase_id,
-            account_id=started.account_id,
-            provider=state.provider.name,
-            payment=started.payment,
-            offer=started.offer,
-            customer_email=None,
-        )
     payment = started.payment
     if not payment.client_secret:
         raise CheckoutNotFound("This purchase can no longer be paid; ask for a new link")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.db import accounts, credits, purchases, utcnow
 from ciris_billing.errors import RefundExceedsPayment, RefundNotAllowed
@@ -22,6 +22,7 @@ from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.payments.purchases import api_status, get_purchase
+from ciris_billing.unit_of_work import UnitOfWork
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,18 +147,18 @@ class MadeRefund:
 
 
 async def make_refund(
-    engine: AsyncEngine,
+    work: UnitOfWork,
     provider: PaymentProvider,
     payment_id: str,
     amount_minor: int | None,
     idempotency_key: str | None,
 ) -> MadeRefund:
     """Refund at the provider (no transaction is open while it answers)."""
-    async with engine.connect() as conn:
-        purchase = await get_purchase(conn, provider.name, payment_id)
+    purchase = await get_purchase(await work.connection(), provider.name, payment_id)
     amount = refundable_amount(purchase, amount_minor)
-    refund_id = await provider.refund_payment(payment_id, amount, idempotency_key)
-    payment = await provider.get_payment(payment_id)
+    async with work.provider_call():
+        refund_id = await provider.refund_payment(payment_id, amount, idempotency_key)
+        payment = await provider.get_payment(payment_id)
     # The provider's cumulative total, or at least what we just refunded (if its view lags).
     reported = payment.amount_refunded_minor if payment else 0
     total = max(reported, int(purchase.refunded_minor) + amount)

@@ -80,23 +80,13 @@ async def create_purchase(
     replay = await replay_if_known(request, work, key, payload)
     if replay is not None:
         return replay
-    identity = accounts.Identity(body.oauth_provider, body.external_id)
-    async with work.provider_call():
-        started = await service.start_purchase(
-            state.engine, state.provider, state.pricing, identity, body.customer_email, key
-        )
+    order = service.PurchaseOrder(
+        accounts.Identity(body.oauth_provider, body.external_id), body.customer_email, key
+    )
+    started = await service.start_purchase(work, state.provider, state.pricing, order)
 
-    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        purchase = await service.record_purchase(
-            conn,
-            purchase_id=started.purchase_id,
-            account_id=started.account_id,
-            provider=state.provider.name,
-            payment=started.payment,
-            offer=started.offer,
-            customer_email=body.customer_email,
-        )
-        answer = purchase_body(purchase, state, started.payment.client_secret)
+    async def effect(_conn: AsyncConnection) -> tuple[int, Any]:
+        answer = purchase_body(started.purchase, state, started.payment.client_secret)
         if started.payment.client_secret:
             answer["checkout_url"] = checkout_url(
                 state.public_base_url(request),
@@ -110,8 +100,8 @@ async def create_purchase(
     log.info(
         f"{state.provider.name}_purchase_created",
         payment_id=started.payment.payment_id,
-        purchase_id=started.purchase_id,
-        account_id=started.account_id,
+        purchase_id=started.purchase.id,
+        account_id=started.purchase.account_id,
         amount_minor=started.offer.amount_minor,
     )
     return response
@@ -150,10 +140,9 @@ async def refund_purchase(
     if replay is not None:
         return replay
     provider_key = None if key is None else f"refund-{payment_id}-{key}"
-    async with work.provider_call():
-        made = await refunds.make_refund(
-            state.engine, state.provider, payment_id, body.amount_minor, provider_key
-        )
+    made = await refunds.make_refund(
+        work, state.provider, payment_id, body.amount_minor, provider_key
+    )
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
         return 201, await refunds.record_refund(conn, state.provider.name, made, body.reason)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.accounts.service import Identity, ensure_account
 from ciris_billing.db import accounts, insert_or_ignore, new_id, purchases, utcnow
@@ -32,6 +32,7 @@ from ciris_billing.payments.purchases import api_status as api_status
 from ciris_billing.payments.purchases import find_purchase as find_purchase
 from ciris_billing.payments.purchases import get_purchase as get_purchase
 from ciris_billing.pricing import Pricing
+from ciris_billing.unit_of_work import UnitOfWork
 
 # A purchase in one of these states will not change by itself any more (reconcile skips it).
 FINAL_STATUSES = ("succeeded", "canceled")
@@ -60,54 +61,66 @@ class Offer:
 
 @dataclass(frozen=True, slots=True)
 class StartedPurchase:
-    purchase_id: str
-    account_id: str
-    payment: PaymentResult
+    purchase: Row[Any]  # the purchase row, as recorded
+    payment: PaymentResult  # the provider's payment (its client secret pays it)
     offer: Offer
 
 
+@dataclass(frozen=True, slots=True)
+class PurchaseOrder:
+    identity: Identity
+    customer_email: str | None
+    idempotency_key: str | None
+
+
 async def start_purchase(
-    engine: AsyncEngine,
-    provider: PaymentProvider,
-    pricing: Pricing,
-    identity: Identity,
-    customer_email: str | None,
-    idempotency_key: str | None,
+    work: UnitOfWork, provider: PaymentProvider, pricing: Pricing, order: PurchaseOrder
 ) -> StartedPurchase:
     """Start buying one offer: the one way a purchase begins (the API and the buy link).
 
-    Create the provider's payment; the caller then writes the purchase row (`record_purchase`).
-    With an idempotency key the purchase id is derived from it, so a retry finds the purchase
-    it already recorded (and its payment, from the provider) instead of starting another; a
-    retry racing the first call asks the provider with the same idempotency key. No
-    transaction is open while the provider answers.
+    Create the provider's payment, then record the purchase row in the unit of work. With an
+    idempotency key the purchase id is derived from it, so a retry finds the purchase it
+    already recorded (and its payment, from the provider) instead of starting another; a retry
+    racing the first call asks the provider with the same idempotency key, and the purchase id
+    is unique, so both record one row. No transaction is open while the provider answers.
     """
-    purchase_id = purchase_id_for(idempotency_key)
-    if idempotency_key is not None:
-        async with engine.connect() as conn:
-            existing = (
-                await conn.execute(select(purchases).where(purchases.c.id == purchase_id))
-            ).first()
+    purchase_id = purchase_id_for(order.idempotency_key)
+    if order.idempotency_key is not None:
+        conn = await work.connection()
+        existing = (
+            await conn.execute(select(purchases).where(purchases.c.id == purchase_id))
+        ).first()
         if existing is not None:
-            payment = await provider.get_payment(existing.payment_id)
+            async with work.provider_call():
+                payment = await provider.get_payment(existing.payment_id)
             if payment is None:
                 raise PurchaseNoLongerPayable("The provider no longer knows this purchase")
             offer = Offer(int(existing.amount_minor), existing.currency, int(existing.uses))
-            return StartedPurchase(purchase_id, existing.account_id, payment, offer)
-    async with engine.begin() as conn:
-        account, _ = await ensure_account(conn, identity, pricing)
+            return StartedPurchase(existing, payment, offer)
+    account, _ = await ensure_account(await work.connection(), order.identity, pricing)
     offer = Offer.from_pricing(pricing)
-    payment = await provider.create_payment_intent(
-        PaymentIntent(
-            amount_minor=offer.amount_minor,
-            currency=offer.currency,
-            purchase_id=purchase_id,
-            account_id=account.id,
-            idempotency_key=f"purchase-{purchase_id}",
-            customer_email=customer_email,
+    # The account (if new) commits before the call: it is valid on its own.
+    async with work.provider_call():
+        payment = await provider.create_payment_intent(
+            PaymentIntent(
+                amount_minor=offer.amount_minor,
+                currency=offer.currency,
+                purchase_id=purchase_id,
+                account_id=account.id,
+                idempotency_key=f"purchase-{purchase_id}",
+                customer_email=order.customer_email,
+            )
         )
+    purchase = await record_purchase(
+        await work.connection(),
+        purchase_id=purchase_id,
+        account_id=account.id,
+        provider=provider.name,
+        payment=payment,
+        offer=offer,
+        customer_email=order.customer_email,
     )
-    return StartedPurchase(purchase_id, account.id, payment, offer)
+    return StartedPurchase(purchase, payment, offer)
 
 
 async def record_purchase(
@@ -252,13 +265,11 @@ async def open_purchases(conn: AsyncConnection, provider: str) -> list[Row[Any]]
     return list(result)
 
 
-async def reconcile_purchase(
-    engine: AsyncEngine, provider: PaymentProvider, payment_id: str
-) -> str:
+async def reconcile_purchase(work: UnitOfWork, provider: PaymentProvider, payment_id: str) -> str:
     """One step of `reconcile`: bring a purchase in line with its payment at the provider (as a
     webhook would), e.g. credit a paid one whose webhook never came. Returns the outcome."""
-    payment = await provider.get_payment(payment_id)  # no transaction open while it answers
+    async with work.provider_call():
+        payment = await provider.get_payment(payment_id)
     if payment is None:
         return "unknown_payment"
-    async with engine.begin() as conn:
-        return await apply_payment(conn, provider.name, payment)
+    return await apply_payment(await work.connection(), provider.name, payment)
