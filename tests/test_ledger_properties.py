@@ -86,7 +86,7 @@ class Bought:
     user: str
     client_secret: str
     provider_status: str = "requires_payment_method"
-    status: str = "requires_payment_method"
+    status: str = "pending"  # as stored: our own words (the API shows requires_payment_method)
     credited: bool = False
     refunded_minor: int = 0
     uses_refunded: int = 0

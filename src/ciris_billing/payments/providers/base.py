@@ -20,6 +20,7 @@ failed: the last attempt was declined (the customer may try again with another c
 it will never be paid. Each provider maps its own statuses to these, inside its module.
 """
 
+# A chargeback in our words: open (its uses are held), won (released) or lost (taken back).
 DisputeState = Literal["open", "won", "lost"]
 
 
