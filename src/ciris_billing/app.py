@@ -30,6 +30,7 @@ from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.db import create_engine
 from ciris_billing.deps import AppState, StateDep, json_response
+from ciris_billing.edge import RouteGate
 from ciris_billing.errors import error_responses
 from ciris_billing.errors_http import RENDERED, error_response
 from ciris_billing.observability import (
@@ -64,15 +65,23 @@ class BillingApp(FastAPI):
     def __init__(self, *, max_request_bytes: int, **options: Any) -> None:
         super().__init__(**options)
         self._max_request_bytes = max_request_bytes
-        self._entry = self._layers(super().__call__)
+        self._entry: ASGIApp = super().__call__
 
-    def _layers(self, inner: ASGIApp) -> ASGIApp:
-        return RequestContextMiddleware(BodySizeLimitMiddleware(inner, self._max_request_bytes))
+    def _layers(self, inner: ASGIApp, parsed_elsewhere: frozenset[str]) -> ASGIApp:
+        # The edge (route template, the API key before the body, strict JSON) inside the body
+        # limit, so a body it reads is never over MAX_REQUEST_BYTES.
+        gate = RouteGate(inner, self, parsed_elsewhere)
+        return RequestContextMiddleware(BodySizeLimitMiddleware(gate, self._max_request_bytes))
 
-    def serve_hot_path(self) -> None:
-        """Put the hot path in front of the framework, once every route is in place: it refuses
+    def serve_edge(self, hot_path: bool) -> None:
+        """Put the edge (and the hot path) in front of the framework, once every route is in
+        place: the edge reads the routes' templates and scopes; the hot path refuses
         (HotPathMismatch) when a hot route's dependencies differ from what it implements."""
-        self._entry = self._layers(HotPath(super().__call__, self))
+        if hot_path:
+            hot = HotPath(super().__call__, self)
+            self._entry = self._layers(hot, hot.parses_strictly)
+        else:
+            self._entry = self._layers(super().__call__, frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
@@ -148,8 +157,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(checkout_router)
     _add_operational_routes(app)
     _add_error_handlers(app)
-    if hot_path:
-        app.serve_hot_path()
+    app.serve_edge(hot_path)
     return app
 
 
