@@ -62,16 +62,18 @@ class BillingApp(FastAPI):
     (profiled: a tenth of a credit check's CPU). Lifespan and everything else pass straight
     through them."""
 
-    def __init__(self, *, max_request_bytes: int, **options: Any) -> None:
+    def __init__(self, *, max_request_bytes: int, access_log: bool, **options: Any) -> None:
         super().__init__(**options)
         self._max_request_bytes = max_request_bytes
+        self._access_log = access_log
         self._entry: ASGIApp = super().__call__
 
     def _layers(self, inner: ASGIApp, parsed_elsewhere: frozenset[str]) -> ASGIApp:
         # The edge (route template, the API key before the body, strict JSON) inside the body
         # limit, so a body it reads is never over MAX_REQUEST_BYTES.
         gate = RouteGate(inner, self, parsed_elsewhere)
-        return RequestContextMiddleware(BodySizeLimitMiddleware(gate, self._max_request_bytes))
+        limited = BodySizeLimitMiddleware(gate, self._max_request_bytes)
+        return RequestContextMiddleware(limited, self._access_log)
 
     def serve_edge(self, hot_path: bool) -> None:
         """Put the edge (and the hot path) in front of the framework, once every route is in
@@ -142,6 +144,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
 
     app = BillingApp(
         max_request_bytes=settings.max_request_bytes,
+        access_log=settings.access_log,
         title="CIRIS Billing API",
         version=__version__,
         description="Free uses, paid uses and purchases for AI-agent products.",

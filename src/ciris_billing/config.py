@@ -65,6 +65,8 @@ class Settings(BaseSettings):
 
     # Operations.
     log_level: str = "INFO"
+    # One `http_request` event per request (route template, status, duration, redacted query).
+    access_log: bool = True
     api_key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     db_pool_size: int = Field(default=10, ge=1, le=200)
 
