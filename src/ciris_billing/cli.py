@@ -29,6 +29,7 @@ from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers import PaymentConfigurationError, get_payment_provider
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
+from ciris_billing.serving import TimedHttpToolsProtocol
 from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 from ciris_billing.workers import Supervisor, listening_sockets
@@ -187,6 +188,8 @@ def serve(host: str, port: int, workers: int, run_migrations: bool) -> None:
         # Longer than clients' idle keep-alive (httpx: 5 s), so a client never reuses a
         # connection the server is closing at that very moment.
         "timeout_keep_alive": 15,
+        # uvicorn's httptools protocol with header and body read timeouts (serving.py).
+        "http": TimedHttpToolsProtocol,
     }
     if workers == 1:
         uvicorn.run(APP, **options)
