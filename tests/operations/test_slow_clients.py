@@ -118,10 +118,13 @@ def test_finding_11_slow_clients_are_cut_off_and_delay_no_one(
                     time.sleep(0.1)
             finally:
                 slow.close()
-            after = p99(http, key, 100)
+            after = p99(http, key)
     print(f"p99 alone {alone:.2f} ms, with {SLOW} slow sockets {crowded:.2f} ms, after {after:.2f}")
     assert len(slow.closed_after) == SLOW, f"{SLOW - len(slow.closed_after)} slow sockets open"
     assert max(slow.closed_after.values()) < 2 * TIMEOUT + 2
     answered = {answer.split(b"\r\n", 1)[0] for answer in slow.answers.values()}
     assert answered == {b"HTTP/1.1 408 Request Timeout"}, answered
-    assert crowded <= alone + 5, f"p99 {alone:.2f} ms alone, {crowded:.2f} ms with slow sockets"
+    # The machine is shared: the baseline is the worse of the p99s measured just before the
+    # slow sockets came and just after they were closed.
+    baseline = max(alone, after)
+    assert crowded <= baseline + 5, f"p99 {baseline:.2f} ms alone, {crowded:.2f} ms with slow ones"
