@@ -30,6 +30,7 @@ from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.db import create_engine
 from ciris_billing.deps import AppState, StateDep, json_response
+from ciris_billing.edge import RouteGate
 from ciris_billing.errors import error_responses
 from ciris_billing.errors_http import RENDERED, error_response
 from ciris_billing.observability import (
@@ -61,18 +62,28 @@ class BillingApp(FastAPI):
     (profiled: a tenth of a credit check's CPU). Lifespan and everything else pass straight
     through them."""
 
-    def __init__(self, *, max_request_bytes: int, **options: Any) -> None:
+    def __init__(self, *, max_request_bytes: int, access_log: bool, **options: Any) -> None:
         super().__init__(**options)
         self._max_request_bytes = max_request_bytes
-        self._entry = self._layers(super().__call__)
+        self._access_log = access_log
+        self._entry: ASGIApp = super().__call__
 
-    def _layers(self, inner: ASGIApp) -> ASGIApp:
-        return RequestContextMiddleware(BodySizeLimitMiddleware(inner, self._max_request_bytes))
+    def _layers(self, inner: ASGIApp, parsed_elsewhere: frozenset[str]) -> ASGIApp:
+        # The edge (route template, the API key before the body, strict JSON) inside the body
+        # limit, so a body it reads is never over MAX_REQUEST_BYTES.
+        gate = RouteGate(inner, self, parsed_elsewhere)
+        limited = BodySizeLimitMiddleware(gate, self._max_request_bytes)
+        return RequestContextMiddleware(limited, self._access_log)
 
-    def serve_hot_path(self) -> None:
-        """Put the hot path in front of the framework, once every route is in place: it refuses
+    def serve_edge(self, hot_path: bool) -> None:
+        """Put the edge (and the hot path) in front of the framework, once every route is in
+        place: the edge reads the routes' templates and scopes; the hot path refuses
         (HotPathMismatch) when a hot route's dependencies differ from what it implements."""
-        self._entry = self._layers(HotPath(super().__call__, self))
+        if hot_path:
+            hot = HotPath(super().__call__, self)
+            self._entry = self._layers(hot, hot.parses_strictly)
+        else:
+            self._entry = self._layers(super().__call__, frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
@@ -133,6 +144,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
 
     app = BillingApp(
         max_request_bytes=settings.max_request_bytes,
+        access_log=settings.access_log,
         title="CIRIS Billing API",
         version=__version__,
         description="Free uses, paid uses and purchases for AI-agent products.",
@@ -148,8 +160,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(checkout_router)
     _add_operational_routes(app)
     _add_error_handlers(app)
-    if hot_path:
-        app.serve_hot_path()
+    app.serve_edge(hot_path)
     return app
 
 

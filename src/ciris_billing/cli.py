@@ -29,6 +29,7 @@ from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers import PaymentConfigurationError, get_payment_provider
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
+from ciris_billing.serving import TimedHttpToolsProtocol
 from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 from ciris_billing.workers import Supervisor, listening_sockets
@@ -105,7 +106,9 @@ def migrate() -> None:
 
 
 def _bootstrap_admin_key() -> None:
-    """On first start (no key at all), create an admin key and print it once."""
+    """On first start (no key at all), create an admin key and show it once, where no log
+    collector keeps it: on the terminal when stdout is one, else in a new file only the
+    service's user can read (0600) whose path is printed (stdout is the JSON logs' stream)."""
 
     async def work(conn: AsyncConnection) -> str | None:
         if await auth.count_keys(conn):
@@ -114,12 +117,27 @@ def _bootstrap_admin_key() -> None:
         return key
 
     key = _with_connection(work)
-    if key is not None:
+    if key is None:
+        return
+    if sys.stdout.isatty():
         click.echo("Created the first API key (scope: admin). It is shown only once; store it now:")
         click.echo(f"  {key}")
+    else:
+        path = write_private_file("ciris-billing-first-admin-key-", key + "\n")
         click.echo(
-            "Make more with: ciris-billing keys create --name NAME --scopes read,write",
+            "Created the first API key (scope: admin). Not printed here (this output is not a "
+            f"terminal, and may be collected): it is in {path} (readable only by this user). "
+            "Store it, then delete that file."
         )
+    click.echo("Make more with: ciris-billing keys create --name NAME --scopes read,write")
+
+
+def write_private_file(prefix: str, content: str) -> Path:
+    """A new file (mode 0600, created so: never readable by others) holding `content`."""
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=".txt")
+    with os.fdopen(handle, "w") as file:
+        file.write(content)
+    return Path(name)
 
 
 APP = "ciris_billing.app:create_app"
@@ -163,12 +181,15 @@ def serve(host: str, port: int, workers: int, run_migrations: bool) -> None:
         "host": host,
         "port": port,
         "workers": workers,
+        # Our own access log instead (observability.py: route template, redacted query).
         "access_log": False,
         "log_config": None,
         "server_header": False,
         # Longer than clients' idle keep-alive (httpx: 5 s), so a client never reuses a
         # connection the server is closing at that very moment.
         "timeout_keep_alive": 15,
+        # uvicorn's httptools protocol with header and body read timeouts (serving.py).
+        "http": TimedHttpToolsProtocol,
     }
     if workers == 1:
         uvicorn.run(APP, **options)

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
 
     # Operations.
     log_level: str = "INFO"
+    # A request's headers, then its body, must arrive within these (else 408, connection
+    # closed: serving.py); idle keep-alive connections close after 15 s (cli.py serve).
+    header_read_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    body_read_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # One `http_request` event per request (route template, status, duration, redacted query).
+    access_log: bool = True
     api_key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     db_pool_size: int = Field(default=10, ge=1, le=200)
 

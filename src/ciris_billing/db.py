@@ -335,6 +335,8 @@ def create_engine(settings: Settings | str) -> AsyncEngine:
     engine = create_async_engine(
         async_url,
         pool_size=pool_size,
+        # Errors never carry the statement's parameters (webhook payloads, emails) into logs.
+        hide_parameters=True,
         # No overflow: connections opened past the pool for a burst are closed again on
         # return, and under steady load that meant a new PostgreSQL backend (a fork and a
         # login) every few requests; measured, it halved throughput at 64 connections.

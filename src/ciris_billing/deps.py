@@ -65,6 +65,21 @@ async def request_unit_of_work(state: StateDep) -> AsyncIterator[UnitOfWork]:
 UnitOfWorkDep = Annotated[UnitOfWork, Depends(request_unit_of_work, scope="function")]
 
 
+# The scope key under which the edge (edge.RouteGate) leaves `(scope, principal)` once it has
+# authenticated a request's key, before its body was read: the routes' key dependency and the
+# fast path take the principal from there instead of authenticating a second time.
+AUTHENTICATED = "ciris_billing.authenticated"
+
+
+def authenticated(scope: Any, required: str) -> Principal | None:
+    """The principal the edge authenticated for this request with `required` scope, if any."""
+    found = scope.get(AUTHENTICATED)
+    if found is not None and found[0] == required:
+        principal: Principal = found[1]
+        return principal
+    return None
+
+
 async def authorize(state: AppState, headers: Any, scope: str) -> Principal:
     """The request's API key, which must hold `scope`; then the key's rate limit."""
     return await authorize_key(state, presented_key(headers), scope)
@@ -79,11 +94,17 @@ async def authorize_key(state: AppState, key: str | None, scope: str) -> Princip
 def require(scope: str) -> Any:
     # The keys come through FastAPI's security dependencies so the OpenAPI document declares
     # both schemes on the operation; they never raise (auto_error=False), authorize_key does.
+    # The edge has normally authenticated the key already (before the body was read): its
+    # principal is used, so a request is authenticated (and rate-limited) once.
     async def dependency(
+        request: Request,
         state: StateDep,
         api_key: Annotated[str | None, Security(API_KEY_HEADER)],
         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
     ) -> Principal:
+        principal = authenticated(request.scope, scope)
+        if principal is not None:
+            return principal
         return await authorize_key(state, chosen_key(api_key, bearer), scope)
 
     dependency.required_scope = scope  # type: ignore[attr-defined]  # read by the security tests

@@ -44,6 +44,8 @@ def error_response(exc: Exception) -> Response | None:
         cause = exc.orig if isinstance(exc, DBAPIError) else exc
         if isinstance(exc, PoolTimeout) or _connection_lost(exc):
             return _unavailable(cause)
+        # exc_info is rendered without messages (observability.safe_traceback): a database
+        # error's message and detail carry the statement's values.
         log.error("database_error", error_type=type(cause).__name__, exc_info=exc)
         return json_response(500, {"error": "internal_error", "detail": "Internal error"})
     if isinstance(exc, OSError):

@@ -8,7 +8,9 @@ import os
 import secrets
 import sys
 import time
+import traceback
 from typing import Any, TextIO
+from urllib.parse import parse_qsl
 
 import structlog
 from prometheus_client import (
@@ -52,16 +54,54 @@ HTTP_LATENCY = Histogram(
 ROUTE_TEMPLATE = "ciris_billing.route_template"
 
 
+def safe_traceback(exc: BaseException) -> str:
+    """An exception for the logs: where it was raised (frames and source lines) and its type,
+    never its message. Messages carry input: a database error's SQL parameters and `detail`
+    (`Key (email)=(...) already exists`), a webhook payload, a key in a URL."""
+    lines: list[str] = []
+    current: BaseException | None = exc
+    for _ in range(5):  # the chain: the exception, what it came from, and so on
+        if current is None:
+            break
+        sqlstate = getattr(current, "sqlstate", None) or getattr(
+            getattr(current, "orig", None), "sqlstate", None
+        )
+        kind = f"{type(current).__module__}.{type(current).__qualname__}"
+        lines.append("".join(traceback.format_tb(current.__traceback__)))
+        lines.append(f"{kind}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "") + "\n")
+        current = current.__cause__ or current.__context__
+    return "".join(reversed(lines))
+
+
+def _exception_without_message(_logger: Any, _method: str, event: dict[str, Any]) -> Any:
+    """structlog processor (our events and the libraries', uvicorn's "Exception in ASGI
+    application" included): `exc_info` becomes `exception` rendered by safe_traceback."""
+    exc_info = event.pop("exc_info", None)
+    if exc_info:
+        if isinstance(exc_info, BaseException):
+            exc: BaseException | None = exc_info
+        elif isinstance(exc_info, tuple):
+            exc = exc_info[1]
+        else:
+            exc = sys.exc_info()[1]
+        if exc is not None:
+            event["exception"] = safe_traceback(exc)
+    return event
+
+
 def configure_logging(level: str = "INFO", stream: TextIO = sys.stdout) -> None:
     """One JSON object per line on stdout, for our events and the libraries' (uvicorn) alike.
 
-    Context vars (the request id) are merged into every line.
+    Context vars (the request id) are merged into every line. Exceptions are logged without
+    their messages (safe_traceback). uvicorn's access log is off (it writes raw paths and query
+    strings): RequestContextMiddleware logs `http_request` with the route template instead.
     """
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _exception_without_message,
     ]
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
@@ -80,6 +120,8 @@ def configure_logging(level: str = "INFO", stream: TextIO = sys.stdout) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # Also when run as `uvicorn ciris_billing.app:create_app --factory` (access log on).
+    logging.getLogger("uvicorn.access").disabled = True
     structlog.configure(
         processors=[
             *shared,
@@ -104,8 +146,9 @@ def metrics_payload() -> tuple[bytes, str]:
 class RequestContextMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware cost): request id in logs and response, latency metric."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, access_log: bool = True) -> None:
         self.app = app
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,11 +171,41 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            elapsed = time.perf_counter() - started
             template = scope.get(ROUTE_TEMPLATE) or _framework_route(scope) or "unmatched"
-            HTTP_LATENCY.labels(scope["method"], template, str(status)).observe(
-                time.perf_counter() - started
-            )
+            HTTP_LATENCY.labels(scope["method"], template, str(status)).observe(elapsed)
+            if self.access_log:
+                # The route template, never the path (it may hold an email); the query's
+                # names, and only harmless values (redacted_query).
+                log.info(
+                    "http_request",
+                    method=scope["method"],
+                    route=template,
+                    status=status,
+                    duration_ms=round(elapsed * 1000, 3),
+                    query=redacted_query(scope.get("query_string", b"")),
+                )
             structlog.contextvars.clear_contextvars()
+
+
+# Query parameters whose values are logged (paging numbers); every other value is redacted.
+_LOGGED_QUERY_VALUES = frozenset({"limit", "offset"})
+
+
+def redacted_query(query_string: bytes) -> str:
+    """The query string for the access log: every parameter's name, and its value only when
+    the parameter is a paging number (`?api_key=cbk_...&external_id=a@b.c&limit=5` ->
+    `api_key=[redacted]&external_id=[redacted]&limit=5`)."""
+    if not query_string:
+        return ""
+    parts = []
+    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        shown = (
+            value if name in _LOGGED_QUERY_VALUES and value.isdigit() and len(value) < 9 else None
+        )
+        safe_name = name if name.isidentifier() and len(name) <= 40 else "[redacted]"
+        parts.append(f"{safe_name}={shown if shown is not None else '[redacted]'}")
+    return "&".join(parts)
 
 
 def _framework_route(scope: Scope) -> str | None:

@@ -6,9 +6,12 @@ itself, so this ASGI layer, in front of the framework (app.py BillingApp: reques
 latency metric and the body limit still wrap it), serves the two routes itself. It changes
 nothing about what they answer:
 
-- the body is validated with the route's own pydantic model, exactly as FastAPI would (JSON
-  content types only, parsed with `json.loads`);
-- the API key goes through the same `authorize` as the routes' dependency (scope, rate limit);
+- the API key was authenticated by the edge (edge.RouteGate: scope and rate limit, before the
+  body was read, as for every route); its principal is taken from the scope, so the request is
+  authenticated once (without the edge, the same `authorize` as the routes' dependency runs);
+- the body is parsed with the edge's strict parser (edge.loads_strict: a pathological body is
+  a 422 here, as the edge answers for the framework's routes) and validated with the route's
+  own pydantic model, exactly as FastAPI would (JSON content types only);
 - the answer comes from accounts/answers.py, the functions the routes call too (status, body,
   headers, metrics, logs), and errors are rendered by errors_http.py, as the app's handlers do
   (an error it does not answer reaches the server, which answers 500, as from the framework);
@@ -20,13 +23,12 @@ exactly those (added, removed or changed dependencies all count).
 
 Anything it does not handle whole — another route or method, a non-JSON content type, a body
 that is not valid for the model — goes on to FastAPI unchanged, with the body replayed, and is
-answered exactly as before (the same 422s). Validation runs before authentication because it
-has no side effect: a request handed on is authenticated (and rate-limited) once, by FastAPI.
+answered exactly as before (the same 422s; the principal stays in the scope, so FastAPI does
+not authenticate again).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -41,12 +43,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ciris_billing.accounts import answers
 from ciris_billing.accounts.schemas import ChargeCreate, CreditCheck
-from ciris_billing.auth import API_KEY_HEADER, BEARER
-from ciris_billing.deps import AppState, ReadKey, WriteKey, app_state, authorize
+from ciris_billing.auth import API_KEY_HEADER, BEARER, Principal
+from ciris_billing.deps import AppState, ReadKey, WriteKey, app_state, authenticated, authorize
+from ciris_billing.edge import (
+    InvalidJSON,
+    invalid_json,
+    is_json,
+    loads_strict,
+    read_body,
+    replaying,
+)
 from ciris_billing.errors_http import error_response
 from ciris_billing.observability import ROUTE_TEMPLATE
 
-Serve = Callable[[Any, Request, AppState, Headers], Awaitable[Response]]
+Serve = Callable[[Any, Request, AppState, Headers, Principal], Awaitable[Response]]
 
 
 class HotPathMismatch(RuntimeError):
@@ -74,13 +84,15 @@ def _header(alias: str) -> str:
     return f"header {alias}"
 
 
-async def _check(body: Any, _request: Request, state: AppState, headers: Headers) -> Response:
-    await authorize(state, headers, "read")
+async def _check(
+    body: Any, _request: Request, state: AppState, _headers: Headers, _principal: Principal
+) -> Response:
     return await answers.check(state, body)
 
 
-async def _charge(body: Any, request: Request, state: AppState, headers: Headers) -> Response:
-    await authorize(state, headers, "write")
+async def _charge(
+    body: Any, request: Request, state: AppState, headers: Headers, _principal: Principal
+) -> Response:
     return await answers.charge(state, request, body, headers.get("idempotency-key"))
 
 
@@ -88,6 +100,7 @@ async def _charge(body: Any, request: Request, state: AppState, headers: Headers
 class _Lane:
     path: str  # the route template: the latency metric's label, as for the framework's routes
     model: type[BaseModel]
+    scope: str  # the API key scope the route needs
     serve: Serve
     # Everything the framework's route depends on, as `requirements` describes it, and that
     # `serve` does itself; anything else on the route refuses start-up.
@@ -104,12 +117,14 @@ _LANES: dict[str, _Lane] = {
         _Lane(
             answers.CHECK_ROUTE,
             CreditCheck,
+            "read",
             _check,
             frozenset({_body(CreditCheck), _STATE, _api_key(ReadKey), *_KEY_SCHEMES}),
         ),
         _Lane(
             answers.CHARGE_ROUTE,
             ChargeCreate,
+            "write",
             _charge,
             frozenset(
                 {
@@ -187,6 +202,8 @@ class HotPath:
         check_lanes(billing)
         self.app = app
         self.billing = billing
+        # The routes whose JSON bodies this layer parses strictly itself (the edge does not).
+        self.parses_strictly = frozenset(_LANES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         lane = _LANES.get(scope["path"]) if scope["type"] == "http" else None
@@ -194,62 +211,42 @@ class HotPath:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if not _is_json(headers.get("content-type")):
+        if not is_json(headers.get("content-type")):
             await self.app(scope, receive, send)
             return
-        received: list[Message] = []
-        body = await _read_body(receive, received)
-        parsed = None if body is None else _validate(lane.model, body)
-        if parsed is None:
-            await self.app(scope, _replaying(received, receive), send)
-            return
-        scope[ROUTE_TEMPLATE] = lane.path
-        request = Request(scope, receive)
+        state: AppState = self.billing.state.billing
+        parsed: BaseModel | None = None
         try:
-            response = await lane.serve(parsed, request, self.billing.state.billing, headers)
+            # Before the body is read: the edge's principal, or (no edge) the key itself.
+            principal = authenticated(scope, lane.scope) or await authorize(
+                state, headers, lane.scope
+            )
+            received: list[Message] = []
+            body = await read_body(receive, received)
+            # An empty body: the framework's own 422 ("field required"), as the edge leaves it.
+            parsed = _validate(lane.model, body) if body else None
+            if parsed is not None:
+                scope[ROUTE_TEMPLATE] = lane.path
+                request = Request(scope, receive)
+                response = await lane.serve(parsed, request, state, headers, principal)
         except Exception as exc:
             rendered = error_response(exc)
             if rendered is None:
                 raise
             response = rendered
+        else:
+            if parsed is None:
+                await self.app(scope, replaying(received, receive), send)
+                return
         await response(scope, receive, send)
 
 
-def _is_json(content_type: str | None) -> bool:
-    """FastAPI's rule: application/json or application/*+json (parameters allowed)."""
-    if not content_type:
-        return False
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    return media_type == "application/json" or (
-        media_type.startswith("application/") and media_type.endswith("+json")
-    )
-
-
-async def _read_body(receive: Receive, received: list[Message]) -> bytes | None:
-    """The whole body, or None if the client went away first (`received` keeps every message,
-    so the request can be handed on as it came)."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        received.append(message)
-        if message["type"] != "http.request":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 def _validate(model: type[BaseModel], body: bytes) -> BaseModel | None:
+    """The body as `model`, or None for the framework to answer its own 422. A body that is
+    not strict JSON raises (a 422 from here: the framework's parser would take some of it)."""
     try:
-        return model.model_validate(json.loads(body))
-    except (ValueError, ValidationError):  # JSONDecodeError and UnicodeDecodeError included
+        return model.model_validate(loads_strict(body))
+    except InvalidJSON as exc:
+        raise invalid_json(exc) from None
+    except (ValueError, ValidationError):
         return None
-
-
-def _replaying(received: list[Message], receive: Receive) -> Receive:
-    pending = list(received)
-
-    async def replay() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replay

@@ -1,0 +1,226 @@
+"""The edge: what every request meets before any route reads its body.
+
+`RouteGate` is a plain ASGI layer in front of the fast path and the framework. It matches the
+request to its route template once, then:
+
+- names the template in the scope (the latency metric and the access log use it, never the raw
+  path, which may hold an email);
+- for a route that needs an API key, authenticates the key (scope and rate limit) BEFORE the
+  body is read or parsed: without a valid key the answer is 401/403 and the body stays unread.
+  The principal goes into the scope, and the routes' key dependency (deps.require) and the fast
+  path take it from there: one authentication per request;
+- for a framework route with a JSON body, parses the body strictly (`loads_strict`) and answers
+  422 in the one error shape for anything pathological, so no parser below it ever sees deep
+  nesting, NaN, non-finite or huge numbers, duplicate keys or invalid UTF-8. The fast path's
+  routes are parsed strictly by the fast path itself (one parse).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute, iter_route_contexts
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ciris_billing.deps import AUTHENTICATED, authorize
+from ciris_billing.errors import InvalidRequest
+from ciris_billing.errors_http import error_response
+from ciris_billing.observability import ROUTE_TEMPLATE
+
+
+class InvalidJSON(ValueError):
+    """The body is not JSON this service accepts (the reason is safe to show: no input)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidJSON(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidJSON("a number is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise InvalidJSON("an object has duplicate keys")
+    return found
+
+
+def loads_strict(body: bytes) -> Any:
+    """JSON as RFC 8259 has it, and nothing two parsers could read differently: UTF-8 only, no
+    NaN/Infinity, no number that does not fit a double (or an int over Python's 4,300 digits),
+    no duplicate keys, no lone surrogate escapes, nesting only as deep as the parser's stack
+    allows. Raises InvalidJSON (a ValueError) with a reason that echoes no input."""
+    try:
+        text = body.decode("utf-8")
+        parsed = json.loads(
+            text,
+            parse_constant=_no_constant,
+            parse_float=_finite,
+            object_pairs_hook=_unique_keys,
+        )
+        if "\\u" in text:
+            # A "\ud800" escape decodes to a lone surrogate, which no database driver encodes.
+            json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise InvalidJSON("it is nested too deeply") from None
+    except InvalidJSON:
+        raise
+    except UnicodeError:
+        raise InvalidJSON("it is not UTF-8 text") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer over the digit limit
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "a number is too long"
+        raise InvalidJSON(reason) from None
+    return parsed
+
+
+def invalid_json(exc: InvalidJSON) -> InvalidRequest:
+    return InvalidRequest(f"The request body is not valid JSON: {exc}")
+
+
+def is_json(content_type: str | None) -> bool:
+    """FastAPI's rule for parsing a body as JSON: application/json or application/*+json
+    (parameters allowed); no content type: not parsed (strict_content_type)."""
+    if not content_type:
+        return False
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    template: str
+    scope: str | None  # the API key scope it needs; None: public by design
+    takes_json: bool  # the framework parses its body as JSON
+
+
+def _required_scope(dependant: Dependant) -> str | None:
+    for sub in dependant.dependencies:
+        scope = getattr(sub.call, "required_scope", None)
+        if scope is not None:
+            return str(scope)
+        found = _required_scope(sub)
+        if found is not None:
+            return found
+    return None
+
+
+class _Routes:
+    """Method and path -> the route's rule, as the framework's router would match it: routes
+    in order, the first whose path and method both match."""
+
+    def __init__(self, app: FastAPI) -> None:
+        ordered: list[tuple[re.Pattern[str], frozenset[str], RouteRule]] = []
+        for route in iter_route_contexts(app.router.routes):
+            if not isinstance(route.original_route, APIRoute) or route.path is None:
+                continue
+            dependant = route.dependant
+            rule = RouteRule(route.path, _required_scope(dependant), bool(dependant.body_params))
+            ordered.append((route.path_regex, frozenset(route.methods or ()), rule))
+        self._ordered = ordered
+        # Paths without parameters, by method and path: one dict look-up (the hot routes).
+        self._exact: dict[tuple[str, str], RouteRule] = {}
+        for _regex, methods, rule in ordered:
+            if "{" in rule.template:
+                continue
+            for method in methods:
+                if self._scan(method, rule.template) is rule:
+                    self._exact[(method, rule.template)] = rule
+
+    def _scan(self, method: str, path: str) -> RouteRule | None:
+        for regex, methods, rule in self._ordered:
+            if method in methods and regex.match(path):
+                return rule
+        return None
+
+    def match(self, method: str, path: str) -> RouteRule | None:
+        rule = self._exact.get((method, path))
+        return rule if rule is not None else self._scan(method, path)
+
+    def __iter__(self) -> Iterable[RouteRule]:
+        return iter(rule for _r, _m, rule in self._ordered)
+
+
+class RouteGate:
+    """Route template, authentication before the body, strict JSON (see the module's doc).
+    `parsed_elsewhere`: templates whose bodies a layer below parses strictly itself."""
+
+    def __init__(self, app: ASGIApp, billing: FastAPI, parsed_elsewhere: frozenset[str]) -> None:
+        self.app = app
+        self.billing = billing
+        self.routes = _Routes(billing)
+        self.parsed_elsewhere = parsed_elsewhere
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rule = self.routes.match(scope["method"], scope["path"])
+        if rule is None:  # not a route of ours: the framework answers (404, 405, docs)
+            await self.app(scope, receive, send)
+            return
+        scope[ROUTE_TEMPLATE] = rule.template
+        headers: Headers | None = None
+        if rule.scope is not None:
+            headers = Headers(scope=scope)
+            try:
+                principal = await authorize(self.billing.state.billing, headers, rule.scope)
+            except Exception as exc:
+                rendered = error_response(exc)
+                if rendered is None:
+                    raise
+                await rendered(scope, receive, send)
+                return
+            scope[AUTHENTICATED] = (rule.scope, principal)
+        if rule.takes_json and rule.template not in self.parsed_elsewhere:
+            headers = headers or Headers(scope=scope)
+            if is_json(headers.get("content-type")):
+                received: list[Message] = []
+                body = await read_body(receive, received)
+                if body:  # an empty body: the framework's own 422 ("field required")
+                    try:
+                        loads_strict(body)
+                    except InvalidJSON as exc:
+                        answer = error_response(invalid_json(exc))
+                        assert answer is not None
+                        await answer(scope, receive, send)
+                        return
+                receive = replaying(received, receive)
+        await self.app(scope, receive, send)
+
+
+async def read_body(receive: Receive, received: list[Message]) -> bytes | None:
+    """The whole body, or None if the client went away first (`received` keeps every message,
+    so the request can be handed on as it came)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        received.append(message)
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replaying(received: list[Message], receive: Receive) -> Receive:
+    pending = list(received)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replay

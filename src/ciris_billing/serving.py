@@ -1,0 +1,86 @@
+"""The HTTP protocol `serve` runs: uvicorn's (httptools), with request read timeouts.
+
+uvicorn closes idle keep-alive connections (`timeout_keep_alive`) but has no timeout for reading
+a request: a client that sends its headers a byte at a time, or announces a body and never sends
+it, holds a connection (and the request's task, waiting in `receive`) for as long as it likes.
+This protocol arms a timer from the first byte of a request (or the connection's opening) to
+the end of its headers (HEADER_READ_TIMEOUT_SECONDS), then to the end of its body
+(BODY_READ_TIMEOUT_SECONDS). When it fires, a request not yet answered gets a 408 in the one
+error shape, and the connection is closed (the app's `receive` then says the client is gone).
+At the protocol level, the timers cost nothing per request but two call_later handles, and the
+event loop never runs a coroutine for a slow client until its headers are complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ciris_billing.config import get_settings
+
+_BODY = json.dumps(
+    {"error": "request_timeout", "detail": "The request was not sent in time"},
+    separators=(",", ":"),
+).encode()
+_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+    b"content-length: " + str(len(_BODY)).encode() + b"\r\nconnection: close\r\n\r\n" + _BODY
+)
+
+
+class TimedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header and body read timeouts (see the module)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings = get_settings()
+        self.header_timeout = settings.header_read_timeout_seconds
+        self.body_timeout = settings.body_read_timeout_seconds
+        self._read_timer: asyncio.TimerHandle | None = None
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._read_timer = self.loop.call_later(seconds, self._read_timed_out)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.header_timeout)  # a connection that never sends a request
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm(self.header_timeout)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._arm(self.body_timeout)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Answered: idle from now on is the keep-alive timeout's business (unless the client
+        # is still sending a body nobody reads: then the body timer still closes it).
+        if self.cycle is None or not self.cycle.more_body:
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(_TIMEOUT_RESPONSE)
+        self.transport.close()
