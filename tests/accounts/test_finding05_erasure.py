@@ -71,9 +71,7 @@ async def test_finding05_the_digest_is_keyed(api: Api) -> None:
     await erase(api)
     unsalted = hashlib.sha256(f"oauth:google\0{EMAIL}".encode()).hexdigest()
     async with api.engine.connect() as conn:
-        dump = "\n".join(
-            str(row) for row in await conn.execute(text("SELECT * FROM accounts"))
-        )
+        dump = "\n".join(str(row) for row in await conn.execute(text("SELECT * FROM accounts")))
     assert unsalted not in dump
     assert EMAIL not in dump
     # Still found by whoever knows the identity (export), through the keyed digest.
@@ -84,10 +82,14 @@ async def test_finding05_the_digest_is_keyed(api: Api) -> None:
 
 async def test_finding05_a_retried_grant_after_erasure_is_not_applied_twice(api: Api) -> None:
     body = {**USER, "uses": 10, "reason": f"Goodwill for {EMAIL}"}
-    granted = await api.post("/v1/billing/credits", body, scope="admin", **{"Idempotency-Key": "g-erase"})
+    granted = await api.post(
+        "/v1/billing/credits", body, scope="admin", **{"Idempotency-Key": "g-erase"}
+    )
     assert granted.status_code == 201, granted.text
     await erase(api)
-    retried = await api.post("/v1/billing/credits", body, scope="admin", **{"Idempotency-Key": "g-erase"})
+    retried = await api.post(
+        "/v1/billing/credits", body, scope="admin", **{"Idempotency-Key": "g-erase"}
+    )
     assert retried.status_code == 201, retried.text
     assert retried.headers.get("Idempotent-Replayed") == "true"
     assert EMAIL not in retried.text

@@ -67,7 +67,10 @@ async def send(api: Api, payload: bytes, secret: str) -> httpx.Response:
     return await api.http.post(
         ROUTE,
         content=payload,
-        headers={"Content-Type": "application/json", "Stripe-Signature": signing.sign(payload, secret)},
+        headers={
+            "Content-Type": "application/json",
+            "Stripe-Signature": signing.sign(payload, secret),
+        },
     )
 
 
@@ -78,7 +81,7 @@ async def test_finding02_forged_dispute_signed_with_the_old_default_secret_is_re
     for status in ("needs_response", "lost"):
         forged = await send(api, dispute_event(bought["payment_id"], status), OLD_PUBLIC_DEFAULT)
         assert forged.status_code == 400, forged.text
-        assert forged.json()["error"] == "invalid_signature"
+        assert forged.json()["error"] == "invalid_webhook_signature"
     assert (await check(api, USER))["credits_remaining"] == 20
     assert (await api.audit()).clean
 
@@ -130,7 +133,10 @@ async def test_finding02_installation_secrets_agree_across_instances_and_restart
 ) -> None:
     seen = []
     for _ in range(2):  # two instances at once on one database, then a restart of one
-        first, second = create_app(make_settings(database_url)), create_app(make_settings(database_url))
+        first, second = (
+            create_app(make_settings(database_url)),
+            create_app(make_settings(database_url)),
+        )
         async with first.router.lifespan_context(first), second.router.lifespan_context(second):
             a, b = first.state.billing, second.state.billing
             assert a.secrets == b.secrets
@@ -154,8 +160,17 @@ def _free_port() -> int:
 
 def _serve(database_url: str, host: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ciris_billing.cli", "serve", "--host", host, "--port",
-         str(_free_port()), "--no-migrate"],
+        [
+            sys.executable,
+            "-m",
+            "ciris_billing.cli",
+            "serve",
+            "--host",
+            host,
+            "--port",
+            str(_free_port()),
+            "--no-migrate",
+        ],
         env={**os.environ, "DATABASE_URL": database_url, "PAYMENT_PROVIDER": "sandbox", **env},
         capture_output=True,
         text=True,
