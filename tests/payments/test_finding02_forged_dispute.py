@@ -181,7 +181,7 @@ def _serve(database_url: str, host: str, **env: str) -> subprocess.CompletedProc
 
 def test_finding02_serve_refuses_the_sandbox_on_a_public_address(database_url: str) -> None:
     # TEST-NET first: a build without the check fails to bind it and never listens anywhere.
-    for host in ("192.0.2.1", "0.0.0.0", "::"):
+    for host in ("192.0.2.1", "0.0.0.0", "::"):  # noqa: S104 - refused before any bind
         refused = _serve(database_url, host)
         assert refused.returncode != 0
         assert "SANDBOX_ALLOW_PUBLIC" in refused.stderr, refused.stderr
