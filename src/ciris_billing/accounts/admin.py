@@ -188,9 +188,13 @@ async def _scrub_stored_responses(
         except ValueError:
             body = None
         scrubbed = json.dumps(_scrub(body, personal), separators=(",", ":"))
+        # By key and body: the row read above, whatever else shares its key string.
         await conn.execute(
             idempotency_keys.update()
-            .where(idempotency_keys.c.key == row.key)
+            .where(
+                idempotency_keys.c.key == row.key,
+                idempotency_keys.c.response_body == row.response_body,
+            )
             .values(response_body=scrubbed)
         )
 
@@ -202,8 +206,10 @@ def _scrub(value: Any, personal: set[str]) -> Any:
         }
     if isinstance(value, list):
         return [_scrub(item, personal) for item in value]
-    if isinstance(value, str) and any(part in value for part in personal):
-        return None  # a URL or text quoting the identity or email
+    if isinstance(value, str) and any(
+        value == part or (len(part) >= 5 and part in value) for part in personal
+    ):
+        return None  # the identity or email, or a URL or text quoting it
     return value
 
 
