@@ -55,5 +55,6 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=3).status == 200 else 1)"]
 
 # serve: migrate (alembic upgrade head), create the first admin key if none (printed once in
-# the logs), then serve. Add `--workers N` to scale (Prometheus multiprocess mode is automatic).
+# the logs), then serve. In sandbox mode (no Stripe keys) 0.0.0.0 is refused unless
+# SANDBOX_ALLOW_PUBLIC=true (anyone reaching it with a checkout link could pay with a test card). Add `--workers N` to scale (Prometheus multiprocess mode is automatic).
 CMD ["ciris-billing", "serve", "--host", "0.0.0.0", "--port", "8000"]

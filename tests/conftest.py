@@ -183,7 +183,12 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
 async def api(database_url: str) -> AsyncIterator[Api]:
     # Floods of concurrent requests are what these tests send: room for them (test_limits.py
     # tests the limits themselves).
-    settings = make_settings(database_url, rate_limit_account_per_minute=60_000)
+    # Its client's host, billing.test, is allowed to build links (ALLOWED_HOSTS).
+    settings = make_settings(
+        database_url,
+        rate_limit_account_per_minute=60_000,
+        allowed_hosts=["localhost", "127.0.0.1", "[::1]", "billing.test"],
+    )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         engine: AsyncEngine = app.state.billing.engine

@@ -106,6 +106,13 @@ class LocalStripe:
         self._request("POST", f"/_config/webhooks/{webhook_id}", json_body=body)
         return webhook_id
 
+    def set_dispute(self, dispute_id: str, charge_id: str, status: str, amount: int) -> None:
+        """The bank's side: open or close a dispute on a charge (localstripe has no disputes;
+        the launcher below adds them), so `GET /v1/disputes/{id}` answers it as Stripe would.
+        The service asks there: it never takes a dispute's state from an event body."""
+        body = {"charge": charge_id, "status": status, "amount": amount}
+        self._request("POST", f"/_config/disputes/{dispute_id}", json_body=body)
+
     def flush(self) -> None:
         """Forget every object (registered webhooks stay)."""
         self._request("DELETE", "/_config/data")
@@ -266,9 +273,39 @@ def _serve(fd: int, state_dir: Path) -> None:
     resources.Store.try_load_from_disk = try_load_from_disk
     resources.store.try_load_from_disk()  # a restart on the same state_dir keeps its objects
 
+    _add_disputes(server.app)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sock = socket.socket(fileno=fd)
     web.run_app(server.app, sock=sock, print=None, handle_signals=True)
+
+
+def _add_disputes(app: Any) -> None:
+    """Disputes for localstripe, which has none: set by the test (the bank's side), read by
+    the service through the Stripe SDK (`GET /v1/disputes/{id}`, Stripe's shape and 404)."""
+    from aiohttp import web
+
+    disputes: dict[str, dict[str, Any]] = {}
+
+    async def set_dispute(request: web.Request) -> web.Response:
+        dispute_id = request.match_info["id"]
+        disputes[dispute_id] = {
+            "id": dispute_id,
+            "object": "dispute",
+            "currency": "usd",
+            "payment_intent": None,
+            **(await request.json()),
+        }
+        return web.json_response(disputes[dispute_id])
+
+    async def get_dispute(request: web.Request) -> web.Response:
+        found = disputes.get(request.match_info["id"])
+        if found is None:
+            error = {"type": "invalid_request_error", "code": "resource_missing"}
+            return web.json_response({"error": {**error, "message": "No such dispute"}}, status=404)
+        return web.json_response(found)
+
+    app.router.add_route("POST", "/_config/disputes/{id}", set_dispute)
+    app.router.add_route("GET", "/v1/disputes/{id}", get_dispute)
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ async def test_page_is_public_static_and_has_no_secret(api: Api) -> None:
         other["client_secret"],
         bought["payment_id"],
         bought["account_id"],
-        api.settings.sandbox_webhook_secret.get_secret_value(),
+        api.state.secrets.sandbox_webhook_secret,
     ]
     for secret in secrets_:
         assert secret not in html

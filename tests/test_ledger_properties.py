@@ -65,7 +65,7 @@ CARD = st.sampled_from(["visa", "visa", "declined", "3ds"])  # mostly paid
 # Idempotency keys, shared by charges, grants and refunds: reused often, sometimes elsewhere.
 KEY = st.none() | st.sampled_from(["key-1", "key-2", "key-3"])
 DISPUTE_STATUSES = ["needs_response", "under_review", "won", "lost", "warning_closed"]
-WEBHOOK_SECRET = "whsec_sandbox_local_testing_only"
+WEBHOOK_SECRET = "whsec_ledger_properties_test"  # set below: a setting wins over the stored one
 FREE_USES, PAID_USES, PRICE = 3, 20, 500
 
 
@@ -145,6 +145,7 @@ class Ledger(RuleBasedStateMachine):
                 rate_limit_key_per_second=0,
                 rate_limit_account_per_minute=0,
                 log_level="WARNING",
+                sandbox_webhook_secret=WEBHOOK_SECRET,
             )
         )
         await self.stack.enter_async_context(app.router.lifespan_context(app))

@@ -240,9 +240,15 @@ class StripeHarness:
     async def dispute_webhook(
         self, payment_id: str, outcome: Literal["open", "won", "lost"]
     ) -> Signed:
-        """Signed here: localstripe has no disputes and never emits dispute events. Like
-        Stripe's, the dispute names only its charge, which the provider maps to the payment."""
+        """The dispute is set in localstripe (the bank's side; tests/localstripe.py adds
+        disputes), its event signed here: localstripe emits no dispute events. Like Stripe's,
+        the dispute names only its charge, which the provider maps to the payment."""
         charge = await asyncio.to_thread(self._charge, payment_id)
+        status = "needs_response" if outcome == "open" else outcome
+        dispute_id = "dp_" + charge["id"].removeprefix("ch_")
+        await asyncio.to_thread(
+            self.backend.localstripe.set_dispute, dispute_id, charge["id"], status, charge["amount"]
+        )
         dispute = {
             "id": "dp_" + charge["id"].removeprefix("ch_"),
             "object": "dispute",
@@ -553,14 +559,20 @@ async def test_dispute_holds_then_closes(
     opened = await harness.dispute_webhook(payment.payment_id, "open")
     event = await harness.provider.verify_webhook(*opened)
     assert isinstance(event.subject, DisputeEvent)
-    assert (event.subject.state, event.subject.amount_minor) == ("open", 500)
+    assert event.subject.dispute_id is not None
+    shown = await harness.provider.get_dispute(event.subject.dispute_id)
+    assert shown is not None
+    assert (shown.payment_id, shown.state, shown.amount_minor) == (payment.payment_id, "open", 500)
     assert await receive(engine, harness, opened) == "held"
     assert await paid_uses(engine, account_id) == (0, 20)
 
     closed = await harness.dispute_webhook(payment.payment_id, outcome)
     closing = await harness.provider.verify_webhook(*closed)
     assert isinstance(closing.subject, DisputeEvent)
-    assert closing.subject.state == outcome
+    assert closing.subject.dispute_id == event.subject.dispute_id
+    closed_now = await harness.provider.get_dispute(closing.subject.dispute_id)
+    assert closed_now is not None
+    assert closed_now.state == outcome
     assert await receive(engine, harness, closed) == f"dispute_{outcome}"
     assert await paid_uses(engine, account_id) == ((20, 0) if outcome == "won" else (0, 0))
 

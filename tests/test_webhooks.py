@@ -19,8 +19,12 @@ from ciris_billing.payments.providers.base import PaymentIntent
 from tests.conftest import Api, identity
 from tests.test_purchases_sandbox import USER, VISA, check, pay, purchase
 
-SECRET = "whsec_sandbox_local_testing_only"
 ROUTE = "/v1/billing/webhooks/sandbox"
+
+
+def secret(api: Api) -> str:
+    """The installation's own sandbox webhook secret (made once, stored)."""
+    return api.state.secrets.sandbox_webhook_secret
 
 
 def event(payment_id: str, event_type: str = "payment_intent.succeeded", **extra: Any) -> bytes:
@@ -36,7 +40,9 @@ def event(payment_id: str, event_type: str = "payment_intent.succeeded", **extra
 
 async def deliver(api: Api, payload: bytes, signature: str | None = None) -> Any:
     headers = {"Content-Type": "application/json"}
-    headers["Stripe-Signature"] = signing.sign(payload, SECRET) if signature is None else signature
+    headers["Stripe-Signature"] = (
+        signing.sign(payload, secret(api)) if signature is None else signature
+    )
     return await api.http.post(ROUTE, content=payload, headers=headers)
 
 
@@ -70,13 +76,13 @@ async def test_bad_signatures_are_400_and_store_nothing(api: Api) -> None:
     bought = await purchase(api)
     await succeed_silently(api, bought["payment_id"])
     payload = event(bought["payment_id"])
-    stale = signing.sign(payload, SECRET, int(time.time()) - 301)
+    stale = signing.sign(payload, secret(api), int(time.time()) - 301)
     for signature in ("", "t=1,v1=abc", signing.sign(payload, "whsec_wrong"), stale):
         response = await deliver(api, payload, signature)
         assert response.status_code == 400, signature
         assert response.json()["error"] == "invalid_webhook_signature"
     tampered = payload.replace(b'"payment_intent.succeeded"', b'"payment_intent.succeeded" ')
-    response = await deliver(api, tampered, signing.sign(payload, SECRET))
+    response = await deliver(api, tampered, signing.sign(payload, secret(api)))
     assert response.status_code == 400
     no_header = await api.http.post(ROUTE, content=payload)
     assert no_header.status_code == 400

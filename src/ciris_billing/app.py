@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,6 +32,7 @@ from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.edge import RouteGate
 from ciris_billing.errors import error_responses
 from ciris_billing.errors_http import RENDERED, error_response
+from ciris_billing.installation import load as load_installation_secrets
 from ciris_billing.observability import (
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
@@ -100,12 +100,14 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         engine = create_engine(settings)
         statements = await StatementPool.open(engine, settings.db_pool_size)
         lanes = min(LANES, settings.db_pool_size)
+        # Stored once per installation: every worker, instance and restart gets the same.
+        installation = await load_installation_secrets(engine, settings)
 
         async def deliver(payload: bytes, signature: str) -> None:
             # The sandbox's webhooks enter through the same inbox as Stripe's.
             await inbox.receive(engine, state.provider, payload, signature)
 
-        provider = get_payment_provider(settings, engine, deliver)
+        provider = get_payment_provider(settings, engine, installation, deliver)
         state = AppState(
             settings=settings,
             engine=engine,
@@ -114,11 +116,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             pricing=Pricing.from_settings(settings),
             keys=KeyStore(engine, settings.api_key_cache_seconds),
             provider=provider,
-            link_secret=(
-                settings.checkout_link_secret.get_secret_value().encode()
-                if settings.checkout_link_secret
-                else secrets.token_bytes(32)
-            ),
+            link_secret=installation.checkout_link_secret,
             key_limits=TokenBuckets(
                 settings.rate_limit_key_per_second, 2 * settings.rate_limit_key_per_second
             ),
@@ -126,6 +124,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
                 settings.rate_limit_account_per_minute / 60,
                 settings.rate_limit_account_per_minute / 6,
             ),
+            secrets=installation,
         )
         app.state.billing = state
         log.info("billing_started", version=__version__, database=engine.dialect.name)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
-import secrets
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ciris_billing import auth
+from ciris_billing import auth, installation
 from ciris_billing.accounts import admin
 from ciris_billing.audit import audit as run_audit
 from ciris_billing.cli_lookup import COMMANDS, parse_identity
@@ -143,6 +143,17 @@ def write_private_file(prefix: str, content: str) -> Path:
 APP = "ciris_billing.app:create_app"
 
 
+def is_loopback(host: str) -> bool:
+    """Is `host` (as given to --host) a loopback address? Names other than localhost are not:
+    what they resolve to can change."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -154,14 +165,18 @@ def serve(host: str, port: int, workers: int, run_migrations: bool) -> None:
 
     settings = get_settings()
     problems = settings.payment_problems()
+    sandbox = settings.active_payment_provider == "sandbox"
+    if sandbox and not settings.sandbox_allow_public and not is_loopback(host):
+        problems.append(
+            f"the sandbox provider would be served on {host}, a non-loopback address: "
+            "anyone who reaches it with a checkout link can pay with a test card. Serve on "
+            "127.0.0.1, or set SANDBOX_ALLOW_PUBLIC=true to allow it"
+        )
     if problems:
         raise click.ClickException("Refusing to start: " + "; ".join(problems))
     if run_migrations:
         migrate_database()
     _bootstrap_admin_key()
-    if not settings.checkout_link_secret:
-        # Every worker must verify the buy links any worker signed.
-        os.environ["CHECKOUT_LINK_SECRET"] = secrets.token_urlsafe(32)
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Workers share one metrics view through files in this directory.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ciris-billing-metrics-")
@@ -245,7 +260,7 @@ async def _with_provider(work: Callable[[AsyncEngine, PaymentProvider], Awaitabl
     settings = get_settings()
     engine = create_engine(settings)
     try:
-        provider = get_payment_provider(settings, engine)
+        provider = get_payment_provider(settings, engine, await installation.load(engine, settings))
     except PaymentConfigurationError as exc:
         await engine.dispose()
         raise click.ClickException(str(exc)) from None

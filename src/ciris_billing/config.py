@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ciris_billing.embedded import DEFAULT_DATA_DIR
 
@@ -21,6 +21,11 @@ def async_database_url(url: str) -> str:
     if base in ("postgres", "postgresql"):
         return f"postgresql+asyncpg://{rest}"
     raise ValueError(f"DATABASE_URL scheme {scheme!r} is not supported (use postgresql)")
+
+
+def host_name(host: str) -> str:
+    """A host name as compared: lower case, IPv6 without brackets."""
+    return host.strip().lower().removeprefix("[").removesuffix("]")
 
 
 class Settings(BaseSettings):
@@ -47,13 +52,21 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = None
     # How long each Stripe API request may take (the SDK then retries it, twice at most).
     stripe_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
-    # The sandbox signs its webhooks like Stripe; every worker must share this secret.
-    sandbox_webhook_secret: SecretStr = SecretStr("whsec_sandbox_local_testing_only")
+    # The sandbox signs its webhooks like Stripe. Unset (the default): the installation's own
+    # secret, generated once and stored in the database (installation.py), which every worker,
+    # instance and restart shares. There is no public default.
+    sandbox_webhook_secret: SecretStr | None = None
+    # Anyone who can reach a sandbox service with a checkout link can "pay" with a test card:
+    # `serve` refuses a non-loopback --host in sandbox mode unless this is true.
+    sandbox_allow_public: bool = False
 
-    # Where buyers reach this service (checkout links); default: the request's own base URL.
+    # Where buyers reach this service (checkout links in 402 answers, purchase responses and
+    # the buy link's redirect). Unset: the request's own base URL, but only when its Host is
+    # in ALLOWED_HOSTS; any other Host gets links on http://localhost:<the server's port>.
     public_base_url: str | None = None
-    # Signs the buy links in 402 answers. Unset: `serve` makes one per start (shared by its
-    # workers); set it when several hosts serve the same links.
+    # Host names (comma-separated, no port) whose requests may build links from their Host.
+    allowed_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "[::1]"]
+    # Signs the buy links in 402 answers. Unset: the installation's own (stored, shared).
     checkout_link_secret: SecretStr | None = None
 
     # Rate limits, per worker process (0 turns one off). Per API key: requests per second
@@ -80,6 +93,20 @@ class Settings(BaseSettings):
         if len(value) != 3 or not value.isalpha():
             raise ValueError("CURRENCY must be a 3-letter ISO code")
         return value.upper()
+
+    @field_validator("sandbox_webhook_secret", "checkout_link_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list):
+            return [host_name(str(item)) for item in value if str(item).strip()]
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Header, Request, Security
 from fastapi.responses import Response
@@ -23,7 +24,8 @@ from ciris_billing.auth import (
     chosen_key,
     presented_key,
 )
-from ciris_billing.config import Settings
+from ciris_billing.config import Settings, host_name
+from ciris_billing.installation import InstallationSecrets
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
 from ciris_billing.ratelimit import TokenBuckets
@@ -42,9 +44,34 @@ class AppState:
     link_secret: bytes
     key_limits: TokenBuckets
     account_limits: TokenBuckets
+    secrets: InstallationSecrets
 
     def public_base_url(self, request: Request) -> str:
-        return self.settings.public_base_url or str(request.base_url)
+        """Where links sent to buyers point: PUBLIC_BASE_URL; else the request's own base URL
+        when its Host is in ALLOWED_HOSTS; else `http://localhost:<our port>/`, a safe base
+        (the Host header is the client's word: a link built from any Host would send the buyer,
+        and a purchase's client secret, wherever the client said)."""
+        if self.settings.public_base_url:
+            return self.settings.public_base_url
+        if _host_allowed(request.headers.get("host"), self.settings.allowed_hosts):
+            return str(request.base_url)
+        server = request.scope.get("server")
+        port = f":{server[1]}" if server and server[1] not in (None, 80) else ""
+        return f"http://localhost{port}/"
+
+
+def _host_allowed(host: str | None, allowed: list[str]) -> bool:
+    """Is the Host header (a name, an optional port) one of ALLOWED_HOSTS?"""
+    if not host or not host.isascii() or not host.isprintable():
+        return False
+    try:
+        parts = urlsplit(f"//{host}")
+        _ = parts.port  # a port that is not a number: ValueError
+    except ValueError:
+        return False
+    if parts.username is not None or parts.path or parts.query or parts.fragment:
+        return False
+    return parts.hostname is not None and host_name(parts.hostname) in allowed
 
 
 async def app_state(request: Request) -> AppState:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ciris_billing import installation
+from ciris_billing.accounts.erasure import erased_digest, erased_external_id
 from ciris_billing.accounts.service import Identity, ensure_account, find_account, get_account
 from ciris_billing.db import (
     accounts,
@@ -78,20 +80,30 @@ async def set_status(
     return await get_account(conn, identity)
 
 
-def erased_identity(identity: Identity) -> Identity:
-    """Where an erased account lives: a one-way digest instead of the personal identifier, so
-    the account can still be found (and exported) by whoever knows the original identity."""
-    digest = hashlib.sha256(f"{identity.oauth_provider}\0{identity.external_id}".encode())
-    return Identity(identity.oauth_provider, f"erased:{digest.hexdigest()}")
+async def _digest(conn: AsyncConnection, identity: Identity) -> str:
+    key = await installation.erasure_key(conn)
+    return erased_digest(key, identity.oauth_provider, identity.external_id)
 
 
 async def find_including_erased(conn: AsyncConnection, identity: Identity) -> Row[Any]:
-    account = await find_account(conn, identity) or await find_account(
-        conn, erased_identity(identity)
-    )
+    """The identity's account: the live one, else the one erased last. After erasure the same
+    identity may come back and get a new account: that one is "its account" from then on
+    (export shows the new account's data; the erased ones hold no personal data to export)."""
+    account = await find_account(conn, identity) or await _last_erased(conn, identity)
     if account is None:
         raise AccountNotFound(f"No account for {identity.oauth_provider} {identity.external_id}")
     return account
+
+
+async def _last_erased(conn: AsyncConnection, identity: Identity) -> Row[Any] | None:
+    result = await conn.execute(
+        select(accounts)
+        .where(accounts.c.oauth_provider == identity.oauth_provider)
+        .where(accounts.c.erased_digest == await _digest(conn, identity))
+        .order_by(accounts.c.erased_at.desc(), accounts.c.id)
+        .limit(1)
+    )
+    return result.first()
 
 
 ERASED_FIELDS = (
@@ -102,19 +114,43 @@ ERASED_FIELDS = (
     "purchases.customer_email",
     "charges.description",
     "charges.metadata",
-    "stored idempotent responses",
+    "personal data in stored idempotent responses",
+)
+
+# Fields of a stored response that hold personal data (its key and fingerprint stay).
+_PERSONAL = frozenset(
+    {
+        "external_id",
+        "customer_email",
+        "display_name",
+        "status_reason",
+        "reason",
+        "description",
+        "metadata",
+    }
 )
 
 
 async def erase(conn: AsyncConnection, identity: Identity) -> Row[Any]:
-    """Erase personal data; the ledger rows and every amount and count stay."""
-    account = await get_account(conn, identity)
+    """Erase personal data; the ledger rows and every amount and count stay.
+
+    Repeatable and idempotent: erasing an identity with no live account answers its last
+    erased one, changing nothing; an identity that came back (a new account) can be erased
+    again. The account keeps only a keyed digest of the identity (accounts/erasure.py).
+    """
+    account = await find_account(conn, identity)
+    if account is None:
+        return await find_including_erased(conn, identity)
     now = utcnow()
+    # Safe when two erasures of one account race: the second UPDATE waits for the first's
+    # row lock, then writes the same values again (the digest and external id depend only on
+    # the account and identity); the scrubbing below is idempotent too.
     await conn.execute(
         accounts.update()
         .where(accounts.c.id == account.id)
         .values(
-            external_id=erased_identity(identity).external_id,
+            external_id=erased_external_id(account.id),
+            erased_digest=await _digest(conn, identity),
             customer_email=None,
             display_name=None,
             status_reason=None,
@@ -130,13 +166,51 @@ async def erase(conn: AsyncConnection, identity: Identity) -> Row[Any]:
         .where(charges.c.account_id == account.id)
         .values(description=None, metadata={})
     )
-    # Replayable responses quote the identity and email: drop this account's.
-    await conn.execute(
-        idempotency_keys.delete().where(
-            idempotency_keys.c.response_body.contains(f'"account_id":"{account.id}"')
+    await _scrub_stored_responses(conn, account.id, identity, account.customer_email)
+    return (await conn.execute(select(accounts).where(accounts.c.id == account.id))).one()
+
+
+async def _scrub_stored_responses(
+    conn: AsyncConnection, account_id: str, identity: Identity, email: str | None
+) -> None:
+    """Stored responses that quote the account lose its personal data, but the records stay:
+    their key and fingerprint keep refusing (409) or replaying a retried request, so a request
+    made before the erasure is never applied a second time."""
+    personal = {identity.external_id, *([email] if email else [])}
+    rows = await conn.execute(
+        select(idempotency_keys.c.key, idempotency_keys.c.response_body).where(
+            idempotency_keys.c.response_body.contains(f'"account_id":"{account_id}"')
         )
     )
-    return await find_including_erased(conn, identity)
+    for row in rows.all():
+        try:
+            body = json.loads(row.response_body)
+        except ValueError:
+            body = None
+        scrubbed = json.dumps(_scrub(body, personal), separators=(",", ":"))
+        # By key and body: the row read above, whatever else shares its key string.
+        await conn.execute(
+            idempotency_keys.update()
+            .where(
+                idempotency_keys.c.key == row.key,
+                idempotency_keys.c.response_body == row.response_body,
+            )
+            .values(response_body=scrubbed)
+        )
+
+
+def _scrub(value: Any, personal: set[str]) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: None if key in _PERSONAL else _scrub(item, personal) for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_scrub(item, personal) for item in value]
+    if isinstance(value, str) and any(
+        value == part or (len(part) >= 5 and part in value) for part in personal
+    ):
+        return None  # the identity or email, or a URL or text quoting it
+    return value
 
 
 async def export(conn: AsyncConnection, identity: Identity) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Any
 from sqlalchemy import Row, String, cast, func, literal, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ciris_billing import installation
+from ciris_billing.accounts.erasure import erased_digest
 from ciris_billing.db import (
     accounts,
     charges,
@@ -97,14 +99,23 @@ async def ensure_account(
         .returning(accounts.c.id)
     )
     created = inserted.first() is not None
+    free_uses = pricing.free_uses_per_account
+    if created and free_uses and await _was_erased(conn, identity):
+        # An identity that comes back after erasure gets a new account without new free uses
+        # (erase-and-return must not be a way to free uses). In the creating transaction, so
+        # the account is never seen with them.
+        free_uses = 0
+        await conn.execute(
+            accounts.update().where(accounts.c.id == account_id).values(free_uses_remaining=0)
+        )
     if created:
-        if pricing.free_uses_per_account:
+        if free_uses:
             await write_credit(
                 conn,
                 account_id=account_id,
                 kind="free_grant",
                 currency=currency,
-                free=pricing.free_uses_per_account,
+                free=free_uses,
                 description="Free uses for a new account",
             )
         if new.initial_paid_uses:
@@ -117,6 +128,19 @@ async def ensure_account(
                 description="Initial balance",
             )
     return await get_account(conn, identity), created
+
+
+async def _was_erased(conn: AsyncConnection, identity: Identity) -> bool:
+    digest = erased_digest(
+        await installation.erasure_key(conn), identity.oauth_provider, identity.external_id
+    )
+    found = await conn.execute(
+        select(accounts.c.id)
+        .where(accounts.c.oauth_provider == identity.oauth_provider)
+        .where(accounts.c.erased_digest == digest)
+        .limit(1)
+    )
+    return found.first() is not None
 
 
 async def list_transactions(

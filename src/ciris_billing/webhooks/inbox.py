@@ -2,7 +2,9 @@
 
 1. The signature is checked on the raw body before anything else (bad: 400, nothing stored).
 2. The event is stored under a unique (provider, event id): redeliveries add nothing.
-3. The payment is fetched from the provider (the event body is never trusted), then applied
+3. The payment (or dispute) is fetched from the provider (no money state is ever taken from
+   an event body; a dispute the provider does not know is recorded as `unknown_dispute` and
+   changes nothing), then applied
    and the event marked handled in one transaction, with the event row locked so concurrent
    deliveries of one event queue up and find it handled. A failure leaves it unhandled and
    answers 5xx, so the provider retries (or `ciris-billing webhooks replay` does).
@@ -107,6 +109,12 @@ async def handle(engine: AsyncEngine, provider: PaymentProvider, event_id: str) 
         dispute: Dispute | None = None
         if isinstance(subject, DisputeEvent):
             dispute = await _current_dispute(provider, subject)
+            if dispute is None:
+                log.warning(
+                    f"{provider.name}_webhook_unknown_dispute",
+                    event_id=event_id,
+                    dispute_id=subject.dispute_id,
+                )
         elif subject is not None and subject.payment_id:
             # Payment and refund events alike: the payment now carries its refunded total.
             payment = await provider.get_payment(subject.payment_id)
@@ -118,8 +126,10 @@ async def handle(engine: AsyncEngine, provider: PaymentProvider, event_id: str) 
                 return _done(provider.name, row.type, event_id, "duplicate")
             if payment is not None:
                 outcome = await payments.apply_payment(conn, provider.name, payment)
-            elif dispute is not None and dispute.payment_id:
+            elif dispute is not None:
                 outcome = await apply_dispute(conn, provider.name, dispute)
+            elif isinstance(subject, DisputeEvent):
+                outcome = "unknown_dispute"
             elif subject is not None:
                 outcome = "unknown_payment"
             else:
@@ -148,19 +158,14 @@ async def handle(engine: AsyncEngine, provider: PaymentProvider, event_id: str) 
 
 
 async def _current_dispute(provider: PaymentProvider, event: DisputeEvent) -> Dispute | None:
-    """The dispute as the provider reports it, its payment resolved through the provider. A
-    provider that cannot show the dispute itself (localstripe has no disputes) leaves us the
-    state from the signed event; the payment is still resolved by the provider."""
+    """The dispute as the provider reports it, with the payment it disputes; None when the
+    provider does not know it (or not its payment): then nothing is applied."""
     if event.dispute_id is None:
         return None
     found = await provider.get_dispute(event.dispute_id)
-    if found is not None and found.payment_id:
-        return found
-    payment_id = event.payment_id
-    if payment_id is None and event.charge_id is not None:
-        payment_id = await provider.payment_for_charge(event.charge_id)
-    state = found.state if found is not None else event.state
-    return Dispute(event.dispute_id, payment_id, state, event.amount_minor)
+    if found is None or not found.payment_id:
+        return None
+    return found
 
 
 async def _record_failure(engine: AsyncEngine, where: Any, error: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ciris_billing.config import Settings
+from ciris_billing.installation import InstallationSecrets
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.payments.providers.sandbox import Deliver, SandboxProvider
 
@@ -17,7 +18,10 @@ class PaymentConfigurationError(RuntimeError):
 
 
 def get_payment_provider(
-    settings: Settings, engine: AsyncEngine, deliver: Deliver | None = None
+    settings: Settings,
+    engine: AsyncEngine,
+    secrets: InstallationSecrets,
+    deliver: Deliver | None = None,
 ) -> PaymentProvider:
     problems = settings.payment_problems()
     if problems:
@@ -34,4 +38,4 @@ def get_payment_provider(
             api_base=settings.stripe_api_base,
             timeout_seconds=settings.stripe_timeout_seconds,
         )
-    return SandboxProvider(engine, settings.sandbox_webhook_secret.get_secret_value(), deliver)
+    return SandboxProvider(engine, secrets.sandbox_webhook_secret, deliver)

@@ -69,15 +69,13 @@ class RefundEvent:
 
 @dataclass(frozen=True, slots=True)
 class DisputeEvent:
-    """A chargeback was opened, changed or closed, as the signed event claims it.
+    """A chargeback was opened, changed or closed: ask the provider (`get_dispute`).
 
-    The inbox asks the provider (`get_dispute`) before acting; the event's own fields are the
-    fallback for a provider that cannot show a dispute.
+    It carries only what names the dispute: its state and amount are whatever the provider
+    says, never what an event body claims (a dispute the provider does not know is ignored).
     """
 
     dispute_id: str | None  # None: the event names no dispute we could look up
-    state: DisputeState
-    amount_minor: int
     payment_id: str | None = None  # when the event names the payment itself
     charge_id: str | None = None  # when it names a charge of the payment (payment_for_charge)
 

@@ -1,6 +1,8 @@
 """The built-in sandbox provider: Stripe test mode on a laptop, with no account anywhere.
 
-Payments live in the `sandbox_payments` table. The customer's side (what Stripe.js does) is
+Payments live in the `sandbox_payments` table, disputes in `sandbox_disputes`: the sandbox's
+own state, like Stripe's, which the inbox asks about (`get_dispute`) whatever an event says.
+The customer's side (what Stripe.js does) is
 `confirm_with_card` and `authenticate`, driven by the guide's test cards; every state change
 sends a signed webhook (Stripe's header and HMAC scheme, the sandbox's own secret) through the
 service's own webhook pipeline, exactly as a Stripe event would arrive.
@@ -20,7 +22,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ciris_billing.db import insert_or_ignore, sandbox_payments, utcnow
+from ciris_billing.db import insert_or_ignore, sandbox_disputes, sandbox_payments, utcnow
 from ciris_billing.errors import (
     CardDeclined,
     InvalidWebhookSignature,
@@ -156,13 +158,13 @@ class SandboxProvider:
         async with self._engine.connect() as conn:
             row = (
                 await conn.execute(
-                    select(sandbox_payments).where(sandbox_payments.c.dispute_id == dispute_id)
+                    select(sandbox_disputes).where(sandbox_disputes.c.id == dispute_id)
                 )
             ).first()
         if row is None:
             return None
         return Dispute(
-            dispute_id, row.id, stripe_wire.dispute_state(row.dispute_status), int(row.amount_minor)
+            row.id, row.payment_id, stripe_wire.dispute_state(row.status), int(row.amount_minor)
         )
 
     async def payment_for_charge(self, charge_id: str) -> str | None:
@@ -170,17 +172,33 @@ class SandboxProvider:
         return payment_id if await self.get_payment(payment_id) is not None else None
 
     async def dispute(self, payment_id: str, status: str) -> Dispute:
-        """The bank's side: open a chargeback on a paid payment, or close it (won / lost)."""
+        """The bank's side (admin only, through the sandbox endpoint): open a chargeback on a
+        paid payment, or change or close it (won / lost). Its webhook follows."""
         async with self._engine.begin() as conn:
-            row = await _locked(conn, payment_id)
+            row = await _locked(conn, payment_id)  # one change per payment at a time
             if row.status != "succeeded":
                 raise PaymentStateConflict("Only a succeeded payment can be disputed")
-            dispute_id = row.dispute_id or "dp_sbx_" + secrets.token_hex(12)
+            now = utcnow()
+            # Safe under the payment's row lock: one dispute per payment (unique payment_id).
             await conn.execute(
-                sandbox_payments.update()
-                .where(sandbox_payments.c.id == payment_id)
-                .values(dispute_id=dispute_id, dispute_status=status, updated_at=utcnow())
+                insert_or_ignore(conn, sandbox_disputes).values(
+                    id="dp_sbx_" + secrets.token_hex(12),
+                    payment_id=payment_id,
+                    status=status,
+                    amount_minor=row.amount_minor,
+                    currency=row.currency,
+                    created_at=now,
+                    updated_at=now,
+                )
             )
+            dispute_id = (
+                await conn.execute(
+                    sandbox_disputes.update()
+                    .where(sandbox_disputes.c.payment_id == payment_id)
+                    .values(status=status, updated_at=now)
+                    .returning(sandbox_disputes.c.id)
+                )
+            ).scalar_one()
         closed = status in ("won", "lost", "warning_closed")
         event_type = "charge.dispute.closed" if closed else "charge.dispute.created"
         dispute = {

@@ -92,11 +92,9 @@ def _dispute_event(data_object: dict[str, Any]) -> DisputeEvent:
     charge = data_object.get("charge")
     if isinstance(charge, dict):  # an expanded Charge
         charge = charge.get("id")
-    amount = data_object.get("amount")
+    # Only what names the dispute: its status and amount in the body are never read.
     return DisputeEvent(
         dispute_id=dispute_id if isinstance(dispute_id, str) and dispute_id else None,
-        state=dispute_state(str(data_object.get("status", ""))),
-        amount_minor=amount if type(amount) is int else 0,
         payment_id=_payment_id_of(data_object),
         charge_id=charge if isinstance(charge, str) and charge else None,
     )

@@ -1,0 +1,82 @@
+"""Installation secrets: made once per installation, stored in the database, shared by all.
+
+There is no public default secret anywhere. The first process to start (any worker, instance,
+or CLI command) generates each secret and inserts it with `INSERT ... ON CONFLICT DO NOTHING`;
+every process then reads the stored value back, so all workers, instances and restarts on one
+database agree without configuration. An environment variable, when set, still wins
+(SANDBOX_WEBHOOK_SECRET, CHECKOUT_LINK_SECRET) - for several databases that must agree.
+
+- `sandbox_webhook_secret`: signs the sandbox's webhooks (Stripe's scheme);
+- `checkout_link_secret`: signs the buy links in 402 answers;
+- `erasure_key`: keys the digest an erased identity is kept as (accounts/erasure.py). No
+  variable overrides it: the digests already stored are only as findable as this key is stable,
+  so it lives (and is backed up) with the data it protects.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ciris_billing.config import Settings
+from ciris_billing.db import insert_or_ignore, installation_secrets, utcnow
+
+# The names the secrets are stored under (not secrets themselves).
+SANDBOX_WEBHOOK_SECRET = "sandbox_webhook_secret"  # noqa: S105
+CHECKOUT_LINK_SECRET = "checkout_link_secret"  # noqa: S105
+ERASURE_KEY = "erasure_key"
+
+GENERATORS: dict[str, Callable[[], str]] = {
+    SANDBOX_WEBHOOK_SECRET: lambda: "whsec_" + secrets.token_urlsafe(32),
+    CHECKOUT_LINK_SECRET: lambda: secrets.token_urlsafe(32),
+    ERASURE_KEY: lambda: secrets.token_urlsafe(32),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class InstallationSecrets:
+    sandbox_webhook_secret: str
+    checkout_link_secret: bytes
+    erasure_key: bytes
+
+    def __repr__(self) -> str:  # never in a log or a traceback
+        return "InstallationSecrets(...)"
+
+
+async def stored(conn: AsyncConnection, *names: str) -> dict[str, str]:
+    """The stored secrets `names`, each generated and stored first if missing."""
+    for name in names:
+        # Safe when processes start together: one INSERT wins, the others do nothing (after
+        # waiting for the winner's transaction) and read the winner's value below.
+        await conn.execute(
+            insert_or_ignore(conn, installation_secrets).values(
+                name=name, value=GENERATORS[name](), created_at=utcnow()
+            )
+        )
+    rows = await conn.execute(
+        select(installation_secrets.c.name, installation_secrets.c.value).where(
+            installation_secrets.c.name.in_(names)
+        )
+    )
+    return {row.name: row.value for row in rows}
+
+
+async def erasure_key(conn: AsyncConnection) -> bytes:
+    return (await stored(conn, ERASURE_KEY))[ERASURE_KEY].encode()
+
+
+async def load(engine: AsyncEngine, settings: Settings) -> InstallationSecrets:
+    """The installation's secrets (an environment variable, when set, wins)."""
+    async with engine.begin() as conn:
+        values = await stored(conn, *GENERATORS)
+    webhook = values[SANDBOX_WEBHOOK_SECRET]
+    if settings.sandbox_webhook_secret is not None:
+        webhook = settings.sandbox_webhook_secret.get_secret_value()
+    link = values[CHECKOUT_LINK_SECRET]
+    if settings.checkout_link_secret is not None:
+        link = settings.checkout_link_secret.get_secret_value()
+    return InstallationSecrets(webhook, link.encode(), values[ERASURE_KEY].encode())
