@@ -32,6 +32,7 @@ from ciris_billing.db import create_engine
 from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.errors import error_responses
 from ciris_billing.errors_http import RENDERED, error_response
+from ciris_billing.jobs import running_jobs
 from ciris_billing.observability import (
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
@@ -124,7 +125,12 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         # at 64 connections: charge p99 110 -> 39 ms (those collections were the tail).
         gc.freeze()
         try:
-            yield
+            if settings.jobs_enabled:
+                # Retries and reconcile in the background, once across all workers (jobs.py).
+                async with running_jobs(settings, engine, provider):
+                    yield
+            else:
+                yield
         finally:
             gc.unfreeze()
             await provider.aclose()

@@ -216,6 +216,9 @@ purchases = Table(
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     Column("credited_at", Timestamp),
+    # When the background reconcile (jobs.py) last asked the provider about this purchase:
+    # it asks again with a backoff that grows with the purchase's age.
+    Column("reconciled_at", Timestamp),
     # One purchase per provider payment: a retried create finds the row instead of adding one.
     UniqueConstraint("provider", "payment_id"),
     CheckConstraint("amount_minor > 0", name="amount_positive"),
@@ -269,6 +272,8 @@ webhook_events = Table(
     Column("outcome", String(32)),
     Column("attempts", Integer, nullable=False),
     Column("last_error", String(500)),
+    # When the background retry (jobs.py) may try a failed event again (backoff); NULL: now.
+    Column("next_attempt_at", Timestamp),
     # Each provider event is stored once, however often it is delivered.
     UniqueConstraint("provider", "event_id"),
     Index(None, "handled_at"),

@@ -20,11 +20,17 @@ def _database_url() -> str:
     return str(url)
 
 
+def _ours(name: str | None, type_: str, _parent: object) -> bool:
+    """The job queue's own tables (procrastinate's, jobs.py) are not in our models."""
+    return not (type_ == "table" and (name or "").startswith("procrastinate_"))
+
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
         compare_type=True,
+        include_name=_ours,
     )
     with context.begin_transaction():
         context.run_migrations()
