@@ -93,7 +93,13 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
 
         async def deliver(payload: bytes, signature: str) -> None:
             # The sandbox's webhooks enter through the same inbox as Stripe's.
-            await inbox.receive(engine, state.provider, payload, signature)
+            await inbox.receive(
+                engine,
+                state.provider,
+                payload,
+                signature,
+                retry_base_seconds=settings.jobs_poll_seconds,
+            )
 
         provider = get_payment_provider(settings, engine, deliver)
         state = AppState(

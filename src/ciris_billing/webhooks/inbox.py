@@ -44,7 +44,12 @@ class Handled:
 
 
 async def receive(
-    engine: AsyncEngine, provider: PaymentProvider, payload: bytes, signature: str | None
+    engine: AsyncEngine,
+    provider: PaymentProvider,
+    payload: bytes,
+    signature: str | None,
+    *,
+    retry_base_seconds: float = 10,
 ) -> Handled:
     event = await provider.verify_webhook(payload, signature or "")
     _check_storable(event)
@@ -55,7 +60,7 @@ async def receive(
         payment_id=event.payment_id,
     )
     await store(engine, provider.name, event)
-    return await handle(engine, provider, event.event_id)
+    return await handle(engine, provider, event.event_id, retry_base_seconds=retry_base_seconds)
 
 
 def _fits(value: object, max_length: int) -> bool:
