@@ -247,7 +247,8 @@ def main() -> int:
     try:
         env = service_env(
             database_url,
-            LOG_LEVEL="WARNING",
+            # INFO: the fault injector finds the workers' parent by its "Started parent process".
+            LOG_LEVEL="INFO" if FAULTS else "WARNING",
             PAYMENT_PROVIDER="sandbox",
             # The background jobs at a soak's pace: retries every 2 s, purchases not final
             # after 10 s checked with the provider (production: 10 s and 180 s).
