@@ -331,6 +331,12 @@ def insert_or_ignore(conn: AsyncConnection, table: Table) -> Any:
     return pg_insert(table).on_conflict_do_nothing()
 
 
+def in_our_models(name: str | None, type_: str, _parent: object) -> bool:
+    """For alembic's comparisons: the job queue's own tables (procrastinate's, jobs.py, made by
+    migration 0007 from its release's schema) are not in these models."""
+    return not (type_ == "table" and (name or "").startswith("procrastinate_"))
+
+
 def create_engine(settings: Settings | str) -> AsyncEngine:
     """The async engine, on `settings`' database (or a `postgresql://` URL)."""
     if isinstance(settings, str):

@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from ciris_billing.config import get_settings
-from ciris_billing.db import create_engine, metadata
+from ciris_billing.db import create_engine, in_our_models, metadata
 
 config = context.config
 
@@ -20,17 +20,12 @@ def _database_url() -> str:
     return str(url)
 
 
-def _ours(name: str | None, type_: str, _parent: object) -> bool:
-    """The job queue's own tables (procrastinate's, jobs.py) are not in our models."""
-    return not (type_ == "table" and (name or "").startswith("procrastinate_"))
-
-
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
         compare_type=True,
-        include_name=_ours,
+        include_name=in_our_models,
     )
     with context.begin_transaction():
         context.run_migrations()
