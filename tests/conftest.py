@@ -176,6 +176,8 @@ class Api:
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:
+    # In-process apps run no background jobs unless a test asks (tests/webhooks/test_jobs.py).
+    overrides.setdefault("jobs_enabled", False)
     return Settings(_env_file=None, database_url=database_url, **overrides)
 
 

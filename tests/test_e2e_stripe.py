@@ -87,6 +87,9 @@ def stripe_env(database_url: str, api_base: str) -> dict[str, str]:
         STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
         STRIPE_PUBLISHABLE_KEY=PUBLISHABLE_KEY,
         STRIPE_API_BASE=api_base,
+        # These flows test the webhook path and the operator commands by hand; the background
+        # jobs (which would race them) are tested in tests/faults/test_automatic_recovery.py.
+        JOBS_ENABLED="false",
     )
 
 

@@ -11,12 +11,14 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
 
 from ciris_billing.audit import audit
-from ciris_billing.db import create_engine, metadata
+from ciris_billing.db import create_engine, in_our_models, metadata
 from tests.conftest import _with_database, pg_admin
 
 
 def _diff(connection: Connection) -> list[object]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": True, "include_name": in_our_models}
+    )
     return list(compare_metadata(context, metadata))
 
 

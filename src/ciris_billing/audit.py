@@ -1,13 +1,23 @@
-"""The ledger invariant, checked: every account's counters equal the sum of its ledger rows."""
+"""The ledger invariant, checked: every account's counters equal the sum of its ledger rows,
+and every purchase is credited exactly when it is paid.
+
+`audit` reads the database only (fast; the tests run it after each test): counters against the
+ledger, and each credited purchase against its one purchase credit. `audit_payments` also asks
+the provider about every purchase (the CLI's `ciris-billing audit`): paid but not credited, or
+credited but not paid, is a finding.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import func, or_, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ciris_billing.db import accounts, charges, credits
+from ciris_billing.db import accounts, charges, credits, purchases
+from ciris_billing.payments.providers.base import PaymentProvider
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,13 +30,23 @@ class Discrepancy:
 
 
 @dataclass(frozen=True, slots=True)
+class PurchaseFinding:
+    purchase_id: str | None
+    payment_id: str
+    # credited_without_credit, credit_without_purchase (database); paid_but_uncredited,
+    # credited_but_not_paid (against the provider)
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
 class AuditReport:
     accounts_checked: int
     discrepancies: list[Discrepancy]
+    purchase_findings: list[PurchaseFinding] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return not self.discrepancies
+        return not self.discrepancies and not self.purchase_findings
 
 
 async def audit(conn: AsyncConnection) -> AuditReport:
@@ -107,4 +127,73 @@ async def audit(conn: AsyncConnection) -> AuditReport:
         for row in mismatched
     ]
     checked = int(await conn.scalar(select(func.count()).select_from(accounts)) or 0)
-    return AuditReport(accounts_checked=checked, discrepancies=discrepancies)
+    return AuditReport(
+        accounts_checked=checked,
+        discrepancies=discrepancies,
+        purchase_findings=await _purchase_credits(conn),
+    )
+
+
+async def _purchase_credits(conn: AsyncConnection) -> list[PurchaseFinding]:
+    """A credited purchase has its one purchase credit, and a purchase credit its purchase."""
+    credit = credits.alias("credit")
+    is_purchase_credit = and_(
+        credit.c.kind == "purchase", credit.c.external_transaction_id == purchases.c.payment_id
+    )
+    uncredited = await conn.execute(
+        select(purchases.c.id, purchases.c.payment_id)
+        .select_from(purchases.outerjoin(credit, is_purchase_credit))
+        .where(purchases.c.credited_at.is_not(None), credit.c.id.is_(None))
+        .order_by(purchases.c.id)
+    )
+    orphans = await conn.execute(
+        select(credits.c.external_transaction_id)
+        .select_from(
+            credits.outerjoin(
+                purchases,
+                and_(
+                    purchases.c.payment_id == credits.c.external_transaction_id,
+                    purchases.c.credited_at.is_not(None),
+                ),
+            )
+        )
+        .where(credits.c.kind == "purchase", purchases.c.id.is_(None))
+        .order_by(credits.c.external_transaction_id)
+    )
+    return [
+        *(PurchaseFinding(r.id, r.payment_id, "credited_without_credit") for r in uncredited),
+        *(
+            PurchaseFinding(None, str(r.external_transaction_id), "credit_without_purchase")
+            for r in orphans
+        ),
+    ]
+
+
+async def audit_payments(
+    engine: AsyncEngine, provider: PaymentProvider, concurrency: int = 8
+) -> list[PurchaseFinding]:
+    """Every purchase of `provider` against the payment as the provider reports it now: paid
+    and not credited, or credited and not paid, is a finding. (A payment paid this very second
+    may show as not credited yet: its webhook is on its way; run again to tell.)"""
+    async with engine.connect() as conn:
+        rows = list(
+            await conn.execute(
+                select(purchases.c.id, purchases.c.payment_id, purchases.c.credited_at)
+                .where(purchases.c.provider == provider.name)
+                .order_by(purchases.c.created_at)
+            )
+        )
+    gate = asyncio.Semaphore(concurrency)
+
+    async def check(row: Any) -> PurchaseFinding | None:
+        async with gate:
+            payment = await provider.get_payment(row.payment_id)
+        paid = payment is not None and payment.state == "succeeded"
+        if paid and row.credited_at is None:
+            return PurchaseFinding(row.id, row.payment_id, "paid_but_uncredited")
+        if row.credited_at is not None and not paid:
+            return PurchaseFinding(row.id, row.payment_id, "credited_but_not_paid")
+        return None
+
+    found = await asyncio.gather(*(check(row) for row in rows))
+    return [finding for finding in found if finding is not None]

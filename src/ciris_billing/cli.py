@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import auth, installation
 from ciris_billing.accounts import admin
+from ciris_billing.audit import AuditReport, PurchaseFinding, audit_payments
 from ciris_billing.audit import audit as run_audit
 from ciris_billing.cli_lookup import COMMANDS, parse_identity
 from ciris_billing.config import get_settings
@@ -417,10 +419,31 @@ def export(oauth_provider: str, external_id: str) -> None:
 
 
 @main.command("audit")
-def audit_command() -> None:
-    """Check every account's counters against its ledger; exit 1 on any difference."""
+@click.option(
+    "--ledger-only",
+    is_flag=True,
+    help="Only the database's own invariants; do not ask the provider about purchases",
+)
+def audit_command(ledger_only: bool) -> None:
+    """Check every account's counters against its ledger, and every purchase's credit against
+    its payment at the provider (paid but uncredited, credited but not paid); exit 1 on any
+    finding."""
     click.echo("Auditing every account against its ledger...", err=True)
     report = _with_connection(run_audit)
+    paid: list[PurchaseFinding] = []
+    if not ledger_only:
+        click.echo("Checking every purchase with the payment provider...", err=True)
+
+        async def ask(engine: AsyncEngine, provider: PaymentProvider) -> list[PurchaseFinding]:
+            return await audit_payments(engine, provider)
+
+        paid = asyncio.run(_with_provider(ask))
+    _print_audit(report, paid)
+    if not report.clean or paid:
+        sys.exit(1)
+
+
+def _print_audit(report: AuditReport, paid: list[PurchaseFinding]) -> None:
     for d in report.discrepancies:
         click.echo(
             f"MISMATCH {d.account_id} ({d.oauth_provider} {d.external_id}): "
@@ -428,10 +451,33 @@ def audit_command() -> None:
             f"held={d.counters[3]}; ledger free={d.ledger[0]} paid={d.ledger[1]} "
             f"total={d.ledger[2]} held={d.ledger[3]}"
         )
-    verdict = "clean" if report.clean else f"{len(report.discrepancies)} mismatched"
+    for finding in [*report.purchase_findings, *paid]:
+        click.echo(
+            f"PURCHASE {finding.problem}: {finding.purchase_id or '-'} "
+            f"(payment {finding.payment_id})"
+        )
+    problems = len(report.discrepancies) + len(report.purchase_findings) + len(paid)
+    verdict = "clean" if not problems else f"{problems} findings"
     click.echo(f"Audited {report.accounts_checked} accounts: {verdict}.")
-    if not report.clean:
-        sys.exit(1)
+
+
+@main.command()
+def worker() -> None:
+    """Run the background jobs only (webhook retries, reconcile), until stopped. `serve` runs
+    them too unless JOBS_ENABLED=false; any number may run: each job still runs once."""
+    from ciris_billing.jobs import JobWorker
+
+    async def work(engine: AsyncEngine, provider: PaymentProvider) -> None:
+        settings = get_settings()
+        click.echo(
+            f"Running background jobs every {settings.jobs_poll_seconds} s "
+            f"(payments: {provider.name}); Ctrl-C stops.",
+            err=True,
+        )
+        await JobWorker(settings, engine, provider).run()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_with_provider(work))
 
 
 for _command in COMMANDS:

@@ -76,6 +76,16 @@ class Settings(BaseSettings):
     # Request bodies larger than this are refused with 413 before they are read.
     max_request_bytes: int = Field(default=262_144, ge=1024, le=16 * 1024 * 1024)
 
+    # Background jobs (jobs.py): retry unhandled webhook events, reconcile purchases with the
+    # provider. `serve` runs them in every worker (each job runs once across all of them);
+    # JOBS_ENABLED=false leaves them to `ciris-billing worker` processes.
+    jobs_enabled: bool = True
+    # How often the jobs run (seconds; a divisor of 60). Also the first retry delay of a failed
+    # webhook event, doubling per attempt up to 15 minutes.
+    jobs_poll_seconds: int = Field(default=10, ge=1, le=60)
+    # A purchase not final this long after it started is checked with the provider.
+    reconcile_after_seconds: int = Field(default=180, ge=0, le=7 * 86_400)
+
     # Operations.
     log_level: str = "INFO"
     # A request's headers, then its body, must arrive within these (else 408, connection
@@ -106,6 +116,13 @@ class Settings(BaseSettings):
             value = value.split(",")
         if isinstance(value, list):
             return [host_name(str(item)) for item in value if str(item).strip()]
+        return value
+
+    @field_validator("jobs_poll_seconds")
+    @classmethod
+    def _poll_divides_a_minute(cls, value: int) -> int:
+        if 60 % value:
+            raise ValueError("JOBS_POLL_SECONDS must divide 60 (1, 2, 3, 5, 10, 15, 20, 30, 60)")
         return value
 
     @field_validator("database_url")

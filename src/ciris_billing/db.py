@@ -223,6 +223,9 @@ purchases = Table(
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     Column("credited_at", Timestamp),
+    # When the background reconcile (jobs.py) last asked the provider about this purchase:
+    # it asks again with a backoff that grows with the purchase's age.
+    Column("reconciled_at", Timestamp),
     # One purchase per provider payment: a retried create finds the row instead of adding one.
     UniqueConstraint("provider", "payment_id"),
     CheckConstraint("amount_minor > 0", name="amount_positive"),
@@ -276,6 +279,8 @@ webhook_events = Table(
     Column("outcome", String(32)),
     Column("attempts", Integer, nullable=False),
     Column("last_error", String(500)),
+    # When the background retry (jobs.py) may try a failed event again (backoff); NULL: now.
+    Column("next_attempt_at", Timestamp),
     # Each provider event is stored once, however often it is delivered.
     UniqueConstraint("provider", "event_id"),
     Index(None, "handled_at"),
@@ -355,6 +360,12 @@ def insert_or_ignore(conn: AsyncConnection, table: Table) -> Any:
     that sees no row inserted can read the committed winner.
     """
     return pg_insert(table).on_conflict_do_nothing()
+
+
+def in_our_models(name: str | None, type_: str, _parent: object) -> bool:
+    """For alembic's comparisons: the job queue's own tables (procrastinate's, jobs.py, made by
+    migration 0007 from its release's schema) are not in these models."""
+    return not (type_ == "table" and (name or "").startswith("procrastinate_"))
 
 
 def create_engine(settings: Settings | str) -> AsyncEngine:

@@ -17,6 +17,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -36,6 +37,25 @@ WEBHOOK_EVENTS = Counter(
     "billing_webhook_events_total",
     "Webhook events by type and outcome",
     ["provider", "type", "outcome"],
+)
+# Background jobs (jobs.py). The gauge is set by whichever process ran the job last.
+JOBS_QUEUE_DEPTH = Gauge(
+    "billing_jobs_queue_depth",
+    "Work waiting for the background jobs: unhandled webhook events, purchases not final past "
+    "RECONCILE_AFTER_SECONDS, queued jobs",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+JOBS_RUNS = Counter("billing_jobs_runs_total", "Background job runs by outcome", ["job", "outcome"])
+JOBS_ITEMS = Counter(
+    "billing_jobs_items_total",
+    "Webhook events retried and purchases reconciled by the background jobs, by outcome",
+    ["job", "outcome"],
+)
+JOBS_FAILURES = Counter(
+    "billing_jobs_failures_total",
+    "Items a background job tried and failed (retried later)",
+    ["job"],
 )
 BATCH_SIZE = Histogram(
     "billing_batch_size",

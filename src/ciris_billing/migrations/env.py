@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from ciris_billing.config import get_settings
-from ciris_billing.db import create_engine, metadata
+from ciris_billing.db import create_engine, in_our_models, metadata
 
 config = context.config
 
@@ -25,6 +25,7 @@ def _run(connection: Connection) -> None:
         connection=connection,
         target_metadata=metadata,
         compare_type=True,
+        include_name=in_our_models,
     )
     with context.begin_transaction():
         context.run_migrations()

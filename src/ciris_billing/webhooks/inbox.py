@@ -6,8 +6,10 @@
    an event body; a dispute the provider does not know is recorded as `unknown_dispute` and
    changes nothing), then applied
    and the event marked handled in one transaction, with the event row locked so concurrent
-   deliveries of one event queue up and find it handled. A failure leaves it unhandled and
-   answers 5xx, so the provider retries (or `ciris-billing webhooks replay` does).
+   deliveries of one event queue up and find it handled. A failure (a provider error, a lost
+   database connection) leaves it unhandled, counts the attempt with its error and a time to
+   retry, and answers 5xx: the background job (jobs.py) retries it with backoff, as would the
+   provider or `ciris-billing webhooks replay`.
 
 Provider-neutral: the provider parses its events into our types (`WebhookEvent.subject`: a
 payment, refund or dispute event); a stored event is parsed again by its provider on handling.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -43,7 +46,12 @@ class Handled:
 
 
 async def receive(
-    engine: AsyncEngine, provider: PaymentProvider, payload: bytes, signature: str | None
+    engine: AsyncEngine,
+    provider: PaymentProvider,
+    payload: bytes,
+    signature: str | None,
+    *,
+    retry_base_seconds: float = 10,
 ) -> Handled:
     event = await provider.verify_webhook(payload, signature or "")
     _check_storable(event)
@@ -54,7 +62,7 @@ async def receive(
         payment_id=event.payment_id,
     )
     await store(engine, provider.name, event)
-    return await handle(engine, provider, event.event_id)
+    return await handle(engine, provider, event.event_id, retry_base_seconds=retry_base_seconds)
 
 
 def _fits(value: object, max_length: int) -> bool:
@@ -95,7 +103,23 @@ def _event_clause(provider: str, event_id: str) -> Any:
     return (webhook_events.c.provider == provider) & (webhook_events.c.event_id == event_id)
 
 
-async def handle(engine: AsyncEngine, provider: PaymentProvider, event_id: str) -> Handled:
+# A failed event is retried after base * 2**(attempts - 1) seconds, at most this long.
+MAX_RETRY_DELAY = timedelta(minutes=15)
+
+
+def next_attempt_at(attempts: int, base_seconds: float, now: datetime) -> datetime:
+    """When an event that failed `attempts` times may be tried again (exponential backoff)."""
+    delay = timedelta(seconds=base_seconds * 2 ** min(max(attempts - 1, 0), 20))
+    return now + min(delay, MAX_RETRY_DELAY)
+
+
+async def handle(
+    engine: AsyncEngine,
+    provider: PaymentProvider,
+    event_id: str,
+    *,
+    retry_base_seconds: float = 10,
+) -> Handled:
     """Handle a stored event unless it was already; safe to call any number of times."""
     where = _event_clause(provider.name, event_id)
     async with engine.connect() as conn:
@@ -142,16 +166,20 @@ async def handle(engine: AsyncEngine, provider: PaymentProvider, event_id: str) 
                     outcome=outcome,
                     attempts=webhook_events.c.attempts + 1,
                     last_error=None,
+                    next_attempt_at=None,
                 )
             )
-    except BillingError as exc:
-        await _record_failure(engine, where, exc.code)
+    except Exception as exc:
+        # Any failure, not only ours: a killed database connection must be counted too. Only
+        # the error's code or class is kept (its message may quote SQL parameters or payloads).
+        error = exc.code if isinstance(exc, BillingError) else type(exc).__name__
+        await _record_failure(engine, where, error, int(row.attempts) + 1, retry_base_seconds)
         WEBHOOK_EVENTS.labels(provider.name, row.type, "retry").inc()
         log.warning(
             f"{provider.name}_webhook_failed",
             event_id=event_id,
             event_type=row.type,
-            error=exc.code,
+            error=error,
         )
         raise
     return _done(provider.name, row.type, event_id, outcome)
@@ -168,13 +196,25 @@ async def _current_dispute(provider: PaymentProvider, event: DisputeEvent) -> Di
     return found
 
 
-async def _record_failure(engine: AsyncEngine, where: Any, error: str) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(
-            webhook_events.update()
-            .where(where)
-            .values(attempts=webhook_events.c.attempts + 1, last_error=error[:500])
-        )
+async def _record_failure(
+    engine: AsyncEngine, where: Any, error: str, attempts: int, base_seconds: float
+) -> None:
+    """Count the attempt, its error and when to retry. Best effort: when the database is what
+    failed this may fail too, and the event, still unhandled and due, is retried all the same.
+    Only an unhandled event is touched (a concurrent attempt may have handled it meanwhile)."""
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                webhook_events.update()
+                .where(where, webhook_events.c.handled_at.is_(None))
+                .values(
+                    attempts=webhook_events.c.attempts + 1,
+                    last_error=error[:500],
+                    next_attempt_at=next_attempt_at(attempts, base_seconds, utcnow()),
+                )
+            )
+    except Exception as exc:
+        log.warning("webhook_failure_not_recorded", error=type(exc).__name__)
 
 
 def _done(provider: str, event_type: str, event_id: str, outcome: str) -> Handled:
@@ -183,6 +223,28 @@ def _done(provider: str, event_type: str, event_id: str, outcome: str) -> Handle
         f"{provider}_webhook_handled", event_id=event_id, event_type=event_type, outcome=outcome
     )
     return Handled(event_id, outcome)
+
+
+async def due_event_ids(
+    engine: AsyncEngine, provider: str, now: datetime, received_before: datetime, limit: int
+) -> list[str]:
+    """Unhandled events whose retry time has come (or never failed visibly: a worker killed
+    mid-way), oldest first; only those received before `received_before`, so an event that is
+    being handled by its own delivery right now is left to it."""
+    async with engine.connect() as conn:
+        result = await conn.execute(
+            select(webhook_events.c.event_id)
+            .where(
+                webhook_events.c.provider == provider,
+                webhook_events.c.handled_at.is_(None),
+                webhook_events.c.received_at <= received_before,
+                (webhook_events.c.next_attempt_at.is_(None))
+                | (webhook_events.c.next_attempt_at <= now),
+            )
+            .order_by(webhook_events.c.received_at)
+            .limit(limit)
+        )
+        return [row.event_id for row in result]
 
 
 async def unhandled_event_ids(engine: AsyncEngine, provider: str) -> list[str]:

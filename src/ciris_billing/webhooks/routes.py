@@ -29,7 +29,11 @@ async def receive_webhook(provider_name: str, request: Request, state: StateDep)
     # Oversized bodies never get here: BodySizeLimitMiddleware answers 413 (MAX_REQUEST_BYTES).
     payload = await request.body()
     handled = await inbox.receive(
-        state.engine, provider, payload, request.headers.get("stripe-signature")
+        state.engine,
+        provider,
+        payload,
+        request.headers.get("stripe-signature"),
+        retry_base_seconds=state.settings.jobs_poll_seconds,
     )
     return json_response(
         200, {"received": True, "event_id": handled.event_id, "outcome": handled.outcome}

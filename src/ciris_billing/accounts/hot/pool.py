@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,7 +80,11 @@ class StatementPool:
             except asyncpg.IntegrityConstraintViolationError:
                 raise
             except BaseException:
-                conn.terminate()
+                # A connection lost mid-statement may already be back in the pool (asyncpg
+                # releases it itself): it is closed either way, and the statement's own error,
+                # not this one, must reach the caller (a 503, not a 500).
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
                 raise
             finally:
                 await self._pool.release(conn)

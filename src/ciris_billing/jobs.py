@@ -1,0 +1,297 @@
+"""Background jobs: nothing a customer paid for waits on an operator.
+
+Two kinds of work that used to need `ciris-billing webhooks replay` and `reconcile` by hand:
+
+- retry every stored webhook event that is not handled (its handling failed, or the worker
+  died mid-way), with exponential backoff per event (attempts, last error and the next try
+  are kept on the event: webhooks/inbox.py);
+- ask the provider about every purchase still not final RECONCILE_AFTER_SECONDS after it
+  started (a webhook that never came, or never got stored), and apply what it says, with the
+  very code `ciris-billing reconcile` runs (payments.service.reconcile_purchase). A purchase
+  is asked again after a delay that grows with its age (a quarter of it), for seven days.
+
+The queue is procrastinate's (tables in our database, migration 0007). Every `serve` worker
+process runs a procrastinate worker (JOBS_ENABLED), as does `ciris-billing worker`; the work
+still runs once across all of them and all instances:
+
+- the periodic task is deferred at most once per tick: procrastinate records each (task,
+  tick) under a unique key in `procrastinate_periodic_defers`, so of all the deferrers only
+  one inserts the job;
+- its queueing lock keeps at most one waiting in the queue, and its lock lets only one run at a
+  time (a job of a lock is not fetched while another of that lock is `doing`);
+- a run whose worker was killed would hold that lock forever: `billing.clear_stalled` marks the
+  jobs of workers whose heartbeat stopped as failed (the next tick runs anew).
+
+Running twice would still be safe, only wasteful: handling an event locks its row and finds it
+handled, and a purchase is credited under a unique key (credits.external_transaction_id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from procrastinate import App, JobContext, PsycopgConnector
+from procrastinate.jobs import Status
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ciris_billing.config import Settings
+from ciris_billing.db import purchases, utcnow, webhook_events
+from ciris_billing.observability import (
+    JOBS_FAILURES,
+    JOBS_ITEMS,
+    JOBS_QUEUE_DEPTH,
+    JOBS_RUNS,
+    log,
+)
+from ciris_billing.payments import service as payments
+from ciris_billing.payments.providers.base import PaymentProvider
+from ciris_billing.unit_of_work import unit_of_work
+from ciris_billing.webhooks import inbox
+
+RECOVER = "billing.recover"
+CLEAR_STALLED = "billing.clear_stalled"
+# Purchases older than this are left to `ciris-billing reconcile` (abandoned checkouts).
+RECONCILE_MAX_AGE = timedelta(days=7)
+# Per run, at most this many events and purchases (the next tick takes the rest).
+BATCH = 200
+
+
+@dataclass
+class RecoveryReport:
+    events: dict[str, int] = field(default_factory=dict)
+    purchases: dict[str, int] = field(default_factory=dict)
+    failures: int = 0
+
+    def count(self, kind: dict[str, int], outcome: str) -> None:
+        kind[outcome] = kind.get(outcome, 0) + 1
+
+
+class Recovery:
+    """One run of the recovery work (the periodic job's body; tests call it directly)."""
+
+    def __init__(self, settings: Settings, engine: AsyncEngine, provider: PaymentProvider) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.provider = provider
+
+    async def run_once(self) -> RecoveryReport:
+        report = RecoveryReport()
+        await self._retry_events(report)
+        await self._reconcile_purchases(report)
+        await self._measure()
+        return report
+
+    async def _retry_events(self, report: RecoveryReport) -> None:
+        now = utcnow()
+        poll = self.settings.jobs_poll_seconds
+        # An event received in the last seconds is most likely being handled by its delivery.
+        due = await inbox.due_event_ids(
+            self.engine, self.provider.name, now, now - timedelta(seconds=poll), BATCH
+        )
+        for event_id in due:
+            try:
+                handled = await inbox.handle(
+                    self.engine, self.provider, event_id, retry_base_seconds=poll
+                )
+            except Exception as exc:  # recorded on the event by handle(); retried later
+                report.failures += 1
+                report.count(report.events, "failed")
+                JOBS_FAILURES.labels("webhook_retry").inc()
+                log.warning("job_webhook_retry_failed", event_id=event_id, error=_name(exc))
+                continue
+            report.count(report.events, handled.outcome)
+            JOBS_ITEMS.labels("webhook_retry", handled.outcome).inc()
+
+    async def _reconcile_purchases(self, report: RecoveryReport) -> None:
+        now = utcnow()
+        async with self.engine.connect() as conn:
+            due = list(await conn.execute(self._due_purchases(now)))
+        for purchase in due:
+            try:
+                async with unit_of_work(self.engine) as work:
+                    outcome = await payments.reconcile_purchase(
+                        work, self.provider, purchase.payment_id
+                    )
+                    conn = await work.connection()
+                    await conn.execute(
+                        purchases.update()
+                        .where(purchases.c.id == purchase.id)
+                        .values(reconciled_at=utcnow())
+                    )
+            except Exception as exc:  # nothing committed for it: due again next run
+                report.failures += 1
+                report.count(report.purchases, "failed")
+                JOBS_FAILURES.labels("reconcile").inc()
+                log.warning(
+                    "job_reconcile_failed", payment_id=purchase.payment_id, error=_name(exc)
+                )
+                continue
+            report.count(report.purchases, outcome)
+            JOBS_ITEMS.labels("reconcile", outcome).inc()
+            if outcome in ("credited", "credited_and_refunded"):
+                log.info("job_reconcile_credited", payment_id=purchase.payment_id)
+
+    def _due_purchases(self, now: datetime) -> Any:
+        after = timedelta(seconds=self.settings.reconcile_after_seconds)
+        return (
+            select(purchases.c.id, purchases.c.payment_id)
+            .where(*self._open_purchase_clauses(now))
+            .where(
+                # Asked again after max(RECONCILE_AFTER_SECONDS, a quarter of its age).
+                purchases.c.reconciled_at.is_(None)
+                | (
+                    purchases.c.reconciled_at
+                    <= text(
+                        "CAST(:now AS timestamptz) - greatest(make_interval(secs => :after), "
+                        "(CAST(:now AS timestamptz) - purchases.created_at) / 4)"
+                    ).bindparams(now=now, after=after.total_seconds())
+                )
+            )
+            .order_by(purchases.c.reconciled_at.nulls_first(), purchases.c.created_at)
+            .limit(BATCH)
+        )
+
+    def _open_purchase_clauses(self, now: datetime) -> list[Any]:
+        after = timedelta(seconds=self.settings.reconcile_after_seconds)
+        return [
+            purchases.c.provider == self.provider.name,
+            purchases.c.status.not_in(payments.FINAL_STATUSES),
+            purchases.c.created_at <= now - after,
+            purchases.c.created_at >= now - RECONCILE_MAX_AGE,
+        ]
+
+    async def _measure(self) -> None:
+        now = utcnow()
+        async with self.engine.connect() as conn:
+            events = await conn.scalar(
+                select(func.count())
+                .select_from(webhook_events)
+                .where(webhook_events.c.handled_at.is_(None))
+            )
+            open_purchases = await conn.scalar(
+                select(func.count()).select_from(purchases).where(*self._open_purchase_clauses(now))
+            )
+            queued = await conn.scalar(
+                text("SELECT count(*) FROM procrastinate_jobs WHERE status = 'todo'")
+            )
+        JOBS_QUEUE_DEPTH.labels("webhook_events").set(int(events or 0))
+        JOBS_QUEUE_DEPTH.labels("purchases").set(int(open_purchases or 0))
+        JOBS_QUEUE_DEPTH.labels("jobs").set(int(queued or 0))
+
+
+def _name(exc: BaseException) -> str:
+    """An error for logs: its code or class, never its message (SQL parameters, payloads)."""
+    return str(getattr(exc, "code", None) or type(exc).__name__)
+
+
+def conninfo(settings: Settings) -> str:
+    """psycopg's form of DATABASE_URL (the queue's connections; ours use asyncpg)."""
+    _scheme, _, rest = settings.async_database_url.partition("://")
+    return f"postgresql://{rest}"
+
+
+def job_queue(settings: Settings) -> App:
+    """The procrastinate app with our two periodic tasks (not opened)."""
+    connector = PsycopgConnector(
+        conninfo=conninfo(settings),
+        min_size=1,
+        max_size=3,
+        # (procrastinate has the pool check each connection before handing it out: one killed
+        # while idle is replaced.)
+    )
+    queue = App(connector=connector)
+    every = f"* * * * * */{settings.jobs_poll_seconds}"  # croniter: the 6th field is seconds
+
+    @queue.periodic(cron=every, periodic_id="recover")
+    @queue.task(name=RECOVER, queueing_lock=RECOVER, lock=RECOVER, pass_context=True)
+    async def recover(context: JobContext, timestamp: int) -> None:
+        recovery: Recovery = context.additional_context["recovery"]
+        try:
+            report = await recovery.run_once()
+        except Exception:
+            JOBS_RUNS.labels(RECOVER, "failed").inc()
+            raise
+        JOBS_RUNS.labels(RECOVER, "ok").inc()
+        if report.events or report.purchases:
+            log.info(
+                "job_recover_done",
+                events=report.events,
+                purchases=report.purchases,
+                failures=report.failures,
+            )
+
+    @queue.periodic(cron=every, periodic_id="clear_stalled")
+    @queue.task(name=CLEAR_STALLED, queueing_lock=CLEAR_STALLED, pass_context=True)
+    async def clear_stalled(context: JobContext, timestamp: int) -> None:
+        stalled_after: float = context.additional_context["stalled_after"]
+        manager = context.app.job_manager
+        for job in await manager.get_stalled_jobs(seconds_since_heartbeat=stalled_after):
+            if job.id == (context.job.id if context.job else None):
+                continue
+            # Its worker is gone: end it, so its lock frees and the next tick runs anew.
+            await manager.finish_job(job, status=Status.FAILED, delete_job=False)
+            log.warning("job_stalled_cleared", task=job.task_name, job_id=job.id)
+        JOBS_RUNS.labels(CLEAR_STALLED, "ok").inc()
+
+    return queue
+
+
+class JobWorker:
+    """A procrastinate worker that runs until cancelled, started again after any failure (a
+    killed database connection stops procrastinate's worker)."""
+
+    def __init__(self, settings: Settings, engine: AsyncEngine, provider: PaymentProvider) -> None:
+        self.settings = settings
+        self.recovery = Recovery(settings, engine, provider)
+        heartbeat = max(1.0, min(10.0, settings.jobs_poll_seconds / 2))
+        self.heartbeat_seconds = heartbeat
+        self.stalled_after = 3 * heartbeat + 1
+        # procrastinate logs every job start and end at INFO: a line per second at our pace.
+        logging.getLogger("procrastinate").setLevel(logging.WARNING)
+
+    async def run(self) -> None:
+        delay = 1.0
+        while True:
+            queue = job_queue(self.settings)
+            try:
+                async with queue.open_async():
+                    await queue.run_worker_async(
+                        concurrency=1,
+                        wait=True,
+                        install_signal_handlers=False,
+                        delete_jobs="successful",
+                        fetch_job_polling_interval=self.settings.jobs_poll_seconds,
+                        update_heartbeat_interval=self.heartbeat_seconds,
+                        stalled_worker_timeout=self.stalled_after,
+                        shutdown_graceful_timeout=5,
+                        additional_context={
+                            "recovery": self.recovery,
+                            "stalled_after": self.stalled_after,
+                        },
+                    )
+                delay = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                JOBS_RUNS.labels("worker", "restarted").inc()
+                log.warning("jobs_worker_restarting", error=_name(exc), in_seconds=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+@contextlib.asynccontextmanager
+async def running_jobs(settings: Settings, engine: AsyncEngine, provider: PaymentProvider) -> Any:
+    """Run the job worker in the background for the block's duration (the app's lifespan)."""
+    task = asyncio.create_task(JobWorker(settings, engine, provider).run(), name="billing-jobs")
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
