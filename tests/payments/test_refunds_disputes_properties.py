@@ -200,7 +200,9 @@ class Harness:
             ), model
             for payment_id, uses_refunded in ((a, model.uses_refunded), (b, 0)):
                 purchase = (
-                    await conn.execute(select(purchases).where(purchases.c.payment_id == payment_id))
+                    await conn.execute(
+                        select(purchases).where(purchases.c.payment_id == payment_id)
+                    )
                 ).one()
                 assert int(purchase.uses_refunded) == uses_refunded
                 refund_rows = list(
