@@ -64,7 +64,8 @@ async def test_finding_12_charge_in_another_currency_is_422(
     assert wrong.status_code == 422, wrong.text
     body = wrong.json()
     assert body["error"] == "currency_mismatch"
-    assert "EUR" in body["detail"] and "USD" in body["detail"]
+    assert "EUR" in body["detail"]
+    assert "USD" in body["detail"]
     assert (body["currency"], body["account_currency"]) == ("EUR", "USD")
     keyed = await client.post(
         CHARGES,
