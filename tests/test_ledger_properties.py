@@ -41,6 +41,7 @@ from ciris_billing.audit import AuditReport, audit
 from ciris_billing.db import accounts, create_engine, webhook_events
 from ciris_billing.db import purchases as purchases_table
 from ciris_billing.payments.providers import signing
+from ciris_billing.payments.purchases import api_status
 from tests.conftest import TABLES, make_settings
 
 T = TypeVar("T")
@@ -502,7 +503,7 @@ class Ledger(RuleBasedStateMachine):
                 held={row.external_id: int(row.held_uses) for row in held},
                 purchases={
                     row.payment_id: (
-                        row.status,
+                        api_status(row.status),  # stored neutral words, shown as the API does
                         row.credited_at is not None,
                         int(row.refunded_minor),
                         int(row.uses_refunded),
