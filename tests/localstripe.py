@@ -252,6 +252,23 @@ def run_localstripe(state_dir: Path) -> Iterator[LocalStripe]:
 # --- the launcher (runs in the child process) ---------------------------------------------------
 
 
+def _accept_receipt_email(resources: Any) -> None:
+    """Stripe's PaymentIntent takes `receipt_email` (where the receipt goes) and shows it back;
+    localstripe 1.15.10 refuses it ("Unexpected receipt_email"). Teach it just that parameter,
+    validated as Stripe does (a string with an @), so tests can read it back."""
+    original = resources.PaymentIntent.__init__
+
+    def __init__(self: Any, *args: Any, receipt_email: Any = None, **kwargs: Any) -> None:
+        if receipt_email is not None and (
+            not isinstance(receipt_email, str) or "@" not in receipt_email
+        ):
+            raise resources.UserError(400, "Invalid receipt_email")
+        original(self, *args, **kwargs)
+        self.receipt_email = receipt_email
+
+    resources.PaymentIntent.__init__ = __init__
+
+
 def _serve(fd: int, state_dir: Path) -> None:
     from aiohttp import web
 
@@ -269,6 +286,7 @@ def _serve(fd: int, state_dir: Path) -> None:
             store.clear()
             store.update(old)
 
+    _accept_receipt_email(resources)
     resources.Store.dump_to_disk = dump_to_disk
     resources.Store.try_load_from_disk = try_load_from_disk
     resources.store.try_load_from_disk()  # a restart on the same state_dir keeps its objects

@@ -82,6 +82,7 @@ async def test_erasure_keeps_the_ledger_and_forgets_the_person(api: Api) -> None
             "display_name": "Ada Lovelace",
             "initial_balance_minor": 2,
         },
+        scope="admin",
         **{"Idempotency-Key": "create-ada"},
     )
     await api.post(

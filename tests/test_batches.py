@@ -58,7 +58,7 @@ async def test_each_charge_of_a_batch_gets_what_it_would_alone(one_lane: Api) ->
     # 20 accounts with 0..4 uses, 6 charges each, all at once.
     for n in range(20):
         created = await one_lane.post(
-            "/v1/billing/accounts", {**user(n), "initial_balance_minor": n % 5}
+            "/v1/billing/accounts", {**user(n), "initial_balance_minor": n % 5}, scope="admin"
         )
         assert created.status_code == 201
     before = batches_of_more_than_one()
@@ -94,7 +94,9 @@ async def test_each_charge_of_a_batch_gets_what_it_would_alone(one_lane: Api) ->
 
 
 async def test_refusals_and_new_accounts_inside_a_batch(one_lane: Api) -> None:
-    await one_lane.post("/v1/billing/accounts", {**user("suspended"), "initial_balance_minor": 5})
+    await one_lane.post(
+        "/v1/billing/accounts", {**user("suspended"), "initial_balance_minor": 5}, scope="admin"
+    )
     suspended = await one_lane.post(
         "/v1/billing/accounts/oauth:google/batch-suspended@example.com/suspend",
         {"reason": "test"},
@@ -103,7 +105,7 @@ async def test_refusals_and_new_accounts_inside_a_batch(one_lane: Api) -> None:
     assert suspended.status_code == 200
     for n in range(10):
         await one_lane.post(
-            "/v1/billing/accounts", {**user(f"paid-{n}"), "initial_balance_minor": 1}
+            "/v1/billing/accounts", {**user(f"paid-{n}"), "initial_balance_minor": 1}, scope="admin"
         )
     answers = await asyncio.gather(
         one_lane.post(CHARGES, user("suspended")),
@@ -118,11 +120,15 @@ async def test_refusals_and_new_accounts_inside_a_batch(one_lane: Api) -> None:
 
 
 async def test_a_retried_key_in_the_same_batch_is_charged_once(one_lane: Api) -> None:
-    await one_lane.post("/v1/billing/accounts", {**user("k"), "initial_balance_minor": 10})
+    await one_lane.post(
+        "/v1/billing/accounts", {**user("k"), "initial_balance_minor": 10}, scope="admin"
+    )
     keyed = [one_lane.post(CHARGES, {**user("k"), "idempotency_key": "same"}) for _ in range(4)]
     for n in range(8):
         await one_lane.post(
-            "/v1/billing/accounts", {**user(f"other-{n}"), "initial_balance_minor": 1}
+            "/v1/billing/accounts",
+            {**user(f"other-{n}"), "initial_balance_minor": 1},
+            scope="admin",
         )
     others = [one_lane.post(CHARGES, user(f"other-{n}")) for n in range(8)]
     answers = await asyncio.gather(*keyed, *others)
@@ -140,7 +146,9 @@ async def test_one_key_for_two_accounts_in_one_batch(one_lane: Api) -> None:
     """The batch breaks the unique key: its charges go again one by one, each answered alone —
     the first with its charge, the other with 409 (the key belongs to another request)."""
     for name in ("opener", "a", "b", *(f"more-{n}" for n in range(6))):
-        await one_lane.post("/v1/billing/accounts", {**user(name), "initial_balance_minor": 2})
+        await one_lane.post(
+            "/v1/billing/accounts", {**user(name), "initial_balance_minor": 2}, scope="admin"
+        )
     answers = await asyncio.gather(
         one_lane.post(CHARGES, user("opener")),  # takes the lane; the rest queue up together
         one_lane.post(CHARGES, {**user("a"), "idempotency_key": "shared"}),
@@ -157,7 +165,9 @@ async def test_one_key_for_two_accounts_in_one_batch(one_lane: Api) -> None:
 
 async def test_each_check_of_a_batch_reads_its_own_account(one_lane: Api) -> None:
     for n in range(10):
-        await one_lane.post("/v1/billing/accounts", {**user(n), "initial_balance_minor": n})
+        await one_lane.post(
+            "/v1/billing/accounts", {**user(n), "initial_balance_minor": n}, scope="admin"
+        )
     await one_lane.post("/v1/billing/accounts", user("suspended"))
     await one_lane.post(
         "/v1/billing/accounts/oauth:google/batch-suspended@example.com/suspend",

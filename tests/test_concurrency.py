@@ -12,7 +12,7 @@ from tests.conftest import Api, identity
 
 async def test_100_concurrent_charges_spend_exactly_what_is_there(api: Api) -> None:
     user = identity("hot@example.com")
-    await api.post("/v1/billing/accounts", {**user, "initial_balance_minor": 20})
+    await api.post("/v1/billing/accounts", {**user, "initial_balance_minor": 20}, scope="admin")
     responses = await asyncio.gather(*(api.post("/v1/billing/charges", user) for _ in range(100)))
     statuses = [r.status_code for r in responses]
     assert statuses.count(201) == 23

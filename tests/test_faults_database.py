@@ -86,7 +86,7 @@ async def test_connections_killed_while_charging(
     await _truncate(postgres_url)
     database = urlsplit(postgres_url).path.lstrip("/")
     env = service_env(postgres_url, RATE_LIMIT_ACCOUNT_PER_MINUTE="60000")
-    key = create_key(env, "write")
+    key = create_key(env, "admin")  # paid initial balances: admin
     prefix = "pgkill"
     people = users(prefix, 30)
     attempts = charge_attempts(prefix, people, per_user=12)  # 360 charges; 11 uses each
@@ -149,7 +149,7 @@ async def _outage_while_charging(
     when it is back the service recovers by itself; the ledger matches the answers exactly.
     """
     env = service_env(service_url, RATE_LIMIT_ACCOUNT_PER_MINUTE="60000")
-    key = create_key(env, "write")
+    key = create_key(env, "admin")  # paid initial balances: admin
     people = users(prefix, 30)
     attempts = charge_attempts(prefix, people, per_user=12)  # 360 charges; 11 uses each
     with running_service(env, log_path, workers=2) as base:

@@ -55,7 +55,7 @@ async def _open_transactions(database_url: str) -> int:
 async def test_worker_killed_in_the_middle_of_charges(postgres_url: str, tmp_path: Path) -> None:
     await _truncate(postgres_url)
     env = service_env(postgres_url, RATE_LIMIT_ACCOUNT_PER_MINUTE="60000")
-    key = create_key(env, "write")
+    key = create_key(env, "admin")  # paid initial balances: admin
     prefix = "sigkill"
     people = users(prefix, 30)
     attempts = charge_attempts(prefix, people, per_user=12)  # 360 charges; 11 uses each

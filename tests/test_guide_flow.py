@@ -72,8 +72,10 @@ async def test_free_uses_then_purchase_required(api: Api) -> None:
 
 async def test_get_or_create_grants_initial_balance_only_once(api: Api) -> None:
     body = {**identity("rich@example.com"), "initial_balance_minor": 5}
-    first = await api.post("/v1/billing/accounts", body)
-    again = await api.post("/v1/billing/accounts", {**body, "initial_balance_minor": 50})
+    first = await api.post("/v1/billing/accounts", body, scope="admin")
+    again = await api.post(
+        "/v1/billing/accounts", {**body, "initial_balance_minor": 50}, scope="admin"
+    )
     assert (first.status_code, again.status_code) == (201, 200)
     assert first.json()["account_id"] == again.json()["account_id"]
     assert again.json()["credits_remaining"] == 5
@@ -87,7 +89,7 @@ async def test_get_or_create_grants_initial_balance_only_once(api: Api) -> None:
 
 async def test_free_uses_are_spent_before_paid_ones(api: Api) -> None:
     user = identity("mixed@example.com")
-    await api.post("/v1/billing/accounts", {**user, "initial_balance_minor": 4})
+    await api.post("/v1/billing/accounts", {**user, "initial_balance_minor": 4}, scope="admin")
     charged = await api.post("/v1/billing/charges", {**user, "uses": 5})
     assert charged.status_code == 201
     body = charged.json()
@@ -115,7 +117,7 @@ async def test_unknown_account_is_404(api: Api) -> None:
 
 async def test_transactions_newest_first_and_paginated(api: Api) -> None:
     user = identity("ledger@example.com")
-    await api.post("/v1/billing/accounts", {**user, "initial_balance_minor": 2})
+    await api.post("/v1/billing/accounts", {**user, "initial_balance_minor": 2}, scope="admin")
     charge_ids = []
     for n in range(4):
         charged = await api.post("/v1/billing/charges", {**user, "description": f"use {n}"})

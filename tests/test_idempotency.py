@@ -75,8 +75,8 @@ async def test_a_refused_charge_does_not_burn_its_key(api: Api) -> None:
 
 async def test_account_creation_replays(api: Api) -> None:
     body = {**identity("acct-retry@example.com"), "initial_balance_minor": 3}
-    first = await api.post("/v1/billing/accounts", body, **{"Idempotency-Key": "acct-1"})
-    again = await api.post("/v1/billing/accounts", body, **{"Idempotency-Key": "acct-1"})
+    first = await api.post("/v1/billing/accounts", body, "admin", **{"Idempotency-Key": "acct-1"})
+    again = await api.post("/v1/billing/accounts", body, "admin", **{"Idempotency-Key": "acct-1"})
     assert first.status_code == again.status_code == 201
     assert first.json() == again.json()
 

@@ -18,7 +18,7 @@ from tests.servers import cli, create_key, running_service, service_env
 async def test_two_workers_100_charges_23_uses(postgres_url: str, tmp_path: Path) -> None:
     await _truncate(postgres_url)
     env = service_env(postgres_url)
-    key = create_key(env, "write")
+    key = create_key(env, "admin")  # a paid initial balance: admin
     log_path = tmp_path / "server.log"
     with running_service(env, log_path, workers=2) as base:
         user = {"oauth_provider": "oauth:google", "external_id": "mp@example.com"}

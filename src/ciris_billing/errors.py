@@ -53,6 +53,13 @@ class PurchaseRequired(BillingError):
     code = "purchase_required"
 
 
+class CurrencyMismatch(BillingError):
+    """A charge in another currency than its account's (SPEC.md)."""
+
+    status_code = 422
+    code = "currency_mismatch"
+
+
 class IdempotencyKeyReused(BillingError):
     status_code = 409
     code = "idempotency_key_reused"

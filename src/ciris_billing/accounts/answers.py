@@ -82,6 +82,7 @@ async def charge(
         metadata=body.metadata,
         idempotency_key=key,
         fingerprint=fingerprint,
+        currency_named=body.currency is not None,
     )
     try:
         made = await charges.charge(

@@ -8,14 +8,18 @@ together go out as one such statement. So:
   counter goes below zero (no read-modify-write in Python);
 - the charge's idempotency key is unique on `charges`, so of two requests with one key only one
   can commit; the other is answered from the row that did commit (idempotency.py).
-Anything but success (unknown account, no use left, suspended, a retried key) takes the slow
-path, `_after_refusal`, which finds out which it was in a unit of work of its own.
+- the UPDATE's WHERE also requires the account's currency, so a charge in another currency
+  changes nothing (422 from the slow path; SPEC.md) at no extra round trip when it succeeds.
+Anything but success (unknown account, no use left, suspended, another currency, a retried key)
+takes the slow path, `_after_refusal`, which finds out which it was in a unit of work of its
+own. A charge that names no currency is in the account's: sent first in the default currency
+(the pricing's, most accounts'), it is sent again in the account's when that differs.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -27,7 +31,7 @@ from ciris_billing.accounts.checks import open_account
 from ciris_billing.accounts.hot.writer import ChargeAttempt, ChargeStore
 from ciris_billing.accounts.service import NO_USES_LEFT, Identity, ensure_account
 from ciris_billing.db import accounts, charges, iso, new_id, utcnow
-from ciris_billing.errors import AccountSuspended, PurchaseRequired
+from ciris_billing.errors import AccountSuspended, CurrencyMismatch, PurchaseRequired
 from ciris_billing.pricing import Pricing
 from ciris_billing.unit_of_work import unit_of_work
 
@@ -44,6 +48,8 @@ class ChargeRequest:
     metadata: dict[str, Any]
     idempotency_key: str | None
     fingerprint: str | None
+    # False: the request named no currency, so `currency` is a default and the account's wins.
+    currency_named: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +103,8 @@ async def charge(
         outcome = await _after_refusal(engine, request, pricing)
         if isinstance(outcome, Charge):
             return outcome
+        if isinstance(outcome, ChargeRequest):
+            request = outcome  # the same charge, in the account's currency
     # Three rounds of "the account appeared / changed under us": answer from what it holds now.
     account, _ = await open_account(engine, request.identity, pricing)
     raise _refusal(account, request, pricing)
@@ -104,9 +112,11 @@ async def charge(
 
 async def _after_refusal(
     engine: AsyncEngine, request: ChargeRequest, pricing: Pricing
-) -> Charge | _Next:
-    """Why the charge was not made: a retried key (replay; 409 if another request), an account
-    that is new or changed meanwhile (try again), suspended (403) or empty (402)."""
+) -> Charge | ChargeRequest | _Next:
+    """Why the charge was not made: a retried key (replay; 409 if another request), another
+    currency than the account's (422; or, when the request named none, try again in the
+    account's), an account that is new or changed meanwhile (try again), suspended (403) or
+    empty (402)."""
     # Its own unit of work: the retry runs on the store's connections, which must see the
     # account this may open (committed when the block ends).
     async with unit_of_work(engine) as work:
@@ -120,6 +130,11 @@ async def _after_refusal(
             # No use of the key yet: a charge with it committing meanwhile is not a conflict,
             # the next attempt's statement fails on the unique key and finds it here.
         account, created = await ensure_account(conn, request.identity, pricing)
+    if account.currency != request.currency:
+        if not request.currency_named:
+            # An account's currency never changes, so the retry cannot loop on this.
+            return replace(request, currency=account.currency)
+        raise _refusal(account, request, pricing)
     enough = int(account.free_uses_remaining) + int(account.paid_uses_remaining) >= request.uses
     if created or (account.status == "active" and enough):
         return _Next.TRY_AGAIN
@@ -127,6 +142,13 @@ async def _after_refusal(
 
 
 def _refusal(account: Any, request: ChargeRequest, pricing: Pricing) -> Exception:
+    if account.currency != request.currency:
+        return CurrencyMismatch(
+            f"This charge is in {request.currency} but the account is in {account.currency}: "
+            f"charge in {account.currency}, or omit currency",
+            currency=request.currency,
+            account_currency=account.currency,
+        )
     if account.status != "active":
         return AccountSuspended("This account is suspended; charges are refused")
     return PurchaseRequired(

@@ -33,7 +33,7 @@ from ciris_billing.deps import (
     json_response,
     run_idempotent,
 )
-from ciris_billing.errors import ErrorOut, InvalidRequest, error_responses
+from ciris_billing.errors import ErrorOut, InvalidRequest, ScopeMissing, error_responses
 from ciris_billing.observability import ACCOUNTS_CREATED, log
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
@@ -89,10 +89,16 @@ async def create_account(
     request: Request,
     state: StateDep,
     work: UnitOfWorkDep,
-    _key: WriteKey,
+    principal: WriteKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    """Get or create an account; a new one starts with the free uses (and any initial balance)."""
+    """Get or create an account; a new one starts with the free uses (and any initial balance:
+    paid uses above zero are a grant, so they need an admin key)."""
+    if body.initial_balance_minor > 0 and not principal.allows("admin"):
+        raise ScopeMissing(
+            "initial_balance_minor above zero grants paid uses: it needs an API key with the "
+            "'admin' scope"
+        )
     key = idempotency.resolve_key(idempotency_key)
     new = service.NewAccount(
         initial_paid_uses=body.initial_balance_minor,

@@ -76,7 +76,10 @@ class IdentityFields(BaseModel):
 
 class AccountCreate(IdentityFields):
     initial_balance_minor: StrictInt = Field(
-        default=0, ge=0, le=1_000_000, description="Paid uses to grant, only if the account is new"
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Paid uses to grant, only if the account is new; above zero needs an admin key",
     )
     currency: Currency | None = None
     plan_name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")] = "free"

@@ -2,6 +2,13 @@
 release them if won. Each step is one ledger row with a unique external id
 (`<dispute>:hold`, `:lost`, `:won`), so however often and in whatever order the events come,
 the hold and the closing happen once each.
+
+With refunds (refunds.py): the hold is the purchase's unused uses (never more than its uses not
+yet refunded, nor more than the account holds). A refund cannot be made while a dispute is open
+or after it was lost, and one that arrives anyway (the provider's dashboard) takes nothing: the
+hold covers it. So a won dispute releases only the held uses still unrefunded
+(min(held, uses - uses_refunded)); a lost one removes the hold. Either way the uses taken back
+from a purchase never exceed its uses.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ async def apply_dispute(conn: AsyncConnection, provider: str, dispute: Dispute) 
         ).one()
     state = dispute.state
     if row.state == "open" and state != "open":
-        await _close(conn, row, state, purchase.account_id, purchase.currency)
+        await _close(conn, row, state, purchase)
         outcome = f"dispute_{state}"
     log.info(
         f"{provider}_dispute_applied",
@@ -70,7 +77,8 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
             .with_for_update()
         )
     ).one()
-    unused = int(purchase.uses) - int(purchase.uses_refunded)
+    # Uses another open or lost dispute of this purchase already covers are not held twice.
+    unused = int(purchase.uses) - int(purchase.uses_refunded) - await _claimed(conn, purchase)
     hold = max(0, min(unused, int(account.paid_uses_remaining)))
     inserted = await conn.execute(
         insert_or_ignore(conn, disputes)
@@ -109,21 +117,39 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
         )
 
 
-async def _close(
-    conn: AsyncConnection, row: Row[Any], state: str, account_id: str, currency: str
-) -> None:
+async def _claimed(conn: AsyncConnection, purchase: Row[Any], but: str | None = None) -> int:
+    """Uses of the purchase held or removed by its open or lost disputes (but one)."""
+    rows = await conn.execute(
+        select(disputes.c.dispute_id, disputes.c.held_uses).where(
+            disputes.c.purchase_id == purchase.id, disputes.c.state.in_(("open", "lost"))
+        )
+    )
+    return sum(int(r.held_uses) for r in rows if r.dispute_id != but)
+
+
+async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row[Any]) -> None:
+    account_id: str = purchase.account_id
     held = int(row.held_uses)
     dispute_id: str = row.dispute_id
-    released = held if state == "won" else 0
+    released = 0
+    if state == "won":
+        # Only what is still unrefunded: a refund that came during the dispute took no use
+        # (the hold covered it), so releasing those uses would give a refunded purchase's back.
+        # The purchase row is locked (apply_dispute), so uses_refunded cannot move meanwhile.
+        others = await _claimed(conn, purchase, but=dispute_id)
+        unrefunded = int(purchase.uses) - int(purchase.uses_refunded) - others
+        released = max(0, min(held, unrefunded))
+    kept = held - released if state == "won" else 0
     if await write_credit(
         conn,
         account_id=account_id,
         kind=f"dispute_{state}",
-        currency=currency,
+        currency=purchase.currency,
         paid=released,
         held=-held,
         external_transaction_id=f"{dispute_id}:{state}",
-        description=f"Dispute {dispute_id} {state}",
+        description=f"Dispute {dispute_id} {state}"
+        + (f"; {kept} held uses not released: refunded during the dispute" if kept else ""),
     ):
         await conn.execute(
             accounts.update()

@@ -6,6 +6,14 @@ to it under the purchase's row lock. Whether the refund came through our API, St
 dashboard (a `charge.refunded` webhook) or both, in any order, each refunded amount is taken
 back once: a second path finds nothing left to apply. The ledger row's external id names the
 new total, so even two racing writers could not both record it.
+
+Refunds and disputes (SPEC.md): a purchase with an open dispute cannot be refunded here (409,
+as Stripe refuses), nor one whose dispute was lost (the bank already gave the money back). A
+refund that arrives anyway (made in the provider's dashboard, told by its webhook) takes no
+use while the purchase has an open or lost dispute: the purchase's unused uses are in the
+dispute's hold (removed if lost; a won dispute releases only the uses still unrefunded,
+disputes.py), and every paid use left on the account belongs to another purchase. Its uses are
+recorded as shortfall. So, whatever the order, the uses taken back never exceed the purchase's.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from typing import Any
 from sqlalchemy import Row, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.db import accounts, credits, purchases, utcnow
+from ciris_billing.db import accounts, credits, disputes, purchases, utcnow
 from ciris_billing.errors import RefundExceedsPayment, RefundNotAllowed
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
@@ -37,8 +45,35 @@ def uses_for_refund(uses: int, amount_minor: int, refunded_minor: int) -> int:
     return -(-uses * refunded_minor // amount_minor)
 
 
-def refundable_amount(purchase: Row[Any], requested_minor: int | None) -> int:
+# A dispute in one of these states keeps the purchase's uses (held, or removed when lost).
+CLAIMING_DISPUTE_STATES = ("open", "lost")
+
+
+async def claiming_disputes(conn: AsyncConnection, purchase_id: str) -> list[Row[Any]]:
+    """The purchase's disputes that are open or lost (their holds cover its unused uses)."""
+    result = await conn.execute(
+        select(disputes).where(
+            disputes.c.purchase_id == purchase_id,
+            disputes.c.state.in_(CLAIMING_DISPUTE_STATES),
+        )
+    )
+    return list(result)
+
+
+def refundable_amount(
+    purchase: Row[Any], requested_minor: int | None, claiming: list[Row[Any]] | None = None
+) -> int:
     """What a refund request may refund, or a clear error."""
+    for dispute in claiming or ():
+        if dispute.state == "open":
+            raise RefundNotAllowed(
+                f"Purchase {purchase.payment_id} has an open dispute ({dispute.dispute_id}); "
+                "it cannot be refunded until the dispute is closed"
+            )
+        raise RefundNotAllowed(
+            f"Purchase {purchase.payment_id} was charged back (dispute {dispute.dispute_id} "
+            "lost): the money already went back, it cannot be refunded"
+        )
     if purchase.credited_at is None:
         raise RefundNotAllowed(
             f"Purchase {purchase.payment_id} is {api_status(purchase.status)}; "
@@ -76,7 +111,13 @@ async def apply_refunded_total(
             .with_for_update()
         )
     ).one()
-    take = min(uses_due, int(account.paid_uses_remaining))
+    # Read under the purchase's row lock, which apply_dispute takes first too: no dispute of
+    # this purchase can open or close until we commit.
+    claiming = await claiming_disputes(conn, purchase.id)
+    # With an open or lost dispute, the purchase's unused uses are its hold (never taken here;
+    # a won dispute releases only what is still unrefunded): every paid use on the account
+    # belongs to another purchase, so nothing is taken and the uses are recorded as shortfall.
+    take = 0 if claiming else min(uses_due, int(account.paid_uses_remaining))
     shortfall = uses_due - take
     amount = total - int(purchase.refunded_minor)
     recorded = await write_credit(
@@ -88,8 +129,7 @@ async def apply_refunded_total(
         shortfall=shortfall,
         amount_minor=amount,
         external_transaction_id=f"{purchase.payment_id}:refunded:{total}",
-        description=f"Refund of {amount} ({source})"
-        + (f"; {shortfall} uses already spent" if shortfall else ""),
+        description=f"Refund of {amount} ({source})" + _shortfall_note(shortfall, claiming),
     )
     if not recorded:
         return None
@@ -119,6 +159,18 @@ async def apply_refunded_total(
         source=source,
     )
     return RefundApplied(amount, take, shortfall)
+
+
+def _shortfall_note(shortfall: int, claiming: list[Row[Any]]) -> str:
+    if not shortfall:
+        return ""
+    if claiming:
+        dispute = claiming[0]
+        return (
+            f"; {shortfall} uses not taken: dispute {dispute.dispute_id} is {dispute.state}"
+            " (its hold covers the purchase's unused uses)"
+        )
+    return f"; {shortfall} uses already spent"
 
 
 async def refund_totals(conn: AsyncConnection, purchase: Row[Any]) -> tuple[int, int]:
@@ -154,8 +206,11 @@ async def make_refund(
     idempotency_key: str | None,
 ) -> MadeRefund:
     """Refund at the provider (no transaction is open while it answers)."""
-    purchase = await get_purchase(await work.connection(), provider.name, payment_id)
-    amount = refundable_amount(purchase, amount_minor)
+    conn = await work.connection()
+    purchase = await get_purchase(conn, provider.name, payment_id)
+    # A dispute opening between this check and the provider's refund is safe: recording the
+    # refund (apply_refunded_total, under the purchase's lock) then takes no use.
+    amount = refundable_amount(purchase, amount_minor, await claiming_disputes(conn, purchase.id))
     async with work.provider_call():
         refund_id = await provider.refund_payment(payment_id, amount, idempotency_key)
         payment = await provider.get_payment(payment_id)

@@ -130,7 +130,8 @@ async def refund_purchase(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Refund all or part of a purchase; the refunded share of its uses goes back (rounded up),
-    never below zero (a shortfall is recorded). The refund's webhook changes nothing more."""
+    never below zero (a shortfall is recorded). The refund's webhook changes nothing more.
+    409 while the purchase has an open dispute (or after a lost one), as at Stripe."""
     key = idempotency.resolve_key(idempotency_key, body.idempotency_key)
     payload = {
         "payment_id": payment_id,

@@ -11,8 +11,9 @@ WHERE clause is per row), so the outcome for each charge is what it would be alo
 
 - a batch never holds two charges for one account (an UPDATE ... FROM updates a row only once;
   the second charge waits for the next batch), so a hot account is charged one at a time;
-- a charge that cannot be made (no uses left, suspended, unknown, a retried key) simply returns
-  no row, and its request takes the slow path as a single charge would;
+- a charge that cannot be made (no uses left, suspended, unknown, another currency than the
+  account's, a retried key) simply returns no row, and its request takes the slow path as a
+  single charge would;
 - if the batch fails on a unique key (a retried idempotency key racing its twin), its charges
   are sent again one by one, each getting its own answer; any other failure is every member's.
 """
@@ -40,7 +41,7 @@ WITH spent AS (
             ELSE paid_uses_remaining - ($3 - free_uses_remaining) END,
         total_uses = total_uses + $3,
         updated_at = $11
-    WHERE oauth_provider = $1 AND external_id = $2 AND status = 'active'
+    WHERE oauth_provider = $1 AND external_id = $2 AND status = 'active' AND currency = $7
       AND free_uses_remaining + paid_uses_remaining >= $3
       AND ($4::text IS NULL OR NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $4))
     RETURNING id, free_uses_remaining, paid_uses_remaining, total_uses,
@@ -78,7 +79,8 @@ WITH input AS (
         updated_at = i.created_at
     FROM input i
     WHERE a.oauth_provider = i.oauth_provider AND a.external_id = i.external_id
-      AND a.status = 'active' AND a.free_uses_remaining + a.paid_uses_remaining >= i.uses
+      AND a.status = 'active' AND a.currency = i.currency
+      AND a.free_uses_remaining + a.paid_uses_remaining >= i.uses
       AND (i.idempotency_key IS NULL
            OR NOT EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.key = i.idempotency_key))
     RETURNING a.id, a.free_uses_remaining, a.paid_uses_remaining, a.total_uses,

@@ -112,22 +112,26 @@ class StripeProvider:
         return f"StripeProvider(publishable_key={self.publishable_key!r})"
 
     async def create_payment_intent(self, intent: PaymentIntent) -> PaymentResult:
+        params: stripe.params.PaymentIntentCreateParams = {
+            "amount": intent.amount_minor,
+            "currency": intent.currency.lower(),
+            # No payment-method-type parameter. At the SDK's pinned API version
+            # (2026-10-28.endive) Stripe rejects `payment_method_types` (400
+            # payment_method_types_no_longer_supported), and localstripe rejects its
+            # replacement `allowed_payment_method_types`. Without either, Stripe offers
+            # the account's dynamic payment methods (cards included), localstripe any card.
+            "metadata": {
+                PURCHASE_ID_KEY: intent.purchase_id,
+                ACCOUNT_ID_KEY: intent.account_id,
+            },
+        }
+        if intent.customer_email:
+            # Where Stripe sends the email receipt once the payment succeeds (the guide's
+            # checklist: email receipts); Stripe itself keeps it, we never log it.
+            params["receipt_email"] = intent.customer_email
         try:
             created = await self._client.v1.payment_intents.create_async(
-                params={
-                    "amount": intent.amount_minor,
-                    "currency": intent.currency.lower(),
-                    # No payment-method-type parameter. At the SDK's pinned API version
-                    # (2026-10-28.endive) Stripe rejects `payment_method_types` (400
-                    # payment_method_types_no_longer_supported), and localstripe rejects its
-                    # replacement `allowed_payment_method_types`. Without either, Stripe offers
-                    # the account's dynamic payment methods (cards included), localstripe any card.
-                    "metadata": {
-                        PURCHASE_ID_KEY: intent.purchase_id,
-                        ACCOUNT_ID_KEY: intent.account_id,
-                    },
-                },
-                options={"idempotency_key": intent.idempotency_key},
+                params=params, options={"idempotency_key": intent.idempotency_key}
             )
         except stripe.StripeError as exc:
             raise _provider_error(exc, "create the payment") from None
