@@ -65,6 +65,16 @@ WITH input AS (
                          $11::timestamptz[])
         AS i(oauth_provider, external_id, uses, idempotency_key, charge_id, amount_minor,
              currency, description, metadata, request_fingerprint, created_at)
+), locked AS MATERIALIZED (
+    -- One global lock order: the batch's account rows are locked by id, ascending, before any
+    -- is updated (LockRows runs above the Sort, so rows are locked in the order they are sorted),
+    -- so two overlapping batches wait for each other instead of deadlocking. The UPDATE below
+    -- touches only these rows, already locked by this statement.
+    SELECT a.id AS account_id, i.*
+    FROM accounts a
+    JOIN input i ON a.oauth_provider = i.oauth_provider AND a.external_id = i.external_id
+    ORDER BY a.id
+    FOR UPDATE OF a
 ), spent AS (
     UPDATE accounts a SET
         last_charge_free_uses =
@@ -76,13 +86,15 @@ WITH input AS (
             ELSE a.paid_uses_remaining - (i.uses - a.free_uses_remaining) END,
         total_uses = a.total_uses + i.uses,
         updated_at = i.created_at
-    FROM input i
-    WHERE a.oauth_provider = i.oauth_provider AND a.external_id = i.external_id
+    FROM locked i
+    WHERE a.id = i.account_id
       AND a.status = 'active' AND a.free_uses_remaining + a.paid_uses_remaining >= i.uses
       AND (i.idempotency_key IS NULL
            OR NOT EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.key = i.idempotency_key))
     RETURNING a.id, a.free_uses_remaining, a.paid_uses_remaining, a.total_uses,
-              a.last_charge_free_uses, a.plan_name, i.*
+              a.last_charge_free_uses, a.plan_name, i.oauth_provider, i.external_id, i.uses,
+              i.idempotency_key, i.charge_id, i.amount_minor, i.currency, i.description,
+              i.metadata, i.request_fingerprint, i.created_at
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, idempotency_key, request_fingerprint,
