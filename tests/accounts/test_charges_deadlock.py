@@ -50,6 +50,7 @@ def attempt(n: int) -> ChargeAttempt:
         fingerprint=None,
         charge_id=new_id("ch"),
         at=utcnow(),
+        api_key_id="key_overlap_test",
     )
 
 

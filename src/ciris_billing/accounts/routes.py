@@ -89,7 +89,7 @@ async def create_account(
     request: Request,
     state: StateDep,
     work: UnitOfWorkDep,
-    _key: WriteKey,
+    principal: WriteKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Get or create an account; a new one starts with the free uses (and any initial balance)."""
@@ -109,7 +109,8 @@ async def create_account(
             log.info("account_created", account_id=row.id, oauth_provider=row.oauth_provider)
         return (201 if created else 200), account_body(row)
 
-    return await run_idempotent(request, work, key, body.model_dump(mode="json"), effect)
+    payload = body.model_dump(mode="json")
+    return await run_idempotent(request, work, principal, key, payload, effect)
 
 
 @router.get(
@@ -156,11 +157,11 @@ async def create_charge(
     body: ChargeCreate,
     request: Request,
     state: StateDep,
-    _key: WriteKey,
+    principal: WriteKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Record a use: free uses first, then paid ones. 402 when none is left; never below zero."""
-    return await answers.charge(state, request, body, idempotency_key)
+    return await answers.charge(state, request, body, idempotency_key, principal)
 
 
 @router.get(

@@ -80,8 +80,8 @@ async def _check(body: Any, _request: Request, state: AppState, headers: Headers
 
 
 async def _charge(body: Any, request: Request, state: AppState, headers: Headers) -> Response:
-    await authorize(state, headers, "write")
-    return await answers.charge(state, request, body, headers.get("idempotency-key"))
+    principal = await authorize(state, headers, "write")
+    return await answers.charge(state, request, body, headers.get("idempotency-key"), principal)
 
 
 @dataclass(frozen=True, slots=True)
