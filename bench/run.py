@@ -35,6 +35,9 @@ PSQL, PGBENCH, WRK = "/usr/bin/psql", "/usr/bin/pgbench", "/usr/bin/wrk"
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 DB, GROWTH_DB = "ciris_billing_bench", "ciris_billing_bench_growth"
 ACCOUNTS, GROWTH_ACCOUNTS = 10_000, 1_000_000
+# Charges over the first 1,000 accounts only: at 64 connections the two workers' batches share
+# accounts all the time (the lock-order scenario: overlapping batches must never deadlock).
+OVERLAP_ACCOUNTS = 1_000
 FREE_USES, PAID_USES = 3, 1_000_000  # every account can pay for every charge of the run
 CONNECTIONS = (8, 64)
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -367,6 +370,7 @@ def references(duration: int) -> dict[tuple[str, int], Row]:
     """pgbench on the bench database and the bare hello app: what the service is compared to."""
     refs: dict[tuple[str, int], Row] = {}
     random_accounts, hot = range(1, ACCOUNTS + 1), range(1)
+    overlapping = range(1, OVERLAP_ACCOUNTS + 1)
     with tempfile.TemporaryDirectory() as directory:
         sql = write_scripts(Path(directory))
         check, charge = sql["check.sql"], sql["charge.sql"]
@@ -374,6 +378,7 @@ def references(duration: int) -> dict[tuple[str, int], Row]:
             ("pgbench check", [check], random_accounts),
             ("pgbench charge", [charge], random_accounts),
             ("pgbench charge hot", [charge], hot),
+            ("pgbench charge 1k", [charge], overlapping),
             ("pgbench mix", [check, charge], random_accounts),
         ):
             for c in CONNECTIONS:
@@ -398,18 +403,20 @@ def service_command(port: int) -> list[str]:
     return [str(BIN / "ciris-billing"), *options.split()]
 
 
+# (name, wrk mode, accounts, reference)
 SCENARIOS = (
-    ("(a) check, random", "check", "pgbench check"),
-    ("(b) charge, random", "charge", "pgbench charge"),
-    ("(c) charge, hot account", "hot", "pgbench charge hot"),
-    ("(d) agent mix: check+charge", "mix", "pgbench mix"),
+    ("(a) check, random", "check", ACCOUNTS, "pgbench check"),
+    ("(b) charge, random", "charge", ACCOUNTS, "pgbench charge"),
+    ("(c) charge, hot account", "hot", ACCOUNTS, "pgbench charge hot"),
+    ("(d) agent mix: check+charge", "mix", ACCOUNTS, "pgbench mix"),
+    ("(e) charge, random, 1k accounts", "charge", OVERLAP_ACCOUNTS, "pgbench charge 1k"),
 )
 
 
 def service(
     key: str, duration: int, refs: dict[tuple[str, int], Row], idempotency: bool
 ) -> tuple[list[Row], str]:
-    """The four scenarios against `ciris-billing serve --workers 2`; rows and the hot check."""
+    """The scenarios against `ciris-billing serve --workers 2`; rows and the hot check."""
     rows: list[Row] = []
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -419,10 +426,12 @@ def service(
     ):
         wrk("warm-up", url, key, "check", 64, 2, pid)
         hot_before, hot_ok = total_uses(DB, 0), 0
-        for name, mode, ref in SCENARIOS:
+        for name, mode, accounts, ref in SCENARIOS:
             for c in CONNECTIONS:
                 prefix = f"bench-{time.time_ns()}" if idempotency else ""
-                row = wrk(name, url, key, mode, c, duration, pid, idempotency=prefix)
+                row = wrk(
+                    name, url, key, mode, c, duration, pid, accounts=accounts, idempotency=prefix
+                )
                 base = refs[ref, c]
                 row.ratio = f"{row.rps / base.rps:.2f} x {ref}"
                 if mode == "check":
@@ -553,6 +562,7 @@ def targets(rows: list[Row], refs: dict[tuple[str, int], Row], clean: bool) -> l
     charge64, charge8 = by["(b) charge, random", 64], by["(b) charge, random", 8]
     check64 = by["(a) check, random", 64]
     hot_errors = sum(by["(c) charge, hot account", c].errors for c in CONNECTIONS)
+    overlap_errors = sum(by["(e) charge, random, 1k accounts", c].errors for c in CONNECTIONS)
     vs_pgbench = charge64.rps / refs["pgbench charge", 64].rps
     vs_hello = check64.rps / refs["hello", 64].rps
     audit_text = "clean" if clean else "NOT clean"
@@ -562,6 +572,10 @@ def targets(rows: list[Row], refs: dict[tuple[str, int], Row], clean: bool) -> l
         (f"charges c=8 p99 < 20 ms: {charge8.p99:.1f} ms", charge8.p99 < 20),
         (f"checks c=64 >= 0.5 x hello: {vs_hello:.2f}", vs_hello >= 0.5),
         (f"hot account: {hot_errors} errors, audit {audit_text}", hot_errors == 0 and clean),
+        (
+            f"charges over 1k accounts (overlapping batches): {overlap_errors} errors",
+            overlap_errors == 0,
+        ),
     ]
     return [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks]
 

@@ -98,8 +98,9 @@ class Bought:
 class Model:
     books: dict[str, Book] = field(default_factory=dict)
     bought: dict[str, Bought] = field(default_factory=dict)
-    # Idempotency key → (the request that took it, its status, its body)
-    keys: dict[str, tuple[Any, int, Any]] = field(default_factory=dict)
+    # (API key's scope, idempotency key) → (the request that took it, its status, its body):
+    # keys are scoped to the API key that sent them (one API key per scope here).
+    keys: dict[tuple[str, str], tuple[Any, int, Any]] = field(default_factory=dict)
 
     def book(self, user: str) -> Book:
         """The account, created with its free uses on first sight."""
@@ -177,12 +178,12 @@ class Ledger(RuleBasedStateMachine):
             headers["Idempotency-Key"] = key
         return self.run(self.http.post(path, json=body, headers=headers))
 
-    def replayed(self, key: str | None, request: Any, response: httpx.Response) -> bool:
-        """Whether the answer came from an earlier request under this key: the same request
-        gets the first answer again (and nothing happens), another request a 409."""
-        if key is None or key not in self.model.keys:
+    def replayed(self, scope: str, key: str | None, request: Any, response: httpx.Response) -> bool:
+        """Whether the answer came from an earlier request under this API key's key: the same
+        request gets the first answer again (and nothing happens), another request a 409."""
+        if key is None or (scope, key) not in self.model.keys:
             return False
-        first_request, first_status, first_body = self.model.keys[key]
+        first_request, first_status, first_body = self.model.keys[scope, key]
         if request == first_request:
             assert response.status_code == first_status, (key, response.text)
             assert response.headers.get("Idempotent-Replayed") == "true", key
@@ -204,10 +205,10 @@ class Ledger(RuleBasedStateMachine):
         step, arguments = self.sent[pick % len(self.sent)]
         step(**arguments)
 
-    def remember(self, key: str | None, request: Any, response: httpx.Response) -> None:
-        """A request that succeeded holds its key; one that failed recorded nothing."""
+    def remember(self, scope: str, key: str | None, request: Any, response: httpx.Response) -> None:
+        """A request that succeeded holds its API key's key; one that failed recorded nothing."""
         if key is not None and response.is_success:
-            self.model.keys[key] = (request, response.status_code, response.json())
+            self.model.keys[scope, key] = (request, response.status_code, response.json())
 
     def get(self, path: str, scope: str = "read") -> httpx.Response:
         return self.run(self.http.get(path, headers={"X-API-Key": self.keys[scope]}))
@@ -231,9 +232,9 @@ class Ledger(RuleBasedStateMachine):
     def _charge(self, user: str, uses: int, key: str | None) -> None:
         request = ("/v1/billing/charges", {**who(user), "uses": uses})
         response = self.post(*request, key=key)
-        if self.replayed(key, request, response):
+        if self.replayed("write", key, request, response):
             return
-        self.remember(key, request, response)
+        self.remember("write", key, request, response)
         book = self.model.books.get(user, Book())
         if book.free + book.paid < uses:
             assert response.status_code == 402, response.text
@@ -347,9 +348,9 @@ class Ledger(RuleBasedStateMachine):
             {} if amount is None else {"amount_minor": amount},
         )
         response = self.post(*request, scope="admin", key=key)
-        if self.replayed(key, request, response):
+        if self.replayed("admin", key, request, response):
             return
-        self.remember(key, request, response)
+        self.remember("admin", key, request, response)
         left = PRICE - bought.refunded_minor
         if not bought.credited or bought.dispute in ("open", "lost"):
             assert response.status_code == 409, response.text  # no refund while disputed
@@ -407,9 +408,9 @@ class Ledger(RuleBasedStateMachine):
     def _grant(self, user: str, uses: int, key: str | None) -> None:
         request = ("/v1/billing/credits", {**who(user), "uses": uses, "reason": "test"})
         response = self.post(*request, scope="admin", key=key)
-        if self.replayed(key, request, response):
+        if self.replayed("admin", key, request, response):
             return
-        self.remember(key, request, response)
+        self.remember("admin", key, request, response)
         book = self.model.books.get(user, Book())
         if book.paid + uses < 0:
             assert response.status_code == 422, response.text

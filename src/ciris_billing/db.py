@@ -108,11 +108,14 @@ charges = Table(
     Column("currency", String(3), nullable=False),
     Column("description", String(500)),
     Column("metadata", JSON, nullable=False),
-    # A charge's idempotency key lives on the charge itself, unique: two requests with one key
-    # can never both commit a charge, and the retry's answer is rebuilt from this row (the
-    # fingerprint tells a retry from a different request; the *_after counters are the
-    # balances the first answer reported).
-    Column("idempotency_key", String(255), unique=True),
+    # The API key that made the charge: idempotency keys are scoped to it (SPEC.md), and it says
+    # who charged. '' on keyed charges made before keys were scoped (LEGACY_SCOPE).
+    Column("api_key_id", Id),
+    # A charge's idempotency key lives on the charge itself, unique per API key: two requests
+    # with one key from one API key can never both commit a charge, and the retry's answer is
+    # rebuilt from this row (the fingerprint tells a retry from a different request; the
+    # *_after counters are the balances the first answer reported).
+    Column("idempotency_key", String(255)),
     Column("request_fingerprint", String(64)),
     Column("free_uses_after", Uses),
     Column("paid_uses_after", Uses),
@@ -122,6 +125,7 @@ charges = Table(
     CheckConstraint("free_uses_used >= 0 AND paid_uses_used >= 0", name="split_not_negative"),
     CheckConstraint("free_uses_used + paid_uses_used = uses", name="split_adds_up"),
     CheckConstraint("amount_minor >= 0", name="amount_not_negative"),
+    UniqueConstraint("api_key_id", "idempotency_key"),
     Index(None, "account_id", "created_at"),
 )
 
@@ -178,10 +182,17 @@ api_keys = Table(
     Column("revoked_at", Timestamp),
 )
 
+# Idempotency keys of requests made before keys were scoped to API keys (migration 0007): which
+# API key sent them is unknown, so they are no API key's (idempotency.py refuses their reuse).
+LEGACY_SCOPE = ""
+
 idempotency_keys = Table(
     "idempotency_keys",
     metadata,
-    # The key is the primary key: two requests with one key can never both commit.
+    # Scoped to the API key that sent it (SPEC.md): (API key, key) is the primary key, so two
+    # requests with one key from one API key can never both commit; another API key's
+    # request with the same key is another request.
+    Column("api_key_id", Id, primary_key=True),
     Column("key", String(255), primary_key=True),
     Column("fingerprint", String(64), nullable=False),
     Column("response_status", Integer, nullable=False),

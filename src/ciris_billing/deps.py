@@ -163,14 +163,15 @@ Work = Callable[[AsyncConnection], Awaitable[tuple[int, Any]]]
 
 
 async def replay_if_known(
-    request: Request, work: UnitOfWork, key: str | None, payload: Any
+    request: Request, work: UnitOfWork, principal: Principal, key: str | None, payload: Any
 ) -> Response | None:
     """Before an effect outside our database (a provider call): the stored response for this
-    key, a 409 for a different request under it, or None to go ahead."""
+    API key's `key`, a 409 for a different request under it, or None to go ahead."""
     if key is None:
         return None
     request_fingerprint = idempotency.fingerprint(request.method, request.url.path, payload)
-    stored = await idempotency.lookup(await work.connection(), key, request_fingerprint)
+    conn = await work.connection()
+    stored = await idempotency.lookup(conn, principal.key_id, key, request_fingerprint)
     return None if stored is None else _replayed(stored)
 
 
@@ -184,18 +185,24 @@ def _replayed(stored: idempotency.StoredResponse) -> Response:
 
 
 async def run_idempotent(
-    request: Request, work: UnitOfWork, key: str | None, payload: Any, effect: Work
+    request: Request,
+    work: UnitOfWork,
+    principal: Principal,
+    key: str | None,
+    payload: Any,
+    effect: Work,
 ) -> Response:
-    """Run `effect` in the request's unit of work; with a key, record its response in the same
-    transaction or replay the stored one (the unit of work commits before the answer is sent)."""
+    """Run `effect` in the request's unit of work; with a key (scoped to `principal`, the
+    authenticated API key), record its response in the same transaction or replay the stored
+    one (the unit of work commits before the answer is sent)."""
     conn = await work.connection()
     if key is not None:
         request_fingerprint = idempotency.fingerprint(request.method, request.url.path, payload)
-        stored = await idempotency.claim(conn, key, request_fingerprint)
+        stored = await idempotency.claim(conn, principal.key_id, key, request_fingerprint)
         if stored is not None:
             return _replayed(stored)
     status_code, body = await effect(conn)
     text = json.dumps(body, separators=(",", ":"))
     if key is not None:
-        await idempotency.record(conn, key, status_code, text)
+        await idempotency.record(conn, principal.key_id, key, status_code, text)
     return Response(content=text, status_code=status_code, media_type="application/json")

@@ -242,6 +242,9 @@ def job_queue(settings: Settings) -> App:
     return queue
 
 
+SHUTDOWN_SECONDS = 8.0
+
+
 class JobWorker:
     """A procrastinate worker that runs until cancelled, started again after any failure (a
     killed database connection stops procrastinate's worker)."""
@@ -293,5 +296,10 @@ async def running_jobs(settings: Settings, engine: AsyncEngine, provider: Paymen
         yield task
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        # Bounded: shutdown never waits on the queue for long (a job in flight is retried by
+        # the next run: every step it takes is idempotent).
+        done, _ = await asyncio.wait({task}, timeout=SHUTDOWN_SECONDS)
+        if not done:
+            log.warning("jobs_worker_not_stopped", within_seconds=SHUTDOWN_SECONDS)
+        elif not task.cancelled() and (failure := task.exception()) is not None:
+            log.warning("jobs_worker_failed", error=_name(failure))

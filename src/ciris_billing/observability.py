@@ -63,6 +63,11 @@ BATCH_SIZE = Histogram(
     ["statement"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+STATEMENT_RETRIES = Counter(
+    "billing_statement_retries_total",
+    "Hot-path statements sent again after PostgreSQL rolled them back (deadlock, serialization)",
+    ["sqlstate"],
+)
 HTTP_LATENCY = Histogram(
     "billing_http_request_duration_seconds",
     "HTTP request latency by route template",

@@ -36,7 +36,7 @@ async def grant_credits(
     request: Request,
     state: StateDep,
     work: UnitOfWorkDep,
-    _key: AdminKey,
+    principal: AdminKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Grant (uses > 0) or take back (uses < 0) paid uses, with a reason; never below zero."""
@@ -57,7 +57,7 @@ async def grant_credits(
         }
 
     payload = body.model_dump(mode="json", exclude={"idempotency_key"})
-    return await run_idempotent(request, work, key, payload, effect)
+    return await run_idempotent(request, work, principal, key, payload, effect)
 
 
 async def _set_status(

@@ -21,6 +21,7 @@ from ciris_billing import idempotency
 from ciris_billing.accounts import charges, checks
 from ciris_billing.accounts.schemas import ChargeCreate, CreditCheck
 from ciris_billing.accounts.service import Identity
+from ciris_billing.auth import Principal
 from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.deps import AppState, json_response
 from ciris_billing.errors import PurchaseRequired
@@ -53,9 +54,14 @@ async def check(state: AppState, body: CreditCheck) -> Response:
 
 
 async def charge(
-    state: AppState, request: Request, body: ChargeCreate, key_header: str | None
+    state: AppState,
+    request: Request,
+    body: ChargeCreate,
+    key_header: str | None,
+    principal: Principal,
 ) -> Response:
-    """Record a use: 201 (replayed: Idempotent-Replayed), 402 with where to buy, 403, 409."""
+    """Record a use: 201 (replayed: Idempotent-Replayed), 402 with where to buy, 403, 409.
+    `principal` is the authenticated API key: its idempotency keys are its own."""
     key = idempotency.resolve_key(key_header, body.idempotency_key)
     identity = Identity(body.oauth_provider, body.external_id)
     state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
@@ -82,6 +88,7 @@ async def charge(
         metadata=body.metadata,
         idempotency_key=key,
         fingerprint=fingerprint,
+        api_key_id=principal.key_id,
         currency_named=body.currency is not None,
     )
     try:

@@ -6,8 +6,9 @@ atomic by itself, the account row locked only for that statement; charges that q
 together go out as one such statement. So:
 - the UPDATE re-checks the balance on the locked row, so no use is ever spent twice and no
   counter goes below zero (no read-modify-write in Python);
-- the charge's idempotency key is unique on `charges`, so of two requests with one key only one
-  can commit; the other is answered from the row that did commit (idempotency.py).
+- the charge's idempotency key is unique on `charges` per API key, so of two requests with one
+  key from one API key only one can commit; the other is answered from the row that did commit
+  (idempotency.py). Another API key's request with the same key is another charge.
 - the UPDATE's WHERE also requires the account's currency, so a charge in another currency
   changes nothing (422 from the slow path; SPEC.md) at no extra round trip when it succeeds.
 Anything but success (unknown account, no use left, suspended, another currency, a retried key)
@@ -38,7 +39,8 @@ from ciris_billing.unit_of_work import unit_of_work
 
 @dataclass(frozen=True, slots=True)
 class ChargeRequest:
-    """A validated charge. `fingerprint` (with a key) is computed at the edge (answers.py)."""
+    """A validated charge. `fingerprint` (with a key) is computed at the edge (answers.py);
+    `api_key_id` is the authenticated API key's, the idempotency key's scope."""
 
     identity: Identity
     uses: int
@@ -48,6 +50,7 @@ class ChargeRequest:
     metadata: dict[str, Any]
     idempotency_key: str | None
     fingerprint: str | None
+    api_key_id: str
     # False: the request named no currency, so `currency` is a default and the account's wins.
     currency_named: bool = True
 
@@ -96,6 +99,7 @@ async def charge(
             fingerprint=request.fingerprint,
             charge_id=new_id("ch"),
             at=utcnow(),
+            api_key_id=request.api_key_id,
         )
         spent = await store.charge(attempt)
         if spent is not None:
@@ -123,7 +127,7 @@ async def _after_refusal(
         conn = await work.connection()
         if request.idempotency_key is not None and request.fingerprint is not None:
             earlier = await idempotency.earlier_charge(
-                conn, request.idempotency_key, request.fingerprint
+                conn, request.api_key_id, request.idempotency_key, request.fingerprint
             )
             if earlier is not None:
                 return await _replay(conn, earlier.charge_id)

@@ -115,7 +115,8 @@ async def create_account(
             log.info("account_created", account_id=row.id, oauth_provider=row.oauth_provider)
         return (201 if created else 200), account_body(row)
 
-    return await run_idempotent(request, work, key, body.model_dump(mode="json"), effect)
+    payload = body.model_dump(mode="json")
+    return await run_idempotent(request, work, principal, key, payload, effect)
 
 
 @router.get(
@@ -162,11 +163,11 @@ async def create_charge(
     body: ChargeCreate,
     request: Request,
     state: StateDep,
-    _key: WriteKey,
+    principal: WriteKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Record a use: free uses first, then paid ones. 402 when none is left; never below zero."""
-    return await answers.charge(state, request, body, idempotency_key)
+    return await answers.charge(state, request, body, idempotency_key, principal)
 
 
 @router.get(

@@ -71,17 +71,21 @@ async def create_purchase(
     request: Request,
     state: StateDep,
     work: UnitOfWorkDep,
-    _key: WriteKey,
+    principal: WriteKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Start buying uses: a payment intent with the provider, paid with its `client_secret`."""
     key = idempotency.resolve_key(idempotency_key)
     payload = body.model_dump(mode="json")
-    replay = await replay_if_known(request, work, key, payload)
+    replay = await replay_if_known(request, work, principal, key, payload)
     if replay is not None:
         return replay
+    # The purchase id derives from the key as this API key's: another API key's purchase under
+    # the same key is another purchase (never its payment, nor its client_secret).
     order = service.PurchaseOrder(
-        accounts.Identity(body.oauth_provider, body.external_id), body.customer_email, key
+        accounts.Identity(body.oauth_provider, body.external_id),
+        body.customer_email,
+        None if key is None else service.scoped_key(principal.key_id, key),
     )
     started = await service.start_purchase(work, state.provider, state.pricing, order)
 
@@ -95,7 +99,7 @@ async def create_purchase(
             )
         return 201, answer
 
-    response = await run_idempotent(request, work, key, payload, effect)
+    response = await run_idempotent(request, work, principal, key, payload, effect)
     PURCHASES.labels(state.provider.name, "created").inc()
     log.info(
         f"{state.provider.name}_purchase_created",
@@ -126,7 +130,7 @@ async def refund_purchase(
     request: Request,
     state: StateDep,
     work: UnitOfWorkDep,
-    _key: AdminKey,
+    principal: AdminKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Refund all or part of a purchase; the refunded share of its uses goes back (rounded up),
@@ -137,10 +141,13 @@ async def refund_purchase(
         "payment_id": payment_id,
         **body.model_dump(mode="json", exclude={"idempotency_key"}),
     }
-    replay = await replay_if_known(request, work, key, payload)
+    replay = await replay_if_known(request, work, principal, key, payload)
     if replay is not None:
         return replay
-    provider_key = None if key is None else f"refund-{payment_id}-{key}"
+    # This API key's key: another API key's refund under the same key is another refund.
+    provider_key = (
+        None if key is None else f"refund-{payment_id}-{service.scoped_key(principal.key_id, key)}"
+    )
     made = await refunds.make_refund(
         work, state.provider, payment_id, body.amount_minor, provider_key
     )
@@ -148,7 +155,7 @@ async def refund_purchase(
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
         return 201, await refunds.record_refund(conn, state.provider.name, made, body.reason)
 
-    response = await run_idempotent(request, work, key, payload, effect)
+    response = await run_idempotent(request, work, principal, key, payload, effect)
     log.info(
         f"{state.provider.name}_refund_created",
         payment_id=payment_id,

@@ -38,6 +38,13 @@ from ciris_billing.unit_of_work import UnitOfWork
 FINAL_STATUSES = ("succeeded", "canceled")
 
 
+def scoped_key(api_key_id: str, idempotency_key: str) -> str:
+    """A client's idempotency key as its API key's own (SPEC.md: keys are scoped to the API
+    key), for ids and provider keys derived from it: a digest, so its length is bounded."""
+    digest = hashlib.sha256(f"{api_key_id}\x00{idempotency_key}".encode()).hexdigest()
+    return f"{api_key_id}:{digest[:32]}"
+
+
 def purchase_id_for(idempotency_key: str | None) -> str:
     """The local purchase id. From the client's key when it has one, so a retried request
     asks the provider with the same idempotency key and gets the same payment back."""
@@ -70,6 +77,8 @@ class StartedPurchase:
 class PurchaseOrder:
     identity: Identity
     customer_email: str | None
+    # Already scoped to who asked: an API key's (scoped_key) or a buy link's ("buy:..."), so
+    # two API keys using one key never find each other's purchase.
     idempotency_key: str | None
 
 

@@ -91,9 +91,9 @@ async def _check(
 
 
 async def _charge(
-    body: Any, request: Request, state: AppState, headers: Headers, _principal: Principal
+    body: Any, request: Request, state: AppState, headers: Headers, principal: Principal
 ) -> Response:
-    return await answers.charge(state, request, body, headers.get("idempotency-key"))
+    return await answers.charge(state, request, body, headers.get("idempotency-key"), principal)
 
 
 @dataclass(frozen=True, slots=True)

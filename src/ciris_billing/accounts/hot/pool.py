@@ -11,6 +11,12 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ciris_billing.db import POOL_TIMEOUT_SECONDS
+from ciris_billing.observability import STATEMENT_RETRIES, log
+
+# How many times one statement is sent when PostgreSQL rolls it back on a deadlock (40P01) or a
+# serialization failure (40001): a handful, then the error is the request's.
+STATEMENT_ATTEMPTS = 5
+_TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
 class DuplicateKey(Exception):
@@ -59,9 +65,11 @@ class StatementPool:
         return rows
 
     async def _run(self, method: str, sql: str, args: Sequence[Any]) -> Any:
-        """A connection whose statement failed for any reason other than a constraint is closed
-        rather than reused: the pool cannot tell a connection that survived from a lost one,
-        and replaces closed connections with new ones."""
+        """A statement that failed on a deadlock or a serialization failure is sent again (at
+        most STATEMENT_ATTEMPTS times), transparently. A connection whose statement failed for
+        any other reason than a constraint is closed rather than reused: the pool cannot tell a
+        connection that survived from a lost one, and replaces closed connections with new
+        ones."""
         if self._turns.locked():  # all connections busy: wait for a turn, within bounds
             async with asyncio.timeout(POOL_TIMEOUT_SECONDS):
                 await self._turns.acquire()
@@ -74,7 +82,7 @@ class StatementPool:
             # throughput).
             conn = await self._pool.acquire()
             try:
-                return await getattr(conn, method)(sql, *args)
+                return await self._send(conn, method, sql, args)
             except asyncpg.UniqueViolationError as exc:
                 raise DuplicateKey(str(exc)) from exc  # the connection is fine
             except asyncpg.IntegrityConstraintViolationError:
@@ -90,6 +98,22 @@ class StatementPool:
                 await self._pool.release(conn)
         finally:
             self._turns.release()
+
+    @staticmethod
+    async def _send(conn: asyncpg.Connection, method: str, sql: str, args: Sequence[Any]) -> Any:
+        for attempt in range(1, STATEMENT_ATTEMPTS + 1):
+            try:
+                return await getattr(conn, method)(sql, *args)
+            except _TRANSIENT as exc:
+                # Safe to send again: every statement here is a single autocommit statement, so
+                # PostgreSQL rolled all of it back (nothing changed), the connection is idle and
+                # usable, and the statement that won the deadlock holds its locks only until its
+                # commit, which the retry simply waits for.
+                if attempt == STATEMENT_ATTEMPTS:
+                    raise
+                STATEMENT_RETRIES.labels(exc.sqlstate).inc()
+                log.warning("statement_retried", sqlstate=exc.sqlstate, attempt=attempt)
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         await self._pool.close()

@@ -14,7 +14,8 @@ WHERE clause is per row), so the outcome for each charge is what it would be alo
 - a charge that cannot be made (no uses left, suspended, unknown, another currency than the
   account's, a retried key) simply returns no row, and its request takes the slow path as a
   single charge would;
-- if the batch fails on a unique key (a retried idempotency key racing its twin), its charges
+- if the batch fails on a unique key (a retried idempotency key racing its twin from the same
+  API key), its charges
   are sent again one by one, each getting its own answer; any other failure is every member's.
 """
 
@@ -29,7 +30,8 @@ from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
 
 # The parameters, in ChargeAttempt.parameters() order: $1 provider, $2 external id, $3 uses,
 # $4 idempotency key, $5 charge id, $6 amount, $7 currency, $8 description, $9 metadata (JSON
-# text), $10 request fingerprint, $11 the charge's time.
+# text), $10 request fingerprint, $11 the charge's time, $12 the API key's id (the idempotency
+# key's scope; '' = LEGACY_SCOPE, keys from before scoping, which are everyone's to refuse).
 CHARGE_SQL = """
 WITH spent AS (
     UPDATE accounts SET
@@ -43,29 +45,41 @@ WITH spent AS (
         updated_at = $11
     WHERE oauth_provider = $1 AND external_id = $2 AND status = 'active' AND currency = $7
       AND free_uses_remaining + paid_uses_remaining >= $3
-      AND ($4::text IS NULL OR NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $4))
+      AND ($4::text IS NULL OR NOT EXISTS (
+          SELECT 1 FROM idempotency_keys WHERE api_key_id IN ($12::text, '') AND key = $4))
     RETURNING id, free_uses_remaining, paid_uses_remaining, total_uses,
               last_charge_free_uses, plan_name
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
-                         currency, description, metadata, idempotency_key, request_fingerprint,
-                         free_uses_after, paid_uses_after, total_uses_after, created_at)
+                         currency, description, metadata, api_key_id, idempotency_key,
+                         request_fingerprint, free_uses_after, paid_uses_after,
+                         total_uses_after, created_at)
     SELECT $5, id, $3, last_charge_free_uses, $3 - last_charge_free_uses, $6, $7, $8, $9::json,
-           $4, $10, free_uses_remaining, paid_uses_remaining, total_uses, $11
+           $12, $4, $10, free_uses_remaining, paid_uses_remaining, total_uses, $11
     FROM spent
 )
 SELECT * FROM spent
 """
 
 # The same, for many charges: each parameter is an array with one element per charge, in the
-# same order ($9 metadata as JSON text, $11 each charge's own time).
+# same order ($9 metadata as JSON text, $11 each charge's own time, $12 its API key's id).
 BATCH_SQL = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
                          $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[],
-                         $11::timestamptz[])
+                         $11::timestamptz[], $12::text[])
         AS i(oauth_provider, external_id, uses, idempotency_key, charge_id, amount_minor,
-             currency, description, metadata, request_fingerprint, created_at)
+             currency, description, metadata, request_fingerprint, created_at, api_key_id)
+), locked AS MATERIALIZED (
+    -- One global lock order: the batch's account rows are locked by id, ascending, before any
+    -- is updated (LockRows runs above the Sort, so rows are locked in the order they are sorted),
+    -- so two overlapping batches wait for each other instead of deadlocking. The UPDATE below
+    -- touches only these rows, already locked by this statement.
+    SELECT a.id AS account_id, i.*
+    FROM accounts a
+    JOIN input i ON a.oauth_provider = i.oauth_provider AND a.external_id = i.external_id
+    ORDER BY a.id
+    FOR UPDATE OF a
 ), spent AS (
     UPDATE accounts a SET
         last_charge_free_uses =
@@ -77,20 +91,24 @@ WITH input AS (
             ELSE a.paid_uses_remaining - (i.uses - a.free_uses_remaining) END,
         total_uses = a.total_uses + i.uses,
         updated_at = i.created_at
-    FROM input i
-    WHERE a.oauth_provider = i.oauth_provider AND a.external_id = i.external_id
+    FROM locked i
+    WHERE a.id = i.account_id
       AND a.status = 'active' AND a.currency = i.currency
       AND a.free_uses_remaining + a.paid_uses_remaining >= i.uses
       AND (i.idempotency_key IS NULL
-           OR NOT EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.key = i.idempotency_key))
+           OR NOT EXISTS (SELECT 1 FROM idempotency_keys k
+                          WHERE k.api_key_id IN (i.api_key_id, '') AND k.key = i.idempotency_key))
     RETURNING a.id, a.free_uses_remaining, a.paid_uses_remaining, a.total_uses,
-              a.last_charge_free_uses, a.plan_name, i.*
+              a.last_charge_free_uses, a.plan_name, i.oauth_provider, i.external_id, i.uses,
+              i.idempotency_key, i.charge_id, i.amount_minor, i.currency, i.description,
+              i.metadata, i.request_fingerprint, i.created_at, i.api_key_id
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
-                         currency, description, metadata, idempotency_key, request_fingerprint,
-                         free_uses_after, paid_uses_after, total_uses_after, created_at)
+                         currency, description, metadata, api_key_id, idempotency_key,
+                         request_fingerprint, free_uses_after, paid_uses_after,
+                         total_uses_after, created_at)
     SELECT charge_id, id, uses, last_charge_free_uses, uses - last_charge_free_uses,
-           amount_minor, currency, description, metadata::json, idempotency_key,
+           amount_minor, currency, description, metadata::json, api_key_id, idempotency_key,
            request_fingerprint, free_uses_remaining, paid_uses_remaining, total_uses, created_at
     FROM spent
 )
@@ -115,9 +133,10 @@ class ChargeAttempt:
     fingerprint: str | None  # computed at the edge from the validated request
     charge_id: str
     at: datetime
+    api_key_id: str  # the API key that charges: its idempotency key's scope
 
     def parameters(self) -> tuple[Any, ...]:
-        """The statement's $1..$11, in the order CHARGE_SQL and BATCH_SQL name them."""
+        """The statement's $1..$12, in the order CHARGE_SQL and BATCH_SQL name them."""
         return (
             self.oauth_provider,
             self.external_id,
@@ -130,6 +149,7 @@ class ChargeAttempt:
             self.metadata_json,
             self.fingerprint,
             self.at,
+            self.api_key_id,
         )
 
 
