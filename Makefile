@@ -37,9 +37,11 @@ test-local: venv
 	scripts/test-local
 
 ## The guide's end-to-end suite: the guide's flows over HTTP, sandbox and Stripe (localstripe).
-E2E_TESTS := tests/test_guide_flow.py tests/test_purchases_sandbox.py tests/test_webhooks.py \
-	tests/test_refunds_disputes.py tests/test_e2e_stripe.py tests/test_multiprocess.py \
-	tests/test_checkout.py tests/test_checkout_browser.py tests/test_buy_link.py tests/test_client.py
+E2E_TESTS := tests/e2e/test_guide_flow.py tests/payments/test_purchases_sandbox.py \
+	tests/webhooks/test_webhooks.py tests/payments/test_refunds_disputes.py \
+	tests/e2e/test_e2e_stripe.py tests/operations/test_multiprocess.py \
+	tests/checkout/test_checkout.py tests/checkout/test_checkout_browser.py \
+	tests/checkout/test_buy_link.py tests/client/test_client.py
 test-e2e-python: venv
 	$(BIN)/pytest $(E2E_TESTS)
 

@@ -17,7 +17,7 @@ from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers import signing
 from ciris_billing.payments.providers.base import PaymentIntent
 from tests.conftest import Api, identity
-from tests.test_purchases_sandbox import USER, VISA, check, pay, purchase
+from tests.payments.test_purchases_sandbox import USER, VISA, check, pay, purchase
 
 SECRET = "whsec_sandbox_local_testing_only"
 ROUTE = "/v1/billing/webhooks/sandbox"

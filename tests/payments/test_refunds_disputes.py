@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from ciris_billing.db import credits, sandbox_payments
 from tests.conftest import Api, identity
-from tests.test_purchases_sandbox import VISA, check, pay, purchase
+from tests.payments.test_purchases_sandbox import VISA, check, pay, purchase
 
 USER = identity("refund-me@example.com")
 

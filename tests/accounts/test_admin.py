@@ -126,8 +126,8 @@ async def test_export_lists_everything_and_needs_admin(api: Api) -> None:
 
 
 async def test_operator_cli(api: Api) -> None:
-    from tests.servers import cli, service_env
-    from tests.test_refunds_disputes import paid_purchase
+    from tests.payments.test_refunds_disputes import paid_purchase
+    from tests.support.servers import cli, service_env
 
     env = service_env(api.database_url, PAYMENT_PROVIDER="sandbox")
     bought = await paid_purchase(api, USER)
@@ -153,8 +153,8 @@ async def test_operator_cli(api: Api) -> None:
 
 
 async def test_operator_lookups(api: Api) -> None:
-    from tests.servers import cli, service_env
-    from tests.test_refunds_disputes import paid_purchase
+    from tests.payments.test_refunds_disputes import paid_purchase
+    from tests.support.servers import cli, service_env
 
     env = service_env(api.database_url)
     bought = await paid_purchase(api, USER)

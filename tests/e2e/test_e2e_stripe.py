@@ -17,14 +17,14 @@ from sqlalchemy import text
 from ciris_billing.db import create_engine
 from ciris_billing.payments.providers import signing
 from tests.conftest import _truncate
-from tests.localstripe import (
+from tests.support.localstripe import (
     CARD_DECLINED_AT_CHARGE,
     CARD_REQUIRES_3DS,
     TEST_API_KEY,
     LocalStripe,
     run_localstripe,
 )
-from tests.servers import cli, create_key, running_service, service_env
+from tests.support.servers import cli, create_key, running_service, service_env
 
 WEBHOOK_SECRET = "whsec_e2e_localstripe_secret"
 PUBLISHABLE_KEY = "pk_test_e2e_publishable"

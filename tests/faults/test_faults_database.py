@@ -26,7 +26,7 @@ import pytest
 
 from ciris_billing.cli import migrate_database
 from tests.conftest import _truncate
-from tests.faults import (
+from tests.support.faults import (
     Attempt,
     LedgerCheck,
     charge_attempts,
@@ -38,7 +38,7 @@ from tests.faults import (
     tcp_fault_proxy,
     users,
 )
-from tests.servers import cli, create_key, free_port, running_service, service_env
+from tests.support.servers import cli, create_key, free_port, running_service, service_env
 
 UNAVAILABLE = {"error": "database_unavailable", "detail": "The database is unreachable; retry"}
 

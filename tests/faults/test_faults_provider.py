@@ -24,10 +24,10 @@ from sqlalchemy import func, select
 
 from ciris_billing.db import accounts, create_engine, credits, purchases, webhook_events
 from tests.conftest import _truncate
-from tests.faults import HttpFaultProxy, http_fault_proxy, signed_event
-from tests.localstripe import LocalStripe, run_localstripe
-from tests.servers import cli, create_key, running_service
-from tests.test_e2e_stripe import WEBHOOK_SECRET, stripe_env
+from tests.e2e.test_e2e_stripe import WEBHOOK_SECRET, stripe_env
+from tests.support.faults import HttpFaultProxy, http_fault_proxy, signed_event
+from tests.support.localstripe import LocalStripe, run_localstripe
+from tests.support.servers import cli, create_key, running_service
 
 TIMEOUT_SECONDS = "1"
 # Three attempts of 1 s, 0.5 s + 1 s of back-off between them, and some room for a busy machine.

@@ -19,7 +19,8 @@ from sqlalchemy import func, select, text
 
 from ciris_billing.db import create_engine, credits, webhook_events
 from tests.conftest import _truncate
-from tests.faults import (
+from tests.e2e.test_e2e_stripe import WEBHOOK_SECRET, Stack, stripe_env
+from tests.support.faults import (
     ServiceProcesses,
     charge_attempts,
     check_charges,
@@ -31,9 +32,8 @@ from tests.faults import (
     signed_event,
     users,
 )
-from tests.localstripe import run_localstripe
-from tests.servers import cli, create_key, running_service, service_env
-from tests.test_e2e_stripe import WEBHOOK_SECRET, Stack, stripe_env
+from tests.support.localstripe import run_localstripe
+from tests.support.servers import cli, create_key, running_service, service_env
 
 
 async def _open_transactions(database_url: str) -> int:

@@ -14,7 +14,7 @@ import httpx
 from sqlalchemy import update
 
 from ciris_billing.db import accounts, create_engine
-from tests.servers import free_port as _free_port
+from tests.support.servers import free_port as _free_port
 
 CLI = [sys.executable, "-m", "ciris_billing.cli"]
 

@@ -5,10 +5,10 @@
         stripe_server.register_webhook("http://127.0.0.1:PORT/v1/billing/webhooks/stripe", secret)
         stripe_server.pay(payment_id)  # pm_card_visa: succeeds; a signed webhook follows (~1 s)
 
-localstripe runs in its own process (started as `python -m tests.localstripe FD STATE_DIR` from
-the repository root) on 127.0.0.1 only, listening on a socket the parent binds to a free port and
-hands over, so there is no window in which another process could take the port. Its pickled state
-goes to STATE_DIR instead of the hard-coded /tmp/localstripe.pickle, and its log (HTTP access
+localstripe runs in its own process (started as `python -m tests.support.localstripe FD STATE_DIR`
+from the repository root) on 127.0.0.1 only, listening on a socket the parent binds to a free port
+and hands over, so there is no window in which another process could take the port. Its pickled
+state goes to STATE_DIR instead of the hard-coded /tmp/localstripe.pickle, and its log (HTTP access
 lines and webhook deliveries) to STATE_DIR/localstripe.log. On exit the process is stopped by its
 pid: terminate, then kill.
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # localstripe accepts any secret key that starts with "sk_" (and is longer than 5 characters).
 TEST_API_KEY = "sk_test_localstripe"
 STARTUP_TIMEOUT_SECONDS = 20.0
@@ -224,7 +224,13 @@ def run_localstripe(state_dir: Path) -> Iterator[LocalStripe]:
         listener.set_inheritable(True)
         with log_path.open("ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tests.localstripe", str(listener.fileno()), str(state_dir)],
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.support.localstripe",
+                    str(listener.fileno()),
+                    str(state_dir),
+                ],
                 cwd=REPO_ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -247,7 +253,6 @@ def run_localstripe(state_dir: Path) -> Iterator[LocalStripe]:
 
 def _serve(fd: int, state_dir: Path) -> None:
     from aiohttp import web
-
     from localstripe import resources, server  # type: ignore[import-untyped]
 
     state_file = state_dir / STATE_FILE

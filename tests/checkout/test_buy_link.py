@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from ciris_billing.checkout.links import buy_token, read_buy_token
 from ciris_billing.db import purchases
 from tests.conftest import Api, identity
-from tests.test_purchases_sandbox import VISA, check
+from tests.payments.test_purchases_sandbox import VISA, check
 
 USER = identity("buy-link@example.com")
 

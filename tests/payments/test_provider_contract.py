@@ -46,7 +46,7 @@ from ciris_billing.payments.providers.stripe import StripeProvider
 from ciris_billing.pricing import Pricing
 from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
-from tests.localstripe import TEST_API_KEY, LocalStripe, run_localstripe
+from tests.support.localstripe import TEST_API_KEY, LocalStripe, run_localstripe
 
 # stripe 16.1.0's HTTPXClient hands its form-encoded body to httpx as `data=<str>`, which
 # httpx 0.28 deprecates (it still sends it correctly).

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import _truncate
-from tests.faults import ServiceProcesses
-from tests.servers import cli, create_key, running_service, service_env
+from tests.support.faults import ServiceProcesses
+from tests.support.servers import cli, create_key, running_service, service_env
 
 
 async def test_two_workers_100_charges_23_uses(postgres_url: str, tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from ciris_billing.client import (
 from ciris_billing.client._core import retry_after_seconds
 from ciris_billing.client.models import parse_purchase
 from tests.conftest import make_settings
-from tests.servers import create_key, free_port, running_service, service_env
+from tests.support.servers import create_key, free_port, running_service, service_env
 
 GOOGLE = "oauth:google"
 VISA = "4242 4242 4242 4242"

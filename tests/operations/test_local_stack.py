@@ -35,12 +35,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ciris_billing.config import Settings
 from tests.conftest import Api, identity, pg_admin
-from tests.servers import free_port, running_service, service_env
+from tests.support.servers import free_port, running_service, service_env
 
 # PyYAML ships no type hints (its stubs are a separate package): use it as an untyped module.
 yaml: Any = importlib.import_module("yaml")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.local.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

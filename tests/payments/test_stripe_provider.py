@@ -25,7 +25,7 @@ from ciris_billing.payments.providers.base import (
     PaymentResult,
 )
 from ciris_billing.payments.providers.stripe import StripeProvider
-from tests.localstripe import (
+from tests.support.localstripe import (
     CARD_DECLINED_AT_CHARGE,
     CARD_REQUIRES_3DS,
     TEST_API_KEY,

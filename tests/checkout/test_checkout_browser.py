@@ -26,7 +26,7 @@ import pytest
 
 from ciris_billing.checkout import checkout_url
 from tests.conftest import IN_CI
-from tests.servers import create_key, running_service, service_env
+from tests.support.servers import create_key, running_service, service_env
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, ConsoleMessage, Page, Request, ViewportSize
@@ -42,7 +42,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 PHONE: ViewportSize = {"width": 390, "height": 844}
 
 VISA = "4242 4242 4242 4242"
