@@ -6,7 +6,10 @@ import json
 
 import httpx
 
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
+from tests.support.cli import cli
+from tests.support.flows import paid_purchase
+from tests.support.servers import service_env
 
 USER = identity("operator-target@example.com")
 ACCOUNT = "/v1/billing/accounts/oauth:google/operator-target@example.com"
@@ -126,8 +129,6 @@ async def test_export_lists_everything_and_needs_admin(api: Api) -> None:
 
 
 async def test_operator_cli(api: Api) -> None:
-    from tests.payments.test_refunds_disputes import paid_purchase
-    from tests.support.servers import cli, service_env
 
     env = service_env(api.database_url, PAYMENT_PROVIDER="sandbox")
     bought = await paid_purchase(api, USER)
@@ -153,8 +154,6 @@ async def test_operator_cli(api: Api) -> None:
 
 
 async def test_operator_lookups(api: Api) -> None:
-    from tests.payments.test_refunds_disputes import paid_purchase
-    from tests.support.servers import cli, service_env
 
     env = service_env(api.database_url)
     bought = await paid_purchase(api, USER)

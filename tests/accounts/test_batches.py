@@ -18,14 +18,15 @@ import pytest
 from ciris_billing import auth
 from ciris_billing.app import create_app
 from ciris_billing.observability import BATCH_SIZE
-from tests.conftest import Api, _truncate, make_settings
+from tests.support.api import Api, make_settings
+from tests.support.postgres import truncate
 
 CHARGES = "/v1/billing/charges"
 
 
 @pytest.fixture
 async def one_lane(postgres_url: str) -> AsyncIterator[Api]:
-    await _truncate(postgres_url)
+    await truncate(postgres_url)
     settings = make_settings(
         postgres_url, db_pool_size=1, free_uses_per_account=0, rate_limit_account_per_minute=60_000
     )

@@ -7,7 +7,7 @@ import asyncio
 from sqlalchemy import func, select
 
 from ciris_billing.db import accounts, credits
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
 
 
 async def test_100_concurrent_charges_spend_exactly_what_is_there(api: Api) -> None:

@@ -22,7 +22,7 @@ from ciris_billing import auth
 from ciris_billing.accounts.hot.asgi import HotPath, HotPathMismatch
 from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.app import create_app
-from tests.conftest import make_settings
+from tests.support.api import make_settings
 
 CHECK = "/v1/billing/credits/check"
 CHARGES = "/v1/billing/charges"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
 
 CHARGE = {**identity("retry@example.com"), "amount_minor": 100, "description": "Agent interaction"}
 

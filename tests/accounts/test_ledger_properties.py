@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -41,7 +42,8 @@ from ciris_billing.audit import AuditReport, audit
 from ciris_billing.db import accounts, create_engine, webhook_events
 from ciris_billing.db import purchases as purchases_table
 from ciris_billing.payments.providers import signing
-from tests.conftest import TABLES, make_settings
+from tests.support.api import make_settings
+from tests.support.postgres import TABLES
 
 T = TypeVar("T")
 
@@ -536,6 +538,7 @@ class TruncatedPostgres:
         return self.url
 
 
+@pytest.mark.slow
 def test_any_interleaving_keeps_the_books(postgres_url: str) -> None:
     databases: Databases = TruncatedPostgres(postgres_url)
 

@@ -9,7 +9,7 @@ import httpx
 from ciris_billing import auth
 from ciris_billing.app import create_app
 from ciris_billing.ratelimit import TokenBuckets
-from tests.conftest import Api, identity, make_settings
+from tests.support.api import Api, identity, make_settings
 
 
 async def test_oversized_bodies_are_413(api: Api) -> None:

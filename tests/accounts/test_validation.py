@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
 
 GOOD = {**identity("valid@example.com"), "amount_minor": 100, "currency": "USD", "metadata": {}}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ciris_billing import auth
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
 
 PROTECTED = [
     ("POST", "/v1/billing/accounts", "write"),
@@ -51,7 +51,7 @@ async def test_health_needs_no_key(api: Api) -> None:
 
 
 async def test_revoked_key_stops_working(database_url: str) -> None:
-    from tests.conftest import make_settings
+    from tests.support.api import make_settings
 
     settings = make_settings(database_url, api_key_cache_seconds=0)
     from ciris_billing.app import create_app

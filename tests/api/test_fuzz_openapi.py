@@ -38,8 +38,8 @@ from ciris_billing.app import create_app
 from ciris_billing.audit import AuditReport, audit
 from ciris_billing.db import create_engine
 from ciris_billing.payments.providers import signing
-from tests.conftest import UNUSED_DATABASE_URL, make_settings
-from tests.conftest import _truncate as truncate
+from tests.support.api import UNUSED_DATABASE_URL, make_settings
+from tests.support.postgres import truncate
 
 VISA = "4242 4242 4242 4242"
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]

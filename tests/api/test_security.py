@@ -10,7 +10,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from ciris_billing.app import create_app
-from tests.conftest import UNUSED_DATABASE_URL, Api, make_settings
+from tests.support.api import UNUSED_DATABASE_URL, Api, make_settings
 
 # Public by design: liveness, the payment page (its secret is the payment's client secret),
 # the buy link (signed), the webhooks (signed) and the sandbox's card confirmation.

@@ -6,7 +6,7 @@ from sqlalchemy import func, select
 
 from ciris_billing.db import accounts, idempotency_keys
 from ciris_billing.unit_of_work import UnitOfWork, unit_of_work
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
 
 NEWCOMER = identity("uow-newcomer@example.com")
 

@@ -9,8 +9,8 @@ from sqlalchemy import func, select
 
 from ciris_billing.checkout.links import buy_token, read_buy_token
 from ciris_billing.db import purchases
-from tests.conftest import Api, identity
-from tests.payments.test_purchases_sandbox import VISA, check
+from tests.support.api import Api, identity
+from tests.support.flows import VISA, check
 
 USER = identity("buy-link@example.com")
 

@@ -15,7 +15,7 @@ from ciris_billing import auth
 from ciris_billing.app import create_app
 from ciris_billing.checkout import checkout_url
 from ciris_billing.checkout.routes import content_security_policy, format_price
-from tests.conftest import Api, identity, make_settings
+from tests.support.api import Api, identity, make_settings
 from tests.support.localstripe import TEST_API_KEY, LocalStripe, run_localstripe
 
 USER = identity("checkout@example.com")

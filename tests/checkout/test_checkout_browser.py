@@ -25,8 +25,11 @@ import httpx
 import pytest
 
 from ciris_billing.checkout import checkout_url
-from tests.conftest import IN_CI
-from tests.support.servers import create_key, running_service, service_env
+from tests.support.api import IN_CI
+from tests.support.cli import create_key
+from tests.support.servers import running_service, service_env
+
+pytestmark = pytest.mark.slow  # a real service process and headless Chromium
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, ConsoleMessage, Page, Request, ViewportSize

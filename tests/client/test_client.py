@@ -35,8 +35,9 @@ from ciris_billing.client import (
 )
 from ciris_billing.client._core import retry_after_seconds
 from ciris_billing.client.models import parse_purchase
-from tests.conftest import make_settings
-from tests.support.servers import create_key, free_port, running_service, service_env
+from tests.support.api import make_settings
+from tests.support.cli import create_key
+from tests.support.servers import free_port, running_service, service_env
 
 GOOGLE = "oauth:google"
 VISA = "4242 4242 4242 4242"
@@ -391,6 +392,7 @@ def server(fresh_database: str, tmp_path: Path) -> Server:
     return Server(env, create_key(env, "write"), free_port(), tmp_path)
 
 
+@pytest.mark.slow
 async def test_retries_ride_out_a_restart(server: Server, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="ciris_billing.client")
     who = user()

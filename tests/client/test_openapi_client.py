@@ -29,7 +29,7 @@ from fastapi.routing import APIRoute
 from ciris_billing import auth
 from ciris_billing.app import create_app
 from ciris_billing.audit import audit
-from tests.conftest import make_settings
+from tests.support.api import make_settings
 
 PACKAGE = "ciris_billing_generated_client"
 SCHEMES = {

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,85 +15,25 @@ from sqlalchemy import text
 
 from ciris_billing.db import create_engine
 from ciris_billing.payments.providers import signing
-from tests.conftest import _truncate
+from tests.support.cli import cli, create_key
 from tests.support.localstripe import (
     CARD_DECLINED_AT_CHARGE,
     CARD_REQUIRES_3DS,
     TEST_API_KEY,
-    LocalStripe,
     run_localstripe,
 )
-from tests.support.servers import cli, create_key, running_service, service_env
+from tests.support.postgres import truncate
+from tests.support.servers import running_service
+from tests.support.stripe_stack import PUBLISHABLE_KEY, WEBHOOK_SECRET, Stack, stripe_env
 
-WEBHOOK_SECRET = "whsec_e2e_localstripe_secret"
-PUBLISHABLE_KEY = "pk_test_e2e_publishable"
-
-
-@dataclass
-class Stack:
-    base: str
-    key: str
-    stripe: LocalStripe
-    env: dict[str, str]
-    log_path: Path
-
-    def post(self, path: str, body: Any, **headers: str) -> httpx.Response:
-        return httpx.post(
-            self.base + path, json=body, headers={"X-API-Key": self.key, **headers}, timeout=30
-        )
-
-    def get(self, path: str, **params: str) -> httpx.Response:
-        return httpx.get(
-            self.base + path, params=params, headers={"X-API-Key": self.key}, timeout=30
-        )
-
-    def check(self, external_id: str) -> dict[str, Any]:
-        body: dict[str, Any] = self.post(
-            "/v1/billing/credits/check",
-            {"oauth_provider": "oauth:google", "external_id": external_id, "context": {}},
-        ).json()
-        return body
-
-    def purchase(self, external_id: str) -> dict[str, Any]:
-        response = self.post(
-            "/v1/billing/purchases",
-            {
-                "oauth_provider": "oauth:google",
-                "external_id": external_id,
-                "customer_email": external_id,
-            },
-        )
-        assert response.status_code == 201, response.text
-        body: dict[str, Any] = response.json()
-        return body
-
-    def wait_for_purchase(
-        self, payment_id: str, status: str, timeout: float = 20
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            body: dict[str, Any] = self.get(f"/v1/billing/purchases/{payment_id}").json()
-            if body["status"] == status or time.monotonic() > deadline:
-                return body
-            time.sleep(0.2)
-
-
-def stripe_env(database_url: str, api_base: str) -> dict[str, str]:
-    return service_env(
-        database_url,
-        PAYMENT_PROVIDER="stripe",
-        STRIPE_API_KEY=TEST_API_KEY,
-        STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        STRIPE_PUBLISHABLE_KEY=PUBLISHABLE_KEY,
-        STRIPE_API_BASE=api_base,
-    )
+pytestmark = pytest.mark.slow  # a real service process and localstripe
 
 
 @pytest.fixture(scope="module")
 def stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     import asyncio
 
-    asyncio.run(_truncate(postgres_url))
+    asyncio.run(truncate(postgres_url))
     state_dir = tmp_path_factory.mktemp("localstripe")
     with run_localstripe(state_dir) as stripe_server:
         env = stripe_env(postgres_url, stripe_server.base_url)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
 
 USER = identity("stripe-test@example.com")
 CHECK = {**USER, "context": {}}

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from ciris_billing.cli import migrate_database
-from tests.conftest import _truncate
+from tests.support.cli import cli, create_key
 from tests.support.faults import (
     Attempt,
     LedgerCheck,
@@ -38,7 +38,10 @@ from tests.support.faults import (
     tcp_fault_proxy,
     users,
 )
-from tests.support.servers import cli, create_key, free_port, running_service, service_env
+from tests.support.postgres import truncate
+from tests.support.servers import free_port, running_service, service_env
+
+pytestmark = pytest.mark.slow  # real service processes, connections killed
 
 UNAVAILABLE = {"error": "database_unavailable", "detail": "The database is unreachable; retry"}
 
@@ -83,7 +86,7 @@ async def _recovered(http: httpx.AsyncClient, prefix: str, count: int = 24) -> N
 async def test_connections_killed_while_charging(
     postgres_url: str, postgres_admin_url: str, tmp_path: Path
 ) -> None:
-    await _truncate(postgres_url)
+    await truncate(postgres_url)
     database = urlsplit(postgres_url).path.lstrip("/")
     env = service_env(postgres_url, RATE_LIMIT_ACCOUNT_PER_MINUTE="60000")
     key = create_key(env, "write")
@@ -195,7 +198,7 @@ async def _outage_while_charging(
 async def test_database_down_then_back(postgres_url: str, tmp_path: Path) -> None:
     """A restart, seen from the service (the shared server itself is never restarted): a TCP
     proxy between the service and PostgreSQL cuts every connection and refuses new ones."""
-    await _truncate(postgres_url)
+    await truncate(postgres_url)
     parts = urlsplit(postgres_url)
     with tcp_fault_proxy(parts.port or 5432) as proxy:
         via_proxy = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
@@ -240,9 +243,7 @@ def _private_postgresql() -> Iterator[tuple[str, Callable[..., None]]]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-@pytest.mark.skipif(
-    os.environ.get("SOAK") != "1", reason="SOAK=1: restarts a private PostgreSQL server"
-)
+@pytest.mark.soak
 async def test_postgresql_restarted_while_charging(tmp_path: Path) -> None:
     """pg_ctl stop (fast), 1.5 s down, pg_ctl start, while charges run: the same promises."""
     with _private_postgresql() as (url, pg_ctl):

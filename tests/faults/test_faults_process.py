@@ -18,8 +18,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from ciris_billing.db import create_engine, credits, webhook_events
-from tests.conftest import _truncate
-from tests.e2e.test_e2e_stripe import WEBHOOK_SECRET, Stack, stripe_env
+from tests.support.cli import cli, create_key
 from tests.support.faults import (
     ServiceProcesses,
     charge_attempts,
@@ -33,7 +32,11 @@ from tests.support.faults import (
     users,
 )
 from tests.support.localstripe import run_localstripe
-from tests.support.servers import cli, create_key, running_service, service_env
+from tests.support.postgres import truncate
+from tests.support.servers import running_service, service_env
+from tests.support.stripe_stack import WEBHOOK_SECRET, Stack, stripe_env
+
+pytestmark = pytest.mark.slow  # real service processes, workers killed
 
 
 async def _open_transactions(database_url: str) -> int:
@@ -53,7 +56,7 @@ async def _open_transactions(database_url: str) -> int:
 
 
 async def test_worker_killed_in_the_middle_of_charges(postgres_url: str, tmp_path: Path) -> None:
-    await _truncate(postgres_url)
+    await truncate(postgres_url)
     env = service_env(postgres_url, RATE_LIMIT_ACCOUNT_PER_MINUTE="60000")
     key = create_key(env, "write")
     prefix = "sigkill"
@@ -156,7 +159,7 @@ async def test_worker_killed_while_handling_a_webhook(postgres_url: str, tmp_pat
     """payment_intent.succeeded arrives; the worker stores it, asks Stripe (slow: a delaying
     proxy) and is SIGKILLed while it waits. The event is stored, not handled, nothing credited;
     `webhooks replay` credits it once; a redelivery and `reconcile` add nothing."""
-    await _truncate(postgres_url)
+    await truncate(postgres_url)
     user = "sigkill-webhook@example.com"
     event_id = f"evt_sigkill_{time.monotonic_ns()}"
     log_path = tmp_path / "server.log"

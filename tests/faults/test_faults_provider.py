@@ -23,11 +23,14 @@ import pytest
 from sqlalchemy import func, select
 
 from ciris_billing.db import accounts, create_engine, credits, purchases, webhook_events
-from tests.conftest import _truncate
-from tests.e2e.test_e2e_stripe import WEBHOOK_SECRET, stripe_env
+from tests.support.cli import cli, create_key
 from tests.support.faults import HttpFaultProxy, http_fault_proxy, signed_event
 from tests.support.localstripe import LocalStripe, run_localstripe
-from tests.support.servers import cli, create_key, running_service
+from tests.support.postgres import truncate
+from tests.support.servers import running_service
+from tests.support.stripe_stack import WEBHOOK_SECRET, stripe_env
+
+pytestmark = pytest.mark.slow  # real service processes, localstripe stopped or slowed
 
 TIMEOUT_SECONDS = "1"
 # Three attempts of 1 s, 0.5 s + 1 s of back-off between them, and some room for a busy machine.
@@ -106,7 +109,7 @@ def purchases_of(database_url: str, user: str) -> int:
 
 @pytest.fixture(scope="module")
 def faulty(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulty]:
-    asyncio.run(_truncate(postgres_url))
+    asyncio.run(truncate(postgres_url))
     state_dir = tmp_path_factory.mktemp("localstripe-faults")
     with http_fault_proxy("http://127.0.0.1:9") as proxy:
         env = {**stripe_env(postgres_url, proxy.url), "STRIPE_TIMEOUT_SECONDS": TIMEOUT_SECONDS}

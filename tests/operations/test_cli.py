@@ -1,4 +1,8 @@
-"""The operator's commands: first-start key, keys create/list/revoke, audit, migrate."""
+"""The operator's commands: first-start key, keys create/list/revoke, audit, migrate.
+
+Commands run in process (click's runner, tests/support/cli.py); `serve` runs as the real
+process it is: the first start's key, the refusal of unsafe configurations, and the embedded
+PostgreSQL when DATABASE_URL is unset."""
 
 from __future__ import annotations
 
@@ -11,19 +15,21 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import update
 
 from ciris_billing.db import accounts, create_engine
+from tests.support.cli import CliResult, cli
 from tests.support.servers import free_port as _free_port
 
 CLI = [sys.executable, "-m", "ciris_billing.cli"]
 
 
-def run(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": database_url}
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=60)
+def run(database_url: str, *args: str) -> CliResult:
+    return cli({**os.environ, "DATABASE_URL": database_url}, *args)
 
 
+@pytest.mark.slow
 def test_first_start_prints_an_admin_key_once(fresh_database: str, tmp_path: Path) -> None:
     database_url = fresh_database
     port = _free_port()
@@ -116,6 +122,7 @@ def test_audit_finds_a_tampered_counter(fresh_database: str) -> None:
     assert "d@e.f" not in audited.stdout
 
 
+@pytest.mark.slow
 def test_unsafe_payment_configurations_refuse_to_start(fresh_database: str) -> None:
     database_url = fresh_database
     cases = [
@@ -150,6 +157,7 @@ def _postgres_serving(data_dir: Path) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_serve_without_database_url_runs_embedded_postgres(tmp_path: Path) -> None:
     """No DATABASE_URL: `serve` starts an embedded PostgreSQL in .data/postgres under its
     working directory, says where, serves on it, stops it on SIGTERM, and finds the data kept

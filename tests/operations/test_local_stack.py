@@ -34,7 +34,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ciris_billing.config import Settings
-from tests.conftest import Api, identity, pg_admin
+from tests.support.api import Api, identity
+from tests.support.postgres import pg_admin
 from tests.support.servers import free_port, running_service, service_env
 
 # PyYAML ships no type hints (its stubs are a separate package): use it as an untyped module.
@@ -547,6 +548,7 @@ def builder_completeness_check() -> str:
     return match[1]
 
 
+@pytest.mark.slow
 def test_the_builder_refuses_an_install_that_lacks_package_files(tmp_path: Path) -> None:
     code = builder_completeness_check()
     # Here the package is installed editable (from src/): nothing can be missing.
@@ -593,6 +595,7 @@ def run_healthcheck(command: list[str], port: int) -> int:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
 
 
+@pytest.mark.slow
 def test_the_health_checks_pass_on_a_serving_app_and_fail_without_one(
     fresh_database: str, tmp_path: Path
 ) -> None:
@@ -608,6 +611,7 @@ def test_the_health_checks_pass_on_a_serving_app_and_fail_without_one(
     assert run_healthcheck(command, port) != 0
 
 
+@pytest.mark.slow
 def test_alembic_upgrade_head_works_from_the_image_workdir(
     empty_database: str, tmp_path: Path
 ) -> None:
@@ -758,6 +762,7 @@ def test_script_is_executable_bash_with_strict_mode() -> None:
     assert "set -euo pipefail" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dry_run", ["--check", "TEST_LOCAL_DRY_RUN=1"])
 def test_check_mode_falls_back_to_local_processes_and_migrates(
     empty_database: str, tmp_path: Path, dry_run: str
@@ -781,6 +786,7 @@ def test_check_mode_falls_back_to_local_processes_and_migrates(
     assert elapsed < 30
 
 
+@pytest.mark.slow
 def test_check_mode_on_this_machine_as_it_is(empty_database: str, tmp_path: Path) -> None:
     """No fake docker: whatever this machine has, the script picks a path quickly and says so."""
     database = empty_database
@@ -793,6 +799,7 @@ def test_check_mode_on_this_machine_as_it_is(empty_database: str, tmp_path: Path
     assert elapsed < 30
 
 
+@pytest.mark.slow
 def test_a_hanging_docker_client_is_given_up_on_quickly(
     empty_database: str, tmp_path: Path
 ) -> None:
@@ -830,6 +837,7 @@ def test_forcing_docker_without_an_engine_fails_clearly(tmp_path: Path) -> None:
     assert "--docker: the Docker engine is not reachable" in result.stderr
 
 
+@pytest.mark.slow
 def test_dotenv_database_url_is_used(empty_database: str, tmp_path: Path) -> None:
     root = isolated_root(tmp_path)
     database = empty_database
@@ -841,6 +849,7 @@ def test_dotenv_database_url_is_used(empty_database: str, tmp_path: Path) -> Non
     assert is_migrated(database)
 
 
+@pytest.mark.slow
 def test_embedded_postgres_when_no_url_and_no_local_postgres(tmp_path: Path) -> None:
     root = isolated_root(tmp_path)
     env = script_env(
@@ -868,6 +877,7 @@ async def _pg_tables(url: str) -> set[str]:
     return {row["tablename"] for row in rows}
 
 
+@pytest.mark.slow
 def test_local_postgres_database_is_created_when_missing(
     postgres_admin_url: str, tmp_path: Path
 ) -> None:

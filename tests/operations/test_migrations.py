@@ -12,7 +12,7 @@ from sqlalchemy import Connection, text
 
 from ciris_billing.audit import audit
 from ciris_billing.db import create_engine, metadata
-from tests.conftest import _with_database, pg_admin
+from tests.support.postgres import pg_admin, with_database
 
 
 def _diff(connection: Connection) -> list[object]:
@@ -33,7 +33,7 @@ async def test_upgrading_a_database_that_holds_data(postgres_admin_url: str) -> 
     name = f"ciris_billing_upgrade_{uuid.uuid4().hex[:8]}"
     await pg_admin(postgres_admin_url, f'CREATE DATABASE "{name}"')
     try:
-        await _upgrade_with_data(_with_database(postgres_admin_url, name))
+        await _upgrade_with_data(with_database(postgres_admin_url, name))
     finally:
         await pg_admin(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -9,14 +9,18 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.conftest import _truncate
+from tests.support.cli import cli, create_key
 from tests.support.faults import ServiceProcesses
-from tests.support.servers import cli, create_key, running_service, service_env
+from tests.support.postgres import truncate
+from tests.support.servers import running_service, service_env
+
+pytestmark = pytest.mark.slow  # real service processes (2 workers)
 
 
 async def test_two_workers_100_charges_23_uses(postgres_url: str, tmp_path: Path) -> None:
-    await _truncate(postgres_url)
+    await truncate(postgres_url)
     env = service_env(postgres_url)
     key = create_key(env, "write")
     log_path = tmp_path / "server.log"

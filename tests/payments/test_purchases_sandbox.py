@@ -3,45 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from sqlalchemy import text
 
-from tests.conftest import Api, identity
-
-USER = identity("buyer@example.com")
-VISA = "4242 4242 4242 4242"
-DECLINED = "4000 0000 0000 9995"
-NEEDS_3DS = "4000 0025 0000 3155"
-
-
-async def exhaust_free_uses(api: Api, user: dict[str, str] = USER) -> None:
-    for _ in range(3):
-        assert (await api.post("/v1/billing/charges", user)).status_code == 201
-
-
-async def purchase(
-    api: Api, user: dict[str, str] = USER, idempotency_key: str | None = None
-) -> dict[str, Any]:
-    headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
-    response = await api.post(
-        "/v1/billing/purchases", {**user, "customer_email": user["external_id"]}, **headers
-    )
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-async def pay(api: Api, bought: dict[str, Any], card: str) -> Any:
-    return await api.http.post(
-        f"/v1/billing/sandbox/payment_intents/{bought['payment_id']}/confirm",
-        json={"client_secret": bought["client_secret"], "card_number": card},
-    )
-
-
-async def check(api: Api, user: dict[str, str] = USER) -> dict[str, Any]:
-    body: dict[str, Any] = (await api.post("/v1/billing/credits/check", user)).json()
-    return body
+from tests.support.api import Api, identity
+from tests.support.flows import (
+    BUYER,
+    DECLINED,
+    NEEDS_3DS,
+    VISA,
+    check,
+    exhaust_free_uses,
+    pay,
+    purchase,
+)
 
 
 async def test_buy_20_uses_with_4242(api: Api) -> None:
@@ -85,7 +60,7 @@ async def test_buy_20_uses_with_4242(api: Api) -> None:
     assert [row.external_transaction_id for row in rows] == [bought["payment_id"]]
     assert rows[0].paid_uses_delta == 20
 
-    charged = await api.post("/v1/billing/charges", USER)
+    charged = await api.post("/v1/billing/charges", BUYER)
     assert charged.json()["paid_uses_used"] == 1
     assert (await api.audit()).clean
 
@@ -170,9 +145,9 @@ async def test_two_purchases_paid_credit_40(api: Api) -> None:
 
 
 async def test_purchase_needs_a_write_key(api: Api) -> None:
-    response = await api.post("/v1/billing/purchases", USER, scope="read")
+    response = await api.post("/v1/billing/purchases", BUYER, scope="read")
     assert response.status_code == 403
-    no_key = await api.http.post("/v1/billing/purchases", json=USER)
+    no_key = await api.http.post("/v1/billing/purchases", json=BUYER)
     assert no_key.status_code == 401
 
 

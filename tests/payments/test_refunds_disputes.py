@@ -8,16 +8,10 @@ from typing import Any
 from sqlalchemy import select
 
 from ciris_billing.db import credits, sandbox_payments
-from tests.conftest import Api, identity
-from tests.payments.test_purchases_sandbox import VISA, check, pay, purchase
+from tests.support.api import Api, identity
+from tests.support.flows import check, paid_purchase, purchase
 
 USER = identity("refund-me@example.com")
-
-
-async def paid_purchase(api: Api, user: dict[str, str] = USER) -> dict[str, Any]:
-    bought = await purchase(api, user)
-    assert (await pay(api, bought, VISA)).json()["status"] == "succeeded"
-    return bought
 
 
 async def refund(
@@ -44,7 +38,7 @@ async def provider_refunded(api: Api, payment_id: str) -> int:
 
 
 async def test_full_refund_takes_the_uses_back(api: Api) -> None:
-    bought = await paid_purchase(api)
+    bought = await paid_purchase(api, USER)
     refunded = await refund(api, bought["payment_id"])
     assert refunded.status_code == 201, refunded.text
     body = refunded.json()
@@ -57,7 +51,7 @@ async def test_full_refund_takes_the_uses_back(api: Api) -> None:
 
 
 async def test_partial_refunds_round_uses_up(api: Api) -> None:
-    bought = await paid_purchase(api)
+    bought = await paid_purchase(api, USER)
     first = (await refund(api, bought["payment_id"], {"amount_minor": 1})).json()
     assert (first["uses_reversed"], first["purchase_status"]) == (1, "partially_refunded")
     second = (await refund(api, bought["payment_id"], {"amount_minor": 249})).json()
@@ -73,7 +67,7 @@ async def test_partial_refunds_round_uses_up(api: Api) -> None:
 
 
 async def test_refund_after_spending_records_the_shortfall(api: Api) -> None:
-    bought = await paid_purchase(api)
+    bought = await paid_purchase(api, USER)
     for _ in range(3 + 15):  # the free uses, then 15 of the 20 paid ones
         assert (await api.post("/v1/billing/charges", USER)).status_code == 201
     body = (await refund(api, bought["payment_id"])).json()
@@ -84,7 +78,7 @@ async def test_refund_after_spending_records_the_shortfall(api: Api) -> None:
 
 
 async def test_same_key_refunds_once(api: Api) -> None:
-    bought = await paid_purchase(api)
+    bought = await paid_purchase(api, USER)
     first = await refund(
         api, bought["payment_id"], {"amount_minor": 100}, **{"Idempotency-Key": "rf-1"}
     )
@@ -98,7 +92,7 @@ async def test_same_key_refunds_once(api: Api) -> None:
 
 
 async def test_refunding_more_than_was_paid_is_422(api: Api) -> None:
-    bought = await paid_purchase(api)
+    bought = await paid_purchase(api, USER)
     assert (
         await refund(api, bought["payment_id"], {"amount_minor": 400}, **{"Idempotency-Key": "a"})
     ).status_code == 201
@@ -125,7 +119,7 @@ async def test_unpaid_or_unknown_purchases_cannot_be_refunded(api: Api) -> None:
 
 
 async def test_dashboard_refund_arrives_by_webhook_then_api_refunds_the_rest(api: Api) -> None:
-    bought = await paid_purchase(api)
+    bought = await paid_purchase(api, USER)
     outside = await api.post(
         f"/v1/billing/sandbox/payment_intents/{bought['payment_id']}/dashboard_refund",
         {"amount_minor": 250},
@@ -151,7 +145,7 @@ async def dispute(api: Api, payment_id: str, status: str) -> Any:
 
 
 async def test_dispute_holds_then_lost_removes(api: Api) -> None:
-    bought = await paid_purchase(api)
+    bought = await paid_purchase(api, USER)
     for _ in range(3 + 5):
         await api.post("/v1/billing/charges", USER)
     assert (await dispute(api, bought["payment_id"], "needs_response")).status_code == 200
@@ -166,7 +160,7 @@ async def test_dispute_holds_then_lost_removes(api: Api) -> None:
 
 
 async def test_dispute_won_releases_the_hold(api: Api) -> None:
-    bought = await paid_purchase(api)
+    bought = await paid_purchase(api, USER)
     await dispute(api, bought["payment_id"], "needs_response")
     assert (await check(api, USER))["credits_remaining"] == 0
     await dispute(api, bought["payment_id"], "won")

@@ -1,4 +1,5 @@
-"""Run the real service (`ciris-billing serve`) and CLI in subprocesses, on 127.0.0.1 only."""
+"""Run the real service (`ciris-billing serve`) in a subprocess, on 127.0.0.1 only (the other
+commands run in process: cli.py)."""
 
 from __future__ import annotations
 
@@ -26,16 +27,6 @@ def free_port() -> int:
 
 def service_env(database_url: str, **extra: str) -> dict[str, str]:
     return {**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "INFO", **extra}
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120)
-
-
-def create_key(env: dict[str, str], scopes: str = "admin") -> str:
-    created = cli(env, "keys", "create", "--name", "test", "--scopes", scopes)
-    assert created.returncode == 0, created.stderr
-    return created.stdout.strip().splitlines()[-1]
 
 
 @contextlib.contextmanager

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -16,8 +14,9 @@ from ciris_billing.db import sandbox_payments, webhook_events
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers import signing
 from ciris_billing.payments.providers.base import PaymentIntent
-from tests.conftest import Api, identity
-from tests.payments.test_purchases_sandbox import USER, VISA, check, pay, purchase
+from tests.support.api import Api, identity
+from tests.support.cli import CliResult, cli
+from tests.support.flows import BUYER, VISA, check, pay, purchase
 
 SECRET = "whsec_sandbox_local_testing_only"
 ROUTE = "/v1/billing/webhooks/sandbox"
@@ -55,15 +54,10 @@ async def succeed_silently(api: Api, payment_id: str, **values: Any) -> None:
         )
 
 
-def cli(api: Api, *args: str) -> subprocess.CompletedProcess[str]:
+def operator(api: Api, *args: str) -> CliResult:
+    """`ciris-billing ARGS` on this test's database, in process."""
     env = {**os.environ, "DATABASE_URL": api.database_url, "PAYMENT_PROVIDER": "sandbox"}
-    return subprocess.run(
-        [sys.executable, "-m", "ciris_billing.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return cli(env, *args)
 
 
 async def test_bad_signatures_are_400_and_store_nothing(api: Api) -> None:
@@ -167,7 +161,7 @@ async def test_routes_of_inactive_providers_and_huge_bodies(api: Api) -> None:
 
 async def test_webhook_before_the_purchase_is_recorded_is_retried(api: Api) -> None:
     """The provider's event outruns our purchase row: not handled, 503, credited on replay."""
-    account = (await api.post("/v1/billing/accounts", USER)).json()
+    account = (await api.post("/v1/billing/accounts", BUYER)).json()
     provider = api.state.provider
     intent = PaymentIntent(500, "USD", "pur_early", account["account_id"], "purchase-pur_early")
     payment = await provider.create_payment_intent(intent)
@@ -187,7 +181,7 @@ async def test_webhook_before_the_purchase_is_recorded_is_retried(api: Api) -> N
             offer=payments.Offer(500, "USD", 20),
             customer_email=None,
         )
-    replayed = cli(api, "webhooks", "replay")
+    replayed = operator(api, "webhooks", "replay")
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert "evt_early: credited" in replayed.stdout
     assert (await check(api))["credits_remaining"] == 20
@@ -201,11 +195,11 @@ async def test_reconcile_credits_a_payment_whose_webhook_never_came(api: Api) ->
     bought = await purchase(api)
     lost = await purchase(api, identity("other@example.com"))
     await succeed_silently(api, bought["payment_id"])
-    first = cli(api, "reconcile")
+    first = operator(api, "reconcile")
     assert first.returncode == 0, first.stdout + first.stderr
     assert f"{bought['payment_id']}: credited" in first.stdout
     assert f"{lost['payment_id']}: status_updated" in first.stdout
-    again = cli(api, "reconcile")
+    again = operator(api, "reconcile")
     assert bought["payment_id"] not in again.stdout
     assert (await check(api))["credits_remaining"] == 20
     # A late webhook after reconcile changes nothing.
