@@ -21,9 +21,11 @@ run: venv
 	$(BIN)/ciris-billing serve --host $(HOST) --port $(PORT)
 
 ## Lint, format, types, migrations vs models, and the whole test suite, on PostgreSQL:
-## TEST_POSTGRES_URL when it answers, else an embedded server for the run.
+## TEST_POSTGRES_URL when it answers, else an embedded server for the run. Two pytest processes
+## (PYTEST_WORKERS), each taking whole test files; every process has its own databases.
+PYTEST_WORKERS ?= 2
 test: venv lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check src tests scripts bench
