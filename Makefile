@@ -21,9 +21,11 @@ run: venv
 	$(BIN)/ciris-billing serve --host $(HOST) --port $(PORT)
 
 ## Lint, format, types, migrations vs models, and the whole test suite, on PostgreSQL:
-## TEST_POSTGRES_URL when it answers, else an embedded server for the run.
+## TEST_POSTGRES_URL when it answers, else an embedded server for the run. Two pytest processes
+## (PYTEST_WORKERS), each taking whole test files; every process has its own databases.
+PYTEST_WORKERS ?= 2
 test: venv lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check src tests scripts bench
@@ -37,9 +39,11 @@ test-local: venv
 	scripts/test-local
 
 ## The guide's end-to-end suite: the guide's flows over HTTP, sandbox and Stripe (localstripe).
-E2E_TESTS := tests/test_guide_flow.py tests/test_purchases_sandbox.py tests/test_webhooks.py \
-	tests/test_refunds_disputes.py tests/test_e2e_stripe.py tests/test_multiprocess.py \
-	tests/test_checkout.py tests/test_checkout_browser.py tests/test_buy_link.py tests/test_client.py
+E2E_TESTS := tests/e2e/test_guide_flow.py tests/payments/test_purchases_sandbox.py \
+	tests/webhooks/test_webhooks.py tests/payments/test_refunds_disputes.py \
+	tests/e2e/test_e2e_stripe.py tests/operations/test_multiprocess.py \
+	tests/checkout/test_checkout.py tests/checkout/test_checkout_browser.py \
+	tests/checkout/test_buy_link.py tests/client/test_client.py
 test-e2e-python: venv
 	$(BIN)/pytest $(E2E_TESTS)
 

@@ -39,8 +39,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.faults import ServiceProcesses  # noqa: E402
-from tests.servers import cli, create_key, running_service, service_env  # noqa: E402
+from tests.support.cli import cli, create_key  # noqa: E402
+from tests.support.faults import ServiceProcesses  # noqa: E402
+from tests.support.servers import running_service, service_env  # noqa: E402
 
 ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 SECONDS = float(os.environ.get("SOAK_SECONDS", "180"))

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from ciris_billing.app import create_app
 from ciris_billing.db import accounts, charges
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
 
 CHARGES = "/v1/billing/charges"
 

@@ -26,7 +26,7 @@ from ciris_billing.accounts.hot.pool import StatementPool
 from ciris_billing.accounts.hot.writer import ChargeAttempt, ChargeStore
 from ciris_billing.db import accounts, charges, new_id, utcnow
 from ciris_billing.observability import STATEMENT_RETRIES
-from tests.conftest import Api
+from tests.support.api import Api
 
 ACCOUNTS = 40
 ROUNDS = 12

@@ -16,7 +16,7 @@ import hashlib
 from sqlalchemy import select, text
 
 from ciris_billing.db import accounts, credits, idempotency_keys
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
 
 EMAIL = "erase-and-return@example.com"
 USER = identity(EMAIL)

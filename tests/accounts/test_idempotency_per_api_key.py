@@ -13,7 +13,7 @@ import httpx
 from sqlalchemy import text
 
 from ciris_billing import auth
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
 
 CHARGES, GRANTS = "/v1/billing/charges", "/v1/billing/credits"
 USER = identity("two-integrations@example.com")

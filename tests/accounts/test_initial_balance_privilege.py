@@ -3,7 +3,7 @@ through `initial_balance_minor`. Paid uses above zero are a grant: they need the
 
 from __future__ import annotations
 
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
 
 
 async def test_finding_8_initial_balance_above_zero_needs_admin(api: Api) -> None:

@@ -18,7 +18,7 @@ import httpx
 
 from ciris_billing import auth
 from ciris_billing.app import create_app
-from tests.conftest import Api, identity, make_settings
+from tests.support.api import Api, identity, make_settings
 
 USER = identity("links@example.com")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from ciris_billing import auth
-from tests.conftest import Api
+from tests.support.api import Api
 
 PARAMETER = re.compile(r"\{[^}]+\}")
 

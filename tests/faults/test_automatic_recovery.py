@@ -27,8 +27,10 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
-from tests.faults import ServiceProcesses
-from tests.servers import cli, create_key, running_service, service_env
+
+from tests.support.cli import cli, create_key
+from tests.support.faults import ServiceProcesses
+from tests.support.servers import running_service, service_env
 
 RECOVERY_SECONDS = 120
 JOB_SETTINGS = {

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from ciris_billing import auth
 from ciris_billing.app import create_app
-from tests.conftest import UNUSED_DATABASE_URL, make_settings
+from tests.support.api import UNUSED_DATABASE_URL, make_settings
 
 LIMIT = make_settings(UNUSED_DATABASE_URL).max_request_bytes
 VALID = b'"oauth_provider":"oauth:google","external_id":"fuzz@example.com"'

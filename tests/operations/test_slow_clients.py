@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.servers import create_key, running_service, service_env
+from tests.support.cli import create_key
+from tests.support.servers import running_service, service_env
 
 TIMEOUT = 2.0  # HEADER_READ_TIMEOUT_SECONDS and BODY_READ_TIMEOUT_SECONDS for this test
 SLOW = 200

@@ -25,8 +25,8 @@ from sqlalchemy import select
 from ciris_billing.app import create_app
 from ciris_billing.db import webhook_events
 from ciris_billing.payments.providers import signing
-from tests.conftest import Api, identity, make_settings
-from tests.test_purchases_sandbox import VISA, check, pay, purchase
+from tests.support.api import Api, identity, make_settings
+from tests.support.flows import VISA, check, pay, purchase
 
 OLD_PUBLIC_DEFAULT = "whsec_sandbox_local_testing_only"
 ROUTE = "/v1/billing/webhooks/sandbox"

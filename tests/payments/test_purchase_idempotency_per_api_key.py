@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from ciris_billing import auth
-from tests.conftest import Api, identity
+from tests.support.api import Api, identity
 
 PURCHASES = "/v1/billing/purchases"
 USER = identity("buyer-two-keys@example.com")

@@ -34,7 +34,7 @@ from ciris_billing import auth
 from ciris_billing.app import create_app
 from ciris_billing.audit import audit
 from ciris_billing.db import accounts, credits, disputes, purchases
-from tests.conftest import make_settings
+from tests.support.api import make_settings
 
 USES, PRICE, FREE = 20, 500, 3
 VISA = "4242 4242 4242 4242"

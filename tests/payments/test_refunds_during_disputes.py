@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import select
 
 from ciris_billing.db import accounts
-from tests.conftest import Api, identity
-from tests.test_purchases_sandbox import VISA, check, pay, purchase
+from tests.support.api import Api, identity
+from tests.support.flows import VISA, check, pay, purchase
 
 USER = identity("disputed@example.com")
 

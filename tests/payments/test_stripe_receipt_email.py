@@ -12,8 +12,8 @@ import pytest
 
 from ciris_billing import auth
 from ciris_billing.app import create_app
-from tests.conftest import identity, make_settings
-from tests.localstripe import TEST_API_KEY, LocalStripe, run_localstripe
+from tests.support.api import identity, make_settings
+from tests.support.localstripe import TEST_API_KEY, LocalStripe, run_localstripe
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 

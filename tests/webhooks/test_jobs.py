@@ -18,9 +18,10 @@ from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers.base import PaymentIntent
 from ciris_billing.payments.providers.sandbox import SandboxProvider
 from ciris_billing.webhooks import inbox
-from tests.conftest import Api, identity, make_settings
-from tests.faults import signed_event
-from tests.servers import cli, service_env
+from tests.support.api import Api, identity, make_settings
+from tests.support.cli import cli
+from tests.support.faults import signed_event
+from tests.support.servers import service_env
 
 
 def _silent_sandbox(api: Api) -> SandboxProvider:
