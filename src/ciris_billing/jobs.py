@@ -243,6 +243,7 @@ def job_queue(settings: Settings) -> App:
 
 
 SHUTDOWN_SECONDS = 8.0
+STARTUP_DELAY_SECONDS = 1.0
 
 
 class JobWorker:
@@ -259,6 +260,10 @@ class JobWorker:
         logging.getLogger("procrastinate").setLevel(logging.WARNING)
 
     async def run(self) -> None:
+        # Let the server finish starting first: a worker cancelled while procrastinate opens its
+        # pool left tasks behind that kept the process from exiting (seen when the bind failed
+        # right after start-up); cancelled during this sleep, it simply ends.
+        await asyncio.sleep(STARTUP_DELAY_SECONDS)
         delay = 1.0
         while True:
             queue = job_queue(self.settings)

@@ -150,7 +150,7 @@ async def wait_until_settled(database_url: str, timeout: float = RECOVERY_SECOND
 async def test_paid_but_not_credited_until_an_operator_acts_workers_killed(
     fresh_database: str, tmp_path: Path
 ) -> None:
-    """(a) 150 customers buy and pay while both workers are SIGKILLed, every 2-3.5 s."""
+    """(a) 150 customers buy and pay while both workers are SIGKILLed, every 0.7-1.5 s."""
     env = service_env(fresh_database, **JOB_SETTINGS)
     key = create_key(env, "write")
     log_path = tmp_path / "server.log"
@@ -163,7 +163,7 @@ async def test_paid_but_not_credited_until_an_operator_acts_workers_killed(
         async def killer() -> None:
             nonlocal kills
             while not buying.is_set():
-                await asyncio.sleep(random.uniform(2.0, 3.5))
+                await asyncio.sleep(random.uniform(0.7, 1.5))
                 for pid in processes.workers():
                     processes.kill_worker(pid, signal.SIGKILL)
                     kills += 1
