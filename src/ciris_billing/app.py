@@ -46,6 +46,7 @@ from ciris_billing.payments.routes import router as payments_router
 from ciris_billing.payments.sandbox_routes import router as sandbox_router
 from ciris_billing.pricing import Pricing
 from ciris_billing.ratelimit import TokenBuckets
+from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 from ciris_billing.webhooks.routes import router as webhooks_router
 
@@ -105,14 +106,16 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         installation = await load_installation_secrets(engine, settings)
 
         async def deliver(payload: bytes, signature: str) -> None:
-            # The sandbox's webhooks enter through the same inbox as Stripe's.
-            await inbox.receive(
-                engine,
-                state.provider,
-                payload,
-                signature,
-                retry_base_seconds=settings.jobs_poll_seconds,
-            )
+            # The sandbox's webhooks enter through the same inbox as Stripe's, each in a unit
+            # of work of its own (the request that paid has answered or will answer apart).
+            async with unit_of_work(engine) as work:
+                await inbox.receive(
+                    work,
+                    state.provider,
+                    payload,
+                    signature,
+                    retry_base_seconds=settings.jobs_poll_seconds,
+                )
 
         provider = get_payment_provider(settings, engine, installation, deliver)
         state = AppState(

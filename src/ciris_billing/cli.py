@@ -311,7 +311,8 @@ def webhooks_replay() -> None:
         handled = failed = 0
         for event_id in await inbox.unhandled_event_ids(engine, provider.name):
             try:
-                result = await inbox.handle(engine, provider, event_id)
+                async with unit_of_work(engine) as step:
+                    result = await inbox.handle(step, provider, event_id)
                 click.echo(f"{event_id}: {result.outcome}")
                 handled += 1
             except BillingError as exc:

@@ -96,9 +96,10 @@ class Recovery:
         )
         for event_id in due:
             try:
-                handled = await inbox.handle(
-                    self.engine, self.provider, event_id, retry_base_seconds=poll
-                )
+                async with unit_of_work(self.engine) as work:
+                    handled = await inbox.handle(
+                        work, self.provider, event_id, retry_base_seconds=poll
+                    )
             except Exception as exc:  # recorded on the event by handle(); retried later
                 report.failures += 1
                 report.count(report.events, "failed")

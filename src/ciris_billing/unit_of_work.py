@@ -28,6 +28,12 @@ class UnitOfWork:
         self._engine = engine
         self._conn: AsyncConnection | None = None
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """For work that must outlive this unit's fate (its own unit of work, e.g. a failure
+        record kept whatever becomes of the failed attempt)."""
+        return self._engine
+
     async def connection(self) -> AsyncConnection:
         """The request's connection, inside its transaction (begun on first use)."""
         if self._conn is None:

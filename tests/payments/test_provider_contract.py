@@ -358,7 +358,8 @@ async def paid_uses(engine: AsyncEngine, account_id: str) -> tuple[int, int]:
 
 
 async def receive(engine: AsyncEngine, harness: Harness, signed: Signed) -> str:
-    return (await inbox.receive(engine, harness.provider, *signed)).outcome
+    async with unit_of_work(engine) as work:
+        return (await inbox.receive(work, harness.provider, *signed)).outcome
 
 
 async def paid_and_credited(engine: AsyncEngine, harness: Harness) -> PaymentResult:
@@ -491,7 +492,8 @@ async def test_forged_webhooks_are_refused_and_nothing_is_stored(
         with pytest.raises(InvalidWebhookSignature):
             await harness.provider.verify_webhook(body, forged)
         with pytest.raises(InvalidWebhookSignature):
-            await inbox.receive(engine, harness.provider, body, forged)
+            async with unit_of_work(engine) as work:
+                await inbox.receive(work, harness.provider, body, forged)
     not_an_event = b'{"id": "evt_1"}'
     with pytest.raises(InvalidWebhookSignature):
         await harness.provider.verify_webhook(

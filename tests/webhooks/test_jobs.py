@@ -17,6 +17,7 @@ from ciris_billing.jobs import JobWorker, Recovery, RecoveryReport
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers.base import PaymentIntent
 from ciris_billing.payments.providers.sandbox import SandboxProvider
+from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 from tests.support.api import Api, identity, make_settings
 from tests.support.cli import cli
@@ -91,9 +92,10 @@ async def test_a_failed_webhook_event_is_recorded_and_retried_with_backoff(api: 
     payload, headers = signed_event("evt_early", payment.payment_id, secret)
     before = utcnow()
     try:
-        await inbox.receive(
-            api.engine, provider, payload, headers["Stripe-Signature"], retry_base_seconds=1
-        )
+        async with unit_of_work(api.engine) as work:
+            await inbox.receive(
+                work, provider, payload, headers["Stripe-Signature"], retry_base_seconds=1
+            )
         raise AssertionError("handling an event for an unrecorded purchase succeeded")
     except BillingError as exc:
         error = exc.code

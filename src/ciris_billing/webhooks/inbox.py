@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing.db import insert_or_ignore, new_id, utcnow, webhook_events
 from ciris_billing.errors import BillingError, InvalidWebhookSignature
@@ -37,6 +37,7 @@ from ciris_billing.payments.providers.base import (
     PaymentResult,
     WebhookEvent,
 )
+from ciris_billing.unit_of_work import UnitOfWork
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,7 @@ class Handled:
 
 
 async def receive(
-    engine: AsyncEngine,
+    work: UnitOfWork,
     provider: PaymentProvider,
     payload: bytes,
     signature: str | None,
@@ -61,8 +62,8 @@ async def receive(
         event_type=event.type,
         payment_id=event.payment_id,
     )
-    await store(engine, provider.name, event)
-    return await handle(engine, provider, event.event_id, retry_base_seconds=retry_base_seconds)
+    await store(await work.connection(), provider.name, event)
+    return await handle(work, provider, event.event_id, retry_base_seconds=retry_base_seconds)
 
 
 def _fits(value: object, max_length: int) -> bool:
@@ -80,23 +81,23 @@ def _check_storable(event: WebhookEvent) -> None:
         raise InvalidWebhookSignature("The signed webhook body is not a valid event")
 
 
-async def store(engine: AsyncEngine, provider: str, event: WebhookEvent) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(
-            insert_or_ignore(conn, webhook_events).values(
-                id=new_id("whe"),
-                provider=provider,
-                event_id=event.event_id,
-                type=event.type,
-                payment_id=event.payment_id,
-                payload=json.dumps(event.payload, separators=(",", ":")),
-                received_at=utcnow(),
-                handled_at=None,
-                outcome=None,
-                attempts=0,
-                last_error=None,
-            )
+async def store(conn: AsyncConnection, provider: str, event: WebhookEvent) -> None:
+    """Store the event once (a redelivery inserts nothing: unique provider + event id)."""
+    await conn.execute(
+        insert_or_ignore(conn, webhook_events).values(
+            id=new_id("whe"),
+            provider=provider,
+            event_id=event.event_id,
+            type=event.type,
+            payment_id=event.payment_id,
+            payload=json.dumps(event.payload, separators=(",", ":")),
+            received_at=utcnow(),
+            handled_at=None,
+            outcome=None,
+            attempts=0,
+            last_error=None,
         )
+    )
 
 
 def _event_clause(provider: str, event_id: str) -> Any:
@@ -114,7 +115,7 @@ def next_attempt_at(attempts: int, base_seconds: float, now: datetime) -> dateti
 
 
 async def handle(
-    engine: AsyncEngine,
+    work: UnitOfWork,
     provider: PaymentProvider,
     event_id: str,
     *,
@@ -122,58 +123,60 @@ async def handle(
 ) -> Handled:
     """Handle a stored event unless it was already; safe to call any number of times."""
     where = _event_clause(provider.name, event_id)
-    async with engine.connect() as conn:
-        row = (await conn.execute(select(webhook_events).where(where))).one()
+    row = (await (await work.connection()).execute(select(webhook_events).where(where))).one()
     if row.handled_at is not None:
         return _done(provider.name, row.type, event_id, "duplicate")
     try:
-        # Ask the provider first, outside any transaction: no lock is held while it answers.
+        # Ask the provider first, outside any transaction: no lock is held while it answers
+        # (provider_call also commits the stored event, so it survives whatever follows).
         subject = provider.parse_event(row.payload.encode()).subject
         payment: PaymentResult | None = None
         dispute: Dispute | None = None
-        if isinstance(subject, DisputeEvent):
-            dispute = await _current_dispute(provider, subject)
-            if dispute is None:
-                log.warning(
-                    f"{provider.name}_webhook_unknown_dispute",
-                    event_id=event_id,
-                    dispute_id=subject.dispute_id,
-                )
-        elif subject is not None and subject.payment_id:
-            # Payment and refund events alike: the payment now carries its refunded total.
-            payment = await provider.get_payment(subject.payment_id)
-        async with engine.begin() as conn:
-            locked = (
-                await conn.execute(select(webhook_events).where(where).with_for_update())
-            ).one()
-            if locked.handled_at is not None:
-                return _done(provider.name, row.type, event_id, "duplicate")
-            if payment is not None:
-                outcome = await payments.apply_payment(conn, provider.name, payment)
-            elif dispute is not None:
-                outcome = await apply_dispute(conn, provider.name, dispute)
-            elif isinstance(subject, DisputeEvent):
-                outcome = "unknown_dispute"
-            elif subject is not None:
-                outcome = "unknown_payment"
-            else:
-                outcome = "ignored"
-            await conn.execute(
-                webhook_events.update()
-                .where(where)
-                .values(
-                    handled_at=utcnow(),
-                    outcome=outcome,
-                    attempts=webhook_events.c.attempts + 1,
-                    last_error=None,
-                    next_attempt_at=None,
-                )
+        async with work.provider_call():
+            if isinstance(subject, DisputeEvent):
+                dispute = await _current_dispute(provider, subject)
+                if dispute is None:
+                    log.warning(
+                        f"{provider.name}_webhook_unknown_dispute",
+                        event_id=event_id,
+                        dispute_id=subject.dispute_id,
+                    )
+            elif subject is not None and subject.payment_id:
+                # Payment and refund events alike: the payment now carries its refunded total.
+                payment = await provider.get_payment(subject.payment_id)
+        conn = await work.connection()
+        # The event row locked: concurrent deliveries of one event queue up here and find it
+        # handled, so it is applied once.
+        locked = (await conn.execute(select(webhook_events).where(where).with_for_update())).one()
+        if locked.handled_at is not None:
+            return _done(provider.name, row.type, event_id, "duplicate")
+        if payment is not None:
+            outcome = await payments.apply_payment(conn, provider.name, payment)
+        elif dispute is not None:
+            outcome = await apply_dispute(conn, provider.name, dispute)
+        elif isinstance(subject, DisputeEvent):
+            outcome = "unknown_dispute"
+        elif subject is not None:
+            outcome = "unknown_payment"
+        else:
+            outcome = "ignored"
+        await conn.execute(
+            webhook_events.update()
+            .where(where)
+            .values(
+                handled_at=utcnow(),
+                outcome=outcome,
+                attempts=webhook_events.c.attempts + 1,
+                last_error=None,
+                next_attempt_at=None,
             )
+        )
     except Exception as exc:
         # Any failure, not only ours: a killed database connection must be counted too. Only
         # the error's code or class is kept (its message may quote SQL parameters or payloads).
         error = exc.code if isinstance(exc, BillingError) else type(exc).__name__
-        await _record_failure(engine, where, error, int(row.attempts) + 1, retry_base_seconds)
+        await work.rollback()  # nothing of this attempt is applied
+        await _record_failure(work.engine, where, error, int(row.attempts) + 1, retry_base_seconds)
         WEBHOOK_EVENTS.labels(provider.name, row.type, "retry").inc()
         log.warning(
             f"{provider.name}_webhook_failed",
@@ -199,9 +202,10 @@ async def _current_dispute(provider: PaymentProvider, event: DisputeEvent) -> Di
 async def _record_failure(
     engine: AsyncEngine, where: Any, error: str, attempts: int, base_seconds: float
 ) -> None:
-    """Count the attempt, its error and when to retry. Best effort: when the database is what
-    failed this may fail too, and the event, still unhandled and due, is retried all the same.
-    Only an unhandled event is touched (a concurrent attempt may have handled it meanwhile)."""
+    """Count the attempt, its error and when to retry, in a unit of work of its own (kept
+    whatever becomes of the failed one). Best effort: when the database is what failed this may
+    fail too, and the event, still unhandled and due, is retried all the same. Only an
+    unhandled event is touched (a concurrent attempt may have handled it meanwhile)."""
     try:
         async with engine.begin() as conn:
             await conn.execute(

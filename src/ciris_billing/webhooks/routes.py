@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ciris_billing.deps import StateDep, json_response
+from ciris_billing.deps import StateDep, UnitOfWorkDep, json_response
 from ciris_billing.errors import ErrorOut, UnknownProvider, error_responses
 from ciris_billing.webhooks import inbox
 
@@ -21,7 +21,9 @@ router = APIRouter(prefix="/v1/billing/webhooks", tags=["webhooks"])
         503: {"model": ErrorOut, "description": "Not handled yet; the provider retries"},
     },
 )
-async def receive_webhook(provider_name: str, request: Request, state: StateDep) -> Response:
+async def receive_webhook(
+    provider_name: str, request: Request, state: StateDep, work: UnitOfWorkDep
+) -> Response:
     """Events from the payment provider, verified by their `Stripe-Signature` header."""
     provider = state.provider
     if provider.name != provider_name:
@@ -29,7 +31,7 @@ async def receive_webhook(provider_name: str, request: Request, state: StateDep)
     # Oversized bodies never get here: BodySizeLimitMiddleware answers 413 (MAX_REQUEST_BYTES).
     payload = await request.body()
     handled = await inbox.receive(
-        state.engine,
+        work,
         provider,
         payload,
         request.headers.get("stripe-signature"),
