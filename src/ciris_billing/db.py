@@ -71,6 +71,11 @@ accounts = Table(
     Column("last_charge_free_uses", Uses, nullable=False),
     # Paid uses frozen by an open dispute: not spendable until the dispute is won.
     Column("held_uses", Uses, nullable=False, server_default=text("0")),
+    # Uses held by active reservations (accounts/reservations.py), kept apart from disputes'
+    # held_uses: a hold moves its uses OUT of free/paid_uses_remaining into these (free ones
+    # first), so charges, refunds and disputes never see them, and back on release or expiry.
+    Column("reserved_free_uses", Uses, nullable=False, server_default=text("0")),
+    Column("reserved_paid_uses", Uses, nullable=False, server_default=text("0")),
     Column("status_reason", String(500)),
     Column("erased_at", Timestamp),
     # An erased account: HMAC of its old identity with the installation's erasure key
@@ -89,6 +94,8 @@ accounts = Table(
     CheckConstraint("total_uses >= 0", name="total_uses_not_negative"),
     CheckConstraint("last_charge_free_uses >= 0", name="last_charge_free_uses_not_negative"),
     CheckConstraint("held_uses >= 0", name="held_uses_not_negative"),
+    CheckConstraint("reserved_free_uses >= 0", name="reserved_free_uses_not_negative"),
+    CheckConstraint("reserved_paid_uses >= 0", name="reserved_paid_uses_not_negative"),
     CheckConstraint("status IN ('active', 'suspended')", name="status_known"),
     # Every charge updates its account's row. Room left on each page lets PostgreSQL write the
     # new row version beside the old one (a HOT update: no index entries, no other page), also
@@ -120,6 +127,9 @@ charges = Table(
     Column("free_uses_after", Uses),
     Column("paid_uses_after", Uses),
     Column("total_uses_after", Uses),
+    # The reservation this charge captured (accounts/reservations.py); unique, so a
+    # reservation is captured into at most one charge whatever races.
+    Column("reservation_id", Id, ForeignKey("reservations.id"), unique=True),
     Column("created_at", Timestamp, nullable=False),
     CheckConstraint("uses > 0", name="uses_positive"),
     CheckConstraint("free_uses_used >= 0 AND paid_uses_used >= 0", name="split_not_negative"),
@@ -127,6 +137,48 @@ charges = Table(
     CheckConstraint("amount_minor >= 0", name="amount_not_negative"),
     UniqueConstraint("api_key_id", "idempotency_key"),
     Index(None, "account_id", "created_at"),
+)
+
+RESERVATION_STATUSES = ("held", "captured", "released", "expired")
+
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("account_id", Id, ForeignKey("accounts.id"), nullable=False),
+    # The API key that made the hold (who reserved; its idempotency key's scope).
+    Column("api_key_id", Id, nullable=False),
+    # held -> captured | released | expired, each once: every transition is a conditional
+    # UPDATE ... WHERE status = 'held' (accounts/reservations.py).
+    Column("status", String(16), nullable=False),
+    Column("uses", Uses, nullable=False),
+    # How the held uses split: they go back to (or are charged from) these counters.
+    Column("free_uses_held", Uses, nullable=False),
+    Column("paid_uses_held", Uses, nullable=False),
+    Column("captured_uses", Uses),
+    Column("charge_id", Id),
+    Column("expires_at", Timestamp, nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("idempotency_key", String(255)),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    Column("closed_at", Timestamp),
+    CheckConstraint("uses > 0", name="uses_positive"),
+    CheckConstraint(
+        "free_uses_held >= 0 AND paid_uses_held >= 0 AND free_uses_held + paid_uses_held = uses",
+        name="held_split_adds_up",
+    ),
+    CheckConstraint(
+        "captured_uses IS NULL OR (captured_uses > 0 AND captured_uses <= uses)",
+        name="captured_within_held",
+    ),
+    CheckConstraint(
+        "status IN (" + ", ".join(f"'{s}'" for s in RESERVATION_STATUSES) + ")",
+        name="status_known",
+    ),
+    Index(None, "account_id", "created_at"),
+    # The expiry job's scan: only active holds, by deadline.
+    Index("ix_reservations_held_expires_at", "expires_at", postgresql_where=text("status = 'held'")),
 )
 
 CREDIT_KINDS = (
