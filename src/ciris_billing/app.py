@@ -23,6 +23,7 @@ from ciris_billing.accounts.hot.asgi import HotPath
 from ciris_billing.accounts.hot.pool import StatementPool
 from ciris_billing.accounts.hot.reader import AccountReader
 from ciris_billing.accounts.hot.writer import ChargeStore
+from ciris_billing.accounts.reservation_routes import router as reservations_router
 from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.auth import KeyStore
 from ciris_billing.checkout.routes import router as checkout_router
@@ -167,6 +168,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         responses=error_responses(413, 503),
     )
     app.include_router(accounts_router)
+    app.include_router(reservations_router)
     app.include_router(admin_router)
     app.include_router(payments_router)
     app.include_router(sandbox_router)

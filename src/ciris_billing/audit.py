@@ -1,6 +1,11 @@
 """The ledger invariant, checked: every account's counters equal the sum of its ledger rows,
 and every purchase is credited exactly when it is paid.
 
+Reservations: a hold moves uses out of free/paid_uses_remaining into reserved_free/paid_uses, so
+the ledger's free (paid) sum is the account's available plus reserved free (paid) uses; each
+account's reserved counters equal the sum over its active ('held') reservations; and every
+captured reservation is exactly one charge row referencing it, of the captured uses.
+
 `audit` reads the database only (fast; the tests run it after each test): counters against the
 ledger, and each credited purchase against its one purchase credit. `audit_payments` also asks
 the provider about every purchase (the CLI's `ciris-billing audit`): paid but not credited, or
@@ -16,7 +21,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ciris_billing.db import accounts, charges, credits, purchases
+from ciris_billing.db import accounts, charges, credits, purchases, reservations
 from ciris_billing.payments.providers.base import PaymentProvider
 
 
@@ -39,14 +44,28 @@ class PurchaseFinding:
 
 
 @dataclass(frozen=True, slots=True)
+class ReservationFinding:
+    account_id: str
+    reservation_id: str | None
+    # reserved_counters_mismatch (account vs its active holds), capture_without_charge,
+    # charge_without_capture (a charge naming a reservation not captured into it)
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
 class AuditReport:
     accounts_checked: int
     discrepancies: list[Discrepancy]
     purchase_findings: list[PurchaseFinding] = field(default_factory=list)
+    reservation_findings: list[ReservationFinding] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return not self.discrepancies and not self.purchase_findings
+        return (
+            not self.discrepancies
+            and not self.purchase_findings
+            and (not self.reservation_findings)
+        )
 
 
 async def audit(conn: AsyncConnection) -> AuditReport:
@@ -74,13 +93,16 @@ async def audit(conn: AsyncConnection) -> AuditReport:
     ledger_paid = func.coalesce(credited.c.paid, 0) - func.coalesce(spent.c.paid, 0)
     ledger_uses = func.coalesce(spent.c.uses, 0)
     ledger_held = func.coalesce(credited.c.held, 0)
+    # What the ledger gave the account: available plus held by reservations.
+    free_uses = accounts.c.free_uses_remaining + accounts.c.reserved_free_uses
+    paid_uses = accounts.c.paid_uses_remaining + accounts.c.reserved_paid_uses
     mismatched = await conn.execute(
         select(
             accounts.c.id,
             accounts.c.oauth_provider,
             accounts.c.external_id,
-            accounts.c.free_uses_remaining,
-            accounts.c.paid_uses_remaining,
+            free_uses.label("free_uses_remaining"),
+            paid_uses.label("paid_uses_remaining"),
             accounts.c.total_uses,
             accounts.c.held_uses,
             ledger_free.label("ledger_free"),
@@ -95,8 +117,8 @@ async def audit(conn: AsyncConnection) -> AuditReport:
         )
         .where(
             or_(
-                accounts.c.free_uses_remaining != ledger_free,
-                accounts.c.paid_uses_remaining != ledger_paid,
+                free_uses != ledger_free,
+                paid_uses != ledger_paid,
                 accounts.c.total_uses != ledger_uses,
                 accounts.c.held_uses != ledger_held,
                 accounts.c.held_uses < 0,
@@ -131,7 +153,64 @@ async def audit(conn: AsyncConnection) -> AuditReport:
         accounts_checked=checked,
         discrepancies=discrepancies,
         purchase_findings=await _purchase_credits(conn),
+        reservation_findings=await _reservations(conn),
     )
+
+
+async def _reservations(conn: AsyncConnection) -> list[ReservationFinding]:
+    """Reserved counters against active holds; captures against their charge rows."""
+    active = (
+        select(
+            reservations.c.account_id,
+            func.sum(reservations.c.free_uses_held).label("free"),
+            func.sum(reservations.c.paid_uses_held).label("paid"),
+        )
+        .where(reservations.c.status == "held")
+        .group_by(reservations.c.account_id)
+        .subquery()
+    )
+    counters = await conn.execute(
+        select(accounts.c.id)
+        .select_from(accounts.outerjoin(active, active.c.account_id == accounts.c.id))
+        .where(
+            or_(
+                accounts.c.reserved_free_uses != func.coalesce(active.c.free, 0),
+                accounts.c.reserved_paid_uses != func.coalesce(active.c.paid, 0),
+            )
+        )
+        .order_by(accounts.c.id)
+    )
+    charged = and_(
+        charges.c.reservation_id == reservations.c.id,
+        charges.c.id == reservations.c.charge_id,
+        charges.c.account_id == reservations.c.account_id,
+        charges.c.uses == reservations.c.captured_uses,
+    )
+    uncharged = await conn.execute(
+        select(reservations.c.account_id, reservations.c.id)
+        .select_from(reservations.outerjoin(charges, charged))
+        .where(reservations.c.status == "captured", charges.c.id.is_(None))
+        .order_by(reservations.c.id)
+    )
+    captured = and_(
+        reservations.c.id == charges.c.reservation_id,
+        reservations.c.status == "captured",
+        reservations.c.charge_id == charges.c.id,
+    )
+    orphans = await conn.execute(
+        select(charges.c.account_id, charges.c.reservation_id)
+        .select_from(charges.outerjoin(reservations, captured))
+        .where(charges.c.reservation_id.is_not(None), reservations.c.id.is_(None))
+        .order_by(charges.c.reservation_id)
+    )
+    return [
+        *(ReservationFinding(r.id, None, "reserved_counters_mismatch") for r in counters),
+        *(ReservationFinding(r.account_id, r.id, "capture_without_charge") for r in uncharged),
+        *(
+            ReservationFinding(r.account_id, r.reservation_id, "charge_without_capture")
+            for r in orphans
+        ),
+    ]
 
 
 async def _purchase_credits(conn: AsyncConnection) -> list[PurchaseFinding]:

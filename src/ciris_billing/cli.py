@@ -457,7 +457,17 @@ def _print_audit(report: AuditReport, paid: list[PurchaseFinding]) -> None:
             f"PURCHASE {finding.problem}: {finding.purchase_id or '-'} "
             f"(payment {finding.payment_id})"
         )
-    problems = len(report.discrepancies) + len(report.purchase_findings) + len(paid)
+    for found in report.reservation_findings:
+        click.echo(
+            f"RESERVATION {found.problem}: {found.reservation_id or '-'} "
+            f"(account {found.account_id})"
+        )
+    problems = (
+        len(report.discrepancies)
+        + len(report.purchase_findings)
+        + len(report.reservation_findings)
+        + len(paid)
+    )
     verdict = "clean" if not problems else f"{problems} findings"
     click.echo(f"Audited {report.accounts_checked} accounts: {verdict}.")
 

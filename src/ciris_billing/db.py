@@ -178,7 +178,9 @@ reservations = Table(
     ),
     Index(None, "account_id", "created_at"),
     # The expiry job's scan: only active holds, by deadline.
-    Index("ix_reservations_held_expires_at", "expires_at", postgresql_where=text("status = 'held'")),
+    Index(
+        "ix_reservations_held_expires_at", "expires_at", postgresql_where=text("status = 'held'")
+    ),
 )
 
 CREDIT_KINDS = (

@@ -148,6 +148,25 @@ class UnknownProvider(BillingError):
     code = "unknown_payment_provider"
 
 
+class ReservationNotFound(BillingError):
+    status_code = 404
+    code = "reservation_not_found"
+
+
+class ReservationExpired(BillingError):
+    """Capture after the hold's expires_at, whether or not the expiry job has run yet."""
+
+    status_code = 409
+    code = "reservation_expired"
+
+
+class ReservationNotHeld(BillingError):
+    """The hold was already captured or released (by another request)."""
+
+    status_code = 409
+    code = "reservation_not_held"
+
+
 class AdjustmentBelowZero(BillingError):
     status_code = 422
     code = "adjustment_below_zero"

@@ -1,7 +1,11 @@
 """Background jobs: nothing a customer paid for waits on an operator.
 
-Two kinds of work that used to need `ciris-billing webhooks replay` and `reconcile` by hand:
+Three kinds of work (the last two used to need `ciris-billing webhooks replay` and `reconcile`
+by hand):
 
+- release every reservation held past its expires_at (accounts/reservations.py), so a client
+  that died mid-interaction gets its uses back within a poll interval (capture after
+  expires_at is refused by the clock, whatever this job's delay);
 - retry every stored webhook event that is not handled (its handling failed, or the worker
   died mid-way), with exponential backoff per event (attempts, last error and the next try
   are kept on the event: webhooks/inbox.py);
@@ -40,6 +44,7 @@ from procrastinate.jobs import Status
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ciris_billing.accounts import reservations
 from ciris_billing.config import Settings
 from ciris_billing.db import purchases, utcnow, webhook_events
 from ciris_billing.observability import (
@@ -47,6 +52,7 @@ from ciris_billing.observability import (
     JOBS_ITEMS,
     JOBS_QUEUE_DEPTH,
     JOBS_RUNS,
+    RESERVATIONS,
     log,
 )
 from ciris_billing.payments import service as payments
@@ -66,6 +72,7 @@ BATCH = 200
 class RecoveryReport:
     events: dict[str, int] = field(default_factory=dict)
     purchases: dict[str, int] = field(default_factory=dict)
+    expired: int = 0
     failures: int = 0
 
     def count(self, kind: dict[str, int], outcome: str) -> None:
@@ -82,10 +89,40 @@ class Recovery:
 
     async def run_once(self) -> RecoveryReport:
         report = RecoveryReport()
+        await self.expire_holds(report)
         await self._retry_events(report)
         await self._reconcile_purchases(report)
         await self._measure()
         return report
+
+    async def expire_holds(self, report: RecoveryReport) -> None:
+        """Release the holds past their expires_at, one account per unit of work (one account
+        row locked per transaction: no lock-order question with charges' batches)."""
+        now = utcnow()
+        async with self.engine.connect() as conn:
+            due = await reservations.accounts_with_expired_holds(conn, now, BATCH)
+        for account_id in due:
+            try:
+                async with unit_of_work(self.engine) as work:
+                    conn = await work.connection()
+                    # Safe run twice or beside a capture: the UPDATE only takes holds still
+                    # 'held' (reservations.expire_account).
+                    expired = await reservations.expire_account(conn, account_id, now)
+            except Exception as exc:  # nothing committed for it: due again next run
+                report.failures += 1
+                JOBS_FAILURES.labels("expire_holds").inc()
+                log.warning("job_expire_holds_failed", account_id=account_id, error=_name(exc))
+                continue
+            for held in expired:
+                report.expired += 1
+                RESERVATIONS.labels("expired").inc()
+                JOBS_ITEMS.labels("expire_holds", "expired").inc()
+                log.info(
+                    "reservation_expired",
+                    reservation_id=held.id,
+                    account_id=account_id,
+                    uses=int(held.uses),
+                )
 
     async def _retry_events(self, report: RecoveryReport) -> None:
         now = utcnow()
@@ -219,11 +256,12 @@ def job_queue(settings: Settings) -> App:
             JOBS_RUNS.labels(RECOVER, "failed").inc()
             raise
         JOBS_RUNS.labels(RECOVER, "ok").inc()
-        if report.events or report.purchases:
+        if report.events or report.purchases or report.expired:
             log.info(
                 "job_recover_done",
                 events=report.events,
                 purchases=report.purchases,
+                expired_holds=report.expired,
                 failures=report.failures,
             )
 

@@ -31,6 +31,11 @@ CREDIT_CHECKS = Counter(
     "billing_credit_checks_total", "Credit checks answered", ["purchase_required"]
 )
 CHARGES = Counter("billing_charges_total", "Charge attempts", ["success"])
+RESERVATIONS = Counter(
+    "billing_reservations_total",
+    "Reservations by outcome (held, refused, captured, released, expired)",
+    ["outcome"],
+)
 ACCOUNTS_CREATED = Counter("billing_accounts_created_total", "Accounts created")
 PURCHASES = Counter("billing_purchases_total", "Purchases by outcome", ["provider", "status"])
 WEBHOOK_EVENTS = Counter(

@@ -45,6 +45,7 @@ async def check(state: AppState, body: CreditCheck) -> Response:
         "reason": status.reason,
         "free_uses_remaining": status.free_uses_remaining,
         "total_uses": status.total_uses,
+        "held_uses": status.held_uses,
         "purchase_required": status.purchase_required,
     }
     if status.purchase_required:

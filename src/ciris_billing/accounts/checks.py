@@ -28,6 +28,7 @@ class CreditStatus:
     reason: str | None
     free_uses_remaining: int
     total_uses: int
+    held_uses: int  # by active reservations; free/paid counts above are what is available
     purchase_required: bool
     purchase_price_minor: int | None
     purchase_uses: int | None
@@ -52,6 +53,8 @@ def credit_status(account: Mapping[Any, Any], pricing: Pricing) -> CreditStatus:
         reason=reason,
         free_uses_remaining=free,
         total_uses=int(account["total_uses"]),
+        # The counters above are what is available: a hold moved its uses out of them.
+        held_uses=int(account["reserved_free_uses"]) + int(account["reserved_paid_uses"]),
         purchase_required=purchase_required,
         purchase_price_minor=pricing.price_per_purchase_minor if purchase_required else None,
         purchase_uses=pricing.paid_uses_per_purchase if purchase_required else None,

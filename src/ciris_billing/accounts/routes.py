@@ -55,6 +55,8 @@ def account_body(row: Row[Any]) -> dict[str, Any]:
         "credits_remaining": int(row.paid_uses_remaining),
         "free_uses_remaining": int(row.free_uses_remaining),
         "total_uses": int(row.total_uses),
+        # Uses held by active reservations (free/credits_remaining are what is available).
+        "held_uses": int(row.reserved_free_uses) + int(row.reserved_paid_uses),
         "created_at": iso(row.created_at),
         "updated_at": iso(row.updated_at),
     }

@@ -100,6 +100,7 @@ class AccountOut(BaseModel):
     credits_remaining: int
     free_uses_remaining: int
     total_uses: int
+    held_uses: int = Field(description="Uses held by active reservations (not available)")
     created_at: str
     updated_at: str
 
@@ -116,6 +117,7 @@ class CreditCheckOut(BaseModel):
     reason: str | None
     free_uses_remaining: int
     total_uses: int
+    held_uses: int = Field(description="Uses held by active reservations (not available)")
     purchase_required: bool
     purchase_price_minor: int | None = Field(
         default=None, description="Only when purchase_required"
@@ -201,3 +203,56 @@ class GrantCreate(IdentityFields):
 
 class StatusChange(BaseModel):
     reason: Reason | None = None
+
+
+MAX_HOLD_SECONDS = 86_400
+
+
+class ReservationCreate(IdentityFields):
+    uses: StrictInt = Field(default=1, ge=1, le=MAX_USES_PER_CHARGE)
+    ttl_seconds: StrictInt = Field(
+        default=300, ge=1, le=MAX_HOLD_SECONDS, description="Released by itself after this"
+    )
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class ReservationCapture(BaseModel):
+    uses: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_USES_PER_CHARGE, description="At most the held uses; all"
+    )
+    amount_minor: StrictInt = Field(default=0, ge=0, le=MAX_MINOR)
+    description: Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL)] | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class ReservationOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    reservation_id: str
+    account_id: str
+    oauth_provider: str
+    external_id: str
+    status: Literal["held", "captured", "released", "expired"]
+    uses: int
+    captured_uses: int | None
+    charge_id: str | None
+    expires_at: str
+    metadata: dict[str, Any]
+    held_uses: int = Field(description="Uses held by the account's active reservations")
+    free_uses_remaining: int = Field(description="Available free uses (not held)")
+    credits_remaining: int = Field(description="Available paid uses (not held)")
+    total_uses: int
+    created_at: str
+
+
+class ReservationCaptureOut(ChargeOut):
+    reservation_id: str
+    status: Literal["captured"]
+    released_uses: int
+    held_uses: int
+
+
+class ReservationsOut(BaseModel):
+    reservations: list[ReservationOut]
+    limit: int
+    offset: int

@@ -14,14 +14,16 @@ from ciris_billing.accounts.service import Identity
 
 # $1 provider, $2 external id.
 CHECK_SQL = """
-SELECT status, status_reason, plan_name, free_uses_remaining, paid_uses_remaining, total_uses
+SELECT status, status_reason, plan_name, free_uses_remaining, paid_uses_remaining, total_uses,
+       reserved_free_uses, reserved_paid_uses
 FROM accounts WHERE oauth_provider = $1 AND external_id = $2
 """
 
 # The same for many identities: $1 and $2 are arrays, one element per check.
 BATCH_SQL = """
 SELECT i.oauth_provider, i.external_id, a.status, a.status_reason, a.plan_name,
-       a.free_uses_remaining, a.paid_uses_remaining, a.total_uses
+       a.free_uses_remaining, a.paid_uses_remaining, a.total_uses,
+       a.reserved_free_uses, a.reserved_paid_uses
 FROM unnest($1::text[], $2::text[]) AS i(oauth_provider, external_id)
 JOIN accounts a ON a.oauth_provider = i.oauth_provider AND a.external_id = i.external_id
 """

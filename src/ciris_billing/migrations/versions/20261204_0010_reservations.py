@@ -78,9 +78,7 @@ def upgrade() -> None:
         postgresql_where=sa.text("status = 'held'"),
     )
     op.add_column("charges", sa.Column("reservation_id", sa.String(40), nullable=True))
-    op.create_unique_constraint(
-        op.f("uq_charges_reservation_id"), "charges", ["reservation_id"]
-    )
+    op.create_unique_constraint(op.f("uq_charges_reservation_id"), "charges", ["reservation_id"])
     op.create_foreign_key(
         op.f("fk_charges_reservation_id_reservations"),
         "charges",
@@ -91,7 +89,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_constraint(op.f("fk_charges_reservation_id_reservations"), "charges", type_="foreignkey")
+    op.drop_constraint(
+        op.f("fk_charges_reservation_id_reservations"), "charges", type_="foreignkey"
+    )
     op.drop_constraint(op.f("uq_charges_reservation_id"), "charges", type_="unique")
     op.drop_column("charges", "reservation_id")
     op.drop_index("ix_reservations_held_expires_at", table_name="reservations")
