@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import auth, installation
 from ciris_billing.accounts import admin
+from ciris_billing.accounts import reservations as held
 from ciris_billing.audit import AuditReport, PurchaseFinding, audit_payments
 from ciris_billing.audit import audit as run_audit
 from ciris_billing.cli_lookup import COMMANDS, parse_identity
@@ -25,7 +26,7 @@ from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine, iso
 from ciris_billing.embedded import embedded_postgres
 from ciris_billing.errors import BillingError
-from ciris_billing.observability import configure_logging
+from ciris_billing.observability import configure_logging, log
 from ciris_billing.payments import refunds
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers import PaymentConfigurationError, get_payment_provider
@@ -355,6 +356,80 @@ def _run_operator(work: Awaitable[T]) -> T:
         return asyncio.run(run())
     except BillingError as exc:
         raise click.ClickException(f"{exc.code}: {exc.detail}") from None
+
+
+@main.group()
+def reservations() -> None:
+    """List, show and release reservations (holds)."""
+
+
+def _reservation_line(row: Any) -> str:
+    captured = "-" if row.captured_uses is None else str(row.captured_uses)
+    return (
+        f"{row.id}  {row.status:<8}  uses={row.uses} captured={captured}  "
+        f"{row.oauth_provider}/{row.external_id}  expires {iso(row.expires_at)}"
+    )
+
+
+@reservations.command("list")
+@click.argument("identity", nargs=-1)
+@click.option(
+    "--status", type=click.Choice(["held", "captured", "released", "expired"]), default=None
+)
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+def reservations_list(identity: tuple[str, ...], status: str | None, limit: int) -> None:
+    """Reservations, newest first (of IDENTITY, PROVIDER/EXTERNAL_ID, when given)."""
+    who = parse_identity(identity) if identity else None
+    rows = _with_connection(
+        lambda conn: held.list_reservations(conn, who, status, limit=limit, offset=0)
+    )
+    for row in rows:
+        click.echo(_reservation_line(row))
+    click.echo(f"{len(rows)} reservation(s).", err=True)
+
+
+@reservations.command("show")
+@click.argument("reservation_id")
+def reservations_show(reservation_id: str) -> None:
+    """One reservation, as JSON."""
+    row = _run_operator(_with_connection_async(lambda conn: held.get(conn, reservation_id)))
+    click.echo(json.dumps(_reservation_json(row), indent=2))
+
+
+@reservations.command("release")
+@click.argument("reservation_id")
+def reservations_release(reservation_id: str) -> None:
+    """Give a hold's uses back now (idempotent; a captured hold cannot be released)."""
+    done = _run_operator(_with_connection_async(lambda conn: held.release(conn, reservation_id)))
+    if done.changed:
+        log.info(
+            "reservation_released",
+            reservation_id=done.reservation.id,
+            account_id=done.account.id,
+            uses=int(done.reservation.uses),
+            by="cli",
+        )
+    click.echo(f"{done.reservation.id}: {done.reservation.status}")
+
+
+def _reservation_json(row: Any) -> dict[str, Any]:
+    m = row._mapping
+    return {
+        "reservation_id": m["id"],
+        "account_id": m["account_id"],
+        "oauth_provider": m["oauth_provider"],
+        "external_id": m["external_id"],
+        "status": m["status"],
+        "uses": int(m["uses"]),
+        "free_uses_held": int(m["free_uses_held"]),
+        "paid_uses_held": int(m["paid_uses_held"]),
+        "captured_uses": m["captured_uses"],
+        "charge_id": m["charge_id"],
+        "expires_at": iso(m["expires_at"]),
+        "created_at": iso(m["created_at"]),
+        "closed_at": None if m["closed_at"] is None else iso(m["closed_at"]),
+        "metadata": m["metadata"],
+    }
 
 
 @main.command()
