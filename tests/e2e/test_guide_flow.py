@@ -32,6 +32,7 @@ async def test_free_uses_then_purchase_required(api: Api) -> None:
         "reason": None,
         "free_uses_remaining": 3,
         "total_uses": 0,
+        "held_uses": 0,
         "purchase_required": False,
     }
 
@@ -55,6 +56,7 @@ async def test_free_uses_then_purchase_required(api: Api) -> None:
         "reason": "No free uses or credits remaining",
         "free_uses_remaining": 0,
         "total_uses": 3,
+        "held_uses": 0,
         "purchase_required": True,
         "purchase_price_minor": 500,
         "purchase_uses": 20,
