@@ -22,11 +22,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from ciris_billing.accounts.service import Identity
 from ciris_billing.checkout.links import checkout_url, read_buy_token
+from ciris_billing.checkout.schemas import CheckoutSummary
 from ciris_billing.db import accounts
 from ciris_billing.deps import AppState, StateDep, UnitOfWorkDep, json_response
 from ciris_billing.errors import (
@@ -82,23 +82,6 @@ _SYMBOLS = {
     "AUD": "A$",
     "NZD": "NZ$",
 }
-
-
-class CheckoutSummary(BaseModel):
-    payment_id: str
-    uses: int = Field(description="Uses this purchase buys")
-    uses_purchased: int
-    amount_minor: int
-    currency: str
-    price: str = Field(examples=["$5.00"])
-    status: str = Field(description="The purchase: `succeeded` once its uses are credited")
-    payment_status: str = Field(description="The payment as the provider reports it now")
-    credited: bool
-    failure_message: str | None
-    free_uses_remaining: int
-    credits_remaining: int = Field(description="Paid uses left on the account")
-    provider: str
-    publishable_key: str | None = Field(default=None, description="Stripe mode only")
 
 
 def format_price(amount_minor: int, currency: str) -> str:

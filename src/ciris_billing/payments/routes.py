@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, StrictInt, StringConstraints
 from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
 from ciris_billing.accounts import service as accounts
-from ciris_billing.accounts.schemas import NO_NUL
 from ciris_billing.checkout.links import checkout_url
 from ciris_billing.db import iso
 from ciris_billing.deps import (
@@ -31,7 +29,7 @@ from ciris_billing.errors import error_responses
 from ciris_billing.observability import PURCHASES, log
 from ciris_billing.payments import refunds, service
 from ciris_billing.payments.purchases import get_purchase as lookup_purchase
-from ciris_billing.payments.schemas import PurchaseCreate, PurchaseOut
+from ciris_billing.payments.schemas import PurchaseCreate, PurchaseOut, RefundCreate
 
 router = APIRouter(prefix="/v1/billing", tags=["purchases"], responses=error_responses(422))
 
@@ -109,14 +107,6 @@ async def create_purchase(
         amount_minor=started.offer.amount_minor,
     )
     return response
-
-
-class RefundCreate(BaseModel):
-    amount_minor: StrictInt | None = Field(
-        default=None, ge=1, le=100_000_000, description="Partial refund; omit for the rest"
-    )
-    reason: Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL)] | None = None
-    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
 
 
 @router.post(

@@ -6,17 +6,22 @@ active provider is not the sandbox.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, StrictInt, StringConstraints
 
 from ciris_billing.deps import AdminKey, AppState, StateDep, json_response
 from ciris_billing.errors import ErrorOut, SandboxInactive, error_responses
 from ciris_billing.payments.providers.base import PaymentResult
 from ciris_billing.payments.providers.sandbox import SandboxProvider
-from ciris_billing.payments.schemas import SandboxAuthenticate, SandboxConfirm, SandboxPaymentOut
+from ciris_billing.payments.schemas import (
+    SandboxAuthenticate,
+    SandboxConfirm,
+    SandboxDispute,
+    SandboxPaymentOut,
+    SandboxRefund,
+)
 
 router = APIRouter(prefix="/v1/billing", tags=["purchases"], responses=error_responses(422))
 
@@ -68,13 +73,6 @@ async def sandbox_authenticate(
     return json_response(200, _sandbox_body(payment))
 
 
-class SandboxDispute(BaseModel):
-    status: Annotated[
-        str,
-        StringConstraints(pattern=r"^(needs_response|under_review|won|lost|warning_closed)$"),
-    ] = "needs_response"
-
-
 @router.post(
     "/sandbox/payment_intents/{payment_id}/dispute",
     tags=["sandbox"],
@@ -88,10 +86,6 @@ async def sandbox_dispute(
     return json_response(
         200, {"dispute_id": dispute.dispute_id, "payment_id": payment_id, "status": body.status}
     )
-
-
-class SandboxRefund(BaseModel):
-    amount_minor: StrictInt | None = Field(default=None, ge=1, le=100_000_000)
 
 
 @router.post(

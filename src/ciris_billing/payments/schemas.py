@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StrictBool, StringConstraints
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StringConstraints
 
-from ciris_billing.accounts.schemas import Email, IdentityFields
+from ciris_billing.accounts.schemas import NO_NUL, Email, IdentityFields
 
 
 class PurchaseCreate(IdentityFields):
@@ -56,3 +56,22 @@ class SandboxPaymentOut(BaseModel):
     amount_minor: int
     currency: str
     failure_message: str | None
+
+
+class RefundCreate(BaseModel):
+    amount_minor: StrictInt | None = Field(
+        default=None, ge=1, le=100_000_000, description="Partial refund; omit for the rest"
+    )
+    reason: Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL)] | None = None
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+
+
+class SandboxDispute(BaseModel):
+    status: Annotated[
+        str,
+        StringConstraints(pattern=r"^(needs_response|under_review|won|lost|warning_closed)$"),
+    ] = "needs_response"
+
+
+class SandboxRefund(BaseModel):
+    amount_minor: StrictInt | None = Field(default=None, ge=1, le=100_000_000)
