@@ -24,6 +24,7 @@ class CreditCheck:
     reason: str | None
     purchase_price_minor: int | None = None
     purchase_uses: int | None = None
+    held_uses: int | None = None  # uses the account's active holds keep aside (not counted above)
     degraded: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -271,6 +272,7 @@ def parse_check(data: object) -> CreditCheck:
         reason=f.opt_text("reason"),
         purchase_price_minor=f.opt_integer("purchase_price_minor"),
         purchase_uses=f.opt_integer("purchase_uses"),
+        held_uses=f.opt_integer("held_uses"),
         raw=f.data,
     )
 
