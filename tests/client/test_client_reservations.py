@@ -149,6 +149,26 @@ async def test_an_exception_in_the_block_releases_the_hold(
     await billing.audit_clean()
 
 
+async def test_a_cancelled_interaction_releases_its_hold(billing: Held) -> None:
+    client, who = billing.client(), user()
+    entered = asyncio.Event()
+    hold = client.reserve(GOOGLE, who, uses=3)
+
+    async def interaction() -> None:
+        async with hold:
+            entered.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(interaction())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert hold.status == "released"
+    assert (await client.check(GOOGLE, who)).free_uses_remaining == 3
+    await billing.audit_clean()
+
+
 async def test_leaving_the_block_without_capture_releases_the_hold(billing: Held) -> None:
     client, who = billing.client(), user()
     async with client.reserve(GOOGLE, who, uses=3) as hold:
