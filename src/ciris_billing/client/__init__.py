@@ -7,12 +7,21 @@
 
 Both clients share one implementation (`_core`); the sync one only does blocking I/O.
 
-**Results** are frozen dataclasses (`CreditCheck`, `Charge`, `Purchase`, `TransactionPage`);
-fields the client does not know yet are ignored (and kept in `.raw`).
+**Holds** (reserve before, capture after), for work whose cost is known only at its end:
 
-**Idempotency**: every charge and purchase carries an `Idempotency-Key` (a uuid4 unless you
-pass `idempotency_key=`), the same on every retry of that call, so a retry after a lost
-response replays the first answer instead of charging twice (`Charge.replayed`).
+    async with billing.reserve("oauth:google", user_id, uses=5, ttl=120) as hold:
+        steps = await run_the_agent()
+        await hold.capture(steps)        # one charge for `steps` uses; the rest go back
+
+An exception in the block releases the hold; a normal exit releases it unless `capture()` was
+called. `BillingClient.reserve` is the same, with `with` and `hold.capture(steps)`.
+
+**Results** are frozen dataclasses (`CreditCheck`, `Charge`, `Purchase`, `TransactionPage`,
+`Reservation`); fields the client does not know yet are ignored (and kept in `.raw`).
+
+**Idempotency**: every charge, purchase, reserve and capture carries an `Idempotency-Key` (a
+uuid4 unless you pass `idempotency_key=`), the same on every retry of that call, so a retry
+after a lost response replays the first answer instead of charging twice (`Charge.replayed`).
 
 **Retries**: connection errors, timeouts, 502/503/504, 429, and 500 (every call the client
 makes is idempotent) are retried up to `max_retries` times, with exponential backoff
@@ -21,7 +30,8 @@ makes is idempotent) are retried up to `max_retries` times, with exponential bac
 
 **Errors**: `BillingError` (`status`, `code`, `detail`, `body`) and its subclasses
 `PurchaseRequiredError` (402; `offer`, `checkout_url`), `AuthenticationError` (401/403),
-`AccountSuspendedError`, `NotFoundError` (404), `IdempotencyConflictError` (409), and
+`AccountSuspendedError`, `NotFoundError` (404), `IdempotencyConflictError` (409),
+`ReservationExpiredError` and `ReservationNotHeldError` (409 on a hold), and
 `BillingUnavailableError` (retries exhausted: billing is unreachable).
 
 **When billing is unreachable** (retries exhausted on connection errors, timeouts or 5xx):
@@ -41,10 +51,10 @@ makes is idempotent) are retried up to `max_retries` times, with exponential bac
   (`billing_pending_charge_dropped`, ERROR). The outbox lives in memory: charges still queued
   when the process dies are lost (`pending_charges` lets you persist them yourself).
 
-purchase, purchase_status and transactions always fail closed.
+purchase, purchase_status, transactions and holds always fail closed.
 """
 
-from ciris_billing.client._shells import AsyncBillingClient, BillingClient
+from ciris_billing.client._shells import AsyncBillingClient, AsyncHold, BillingClient, Hold
 from ciris_billing.client.errors import (
     AccountSuspendedError,
     AuthenticationError,
@@ -54,6 +64,9 @@ from ciris_billing.client.errors import (
     NotFoundError,
     Offer,
     PurchaseRequiredError,
+    ReservationExpiredError,
+    ReservationNotHeldError,
+    ReservationStateError,
 )
 from ciris_billing.client.models import (
     Charge,
@@ -62,6 +75,8 @@ from ciris_billing.client.models import (
     FlushReport,
     PendingCharge,
     Purchase,
+    Reservation,
+    ReservationPage,
     Transaction,
     TransactionPage,
 )
@@ -69,6 +84,7 @@ from ciris_billing.client.models import (
 __all__ = [
     "AccountSuspendedError",
     "AsyncBillingClient",
+    "AsyncHold",
     "AuthenticationError",
     "BillingClient",
     "BillingError",
@@ -77,12 +93,18 @@ __all__ = [
     "CreditCheck",
     "DroppedCharge",
     "FlushReport",
+    "Hold",
     "IdempotencyConflictError",
     "NotFoundError",
     "Offer",
     "PendingCharge",
     "Purchase",
     "PurchaseRequiredError",
+    "Reservation",
+    "ReservationExpiredError",
+    "ReservationNotHeldError",
+    "ReservationPage",
+    "ReservationStateError",
     "Transaction",
     "TransactionPage",
 ]

@@ -31,6 +31,8 @@ from ciris_billing.client.errors import (
     NotFoundError,
     Offer,
     PurchaseRequiredError,
+    ReservationExpiredError,
+    ReservationNotHeldError,
 )
 from ciris_billing.client.models import (
     Charge,
@@ -39,12 +41,16 @@ from ciris_billing.client.models import (
     FlushReport,
     PendingCharge,
     Purchase,
+    Reservation,
+    ReservationPage,
     TransactionPage,
     _Fields,
     degraded_check,
     parse_charge,
     parse_check,
     parse_purchase,
+    parse_reservation,
+    parse_reservations,
     parse_transactions,
 )
 
@@ -68,6 +74,7 @@ CHECK_PATH = "/v1/billing/credits/check"
 CHARGES_PATH = "/v1/billing/charges"
 PURCHASES_PATH = "/v1/billing/purchases"
 TRANSACTIONS_PATH = "/v1/billing/transactions"
+RESERVATIONS_PATH = "/v1/billing/reservations"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +166,10 @@ def error_for(response: httpx.Response) -> BillingError:
         cls = AuthenticationError
     elif status == 404:
         cls = NotFoundError
+    elif status == 409 and code == "reservation_expired":
+        cls = ReservationExpiredError
+    elif status == 409 and code == "reservation_not_held":
+        cls = ReservationNotHeldError
     elif status == 409:
         cls = IdempotencyConflictError
     return cls(detail, status=status, code=code, body=body)
@@ -452,6 +463,86 @@ class ClientCore:
         response = yield from self.call(Call("GET", TRANSACTIONS_PATH, params=params))
         return parse_transactions(response_json(response))
 
+    # -- reservations (holds) ---------------------------------------------------------
+    # Always fail closed: a hold is the service's promise, which no client can make for it.
+
+    def reserve(
+        self,
+        oauth_provider: str,
+        external_id: str,
+        *,
+        uses: int = 1,
+        ttl_seconds: int = 300,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Program[Reservation]:
+        key = new_idempotency_key() if idempotency_key is None else idempotency_key
+        body: dict[str, Any] = {
+            "oauth_provider": oauth_provider,
+            "external_id": external_id,
+            "uses": uses,
+            "ttl_seconds": ttl_seconds,
+            "metadata": dict(metadata or {}),
+        }
+        # Safe to retry: every attempt carries `key`, so a hold made by an attempt whose answer
+        # was lost is replayed, never made twice.
+        call = Call("POST", RESERVATIONS_PATH, body=body, idempotency_key=key)
+        response = yield from self.call(call)
+        replayed = response.headers.get("Idempotent-Replayed") == "true"
+        return parse_reservation(response_json(response), key, replayed)
+
+    def capture(
+        self,
+        reservation_id: str,
+        *,
+        uses: int | None = None,
+        amount_minor: int = 0,
+        description: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Program[Charge]:
+        key = new_idempotency_key() if idempotency_key is None else idempotency_key
+        body: dict[str, Any] = {
+            "uses": uses,
+            "amount_minor": amount_minor,
+            "description": description,
+            "metadata": dict(metadata or {}),
+        }
+        path = f"{RESERVATIONS_PATH}/{quote(reservation_id, safe='')}/capture"
+        # Safe to retry: the same key on every attempt; the service replays the one charge.
+        response = yield from self.call(Call("POST", path, body=body, idempotency_key=key))
+        replayed = response.headers.get("Idempotent-Replayed") == "true"
+        return parse_charge(response_json(response), key, replayed)
+
+    def release(self, reservation_id: str) -> Program[Reservation]:
+        # Safe to retry without a key: releasing a released (or expired) hold answers it as is.
+        path = f"{RESERVATIONS_PATH}/{quote(reservation_id, safe='')}/release"
+        response = yield from self.call(Call("POST", path))
+        return parse_reservation(response_json(response))
+
+    def reservation(self, reservation_id: str) -> Program[Reservation]:
+        path = f"{RESERVATIONS_PATH}/{quote(reservation_id, safe='')}"
+        response = yield from self.call(Call("GET", path))
+        return parse_reservation(response_json(response))
+
+    def reservations(
+        self,
+        oauth_provider: str | None = None,
+        external_id: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Program[ReservationPage]:
+        params: dict[str, str | int] = {"limit": limit, "offset": offset}
+        if oauth_provider is not None:
+            params["oauth_provider"] = oauth_provider
+        if external_id is not None:
+            params["external_id"] = external_id
+        if status is not None:
+            params["status"] = status
+        response = yield from self.call(Call("GET", RESERVATIONS_PATH, params=params))
+        return parse_reservations(response_json(response))
+
     # -- the outbox --------------------------------------------------------------------
 
     def flush(self, max_retries: int | None = None) -> Program[FlushReport]:
@@ -550,4 +641,136 @@ class ClientCore:
             unreachable_for=round(self.unreachable_for or 0.0, 3),
             grace_seconds=self.fail_open_grace_seconds,
             error=error.detail,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureAsked:
+    uses: int | None
+    amount_minor: int
+    description: str | None
+    metadata: Mapping[str, Any]
+
+
+class HoldState:
+    """One `reserve()` block: its hold, what the block did with it, and what its exit does.
+
+    Used by the block's own task or thread only, so it needs no lock. Both keys are made once,
+    here: every send of the reserve (the client's retries) carries `idempotency_key`, and every
+    send of the capture (retries, a second `capture()`, the exit's) carries `capture_key`, so
+    the service makes one hold and at most one charge however often either is sent.
+    """
+
+    def __init__(
+        self,
+        core: ClientCore,
+        oauth_provider: str,
+        external_id: str,
+        *,
+        uses: int,
+        ttl_seconds: int,
+        metadata: Mapping[str, Any] | None,
+        idempotency_key: str | None,
+    ) -> None:
+        self.core = core
+        self.oauth_provider = oauth_provider
+        self.external_id = external_id
+        self.uses = uses
+        self.ttl_seconds = ttl_seconds
+        self.metadata = dict(metadata or {})
+        self.idempotency_key = new_idempotency_key() if idempotency_key is None else idempotency_key
+        self.capture_key = new_idempotency_key()
+        self._reservation: Reservation | None = None
+        self.charge: Charge | None = None
+        self.released: Reservation | None = None
+        # A capture was sent and its outcome is unknown (no definite answer came back).
+        self.unsettled: CaptureAsked | None = None
+
+    @property
+    def reservation(self) -> Reservation:
+        if self._reservation is None:
+            raise RuntimeError("the hold is made on entering the `with` block of reserve()")
+        return self._reservation
+
+    @property
+    def status(self) -> str:
+        if self._reservation is None:
+            return "new"
+        if self.charge is not None:
+            return "captured"
+        if self.released is not None:
+            return self.released.status  # released, or expired
+        return "held"
+
+    def enter(self) -> Program[Reservation]:
+        if self._reservation is not None:
+            raise RuntimeError("a reserve() block can be entered once")
+        self._reservation = yield from self.core.reserve(
+            self.oauth_provider,
+            self.external_id,
+            uses=self.uses,
+            ttl_seconds=self.ttl_seconds,
+            metadata=self.metadata,
+            idempotency_key=self.idempotency_key,
+        )
+        event(
+            logging.INFO,
+            "billing_hold_made",
+            reservation_id=self._reservation.reservation_id,
+            uses=self.uses,
+            expires_at=self._reservation.expires_at,
+        )
+        return self._reservation
+
+    def capture(self, asked: CaptureAsked) -> Program[Charge]:
+        reservation_id = self.reservation.reservation_id
+        self.unsettled = asked
+        try:
+            charge = yield from self.core.capture(
+                reservation_id,
+                uses=asked.uses,
+                amount_minor=asked.amount_minor,
+                description=asked.description,
+                metadata=asked.metadata,
+                idempotency_key=self.capture_key,
+            )
+        except BillingError as exc:
+            if 400 <= (exc.status or 0) < 500 and exc.status != 429:
+                self.unsettled = None  # a definite refusal: nothing was charged
+            raise
+        self.unsettled = None
+        self.charge = charge
+        return charge
+
+    def release(self) -> Program[Reservation]:
+        released = yield from self.core.release(self.reservation.reservation_id)
+        self.released = released
+        return released
+
+    def exit(self, raised: bool) -> Program[None]:
+        """Captured or released already: nothing. A normal exit after a capture whose answer
+        was lost sends it again (same key: charged once). Else release; a failed release is
+        logged, not raised (the service releases the hold by itself at `expires_at`)."""
+        if self._reservation is None or self.charge is not None or self.released is not None:
+            return
+        if not raised and self.unsettled is not None:
+            yield from self.capture(self.unsettled)
+            return
+        try:
+            yield from self.release()
+        except BillingError as exc:
+            event(
+                logging.WARNING,
+                "billing_hold_release_failed",
+                reservation_id=self._reservation.reservation_id,
+                error=exc.code,
+                detail=exc.detail,
+                expires_at=self._reservation.expires_at,
+            )
+            return
+        event(
+            logging.INFO,
+            "billing_hold_released",
+            reservation_id=self._reservation.reservation_id,
+            because="exception" if raised else "not_captured",
         )

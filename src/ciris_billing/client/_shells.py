@@ -10,13 +10,22 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ciris_billing.client._core import ClientCore, Program, Reply, Sleep
+from ciris_billing.client._core import (
+    CaptureAsked,
+    ClientCore,
+    HoldState,
+    Program,
+    Reply,
+    Sleep,
+)
 from ciris_billing.client.models import (
     Charge,
     CreditCheck,
     FlushReport,
     PendingCharge,
     Purchase,
+    Reservation,
+    ReservationPage,
     TransactionPage,
 )
 
@@ -26,6 +35,144 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_BACKOFF = 0.25
 DEFAULT_MAX_BACKOFF = 10.0
+DEFAULT_HOLD_TTL = 300
+
+
+class _HoldView:
+    """What a `reserve()` block's hold looks like; `Hold` and `AsyncHold` add the calls."""
+
+    _state: HoldState
+
+    @property
+    def reservation(self) -> Reservation:
+        """The hold as the service made it (the counts are those of that moment)."""
+        return self._state.reservation
+
+    @property
+    def reservation_id(self) -> str:
+        return self.reservation.reservation_id
+
+    @property
+    def uses(self) -> int:
+        """The uses held."""
+        return self.reservation.uses
+
+    @property
+    def expires_at(self) -> str:
+        """ISO 8601 (UTC): past it the hold cannot be captured and is released by itself."""
+        return self.reservation.expires_at
+
+    @property
+    def held_uses(self) -> int:
+        """Uses held by all the account's active holds (this one included) when it was made."""
+        return self.reservation.held_uses
+
+    @property
+    def free_uses_remaining(self) -> int:
+        return self.reservation.free_uses_remaining
+
+    @property
+    def credits_remaining(self) -> int:
+        return self.reservation.credits_remaining
+
+    @property
+    def status(self) -> str:
+        """As this client knows it: new, held, captured, released (or expired)."""
+        return self._state.status
+
+    @property
+    def charge(self) -> Charge | None:
+        """The capture's charge, once captured."""
+        return self._state.charge
+
+    @property
+    def idempotency_key(self) -> str:
+        """The reserve's key (sent on each of its retries)."""
+        return self._state.idempotency_key
+
+    @property
+    def capture_key(self) -> str:
+        """The capture's key (sent on each send of the capture)."""
+        return self._state.capture_key
+
+    def __repr__(self) -> str:
+        made = self._state._reservation
+        rid = made.reservation_id if made is not None else None
+        return f"<{type(self).__name__} {rid} uses={self._state.uses} status={self.status}>"
+
+
+class Hold(_HoldView):
+    """`with billing.reserve(...) as hold:` — see `BillingClient.reserve`."""
+
+    def __init__(self, client: BillingClient, state: HoldState) -> None:
+        self._client = client
+        self._state = state
+
+    def capture(
+        self,
+        uses: int | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        amount_minor: int = 0,
+    ) -> Charge:
+        """Charge `uses` (at most the held ones; all when None) as one charge; the rest go back.
+        Raises ReservationExpiredError past `expires_at`."""
+        asked = CaptureAsked(uses, amount_minor, description, dict(metadata or {}))
+        return self._client._run(self._state.capture(asked))
+
+    def release(self) -> Reservation:
+        """Give all the held uses back now (idempotent)."""
+        return self._client._run(self._state.release())
+
+    def __enter__(self) -> Hold:
+        self._client._run(self._state.enter())
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._client._run(self._state.exit(raised=exc_type is not None))
+
+
+class AsyncHold(_HoldView):
+    """`async with billing.reserve(...) as hold:` — see `AsyncBillingClient.reserve`."""
+
+    def __init__(self, client: AsyncBillingClient, state: HoldState) -> None:
+        self._client = client
+        self._state = state
+
+    async def capture(
+        self,
+        uses: int | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        amount_minor: int = 0,
+    ) -> Charge:
+        """Charge `uses` (at most the held ones; all when None) as one charge; the rest go back.
+        Raises ReservationExpiredError past `expires_at`."""
+        asked = CaptureAsked(uses, amount_minor, description, dict(metadata or {}))
+        return await self._client._run(self._state.capture(asked))
+
+    async def release(self) -> Reservation:
+        """Give all the held uses back now (idempotent)."""
+        return await self._client._run(self._state.release())
+
+    async def __aenter__(self) -> AsyncHold:
+        await self._client._run(self._state.enter())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._client._run(self._state.exit(raised=exc_type is not None))
 
 
 class _ClientBase:
@@ -148,6 +295,56 @@ class BillingClient(_ClientBase):
     ) -> TransactionPage:
         """A page of the account's ledger, newest first."""
         return self._run(self._core.transactions(oauth_provider, external_id, limit, offset))
+
+    def reserve(
+        self,
+        oauth_provider: str,
+        external_id: str,
+        *,
+        uses: int = 1,
+        ttl: int = DEFAULT_HOLD_TTL,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Hold:
+        """Hold `uses` uses for `ttl` seconds, for work whose cost is known only at its end:
+
+            with billing.reserve("oauth:google", user_id, uses=5, ttl=120) as hold:
+                steps = run_the_agent()
+                hold.capture(steps)
+
+        Entering makes the hold (PurchaseRequiredError when fewer uses are available). An
+        exception in the block releases it; a normal exit releases it unless `capture()` was
+        called. Past `ttl` the service releases it by itself.
+        """
+        return Hold(
+            self,
+            HoldState(
+                self._core,
+                oauth_provider,
+                external_id,
+                uses=uses,
+                ttl_seconds=ttl,
+                metadata=metadata,
+                idempotency_key=idempotency_key,
+            ),
+        )
+
+    def reservation(self, reservation_id: str) -> Reservation:
+        """One hold as the service has it now."""
+        return self._run(self._core.reservation(reservation_id))
+
+    def reservations(
+        self,
+        oauth_provider: str | None = None,
+        external_id: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> ReservationPage:
+        """Holds, newest first: of one identity, and/or in one status."""
+        return self._run(
+            self._core.reservations(oauth_provider, external_id, status, limit, offset)
+        )
 
     def flush_pending(self) -> FlushReport:
         """Record the charges queued while billing was unreachable (exactly once each)."""
@@ -280,6 +477,56 @@ class AsyncBillingClient(_ClientBase):
     ) -> TransactionPage:
         """A page of the account's ledger, newest first."""
         return await self._run(self._core.transactions(oauth_provider, external_id, limit, offset))
+
+    def reserve(
+        self,
+        oauth_provider: str,
+        external_id: str,
+        *,
+        uses: int = 1,
+        ttl: int = DEFAULT_HOLD_TTL,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncHold:
+        """Hold `uses` uses for `ttl` seconds, for work whose cost is known only at its end:
+
+            async with billing.reserve("oauth:google", user_id, uses=5, ttl=120) as hold:
+                steps = await run_the_agent()
+                await hold.capture(steps)
+
+        Entering makes the hold (PurchaseRequiredError when fewer uses are available). An
+        exception in the block releases it; a normal exit releases it unless `capture()` was
+        called. Past `ttl` the service releases it by itself.
+        """
+        return AsyncHold(
+            self,
+            HoldState(
+                self._core,
+                oauth_provider,
+                external_id,
+                uses=uses,
+                ttl_seconds=ttl,
+                metadata=metadata,
+                idempotency_key=idempotency_key,
+            ),
+        )
+
+    async def reservation(self, reservation_id: str) -> Reservation:
+        """One hold as the service has it now."""
+        return await self._run(self._core.reservation(reservation_id))
+
+    async def reservations(
+        self,
+        oauth_provider: str | None = None,
+        external_id: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> ReservationPage:
+        """Holds, newest first: of one identity, and/or in one status."""
+        return await self._run(
+            self._core.reservations(oauth_provider, external_id, status, limit, offset)
+        )
 
     async def flush_pending(self) -> FlushReport:
         """Record the charges queued while billing was unreachable (exactly once each)."""

@@ -48,16 +48,31 @@ class AccountSuspendedError(BillingError):
 
 
 class NotFoundError(BillingError):
-    """404: no such account or purchase."""
+    """404: no such account, purchase or reservation."""
 
 
 class IdempotencyConflictError(BillingError):
     """409: the idempotency key was already used for a different request."""
 
 
+class ReservationStateError(BillingError):
+    """409 on a reservation: it is no longer held (`ReservationNotHeldError`: captured or
+    released already) or its time ran out (`ReservationExpiredError`)."""
+
+
+class ReservationExpiredError(ReservationStateError):
+    """409 `reservation_expired`: past its `expires_at` the hold cannot be captured; its uses
+    went back to the account."""
+
+
+class ReservationNotHeldError(ReservationStateError):
+    """409 `reservation_not_held`: the hold was already captured or released."""
+
+
 class PurchaseRequiredError(BillingError):
-    """402: no free or paid use left. `offer` is what a purchase buys; `checkout_url` (when the
-    service sends one) is the page where the user can pay."""
+    """402: no free or paid use left (for a charge), or fewer than asked (for a hold). `offer`
+    is what a purchase buys; `checkout_url` (when the service sends one) is the page where the
+    user can pay."""
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ class CreditCheck:
     reason: str | None
     purchase_price_minor: int | None = None
     purchase_uses: int | None = None
+    held_uses: int | None = None  # uses the account's active holds keep aside (not counted above)
     degraded: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -54,6 +55,46 @@ class Charge:
     created_at: str | None = None
     pending: bool = False
     replayed: bool = False
+    # Set when the charge is a hold's capture: the hold, and the held uses given back.
+    reservation_id: str | None = None
+    released_uses: int | None = None
+    held_uses: int | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A hold on `uses` uses until `expires_at` (ISO 8601, UTC): `status` is held, captured,
+    released or expired. The counts are the account's *available* uses (held ones excluded)
+    when the service answered; `held_uses` is what all its active holds keep aside."""
+
+    reservation_id: str
+    account_id: str
+    oauth_provider: str
+    external_id: str
+    status: str
+    uses: int
+    captured_uses: int | None
+    charge_id: str | None
+    expires_at: str
+    metadata: Mapping[str, Any]
+    held_uses: int
+    free_uses_remaining: int
+    credits_remaining: int
+    total_uses: int
+    created_at: str
+    idempotency_key: str | None = None
+    replayed: bool = False
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationPage:
+    """A page of reservations, newest first."""
+
+    reservations: tuple[Reservation, ...]
+    limit: int
+    offset: int
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -231,6 +272,7 @@ def parse_check(data: object) -> CreditCheck:
         reason=f.opt_text("reason"),
         purchase_price_minor=f.opt_integer("purchase_price_minor"),
         purchase_uses=f.opt_integer("purchase_uses"),
+        held_uses=f.opt_integer("held_uses"),
         raw=f.data,
     )
 
@@ -270,6 +312,45 @@ def parse_charge(data: object, idempotency_key: str, replayed: bool) -> Charge:
         plan_name=f.text("plan_name"),
         created_at=f.text("created_at"),
         replayed=replayed,
+        reservation_id=f.opt_text("reservation_id"),
+        released_uses=f.opt_integer("released_uses"),
+        held_uses=f.opt_integer("held_uses"),
+        raw=f.data,
+    )
+
+
+def parse_reservation(
+    data: object, idempotency_key: str | None = None, replayed: bool = False
+) -> Reservation:
+    f = _Fields(data, "reservation")
+    return Reservation(
+        reservation_id=f.text("reservation_id"),
+        account_id=f.text("account_id"),
+        oauth_provider=f.text("oauth_provider"),
+        external_id=f.text("external_id"),
+        status=f.text("status"),
+        uses=f.integer("uses"),
+        captured_uses=f.opt_integer("captured_uses"),
+        charge_id=f.opt_text("charge_id"),
+        expires_at=f.text("expires_at"),
+        metadata=f.mapping("metadata"),
+        held_uses=f.integer("held_uses"),
+        free_uses_remaining=f.integer("free_uses_remaining"),
+        credits_remaining=f.integer("credits_remaining"),
+        total_uses=f.integer("total_uses"),
+        created_at=f.text("created_at"),
+        idempotency_key=idempotency_key,
+        replayed=replayed,
+        raw=f.data,
+    )
+
+
+def parse_reservations(data: object) -> ReservationPage:
+    f = _Fields(data, "reservation page")
+    return ReservationPage(
+        reservations=tuple(parse_reservation(item) for item in f.array("reservations")),
+        limit=f.integer("limit"),
+        offset=f.integer("offset"),
         raw=f.data,
     )
 
@@ -336,6 +417,8 @@ __all__ = [
     "Offer",
     "PendingCharge",
     "Purchase",
+    "Reservation",
+    "ReservationPage",
     "Transaction",
     "TransactionPage",
 ]
