@@ -27,7 +27,7 @@ from ciris_billing.client import (
     ReservationExpiredError,
     ReservationNotHeldError,
 )
-from tests.client.test_client import FAST, GOOGLE, InProcess, Network, Server, events, user
+from tests.support.agent import FAST, GOOGLE, InProcess, Network, Server, events, user
 from tests.support.api import make_settings
 from tests.support.cli import create_key
 from tests.support.servers import free_port, service_env

@@ -23,8 +23,8 @@ from sqlalchemy.exc import DBAPIError
 from ciris_billing.db import create_engine
 from ciris_billing.errors_http import error_response
 from ciris_billing.observability import configure_logging
-from tests.operations.test_pathological_json import OPERATIONS
 from tests.support.cli import create_key
+from tests.support.operations import OPERATIONS
 from tests.support.servers import running_service, service_env
 
 CARD = "4242 4242 4242 4242"

@@ -9,7 +9,6 @@ and with a valid one. A route that needs a key answers 401 without reading the b
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from fastapi import FastAPI
 from ciris_billing import auth
 from ciris_billing.app import create_app
 from tests.support.api import UNUSED_DATABASE_URL, make_settings
+from tests.support.operations import OPERATIONS
 
 LIMIT = make_settings(UNUSED_DATABASE_URL).max_request_bytes
 VALID = b'"oauth_provider":"oauth:google","external_id":"fuzz@example.com"'
@@ -47,45 +47,6 @@ BODIES: dict[str, bytes] = {
     "Infinity": b"{" + VALID + b',"uses":Infinity,"amount_minor":-Infinity}',
     "bare NaN": b"NaN",
 }
-
-
-@dataclass(frozen=True)
-class Operation:
-    method: str
-    template: str
-    needs_key: bool
-    takes_json: bool
-
-    @property
-    def path(self) -> str:
-        return re.sub(
-            r"\{(\w+)\}",
-            lambda m: {"oauth_provider": "oauth:google", "provider_name": "sandbox"}.get(
-                m.group(1), "fuzz@example.com"
-            ),
-            self.template,
-        )
-
-
-def operations() -> list[Operation]:
-    """Every operation the app serves, from its OpenAPI document."""
-    document = create_app(make_settings(UNUSED_DATABASE_URL)).openapi()
-    found = []
-    for template, methods in document["paths"].items():
-        for method, operation in methods.items():
-            content = operation.get("requestBody", {}).get("content", {})
-            found.append(
-                Operation(
-                    method.upper(),
-                    template,
-                    needs_key=bool(operation.get("security")),
-                    takes_json="application/json" in content,
-                )
-            )
-    return found
-
-
-OPERATIONS = operations()
 
 
 @dataclass
