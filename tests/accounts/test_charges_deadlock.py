@@ -177,4 +177,6 @@ async def test_finding_4_a_statement_rolled_back_on_a_deadlock_is_sent_again(api
     # Both statements answered: the one PostgreSQL chose as the deadlock's victim was sent again
     # and, the other having committed, went through.
     assert [row[0] for row in answers if row is not None] == [2, 2]
-    assert retries() == before + 1
+    # At least one retry; a retry may itself race the survivor for the first lock and be chosen
+    # again (seen once beside the rest of the suite): still answered, never an error.
+    assert retries() >= before + 1
