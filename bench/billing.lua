@@ -1,8 +1,10 @@
--- wrk script for CIRIS Billing: credit checks, charges, one hot account, or the agent's mix.
+-- wrk script for CIRIS Billing: credit checks, charges, one hot account, the agent's mix, or
+-- reserve then capture.
 --
 --   wrk -t2 -c64 -d10s -s bench/billing.lua -H "X-API-Key: ..." URL -- MODE ACCOUNTS [LIMIT] [IDEM]
 --
 -- MODE      check | charge | hot | mix (check then charge for the same user) | hello (GET /)
+--           | reserve (a 1-use hold, then the capture of a hold this thread was answered)
 -- ACCOUNTS  seeded accounts are bench-1@example.com .. bench-ACCOUNTS@example.com;
 --           the hot account is bench-0@example.com
 -- LIMIT     stop each thread after LIMIT responses (0 = run for the duration); a thread that
@@ -16,11 +18,17 @@ local CHECK_BODY = '{"oauth_provider":"oauth:google","external_id":"bench-%d@exa
   .. '"context":{}}'
 local CHARGE_BODY = '{"oauth_provider":"oauth:google","external_id":"bench-%d@example.com",'
   .. '"amount_minor":100,"currency":"USD","description":"bench","metadata":{}}'
+local RESERVE = "/v1/billing/reservations"
+local RESERVE_BODY = '{"oauth_provider":"oauth:google","external_id":"bench-%d@example.com",'
+  .. '"uses":1,"ttl_seconds":300,"metadata":{}}'
+local CAPTURE_BODY = '{"amount_minor":100,"description":"bench","metadata":{}}'
 
 local threads = {}
 local mode, accounts, idem, thread_id
 local sent = 0
 local pending_charge = nil
+-- reserve: holds this thread was answered (any of its connections may capture one).
+local held = {}
 
 function setup(thread)
   table.insert(threads, thread)
@@ -34,12 +42,21 @@ function init(args)
   idem = args[4]
   thread_id = wrk.thread:get("id")
   math.randomseed(os.time() * 1000 + thread_id)
-  if limit > 0 then
-    -- Defined only when needed: wrk parses response headers only if `response` exists.
+  if limit > 0 or mode == "reserve" then
+    -- Defined only when needed: wrk parses responses (headers, body) only if `response` exists.
     local received = 0
     response = function(status, headers, body)
+      if mode == "reserve" and status == 201 then
+        -- A hold's answer (a capture's says "captured"): remember it for a capture.
+        if string.find(body, '"status":%s*"held"') then
+          local id = string.match(body, '"reservation_id":%s*"([%w_]+)"')
+          if id then
+            table.insert(held, id)
+          end
+        end
+      end
       received = received + 1
-      if received == limit then
+      if limit > 0 and received == limit then
         io.stderr:write("wrk-thread-done\n")
         io.stderr:flush()
         wrk.thread:stop()
@@ -70,6 +87,13 @@ function request()
     return charge(math.random(1, accounts))
   elseif mode == "hot" then
     return charge(0)
+  elseif mode == "reserve" then
+    -- One interaction = a hold on a random account, then its capture (all of it).
+    local id = table.remove(held)
+    if id then
+      return wrk.format("POST", RESERVE .. "/" .. id .. "/capture", nil, CAPTURE_BODY)
+    end
+    return wrk.format("POST", RESERVE, nil, string.format(RESERVE_BODY, math.random(1, accounts)))
   end
   -- mix: one interaction = a check, then a charge for the same user.
   if pending_charge then

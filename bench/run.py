@@ -403,14 +403,29 @@ def service_command(port: int) -> list[str]:
     return [str(BIN / "ciris-billing"), *options.split()]
 
 
-# (name, wrk mode, accounts, reference)
-SCENARIOS = (
+# (name, wrk mode, accounts, reference); (f)'s references are (b) and (d) of the same run.
+RESERVE_CAPTURE = "(f) reserve then capture"
+SCENARIOS: tuple[tuple[str, str, int, str | None], ...] = (
     ("(a) check, random", "check", ACCOUNTS, "pgbench check"),
     ("(b) charge, random", "charge", ACCOUNTS, "pgbench charge"),
     ("(c) charge, hot account", "hot", ACCOUNTS, "pgbench charge hot"),
     ("(d) agent mix: check+charge", "mix", ACCOUNTS, "pgbench mix"),
     ("(e) charge, random, 1k accounts", "charge", OVERLAP_ACCOUNTS, "pgbench charge 1k"),
+    (RESERVE_CAPTURE, "reserve", ACCOUNTS, None),
 )
+
+
+def interaction_ratios(row: Row, rows: list[Row]) -> str:
+    """(f): one interaction is two requests (a hold, its capture), as (d)'s (a check, a charge);
+    its interactions/s against (b)'s charges/s and (d)'s interactions/s at the same connections."""
+    by = {(r.scenario, r.connections): r for r in rows}
+    charges = by["(b) charge, random", row.connections].rps
+    mix = by["(d) agent mix: check+charge", row.connections].rps / 2
+    interactions = row.rps / 2
+    return (
+        f"{interactions:,.0f} interactions/s: {interactions / charges:.2f} x (b) charges, "
+        f"{interactions / mix:.2f} x (d) interactions"
+    )
 
 
 def service(
@@ -432,8 +447,10 @@ def service(
                 row = wrk(
                     name, url, key, mode, c, duration, pid, accounts=accounts, idempotency=prefix
                 )
-                base = refs[ref, c]
-                row.ratio = f"{row.rps / base.rps:.2f} x {ref}"
+                if ref is None:
+                    row.ratio = interaction_ratios(row, rows)
+                else:
+                    row.ratio = f"{row.rps / refs[ref, c].rps:.2f} x {ref}"
                 if mode == "check":
                     row.ratio += f"; {row.rps / refs['hello', c].rps:.2f} x hello"
                 if mode == "hot":
@@ -563,6 +580,9 @@ def targets(rows: list[Row], refs: dict[tuple[str, int], Row], clean: bool) -> l
     check64 = by["(a) check, random", 64]
     hot_errors = sum(by["(c) charge, hot account", c].errors for c in CONNECTIONS)
     overlap_errors = sum(by["(e) charge, random, 1k accounts", c].errors for c in CONNECTIONS)
+    holds64 = by[RESERVE_CAPTURE, 64]
+    holds_errors = sum(by[RESERVE_CAPTURE, c].errors for c in CONNECTIONS)
+    vs_mix = holds64.rps / by["(d) agent mix: check+charge", 64].rps  # both: 2 requests each
     vs_pgbench = charge64.rps / refs["pgbench charge", 64].rps
     vs_hello = check64.rps / refs["hello", 64].rps
     audit_text = "clean" if clean else "NOT clean"
@@ -576,6 +596,13 @@ def targets(rows: list[Row], refs: dict[tuple[str, int], Row], clean: bool) -> l
             f"charges over 1k accounts (overlapping batches): {overlap_errors} errors",
             overlap_errors == 0,
         ),
+        (
+            f"(issue 13) reserve+capture c=64 >= 0.5 x the agent mix (interactions/s): "
+            f"{vs_mix:.2f}",
+            vs_mix >= 0.5,
+        ),
+        (f"(issue 13) reserve+capture c=64 p99 < 100 ms: {holds64.p99:.1f} ms", holds64.p99 < 100),
+        (f"(issue 13) reserve+capture: {holds_errors} errors", holds_errors == 0),
     ]
     return [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks]
 
@@ -653,7 +680,7 @@ def main() -> None:
         growth_part = "Growth: not measured in this run (`--growth`)."
     all_rows = rows + sorted(refs.values(), key=lambda r: (r.scenario, r.connections))
     checks = targets(rows, refs, "exit 0" in audited)
-    report = f"{table(all_rows)}\n\n{audited}\n\n{hot}\n\nTargets (issue 5):\n"
+    report = f"{table(all_rows)}\n\n{audited}\n\n{hot}\n\nTargets (issues 5 and 13):\n"
     report += "\n".join(checks) + f"\n\n{growth_part}"
     print(f"\n{report}\n\nTotal time: {elapsed:.0f} s; {load}")
     (BENCH / "RESULTS.md").write_text(f"# Benchmark results\n\n{header}\n\n{report}\n")

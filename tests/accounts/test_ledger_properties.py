@@ -1,10 +1,12 @@
 """Property test of the ledger: any interleaving of credit checks, charges, purchases, payments
-(declined, 3-D Secure, paid), webhook redeliveries, refunds, disputes and grants keeps the books.
+(declined, 3-D Secure, paid), webhook redeliveries, refunds, disputes, grants and reservations
+(hold, capture in part or whole, release, expiry by the recovery job) keeps the books.
 
 A Hypothesis state machine drives the in-process app over HTTP (sandbox provider, signed
 webhooks) and keeps its own model of every account (free, paid and held uses, total uses) and
-of every purchase. Every answer's status is predicted by the model; after every step the API's
-balances equal the model's, no counter is below zero and `audit` finds no discrepancy.
+of every purchase and hold. Every answer's status is predicted by the model; after every step the
+API's balances (account and credit check: available and reserved uses) equal the model's, every
+hold's status is the model's, no counter is below zero and `audit` finds no discrepancy.
 
 Each example gets a fresh database (the session's PostgreSQL database, truncated) and a fresh app
 on its own event loop.
@@ -18,6 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import httpx
@@ -39,8 +42,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ciris_billing import auth
 from ciris_billing.app import create_app
 from ciris_billing.audit import AuditReport, audit
-from ciris_billing.db import accounts, create_engine, webhook_events
+from ciris_billing.db import accounts, create_engine, reservations, utcnow, webhook_events
 from ciris_billing.db import purchases as purchases_table
+from ciris_billing.deps import AppState
+from ciris_billing.jobs import Recovery, RecoveryReport
 from ciris_billing.payments.providers import signing
 from tests.support.api import make_settings
 from tests.support.postgres import TABLES
@@ -69,6 +74,7 @@ KEY = st.none() | st.sampled_from(["key-1", "key-2", "key-3"])
 DISPUTE_STATUSES = ["needs_response", "under_review", "won", "lost", "warning_closed"]
 WEBHOOK_SECRET = "whsec_ledger_properties_test"  # set below: a setting wins over the stored one
 FREE_USES, PAID_USES, PRICE = 3, 20, 500
+RESERVE = "/v1/billing/reservations"
 
 
 @dataclass
@@ -77,8 +83,24 @@ class Book:
 
     free: int = FREE_USES
     paid: int = 0
-    held: int = 0
+    held: int = 0  # by disputes
     total: int = 0
+    reserved_free: int = 0  # by active reservations (not available)
+    reserved_paid: int = 0
+
+
+@dataclass
+class Hold:
+    """What one reservation should be: its uses, their split, its status."""
+
+    user: str
+    free: int
+    paid: int
+    status: str = "held"  # then "captured", "released" or "expired"
+
+    @property
+    def uses(self) -> int:
+        return self.free + self.paid
 
 
 @dataclass
@@ -100,6 +122,7 @@ class Bought:
 class Model:
     books: dict[str, Book] = field(default_factory=dict)
     bought: dict[str, Bought] = field(default_factory=dict)
+    holds: dict[str, Hold] = field(default_factory=dict)
     # (API key's scope, idempotency key) → (the request that took it, its status, its body):
     # keys are scoped to the API key that sent them (one API key per scope here).
     keys: dict[tuple[str, str], tuple[Any, int, Any]] = field(default_factory=dict)
@@ -152,7 +175,8 @@ class Ledger(RuleBasedStateMachine):
             )
         )
         await self.stack.enter_async_context(app.router.lifespan_context(app))
-        self.engine: AsyncEngine = app.state.billing.engine
+        self.state: AppState = app.state.billing
+        self.engine: AsyncEngine = self.state.engine
         self.keys: dict[str, str] = {}
         async with self.engine.begin() as conn:
             for scope in auth.SCOPES:
@@ -226,6 +250,7 @@ class Ledger(RuleBasedStateMachine):
         assert (body["free_uses_remaining"], body["credits_remaining"]) == (book.free, book.paid)
         assert body["has_credit"] is (book.free + book.paid > 0)
         assert body["purchase_required"] is (book.free + book.paid == 0)
+        assert body["held_uses"] == book.reserved_free + book.reserved_paid
 
     @rule(user=st.sampled_from(USERS), uses=st.integers(1, 3), key=KEY)
     def charge(self, user: str, uses: int, key: str | None) -> None:
@@ -463,6 +488,152 @@ class Ledger(RuleBasedStateMachine):
             )
             return [(row.event_id, row.payload) for row in rows]
 
+    # --- reservations: hold, capture (part or all), release, expiry by the recovery job ---
+
+    @rule(user=st.sampled_from(USERS), uses=st.integers(1, 6), key=KEY)
+    def reserve(self, user: str, uses: int, key: str | None) -> None:
+        self.keyed(self._reserve, user=user, uses=uses, key=key)
+
+    def _reserve(self, user: str, uses: int, key: str | None) -> None:
+        request = (RESERVE, {**who(user), "uses": uses})
+        response = self.post(*request, key=key)
+        book = self.model.book(user)  # created as a check would, even when the hold is refused
+        if self.replayed("write", key, request, response):
+            return
+        self.remember("write", key, request, response)
+        if book.free + book.paid < uses:
+            assert response.status_code == 402, response.text
+            assert response.json()["error"] == "purchase_required"
+            return
+        assert response.status_code == 201, response.text
+        free = min(book.free, uses)  # free uses are held first
+        hold = Hold(user, free, uses - free)
+        book.free -= hold.free
+        book.paid -= hold.paid
+        book.reserved_free += hold.free
+        book.reserved_paid += hold.paid
+        body = response.json()
+        self.model.holds[body["reservation_id"]] = hold
+        assert (body["status"], body["uses"]) == ("held", uses)
+        assert (body["free_uses_remaining"], body["credits_remaining"], body["held_uses"]) == (
+            book.free,
+            book.paid,
+            book.reserved_free + book.reserved_paid,
+        )
+
+    def _pick_hold(self, pick: int, held_only: bool) -> str | None:
+        chosen = [r for r, h in self.model.holds.items() if h.status == "held" or not held_only]
+        return chosen[pick % len(chosen)] if chosen else None
+
+    @precondition(lambda self: bool(self.model.holds))
+    @rule(
+        pick=st.integers(0, 100),
+        held_only=st.booleans(),
+        uses=st.none() | st.integers(1, 7),
+        key=KEY,
+    )
+    def capture(self, pick: int, held_only: bool, uses: int | None, key: str | None) -> None:
+        """Capture a hold (mostly an active one), all of it or a part, or more than it holds."""
+        reservation_id = self._pick_hold(pick, held_only)
+        if reservation_id is not None:
+            self.keyed(self._capture, reservation_id=reservation_id, uses=uses, key=key)
+
+    def _capture(self, reservation_id: str, uses: int | None, key: str | None) -> None:
+        request = (
+            f"{RESERVE}/{reservation_id}/capture",
+            {} if uses is None else {"uses": uses},
+        )
+        response = self.post(*request, key=key)
+        if self.replayed("write", key, request, response):
+            return
+        self.remember("write", key, request, response)
+        hold = self.model.holds[reservation_id]
+        if hold.status != "held":
+            assert response.status_code == 409, response.text
+            wanted = "reservation_expired" if hold.status == "expired" else "reservation_not_held"
+            assert response.json()["error"] == wanted, response.text
+            return
+        taken = hold.uses if uses is None else uses
+        if taken > hold.uses:
+            assert response.status_code == 422, response.text
+            return
+        assert response.status_code == 201, response.text  # a hold is a promise
+        book = self.model.book(hold.user)
+        free_used = min(taken, hold.free)  # free uses are charged first
+        paid_used = taken - free_used
+        book.reserved_free -= hold.free
+        book.reserved_paid -= hold.paid
+        book.free += hold.free - free_used
+        book.paid += hold.paid - paid_used
+        book.total += taken
+        hold.status = "captured"
+        body = response.json()
+        assert (body["uses"], body["free_uses_used"], body["paid_uses_used"]) == (
+            taken,
+            free_used,
+            paid_used,
+        )
+        assert body["released_uses"] == hold.uses - taken
+        assert (body["free_uses_remaining"], body["credits_remaining"], body["total_uses"]) == (
+            book.free,
+            book.paid,
+            book.total,
+        )
+
+    @precondition(lambda self: bool(self.model.holds))
+    @rule(pick=st.integers(0, 100), held_only=st.booleans())
+    def release(self, pick: int, held_only: bool) -> None:
+        """Release a hold: all its uses back once; again (or expired) changes nothing."""
+        reservation_id = self._pick_hold(pick, held_only)
+        if reservation_id is None:
+            return
+        response = self.post(f"{RESERVE}/{reservation_id}/release", {})
+        hold = self.model.holds[reservation_id]
+        if hold.status == "captured":
+            assert response.status_code == 409, response.text
+            return
+        assert response.status_code == 200, response.text
+        if hold.status == "held":
+            self._give_back(hold)
+            hold.status = "released"
+        assert response.json()["status"] == hold.status
+
+    @precondition(lambda self: self._pick_hold(0, held_only=True) is not None)
+    @rule(pick=st.integers(0, 100), capture_first=st.booleans())
+    def expire(self, pick: int, capture_first: bool) -> None:
+        """A hold's TTL passes (its expires_at set in the past); the recovery job's expiry step
+        then releases it. Before the job runs, the clock alone refuses its capture (409)."""
+        reservation_id = self._pick_hold(pick, held_only=True)
+        assert reservation_id is not None
+        self.run(self._expire_now(reservation_id))
+        if capture_first:
+            late = self.post(f"{RESERVE}/{reservation_id}/capture", {})
+            assert late.status_code == 409, late.text
+            assert late.json()["error"] == "reservation_expired", late.text
+        report = RecoveryReport()
+        recovery = Recovery(self.state.settings, self.engine, self.state.provider)
+        self.run(recovery.expire_holds(report))
+        assert (report.expired, report.failures) == (1, 0), report
+        hold = self.model.holds[reservation_id]
+        self._give_back(hold)
+        hold.status = "expired"
+
+    async def _expire_now(self, reservation_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                reservations.update()
+                .where(reservations.c.id == reservation_id)
+                .values(expires_at=utcnow() - timedelta(seconds=1))
+            )
+
+    def _give_back(self, hold: Hold) -> None:
+        """All the hold's uses back, each to the counter it came from."""
+        book = self.model.book(hold.user)
+        book.reserved_free -= hold.free
+        book.reserved_paid -= hold.paid
+        book.free += hold.free
+        book.paid += hold.paid
+
     # --- after every step ---
 
     @invariant()
@@ -480,8 +651,23 @@ class Ledger(RuleBasedStateMachine):
             actual = (body["free_uses_remaining"], body["credits_remaining"], body["total_uses"])
             assert actual == (book.free, book.paid, book.total), (user, actual, book)
             assert body["balance_minor"] == book.paid
+            assert body["held_uses"] == book.reserved_free + book.reserved_paid, (user, body, book)
             assert state.held.get(user, 0) == book.held, (user, state.held, book)
-            assert min(book.free, book.paid, book.held) >= 0, book
+            assert state.reserved[user] == (book.reserved_free, book.reserved_paid), (user, book)
+            checked = state.checks[user].json()
+            assert (
+                checked["has_credit"],
+                checked["free_uses_remaining"],
+                checked["credits_remaining"],
+                checked["held_uses"],
+            ) == (
+                book.free + book.paid > 0,
+                book.free,
+                book.paid,
+                book.reserved_free + book.reserved_paid,
+            ), (user, checked, book)
+            assert min(book.free, book.paid, book.held, book.reserved_free, book.reserved_paid) >= 0
+        assert state.holds == {r: h.status for r, h in self.model.holds.items()}
         expected = {
             payment_id: (b.status, b.credited, b.refunded_minor, b.uses_refunded)
             for payment_id, b in self.model.bought.items()
@@ -496,14 +682,38 @@ class Ledger(RuleBasedStateMachine):
                 for user in USERS
             )
         )
+        # The credit check of the accounts the model knows (a check creates an unknown one).
+        known = [user for user in USERS if user in self.model.books]
+        checks = await asyncio.gather(
+            *(
+                self.http.post("/v1/billing/credits/check", json=who(user), headers=headers)
+                for user in known
+            )
+        )
         async with self.engine.connect() as conn:
             report = await audit(conn)
-            held = await conn.execute(select(accounts.c.external_id, accounts.c.held_uses))
+            held = list(
+                await conn.execute(
+                    select(
+                        accounts.c.external_id,
+                        accounts.c.held_uses,
+                        accounts.c.reserved_free_uses,
+                        accounts.c.reserved_paid_uses,
+                    )
+                )
+            )
+            holds = await conn.execute(select(reservations.c.id, reservations.c.status))
             bought = await conn.execute(select(purchases_table))
             return Observed(
                 accounts=list(responses),
+                checks=dict(zip(known, checks, strict=True)),
                 audit=report,
                 held={row.external_id: int(row.held_uses) for row in held},
+                reserved={
+                    row.external_id: (int(row.reserved_free_uses), int(row.reserved_paid_uses))
+                    for row in held
+                },
+                holds={row.id: row.status for row in holds},
                 purchases={
                     row.payment_id: (
                         row.status,  # as stored: our own words
@@ -519,8 +729,11 @@ class Ledger(RuleBasedStateMachine):
 @dataclass
 class Observed:
     accounts: list[httpx.Response]
+    checks: dict[str, httpx.Response]
     audit: AuditReport
     held: dict[str, int]
+    reserved: dict[str, tuple[int, int]]
+    holds: dict[str, str]
     purchases: dict[str, tuple[str, bool, int, int]]
 
 
