@@ -30,9 +30,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ciris_billing import idempotency
 from ciris_billing.accounts.checks import open_account
 from ciris_billing.accounts.hot.writer import ChargeAttempt, ChargeStore
-from ciris_billing.accounts.service import NO_USES_LEFT, Identity, ensure_account
+from ciris_billing.accounts.service import Identity, ensure_account, purchase_required
 from ciris_billing.db import accounts, charges, iso, new_id, utcnow
-from ciris_billing.errors import AccountSuspended, CurrencyMismatch, PurchaseRequired
+from ciris_billing.errors import AccountSuspended, CurrencyMismatch
 from ciris_billing.pricing import Pricing
 from ciris_billing.unit_of_work import unit_of_work
 
@@ -155,16 +155,7 @@ def _refusal(account: Any, request: ChargeRequest, pricing: Pricing) -> Exceptio
         )
     if account.status != "active":
         return AccountSuspended("This account is suspended; charges are refused")
-    return PurchaseRequired(
-        NO_USES_LEFT,
-        purchase_required=True,
-        purchase_price_minor=pricing.price_per_purchase_minor,
-        purchase_uses=pricing.paid_uses_per_purchase,
-        currency=pricing.currency,
-        free_uses_remaining=int(account.free_uses_remaining),
-        credits_remaining=int(account.paid_uses_remaining),
-        uses_requested=request.uses,
-    )
+    return purchase_required(account, request.uses, pricing)
 
 
 async def _replay(conn: AsyncConnection, charge_id: str) -> Charge:

@@ -25,13 +25,12 @@ from typing import Any
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.accounts.service import NO_USES_LEFT, Identity, identity_clause
+from ciris_billing.accounts.service import Identity, identity_clause, purchase_required
 from ciris_billing.db import accounts, charges, new_id, reservations, utcnow
 from ciris_billing.errors import (
     AccountNotFound,
     AccountSuspended,
     InvalidRequest,
-    PurchaseRequired,
     ReservationExpired,
     ReservationNotFound,
     ReservationNotHeld,
@@ -76,21 +75,6 @@ def held_uses(account: Any) -> int:
     return int(account["reserved_free_uses"]) + int(account["reserved_paid_uses"])
 
 
-def _refusal(account: Row[Any], uses: int, pricing: Pricing) -> PurchaseRequired:
-    """The 402 a refused charge answers, for a hold of `uses`."""
-    return PurchaseRequired(
-        NO_USES_LEFT,
-        purchase_required=True,
-        purchase_price_minor=pricing.price_per_purchase_minor,
-        purchase_uses=pricing.paid_uses_per_purchase,
-        currency=pricing.currency,
-        free_uses_remaining=int(account.free_uses_remaining),
-        credits_remaining=int(account.paid_uses_remaining),
-        held_uses=held_uses(account._mapping),
-        uses_requested=uses,
-    )
-
-
 async def hold(conn: AsyncConnection, request: HoldRequest, pricing: Pricing) -> Outcome:
     """Hold `request.uses` of the identity's account (which must exist), free uses first, or
     raise 402 (not enough available) / 403 (suspended)."""
@@ -110,7 +94,7 @@ async def hold(conn: AsyncConnection, request: HoldRequest, pricing: Pricing) ->
         raise AccountSuspended("This account is suspended; new holds are refused")
     free, paid = int(account.free_uses_remaining), int(account.paid_uses_remaining)
     if free + paid < request.uses:
-        raise _refusal(account, request.uses, pricing)
+        raise purchase_required(account, request.uses, pricing)
     free_held = min(free, request.uses)
     paid_held = request.uses - free_held
     account = (

@@ -163,6 +163,10 @@ class PurchaseRequiredOut(BaseModel):
     purchase_price_minor: int
     purchase_uses: int
     currency: str
+    free_uses_remaining: int
+    credits_remaining: int = Field(description="Paid uses available")
+    held_uses: int = Field(description="Uses held by active reservations (not available)")
+    uses_requested: int
     checkout_url: str = Field(description="A page where the user can buy more (expires in 24 h)")
 
 

@@ -22,11 +22,28 @@ from ciris_billing.db import (
     new_id,
     utcnow,
 )
-from ciris_billing.errors import AccountNotFound
+from ciris_billing.errors import AccountNotFound, PurchaseRequired
 from ciris_billing.ledger import write_credit
 from ciris_billing.pricing import Pricing
 
 NO_USES_LEFT = "No free uses or credits remaining"  # the guide's words
+
+
+def purchase_required(account: Any, uses: int, pricing: Pricing) -> PurchaseRequired:
+    """The 402 for `uses` the account does not have available (a charge's or a hold's): the
+    offer, and what the account holds now (available free and paid uses, uses held)."""
+    row = account._mapping if hasattr(account, "_mapping") else account
+    return PurchaseRequired(
+        NO_USES_LEFT,
+        purchase_required=True,
+        purchase_price_minor=pricing.price_per_purchase_minor,
+        purchase_uses=pricing.paid_uses_per_purchase,
+        currency=pricing.currency,
+        free_uses_remaining=int(row["free_uses_remaining"]),
+        credits_remaining=int(row["paid_uses_remaining"]),
+        held_uses=int(row["reserved_free_uses"]) + int(row["reserved_paid_uses"]),
+        uses_requested=uses,
+    )
 
 
 @dataclass(frozen=True, slots=True)
