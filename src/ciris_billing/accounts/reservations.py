@@ -97,20 +97,13 @@ async def hold(conn: AsyncConnection, request: HoldRequest, pricing: Pricing) ->
         raise purchase_required(account, request.uses, pricing)
     free_held = min(free, request.uses)
     paid_held = request.uses - free_held
-    account = (
-        await conn.execute(
-            accounts.update()
-            .where(accounts.c.id == account.id)
-            .values(
-                free_uses_remaining=accounts.c.free_uses_remaining - free_held,
-                paid_uses_remaining=accounts.c.paid_uses_remaining - paid_held,
-                reserved_free_uses=accounts.c.reserved_free_uses + free_held,
-                reserved_paid_uses=accounts.c.reserved_paid_uses + paid_held,
-                updated_at=now,
-            )
-            .returning(*accounts.c)
-        )
-    ).one()
+    account = await _move_uses(
+        conn,
+        account.id,
+        reserved=(free_held, paid_held),
+        available=(-free_held, -paid_held),
+        now=now,
+    )
     reservation = (
         await conn.execute(
             reservations.insert()
@@ -168,21 +161,14 @@ async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
     free_held, paid_held = int(won.free_uses_held), int(won.paid_uses_held)
     free_used = min(uses, free_held)
     paid_used = uses - free_used
-    account = (
-        await conn.execute(
-            accounts.update()
-            .where(accounts.c.id == won.account_id)
-            .values(
-                reserved_free_uses=accounts.c.reserved_free_uses - free_held,
-                reserved_paid_uses=accounts.c.reserved_paid_uses - paid_held,
-                free_uses_remaining=accounts.c.free_uses_remaining + (free_held - free_used),
-                paid_uses_remaining=accounts.c.paid_uses_remaining + (paid_held - paid_used),
-                total_uses=accounts.c.total_uses + uses,
-                updated_at=now,
-            )
-            .returning(*accounts.c)
-        )
-    ).one()
+    account = await _move_uses(
+        conn,
+        won.account_id,
+        reserved=(-free_held, -paid_held),
+        available=(free_held - free_used, paid_held - paid_used),
+        spent=uses,
+        now=now,
+    )
     charge = (
         await conn.execute(
             charges.insert()
@@ -277,15 +263,33 @@ async def _give_back(
 ) -> Row[Any]:
     free = sum(int(r.free_uses_held) for r in held)
     paid = sum(int(r.paid_uses_held) for r in held)
+    return await _move_uses(
+        conn, account_id, reserved=(-free, -paid), available=(free, paid), now=now
+    )
+
+
+async def _move_uses(
+    conn: AsyncConnection,
+    account_id: str,
+    *,
+    reserved: tuple[int, int],
+    available: tuple[int, int],
+    spent: int = 0,
+    now: datetime,
+) -> Row[Any]:
+    """Change the account's (free, paid) reserved and available counters by these amounts, and
+    its total uses by `spent`: the one account update of hold, capture, release and expiry
+    (CHECK constraints keep every counter at zero or above)."""
     return (
         await conn.execute(
             accounts.update()
             .where(accounts.c.id == account_id)
             .values(
-                reserved_free_uses=accounts.c.reserved_free_uses - free,
-                reserved_paid_uses=accounts.c.reserved_paid_uses - paid,
-                free_uses_remaining=accounts.c.free_uses_remaining + free,
-                paid_uses_remaining=accounts.c.paid_uses_remaining + paid,
+                reserved_free_uses=accounts.c.reserved_free_uses + reserved[0],
+                reserved_paid_uses=accounts.c.reserved_paid_uses + reserved[1],
+                free_uses_remaining=accounts.c.free_uses_remaining + available[0],
+                paid_uses_remaining=accounts.c.paid_uses_remaining + available[1],
+                total_uses=accounts.c.total_uses + spent,
                 updated_at=now,
             )
             .returning(*accounts.c)
