@@ -19,8 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ciris_billing import auth
-from ciris_billing.app import create_app
 from ciris_billing.client import (
     AsyncBillingClient,
     AuthenticationError,
@@ -33,26 +31,23 @@ from ciris_billing.client import (
 )
 from ciris_billing.client._core import retry_after_seconds
 from ciris_billing.client.models import parse_purchase
-from tests.support.agent import BASE, FAST, GOOGLE, InProcess, Network, Server, events, user
-from tests.support.api import make_settings
-from tests.support.cli import create_key
-from tests.support.servers import free_port, service_env
+from tests.support.agent import (
+    BASE,
+    FAST,
+    GOOGLE,
+    InProcess,
+    Server,
+    events,
+    new_server,
+    serving,
+    user,
+)
 
 
 @pytest.fixture
 async def billing(database_url: str) -> AsyncIterator[InProcess]:
-    app = create_app(make_settings(database_url))
-    async with app.router.lifespan_context(app):
-        keys: dict[str, str] = {}
-        async with app.state.billing.engine.begin() as conn:
-            for scope in auth.SCOPES:
-                _key_id, keys[scope] = await auth.create_key(
-                    conn, f"client-{scope}", frozenset({scope})
-                )
-        served = InProcess(Network(httpx.ASGITransport(app=app)), keys)
+    async with serving(database_url, InProcess) as served:
         yield served
-        for client in served.clients:
-            await client.aclose()
 
 
 # -- in process: the API, typed --------------------------------------------------------------
@@ -291,9 +286,7 @@ async def test_fail_open_ends_after_the_grace_period(
 
 @pytest.fixture
 def server(fresh_database: str, tmp_path: Path) -> Server:
-    """A migrated database with a write key, and a port nothing listens on yet."""
-    env = service_env(fresh_database)
-    return Server(env, create_key(env, "write"), free_port(), tmp_path)
+    return new_server(fresh_database, tmp_path)
 
 
 @pytest.mark.slow

@@ -16,8 +16,6 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from ciris_billing import auth
-from ciris_billing.app import create_app
 from ciris_billing.audit import audit
 from ciris_billing.client import (
     BillingClient,
@@ -27,10 +25,17 @@ from ciris_billing.client import (
     ReservationExpiredError,
     ReservationNotHeldError,
 )
-from tests.support.agent import FAST, GOOGLE, InProcess, Network, Server, events, user
-from tests.support.api import make_settings
-from tests.support.cli import create_key
-from tests.support.servers import free_port, service_env
+from tests.support.agent import (
+    FAST,
+    GOOGLE,
+    InProcess,
+    Network,
+    Server,
+    events,
+    new_server,
+    serving,
+    user,
+)
 
 RESERVATIONS = "/v1/billing/reservations"
 
@@ -52,26 +57,14 @@ class Held(InProcess):
 
 @pytest.fixture
 async def billing(database_url: str) -> AsyncIterator[Held]:
-    app = create_app(make_settings(database_url))
-    async with app.router.lifespan_context(app):
-        keys: dict[str, str] = {}
-        async with app.state.billing.engine.begin() as conn:
-            for scope in auth.SCOPES:
-                _key_id, keys[scope] = await auth.create_key(
-                    conn, f"client-{scope}", frozenset({scope})
-                )
-        served = Held(Network(httpx.ASGITransport(app=app)), keys)
+    async with serving(database_url, Held) as served:
         served.audit_url = database_url
         yield served
-        for client in served.clients:
-            await client.aclose()
 
 
 @pytest.fixture
 def server(fresh_database: str, tmp_path: Path) -> Server:
-    """A migrated database with a write key, and a port nothing listens on yet."""
-    env = service_env(fresh_database)
-    return Server(env, create_key(env, "write"), free_port(), tmp_path)
+    return new_server(fresh_database, tmp_path)
 
 
 def captures(network: Network) -> list[httpx.Request]:

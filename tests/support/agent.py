@@ -6,15 +6,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
+from typing import TypedDict, TypeVar
 
 import httpx
 import pytest
 
+from ciris_billing import auth
+from ciris_billing.app import create_app
 from ciris_billing.client import AsyncBillingClient
-from tests.support.servers import running_service
+from tests.support.api import make_settings
+from tests.support.cli import create_key
+from tests.support.servers import free_port, running_service, service_env
 
 GOOGLE = "oauth:google"
 VISA = "4242 4242 4242 4242"
@@ -110,3 +115,30 @@ class Server:
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+Rig = TypeVar("Rig", bound=InProcess)
+
+
+@contextlib.asynccontextmanager
+async def serving(database_url: str, rig: type[Rig]) -> AsyncIterator[Rig]:
+    """The app in process on `database_url`, a key of each scope, behind a `Network`; the
+    clients it made are closed at the end."""
+    app = create_app(make_settings(database_url))
+    async with app.router.lifespan_context(app):
+        keys: dict[str, str] = {}
+        async with app.state.billing.engine.begin() as conn:
+            for scope in auth.SCOPES:
+                _key_id, keys[scope] = await auth.create_key(
+                    conn, f"client-{scope}", frozenset({scope})
+                )
+        served = rig(Network(httpx.ASGITransport(app=app)), keys)
+        yield served
+        for client in served.clients:
+            await client.aclose()
+
+
+def new_server(database_url: str, logs: Path) -> Server:
+    """A migrated database with a write key, and a port nothing listens on yet."""
+    env = service_env(database_url)
+    return Server(env, create_key(env, "write"), free_port(), logs)
