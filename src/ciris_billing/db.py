@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ciris_billing.config import Settings, async_database_url
 
@@ -417,9 +417,8 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
-def insert_or_ignore(conn: AsyncConnection, table: Table) -> Any:
-    """`INSERT ... ON CONFLICT DO NOTHING`. `conn` is unused (kept for callers; the statement
-    once depended on its dialect).
+def insert_or_ignore(table: Table) -> Any:
+    """`INSERT ... ON CONFLICT DO NOTHING`.
 
     A conflicting insert waits for the other transaction and then does nothing, so a caller
     that sees no row inserted can read the committed winner.

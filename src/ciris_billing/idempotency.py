@@ -183,7 +183,7 @@ async def claim(
     if stored is not None:
         return stored
     inserted = await conn.execute(
-        insert_or_ignore(conn, idempotency_keys)
+        insert_or_ignore(idempotency_keys)
         .values(
             api_key_id=api_key_id,
             key=key,

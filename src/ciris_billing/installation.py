@@ -53,7 +53,7 @@ async def stored(conn: AsyncConnection, *names: str) -> dict[str, str]:
         # Safe when processes start together: one INSERT wins, the others do nothing (after
         # waiting for the winner's transaction) and read the winner's value below.
         await conn.execute(
-            insert_or_ignore(conn, installation_secrets).values(
+            insert_or_ignore(installation_secrets).values(
                 name=name, value=GENERATORS[name](), created_at=utcnow()
             )
         )

@@ -27,7 +27,7 @@ async def write_credit(
     The unique external id is what makes money movements happen once: the caller changes the
     account's counters only when this returns True, in the same transaction.
     """
-    statement = insert_or_ignore(conn, credits).values(
+    statement = insert_or_ignore(credits).values(
         id=new_id("cr"),
         account_id=account_id,
         kind=kind,

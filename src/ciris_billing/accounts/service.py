@@ -96,7 +96,7 @@ async def ensure_account(
     account_id = new_id("acct")
     currency = new.currency or pricing.currency
     inserted = await conn.execute(
-        insert_or_ignore(conn, accounts)
+        insert_or_ignore(accounts)
         .values(
             id=account_id,
             oauth_provider=identity.oauth_provider,

@@ -81,7 +81,7 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
     unused = int(purchase.uses) - int(purchase.uses_refunded) - await _claimed(conn, purchase)
     hold = max(0, min(unused, int(account.paid_uses_remaining)))
     inserted = await conn.execute(
-        insert_or_ignore(conn, disputes)
+        insert_or_ignore(disputes)
         .values(
             id=new_id("dsp"),
             provider=provider,

@@ -145,7 +145,7 @@ async def record_purchase(
     """Insert the purchase for a payment the provider created (once per provider payment)."""
     now = utcnow()
     await conn.execute(
-        insert_or_ignore(conn, purchases).values(
+        insert_or_ignore(purchases).values(
             id=purchase_id,
             account_id=account_id,
             provider=provider,

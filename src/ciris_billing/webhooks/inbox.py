@@ -84,7 +84,7 @@ def _check_storable(event: WebhookEvent) -> None:
 async def store(conn: AsyncConnection, provider: str, event: WebhookEvent) -> None:
     """Store the event once (a redelivery inserts nothing: unique provider + event id)."""
     await conn.execute(
-        insert_or_ignore(conn, webhook_events).values(
+        insert_or_ignore(webhook_events).values(
             id=new_id("whe"),
             provider=provider,
             event_id=event.event_id,

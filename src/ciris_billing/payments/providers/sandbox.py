@@ -82,7 +82,7 @@ class SandboxProvider:
         async with self._engine.begin() as conn:
             # Like Stripe's Idempotency-Key: the same key returns the intent made the first time.
             await conn.execute(
-                insert_or_ignore(conn, sandbox_payments).values(
+                insert_or_ignore(sandbox_payments).values(
                     id=payment_id,
                     idempotency_key=intent.idempotency_key,
                     amount_minor=intent.amount_minor,
@@ -181,7 +181,7 @@ class SandboxProvider:
             now = utcnow()
             # Safe under the payment's row lock: one dispute per payment (unique payment_id).
             await conn.execute(
-                insert_or_ignore(conn, sandbox_disputes).values(
+                insert_or_ignore(sandbox_disputes).values(
                     id="dp_sbx_" + secrets.token_hex(12),
                     payment_id=payment_id,
                     status=status,
