@@ -157,6 +157,16 @@ async def threshold_of(conn: AsyncConnection, account_id: str) -> int:
     return int(value if value is not None else DEFAULT_THRESHOLD)
 
 
+async def record_available_change(
+    conn: AsyncConnection, account: Any, change: int
+) -> list[RecordedEvent]:
+    """`record_balance_events` for a change that moved available uses by `change` (the
+    account's row after it: id, free_uses_remaining, paid_uses_remaining)."""
+    row = account._mapping if hasattr(account, "_mapping") else account
+    after = int(row["free_uses_remaining"]) + int(row["paid_uses_remaining"])
+    return await record_balance_events(conn, account, after - change)
+
+
 async def record_balance_events(
     conn: AsyncConnection, account: Any, before_available: int
 ) -> list[RecordedEvent]:
