@@ -28,7 +28,7 @@ from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.auth import KeyStore
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
-from ciris_billing.db import create_engine
+from ciris_billing.db import create_engine, session_settings
 from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.edge import RouteGate
 from ciris_billing.errors import error_responses
@@ -101,7 +101,9 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
-        statements = await StatementPool.open(engine, settings.db_pool_size)
+        statements = await StatementPool.open(
+            engine, settings.db_pool_size, session_settings(settings)
+        )
         lanes = min(LANES, settings.db_pool_size)
         # Stored once per installation: every worker, instance and restart gets the same.
         installation = await load_installation_secrets(engine, settings)

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     # A purchase not final this long after it started is checked with the provider.
     reconcile_after_seconds: int = Field(default=180, ge=0, le=7 * 86_400)
 
+    # Events out (events/): balance.low fires when an account's available uses cross below
+    # this (an account may have its own threshold).
+    low_balance_threshold_uses: int = Field(default=3, ge=0, le=1_000_000)
+
     # Operations.
     log_level: str = "INFO"
     # A request's headers, then its body, must arrive within these (else 408, connection
