@@ -467,6 +467,8 @@ auto_topup_settings = Table(
     Column("card_brand", String(32)),
     Column("card_last4", String(4)),
     Column("enabled", Boolean, nullable=False),
+    # When it was last switched on: only balance crossings after it ask for a top-up.
+    Column("enabled_at", Timestamp),
     # Declined (or otherwise failed) top-ups in a row; at AUTO_TOPUP_MAX_FAILURES it is off.
     Column("consecutive_failures", Integer, nullable=False, server_default=text("0")),
     Column("disabled_reason", String(200)),
@@ -499,7 +501,6 @@ auto_topups = Table(
     Column("next_attempt_at", Timestamp),
     Column("reason", String(64)),  # why it failed or was skipped (a code)
     Column("failure_message", String(500)),
-    Column("checkout_url", Text),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     CheckConstraint(

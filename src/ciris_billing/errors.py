@@ -173,6 +173,13 @@ class AdjustmentBelowZero(BillingError):
 
 
 # The error shape, as OpenAPI declares it.
+class AutoTopupNeedsCard(BillingError):
+    """Auto top-up cannot be switched on without a saved card (pay once, ticking the box)."""
+
+    status_code = 409
+    code = "auto_topup_needs_card"
+
+
 class ErrorOut(BaseModel):
     model_config = ConfigDict(extra="allow")
 

@@ -1,7 +1,7 @@
 """auto top-up: saved cards, the account's settings, one top-up per balance crossing
 
 Revision ID: 20261205_auto_topup
-Revises: 20261204_reservations
+Revises: 20261205_events
 Create Date: 2026-12-05 09:00:00
 
 - `payment_customers`: the provider's customer of an account.
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "20261205_auto_topup"
-down_revision: str | None = "20261204_reservations"
+down_revision: str | None = "20261205_events"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -54,6 +54,7 @@ def upgrade() -> None:
         sa.Column("card_brand", sa.String(32), nullable=True),
         sa.Column("card_last4", sa.String(4), nullable=True),
         sa.Column("enabled", sa.Boolean(), nullable=False),
+        sa.Column("enabled_at", TS, nullable=True),
         sa.Column(
             "consecutive_failures", sa.Integer(), nullable=False, server_default=sa.text("0")
         ),
@@ -87,7 +88,6 @@ def upgrade() -> None:
         sa.Column("next_attempt_at", TS, nullable=True),
         sa.Column("reason", sa.String(64), nullable=True),
         sa.Column("failure_message", sa.String(500), nullable=True),
-        sa.Column("checkout_url", sa.Text(), nullable=True),
         sa.Column("created_at", TS, nullable=False),
         sa.Column("updated_at", TS, nullable=False),
         sa.CheckConstraint(
