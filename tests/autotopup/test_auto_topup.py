@@ -37,7 +37,7 @@ def user() -> str:
 
 async def buy_saving_card(api: Api, external_id: str, card: str = CARD) -> dict[str, Any]:
     """The payment page with the box ticked: the choice is sent, then the card."""
-    bought = (await api.post("/v1/billing/purchases", identity(external_id))).json()
+    bought: dict[str, Any] = (await api.post("/v1/billing/purchases", identity(external_id))).json()
     payment_id, secret = bought["payment_id"], bought["client_secret"]
     ticked = await api.http.post(
         f"/v1/billing/checkout/{payment_id}/auto_topup",
