@@ -34,6 +34,7 @@ from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.edge import RouteGate
 from ciris_billing.errors import error_responses
 from ciris_billing.errors_http import RENDERED, error_response
+from ciris_billing.events.routes import router as webhook_endpoints_router
 from ciris_billing.installation import load as load_installation_secrets
 from ciris_billing.jobs import running_jobs
 from ciris_billing.observability import (
@@ -177,6 +178,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(payments_router)
     app.include_router(sandbox_router)
     app.include_router(webhooks_router)
+    app.include_router(webhook_endpoints_router)
     app.include_router(checkout_router)
     _add_operational_routes(app)
     _add_error_handlers(app)

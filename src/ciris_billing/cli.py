@@ -549,8 +549,9 @@ def _print_audit(report: AuditReport, paid: list[PurchaseFinding]) -> None:
 
 @main.command()
 def worker() -> None:
-    """Run the background jobs only (webhook retries, reconcile), until stopped. `serve` runs
-    them too unless JOBS_ENABLED=false; any number may run: each job still runs once."""
+    """Run the background jobs only (webhook retries, reconcile, hold expiry, outgoing webhook
+    deliveries), until stopped. `serve` runs them too unless JOBS_ENABLED=false; any number may
+    run: each job still runs once."""
     from ciris_billing.jobs import JobWorker
 
     async def work(engine: AsyncEngine, provider: PaymentProvider) -> None:

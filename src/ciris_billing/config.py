@@ -92,6 +92,16 @@ class Settings(BaseSettings):
     # Auto top-up (autotopup/): at most this many off-session payments per account and
     # calendar month (UTC), whatever their outcome.
     auto_topup_max_per_month: int = Field(default=10, ge=0, le=1000)
+    # Webhook endpoints must be https URLs resolving to public addresses (SSRF guard,
+    # events/ssrf.py); true allows http and loopback/private addresses (development, tests).
+    allow_private_webhook_urls: bool = False
+    # A failed delivery is retried after this many seconds, then 4 times longer each time (at
+    # most 8 hours apart), for 3 days (events/delivery.py).
+    webhook_retry_base_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # A delivery not answered within this is a failure (retried).
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Deliveries to this many endpoints at once per worker process (one at a time per endpoint).
+    webhook_delivery_concurrency: int = Field(default=4, ge=1, le=64)
 
     # Operations.
     log_level: str = "INFO"

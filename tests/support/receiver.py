@@ -1,0 +1,109 @@
+"""A webhook receiver on 127.0.0.1, as a consumer would write one: every delivery is verified
+with the `standardwebhooks` library before it counts. It can go down (connections refused) and
+come back on the same port, or answer with another status."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+
+@dataclass(frozen=True)
+class Received:
+    webhook_id: str
+    timestamp: str
+    signature: str
+    body: bytes
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.body)
+        return parsed
+
+
+@dataclass
+class Receiver:
+    """What arrived; `secret` verifies it (set once the endpoint exists); `status` answers."""
+
+    port: int = 0
+    secret: str | None = None
+    status: int = 200
+    received: list[Received] = field(default_factory=list)  # verified deliveries
+    rejected: list[str] = field(default_factory=list)  # why unverifiable ones were refused
+    _server: ThreadingHTTPServer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [r.webhook_id for r in self.received]
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", "0"))
+                body = self.rfile.read(length)
+                headers = {k: v for k, v in self.headers.items()}
+                status = receiver.accept(headers, body)
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                return
+
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        self.port = server.server_address[1]
+        self._server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def accept(self, headers: dict[str, str], body: bytes) -> int:
+        try:
+            assert self.secret is not None, "no secret yet"
+            Webhook(self.secret).verify(body, headers)
+        except (WebhookVerificationError, AssertionError, ValueError) as exc:
+            with self._lock:
+                self.rejected.append(str(exc))
+            return 400
+        lower = {k.lower(): v for k, v in headers.items()}
+        with self._lock:
+            if self.status < 300:
+                self.received.append(
+                    Received(
+                        lower["webhook-id"],
+                        lower["webhook-timestamp"],
+                        lower["webhook-signature"],
+                        body,
+                    )
+                )
+        return self.status
+
+    def stop(self) -> None:
+        """Down: the port refuses connections until start() again."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+@contextlib.contextmanager
+def receiving(secret: str | None = None) -> Iterator[Receiver]:
+    receiver = Receiver(secret=secret)
+    receiver.start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
