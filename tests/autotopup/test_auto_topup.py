@@ -6,6 +6,7 @@ monthly cap, 3-D Secure with a link, removing the card. The job's step is called
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -26,6 +27,8 @@ from ciris_billing.payments.providers.sandbox import SandboxProvider
 from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 from tests.support.api import Api, identity
+from tests.support.cli import cli
+from tests.support.servers import service_env
 from tests.support.events import events_of, types
 
 CARD = "4242424242424242"
@@ -283,7 +286,9 @@ async def test_a_lost_answer_is_found_not_paid_twice(api: Api) -> None:
     assert (await api.audit()).clean
 
 
-async def test_a_declined_card_three_times_switches_auto_topup_off(api: Api) -> None:
+async def test_a_declined_card_three_times_switches_auto_topup_off(
+    api: Api, capfd: pytest.CaptureFixture[str]
+) -> None:
     who = user()
     await buy_saving_card(api, who)
     card = await settings_row(api, who)
@@ -311,6 +316,9 @@ async def test_a_declined_card_three_times_switches_auto_topup_off(api: Api) -> 
     assert (await run_job(api)).started == 0
     assert await off_session_payments(api) == 3
     assert (await api.audit()).clean
+    logged = capfd.readouterr().out
+    assert logged.count('"event": "auto_topup_failed"') == 3
+    assert logged.count('"event": "auto_topup_disabled"') == 1
 
 
 async def test_the_monthly_cap_is_respected(api: Api) -> None:
@@ -400,3 +408,24 @@ async def test_removing_the_card_switches_auto_topup_off(api: Api) -> None:
     assert (await run_job(api)).started == 0
     async with api.engine.connect() as conn:
         assert (await conn.execute(select(auto_topup_settings))).one().enabled is False
+
+
+async def test_the_cli_twins(api: Api) -> None:
+    who = user()
+    await buy_saving_card(api, who)
+    env = service_env(api.database_url)
+
+    def run(*args: str) -> Any:
+        done = cli(env, "auto-topup", *args, f"oauth:google/{who}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout)
+
+    shown = run("show")
+    assert (shown["enabled"], shown["card_last4"]) == (True, "4242")
+    assert run("off")["enabled"] is False
+    assert run("on")["enabled"] is True
+    removed = run("remove-card")
+    assert (removed["enabled"], removed["card_saved"]) == (False, False)
+    refused = cli(env, "auto-topup", "on", f"oauth:google/{who}")
+    assert refused.returncode == 1
+    assert "auto_topup_needs_card" in refused.stderr

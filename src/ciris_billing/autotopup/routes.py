@@ -15,10 +15,12 @@ from ciris_billing.accounts.routes import path_identity
 from ciris_billing.autotopup import cards
 from ciris_billing.autotopup.schemas import AutoTopupOut, AutoTopupUpdate
 from ciris_billing.autotopup.topups import month_start
+from ciris_billing.config import Settings
 from ciris_billing.db import auto_topups, utcnow
-from ciris_billing.deps import AppState, ReadKey, StateDep, UnitOfWorkDep, WriteKey, json_response
+from ciris_billing.deps import ReadKey, StateDep, UnitOfWorkDep, WriteKey, json_response
 from ciris_billing.errors import error_responses
 from ciris_billing.events.outbox import threshold_of
+from ciris_billing.pricing import Pricing
 
 router = APIRouter(prefix="/v1/billing", tags=["auto top-up"])
 
@@ -27,7 +29,10 @@ OauthProvider = Annotated[str, Path(examples=["oauth:google"])]
 ExternalId = Annotated[str, Path(examples=["user@example.com"])]
 
 
-async def auto_topup_body(conn: AsyncConnection, state: AppState, account: Any) -> dict[str, Any]:
+async def auto_topup_body(
+    conn: AsyncConnection, pricing: Pricing, settings: Settings, account: Any
+) -> dict[str, Any]:
+    """The account's auto top-up as the API and the CLI show it."""
     found = await cards.settings_of(conn, account.id)
     this_month = await conn.scalar(
         select(func.count())
@@ -45,11 +50,11 @@ async def auto_topup_body(conn: AsyncConnection, state: AppState, account: Any) 
         card_saved=bool(found is not None and found.payment_method_id),
         card_brand=found.card_brand if found is not None else None,
         card_last4=found.card_last4 if found is not None else None,
-        uses_per_topup=state.pricing.paid_uses_per_purchase,
-        amount_minor=state.pricing.price_per_purchase_minor,
-        currency=state.pricing.currency,
+        uses_per_topup=pricing.paid_uses_per_purchase,
+        amount_minor=pricing.price_per_purchase_minor,
+        currency=pricing.currency,
         threshold_uses=await threshold_of(conn, account.id),
-        max_per_month=state.settings.auto_topup_max_per_month,
+        max_per_month=settings.auto_topup_max_per_month,
         topups_this_month=int(this_month or 0),
         consecutive_failures=int(found.consecutive_failures) if found is not None else 0,
         disabled_reason=found.disabled_reason if found is not None else None,
@@ -68,7 +73,7 @@ async def get_auto_topup(
     count against the cap."""
     conn = await work.connection()
     account = await accounts.get_account(conn, path_identity(oauth_provider, external_id))
-    return json_response(200, await auto_topup_body(conn, state, account))
+    return json_response(200, await auto_topup_body(conn, state.pricing, state.settings, account))
 
 
 @router.put(PATH, response_model=AutoTopupOut, responses=error_responses(401, 403, 404, 409, 422))
@@ -85,7 +90,7 @@ async def put_auto_topup(
     conn = await work.connection()
     account = await accounts.get_account(conn, path_identity(oauth_provider, external_id))
     await cards.set_enabled(conn, account.id, body.enabled)
-    return json_response(200, await auto_topup_body(conn, state, account))
+    return json_response(200, await auto_topup_body(conn, state.pricing, state.settings, account))
 
 
 @router.delete(
@@ -103,4 +108,4 @@ async def delete_auto_topup(
     account = await accounts.get_account(await work.connection(), identity)
     await cards.remove_card(work, state.provider, account.id)
     conn = await work.connection()
-    return json_response(200, await auto_topup_body(conn, state, account))
+    return json_response(200, await auto_topup_body(conn, state.pricing, state.settings, account))
