@@ -28,8 +28,8 @@ from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 from tests.support.api import Api, identity
 from tests.support.cli import cli
-from tests.support.servers import service_env
 from tests.support.events import events_of, types
+from tests.support.servers import service_env
 
 CARD = "4242424242424242"
 
