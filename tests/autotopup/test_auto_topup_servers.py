@@ -17,7 +17,12 @@ from sqlalchemy import func, select
 
 from ciris_billing.db import auto_topups, create_engine, credits, events, sandbox_payments
 from tests.support.cli import cli, create_key
-from tests.support.localstripe import CARD_SUCCEEDS, LocalStripe, run_localstripe
+from tests.support.localstripe import (
+    CARD_DECLINED_AT_CHARGE,
+    CARD_SUCCEEDS,
+    LocalStripe,
+    run_localstripe,
+)
 from tests.support.servers import free_port, running_service, service_env
 from tests.support.stripe_stack import WEBHOOK_SECRET, stripe_env
 
@@ -29,6 +34,7 @@ pytestmark = [
 USER = {"oauth_provider": "oauth:google", "external_id": "auto-topup-mp@example.com"}
 ACCOUNT_PATH = "/v1/billing/accounts/oauth:google/auto-topup-mp@example.com/auto_topup"
 WAIT_SECONDS = 90.0
+CARD_ALWAYS_AUTHENTICATES = "4000002760003184"
 # Fast job ticks (the default is 10 s), and room for the floods.
 JOB_ENV = {
     "JOBS_ENABLED": "true",
@@ -218,3 +224,90 @@ def test_stripe_50_concurrent_charges_make_exactly_one_topup(
         timeout=10,
     ).json()["data"]
     assert len(listed) == 2
+
+
+async def event_data(database_url: str, event_type: str) -> list[dict[str, Any]]:
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.scalars(
+                select(events.c.data).where(events.c.type == event_type).order_by(events.c.sequence)
+            )
+            return [dict(row) for row in rows]
+    finally:
+        await engine.dispose()
+
+
+def test_stripe_declined_three_times_switches_off_then_requires_action_sends_a_link(
+    fresh_database: str, tmp_path: Path, localstripe: LocalStripe
+) -> None:
+    port = free_port()
+    public = f"http://127.0.0.1:{port}"
+    env = {**stripe_env(fresh_database, localstripe.base_url), "PUBLIC_BASE_URL": public, **JOB_ENV}
+    key = create_key(env, "admin")
+    headers = {"X-API-Key": key}
+    with running_service(env, tmp_path / "server.log", workers=2, port=port) as base:
+        localstripe.register_webhook(f"{base}/v1/billing/webhooks/stripe", WEBHOOK_SECRET)
+        method = localstripe.create_card_payment_method(CARD_SUCCEEDS)
+        save_card(base, key, lambda payment: localstripe.pay(payment["payment_id"], method))
+
+        def cross_below_threshold() -> None:
+            granted = httpx.post(
+                f"{base}/v1/billing/credits",
+                json={**USER, "uses": 10, "reason": "acceptance"},
+                headers=headers,
+                timeout=30,
+            )
+            assert granted.status_code == 201, granted.text
+            for _ in range(available(base, key) - 2):
+                charged = httpx.post(
+                    f"{base}/v1/billing/charges", json=USER, headers=headers, timeout=30
+                )
+                assert charged.status_code == 201, charged.text
+
+        # The bank starts declining the saved card: three crossings, three failures, off.
+        localstripe.swap_card(method, CARD_DECLINED_AT_CHARGE)
+        for failures in (1, 2, 3):
+            cross_below_threshold()
+            wait_for(
+                f"failure {failures}",
+                lambda n=failures: (
+                    len(asyncio.run(event_data(fresh_database, "auto_topup.failed"))) == n
+                ),
+            )
+        failed = asyncio.run(event_data(fresh_database, "auto_topup.failed"))
+        assert [e["consecutive_failures"] for e in failed] == [1, 2, 3]
+        assert [e["auto_topup_enabled"] for e in failed] == [True, True, False]
+        shown = httpx.get(base + ACCOUNT_PATH, headers=headers, timeout=30).json()
+        assert (shown["enabled"], shown["disabled_reason"]) == (False, "3_consecutive_failures")
+
+        # Back on, now the bank wants 3-D Secure: an event with the payment page's link.
+        localstripe.swap_card(method, CARD_ALWAYS_AUTHENTICATES)
+        on = httpx.put(base + ACCOUNT_PATH, json={"enabled": True}, headers=headers, timeout=30)
+        assert on.json()["enabled"] is True
+        cross_below_threshold()
+        [action] = wait_for(
+            "auto_topup.requires_action",
+            lambda: asyncio.run(event_data(fresh_database, "auto_topup.requires_action")),
+        )
+        link = action["checkout_url"]
+        assert link.startswith(f"{public}/v1/billing/checkout/{action['payment_id']}#cs=")
+        secret = link.split("#cs=", 1)[1]
+        summary = httpx.get(
+            f"{base}/v1/billing/checkout/{action['payment_id']}/summary",
+            headers={"X-Client-Secret": secret},
+            timeout=30,
+        )
+        assert summary.status_code == 200
+        # The customer authenticates on the page: credited by the webhook, once.
+        localstripe.authenticate(action["payment_id"], secret, True)
+        wait_for(
+            "auto_topup.succeeded",
+            lambda: asyncio.run(event_data(fresh_database, "auto_topup.succeeded")),
+        )
+        assert available(base, key) == 22
+        logs = (tmp_path / "server.log").read_text()
+    assert logs.count('"event": "auto_topup_disabled"') == 1
+    assert secret not in logs
+    audited = cli(env, "audit")
+    assert audited.returncode == 0, audited.stdout + audited.stderr
