@@ -5,6 +5,7 @@ rotation, filters, resend, timeouts and the SSRF guard at delivery time."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -268,3 +269,16 @@ async def test_the_ssrf_guard_runs_again_at_each_delivery(
     async with hooks_api.engine.connect() as conn:
         attempts = await conn.scalar(select(webhook_deliveries.c.attempts))
     assert attempts == 1
+
+
+async def test_endpoints_are_served_in_parallel(hooks_api: Api, receiver: Receiver) -> None:
+    """The first endpoint answers only once the second has received its delivery: served one
+    after the other, the first would time out (2 s) and nothing would be delivered to it."""
+    with receiving() as second:
+        await endpoint(hooks_api, receiver)
+        await endpoint(hooks_api, second)
+        receiver.wait_for = second.signal = threading.Event()
+        await hooks_api.post("/v1/billing/accounts", USER)
+        report = await Deliveries(hooks_api.engine, hooks_api.settings).run_once()
+    assert report.delivered == 2
+    assert receiver.ids() == second.ids()

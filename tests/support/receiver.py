@@ -37,6 +37,8 @@ class Receiver:
     secret: str | None = None
     status: int = 200
     delay: float = 0.0  # seconds before answering (a slow receiver)
+    wait_for: threading.Event | None = None  # answer only once this is set (at most 5 s)
+    signal: threading.Event | None = None  # set once a delivery is verified
     received: list[Received] = field(default_factory=list)  # verified and answered 2xx
     attempts: list[Received] = field(default_factory=list)  # every verified request
     rejected: list[str] = field(default_factory=list)  # why unverifiable ones were refused
@@ -89,6 +91,10 @@ class Receiver:
             self.attempts.append(got)
             status = self.status
             delay = self.delay
+        if self.signal is not None:
+            self.signal.set()
+        if self.wait_for is not None:
+            self.wait_for.wait(timeout=5)
         if delay:
             time.sleep(delay)
         if status < 300:
