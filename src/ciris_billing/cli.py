@@ -22,7 +22,7 @@ from ciris_billing.accounts import reservations as held
 from ciris_billing.audit import AuditReport, PurchaseFinding, audit_payments
 from ciris_billing.audit import audit as run_audit
 from ciris_billing.cli_lookup import COMMANDS, parse_identity
-from ciris_billing.cli_webhooks import webhook_endpoints
+from ciris_billing.cli_webhooks import low_balance_threshold, webhook_endpoints
 from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine, iso
 from ciris_billing.embedded import embedded_postgres
@@ -568,7 +568,7 @@ def worker() -> None:
         asyncio.run(_with_provider(work))
 
 
-for _command in (*COMMANDS, webhook_endpoints):
+for _command in (*COMMANDS, webhook_endpoints, low_balance_threshold):
     main.add_command(_command)
 
 

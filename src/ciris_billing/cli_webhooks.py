@@ -177,6 +177,35 @@ def resend_command(endpoint_id: str, delivery_id: str) -> None:
     _print(_in_transaction(work))
 
 
+@click.command("low-balance-threshold")
+@click.argument("oauth_provider")
+@click.argument("external_id")
+@click.argument("uses")
+def low_balance_threshold(oauth_provider: str, external_id: str, uses: str) -> None:
+    """The account's own balance.low threshold: USES, or `default` (LOW_BALANCE_THRESHOLD_USES)."""
+    from ciris_billing.accounts import admin
+    from ciris_billing.accounts.service import Identity
+
+    if uses == "default":
+        wanted: int | None = None
+    elif uses.isdigit() and int(uses) <= 1_000_000:
+        wanted = int(uses)
+    else:
+        raise click.BadParameter("USES: a number of uses (0 to 1,000,000) or `default`")
+
+    async def work(conn: AsyncConnection) -> dict[str, Any]:
+        row, in_force = await admin.set_low_balance_threshold(
+            conn, Identity(oauth_provider, external_id), wanted
+        )
+        return {
+            "account_id": row.id,
+            "low_balance_threshold_uses": wanted,
+            "threshold_in_force": in_force,
+        }
+
+    _print(_in_transaction(work))
+
+
 @webhook_endpoints.command("deliver")
 def deliver_command() -> None:
     """Deliver what is due now, once (the background jobs do this every JOBS_POLL_SECONDS)."""

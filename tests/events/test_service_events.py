@@ -113,12 +113,12 @@ async def test_a_hold_that_crosses_low_and_its_expiry(api: Api) -> None:
 
 async def test_per_account_threshold_and_negative_adjustments(api: Api) -> None:
     await api.post("/v1/billing/accounts", {**USER, "initial_balance_minor": 10}, scope="admin")
-    async with api.engine.begin() as conn:
-        await conn.execute(
-            accounts.update()
-            .where(accounts.c.external_id == "events@example.com")
-            .values(low_balance_threshold_uses=10)
-        )
+    path = "/v1/billing/accounts/oauth:google/events@example.com/low_balance_threshold"
+    changed = await api.http.put(path, json={"uses": 10}, headers=api.headers("admin"))
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["threshold_in_force"] == 10
+    refused = await api.http.put(path, json={"uses": 10}, headers=api.headers("write"))
+    assert refused.status_code == 403
     taken = await api.post(
         "/v1/billing/credits", {**USER, "uses": -5, "reason": "correction"}, scope="admin"
     )
@@ -131,3 +131,8 @@ async def test_per_account_threshold_and_negative_adjustments(api: Api) -> None:
         "account.created",
         "balance.low",
     ]
+    default = await api.http.put(path, json={"uses": None}, headers=api.headers("admin"))
+    assert (default.json()["low_balance_threshold_uses"], default.json()["threshold_in_force"]) == (
+        None,
+        3,
+    )

@@ -56,3 +56,8 @@ async def test_webhook_endpoints_commands(api: Api) -> None:
         missing = cli(env, "webhook-endpoints", "show", endpoint_id)
         assert missing.returncode == 1
         assert "webhook_endpoint_not_found" in missing.stderr
+
+    threshold = cli(env, "low-balance-threshold", "oauth:google", "cli-hook@example.com", "7")
+    assert json.loads(threshold.stdout)["threshold_in_force"] == 7
+    back = cli(env, "low-balance-threshold", "oauth:google", "cli-hook@example.com", "default")
+    assert json.loads(back.stdout)["threshold_in_force"] == 3
