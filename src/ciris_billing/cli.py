@@ -23,6 +23,7 @@ from ciris_billing.audit import AuditReport, PurchaseFinding, audit_payments
 from ciris_billing.audit import audit as run_audit
 from ciris_billing.autotopup.cli import auto_topup as auto_topup_commands
 from ciris_billing.cli_lookup import COMMANDS, parse_identity
+from ciris_billing.cli_webhooks import low_balance_threshold, webhook_endpoints
 from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine, iso
 from ciris_billing.embedded import embedded_postgres
@@ -568,7 +569,7 @@ def worker() -> None:
         asyncio.run(_with_provider(work))
 
 
-for _command in COMMANDS:
+for _command in (*COMMANDS, webhook_endpoints, low_balance_threshold):
     main.add_command(_command)
 main.add_command(auto_topup_commands)
 

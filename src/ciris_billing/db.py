@@ -568,7 +568,7 @@ webhook_endpoints = Table(
     Column("url", String(2048), nullable=False),
     Column("description", String(500)),
     # The event types it receives; NULL: all.
-    Column("events", JSON),
+    Column("events", JSON(none_as_null=True)),
     # The signing secret (whsec_ + base64): needed to sign, so kept as is; never logged.
     Column("secret", Text, nullable=False),
     # After a rotation the old secret keeps signing beside the new one until this time.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,7 +36,11 @@ class Receiver:
     port: int = 0
     secret: str | None = None
     status: int = 200
-    received: list[Received] = field(default_factory=list)  # verified deliveries
+    delay: float = 0.0  # seconds before answering (a slow receiver)
+    wait_for: threading.Event | None = None  # answer only once this is set (at most 5 s)
+    signal: threading.Event | None = None  # set once a delivery is verified
+    received: list[Received] = field(default_factory=list)  # verified and answered 2xx
+    attempts: list[Received] = field(default_factory=list)  # every verified request
     rejected: list[str] = field(default_factory=list)  # why unverifiable ones were refused
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -79,17 +84,23 @@ class Receiver:
                 self.rejected.append(str(exc))
             return 400
         lower = {k.lower(): v for k, v in headers.items()}
+        got = Received(
+            lower["webhook-id"], lower["webhook-timestamp"], lower["webhook-signature"], body
+        )
         with self._lock:
-            if self.status < 300:
-                self.received.append(
-                    Received(
-                        lower["webhook-id"],
-                        lower["webhook-timestamp"],
-                        lower["webhook-signature"],
-                        body,
-                    )
-                )
-        return self.status
+            self.attempts.append(got)
+            status = self.status
+            delay = self.delay
+        if self.signal is not None:
+            self.signal.set()
+        if self.wait_for is not None:
+            self.wait_for.wait(timeout=5)
+        if delay:
+            time.sleep(delay)
+        if status < 300:
+            with self._lock:
+                self.received.append(got)
+        return status
 
     def stop(self) -> None:
         """Down: the port refuses connections until start() again."""

@@ -24,7 +24,7 @@ from ciris_billing.db import (
     utcnow,
 )
 from ciris_billing.errors import AccountNotFound, AdjustmentBelowZero
-from ciris_billing.events.outbox import record_available_change
+from ciris_billing.events.outbox import record_available_change, threshold_of
 from ciris_billing.ledger import write_credit
 from ciris_billing.pricing import Pricing
 
@@ -84,6 +84,20 @@ async def set_status(
         .values(status=status, status_reason=reason, updated_at=utcnow())
     )
     return await get_account(conn, identity)
+
+
+async def set_low_balance_threshold(
+    conn: AsyncConnection, identity: Identity, uses: int | None
+) -> tuple[Row[Any], int]:
+    """The account's own balance.low threshold (None: LOW_BALANCE_THRESHOLD_USES again); the
+    account and the threshold now in force. A change is no crossing: nothing is sent for it."""
+    account = await get_account(conn, identity)
+    await conn.execute(
+        accounts.update()
+        .where(accounts.c.id == account.id)
+        .values(low_balance_threshold_uses=uses, updated_at=utcnow())
+    )
+    return await get_account(conn, identity), await threshold_of(conn, account.id)
 
 
 async def _digest(conn: AsyncConnection, identity: Identity) -> str:

@@ -246,9 +246,11 @@ class Deliveries:
             )
             return Attempt(False, error="url_refused")
         body = event_body(_EventView(delivery.type, delivery.event_created_at, delivery.data))
+        # The receiver checks webhook-timestamp against its own clock: the real time of sending
+        # (the injected clock decides only what is due and which secrets are in force).
         headers = {
             **signing.headers(
-                endpoint_rules.secrets_in_force(endpoint, now), delivery.event_id, now, body
+                endpoint_rules.secrets_in_force(endpoint, now), delivery.event_id, utcnow(), body
             ),
             "content-type": "application/json",
         }
@@ -423,7 +425,7 @@ _DISPATCH_SQL = text(
         FROM batch b
         JOIN webhook_endpoints e
           ON e.status = 'enabled' AND e.created_at <= b.created_at
-         AND (e.events IS NULL OR (e.events)::jsonb ? b.type)
+         AND (e.events IS NULL OR json_typeof(e.events) = 'null' OR (e.events)::jsonb ? b.type)
         ON CONFLICT (endpoint_id, event_id) DO NOTHING
     )
     UPDATE events SET dispatched_at = :now FROM batch WHERE events.id = batch.id
