@@ -24,7 +24,9 @@ before >= threshold > after) or emptied it (after = 0), takes the account's next
 numbers in the UPDATE and writes the outbox rows through one more CTE that inserts only when it
 crossed. Exactly once per crossing by construction: the crossing is computed on the locked row
 by the one statement that moves it, however many charges race. A charge that crosses nothing
-inserts nothing (no extra round trip either way).
+inserts nothing (no extra round trip either way). Measured 2026-12-02 on the shared 2-core
+machine, both statements drawn at random inside one pgbench run: +0-7% latency per statement;
+end to end, servers of both versions driven at once: charges/s 1.00 x (c=8), 1.03 x (c=32).
 """
 
 from __future__ import annotations
