@@ -9,6 +9,8 @@ import asyncio
 import time
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from tests.support.api import Api, identity, make_settings, running_app
 
 RESERVE = "/v1/billing/reservations"
@@ -288,4 +290,41 @@ async def test_capture_and_release_racing_exactly_one_wins(api: Api) -> None:
     assert check["total_uses"] == captures
     assert check["held_uses"] == 0
     assert check["free_uses_remaining"] + check["credits_remaining"] == 23 - captures
+    await clean(api)
+
+
+async def test_one_statement_and_unit_of_work_holds_answer_alike(api: Api) -> None:
+    """Without an Idempotency-Key a hold and its capture are one statement each (hot/holds.py);
+    with one, a unit of work that records the answer (reservations.py). Same answers, same
+    books; the statements were used (the batch-size metric counts them)."""
+
+    def statements(kind: str) -> float:
+        return REGISTRY.get_sample_value("billing_batch_size_count", {"statement": kind}) or 0
+
+    before = statements("hold"), statements("capture")
+    answers = []
+    for name, keyed in (("plain", False), ("keyed", True)):
+        who = user(f"alike-{name}")
+        headers = {"Idempotency-Key": f"alike-{name}"} if keyed else {}
+        held = await api.post(RESERVE, {**who, "uses": 2, "metadata": {"a": 1}}, **headers)
+        hold = held.json()
+        headers = {"Idempotency-Key": f"alike-{name}-capture"} if keyed else {}
+        captured = await api.post(
+            f"{RESERVE}/{hold['reservation_id']}/capture",
+            {"uses": 1, "amount_minor": 7, "description": "d", "metadata": {"b": 2}},
+            **headers,
+        )
+        volatile = {"reservation_id", "account_id", "external_id", "charge_id"}
+        volatile |= {"created_at", "expires_at"}
+        answers.append(
+            [
+                (r.status_code, {k: v for k, v in r.json().items() if k not in volatile})
+                for r in (held, captured)
+            ]
+        )
+    plain, keyed_answers = answers
+    assert plain == keyed_answers
+    assert [status for status, _ in plain] == [201, 201]
+    assert plain[1][1]["metadata"] == {"a": 1, "b": 2}
+    assert (statements("hold"), statements("capture")) == (before[0] + 1, before[1] + 1)
     await clean(api)
