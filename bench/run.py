@@ -652,7 +652,9 @@ def main() -> None:
         "--growth", action="store_true", help="also 1M accounts / 5M ledger rows, worker RSS (long)"
     )
     parser.add_argument(
-        "--idempotency", action="store_true", help="every charge sends a unique Idempotency-Key"
+        "--idempotency",
+        action="store_true",
+        help="every charge, hold and capture sends a unique Idempotency-Key",
     )
     parser.add_argument(
         "--holds",
@@ -701,7 +703,8 @@ def main() -> None:
         f"- Server: `ciris-billing serve --workers 2` (uvicorn, uvloop, httptools), "
         f"{' '.join(f'{k}={v}' for k, v in SERVICE_SETTINGS.items())}; "
         f"wrk -t2 over loopback; CPU in % of one core (200% = both); "
-        f"charges {'with' if args.idempotency else 'without'} an Idempotency-Key"
+        f"charges, holds and captures {'with' if args.idempotency else 'without'} an "
+        "Idempotency-Key"
     )
     growth_file = BENCH / "RESULTS-growth.md"
     if args.growth:

@@ -11,6 +11,9 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
+from ciris_billing.accounts import reservations
+from ciris_billing.accounts.reservation_answers import capture_body as capture_answer
+from ciris_billing.unit_of_work import unit_of_work
 from tests.support.api import Api, identity, make_settings, running_app
 
 RESERVE = "/v1/billing/reservations"
@@ -294,37 +297,72 @@ async def test_capture_and_release_racing_exactly_one_wins(api: Api) -> None:
 
 
 async def test_one_statement_and_unit_of_work_holds_answer_alike(api: Api) -> None:
-    """Without an Idempotency-Key a hold and its capture are one statement each (hot/holds.py);
-    with one, a unit of work that records the answer (reservations.py). Same answers, same
-    books; the statements were used (the batch-size metric counts them)."""
+    """A hold and its capture are one statement each (hot/holds.py; with an Idempotency-Key in
+    a transaction that records the answer); what the statement does not make goes through a
+    unit of work (reservations.py), e.g. the first hold of an unknown identity. Same answers,
+    same books; the statements were used (the batch-size metric counts them)."""
 
     def statements(kind: str) -> float:
         return REGISTRY.get_sample_value("billing_batch_size_count", {"statement": kind}) or 0
 
+    volatile = {"reservation_id", "account_id", "external_id", "charge_id"}
+    volatile |= {"created_at", "expires_at"}
+
+    def shown(answer: Any) -> Any:
+        return {k: v for k, v in answer.items() if k not in volatile}
+
     before = statements("hold"), statements("capture")
-    answers = []
-    for name, keyed in (("plain", False), ("keyed", True)):
+    holds, captures = [], []
+    capture_body = {"uses": 1, "amount_minor": 7, "description": "d", "metadata": {"b": 2}}
+    for name in ("unknown", "known", "keyed"):
         who = user(f"alike-{name}")
-        headers = {"Idempotency-Key": f"alike-{name}"} if keyed else {}
+        if name != "unknown":
+            await api.post(CHECK, who, scope="read")  # the account exists: one statement
+        headers = {"Idempotency-Key": f"alike-{name}"} if name == "keyed" else {}
         held = await api.post(RESERVE, {**who, "uses": 2, "metadata": {"a": 1}}, **headers)
-        hold = held.json()
-        headers = {"Idempotency-Key": f"alike-{name}-capture"} if keyed else {}
-        captured = await api.post(
-            f"{RESERVE}/{hold['reservation_id']}/capture",
-            {"uses": 1, "amount_minor": 7, "description": "d", "metadata": {"b": 2}},
-            **headers,
+        assert held.status_code == 201, held.text
+        holds.append(shown(held.json()))
+        reservation_id = held.json()["reservation_id"]
+        if name == "unknown":  # the unit of work's capture, as the route runs it on a miss
+            async with unit_of_work(api.engine) as work:
+                wanted = reservations.CaptureRequest(
+                    reservation_id, 1, 7, "d", {"b": 2}, api_key_id="k"
+                )
+                made = await reservations.capture(await work.connection(), wanted)
+                captures.append(shown(capture_answer(made.charge, made.account, made.reservation)))
+            continue
+        headers = {"Idempotency-Key": f"alike-{name}-capture"} if name == "keyed" else {}
+        captured = await api.post(f"{RESERVE}/{reservation_id}/capture", capture_body, **headers)
+        assert captured.status_code == 201, captured.text
+        captures.append(shown(captured.json()))
+    assert holds[0] == holds[1] == holds[2]
+    assert captures[0] == captures[1] == captures[2]
+    assert captures[0]["metadata"] == {"a": 1, "b": 2}
+    # The unknown identity's hold: a statement that missed, then the unit of work.
+    assert (statements("hold"), statements("capture")) == (before[0] + 2, before[1] + 1)
+    await clean(api)
+
+
+async def test_concurrent_retries_of_a_keyed_hold_and_capture_make_one_each(api: Api) -> None:
+    """Twins racing on one key: one statement takes the key, the others wait for its commit
+    and replay its answer."""
+    who = user("twins")
+    await api.post(CHECK, who, scope="read")
+    holds = await asyncio.gather(
+        *(
+            api.post(RESERVE, {**who, "uses": 2}, **{"Idempotency-Key": "twin-hold"})
+            for _ in range(8)
         )
-        volatile = {"reservation_id", "account_id", "external_id", "charge_id"}
-        volatile |= {"created_at", "expires_at"}
-        answers.append(
-            [
-                (r.status_code, {k: v for k, v in r.json().items() if k not in volatile})
-                for r in (held, captured)
-            ]
-        )
-    plain, keyed_answers = answers
-    assert plain == keyed_answers
-    assert [status for status, _ in plain] == [201, 201]
-    assert plain[1][1]["metadata"] == {"a": 1, "b": 2}
-    assert (statements("hold"), statements("capture")) == (before[0] + 1, before[1] + 1)
+    )
+    assert {h.status_code for h in holds} == {201}
+    assert len({h.json()["reservation_id"] for h in holds}) == 1
+    assert sum(h.headers.get("Idempotent-Replayed") == "true" for h in holds) == 7
+    capture = f"{RESERVE}/{holds[0].json()['reservation_id']}/capture"
+    captures = await asyncio.gather(
+        *(api.post(capture, {"uses": 1}, **{"Idempotency-Key": "twin-capture"}) for _ in range(8))
+    )
+    assert {c.status_code for c in captures} == {201}
+    assert len({c.json()["charge_id"] for c in captures}) == 1
+    check = (await api.post(CHECK, who, scope="read")).json()
+    assert (check["free_uses_remaining"], check["held_uses"], check["total_uses"]) == (2, 0, 1)
     await clean(api)

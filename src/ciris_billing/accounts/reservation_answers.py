@@ -5,11 +5,13 @@ path (hot/asgi.py) call these functions with the validated body, once the API ke
 authorized, so the two can never answer differently (as answers.py does for checks and
 charges).
 
-A hold or a capture without an Idempotency-Key is first tried as ONE statement through the hot
-stores (hot/holds.py). Whatever that statement does not make — an unknown account, too few
-uses, suspended, a reservation that is not held or expired, more uses than held — and every
-keyed request (its answer is recorded with its key, in the same transaction) is answered in a
-unit of work of its own by accounts/reservations.py, which says why.
+A hold or a capture is first tried as ONE statement through the hot stores (hot/holds.py):
+without an Idempotency-Key batched with those that wait; with one, alone in a transaction that
+takes the key in that statement and records the answer with it before the commit (as
+run_idempotent does). Whatever that statement does not make — an unknown account, too few
+uses, suspended, a reservation that is not held or expired, more uses than held, a key already
+used — is answered in a unit of work of its own by accounts/reservations.py (through
+run_idempotent: replays and 409s), which says why.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ciris_billing import idempotency
 from ciris_billing.accounts import reservations, service
 from ciris_billing.accounts.checks import open_account
-from ciris_billing.accounts.hot.holds import CaptureAttempt, HoldAttempt
+from ciris_billing.accounts.hot.holds import CaptureAttempt, HoldAttempt, Keyed
 from ciris_billing.accounts.schemas import ReservationCapture, ReservationCreate
 from ciris_billing.auth import Principal
 from ciris_billing.checkout.links import buy_token, buy_url
@@ -121,6 +123,21 @@ def _captured(reservation_id: str, charge_id: str, account_id: str, uses: int, h
     )
 
 
+def _fingerprint(request: Request, body: ReservationCreate | ReservationCapture) -> str:
+    """As run_idempotent computes it, so either path finds the other's key."""
+    payload = body.model_dump(mode="json")
+    return idempotency.fingerprint(request.method, request.url.path, payload)
+
+
+def _text(body: dict[str, Any]) -> str:
+    """An answer's JSON text, as json_response and run_idempotent write it."""
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _json_text(text: str) -> Response:
+    return Response(content=text, status_code=201, media_type="application/json")
+
+
 async def reserve(
     state: AppState,
     request: Request,
@@ -132,38 +149,49 @@ async def reserve(
     key = idempotency.resolve_key(key_header)
     identity = service.Identity(body.oauth_provider, body.external_id)
     state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
+    now = utcnow()
+    attempt = HoldAttempt(
+        oauth_provider=identity.oauth_provider,
+        external_id=identity.external_id,
+        uses=body.uses,
+        reservation_id=new_id("rsv"),
+        api_key_id=principal.key_id,
+        metadata_json=json.dumps(body.metadata, separators=(",", ":")),
+        at=now,
+        expires_at=now + timedelta(seconds=body.ttl_seconds),
+    )
+
+    def answer(account: Any) -> dict[str, Any]:
+        """The hold's answer from the statement's row (the account after the hold)."""
+        reservation = {
+            "id": attempt.reservation_id,
+            "account_id": account["account_id"],
+            "status": reservations.HELD,
+            "uses": body.uses,
+            "captured_uses": None,
+            "charge_id": None,
+            "expires_at": attempt.expires_at,
+            "metadata": body.metadata,
+            "created_at": now,
+        }
+        counters = {
+            **account,
+            "oauth_provider": identity.oauth_provider,
+            "external_id": identity.external_id,
+        }
+        return reservation_body(reservation, counters)
+
     if key is None:
-        now = utcnow()
-        attempt = HoldAttempt(
-            oauth_provider=identity.oauth_provider,
-            external_id=identity.external_id,
-            uses=body.uses,
-            reservation_id=new_id("rsv"),
-            api_key_id=principal.key_id,
-            metadata_json=json.dumps(body.metadata, separators=(",", ":")),
-            at=now,
-            expires_at=now + timedelta(seconds=body.ttl_seconds),
-        )
-        account = await state.hold_store.hold(attempt)
-        if account is not None:
-            _held(attempt.reservation_id, account["account_id"], body)
-            reservation = {
-                "id": attempt.reservation_id,
-                "account_id": account["account_id"],
-                "status": reservations.HELD,
-                "uses": body.uses,
-                "captured_uses": None,
-                "charge_id": None,
-                "expires_at": attempt.expires_at,
-                "metadata": body.metadata,
-                "created_at": now,
-            }
-            counters = {
-                **account,
-                "oauth_provider": identity.oauth_provider,
-                "external_id": identity.external_id,
-            }
-            return json_response(201, reservation_body(reservation, counters))
+        made = await state.hold_store.hold(attempt)
+        if made is not None:
+            _held(attempt.reservation_id, made["account_id"], body)
+            return json_response(201, answer(made))
+    else:
+        keyed = Keyed(key, _fingerprint(request, body), lambda row: (201, _text(answer(row))))
+        recorded = await state.hold_store.hold_keyed(attempt, keyed)
+        if recorded is not None:
+            _held(attempt.reservation_id, recorded[0]["account_id"], body)
+            return _json_text(recorded[1])
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
         wanted = reservations.HoldRequest(
@@ -204,37 +232,50 @@ async def capture(
     """Charge the uses the interaction took (all by default) as one charge and release the
     rest: 201; 404; 409 (expired, captured or released, key reused); 422 (more than held)."""
     key = idempotency.resolve_key(key_header)
+    attempt = CaptureAttempt(
+        reservation_id=reservation_id,
+        uses=body.uses,
+        charge_id=new_id("ch"),
+        at=utcnow(),
+        amount_minor=body.amount_minor,
+        description=body.description,
+        metadata_json=json.dumps(body.metadata, separators=(",", ":")),
+        api_key_id=principal.key_id,
+        credit_id=new_id("cr"),
+    )
+
+    def answer(made: Any) -> dict[str, Any]:
+        """The capture's answer from the statement's row (the account after it)."""
+        charge = {
+            "id": attempt.charge_id,
+            "uses": made["captured_uses"],
+            "free_uses_used": made["free_used"],
+            "paid_uses_used": made["paid_used"],
+            "amount_minor": body.amount_minor,
+            "currency": made["currency"],
+            "description": body.description,
+            # As the framework's capture: the hold's metadata, then the capture's.
+            "metadata": {**json.loads(made["held_metadata"]), **body.metadata},
+            "created_at": attempt.at,
+        }
+        account = {**made, "id": made["account_id"]}
+        return capture_body(charge, account, {"id": reservation_id, "uses": made["held_uses_of"]})
+
+    def captured(made: Any) -> None:
+        uses, held = int(made["captured_uses"]), int(made["held_uses_of"])
+        _captured(reservation_id, attempt.charge_id, made["account_id"], uses, held)
+
     if key is None:
-        attempt = CaptureAttempt(
-            reservation_id=reservation_id,
-            uses=body.uses,
-            charge_id=new_id("ch"),
-            at=utcnow(),
-            amount_minor=body.amount_minor,
-            description=body.description,
-            metadata_json=json.dumps(body.metadata, separators=(",", ":")),
-            api_key_id=principal.key_id,
-            credit_id=new_id("cr"),
-        )
         made = await state.capture_store.capture(attempt)
         if made is not None:
-            uses, held = int(made["captured_uses"]), int(made["held_uses_of"])
-            _captured(reservation_id, attempt.charge_id, made["account_id"], uses, held)
-            charge = {
-                "id": attempt.charge_id,
-                "uses": uses,
-                "free_uses_used": made["free_used"],
-                "paid_uses_used": made["paid_used"],
-                "amount_minor": body.amount_minor,
-                "currency": made["currency"],
-                "description": body.description,
-                # As the framework's capture: the hold's metadata, then the capture's.
-                "metadata": {**json.loads(made["held_metadata"]), **body.metadata},
-                "created_at": attempt.at,
-            }
-            account = {**made, "id": made["account_id"]}
-            hold = {"id": reservation_id, "uses": held}
-            return json_response(201, capture_body(charge, account, hold))
+            captured(made)
+            return json_response(201, answer(made))
+    else:
+        keyed = Keyed(key, _fingerprint(request, body), lambda row: (201, _text(answer(row))))
+        recorded = await state.capture_store.capture_keyed(attempt, keyed)
+        if recorded is not None:
+            captured(recorded[0])
+            return _json_text(recorded[1])
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
         wanted = reservations.CaptureRequest(

@@ -27,16 +27,18 @@ on the framework's path (accounts/reservation_answers.py), which says why.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from ciris_billing.accounts.hot.lanes import Lanes, Waiting
-from ciris_billing.accounts.hot.pool import StatementPool
+from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
 
 # $1 provider, $2 external id, $3 uses, $4 reservation id, $5 API key id, $6 metadata (JSON
-# text), $7 now, $8 expires_at. SET sees the old counters: last_charge_free_uses keeps how many
-# of the held uses were free (as it keeps a charge's split), for the reservation row.
+# text), $7 now, $8 expires_at, $9 idempotency key (or NULL), $10 the request's fingerprint.
+# SET sees the old counters: last_charge_free_uses keeps how many of the held uses were free
+# (as it keeps a charge's split), for the reservation row.
 HOLD_SQL = """
 WITH held AS (
     UPDATE accounts a SET
@@ -50,15 +52,28 @@ WITH held AS (
         updated_at = $7::timestamptz
     WHERE a.oauth_provider = $1::text AND a.external_id = $2::text AND a.status = 'active'
       AND a.free_uses_remaining + a.paid_uses_remaining >= $3::bigint
+      AND ($9::text IS NULL OR (
+          NOT EXISTS (SELECT 1 FROM idempotency_keys k
+                      WHERE k.api_key_id IN ($5::text, '') AND k.key = $9::text)
+          AND NOT EXISTS (SELECT 1 FROM charges c
+                          WHERE c.api_key_id IN ($5::text, '') AND c.idempotency_key = $9::text)))
     RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
               a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
               a.last_charge_free_uses
+), claimed AS (
+    -- The key taken in the same statement (its answer is recorded before the commit,
+    -- RECORD_SQL); a twin request racing it fails on the key's primary key (DuplicateKey).
+    INSERT INTO idempotency_keys (api_key_id, key, fingerprint, response_status,
+                                  response_body, created_at)
+    SELECT $5::text, $9::text, $10::text, 0, '', $7::timestamptz FROM held
+    WHERE $9::text IS NOT NULL
 ), made AS (
     INSERT INTO reservations (id, account_id, api_key_id, status, uses, free_uses_held,
-                              paid_uses_held, expires_at, metadata, created_at, updated_at)
+                              paid_uses_held, expires_at, metadata, idempotency_key,
+                              created_at, updated_at)
     SELECT $4::text, account_id, $5::text, 'held', $3::bigint, last_charge_free_uses,
-           $3::bigint - last_charge_free_uses, $8::timestamptz, $6::json, $7::timestamptz,
-           $7::timestamptz
+           $3::bigint - last_charge_free_uses, $8::timestamptz, $6::json, $9::text,
+           $7::timestamptz, $7::timestamptz
     FROM held
 )
 SELECT $4::text AS reservation_id, * FROM held
@@ -110,7 +125,8 @@ FROM held
 """
 
 # $1 reservation id, $2 uses (NULL: all), $3 charge id, $4 now, $5 amount, $6 description,
-# $7 metadata (JSON text, merged over the hold's), $8 API key id, $9 ledger row id (owed).
+# $7 metadata (JSON text, merged over the hold's), $8 API key id, $9 ledger row id (owed),
+# $10 idempotency key (or NULL), $11 the request's fingerprint.
 CAPTURE_SQL = """
 WITH won AS (
     -- Safe: exactly once. Of racing captures / releases / expiries only one finds the row
@@ -120,6 +136,11 @@ WITH won AS (
         updated_at = $4::timestamptz, closed_at = $4::timestamptz
     WHERE r.id = $1::text AND r.status = 'held' AND r.expires_at > $4::timestamptz
       AND r.uses >= COALESCE($2::bigint, r.uses)
+      AND ($10::text IS NULL OR (
+          NOT EXISTS (SELECT 1 FROM idempotency_keys k
+                      WHERE k.api_key_id IN ($8::text, '') AND k.key = $10::text)
+          AND NOT EXISTS (SELECT 1 FROM charges c
+                          WHERE c.api_key_id IN ($8::text, '') AND c.idempotency_key = $10::text)))
     RETURNING r.id AS reservation_id, r.account_id, r.uses, r.captured_uses,
               r.free_uses_held, r.paid_uses_held, r.metadata, $3::text AS charge_id,
               $9::text AS credit_id, $5::bigint AS amount_minor, $6::text AS description,
@@ -173,6 +194,12 @@ WITH won AS (
            paid_off || ' paid uses owed to a refund or a lost dispute, taken when held uses '
            || 'came back (' || reservation_id || ')', at
     FROM spent WHERE paid_off > 0
+), claimed AS (
+    -- As HOLD_SQL: the key taken in the same statement, its answer recorded before the commit.
+    INSERT INTO idempotency_keys (api_key_id, key, fingerprint, response_status,
+                                  response_body, created_at)
+    SELECT $8::text, $10::text, $11::text, 0, '', $4::timestamptz FROM spent
+    WHERE $10::text IS NOT NULL
 )
 SELECT reservation_id, account_id, oauth_provider, external_id, currency, plan_name,
        free_uses_remaining, paid_uses_remaining, reserved_free_uses, reserved_paid_uses,
@@ -263,6 +290,23 @@ FROM spent
 """
 
 
+# A keyed hold's or capture's answer, recorded with its key in the same transaction.
+RECORD_SQL = """
+UPDATE idempotency_keys SET response_status = $3, response_body = $4
+WHERE api_key_id = $1 AND key = $2
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    """A request's idempotency key, its fingerprint, and how its answer is rendered from the
+    statement's row (status, JSON text): recorded with the key before the commit."""
+
+    key: str
+    fingerprint: str
+    render: Callable[[Any], tuple[int, str]]
+
+
 @dataclass(frozen=True, slots=True)
 class HoldAttempt:
     """One hold as the store sends it (no idempotency key: keyed holds take the framework's
@@ -333,8 +377,17 @@ class HoldStore(Lanes[HoldAttempt]):
         # One hold per account per batch (the lane key): an UPDATE ... FROM changes a row once.
         return await self.submit((attempt.oauth_provider, attempt.external_id), attempt)
 
+    async def hold_keyed(self, attempt: HoldAttempt, keyed: Keyed) -> tuple[Any, str] | None:
+        """A hold with an idempotency key, alone in a transaction that records its answer with
+        the key: (the account's row, the answer's JSON text), or None when it was not made (the
+        key taken already included: the framework's path replays or refuses)."""
+        return await _keyed(self._statements, HOLD_SQL, attempt, keyed)
+
     async def _send_one(self, waiting: Waiting[HoldAttempt]) -> None:
-        waiting.settle(await self._statements.fetch_one(HOLD_SQL, waiting.request.parameters()))
+        row = await self._statements.fetch_one(
+            HOLD_SQL, (*waiting.request.parameters(), None, None)
+        )
+        waiting.settle(row)
 
     async def _send_many(self, batch: list[Waiting[HoldAttempt]]) -> None:
         columns = [list(c) for c in zip(*(w.request.parameters() for w in batch), strict=True)]
@@ -356,9 +409,13 @@ class CaptureStore(Lanes[CaptureAttempt]):
         made (the framework's path says why)."""
         return await self.submit(attempt.reservation_id, attempt)
 
+    async def capture_keyed(self, attempt: CaptureAttempt, keyed: Keyed) -> tuple[Any, str] | None:
+        """A capture with an idempotency key, as HoldStore.hold_keyed."""
+        return await _keyed(self._statements, CAPTURE_SQL, attempt, keyed)
+
     async def _send_one(self, waiting: Waiting[CaptureAttempt]) -> None:
-        row = await self._statements.fetch_one(CAPTURE_SQL, waiting.request.parameters())
-        waiting.settle(row)
+        parameters = (*waiting.request.parameters(), None, None)
+        waiting.settle(await self._statements.fetch_one(CAPTURE_SQL, parameters))
 
     async def _send_many(self, batch: list[Waiting[CaptureAttempt]]) -> None:
         columns = [list(c) for c in zip(*(w.request.parameters() for w in batch), strict=True)]
@@ -370,3 +427,22 @@ class CaptureStore(Lanes[CaptureAttempt]):
                 await self._send_one(waiting)
             else:
                 waiting.settle(row)
+
+
+async def _keyed(
+    statements: StatementPool, sql: str, attempt: HoldAttempt | CaptureAttempt, keyed: Keyed
+) -> tuple[Any, str] | None:
+    async def work(conn: Any) -> tuple[Any, str] | None:
+        row = await conn.fetchrow(sql, *attempt.parameters(), keyed.key, keyed.fingerprint)
+        if row is None:
+            return None
+        status, text = keyed.render(row)
+        await conn.execute(RECORD_SQL, attempt.api_key_id, keyed.key, status, text)
+        return row, text
+
+    try:
+        return await statements.in_transaction(work)
+    except DuplicateKey:
+        # Safe: the key's first use committed (the primary key waited for it); the framework's
+        # path answers from it (a replay, or 409 for another request).
+        return None
