@@ -33,7 +33,9 @@ ROOT = BENCH.parent
 BIN = ROOT / ".venv" / "bin"
 PSQL, PGBENCH, WRK = "/usr/bin/psql", "/usr/bin/pgbench", "/usr/bin/wrk"
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
-DB, GROWTH_DB = "ciris_billing_bench", "ciris_billing_bench_growth"
+# One database per run (its process id): two runs on one PostgreSQL (several checkouts on one
+# machine) never drop or seed each other's.
+DB, GROWTH_DB = f"ciris_billing_bench_{os.getpid()}", f"ciris_billing_bench_growth_{os.getpid()}"
 ACCOUNTS, GROWTH_ACCOUNTS = 10_000, 1_000_000
 # Charges over the first 1,000 accounts only: at 64 connections the two workers' batches share
 # accounts all the time (the lock-order scenario: overlapping batches must never deadlock).
