@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from ciris_billing.accounts import reservations
 from ciris_billing.accounts.reservation_answers import capture_body as capture_answer
+from ciris_billing.db import reservations as reservations_table
+from ciris_billing.db import utcnow
+from ciris_billing.jobs import Recovery, RecoveryReport
 from ciris_billing.unit_of_work import unit_of_work
 from tests.support.api import Api, identity, make_settings, running_app
 
@@ -365,4 +370,51 @@ async def test_concurrent_retries_of_a_keyed_hold_and_capture_make_one_each(api:
     assert len({c.json()["charge_id"] for c in captures}) == 1
     check = (await api.post(CHECK, who, scope="read")).json()
     assert (check["free_uses_remaining"], check["held_uses"], check["total_uses"]) == (2, 0, 1)
+    await clean(api)
+
+
+async def test_every_outcome_is_counted_and_logged(api: Api) -> None:
+    """billing_reservations_total{outcome} and the guide-style log events, once per step."""
+
+    def counted(outcome: str) -> float:
+        return REGISTRY.get_sample_value("billing_reservations_total", {"outcome": outcome}) or 0
+
+    outcomes = ("held", "captured", "released", "expired", "refused")
+    before = {outcome: counted(outcome) for outcome in outcomes}
+    who = user("counted")
+    with capture_logs() as logged:
+        await _every_outcome(api, who)
+    after = {outcome: counted(outcome) - before[outcome] for outcome in outcomes}
+    assert after == {"held": 3, "captured": 1, "released": 1, "expired": 1, "refused": 1}
+    events = [entry["event"] for entry in logged]
+    for event, times in (("held", 3), ("captured", 1), ("released", 1), ("expired", 1)):
+        assert events.count(f"reservation_{event}") == times, (event, events)
+    await clean(api)
+
+
+async def _every_outcome(api: Api, who: dict[str, str]) -> None:
+    """Three 1-use holds on 3 free uses, a fourth refused; one captured, one released (twice),
+    one expired by the job."""
+    first, second, third = [(await reserve(api, who)).json() for _ in range(3)]
+    assert (await reserve(api, who)).status_code == 402
+    await api.post(f"{RESERVE}/{first['reservation_id']}/capture", {})
+    await api.post(f"{RESERVE}/{second['reservation_id']}/release", {})
+    await api.post(f"{RESERVE}/{second['reservation_id']}/release", {})  # again: nothing new
+    async with api.engine.begin() as conn:  # its TTL passes
+        await conn.execute(
+            reservations_table.update()
+            .where(reservations_table.c.id == third["reservation_id"])
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    report = RecoveryReport()
+    await Recovery(api.state.settings, api.engine, api.state.provider).expire_holds(report)
+    assert report.expired == 1
+
+
+async def test_a_hold_lasts_at_most_a_day(api: Api) -> None:
+    who = user("ttl")
+    assert (await reserve(api, who, ttl_seconds=86_401)).status_code == 422
+    assert (await reserve(api, who, ttl_seconds=0)).status_code == 422
+    held = (await reserve(api, who, ttl_seconds=86_400)).json()
+    assert held["status"] == "held"
     await clean(api)
