@@ -4,6 +4,7 @@ re-armed when the balance rises above the threshold again."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -136,3 +137,31 @@ async def test_per_account_threshold_and_negative_adjustments(api: Api) -> None:
         None,
         3,
     )
+
+
+async def test_concurrent_holds_cross_low_once_on_either_path(api: Api) -> None:
+    """50 holds at once (the hot path's statement, batched) on 23 uses: one balance.low, one
+    balance.depleted; then a keyed hold (the unit-of-work path) after a release crosses again."""
+    await api.post("/v1/billing/accounts", {**USER, "initial_balance_minor": 20}, scope="admin")
+    answers = await asyncio.gather(
+        *(api.post("/v1/billing/reservations", {**USER, "uses": 1}) for _ in range(50))
+    )
+    held = [a.json()["reservation_id"] for a in answers if a.status_code == 201]
+    assert len(held) == 23
+    assert types(await events_of(api.engine, "events@example.com")) == [
+        "account.created",
+        "balance.low",
+        "balance.depleted",
+    ]
+    for reservation_id in held[:5]:  # back to 5 available: re-armed
+        released = await api.post(f"/v1/billing/reservations/{reservation_id}/release", {})
+        assert released.status_code == 200, released.text
+    keyed = await api.post(
+        "/v1/billing/reservations", {**USER, "uses": 3}, **{"Idempotency-Key": "hold-3"}
+    )
+    assert keyed.status_code == 201, keyed.text
+    found = await events_of(api.engine, "events@example.com")
+    assert types(found)[3:] == ["balance.low"]
+    assert found[3]["data"]["available_uses"] == 2
+    assert [e["sequence"] for e in found] == [1, 2, 3, 4]
+    assert (await api.audit()).clean

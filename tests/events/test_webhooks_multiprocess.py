@@ -119,5 +119,7 @@ async def test_receiver_down_then_back_gets_every_event_and_low_once_per_crossin
         {r.webhook_id: r.payload["data"]["sequence"] for r in receiver.received}.values()
     )
     assert sequences == [1, 2, 3, 4, 5]
+    secret = made.json()["secret"]
+    assert secret.removeprefix("whsec_") not in (tmp_path / "server.log").read_text()
     audited = cli(env, "audit", "--ledger-only")
     assert audited.returncode == 0, audited.stdout + audited.stderr

@@ -131,6 +131,10 @@ class Deliveries:
                 follow_redirects=False,  # a redirect could lead anywhere: it is a failure
                 trust_env=False,  # no proxy from the environment between us and the receiver
                 headers={"user-agent": USER_AGENT},
+                # A new connection per delivery: connections are pooled by address, and two
+                # endpoints' hosts on one address must not share one whose TLS was checked for
+                # the other's name.
+                limits=httpx.Limits(max_keepalive_connections=0),
             )
         return self._client
 
@@ -233,9 +237,12 @@ class Deliveries:
     async def _send(self, endpoint: Row[Any], delivery: Any) -> Attempt:
         now = self.clock()
         try:
-            target = await ssrf.safe_target(
-                endpoint.url, allow_private=self.settings.allow_private_webhook_urls
-            )
+            async with asyncio.timeout(self.settings.webhook_timeout_seconds):
+                target = await ssrf.safe_target(
+                    endpoint.url, allow_private=self.settings.allow_private_webhook_urls
+                )
+        except TimeoutError:
+            return Attempt(False, error="dns_timeout")
         except WebhookUrlRefused as exc:
             WEBHOOK_DELIVERIES.labels("refused").inc()
             log.warning(
@@ -289,13 +296,15 @@ class Deliveries:
         True when this failure disabled the endpoint."""
         now = self.clock()
         base = self.settings.webhook_retry_base_seconds
-        failures = int(delivery.attempts) + 1
+        # Every earlier attempt of a pending delivery failed: this is failure number `attempts`
+        # if it failed too.
+        attempts = int(delivery.attempts) + 1
         if attempt.delivered:
             status, next_at = "delivered", now
         elif now >= delivery.created_at + RETRY_FOR:
             status, next_at = "failed", now
         else:
-            status, next_at = "pending", now + retry_delay(failures, base)
+            status, next_at = "pending", now + retry_delay(attempts, base)
         async with self.engine.begin() as conn:
             # Lock order: the endpoint's row, then its delivery's (as DELETE's cascade does).
             locked = (
@@ -316,7 +325,7 @@ class Deliveries:
                 )
                 .values(
                     status=status,
-                    attempts=failures,
+                    attempts=attempts,
                     next_attempt_at=next_at,
                     last_attempt_at=now,
                     last_status_code=attempt.status_code,
@@ -328,7 +337,7 @@ class Deliveries:
             if locked is None or counted.first() is None:
                 return False
             disabled = await _update_failing_run(conn, endpoint.id, attempt.delivered, now)
-        self._log(endpoint.id, delivery, attempt, status, failures, next_at)
+        self._log(endpoint.id, delivery, attempt, status, attempts, next_at)
         if disabled:
             WEBHOOK_ENDPOINTS_DISABLED.inc()
             log.error(

@@ -18,13 +18,16 @@ WHERE clause is per row), so the outcome for each charge is what it would be alo
   API key), its charges
   are sent again one by one, each getting its own answer; any other failure is every member's.
 
-Balance events (events/outbox.py): the same statement detects whether the charge crossed the
-account's balance.low threshold (available before = available after + uses; crossing iff
-before >= threshold > after) or emptied it (after = 0), takes the account's next event sequence
-numbers in the UPDATE and writes the outbox rows through one more CTE that inserts only when it
-crossed. Exactly once per crossing by construction: the crossing is computed on the locked row
-by the one statement that moves it, however many charges race. A charge that crosses nothing
-inserts nothing (no extra round trip either way).
+Balance events (events/outbox.py, the SQL in crossings.py): the same statement detects whether
+the charge crossed the account's balance.low threshold (available before = available after +
+uses; crossing iff before >= threshold > after) or emptied it (after = 0), takes the account's
+next event sequence numbers in the UPDATE and writes the outbox rows through one more CTE that
+inserts only when it crossed. Exactly once per crossing by construction: the crossing is
+computed on the locked row by the one statement that moves it, however many charges race. A
+charge that crosses nothing inserts nothing (no extra round trip either way). Measured
+2026-12-02 on the shared 2-core machine, both statements drawn at random inside one pgbench
+run: +0-7% latency per statement; end to end, servers of both versions driven at once:
+charges/s 1.00 x (c=8), 1.03 x (c=32).
 """
 
 from __future__ import annotations
@@ -33,53 +36,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ciris_billing.accounts.hot.crossings import alerted, crossing_columns, next_sequence
 from ciris_billing.accounts.hot.lanes import Lanes, Waiting
 from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
-from ciris_billing.events.outbox import BALANCE_DEPLETED, BALANCE_LOW, THRESHOLD_SQL
-
-
-def _next_sequence(row: str, uses: str) -> str:
-    """The UPDATE's SET of event_sequence: one more per balance event the charge crosses (SET
-    sees the counters before the charge)."""
-    available = f"{row}free_uses_remaining + {row}paid_uses_remaining"
-    return (
-        f"event_sequence = {row}event_sequence"
-        f" + CASE WHEN {available} >= {THRESHOLD_SQL} AND {available} - {uses} < {THRESHOLD_SQL}"
-        f" THEN 1 ELSE 0 END"
-        f" + CASE WHEN {available} = {uses} THEN 1 ELSE 0 END"
-    )
-
-
-# RETURNING's extra columns, for the events CTE (after the charge; the threshold as the UPDATE
-# compared it).
-_EVENT_COLUMNS = f"oauth_provider, external_id, event_sequence, {THRESHOLD_SQL} AS low_threshold"
-
-# The outbox rows of the crossings, from `spent` (which has `uses` per charge): balance.low takes
-# the earlier sequence number when the charge also depleted the account. Its data has the keys
-# of events.outbox.record_event + balance_data, in the same order.
-_ALERTED = f"""
-alerted AS (
-    INSERT INTO events (id, account_id, sequence, type, data, created_at)
-    SELECT 'evt_' || replace(gen_random_uuid()::text, '-', ''), s.id,
-           s.event_sequence - c.back, c.type,
-           json_build_object(
-               'account_id', s.id, 'oauth_provider', s.oauth_provider,
-               'external_id', s.external_id, 'sequence', s.event_sequence - c.back,
-               'available_uses', s.free_uses_remaining + s.paid_uses_remaining,
-               'free_uses_remaining', s.free_uses_remaining,
-               'paid_uses_remaining', s.paid_uses_remaining, 'threshold_uses', s.low_threshold),
-           s.created_at
-    FROM spent s
-    CROSS JOIN LATERAL (
-        SELECT '{BALANCE_LOW}' AS type,
-               CASE WHEN s.free_uses_remaining + s.paid_uses_remaining = 0 THEN 1 ELSE 0 END
-                   AS back
-        WHERE s.free_uses_remaining + s.paid_uses_remaining + s.uses >= s.low_threshold
-          AND s.free_uses_remaining + s.paid_uses_remaining < s.low_threshold
-        UNION ALL
-        SELECT '{BALANCE_DEPLETED}', 0 WHERE s.free_uses_remaining + s.paid_uses_remaining = 0
-    ) c
-)"""  # noqa: S608 (our own constants, no input)
+from ciris_billing.events.outbox import THRESHOLD_SQL
 
 # The parameters, in ChargeAttempt.parameters() order: $1 provider, $2 external id, $3 uses,
 # $4 idempotency key, $5 charge id, $6 amount, $7 currency, $8 description, $9 metadata (JSON
@@ -95,14 +55,14 @@ WITH spent AS (
         paid_uses_remaining = CASE WHEN free_uses_remaining >= $3 THEN paid_uses_remaining
             ELSE paid_uses_remaining - ($3 - free_uses_remaining) END,
         total_uses = total_uses + $3,
-        {_next_sequence("", "$3")},
+        {next_sequence("", "$3")},
         updated_at = $11
     WHERE oauth_provider = $1 AND external_id = $2 AND status = 'active' AND currency = $7
       AND free_uses_remaining + paid_uses_remaining >= $3
       AND ($4::text IS NULL OR NOT EXISTS (
           SELECT 1 FROM idempotency_keys WHERE api_key_id IN ($12::text, '') AND key = $4))
     RETURNING id, free_uses_remaining, paid_uses_remaining, total_uses,
-              last_charge_free_uses, plan_name, {_EVENT_COLUMNS},
+              last_charge_free_uses, plan_name, {crossing_columns("")},
               $3::bigint AS uses, $11::timestamptz AS created_at
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
@@ -112,7 +72,7 @@ WITH spent AS (
     SELECT $5, id, $3, last_charge_free_uses, $3 - last_charge_free_uses, $6, $7, $8, $9::json,
            $12, $4, $10, free_uses_remaining, paid_uses_remaining, total_uses, $11
     FROM spent
-), {_ALERTED}
+), {alerted("spent", "id")}
 SELECT id, free_uses_remaining, paid_uses_remaining, total_uses, last_charge_free_uses,
        plan_name
 FROM spent
@@ -147,7 +107,7 @@ WITH input AS (
         paid_uses_remaining = CASE WHEN a.free_uses_remaining >= i.uses THEN a.paid_uses_remaining
             ELSE a.paid_uses_remaining - (i.uses - a.free_uses_remaining) END,
         total_uses = a.total_uses + i.uses,
-        {_next_sequence("a.", "i.uses")},
+        {next_sequence("a.", "i.uses")},
         updated_at = i.created_at
     FROM locked i
     WHERE a.id = i.account_id
@@ -170,7 +130,7 @@ WITH input AS (
            amount_minor, currency, description, metadata::json, api_key_id, idempotency_key,
            request_fingerprint, free_uses_remaining, paid_uses_remaining, total_uses, created_at
     FROM spent
-), {_ALERTED}
+), {alerted("spent", "id")}
 SELECT charge_id, id, free_uses_remaining, paid_uses_remaining, total_uses,
        last_charge_free_uses, plan_name
 FROM spent

@@ -1,7 +1,7 @@
 """events outbox and outgoing webhooks: events, endpoints, deliveries; per-account sequence
 
 Revision ID: 20261205_events
-Revises: 20261204_reservations
+Revises: 20261205_owed_uses
 Create Date: 2026-12-05 08:00:00
 
 - `events`: the transactional outbox (one row per event, in the transaction of its change).
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "20261205_events"
-down_revision: str | None = "20261204_reservations"
+down_revision: str | None = "20261205_owed_uses"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
