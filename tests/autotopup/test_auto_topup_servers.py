@@ -97,6 +97,12 @@ async def drain_with_50_concurrent_charges(base: str, key: str) -> list[int]:
     return [r.status_code for r in answers]
 
 
+def report_delay(drained: float) -> None:
+    """A figure, not an assertion: from the drained balance to the top-up's uses credited
+    (the job's tick, the provider, the webhook; JOBS_POLL_SECONDS=1)."""
+    print(f"\nauto top-up credited {time.monotonic() - drained:.1f} s after the drain")
+
+
 def available(base: str, key: str) -> int:
     body = httpx.post(
         f"{base}/v1/billing/credits/check",
@@ -164,7 +170,9 @@ def test_sandbox_50_concurrent_charges_make_exactly_one_topup(
 
         save_card(base, key, pay)
         statuses = asyncio.run(drain_with_50_concurrent_charges(base, key))
+        drained = time.monotonic()
         wait_for("the top-up's credit", lambda: available(base, key) == 20)
+        report_delay(drained)
 
     assert_one_topup_credited_once(fresh_database, env, statuses)
 
@@ -210,7 +218,9 @@ def test_stripe_50_concurrent_charges_make_exactly_one_topup(
 
         save_card(base, key, pay)
         statuses = asyncio.run(drain_with_50_concurrent_charges(base, key))
+        drained = time.monotonic()
         wait_for("the top-up's credit", lambda: available(base, key) == 20)
+        report_delay(drained)
 
     topup = assert_one_topup_credited_once(fresh_database, env, statuses)
     intent = localstripe.retrieve(topup.payment_id)
