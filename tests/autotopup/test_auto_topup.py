@@ -429,3 +429,29 @@ async def test_the_cli_twins(api: Api) -> None:
     refused = cli(env, "auto-topup", "on", f"oauth:google/{who}")
     assert refused.returncode == 1
     assert "auto_topup_needs_card" in refused.stderr
+
+
+async def test_an_erased_account_forgets_its_card_and_is_never_topped_up(api: Api) -> None:
+    who = user()
+    await buy_saving_card(api, who)
+    card = await settings_row(api, who)
+
+    erased = await api.http.delete(
+        f"/v1/billing/accounts/oauth:google/{who}", headers=api.headers("admin")
+    )
+    assert erased.status_code == 200, erased.text
+
+    async with api.engine.connect() as conn:
+        row = (
+            await conn.execute(
+                select(auto_topup_settings).where(
+                    auto_topup_settings.c.account_id == card.account_id
+                )
+            )
+        ).one()
+    assert (row.enabled, row.payment_method_id, row.card_last4, row.disabled_reason) == (
+        False,
+        None,
+        None,
+        "account_erased",
+    )

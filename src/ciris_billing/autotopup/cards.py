@@ -169,3 +169,20 @@ async def remove_card(work: UnitOfWork, provider: PaymentProvider, account_id: s
         )
     )
     log.info("auto_topup_card_removed", account_id=account_id)
+
+
+async def forget_on_erasure(conn: AsyncConnection, account_id: str) -> None:
+    """An erased account is never charged again: auto top-up off and the card's ids, brand and
+    last 4 forgotten (in the erasure's transaction, after the account's row: the lock order)."""
+    await conn.execute(
+        auto_topup_settings.update()
+        .where(auto_topup_settings.c.account_id == account_id)
+        .values(
+            enabled=False,
+            payment_method_id=None,
+            card_brand=None,
+            card_last4=None,
+            disabled_reason="account_erased",
+            updated_at=utcnow(),
+        )
+    )
