@@ -97,7 +97,10 @@ async def delete_endpoint(endpoint_id: EndpointId, work: UnitOfWorkDep, _key: Ad
 
 
 @router.post(
-    "/{endpoint_id}/rotate_secret", response_model=WebhookEndpointCreated, responses=NOT_FOUND
+    "/{endpoint_id}/rotate_secret",
+    response_model=WebhookEndpointCreated,
+    # 409: an Idempotency-Key reused for another request (the fuzz test found it undeclared).
+    responses={**NOT_FOUND, **error_responses(409)},
 )
 async def rotate_secret(
     endpoint_id: EndpointId,
