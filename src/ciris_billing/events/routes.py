@@ -99,8 +99,7 @@ async def delete_endpoint(endpoint_id: EndpointId, work: UnitOfWorkDep, _key: Ad
 @router.post(
     "/{endpoint_id}/rotate_secret",
     response_model=WebhookEndpointCreated,
-    # 409: an Idempotency-Key reused for another request (the fuzz test found it undeclared).
-    responses={**NOT_FOUND, **error_responses(409)},
+    responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "Idempotency key reused"}},
 )
 async def rotate_secret(
     endpoint_id: EndpointId,
