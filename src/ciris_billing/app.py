@@ -46,7 +46,7 @@ from ciris_billing.payments.providers import get_payment_provider
 from ciris_billing.payments.routes import router as payments_router
 from ciris_billing.payments.sandbox_routes import router as sandbox_router
 from ciris_billing.pricing import Pricing
-from ciris_billing.ratelimit import TokenBuckets
+from ciris_billing.ratelimit import Limiter, SharedBuckets, SharedStore, TokenBuckets
 from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 from ciris_billing.webhooks.routes import router as webhooks_router
@@ -119,6 +119,9 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
                 )
 
         provider = get_payment_provider(settings, engine, installation, deliver)
+        shared, key_limits, account_limits = rate_limits(settings)
+        if shared is not None:
+            await shared.warm_up()
         state = AppState(
             settings=settings,
             engine=engine,
@@ -128,13 +131,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             keys=KeyStore(engine, settings.api_key_cache_seconds),
             provider=provider,
             link_secret=installation.checkout_link_secret,
-            key_limits=TokenBuckets(
-                settings.rate_limit_key_per_second, 2 * settings.rate_limit_key_per_second
-            ),
-            account_limits=TokenBuckets(
-                settings.rate_limit_account_per_minute / 60,
-                settings.rate_limit_account_per_minute / 6,
-            ),
+            key_limits=key_limits,
+            account_limits=account_limits,
             secrets=installation,
         )
         app.state.billing = state
@@ -153,6 +151,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
                 yield
         finally:
             gc.unfreeze()
+            if shared is not None:
+                await shared.close()
             await provider.aclose()
             await statements.close()
             await engine.dispose()
@@ -178,6 +178,28 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     _add_error_handlers(app)
     app.serve_edge(hot_path)
     return app
+
+
+def rate_limits(settings: Settings) -> tuple[SharedStore | None, Limiter, Limiter]:
+    """The per-key and per-account limits: shared through Redis with REDIS_URL, else per
+    process (ratelimit.py). Returns the shared store too (to be closed), or None."""
+    key_rate = settings.rate_limit_key_per_second
+    account_rate = settings.rate_limit_account_per_minute / 60
+    account_burst = settings.rate_limit_account_per_minute / 6
+    if settings.redis_url is None:
+        log.info("rate_limits", store="process")
+        return (
+            None,
+            TokenBuckets(key_rate, 2 * key_rate),
+            TokenBuckets(account_rate, account_burst),
+        )
+    shared = SharedStore.open(settings.redis_url.get_secret_value())
+    log.info("rate_limits", store="redis")
+    return (
+        shared,
+        SharedBuckets(shared, "key", key_rate, 2 * key_rate),
+        SharedBuckets(shared, "account", account_rate, account_burst, hashed=True),
+    )
 
 
 def announce_provider(name: str) -> None:

@@ -28,7 +28,7 @@ from ciris_billing.config import Settings, host_name
 from ciris_billing.installation import InstallationSecrets
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
-from ciris_billing.ratelimit import TokenBuckets
+from ciris_billing.ratelimit import Limiter
 from ciris_billing.unit_of_work import UnitOfWork, unit_of_work
 
 
@@ -42,8 +42,8 @@ class AppState:
     keys: KeyStore
     provider: PaymentProvider
     link_secret: bytes
-    key_limits: TokenBuckets
-    account_limits: TokenBuckets
+    key_limits: Limiter
+    account_limits: Limiter
     secrets: InstallationSecrets
 
     def public_base_url(self, request: Request) -> str:
@@ -114,7 +114,7 @@ async def authorize(state: AppState, headers: Any, scope: str) -> Principal:
 
 async def authorize_key(state: AppState, key: str | None, scope: str) -> Principal:
     principal = await state.keys.authenticate(key, scope)
-    state.key_limits.check(principal.key_id, "API key")
+    await state.key_limits.check(principal.key_id, "API key")
     return principal
 
 

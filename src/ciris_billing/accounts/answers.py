@@ -35,7 +35,7 @@ REPLAYED = {"Idempotent-Replayed": "true"}
 async def check(state: AppState, body: CreditCheck) -> Response:
     """May this user go on? Creates the account (with its free uses) on first sight."""
     identity = Identity(body.oauth_provider, body.external_id)
-    state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
+    await state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
     status = await checks.check_credit(state.account_reader, state.engine, identity, state.pricing)
     CREDIT_CHECKS.labels("true" if status.purchase_required else "false").inc()
     answer: dict[str, Any] = {
@@ -65,7 +65,7 @@ async def charge(
     `principal` is the authenticated API key: its idempotency keys are its own."""
     key = idempotency.resolve_key(key_header, body.idempotency_key)
     identity = Identity(body.oauth_provider, body.external_id)
-    state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
+    await state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
     currency = body.currency or state.pricing.currency
     fingerprint = None
     if key is not None:

@@ -92,7 +92,7 @@ async def create_reservation(
     """Hold uses for an interaction whose cost is known only at its end (free uses first)."""
     key = idempotency.resolve_key(idempotency_key)
     identity = identity_of(body)
-    state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
+    await state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
     if await service.find_account(await work.connection(), identity) is None:
         # As a check would: in a unit of work of its own (committed), so the account stays even
         # when this hold is refused. Safe when first requests race (ensure_account).
