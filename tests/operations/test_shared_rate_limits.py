@@ -125,10 +125,6 @@ async def test_account_limit_holds_across_two_instances_and_fails_open_without_r
         assert len(limited) >= 60 - 4 * ACCOUNT_BURST - let_through
         assert limited[0].json()["error"] == "rate_limited"
         assert int(limited[0].headers["Retry-After"]) >= 1
-        assert {a.request.url.port for a in allowed} == {
-            httpx.URL(one).port,
-            httpx.URL(two).port,
-        }, "both instances answered"
 
         # Redis stops: the exhausted account is served again (limits fail open), counted.
         redis_server.stop()
