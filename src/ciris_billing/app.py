@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,6 +56,9 @@ from ciris_billing.webhooks.routes import router as webhooks_router
 # wait and go out batched (lanes.py). Measured for charges at 64 connections: 2, 4 and 10
 # lanes gave the same throughput, 4 the lowest p99 at 8 connections.
 LANES = 4
+# /health answers 503 rather than wait longer than this for the database (a load balancer's
+# health check must not hang while a connection attempt times out).
+HEALTH_TIMEOUT_SECONDS = 3
 
 
 class BillingApp(FastAPI):
@@ -221,12 +225,24 @@ def _add_operational_routes(app: FastAPI) -> None:
         responses={503: {"description": "The database is unreachable"}},
     )
     async def health(state: StateDep) -> Response:
-        """Liveness and database reachability (no API key needed)."""
+        """Liveness and database reachability (no API key needed): 503 while the database
+        cannot be reached within HEALTH_TIMEOUT_SECONDS, or answers read-only (a standby, or a
+        primary a failover demoted: no write would succeed there)."""
         try:
-            async with state.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except (DBAPIError, OSError, PoolTimeout, asyncpg.InterfaceError):
-            return json_response(503, {"status": "unavailable", "database": "unreachable"})
+            async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS), state.engine.connect() as conn:
+                read_only = await conn.scalar(
+                    text("SELECT current_setting('transaction_read_only')")
+                )
+                if read_only == "on":
+                    await conn.invalidate()  # not back to the pool: no write would work on it
+        except (DBAPIError, OSError, PoolTimeout, asyncpg.InterfaceError, TimeoutError):
+            return json_response(
+                503, {"status": "unavailable", "database": "unreachable"}, {"Retry-After": "1"}
+            )
+        if read_only == "on":
+            return json_response(
+                503, {"status": "unavailable", "database": "read_only"}, {"Retry-After": "1"}
+            )
         return json_response(200, {"status": "ok", "database": "ok", "version": __version__})
 
     @app.get("/metrics", tags=["operations"], include_in_schema=False)
