@@ -107,14 +107,25 @@ def authenticated(scope: Any, required: str) -> Principal | None:
     return None
 
 
-async def authorize(state: AppState, headers: Any, scope: str) -> Principal:
-    """The request's API key, which must hold `scope`; then the key's rate limit."""
-    return await authorize_key(state, presented_key(headers), scope)
+# The scope key the edge sets when it authenticated a request for a hot route (credit check,
+# charge) without taking the API key's rate limit: the fast path takes it together with the
+# account's (one Redis round trip); if the request goes on to the framework instead, the
+# route's key dependency takes it. Whoever takes it pops it: once per request.
+KEY_LIMIT_DUE = "ciris_billing.key_limit_due"
 
 
-async def authorize_key(state: AppState, key: str | None, scope: str) -> Principal:
+async def authorize(state: AppState, headers: Any, scope: str, *, limit: bool = True) -> Principal:
+    """The request's API key, which must hold `scope`; then (unless `limit` is False: the
+    caller takes it later) the key's rate limit."""
+    return await authorize_key(state, presented_key(headers), scope, limit=limit)
+
+
+async def authorize_key(
+    state: AppState, key: str | None, scope: str, *, limit: bool = True
+) -> Principal:
     principal = await state.keys.authenticate(key, scope)
-    await state.key_limits.check(principal.key_id, "API key")
+    if limit:
+        await state.key_limits.check(principal.key_id, "API key")
     return principal
 
 
@@ -131,6 +142,8 @@ def require(scope: str) -> Any:
     ) -> Principal:
         principal = authenticated(request.scope, scope)
         if principal is not None:
+            if request.scope.pop(KEY_LIMIT_DUE, False):
+                await state.key_limits.check(principal.key_id, "API key")
             return principal
         return await authorize_key(state, chosen_key(api_key, bearer), scope)
 

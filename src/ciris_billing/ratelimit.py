@@ -28,6 +28,7 @@ import hashlib
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -134,6 +135,8 @@ class TokenBuckets:
 
 
 _Taker = tuple[str, float, float, "asyncio.Future[int]"]
+# A bucket to take from: its name, rate, burst and the limit it belongs to (for the metric).
+Take = tuple[str, float, float, str]
 
 
 class SharedStore:
@@ -180,21 +183,30 @@ class SharedStore:
         except (RedisError, OSError, TimeoutError) as exc:
             self._fail_open("startup", exc)
 
-    async def take(self, bucket: str, rate: float, burst: float, limit: str) -> float | None:
-        """Spend one token of `bucket`: None if allowed (or failing open), else the seconds
-        until one is there."""
+    async def take(self, takes: Sequence[Take]) -> list[float | None]:
+        """Spend one token of each bucket, in order, in one round trip: for each, None if
+        allowed (or failing open), else the seconds until one is there."""
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[int] = loop.create_future()
-        self._waiting.append((bucket, rate, burst, answer))
-        if len(self._waiting) == 1:  # the first of this turn: send them all at its end
+        answers: list[asyncio.Future[int]] = []
+        for bucket, rate, burst, _limit in takes:
+            answer: asyncio.Future[int] = loop.create_future()
+            self._waiting.append((bucket, rate, burst, answer))
+            answers.append(answer)
+        if len(self._waiting) == len(takes):  # the first of this turn: send all at its end
             loop.call_soon(self._send_waiting)
         try:
             async with asyncio.timeout(STORE_TIMEOUT_SECONDS):
-                wait_ms = await answer
+                waits = [await answer for answer in answers]
         except (RedisError, OSError, TimeoutError) as exc:
-            self._fail_open(limit, exc)
-            return None
-        return wait_ms / 1000 if wait_ms else None
+            for answer in answers:  # no longer awaited: their outcome is dropped
+                if not answer.done():
+                    answer.cancel()
+                elif not answer.cancelled():
+                    answer.exception()  # retrieved (else asyncio logs it as never retrieved)
+            for *_, limit in takes:
+                self._fail_open(limit, exc)
+            return [None] * len(takes)
+        return [wait_ms / 1000 if wait_ms else None for wait_ms in waits]
 
     def _send_waiting(self) -> None:
         batch, self._waiting = self._waiting, []
@@ -256,11 +268,34 @@ class SharedBuckets:
     def enabled(self) -> bool:
         return self.rate > 0
 
-    async def check(self, key: str, what: str) -> None:
-        if not self.enabled:
-            return
+    def bucket(self, key: str) -> Take:
         if self.hashed:
             key = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-        wait = await self.store.take(self._prefix + key, self.rate, self.burst, self.name)
-        if wait is not None:
-            raise _refuse(wait, what)
+        return (self._prefix + key, self.rate, self.burst, self.name)
+
+    async def check(self, key: str, what: str) -> None:
+        if self.enabled:
+            [wait] = await self.store.take([self.bucket(key)])
+            if wait is not None:
+                raise _refuse(wait, what)
+
+
+async def check_all(checks: Sequence[tuple[Limiter, str, str]]) -> None:
+    """Each (limit, key, what) in order; RateLimited for the first that refuses. Shared limits
+    on one store are taken in one round trip (the hot path's API key and account limits: one
+    Redis call per request, not two)."""
+    checks = [check for check in checks if check[0].enabled]
+    stores = {limit.store for limit, _, _ in checks if isinstance(limit, SharedBuckets)}
+    if (
+        len(checks) > 1
+        and len(stores) == 1
+        and all(isinstance(c[0], SharedBuckets) for c in checks)
+    ):
+        takes = [limit.bucket(key) for limit, key, _ in checks]  # type: ignore[attr-defined]
+        waits = await stores.pop().take(takes)
+        for (_limit, _key, what), wait in zip(checks, waits, strict=True):
+            if wait is not None:
+                raise _refuse(wait, what)
+        return
+    for limit, key, what in checks:
+        await limit.check(key, what)
