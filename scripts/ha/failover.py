@@ -181,11 +181,25 @@ def log(message: str) -> None:
 
 
 async def create_database(cluster: Cluster) -> None:
-    conn = await asyncpg.connect(cluster.database_url.rsplit("/", 1)[0] + "/postgres", timeout=10)
-    try:
-        await conn.execute("CREATE DATABASE billing")
-    finally:
-        await conn.close()
+    """CREATE DATABASE through HAProxy, once it routes to the leader (just started, it may
+    still try the standby until that node's first health check has failed)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            conn = await asyncpg.connect(
+                cluster.database_url.rsplit("/", 1)[0] + "/postgres", timeout=5
+            )
+            try:
+                if not await conn.fetchval("SELECT pg_is_in_recovery()"):
+                    await conn.execute("CREATE DATABASE billing")
+                    return
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("HAProxy did not route to the leader within 30 s")
+        await asyncio.sleep(0.5)
 
 
 async def create_users(http: httpx.AsyncClient, key: str) -> list[dict[str, str]]:
