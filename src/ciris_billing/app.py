@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ciris_billing import __version__
 from ciris_billing.accounts.admin_routes import router as admin_router
 from ciris_billing.accounts.hot.asgi import HotPath
+from ciris_billing.accounts.hot.holds import CaptureStore, HoldStore
 from ciris_billing.accounts.hot.pool import StatementPool
 from ciris_billing.accounts.hot.reader import AccountReader
 from ciris_billing.accounts.hot.writer import ChargeStore
@@ -29,11 +30,12 @@ from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.auth import KeyStore
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
-from ciris_billing.db import create_engine
+from ciris_billing.db import create_engine, session_settings
 from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.edge import RouteGate
 from ciris_billing.errors import error_responses
 from ciris_billing.errors_http import RENDERED, error_response
+from ciris_billing.events.routes import router as webhook_endpoints_router
 from ciris_billing.installation import load as load_installation_secrets
 from ciris_billing.jobs import running_jobs
 from ciris_billing.observability import (
@@ -105,7 +107,9 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
-        statements = await StatementPool.open(engine, settings.db_pool_size)
+        statements = await StatementPool.open(
+            engine, settings.db_pool_size, session_settings(settings)
+        )
         lanes = min(LANES, settings.db_pool_size)
         # Stored once per installation: every worker, instance and restart gets the same.
         installation = await load_installation_secrets(engine, settings)
@@ -131,6 +135,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             engine=engine,
             account_reader=AccountReader(statements, lanes),
             charge_store=ChargeStore(statements, lanes),
+            hold_store=HoldStore(statements, lanes),
+            capture_store=CaptureStore(statements, lanes),
             pricing=Pricing.from_settings(settings),
             keys=KeyStore(engine, settings.api_key_cache_seconds),
             provider=provider,
@@ -177,6 +183,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(payments_router)
     app.include_router(sandbox_router)
     app.include_router(webhooks_router)
+    app.include_router(webhook_endpoints_router)
     app.include_router(checkout_router)
     _add_operational_routes(app)
     _add_error_handlers(app)

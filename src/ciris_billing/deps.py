@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import idempotency
+from ciris_billing.accounts.hot.holds import CaptureStore, HoldStore
 from ciris_billing.accounts.hot.reader import AccountReader
 from ciris_billing.accounts.hot.writer import ChargeStore
 from ciris_billing.auth import (
@@ -28,7 +29,7 @@ from ciris_billing.config import Settings, host_name
 from ciris_billing.installation import InstallationSecrets
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
-from ciris_billing.ratelimit import Limiter
+from ciris_billing.ratelimit import Limiter, check_all
 from ciris_billing.unit_of_work import UnitOfWork, unit_of_work
 
 
@@ -38,6 +39,8 @@ class AppState:
     engine: AsyncEngine
     account_reader: AccountReader  # the one credit reader (hot path)
     charge_store: ChargeStore  # the one charge store (hot path)
+    hold_store: HoldStore  # holds without an idempotency key (hot path)
+    capture_store: CaptureStore  # captures without an idempotency key (hot path)
     pricing: Pricing
     keys: KeyStore
     provider: PaymentProvider
@@ -127,6 +130,23 @@ async def authorize_key(
     if limit:
         await state.key_limits.check(principal.key_id, "API key")
     return principal
+
+
+async def take_limits(
+    state: AppState, oauth_provider: str, external_id: str, key_limit_due: str | None
+) -> None:
+    """The account's rate limit, and the API key's (`key_limit_due`: its id) when the edge left
+    it to be taken here (KEY_LIMIT_DUE): both in one round trip to a shared store."""
+    account = f"{oauth_provider}/{external_id}"
+    if key_limit_due is None:
+        await state.account_limits.check(account, "account")
+    else:
+        await check_all(
+            [
+                (state.key_limits, key_limit_due, "API key"),
+                (state.account_limits, account, "account"),
+            ]
+        )
 
 
 def require(scope: str) -> Any:

@@ -23,35 +23,19 @@ from ciris_billing.accounts.schemas import ChargeCreate, CreditCheck
 from ciris_billing.accounts.service import Identity
 from ciris_billing.auth import Principal
 from ciris_billing.checkout.links import buy_token, buy_url
-from ciris_billing.deps import AppState, json_response
+from ciris_billing.deps import AppState, json_response, take_limits
 from ciris_billing.errors import PurchaseRequired
 from ciris_billing.observability import CHARGES, CREDIT_CHECKS, log
-from ciris_billing.ratelimit import check_all
 
 CHECK_ROUTE = "/v1/billing/credits/check"
 CHARGE_ROUTE = "/v1/billing/charges"
 REPLAYED = {"Idempotent-Replayed": "true"}
 
 
-async def _take_limits(state: AppState, identity: Identity, key_limit_due: str | None) -> None:
-    """The account's rate limit, and the API key's (`key_limit_due`: its id) when the edge left
-    it to be taken here (deps.KEY_LIMIT_DUE): both in one round trip to a shared store."""
-    account = f"{identity.oauth_provider}/{identity.external_id}"
-    if key_limit_due is None:
-        await state.account_limits.check(account, "account")
-    else:
-        await check_all(
-            [
-                (state.key_limits, key_limit_due, "API key"),
-                (state.account_limits, account, "account"),
-            ]
-        )
-
-
 async def check(state: AppState, body: CreditCheck, key_limit_due: str | None = None) -> Response:
     """May this user go on? Creates the account (with its free uses) on first sight."""
     identity = Identity(body.oauth_provider, body.external_id)
-    await _take_limits(state, identity, key_limit_due)
+    await take_limits(state, identity.oauth_provider, identity.external_id, key_limit_due)
     status = await checks.check_credit(state.account_reader, state.engine, identity, state.pricing)
     CREDIT_CHECKS.labels("true" if status.purchase_required else "false").inc()
     answer: dict[str, Any] = {
@@ -82,7 +66,7 @@ async def charge(
     `principal` is the authenticated API key: its idempotency keys are its own."""
     key = idempotency.resolve_key(key_header, body.idempotency_key)
     identity = Identity(body.oauth_provider, body.external_id)
-    await _take_limits(state, identity, key_limit_due)
+    await take_limits(state, identity.oauth_provider, identity.external_id, key_limit_due)
     currency = body.currency or state.pricing.currency
     fingerprint = None
     if key is not None:

@@ -19,9 +19,16 @@ from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.db import accounts, disputes, insert_or_ignore, new_id, purchases, utcnow
+from ciris_billing.events.outbox import (
+    DISPUTE_CLOSED,
+    DISPUTE_OPENED,
+    record_available_change,
+    record_event,
+)
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
 from ciris_billing.payments.providers.base import Dispute
+from ciris_billing.payments.refunds import owed_from_holds
 
 
 async def apply_dispute(conn: AsyncConnection, provider: str, dispute: Dispute) -> str:
@@ -72,7 +79,7 @@ async def apply_dispute(conn: AsyncConnection, provider: str, dispute: Dispute) 
 async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase: Row[Any]) -> None:
     account = (
         await conn.execute(
-            select(accounts.c.paid_uses_remaining)
+            select(accounts.c.paid_uses_remaining, accounts.c.reserved_paid_uses)
             .where(accounts.c.id == purchase.account_id)
             .with_for_update()
         )
@@ -80,6 +87,9 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
     # Uses another open or lost dispute of this purchase already covers are not held twice.
     unused = int(purchase.uses) - int(purchase.uses_refunded) - await _claimed(conn, purchase)
     hold = max(0, min(unused, int(account.paid_uses_remaining)))
+    # Held uses are never taken (a hold is a promise): those of the purchase's unused uses that
+    # reservations hold are remembered, for a lost dispute to take back like a refund.
+    reserved = max(0, min(unused - hold, int(account.reserved_paid_uses)))
     inserted = await conn.execute(
         insert_or_ignore(disputes)
         .values(
@@ -89,6 +99,7 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
             purchase_id=purchase.id,
             state="open",
             held_uses=hold,
+            reserved_uses=reserved,
             created_at=utcnow(),
             closed_at=None,
         )
@@ -106,15 +117,36 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
         external_transaction_id=f"{dispute.dispute_id}:hold",
         description=f"Held while dispute {dispute.dispute_id} is open",
     ):
-        await conn.execute(
-            accounts.update()
-            .where(accounts.c.id == purchase.account_id)
-            .values(
-                paid_uses_remaining=accounts.c.paid_uses_remaining - hold,
-                held_uses=accounts.c.held_uses + hold,
-                updated_at=utcnow(),
+        changed = (
+            await conn.execute(
+                accounts.update()
+                .where(accounts.c.id == purchase.account_id)
+                .values(
+                    paid_uses_remaining=accounts.c.paid_uses_remaining - hold,
+                    held_uses=accounts.c.held_uses + hold,
+                    updated_at=utcnow(),
+                )
+                .returning(*accounts.c)
             )
+        ).one()
+        # Once: only the transaction that inserted the dispute (and its hold) gets here.
+        await record_event(
+            conn,
+            purchase.account_id,
+            DISPUTE_OPENED,
+            {**_dispute_data(dispute.dispute_id, purchase), "state": "open", "held_uses": hold},
         )
+        await record_available_change(conn, changed, -hold)
+
+
+def _dispute_data(dispute_id: str, purchase: Row[Any]) -> dict[str, Any]:
+    return {
+        "dispute_id": dispute_id,
+        "purchase_id": purchase.id,
+        "payment_id": purchase.payment_id,
+        "amount_minor": int(purchase.amount_minor),
+        "currency": purchase.currency,
+    }
 
 
 async def _claimed(conn: AsyncConnection, purchase: Row[Any], but: str | None = None) -> int:
@@ -140,26 +172,63 @@ async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row
         unrefunded = int(purchase.uses) - int(purchase.uses_refunded) - others
         released = max(0, min(held, unrefunded))
     kept = held - released if state == "won" else 0
+    taken, shortfall, owe = 0, 0, 0
+    if state == "lost" and int(row.reserved_uses):
+        # The uses reservations held when the dispute opened go back like a refund's: what is
+        # available now is taken, the rest is shortfall, owed while holds still have it.
+        # Safe: the account's row is locked until commit (lock order: purchase, account).
+        account = (
+            await conn.execute(
+                select(
+                    accounts.c.paid_uses_remaining,
+                    accounts.c.reserved_paid_uses,
+                    accounts.c.refund_owed_uses,
+                )
+                .where(accounts.c.id == account_id)
+                .with_for_update()
+            )
+        ).one()
+        due = int(row.reserved_uses)
+        taken = min(due, int(account.paid_uses_remaining))
+        shortfall = due - taken
+        owe = owed_from_holds(account, shortfall)
+    notes = f"; {kept} held uses not released: refunded during the dispute" if kept else ""
+    if state == "lost" and int(row.reserved_uses):
+        notes += f"; {taken} uses held by reservations at its opening taken back"
+        notes += f", {shortfall} short ({owe} owed by holds)" if shortfall else ""
     if await write_credit(
         conn,
         account_id=account_id,
         kind=f"dispute_{state}",
         currency=purchase.currency,
-        paid=released,
+        paid=released - taken,
         held=-held,
+        shortfall=shortfall,
         external_transaction_id=f"{dispute_id}:{state}",
-        description=f"Dispute {dispute_id} {state}"
-        + (f"; {kept} held uses not released: refunded during the dispute" if kept else ""),
+        description=f"Dispute {dispute_id} {state}{notes}"[:500],
     ):
         await conn.execute(
             accounts.update()
             .where(accounts.c.id == account_id)
             .values(
-                paid_uses_remaining=accounts.c.paid_uses_remaining + released,
+                paid_uses_remaining=accounts.c.paid_uses_remaining + released - taken,
                 held_uses=accounts.c.held_uses - held,
+                refund_owed_uses=accounts.c.refund_owed_uses + owe,
                 updated_at=utcnow(),
             )
         )
     await conn.execute(
         disputes.update().where(disputes.c.id == row.id).values(state=state, closed_at=utcnow())
+    )
+    # Once: the dispute's row is locked (apply_dispute) and only an open one is closed.
+    await record_event(
+        conn,
+        account_id,
+        DISPUTE_CLOSED,
+        {
+            **_dispute_data(dispute_id, purchase),
+            "state": state,
+            "held_uses": held,
+            "released_uses": released,
+        },
     )

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.db import accounts, credits, disputes, purchases, utcnow
 from ciris_billing.errors import RefundExceedsPayment, RefundNotAllowed
+from ciris_billing.events.outbox import REFUND_SUCCEEDED, record_available_change, record_event
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
 from ciris_billing.payments.providers.base import PaymentProvider
@@ -106,7 +107,11 @@ async def apply_refunded_total(
     uses_due = uses_target - int(purchase.uses_refunded)
     account = (
         await conn.execute(
-            select(accounts.c.paid_uses_remaining)
+            select(
+                accounts.c.paid_uses_remaining,
+                accounts.c.reserved_paid_uses,
+                accounts.c.refund_owed_uses,
+            )
             .where(accounts.c.id == purchase.account_id)
             .with_for_update()
         )
@@ -119,6 +124,9 @@ async def apply_refunded_total(
     # belongs to another purchase, so nothing is taken and the uses are recorded as shortfall.
     take = 0 if claiming else min(uses_due, int(account.paid_uses_remaining))
     shortfall = uses_due - take
+    # Of the shortfall, what reservations hold may still come back (a release or an expiry
+    # instead of a capture): owed, and paid off before those uses return (reservations.py).
+    owe = 0 if claiming else owed_from_holds(account, shortfall)
     amount = total - int(purchase.refunded_minor)
     recorded = await write_credit(
         conn,
@@ -134,11 +142,18 @@ async def apply_refunded_total(
     if not recorded:
         return None
     now = utcnow()
-    await conn.execute(
-        accounts.update()
-        .where(accounts.c.id == purchase.account_id)
-        .values(paid_uses_remaining=accounts.c.paid_uses_remaining - take, updated_at=now)
-    )
+    account = (
+        await conn.execute(
+            accounts.update()
+            .where(accounts.c.id == purchase.account_id)
+            .values(
+                paid_uses_remaining=accounts.c.paid_uses_remaining - take,
+                refund_owed_uses=accounts.c.refund_owed_uses + owe,
+                updated_at=now,
+            )
+            .returning(*accounts.c)
+        )
+    ).one()
     await conn.execute(
         purchases.update()
         .where(purchases.c.id == purchase.id)
@@ -158,7 +173,32 @@ async def apply_refunded_total(
         shortfall_uses=shortfall,
         source=source,
     )
+    # Once per refunded amount: only the transaction whose ledger row was inserted gets here.
+    await record_event(
+        conn,
+        purchase.account_id,
+        REFUND_SUCCEEDED,
+        {
+            "purchase_id": purchase.id,
+            "payment_id": purchase.payment_id,
+            "amount_minor": amount,
+            "currency": purchase.currency,
+            "refunded_total_minor": total,
+            "uses_reversed": take,
+            "shortfall_uses": shortfall,
+            "source": source,
+        },
+    )
+    await record_available_change(conn, account, -take)
     return RefundApplied(amount, take, shortfall)
+
+
+def owed_from_holds(account: Any, shortfall: int) -> int:
+    """Of `shortfall` uses a refund or a lost dispute could not take, those reservations hold
+    and that are not owed already (never more than the reserved paid uses). `account`: its
+    row, locked by the caller."""
+    room = int(account.reserved_paid_uses) - int(account.refund_owed_uses)
+    return max(0, min(shortfall, room))
 
 
 def _shortfall_note(shortfall: int, claiming: list[Row[Any]]) -> str:
@@ -170,7 +210,7 @@ def _shortfall_note(shortfall: int, claiming: list[Row[Any]]) -> str:
             f"; {shortfall} uses not taken: dispute {dispute.dispute_id} is {dispute.state}"
             " (its hold covers the purchase's unused uses)"
         )
-    return f"; {shortfall} uses already spent"
+    return f"; {shortfall} uses already spent or held by reservations"
 
 
 async def refund_totals(conn: AsyncConnection, purchase: Row[Any]) -> tuple[int, int]:
