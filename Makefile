@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv run test lint test-e2e-python test-local bench soak clean
+.PHONY: venv run test lint test-e2e-python test-local test-ha bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ E2E_TESTS := tests/e2e/test_guide_flow.py tests/payments/test_purchases_sandbox.
 	tests/checkout/test_buy_link.py tests/client/test_client.py
 test-e2e-python: venv
 	$(BIN)/pytest $(E2E_TESTS)
+
+## A real PostgreSQL failover under load, all on 127.0.0.1 (scripts/ha/): etcd, two Patroni
+## nodes in synchronous mode, HAProxy (database -> leader, HTTP -> 3 instances), Redis; kills the
+## leader's postgres, then its Patroni, then an instance; prints a summary (acknowledged but
+## lost must be 0). Under 5 minutes; apt-installs etcd/patroni/haproxy/redis if missing.
+test-ha: venv
+	scripts/ha/test-ha
 
 ## Throughput and latency of the hot path against PostgreSQL's own limit (prints a table).
 bench: venv

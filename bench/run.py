@@ -134,8 +134,13 @@ SERVICE_SETTINGS = {
 }
 
 
-def service_env(db: str, metrics_dir: str | None = None) -> dict[str, str]:
+def service_env(
+    db: str, metrics_dir: str | None = None, redis_url: str | None = None
+) -> dict[str, str]:
     env = dict(os.environ, DATABASE_URL=f"{PG_SERVER}/{db}", **SERVICE_SETTINGS)
+    env.pop("REDIS_URL", None)  # per-process limits unless asked (--redis-url)
+    if redis_url:
+        env["REDIS_URL"] = redis_url
     if metrics_dir:
         env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     return env
@@ -478,6 +483,35 @@ def service(
     return rows, hot
 
 
+# --redis-url: the hot scenarios again with the rate limits in Redis (shared across workers),
+# against the same scenarios with per-process limits, both measured here, one after the other.
+SHARED_LIMITS = (("(a) check, random", "check"), ("(b) charge, random", "charge"))
+
+
+def shared_limits(key: str, duration: int, redis_url: str) -> list[Row]:
+    """(a) and (b), each without and then with REDIS_URL, in turns (the machine's speed drifts
+    between minutes: adjacent measurements compare best)."""
+    rows: list[Row] = []
+    for name, mode in SHARED_LIMITS:
+        for c in CONNECTIONS:
+            for label, redis in (("per process", None), ("REDIS_URL", redis_url)):
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                with (
+                    tempfile.TemporaryDirectory() as metrics,
+                    serving(
+                        service_command(port), service_env(DB, metrics, redis), f"{url}/health"
+                    ) as pid,
+                ):
+                    wrk("warm-up", url, key, mode, 64, 2, pid)
+                    row = wrk(f"{name}, limits {label}", url, key, mode, c, duration, pid)
+                if redis is not None:
+                    row.ratio = f"{row.rps / rows[-1].rps:.2f} x per process"
+                rows.append(row)
+                print_row(row)
+    return rows
+
+
 def audit(db: str) -> str:
     command = [str(BIN / "ciris-billing"), "audit"]
     done = subprocess.run(  # noqa: S603 (our own venv's program)
@@ -667,6 +701,10 @@ def main() -> None:
     parser.add_argument(
         "--growth-requests", type=int, default=1_000_000, help="charges before the last RSS reading"
     )
+    parser.add_argument(
+        "--redis-url",
+        help="also run (a) and (b) with this REDIS_URL (rate limits shared) and without, in turns",
+    )
     args = parser.parse_args()
     duration = 3 if args.quick else args.duration
     command = " ".join([".venv/bin/python bench/run.py", *sys.argv[1:]])
@@ -687,6 +725,9 @@ def main() -> None:
         refs = references(duration)
         print("The service (ciris-billing serve --workers 2):", flush=True)
         rows, hot = service(key, duration, refs, args.idempotency)
+        if args.redis_url:
+            print("Rate limits per process, then in Redis (REDIS_URL):", flush=True)
+            rows += shared_limits(key, duration, args.redis_url)
         audited = audit(DB)
         if args.growth:
             print("Growth (1M accounts; long) ...", flush=True)

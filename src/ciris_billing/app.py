@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -49,7 +50,7 @@ from ciris_billing.payments.providers import get_payment_provider
 from ciris_billing.payments.routes import router as payments_router
 from ciris_billing.payments.sandbox_routes import router as sandbox_router
 from ciris_billing.pricing import Pricing
-from ciris_billing.ratelimit import TokenBuckets
+from ciris_billing.ratelimit import Limiter, SharedBuckets, SharedStore, TokenBuckets
 from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 from ciris_billing.webhooks.routes import router as webhooks_router
@@ -58,6 +59,9 @@ from ciris_billing.webhooks.routes import router as webhooks_router
 # wait and go out batched (lanes.py). Measured for charges at 64 connections: 2, 4 and 10
 # lanes gave the same throughput, 4 the lowest p99 at 8 connections.
 LANES = 4
+# /health answers 503 rather than wait longer than this for the database (a load balancer's
+# health check must not hang while a connection attempt times out).
+HEALTH_TIMEOUT_SECONDS = 3
 
 
 class BillingApp(FastAPI):
@@ -124,6 +128,9 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
                 )
 
         provider = get_payment_provider(settings, engine, installation, deliver)
+        shared, key_limits, account_limits = rate_limits(settings)
+        if shared is not None:
+            await shared.warm_up()
         state = AppState(
             settings=settings,
             engine=engine,
@@ -135,13 +142,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             keys=KeyStore(engine, settings.api_key_cache_seconds),
             provider=provider,
             link_secret=installation.checkout_link_secret,
-            key_limits=TokenBuckets(
-                settings.rate_limit_key_per_second, 2 * settings.rate_limit_key_per_second
-            ),
-            account_limits=TokenBuckets(
-                settings.rate_limit_account_per_minute / 60,
-                settings.rate_limit_account_per_minute / 6,
-            ),
+            key_limits=key_limits,
+            account_limits=account_limits,
             secrets=installation,
         )
         app.state.billing = state
@@ -160,6 +162,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
                 yield
         finally:
             gc.unfreeze()
+            if shared is not None:
+                await shared.close()
             await provider.aclose()
             await statements.close()
             await engine.dispose()
@@ -189,6 +193,28 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     return app
 
 
+def rate_limits(settings: Settings) -> tuple[SharedStore | None, Limiter, Limiter]:
+    """The per-key and per-account limits: shared through Redis with REDIS_URL, else per
+    process (ratelimit.py). Returns the shared store too (to be closed), or None."""
+    key_rate = settings.rate_limit_key_per_second
+    account_rate = settings.rate_limit_account_per_minute / 60
+    account_burst = settings.rate_limit_account_per_minute / 6
+    if settings.redis_url is None:
+        log.info("rate_limits", store="process")
+        return (
+            None,
+            TokenBuckets(key_rate, 2 * key_rate),
+            TokenBuckets(account_rate, account_burst),
+        )
+    shared = SharedStore.open(settings.redis_url.get_secret_value())
+    log.info("rate_limits", store="redis")
+    return (
+        shared,
+        SharedBuckets(shared, "key", key_rate, 2 * key_rate),
+        SharedBuckets(shared, "account", account_rate, account_burst, hashed=True),
+    )
+
+
 def announce_provider(name: str) -> None:
     """Say loudly which payment provider is active."""
     if name == "sandbox":
@@ -208,12 +234,24 @@ def _add_operational_routes(app: FastAPI) -> None:
         responses={503: {"description": "The database is unreachable"}},
     )
     async def health(state: StateDep) -> Response:
-        """Liveness and database reachability (no API key needed)."""
+        """Liveness and database reachability (no API key needed): 503 while the database
+        cannot be reached within HEALTH_TIMEOUT_SECONDS, or answers read-only (a standby, or a
+        primary a failover demoted: no write would succeed there)."""
         try:
-            async with state.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except (DBAPIError, OSError, PoolTimeout, asyncpg.InterfaceError):
-            return json_response(503, {"status": "unavailable", "database": "unreachable"})
+            async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS), state.engine.connect() as conn:
+                read_only = await conn.scalar(
+                    text("SELECT current_setting('transaction_read_only')")
+                )
+                if read_only == "on":
+                    await conn.invalidate()  # not back to the pool: no write would work on it
+        except (DBAPIError, OSError, PoolTimeout, asyncpg.InterfaceError, TimeoutError):
+            return json_response(
+                503, {"status": "unavailable", "database": "unreachable"}, {"Retry-After": "1"}
+            )
+        if read_only == "on":
+            return json_response(
+                503, {"status": "unavailable", "database": "read_only"}, {"Retry-After": "1"}
+            )
         return json_response(200, {"status": "ok", "database": "ok", "version": __version__})
 
     @app.get("/metrics", tags=["operations"], include_in_schema=False)

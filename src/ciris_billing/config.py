@@ -69,10 +69,14 @@ class Settings(BaseSettings):
     # Signs the buy links in 402 answers. Unset: the installation's own (stored, shared).
     checkout_link_secret: SecretStr | None = None
 
-    # Rate limits, per worker process (0 turns one off). Per API key: requests per second
-    # (bursts up to twice that). Per account (free-tier abuse): checks and charges per minute.
+    # Rate limits (0 turns one off). Per API key: requests per second (bursts up to twice that).
+    # Per account (free-tier abuse): checks and charges per minute (bursts up to a sixth).
+    # With REDIS_URL (e.g. redis://127.0.0.1:6379/0) they hold across every worker and
+    # instance (ratelimit.py; Redis down or slow: requests go through, counted); without it,
+    # each worker process keeps its own buckets (N workers: N times the rate).
     rate_limit_key_per_second: float = Field(default=2000, ge=0)
     rate_limit_account_per_minute: float = Field(default=600, ge=0)
+    redis_url: SecretStr | None = None
     # Request bodies larger than this are refused with 413 before they are read.
     max_request_bytes: int = Field(default=262_144, ge=1024, le=16 * 1024 * 1024)
 
@@ -121,7 +125,7 @@ class Settings(BaseSettings):
             raise ValueError("CURRENCY must be a 3-letter ISO code")
         return value.upper()
 
-    @field_validator("sandbox_webhook_secret", "checkout_link_secret", mode="before")
+    @field_validator("sandbox_webhook_secret", "checkout_link_secret", "redis_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value

@@ -30,10 +30,12 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ciris_billing.config import Settings, async_database_url
+from ciris_billing.database_errors import is_read_only
 
 # Stable constraint names, so Alembic migrations and `alembic check` agree.
 metadata = MetaData(
@@ -704,7 +706,19 @@ def create_engine(settings: Settings | str) -> AsyncEngine:
         connect_args={"timeout": 5, "command_timeout": 30, "server_settings": server_settings},
     )
     _replace_closed_connections(engine)
+    _drop_unusable_connections(engine)
     return engine
+
+
+def _drop_unusable_connections(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        # A read-only server where the primary was (a failover demoted it; SQLSTATE 25006) is
+        # a disconnect to the pool, like a lost connection: this connection is closed, and the
+        # pool's others are replaced as they are next checked out, so that new connections
+        # reach the new primary. Lost connections SQLAlchemy recognises itself.
+        if not context.is_disconnect and is_read_only(context.original_exception):
+            context.is_disconnect = True
 
 
 def _replace_closed_connections(engine: AsyncEngine) -> None:

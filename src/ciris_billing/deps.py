@@ -29,7 +29,7 @@ from ciris_billing.config import Settings, host_name
 from ciris_billing.installation import InstallationSecrets
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
-from ciris_billing.ratelimit import TokenBuckets
+from ciris_billing.ratelimit import Limiter, check_all
 from ciris_billing.unit_of_work import UnitOfWork, unit_of_work
 
 
@@ -45,8 +45,8 @@ class AppState:
     keys: KeyStore
     provider: PaymentProvider
     link_secret: bytes
-    key_limits: TokenBuckets
-    account_limits: TokenBuckets
+    key_limits: Limiter
+    account_limits: Limiter
     secrets: InstallationSecrets
 
     def public_base_url(self, request: Request) -> str:
@@ -110,15 +110,43 @@ def authenticated(scope: Any, required: str) -> Principal | None:
     return None
 
 
-async def authorize(state: AppState, headers: Any, scope: str) -> Principal:
-    """The request's API key, which must hold `scope`; then the key's rate limit."""
-    return await authorize_key(state, presented_key(headers), scope)
+# The scope key the edge sets when it authenticated a request for a hot route (credit check,
+# charge) without taking the API key's rate limit: the fast path takes it together with the
+# account's (one Redis round trip); if the request goes on to the framework instead, the
+# route's key dependency takes it. Whoever takes it pops it: once per request.
+KEY_LIMIT_DUE = "ciris_billing.key_limit_due"
 
 
-async def authorize_key(state: AppState, key: str | None, scope: str) -> Principal:
+async def authorize(state: AppState, headers: Any, scope: str, *, limit: bool = True) -> Principal:
+    """The request's API key, which must hold `scope`; then (unless `limit` is False: the
+    caller takes it later) the key's rate limit."""
+    return await authorize_key(state, presented_key(headers), scope, limit=limit)
+
+
+async def authorize_key(
+    state: AppState, key: str | None, scope: str, *, limit: bool = True
+) -> Principal:
     principal = await state.keys.authenticate(key, scope)
-    state.key_limits.check(principal.key_id, "API key")
+    if limit:
+        await state.key_limits.check(principal.key_id, "API key")
     return principal
+
+
+async def take_limits(
+    state: AppState, oauth_provider: str, external_id: str, key_limit_due: str | None
+) -> None:
+    """The account's rate limit, and the API key's (`key_limit_due`: its id) when the edge left
+    it to be taken here (KEY_LIMIT_DUE): both in one round trip to a shared store."""
+    account = f"{oauth_provider}/{external_id}"
+    if key_limit_due is None:
+        await state.account_limits.check(account, "account")
+    else:
+        await check_all(
+            [
+                (state.key_limits, key_limit_due, "API key"),
+                (state.account_limits, account, "account"),
+            ]
+        )
 
 
 def require(scope: str) -> Any:
@@ -134,6 +162,8 @@ def require(scope: str) -> Any:
     ) -> Principal:
         principal = authenticated(request.scope, scope)
         if principal is not None:
+            if request.scope.pop(KEY_LIMIT_DUE, False):
+                await state.key_limits.check(principal.key_id, "API key")
             return principal
         return await authorize_key(state, chosen_key(api_key, bearer), scope)
 

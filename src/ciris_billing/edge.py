@@ -7,6 +7,8 @@ request to its route template once, then:
   path, which may hold an email);
 - for a route that needs an API key, authenticates the key (scope and rate limit) BEFORE the
   body is read or parsed: without a valid key the answer is 401/403 and the body stays unread.
+  For the fast path's routes (credit check, charge) the key's rate limit is left to the fast
+  path, which takes it with the account's in one go (deps.KEY_LIMIT_DUE);
   The principal goes into the scope, and the routes' key dependency (deps.require) and the fast
   path take it from there: one authentication per request;
 - for a framework route with a JSON body, parses the body strictly (`loads_strict`) and answers
@@ -30,7 +32,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ciris_billing.deps import AUTHENTICATED, authorize
+from ciris_billing.deps import AUTHENTICATED, KEY_LIMIT_DUE, authorize
 from ciris_billing.errors import InvalidRequest
 from ciris_billing.errors_http import error_response
 from ciris_billing.observability import ROUTE_TEMPLATE
@@ -178,7 +180,13 @@ class RouteGate:
         if rule.scope is not None:
             headers = Headers(scope=scope)
             try:
-                principal = await authorize(self.billing.state.billing, headers, rule.scope)
+                # A hot route's key limit is taken with its account's (deps.KEY_LIMIT_DUE).
+                hot = rule.template in self.parsed_elsewhere
+                principal = await authorize(
+                    self.billing.state.billing, headers, rule.scope, limit=not hot
+                )
+                if hot:
+                    scope[KEY_LIMIT_DUE] = True
             except Exception as exc:
                 rendered = error_response(exc)
                 if rendered is None:

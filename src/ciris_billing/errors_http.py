@@ -14,13 +14,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ciris_billing.auth import WWW_AUTHENTICATE
+from ciris_billing.database_errors import connection_unusable
 from ciris_billing.deps import json_response
 from ciris_billing.errors import AuthenticationRequired, BillingError
 from ciris_billing.observability import log
 
 # A connection lost or refused (also while the pool opens one, where the driver's error may
-# arrive unwrapped) and a pool with no connection to give are "unavailable: retry" (503);
-# any other database error is a bug (500). The hot paths use the driver directly.
+# arrive unwrapped), a read-only server (a demoted primary, database_errors.py) and a pool with
+# no connection to give are "unavailable: retry" (503 + Retry-After); any other database error
+# is a bug (500). The hot paths use the driver directly.
 DATABASE_ERRORS: tuple[type[Exception], ...] = (
     DBAPIError,
     asyncpg.InterfaceError,
@@ -42,7 +44,7 @@ def error_response(exc: Exception) -> Response | None:
         return json_response(exc.status_code, exc.body(), headers or None)
     if isinstance(exc, DATABASE_ERRORS):
         cause = exc.orig if isinstance(exc, DBAPIError) else exc
-        if isinstance(exc, PoolTimeout) or _connection_lost(exc):
+        if isinstance(exc, PoolTimeout) or connection_unusable(exc):
             return _unavailable(cause)
         # exc_info is rendered without messages (observability.safe_traceback): a database
         # error's message and detail carry the statement's values.
@@ -53,37 +55,15 @@ def error_response(exc: Exception) -> Response | None:
     return None
 
 
+# A failover (the new primary promoted, the proxy pointing at it) takes seconds: a client that
+# retries after this finds it, one that retries at once mostly meets the outage again.
+RETRY_AFTER_SECONDS = 1
+
+
 def _unavailable(cause: BaseException | None) -> Response:
     log.warning("database_unavailable", error_type=type(cause).__name__)
     return json_response(
-        503, {"error": "database_unavailable", "detail": "The database is unreachable; retry"}
+        503,
+        {"error": "database_unavailable", "detail": "The database is unreachable; retry"},
+        {"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
-
-
-# SQLSTATEs of a lost connection: class 08 (connection exception), and the server shutting
-# down, crashed or not accepting connections yet (57P01, 57P02, 57P03).
-_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
-
-
-def _connection_lost(exc: BaseException) -> bool:
-    """Whether this error (or one it came from) says the database connection is gone."""
-    current: BaseException | None = exc
-    for _ in range(10):
-        if current is None:
-            return False
-        if isinstance(current, OSError):
-            return True
-        if isinstance(current, DBAPIError) and current.connection_invalidated:
-            return True
-        sqlstate = getattr(current, "sqlstate", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith(_CONNECTION_SQLSTATES):
-            return True
-        if isinstance(current, asyncpg.InterfaceError) and "connection is closed" in str(current):
-            return True
-        if isinstance(current, asyncpg.InternalClientError):
-            # "cannot switch to state N; another operation is in progress" on a connection only
-            # this request holds: the server's error (e.g. the connection terminated) arrived
-            # first; the statement was not sent.
-            return True
-        current = current.__cause__ or current.__context__
-    return False

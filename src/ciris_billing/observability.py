@@ -93,6 +93,11 @@ STATEMENT_RETRIES = Counter(
     "Hot-path statements sent again after PostgreSQL rolled them back (deadlock, serialization)",
     ["sqlstate"],
 )
+RATE_LIMIT_FAIL_OPEN = Counter(
+    "billing_rate_limit_fail_open_total",
+    "Rate-limit checks let through because the shared store (Redis) was down or slower than 50 ms",
+    ["limit"],
+)
 HTTP_LATENCY = Histogram(
     "billing_http_request_duration_seconds",
     "HTTP request latency by route template",

@@ -172,11 +172,14 @@ async def _outage_while_charging(
                 took = time.monotonic() - started
                 assert response.status_code == 503, response.text
                 assert response.json() == UNAVAILABLE
+                assert response.headers["Retry-After"] == "1"
                 assert took < 2, f"a request took {took:.1f} s to fail while down"
                 health = await http.get("/health")
                 assert health.status_code == 503
                 assert health.json()["database"] == "unreachable"
                 await asyncio.to_thread(up)
+                # Back: /health says so again by itself.
+                assert (await http.get("/health")).json()["database"] == "ok"
 
             def outage_after_60(done: int) -> None:
                 if done == 60:

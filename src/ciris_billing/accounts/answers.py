@@ -23,7 +23,7 @@ from ciris_billing.accounts.schemas import ChargeCreate, CreditCheck
 from ciris_billing.accounts.service import Identity
 from ciris_billing.auth import Principal
 from ciris_billing.checkout.links import buy_token, buy_url
-from ciris_billing.deps import AppState, json_response
+from ciris_billing.deps import AppState, json_response, take_limits
 from ciris_billing.errors import PurchaseRequired
 from ciris_billing.observability import CHARGES, CREDIT_CHECKS, log
 
@@ -32,10 +32,10 @@ CHARGE_ROUTE = "/v1/billing/charges"
 REPLAYED = {"Idempotent-Replayed": "true"}
 
 
-async def check(state: AppState, body: CreditCheck) -> Response:
+async def check(state: AppState, body: CreditCheck, key_limit_due: str | None = None) -> Response:
     """May this user go on? Creates the account (with its free uses) on first sight."""
     identity = Identity(body.oauth_provider, body.external_id)
-    state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
+    await take_limits(state, identity.oauth_provider, identity.external_id, key_limit_due)
     status = await checks.check_credit(state.account_reader, state.engine, identity, state.pricing)
     CREDIT_CHECKS.labels("true" if status.purchase_required else "false").inc()
     answer: dict[str, Any] = {
@@ -60,12 +60,13 @@ async def charge(
     body: ChargeCreate,
     key_header: str | None,
     principal: Principal,
+    key_limit_due: str | None = None,
 ) -> Response:
     """Record a use: 201 (replayed: Idempotent-Replayed), 402 with where to buy, 403, 409.
     `principal` is the authenticated API key: its idempotency keys are its own."""
     key = idempotency.resolve_key(key_header, body.idempotency_key)
     identity = Identity(body.oauth_provider, body.external_id)
-    state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
+    await take_limits(state, identity.oauth_provider, identity.external_id, key_limit_due)
     currency = body.currency or state.pricing.currency
     fingerprint = None
     if key is not None:

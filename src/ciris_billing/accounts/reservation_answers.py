@@ -33,7 +33,7 @@ from ciris_billing.accounts.schemas import ReservationCapture, ReservationCreate
 from ciris_billing.auth import Principal
 from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.db import iso, new_id, utcnow
-from ciris_billing.deps import AppState, json_response, run_idempotent
+from ciris_billing.deps import AppState, json_response, run_idempotent, take_limits
 from ciris_billing.errors import PurchaseRequired
 from ciris_billing.observability import RESERVATIONS, log
 from ciris_billing.unit_of_work import unit_of_work
@@ -144,11 +144,13 @@ async def reserve(
     body: ReservationCreate,
     key_header: str | None,
     principal: Principal,
+    key_limit_due: str | None = None,
 ) -> Response:
-    """Hold uses (free ones first): 201 with the hold; 402 with where to buy; 403; 409."""
+    """Hold uses (free ones first): 201 with the hold; 402 with where to buy; 403; 409.
+    `key_limit_due`: the API key whose rate limit is still to be taken (deps.take_limits)."""
     key = idempotency.resolve_key(key_header)
     identity = service.Identity(body.oauth_provider, body.external_id)
-    state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
+    await take_limits(state, identity.oauth_provider, identity.external_id, key_limit_due)
     now = utcnow()
     attempt = HoldAttempt(
         oauth_provider=identity.oauth_provider,
@@ -228,9 +230,14 @@ async def capture(
     body: ReservationCapture,
     key_header: str | None,
     principal: Principal,
+    key_limit_due: str | None = None,
 ) -> Response:
     """Charge the uses the interaction took (all by default) as one charge and release the
-    rest: 201; 404; 409 (expired, captured or released, key reused); 422 (more than held)."""
+    rest: 201; 404; 409 (expired, captured or released, key reused); 422 (more than held).
+    `key_limit_due`: the API key whose rate limit is still to be taken (no account limit:
+    the hold took it)."""
+    if key_limit_due is not None:
+        await state.key_limits.check(key_limit_due, "API key")
     key = idempotency.resolve_key(key_header)
     attempt = CaptureAttempt(
         reservation_id=reservation_id,

@@ -7,9 +7,12 @@ itself, so this ASGI layer, in front of the framework (app.py BillingApp: reques
 latency metric and the body limit still wrap it), serves those routes itself. It changes
 nothing about what they answer:
 
-- the API key was authenticated by the edge (edge.RouteGate: scope and rate limit, before the
-  body was read, as for every route); its principal is taken from the scope, so the request is
-  authenticated once (without the edge, the same `authorize` as the routes' dependency runs);
+- the API key was authenticated by the edge (edge.RouteGate: its scope, before the body was
+  read, as for every route); its principal is taken from the scope, so the request is
+  authenticated once (without the edge, the same `authorize` as the routes' dependency runs).
+  The key's rate limit is taken here, together with the account's, once the body names the
+  account: with shared limits (REDIS_URL) that is one Redis round trip per request, not two;
+  a request handed on to the framework has its key limit taken by the route's dependency;
 - the body is parsed with the edge's strict parser (edge.loads_strict: a pathological body is
   a 422 here, as the edge answers for the framework's routes) and validated with the route's
   own pydantic model, exactly as FastAPI would (JSON content types only);
@@ -53,7 +56,15 @@ from ciris_billing.accounts.schemas import (
     ReservationCreate,
 )
 from ciris_billing.auth import API_KEY_HEADER, BEARER, Principal
-from ciris_billing.deps import AppState, ReadKey, WriteKey, app_state, authenticated, authorize
+from ciris_billing.deps import (
+    KEY_LIMIT_DUE,
+    AppState,
+    ReadKey,
+    WriteKey,
+    app_state,
+    authenticated,
+    authorize,
+)
 from ciris_billing.edge import (
     InvalidJSON,
     invalid_json,
@@ -62,10 +73,11 @@ from ciris_billing.edge import (
     read_body,
     replaying,
 )
+from ciris_billing.errors import RateLimited
 from ciris_billing.errors_http import error_response
 from ciris_billing.observability import ROUTE_TEMPLATE
 
-Serve = Callable[[Any, Request, AppState, Headers, Principal], Awaitable[Response]]
+Serve = Callable[[Any, Request, AppState, Headers, Principal, str | None], Awaitable[Response]]
 
 # The capture route's one path parameter, as the framework would validate it.
 _RESERVATION_ID: TypeAdapter[str] = TypeAdapter(ReservationId)
@@ -99,30 +111,53 @@ def _header(alias: str) -> str:
 
 
 async def _check(
-    body: Any, _request: Request, state: AppState, _headers: Headers, _principal: Principal
+    body: Any,
+    _request: Request,
+    state: AppState,
+    _headers: Headers,
+    _principal: Principal,
+    key_limit_due: str | None,
 ) -> Response:
-    return await answers.check(state, body)
+    return await answers.check(state, body, key_limit_due)
 
 
 async def _charge(
-    body: Any, request: Request, state: AppState, headers: Headers, principal: Principal
+    body: Any,
+    request: Request,
+    state: AppState,
+    headers: Headers,
+    principal: Principal,
+    key_limit_due: str | None,
 ) -> Response:
-    return await answers.charge(state, request, body, headers.get("idempotency-key"), principal)
+    idempotency_key = headers.get("idempotency-key")
+    return await answers.charge(state, request, body, idempotency_key, principal, key_limit_due)
 
 
 async def _reserve(
-    body: Any, request: Request, state: AppState, headers: Headers, principal: Principal
+    body: Any,
+    request: Request,
+    state: AppState,
+    headers: Headers,
+    principal: Principal,
+    key_limit_due: str | None,
 ) -> Response:
     key = headers.get("idempotency-key")
-    return await reservation_answers.reserve(state, request, body, key, principal)
+    return await reservation_answers.reserve(state, request, body, key, principal, key_limit_due)
 
 
 async def _capture(
-    body: Any, request: Request, state: AppState, headers: Headers, principal: Principal
+    body: Any,
+    request: Request,
+    state: AppState,
+    headers: Headers,
+    principal: Principal,
+    key_limit_due: str | None,
 ) -> Response:
     reservation_id: str = request.path_params["reservation_id"]
     key = headers.get("idempotency-key")
-    return await reservation_answers.capture(state, request, reservation_id, body, key, principal)
+    return await reservation_answers.capture(
+        state, request, reservation_id, body, key, principal, key_limit_due
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,11 +314,15 @@ class HotPath:
             return
         state: AppState = self.billing.state.billing
         parsed: BaseModel | None = None
+        principal: Principal | None = None
         try:
-            # Before the body is read: the edge's principal, or (no edge) the key itself.
-            principal = authenticated(scope, lane.scope) or await authorize(
-                state, headers, lane.scope
-            )
+            # Before the body is read: the edge's principal, or (no edge) the key itself. The
+            # key's rate limit is taken with the account's, once the body says which account
+            # (deps.KEY_LIMIT_DUE: one round trip to a shared store instead of two).
+            principal = authenticated(scope, lane.scope)
+            if principal is None:
+                principal = await authorize(state, headers, lane.scope, limit=False)
+                scope[KEY_LIMIT_DUE] = True
             received: list[Message] = []
             body = await read_body(receive, received)
             # An empty body: the framework's own 422 ("field required"), as the edge leaves it.
@@ -292,9 +331,18 @@ class HotPath:
                 scope[ROUTE_TEMPLATE] = lane.path
                 scope["path_params"] = path_params
                 request = Request(scope, receive)
-                response = await lane.serve(parsed, request, state, headers, principal)
+                due = principal.key_id if scope.pop(KEY_LIMIT_DUE, False) else None
+                response = await lane.serve(parsed, request, state, headers, principal, due)
         except Exception as exc:
-            rendered = error_response(exc)
+            error = exc
+            if principal is not None and scope.pop(KEY_LIMIT_DUE, False):
+                # Refused before it was served (a body that is not JSON): it still counts
+                # against the key's limit, and a key over its limit hears that first.
+                try:
+                    await state.key_limits.check(principal.key_id, "API key")
+                except RateLimited as limited:
+                    error = limited
+            rendered = error_response(error)
             if rendered is None:
                 raise
             response = rendered

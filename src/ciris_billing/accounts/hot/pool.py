@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ciris_billing.database_errors import connection_unusable
 from ciris_billing.db import POOL_TIMEOUT_SECONDS
 from ciris_billing.observability import STATEMENT_RETRIES, log
 
@@ -121,12 +122,18 @@ class StatementPool:
                 raise DuplicateKey(str(exc)) from exc  # the connection is fine
             except asyncpg.IntegrityConstraintViolationError:
                 raise
-            except BaseException:
+            except BaseException as exc:
                 # A connection lost mid-statement may already be back in the pool (asyncpg
                 # releases it itself): it is closed either way, and the statement's own error,
                 # not this one, must reach the caller (a 503, not a 500).
                 with contextlib.suppress(asyncpg.InterfaceError):
                     conn.terminate()
+                if connection_unusable(exc):
+                    # The server went away or is read-only (a failover demoted it): the other
+                    # pooled connections lead there too. Each is closed when next released or
+                    # taken, and new ones reach whatever the address now serves (the new
+                    # primary, behind the proxy).
+                    await self._pool.expire_connections()
                 raise
             finally:
                 await self._pool.release(conn)

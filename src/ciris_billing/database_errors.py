@@ -1,0 +1,57 @@
+"""Which database errors mean "this connection is no good: drop it, answer 503, retry".
+
+A connection lost or refused, the server shutting down or starting, and, after a failover, a
+connection that still reaches the old primary now demoted to a read-only standby (SQLSTATE 25006,
+read_only_sql_transaction): none of these is the request's fault, and a retry soon succeeds on a
+new connection (to the new primary). Shared by the SQLAlchemy engine (db.py), the hot path's
+pool (accounts/hot/pool.py) and the error renderer (errors_http.py).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+from sqlalchemy.exc import DBAPIError
+
+# SQLSTATEs of a connection that is gone or useless: class 08 (connection exception); the
+# server shutting down, crashed or not accepting connections yet (57P01, 57P02, 57P03); a
+# read-only server where a primary was expected (25006: the node was demoted, or is a standby).
+_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+READ_ONLY_SQLSTATE = "25006"
+
+
+def is_read_only(exc: BaseException) -> bool:
+    """Whether this error (or one it came from) says the server is read-only."""
+    return any(getattr(current, "sqlstate", None) == READ_ONLY_SQLSTATE for current in _chain(exc))
+
+
+def connection_unusable(exc: BaseException) -> bool:
+    """Whether this error (or one it came from) says the connection is gone or points at a
+    server that cannot take writes: drop the connection, and the request may be retried."""
+    for current in _chain(exc):
+        if isinstance(current, OSError):
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        sqlstate = getattr(current, "sqlstate", None)
+        if isinstance(sqlstate, str) and (
+            sqlstate.startswith(_CONNECTION_SQLSTATES) or sqlstate == READ_ONLY_SQLSTATE
+        ):
+            return True
+        if isinstance(current, asyncpg.InterfaceError) and "connection is closed" in str(current):
+            return True
+        if isinstance(current, asyncpg.InternalClientError):
+            # "cannot switch to state N; another operation is in progress" on a connection only
+            # this request holds: the server's error (e.g. the connection terminated) arrived
+            # first; the statement was not sent.
+            return True
+    return False
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The error and those it came from (at most 10), nearest first."""
+    found: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(found) < 10:
+        found.append(current)
+        current = current.__cause__ or current.__context__
+    return found
