@@ -10,8 +10,9 @@ runs the step once at a time across workers). The price is up to JOBS_POLL_SECON
 How "exactly one" holds, by construction:
 - one top-up per crossing: `auto_topups.crossing_event_id` is unique;
 - at most one in flight per account: a unique partial index on status pending/processing;
-- the monthly cap and the decision itself are taken under the account's row lock (accounts
-  first, then the settings row: the one lock order), so two deciders serialize;
+- the monthly cap and the decision itself are taken under the account's row lock (the one
+  lock order: a purchase's row, then its account's, then the top-up's and the settings'), so
+  two deciders serialize;
 - the provider is asked with an idempotency key derived from the account and the crossing,
   but our own idempotency does not rely on it: each call is counted (committed) first, and
   a second call first asks the provider for the payment the first one may have made
@@ -40,6 +41,7 @@ from ciris_billing.db import (
     auto_topups,
     insert_or_ignore,
     new_id,
+    purchases,
     utcnow,
 )
 from ciris_billing.errors import ProviderError, ProviderUnavailable
@@ -293,7 +295,6 @@ async def _record(
 
     async with unit_of_work(engine) as work:
         conn = await work.connection()
-        await _lock_account(conn, topup.account_id)
         purchase = await payments.record_purchase(
             conn,
             purchase_id=topup.purchase_id,
@@ -303,6 +304,12 @@ async def _record(
             offer=payments.Offer.from_pricing(pricing),
             customer_email=None,
         )
+        # The one lock order of money in and out: the purchase's row, then its account's (as
+        # crediting, refunds and disputes take them), then the top-up and its settings.
+        await conn.execute(
+            select(purchases.c.id).where(purchases.c.id == purchase.id).with_for_update()
+        )
+        await _lock_account(conn, topup.account_id)
         await conn.execute(
             auto_topups.update()
             .where(auto_topups.c.id == topup.id)
@@ -320,8 +327,9 @@ async def _record(
 
 
 async def _lock_account(conn: AsyncConnection, account_id: str) -> None:
-    # The account's row first (the one lock order): record_event and the webhook's credit take
-    # it too, so a top-up's outcome and its credit never wait on each other in a cycle.
+    # The account's row before the top-up's and its settings' (after the purchase's, when there
+    # is one): record_event and the webhook's credit take them in that order too, so a top-up's
+    # outcome and its credit never wait on each other in a cycle.
     await conn.execute(
         select(accounts.c.id).where(accounts.c.id == account_id).with_for_update(key_share=True)
     )
