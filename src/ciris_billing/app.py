@@ -28,6 +28,8 @@ from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.auth import KeyStore
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
+from ciris_billing.console.action_routes import router as console_actions_router
+from ciris_billing.console.routes import router as console_router
 from ciris_billing.db import create_engine
 from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.edge import RouteGate
@@ -45,6 +47,7 @@ from ciris_billing.observability import (
 from ciris_billing.payments.providers import get_payment_provider
 from ciris_billing.payments.routes import router as payments_router
 from ciris_billing.payments.sandbox_routes import router as sandbox_router
+from ciris_billing.portal.routes import router as portal_router
 from ciris_billing.pricing import Pricing
 from ciris_billing.ratelimit import TokenBuckets
 from ciris_billing.unit_of_work import unit_of_work
@@ -136,6 +139,10 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
                 settings.rate_limit_account_per_minute / 6,
             ),
             secrets=installation,
+            console_logins=TokenBuckets(
+                settings.console_login_failures_per_minute / 60,
+                settings.console_login_failures_per_minute,
+            ),
         )
         app.state.billing = state
         log.info("billing_started", version=__version__, database=engine.dialect.name)
@@ -174,6 +181,9 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(sandbox_router)
     app.include_router(webhooks_router)
     app.include_router(checkout_router)
+    app.include_router(portal_router)
+    app.include_router(console_router)
+    app.include_router(console_actions_router)
     _add_operational_routes(app)
     _add_error_handlers(app)
     app.serve_edge(hot_path)

@@ -45,6 +45,7 @@ class AppState:
     key_limits: TokenBuckets
     account_limits: TokenBuckets
     secrets: InstallationSecrets
+    console_logins: TokenBuckets  # failed console logins, per client address
 
     def public_base_url(self, request: Request) -> str:
         """Where links sent to buyers point: PUBLIC_BASE_URL; else the request's own base URL

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
-from ciris_billing.accounts import reservations, service
+from ciris_billing.accounts import answers, reservations, service
 from ciris_billing.accounts.checks import open_account
 from ciris_billing.accounts.routes import identity_of, path_identity
 from ciris_billing.accounts.schemas import (
@@ -113,6 +113,7 @@ async def create_reservation(
             RESERVATIONS.labels("refused").inc()
             token = buy_token(state.link_secret, identity.oauth_provider, identity.external_id)
             refused.extra["checkout_url"] = buy_url(state.public_base_url(request), token)
+            refused.extra["portal_url"] = answers.portal_link(state, request, identity)
             raise
         RESERVATIONS.labels("held").inc()
         log.info(

@@ -85,9 +85,9 @@ def _header(alias: str) -> str:
 
 
 async def _check(
-    body: Any, _request: Request, state: AppState, _headers: Headers, _principal: Principal
+    body: Any, request: Request, state: AppState, _headers: Headers, _principal: Principal
 ) -> Response:
-    return await answers.check(state, body)
+    return await answers.check(state, request, body)
 
 
 async def _charge(

@@ -60,6 +60,19 @@ def _luhn_ok(number: str) -> bool:
     return sum(digits) % 10 == 0
 
 
+def card_brand(number: str) -> str:
+    """The network of a card number, by its leading digits (as Stripe names brands)."""
+    if number.startswith("4"):
+        return "visa"
+    if number[:2] in ("34", "37"):
+        return "amex"
+    if 51 <= int(number[:2]) <= 55 or 2221 <= int(number[:4]) <= 2720:
+        return "mastercard"
+    if number.startswith(("6011", "65")):
+        return "discover"
+    return "unknown"
+
+
 def normalize_card(number: str) -> str:
     digits = number.replace(" ", "").replace("-", "")
     if not digits.isdigit() or not 12 <= len(digits) <= 19 or not _luhn_ok(digits):
@@ -248,6 +261,12 @@ class SandboxProvider:
             else:
                 status, failure = "succeeded", None
             await _set_status(conn, payment_id, status, failure)
+            # As Stripe reports on the charge: the brand and last 4 digits, never the number.
+            await conn.execute(
+                sandbox_payments.update()
+                .where(sandbox_payments.c.id == payment_id)
+                .values(card_brand=card_brand(card), card_last4=card[-4:])
+            )
         payment = await self._emit(payment_id)
         if failure is not None:
             raise CardDeclined(failure, payment_id=payment_id, status=payment.provider_status)
@@ -337,6 +356,8 @@ def _result(row: Any) -> PaymentResult:
         metadata=dict(row.metadata),
         failure_message=row.failure_message,
         amount_refunded_minor=int(row.amount_refunded_minor),
+        card_brand=row.card_brand,
+        card_last4=row.card_last4,
     )
 
 
