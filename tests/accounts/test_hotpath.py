@@ -26,7 +26,14 @@ from tests.support.api import make_settings
 
 CHECK = "/v1/billing/credits/check"
 CHARGES = "/v1/billing/charges"
-VOLATILE = ("charge_id", "account_id", "created_at", "updated_at", "checkout_url")
+VOLATILE = (
+    "charge_id",
+    "account_id",
+    "created_at",
+    "updated_at",
+    "checkout_url",
+    "portal_url",
+)
 MEANINGFUL_HEADERS = (
     "content-type",
     "idempotent-replayed",
