@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -29,6 +28,7 @@ from tests.support.flows import VISA, check, exhaust_free_uses, pay, purchase
 
 ALICE = identity("alice@example.com")
 BOB = identity("bob@example.com")
+WHO = (ALICE["oauth_provider"], ALICE["external_id"])
 
 
 def path_of(url: str) -> str:
@@ -98,16 +98,16 @@ async def test_the_agent_client_exposes_it(api: Api) -> None:
     async with AsyncBillingClient(
         "http://billing.test", api.keys["write"], transport=transport
     ) as client:
-        checked = await client.check(**ALICE)
+        checked = await client.check(*WHO)
         assert checked.portal_url is not None
         assert checked.portal_url.startswith("http://billing.test/v1/billing/portal/")
         assert checked.portal_url not in repr(checked)  # a link to the account: not in logs
-        bought = await client.purchase(**ALICE)
+        bought = await client.purchase(*WHO)
         assert bought.portal_url == checked.portal_url
         for _ in range(3):
-            await client.charge(**ALICE)
+            await client.charge(*WHO)
         with pytest.raises(PurchaseRequiredError) as refused:
-            await client.charge(**ALICE)
+            await client.charge(*WHO)
         assert refused.value.portal_url == checked.portal_url
 
 
@@ -221,7 +221,7 @@ def test_links_last_a_week_and_are_the_same_within_the_hour() -> None:
 
 
 @pytest.fixture
-async def erased(api: Api) -> AsyncIterator[str]:
+async def erased(api: Api) -> str:
     link = await portal_of(api, ALICE)
     assert (
         await api.http.delete(
