@@ -19,7 +19,7 @@ from ciris_billing import auth
 from ciris_billing.db import accounts, audit_trail, console_sessions, utcnow
 from ciris_billing.web.templating import CONTENT_SECURITY_POLICY
 from tests.support.api import Api, identity, make_settings, running_app
-from tests.support.console import Console, age_sessions, csrf_of, trail
+from tests.support.console import CONSOLE_SESSION, Console, age_sessions, csrf_of, trail
 
 
 @pytest.fixture
@@ -209,3 +209,20 @@ async def test_a_confirmation_sent_twice_is_applied_once(api: Api, console: Cons
     async with api.engine.connect() as conn:
         assert await conn.scalar(select(func.count()).select_from(audit_trail)) == 1
     assert (await api.audit()).clean
+
+
+async def test_every_console_page_needs_a_session(api: Api) -> None:
+    """Without a session (or with a made-up cookie) every page and form of the console goes
+    to the login form and does nothing (tests/api/test_security.py: these are all of them)."""
+    for cookie in (None, "made-up-session-token"):
+        if cookie:
+            api.http.cookies.set("ciris_console", cookie, path="/console")
+        for path in sorted(CONSOLE_SESSION):
+            concrete = path.replace("{account_id}", "acct_x").replace("{action}", "grant")
+            for method in ("GET", "POST"):
+                answer = await api.http.request(method, concrete, data={"csrf_token": "x"})
+                if answer.status_code == 405:
+                    continue
+                assert answer.status_code == 303, (method, concrete, answer.status_code)
+                assert answer.headers["location"] == "/console/login"
+    assert await sessions(api) == 0

@@ -25,6 +25,19 @@ from ciris_billing.db import (
     webhook_events,
 )
 
+# The operator console: no API key on each request, its session instead (an admin key signed
+# in; tests/console/test_console_sessions.py: without one, every page goes to the login form).
+CONSOLE_SESSION = {
+    "/console",
+    "/console/logout",
+    "/console/accounts",
+    "/console/accounts/{account_id}",
+    "/console/webhooks",
+    "/console/keys",
+    "/console/audit",
+    "/console/actions/{action}",
+}
+
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 _REQUEST_ID = re.compile(r'name="request_id" value="([^"]+)"')
 
