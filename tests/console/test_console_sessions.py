@@ -73,6 +73,17 @@ async def test_under_https_the_cookie_is_secure(api: Api) -> None:
     assert "secure" in {part.strip().lower() for part in cookie.split(";")}
 
 
+async def test_behind_a_tls_proxy_the_cookie_is_secure(database_url: str) -> None:
+    """Plain http from a proxy that terminates TLS: PUBLIC_BASE_URL says https."""
+    settings = make_settings(database_url, public_base_url="https://billing.example.com")
+    async with running_app(settings) as api:
+        signed_in = await Console(api.http).sign_in(api.keys["admin"])
+    cookie = next(
+        c for c in signed_in.headers.get_list("set-cookie") if c.startswith("ciris_console=")
+    )
+    assert "secure" in {part.strip().lower() for part in cookie.split(";")}
+
+
 @pytest.mark.parametrize("scope", ["read", "write"])
 async def test_a_key_without_admin_scope_is_refused(api: Api, console: Console, scope: str) -> None:
     refused = await console.sign_in(api.keys[scope])

@@ -80,7 +80,7 @@ def _login_page(
         path=COOKIE_PATH,
         httponly=True,
         samesite="strict",
-        secure=is_https(request),
+        secure=is_https(request, state),
     )
     return response
 
@@ -126,7 +126,7 @@ async def login(request: Request, state: StateDep, work: UnitOfWorkDep) -> Respo
     token, session = await open_session(await work.connection(), principal, state.settings)
     log.info("console_login", operator=session.operator.name)
     response = redirect("/console")
-    session_cookie(response, request, token, state.settings.console_session_max_seconds)
+    session_cookie(response, request, state, token, state.settings.console_session_max_seconds)
     response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH)
     return response
 

@@ -76,7 +76,9 @@ def problem(
     )
 
 
-def session_cookie(response: Response, request: Request, token: str, max_age: int) -> None:
+def session_cookie(
+    response: Response, request: Request, state: AppState, token: str, max_age: int
+) -> None:
     response.set_cookie(
         SESSION_COOKIE,
         token,
@@ -84,12 +86,15 @@ def session_cookie(response: Response, request: Request, token: str, max_age: in
         path=COOKIE_PATH,
         httponly=True,
         samesite="strict",
-        secure=is_https(request),
+        secure=is_https(request, state),
     )
 
 
-def is_https(request: Request) -> bool:
-    return request.url.scheme == "https"
+def is_https(request: Request, state: AppState) -> bool:
+    """Served over https: the request says so, or the service's public address is https (a
+    proxy in front terminates TLS and forwards plain http)."""
+    public = state.settings.public_base_url or ""
+    return request.url.scheme == "https" or public.startswith("https://")
 
 
 def page(template: str, session: Session, **context: Any) -> Response:
