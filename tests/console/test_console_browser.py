@@ -180,7 +180,6 @@ def test_sign_in_with_the_keyboard_and_a_wrong_key_is_refused(tab: Tab, service:
     expect(page.get_by_text(f"Signed in as {OPERATOR}")).to_be_visible()
     cookie = next(c for c in page.context.cookies() if c["name"] == "ciris_console")
     assert (cookie["httpOnly"], cookie["sameSite"], cookie["path"]) == (True, "Strict", "/console")
-    tab.screenshots("overview")
 
 
 def test_find_by_email_and_grant_five_uses(tab: Tab, service: Service) -> None:
@@ -350,6 +349,17 @@ def test_a_session_past_its_end_goes_back_to_login(tab: Tab, service: Service) -
 
     sign_in(tab, service)
     page = tab.page
+    # The day's figures, once the tests before have made some.
+    expect(page.get_by_role("heading", level=1)).to_contain_text("Today")
+    tab.screenshots("overview")
+    # Two accounts with one email: the search lists both.
+    shared = f"shared-{uuid.uuid4().hex[:8]}@example.com"
+    ids = {service.account_id(service.new_user(shared)) for _ in range(2)}
+    page.get_by_label("Find an account").fill(shared)
+    page.keyboard.press("Enter")
+    for account_id in ids:
+        expect(page.get_by_role("link", name=account_id)).to_be_visible()
+    tab.screenshots("search")
     page.get_by_role("link", name="API keys").click()
     tab.screenshots("keys")
     page.get_by_role("link", name="Audit log").click()
