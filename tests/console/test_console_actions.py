@@ -7,12 +7,14 @@ account page shows it. `ciris-billing audit-log` prints the same trail.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
-from ciris_billing.db import accounts, api_keys, webhook_events
+from ciris_billing.db import accounts, api_keys, purchases, utcnow, webhook_events
 from tests.support.api import Api, identity
 from tests.support.cli import cli
 from tests.support.console import Console, paid_without_webhook, trail
@@ -233,3 +235,30 @@ async def test_the_audit_log_command_prints_the_trail(api: Api, console: Console
     as_json = cli(env, "audit-log", "--json", "--action", "grant")
     [row] = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert (row["actor"], row["account_id"], row["detail"]["uses"]) == ("test-admin", account.id, 5)
+
+
+async def test_the_overview_shows_a_stuck_purchase_to_reconcile(api: Api, console: Console) -> None:
+    bought = await purchase(api, USER)
+    async with api.engine.begin() as conn:
+        await conn.execute(
+            purchases.update()
+            .where(purchases.c.payment_id == bought["payment_id"])
+            .values(created_at=utcnow() - timedelta(hours=1))
+        )
+    await paid_without_webhook(api.engine, bought["payment_id"])
+    overview = await api.http.get("/console")
+    assert '<a href="/console/webhooks">1</a></span> unhandled webhook events' in overview.text
+    row = overview.text.split(bought["payment_id"], 1)[1].split("</tr>", 1)[0]
+    assert "pending (not final)" in row
+    assert 'action="/console/actions/reconcile"' in row
+    assert (await console.act("reconcile", {"payment_id": bought["payment_id"]})).status_code == 303
+    assert (await balance(api))["credits_remaining"] == 20
+    assert bought["payment_id"] not in (await api.http.get("/console")).text
+
+
+async def test_the_account_page_links_the_users_portal(api: Api, console: Console) -> None:
+    portal = (await balance(api))["portal_url"]
+    account = await account_of(api)
+    page = await api.http.get(f"/console/accounts/{account.id}")
+    assert f'href="{portal}"' in page.text
+    assert (await api.http.get(httpx.URL(portal).path)).status_code == 200

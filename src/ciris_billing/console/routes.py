@@ -12,6 +12,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from ciris_billing import audit_trail, auth
+from ciris_billing.accounts.answers import portal_link
+from ciris_billing.accounts.service import Identity
 from ciris_billing.console import queries
 from ciris_billing.console.sessions import (
     COOKIE_PATH,
@@ -210,6 +212,12 @@ async def account_page(
             back="/console/accounts",
         )
     detail = await queries.account_detail(conn, row)
+    # The user's own portal, for support to send them (none once the account is erased).
+    portal = (
+        None
+        if row.erased_at is not None
+        else portal_link(state, request, Identity(row.oauth_provider, row.external_id))
+    )
     ledger = await queries.ledger(conn, account_id, before)
     trail = await audit_trail.entries(conn, account_id=account_id, limit=30)
     return page(
@@ -217,6 +225,7 @@ async def account_page(
         session,
         a=row,
         d=detail,
+        portal=portal,
         ledger=ledger,
         paged=before is not None,
         trail=trail,
