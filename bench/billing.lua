@@ -9,7 +9,7 @@
 --           the hot account is bench-0@example.com
 -- LIMIT     stop each thread after LIMIT responses (0 = run for the duration); a thread that
 --           stops writes "wrk-thread-done" to stderr so the caller can end wrk early
--- IDEM      if given, every charge carries "Idempotency-Key: IDEM-<thread>-<n>"
+-- IDEM      if given, every charge, hold and capture carries "Idempotency-Key: IDEM-<thread>-<n>"
 -- done() prints one line: BENCH_RESULT {json}, latencies in microseconds.
 
 local CHECK = "/v1/billing/credits/check"
@@ -65,17 +65,22 @@ function init(args)
   end
 end
 
-local function charge(n)
-  local headers = nil
-  if idem then
-    sent = sent + 1
-    headers = {} -- a headers table replaces wrk.headers (the API key): copy them
-    for name, value in pairs(wrk.headers) do
-      headers[name] = value
-    end
-    headers["Idempotency-Key"] = string.format("%s-%d-%d", idem, thread_id, sent)
+-- With IDEM: the request's headers with a new Idempotency-Key; else nil (wrk.headers).
+local function keyed()
+  if not idem then
+    return nil
   end
-  return wrk.format("POST", CHARGE, headers, string.format(CHARGE_BODY, n))
+  sent = sent + 1
+  local headers = {} -- a headers table replaces wrk.headers (the API key): copy them
+  for name, value in pairs(wrk.headers) do
+    headers[name] = value
+  end
+  headers["Idempotency-Key"] = string.format("%s-%d-%d", idem, thread_id, sent)
+  return headers
+end
+
+local function charge(n)
+  return wrk.format("POST", CHARGE, keyed(), string.format(CHARGE_BODY, n))
 end
 
 function request()
@@ -91,9 +96,10 @@ function request()
     -- One interaction = a hold on a random account, then its capture (all of it).
     local id = table.remove(held)
     if id then
-      return wrk.format("POST", RESERVE .. "/" .. id .. "/capture", nil, CAPTURE_BODY)
+      return wrk.format("POST", RESERVE .. "/" .. id .. "/capture", keyed(), CAPTURE_BODY)
     end
-    return wrk.format("POST", RESERVE, nil, string.format(RESERVE_BODY, math.random(1, accounts)))
+    local body = string.format(RESERVE_BODY, math.random(1, accounts))
+    return wrk.format("POST", RESERVE, keyed(), body)
   end
   -- mix: one interaction = a check, then a charge for the same user.
   if pending_charge then

@@ -33,7 +33,9 @@ ROOT = BENCH.parent
 BIN = ROOT / ".venv" / "bin"
 PSQL, PGBENCH, WRK = "/usr/bin/psql", "/usr/bin/pgbench", "/usr/bin/wrk"
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
-DB, GROWTH_DB = "ciris_billing_bench", "ciris_billing_bench_growth"
+# One database per run (its process id): two runs on one PostgreSQL (several checkouts on one
+# machine) never drop or seed each other's.
+DB, GROWTH_DB = f"ciris_billing_bench_{os.getpid()}", f"ciris_billing_bench_growth_{os.getpid()}"
 ACCOUNTS, GROWTH_ACCOUNTS = 10_000, 1_000_000
 # Charges over the first 1,000 accounts only: at 64 connections the two workers' batches share
 # accounts all the time (the lock-order scenario: overlapping batches must never deadlock).
@@ -428,8 +430,16 @@ def interaction_ratios(row: Row, rows: list[Row]) -> str:
     )
 
 
+# `--holds`: only what issue 13's target compares, in one run ((f) against (d); (b) for its ratio).
+HOLD_SCENARIOS = tuple(s for s in SCENARIOS if s[0][:3] in ("(b)", "(d)", "(f)"))
+
+
 def service(
-    key: str, duration: int, refs: dict[tuple[str, int], Row], idempotency: bool
+    key: str,
+    duration: int,
+    refs: dict[tuple[str, int], Row],
+    idempotency: bool,
+    scenarios: Sequence[tuple[str, str, int, str | None]] = SCENARIOS,
 ) -> tuple[list[Row], str]:
     """The scenarios against `ciris-billing serve --workers 2`; rows and the hot check."""
     rows: list[Row] = []
@@ -441,7 +451,7 @@ def service(
     ):
         wrk("warm-up", url, key, "check", 64, 2, pid)
         hot_before, hot_ok = total_uses(DB, 0), 0
-        for name, mode, accounts, ref in SCENARIOS:
+        for name, mode, accounts, ref in scenarios:
             for c in CONNECTIONS:
                 prefix = f"bench-{time.time_ns()}" if idempotency else ""
                 row = wrk(
@@ -449,7 +459,7 @@ def service(
                 )
                 if ref is None:
                     row.ratio = interaction_ratios(row, rows)
-                else:
+                elif (ref, c) in refs:
                     row.ratio = f"{row.rps / refs[ref, c].rps:.2f} x {ref}"
                 if mode == "check":
                     row.ratio += f"; {row.rps / refs['hello', c].rps:.2f} x hello"
@@ -573,6 +583,29 @@ def print_row(row: Row) -> None:
     print(line, flush=True)
 
 
+def hold_targets(rows: list[Row]) -> list[tuple[str, bool]]:
+    """Issue 13's targets: (f) against (d) of the same run, at 8 and 64 connections."""
+    by = {(r.scenario, r.connections): r for r in rows}
+    checks = []
+    for c in CONNECTIONS:
+        holds, mix = by[RESERVE_CAPTURE, c], by["(d) agent mix: check+charge", c]
+        vs_mix = holds.rps / mix.rps  # both: 2 requests per interaction
+        checks.append(
+            (
+                f"(issue 13) reserve+capture c={c} >= 0.5 x the agent mix (interactions/s): "
+                f"{holds.rps / 2:,.0f} / {mix.rps / 2:,.0f} = {vs_mix:.2f}",
+                vs_mix >= 0.5,
+            )
+        )
+    holds64 = by[RESERVE_CAPTURE, 64]
+    holds_errors = sum(by[RESERVE_CAPTURE, c].errors for c in CONNECTIONS)
+    checks += [
+        (f"(issue 13) reserve+capture c=64 p99 < 100 ms: {holds64.p99:.1f} ms", holds64.p99 < 100),
+        (f"(issue 13) reserve+capture: {holds_errors} errors", holds_errors == 0),
+    ]
+    return checks
+
+
 def targets(rows: list[Row], refs: dict[tuple[str, int], Row], clean: bool) -> list[str]:
     """The issue's targets, as checked by this run."""
     by = {(r.scenario, r.connections): r for r in rows}
@@ -580,9 +613,6 @@ def targets(rows: list[Row], refs: dict[tuple[str, int], Row], clean: bool) -> l
     check64 = by["(a) check, random", 64]
     hot_errors = sum(by["(c) charge, hot account", c].errors for c in CONNECTIONS)
     overlap_errors = sum(by["(e) charge, random, 1k accounts", c].errors for c in CONNECTIONS)
-    holds64 = by[RESERVE_CAPTURE, 64]
-    holds_errors = sum(by[RESERVE_CAPTURE, c].errors for c in CONNECTIONS)
-    vs_mix = holds64.rps / by["(d) agent mix: check+charge", 64].rps  # both: 2 requests each
     vs_pgbench = charge64.rps / refs["pgbench charge", 64].rps
     vs_hello = check64.rps / refs["hello", 64].rps
     audit_text = "clean" if clean else "NOT clean"
@@ -596,13 +626,7 @@ def targets(rows: list[Row], refs: dict[tuple[str, int], Row], clean: bool) -> l
             f"charges over 1k accounts (overlapping batches): {overlap_errors} errors",
             overlap_errors == 0,
         ),
-        (
-            f"(issue 13) reserve+capture c=64 >= 0.5 x the agent mix (interactions/s): "
-            f"{vs_mix:.2f}",
-            vs_mix >= 0.5,
-        ),
-        (f"(issue 13) reserve+capture c=64 p99 < 100 ms: {holds64.p99:.1f} ms", holds64.p99 < 100),
-        (f"(issue 13) reserve+capture: {holds_errors} errors", holds_errors == 0),
+        *hold_targets(rows),
     ]
     return [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks]
 
@@ -630,7 +654,15 @@ def main() -> None:
         "--growth", action="store_true", help="also 1M accounts / 5M ledger rows, worker RSS (long)"
     )
     parser.add_argument(
-        "--idempotency", action="store_true", help="every charge sends a unique Idempotency-Key"
+        "--idempotency",
+        action="store_true",
+        help="every charge, hold and capture sends a unique Idempotency-Key",
+    )
+    parser.add_argument(
+        "--holds",
+        action="store_true",
+        help="only scenarios (b), (d) and (f) (issue 13's target), no references; prints the "
+        "table and the audit, RESULTS.md untouched",
     )
     parser.add_argument(
         "--growth-requests", type=int, default=1_000_000, help="charges before the last RSS reading"
@@ -645,6 +677,12 @@ def main() -> None:
     try:
         print(f"Seeding {ACCOUNTS:,} accounts in {DB} ...", flush=True)
         key = create_database(DB, ACCOUNTS, history=False)
+        if args.holds:
+            print("The service (ciris-billing serve --workers 2), scenarios (b), (d), (f):")
+            rows, _ = service(key, duration, {}, args.idempotency, HOLD_SCENARIOS)
+            print(f"\n{table(rows)}\n\n{audit(DB)}\n\nTargets (issue 13):")
+            print("\n".join(f"- [{'x' if ok else ' '}] {text}" for text, ok in hold_targets(rows)))
+            return
         print(f"References ({duration} s each):", flush=True)
         refs = references(duration)
         print("The service (ciris-billing serve --workers 2):", flush=True)
@@ -667,7 +705,8 @@ def main() -> None:
         f"- Server: `ciris-billing serve --workers 2` (uvicorn, uvloop, httptools), "
         f"{' '.join(f'{k}={v}' for k, v in SERVICE_SETTINGS.items())}; "
         f"wrk -t2 over loopback; CPU in % of one core (200% = both); "
-        f"charges {'with' if args.idempotency else 'without'} an Idempotency-Key"
+        f"charges, holds and captures {'with' if args.idempotency else 'without'} an "
+        "Idempotency-Key"
     )
     growth_file = BENCH / "RESULTS-growth.md"
     if args.growth:

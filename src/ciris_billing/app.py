@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ciris_billing import __version__
 from ciris_billing.accounts.admin_routes import router as admin_router
 from ciris_billing.accounts.hot.asgi import HotPath
+from ciris_billing.accounts.hot.holds import CaptureStore, HoldStore
 from ciris_billing.accounts.hot.pool import StatementPool
 from ciris_billing.accounts.hot.reader import AccountReader
 from ciris_billing.accounts.hot.writer import ChargeStore
@@ -127,6 +128,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             engine=engine,
             account_reader=AccountReader(statements, lanes),
             charge_store=ChargeStore(statements, lanes),
+            hold_store=HoldStore(statements, lanes),
+            capture_store=CaptureStore(statements, lanes),
             pricing=Pricing.from_settings(settings),
             keys=KeyStore(engine, settings.api_key_cache_seconds),
             provider=provider,

@@ -3,8 +3,10 @@ and every purchase is credited exactly when it is paid.
 
 Reservations: a hold moves uses out of free/paid_uses_remaining into reserved_free/paid_uses, so
 the ledger's free (paid) sum is the account's available plus reserved free (paid) uses; each
-account's reserved counters equal the sum over its active ('held') reservations; and every
-captured reservation is exactly one charge row referencing it, of the captured uses.
+account's reserved counters equal the sum over its active ('held') reservations; every
+captured reservation is exactly one charge row referencing it, of the captured uses; and the
+uses owed by holds (`refund_owed_uses`) are within the reserved paid uses and the shortfall
+recorded by refunds and lost disputes, less the owed uses already taken.
 
 `audit` reads the database only (fast; the tests run it after each test): counters against the
 ledger, and each credited purchase against its one purchase credit. `audit_payments` also asks
@@ -18,7 +20,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing.db import accounts, charges, credits, purchases, reservations
@@ -48,7 +50,9 @@ class ReservationFinding:
     account_id: str
     reservation_id: str | None
     # reserved_counters_mismatch (account vs its active holds), capture_without_charge,
-    # charge_without_capture (a charge naming a reservation not captured into it)
+    # charge_without_capture (a charge naming a reservation not captured into it),
+    # owed_uses_unaccounted (refund_owed_uses negative, above the reserved paid uses, or above
+    # the shortfall refunds and lost disputes recorded less the owed uses already taken)
     problem: str
 
 
@@ -203,8 +207,36 @@ async def _reservations(conn: AsyncConnection) -> list[ReservationFinding]:
         .where(charges.c.reservation_id.is_not(None), reservations.c.id.is_(None))
         .order_by(charges.c.reservation_id)
     )
+    short = (
+        select(
+            credits.c.account_id,
+            func.sum(
+                case(
+                    (credits.c.kind.in_(("refund", "dispute_lost")), credits.c.shortfall_uses),
+                    (credits.c.kind == "owed_taken", credits.c.paid_uses_delta),
+                    else_=0,
+                )
+            ).label("owed"),
+        )
+        .group_by(credits.c.account_id)
+        .subquery()
+    )
+    owed = accounts.c.refund_owed_uses
+    unaccounted = await conn.execute(
+        select(accounts.c.id)
+        .select_from(accounts.outerjoin(short, short.c.account_id == accounts.c.id))
+        .where(
+            or_(
+                owed < 0,
+                owed > accounts.c.reserved_paid_uses,
+                owed > func.coalesce(short.c.owed, 0),
+            )
+        )
+        .order_by(accounts.c.id)
+    )
     return [
         *(ReservationFinding(r.id, None, "reserved_counters_mismatch") for r in counters),
+        *(ReservationFinding(r.id, None, "owed_uses_unaccounted") for r in unaccounted),
         *(ReservationFinding(r.account_id, r.id, "capture_without_charge") for r in uncharged),
         *(
             ReservationFinding(r.account_id, r.reservation_id, "charge_without_capture")

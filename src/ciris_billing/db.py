@@ -77,6 +77,11 @@ accounts = Table(
     # first), so charges, refunds and disputes never see them, and back on release or expiry.
     Column("reserved_free_uses", Uses, nullable=False, server_default=text("0")),
     Column("reserved_paid_uses", Uses, nullable=False, server_default=text("0")),
+    # Paid uses a refund or a lost dispute should have taken but found held by reservations
+    # (never taken from a hold: SPEC.md). Releasing or expiring a hold pays them off before it
+    # gives uses back (accounts/reservations.py), so refunded uses never come back; never more
+    # than the reserved paid uses (a captured hold's uses were spent: plain shortfall).
+    Column("refund_owed_uses", Uses, nullable=False, server_default=text("0")),
     Column("status_reason", String(500)),
     Column("erased_at", Timestamp),
     # An erased account: HMAC of its old identity with the installation's erasure key
@@ -97,6 +102,10 @@ accounts = Table(
     CheckConstraint("held_uses >= 0", name="held_uses_not_negative"),
     CheckConstraint("reserved_free_uses >= 0", name="reserved_free_uses_not_negative"),
     CheckConstraint("reserved_paid_uses >= 0", name="reserved_paid_uses_not_negative"),
+    CheckConstraint("refund_owed_uses >= 0", name="refund_owed_uses_not_negative"),
+    CheckConstraint(
+        "refund_owed_uses <= reserved_paid_uses", name="refund_owed_uses_within_reserved"
+    ),
     CheckConstraint("status IN ('active', 'suspended')", name="status_known"),
     # Every charge updates its account's row. Room left on each page lets PostgreSQL write the
     # new row version beside the old one (a HOT update: no index entries, no other page), also
@@ -194,6 +203,7 @@ CREDIT_KINDS = (
     "dispute_hold",
     "dispute_lost",
     "dispute_won",
+    "owed_taken",  # owed uses paid off when a hold gave uses back (accounts.refund_owed_uses)
 )
 
 credits = Table(
@@ -319,11 +329,15 @@ disputes = Table(
     Column("purchase_id", Id, ForeignKey("purchases.id"), nullable=False),
     Column("state", String(16), nullable=False),
     Column("held_uses", Uses, nullable=False),
+    # The purchase's unused uses this dispute could not hold when it opened because
+    # reservations held them: a lost dispute takes them back like a refund (disputes.py).
+    Column("reserved_uses", Uses, nullable=False, server_default=text("0")),
     Column("created_at", Timestamp, nullable=False),
     Column("closed_at", Timestamp),
     # One row per provider dispute: its hold and its release happen once each.
     UniqueConstraint("provider", "dispute_id"),
     CheckConstraint("held_uses >= 0", name="held_uses_not_negative"),
+    CheckConstraint("reserved_uses >= 0", name="reserved_uses_not_negative"),
     CheckConstraint(
         "state IN (" + ", ".join(f"'{s}'" for s in DISPUTE_STATES) + ")", name="state_known"
     ),

@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import idempotency
+from ciris_billing.accounts.hot.holds import CaptureStore, HoldStore
 from ciris_billing.accounts.hot.reader import AccountReader
 from ciris_billing.accounts.hot.writer import ChargeStore
 from ciris_billing.auth import (
@@ -39,6 +40,8 @@ class AppState:
     engine: AsyncEngine
     account_reader: AccountReader  # the one credit reader (hot path)
     charge_store: ChargeStore  # the one charge store (hot path)
+    hold_store: HoldStore  # holds without an idempotency key (hot path)
+    capture_store: CaptureStore  # captures without an idempotency key (hot path)
     pricing: Pricing
     keys: KeyStore
     provider: PaymentProvider

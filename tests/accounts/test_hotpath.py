@@ -20,12 +20,15 @@ from fastapi.routing import APIRoute
 
 from ciris_billing import auth
 from ciris_billing.accounts.hot.asgi import HotPath, HotPathMismatch
+from ciris_billing.accounts.reservation_routes import router as reservations_router
 from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.app import create_app
 from tests.support.api import make_settings
 
 CHECK = "/v1/billing/credits/check"
 CHARGES = "/v1/billing/charges"
+RESERVE = "/v1/billing/reservations"
+CAPTURE = "/v1/billing/reservations/{reservation_id}/capture"
 VOLATILE = (
     "charge_id",
     "account_id",
@@ -33,6 +36,8 @@ VOLATILE = (
     "updated_at",
     "checkout_url",
     "portal_url",
+    "reservation_id",
+    "expires_at",
 )
 MEANINGFUL_HEADERS = (
     "content-type",
@@ -155,6 +160,50 @@ async def test_idempotent_replay_and_conflict(twins: Twins) -> None:
     assert in_body[0] == 201
 
 
+async def _holds(client: httpx.AsyncClient, key: str, side: str) -> list[Any]:
+    """Holds and captures, the usual and the unusual, on one app; their answers."""
+    who = user(f"{side}-holder@example.com")
+    sent: list[httpx.Response] = []
+
+    async def post(path: str, body: Any = None, **headers: str) -> Any:
+        answer = await client.post(path, json=body, headers={"X-API-Key": key, **headers})
+        sent.append(answer)
+        return answer.json() if answer.content else None
+
+    hold = await post(RESERVE, {**who, "uses": 2, "metadata": {"task": "a", "turn": 1}})
+    capture = f"{RESERVE}/{hold['reservation_id']}/capture"
+    await post(capture, {"uses": 1, "description": "chat", "metadata": {"turn": 2}})
+    await post(capture, {})  # captured already: 409
+    await post(f"{RESERVE}/rsv_nothing/capture", {})  # 404
+    await post(f"{RESERVE}/{'x' * 41}/capture", {})  # the path parameter's 422
+    second = await post(RESERVE, {**who, "uses": 2})  # the 2 uses left
+    await post(RESERVE, {**who, "uses": 1})  # 402, with where to buy
+    await post(f"{RESERVE}/{second['reservation_id']}/capture", {"uses": 3})  # 422: held 2
+    empty = await client.post(  # an empty body: all the held uses
+        f"{RESERVE}/{second['reservation_id']}/capture",
+        headers={"X-API-Key": key, "Content-Type": "application/json"},
+    )
+    sent.append(empty)
+    await post(RESERVE, {**user(f"{side}-new@example.com"), "uses": 3})  # created as a check
+    keyed = {**user(f"{side}-keyed@example.com"), "uses": 1}
+    replayed = await post(RESERVE, keyed, **{"Idempotency-Key": f"{side}-h1"})
+    await post(RESERVE, keyed, **{"Idempotency-Key": f"{side}-h1"})  # replayed
+    await post(RESERVE, {**keyed, "uses": 2}, **{"Idempotency-Key": f"{side}-h1"})  # 409
+    keyed_capture = f"{RESERVE}/{replayed['reservation_id']}/capture"
+    await post(keyed_capture, {}, **{"Idempotency-Key": f"{side}-c1"})
+    await post(keyed_capture, {}, **{"Idempotency-Key": f"{side}-c1"})  # replayed
+    return [_comparable(answer, side) for answer in sent]
+
+
+async def test_holds_and_captures_answer_as_the_framework_does(twins: Twins) -> None:
+    fast = await _holds(twins.fast, twins.keys["write"], "fast")
+    framework = await _holds(twins.framework, twins.keys["write"], "framework")
+    assert fast == framework
+    assert [status for status, _, _ in fast] == [
+        201, 201, 409, 404, 422, 201, 402, 422, 201, 201, 201, 201, 409, 201, 201,
+    ]  # fmt: skip
+
+
 VALID = b'{"oauth_provider": "oauth:google", "external_id": "USER"}'
 
 
@@ -248,9 +297,10 @@ async def test_latency_metric_is_labelled_with_the_route(twins: Twins) -> None:
 
 
 def _framework_with(extra: dict[str, list[params.Depends]]) -> FastAPI:
-    """A copy of the accounts routes, with extra dependencies on the routes named in `extra`."""
+    """A copy of the accounts and reservations routes, with extra dependencies on the routes
+    named in `extra`."""
     copy = APIRouter()
-    for route in accounts_router.routes:
+    for route in [*accounts_router.routes, *reservations_router.routes]:
         assert isinstance(route, APIRoute)
         copy.add_api_route(
             route.path,
@@ -272,7 +322,7 @@ def test_the_fast_path_serves_routes_with_the_dependencies_it_implements() -> No
     HotPath(framework, framework)  # the routes as they are: accepted
 
 
-@pytest.mark.parametrize("path", [CHECK, CHARGES])
+@pytest.mark.parametrize("path", [CHECK, CHARGES, RESERVE, CAPTURE])
 def test_the_fast_path_refuses_a_route_with_a_dependency_it_does_not_implement(
     path: str,
 ) -> None:

@@ -87,6 +87,21 @@ class Book:
     total: int = 0
     reserved_free: int = 0  # by active reservations (not available)
     reserved_paid: int = 0
+    # Paid uses a refund or a lost dispute could not take because holds had them: paid off
+    # first when those holds give uses back; never more than reserved_paid.
+    owed: int = 0
+
+    def owe(self, shortfall: int) -> None:
+        self.owed += max(0, min(shortfall, self.reserved_paid - self.owed))
+
+    def settle(self, hold: Hold, paid_back: int) -> None:
+        """The hold leaves: its reserved uses go, `paid_back` of its paid ones come back
+        after what is owed is paid off (a captured one's owed uses were spent)."""
+        self.reserved_free -= hold.free
+        self.reserved_paid -= hold.paid
+        paid_off = min(self.owed, paid_back)
+        self.owed = min(self.owed - paid_off, self.reserved_paid)
+        self.paid += paid_back - paid_off
 
 
 @dataclass
@@ -116,6 +131,7 @@ class Bought:
     uses_refunded: int = 0
     dispute: str | None = None  # None, then "open", "won" or "lost"
     held: int = 0
+    reserved: int = 0  # unused uses holds had when the dispute opened (a lost one takes them)
 
 
 @dataclass
@@ -392,6 +408,7 @@ class Ledger(RuleBasedStateMachine):
         target = uses_for_refund(bought.refunded_minor)
         take = min(target - bought.uses_refunded, book.paid)
         book.paid -= take
+        book.owe(target - bought.uses_refunded - take)
         bought.uses_refunded = target
         bought.status = "refunded" if bought.refunded_minor == PRICE else "partially_refunded"
         body = response.json()
@@ -415,7 +432,9 @@ class Ledger(RuleBasedStateMachine):
         assert response.status_code == 200, response.text
         book = self.model.book(bought.user)
         if bought.dispute is None:  # the first event holds the purchase's unused uses
-            bought.held = max(0, min(PAID_USES - bought.uses_refunded, book.paid))
+            unused = PAID_USES - bought.uses_refunded
+            bought.held = max(0, min(unused, book.paid))
+            bought.reserved = max(0, min(unused - bought.held, book.reserved_paid))
             book.paid -= bought.held
             book.held += bought.held
             bought.dispute = "open"
@@ -426,6 +445,10 @@ class Ledger(RuleBasedStateMachine):
             book.held -= bought.held
             if closing == "won":
                 book.paid += bought.held
+            else:  # what holds had at its opening goes back like a refund's
+                take = min(bought.reserved, book.paid)
+                book.paid -= take
+                book.owe(bought.reserved - take)
             bought.dispute = closing
 
     @rule(user=st.sampled_from(USERS), uses=st.integers(-25, 25).filter(bool), key=KEY)
@@ -561,10 +584,8 @@ class Ledger(RuleBasedStateMachine):
         book = self.model.book(hold.user)
         free_used = min(taken, hold.free)  # free uses are charged first
         paid_used = taken - free_used
-        book.reserved_free -= hold.free
-        book.reserved_paid -= hold.paid
+        book.settle(hold, hold.paid - paid_used)
         book.free += hold.free - free_used
-        book.paid += hold.paid - paid_used
         book.total += taken
         hold.status = "captured"
         body = response.json()
@@ -629,10 +650,8 @@ class Ledger(RuleBasedStateMachine):
     def _give_back(self, hold: Hold) -> None:
         """All the hold's uses back, each to the counter it came from."""
         book = self.model.book(hold.user)
-        book.reserved_free -= hold.free
-        book.reserved_paid -= hold.paid
+        book.settle(hold, hold.paid)
         book.free += hold.free
-        book.paid += hold.paid
 
     # --- after every step ---
 
@@ -654,6 +673,7 @@ class Ledger(RuleBasedStateMachine):
             assert body["held_uses"] == book.reserved_free + book.reserved_paid, (user, body, book)
             assert state.held.get(user, 0) == book.held, (user, state.held, book)
             assert state.reserved[user] == (book.reserved_free, book.reserved_paid), (user, book)
+            assert state.owed[user] == book.owed, (user, state.owed, book)
             checked = state.checks[user].json()
             assert (
                 checked["has_credit"],
@@ -667,6 +687,7 @@ class Ledger(RuleBasedStateMachine):
                 book.reserved_free + book.reserved_paid,
             ), (user, checked, book)
             assert min(book.free, book.paid, book.held, book.reserved_free, book.reserved_paid) >= 0
+            assert 0 <= book.owed <= book.reserved_paid
         assert state.holds == {r: h.status for r, h in self.model.holds.items()}
         expected = {
             payment_id: (b.status, b.credited, b.refunded_minor, b.uses_refunded)
@@ -699,6 +720,7 @@ class Ledger(RuleBasedStateMachine):
                         accounts.c.held_uses,
                         accounts.c.reserved_free_uses,
                         accounts.c.reserved_paid_uses,
+                        accounts.c.refund_owed_uses,
                     )
                 )
             )
@@ -713,6 +735,7 @@ class Ledger(RuleBasedStateMachine):
                     row.external_id: (int(row.reserved_free_uses), int(row.reserved_paid_uses))
                     for row in held
                 },
+                owed={row.external_id: int(row.refund_owed_uses) for row in held},
                 holds={row.id: row.status for row in holds},
                 purchases={
                     row.payment_id: (
@@ -733,6 +756,7 @@ class Observed:
     audit: AuditReport
     held: dict[str, int]
     reserved: dict[str, tuple[int, int]]
+    owed: dict[str, int]
     holds: dict[str, str]
     purchases: dict[str, tuple[str, bool, int, int]]
 

@@ -7,8 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
+import pytest
+from prometheus_client import REGISTRY
+
+from ciris_billing import jobs
+from ciris_billing.accounts import reservation_answers, reservation_routes, reservations
+from ciris_billing.accounts.reservation_answers import capture_body as capture_answer
+from ciris_billing.db import reservations as reservations_table
+from ciris_billing.db import utcnow
+from ciris_billing.jobs import Recovery, RecoveryReport
+from ciris_billing.unit_of_work import unit_of_work
 from tests.support.api import Api, identity, make_settings, running_app
 
 RESERVE = "/v1/billing/reservations"
@@ -288,4 +299,139 @@ async def test_capture_and_release_racing_exactly_one_wins(api: Api) -> None:
     assert check["total_uses"] == captures
     assert check["held_uses"] == 0
     assert check["free_uses_remaining"] + check["credits_remaining"] == 23 - captures
+    await clean(api)
+
+
+async def test_one_statement_and_unit_of_work_holds_answer_alike(api: Api) -> None:
+    """A hold and its capture are one statement each (hot/holds.py; with an Idempotency-Key in
+    a transaction that records the answer); what the statement does not make goes through a
+    unit of work (reservations.py), e.g. the first hold of an unknown identity. Same answers,
+    same books; the statements were used (the batch-size metric counts them)."""
+
+    def statements(kind: str) -> float:
+        return REGISTRY.get_sample_value("billing_batch_size_count", {"statement": kind}) or 0
+
+    volatile = {"reservation_id", "account_id", "external_id", "charge_id"}
+    volatile |= {"created_at", "expires_at"}
+
+    def shown(answer: Any) -> Any:
+        return {k: v for k, v in answer.items() if k not in volatile}
+
+    before = statements("hold"), statements("capture")
+    holds, captures = [], []
+    capture_body = {"uses": 1, "amount_minor": 7, "description": "d", "metadata": {"b": 2}}
+    for name in ("unknown", "known", "keyed"):
+        who = user(f"alike-{name}")
+        if name != "unknown":
+            await api.post(CHECK, who, scope="read")  # the account exists: one statement
+        headers = {"Idempotency-Key": f"alike-{name}"} if name == "keyed" else {}
+        held = await api.post(RESERVE, {**who, "uses": 2, "metadata": {"a": 1}}, **headers)
+        assert held.status_code == 201, held.text
+        holds.append(shown(held.json()))
+        reservation_id = held.json()["reservation_id"]
+        if name == "unknown":  # the unit of work's capture, as the route runs it on a miss
+            async with unit_of_work(api.engine) as work:
+                wanted = reservations.CaptureRequest(
+                    reservation_id, 1, 7, "d", {"b": 2}, api_key_id="k"
+                )
+                made = await reservations.capture(await work.connection(), wanted)
+                captures.append(shown(capture_answer(made.charge, made.account, made.reservation)))
+            continue
+        headers = {"Idempotency-Key": f"alike-{name}-capture"} if name == "keyed" else {}
+        captured = await api.post(f"{RESERVE}/{reservation_id}/capture", capture_body, **headers)
+        assert captured.status_code == 201, captured.text
+        captures.append(shown(captured.json()))
+    assert holds[0] == holds[1] == holds[2]
+    assert captures[0] == captures[1] == captures[2]
+    assert captures[0]["metadata"] == {"a": 1, "b": 2}
+    # The unknown identity's hold: a statement that missed, then the unit of work.
+    assert (statements("hold"), statements("capture")) == (before[0] + 2, before[1] + 1)
+    await clean(api)
+
+
+async def test_concurrent_retries_of_a_keyed_hold_and_capture_make_one_each(api: Api) -> None:
+    """Twins racing on one key: one statement takes the key, the others wait for its commit
+    and replay its answer."""
+    who = user("twins")
+    await api.post(CHECK, who, scope="read")
+    holds = await asyncio.gather(
+        *(
+            api.post(RESERVE, {**who, "uses": 2}, **{"Idempotency-Key": "twin-hold"})
+            for _ in range(8)
+        )
+    )
+    assert {h.status_code for h in holds} == {201}
+    assert len({h.json()["reservation_id"] for h in holds}) == 1
+    assert sum(h.headers.get("Idempotent-Replayed") == "true" for h in holds) == 7
+    capture = f"{RESERVE}/{holds[0].json()['reservation_id']}/capture"
+    captures = await asyncio.gather(
+        *(api.post(capture, {"uses": 1}, **{"Idempotency-Key": "twin-capture"}) for _ in range(8))
+    )
+    assert {c.status_code for c in captures} == {201}
+    assert len({c.json()["charge_id"] for c in captures}) == 1
+    check = (await api.post(CHECK, who, scope="read")).json()
+    assert (check["free_uses_remaining"], check["held_uses"], check["total_uses"]) == (2, 0, 1)
+    await clean(api)
+
+
+class Events:
+    """Stands in for the modules' structlog logger (its loggers are cached on first use, so
+    structlog's own capture cannot see them): the events logged, by name."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def _record(self, event: str, **_fields: Any) -> None:
+        self.names.append(event)
+
+    info = warning = error = _record
+
+
+async def test_every_outcome_is_counted_and_logged(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """billing_reservations_total{outcome} and the guide-style log events, once per step."""
+    events = Events()
+    for module in (reservation_answers, reservation_routes, jobs):
+        monkeypatch.setattr(module, "log", events)
+
+    def counted(outcome: str) -> float:
+        return REGISTRY.get_sample_value("billing_reservations_total", {"outcome": outcome}) or 0
+
+    outcomes = ("held", "captured", "released", "expired", "refused")
+    before = {outcome: counted(outcome) for outcome in outcomes}
+    who = user("counted")
+    await _every_outcome(api, who)
+    after = {outcome: counted(outcome) - before[outcome] for outcome in outcomes}
+    assert after == {"held": 3, "captured": 1, "released": 1, "expired": 1, "refused": 1}
+    for event, times in (("held", 3), ("captured", 1), ("released", 1), ("expired", 1)):
+        assert events.names.count(f"reservation_{event}") == times, (event, events.names)
+    await clean(api)
+
+
+async def _every_outcome(api: Api, who: dict[str, str]) -> None:
+    """Three 1-use holds on 3 free uses, a fourth refused; one captured, one released (twice),
+    one expired by the job."""
+    first, second, third = [(await reserve(api, who)).json() for _ in range(3)]
+    assert (await reserve(api, who)).status_code == 402
+    await api.post(f"{RESERVE}/{first['reservation_id']}/capture", {})
+    await api.post(f"{RESERVE}/{second['reservation_id']}/release", {})
+    await api.post(f"{RESERVE}/{second['reservation_id']}/release", {})  # again: nothing new
+    async with api.engine.begin() as conn:  # its TTL passes
+        await conn.execute(
+            reservations_table.update()
+            .where(reservations_table.c.id == third["reservation_id"])
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    report = RecoveryReport()
+    await Recovery(api.state.settings, api.engine, api.state.provider).expire_holds(report)
+    assert report.expired == 1
+
+
+async def test_a_hold_lasts_at_most_a_day(api: Api) -> None:
+    who = user("ttl")
+    assert (await reserve(api, who, ttl_seconds=86_401)).status_code == 422
+    assert (await reserve(api, who, ttl_seconds=0)).status_code == 422
+    held = (await reserve(api, who, ttl_seconds=86_400)).json()
+    assert held["status"] == "held"
     await clean(api)

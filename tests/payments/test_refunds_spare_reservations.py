@@ -10,11 +10,13 @@ invariant (`await api.audit()`) after each test.
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
 
-from ciris_billing.db import accounts, credits
+from ciris_billing.accounts import reservations
+from ciris_billing.db import accounts, credits, utcnow
 from tests.support.api import Api, identity
 from tests.support.flows import check, paid_purchase
 
@@ -135,7 +137,7 @@ async def test_dashboard_refund_by_webhook_never_takes_reserved_uses(api: Api) -
     checked = await check(api, USER)
     assert (checked["has_credit"], checked["held_uses"]) == (False, 18)
     # Part of the hold captured, the rest given back where it came from (15 paid held, 10 used:
-    # 3 free first, then 7 paid; 8 paid back).
+    # 3 free first, then 7 paid; 8 paid back), but those 8 were refunded: owed, so taken.
     captured = await capture(api, both["reservation_id"], 10)
     assert captured.status_code == 201, captured.text
     charge = captured.json()
@@ -146,7 +148,8 @@ async def test_dashboard_refund_by_webhook_never_takes_reserved_uses(api: Api) -
     )
     after = await counters(api)
     assert (after["reserved_free_uses"], after["reserved_paid_uses"]) == (0, 0)
-    assert after["paid_uses_remaining"] == 8
+    assert after["paid_uses_remaining"] == 0
+    assert await owed(api) == 0
     await clean(api)
 
 
@@ -210,10 +213,114 @@ async def test_refund_racing_a_capture_never_takes_reserved_uses(api: Api) -> No
     assert captured.status_code == 201, captured.text
     # Refunded first: 5 available taken, 15 shortfall. Captured first (12 of the 18: 3 free,
     # 9 paid, 6 paid back): 11 taken, 9 shortfall. Either way all 20 uses are accounted for,
-    # none taken from the hold.
+    # none taken from the hold, and none of the refunded ones comes back (refunded first, the
+    # 6 the capture gave back were owed).
     taken, shortfall = refunded.json()["uses_reversed"], refunded.json()["shortfall_uses"]
     assert (taken, shortfall) in ((5, 15), (11, 9))
     after = await counters(api)
     assert (after["reserved_free_uses"], after["reserved_paid_uses"]) == (0, 0)
-    assert after["paid_uses_remaining"] == 11 - taken
+    assert after["paid_uses_remaining"] == 0
+    await clean(api)
+
+
+# -- owed uses: what a refund or a lost dispute could not take because it was held -----------
+
+
+async def owed(api: Api) -> int:
+    async with api.engine.connect() as conn:
+        value = await conn.scalar(
+            select(accounts.c.refund_owed_uses).where(accounts.c.external_id == USER["external_id"])
+        )
+    return int(value or 0)
+
+
+async def expire_now(api: Api) -> int:
+    """The expiry job's step for the user's account, as if its holds' TTL had passed."""
+    async with api.engine.begin() as conn:
+        account_id = await conn.scalar(
+            select(accounts.c.id).where(accounts.c.external_id == USER["external_id"])
+        )
+        assert account_id is not None
+        later = utcnow() + timedelta(days=2)
+        return len(await reservations.expire_account(conn, account_id, later))
+
+
+async def test_a_released_hold_never_gives_back_uses_a_refund_could_not_take(api: Api) -> None:
+    """The refund's 15 shortfall uses were held, not spent: when the hold is released instead
+    of captured, they are owed, and paid off before anything comes back."""
+    both = await held_by_the_hold(api)
+    refunded = (await refund(api, both["payment_id"])).json()
+    assert (refunded["uses_reversed"], refunded["shortfall_uses"]) == (5, 15)
+    assert await owed(api) == 15
+    released = await api.post(f"{RESERVE}/{both['reservation_id']}/release", {})
+    assert released.status_code == 200, released.text
+    body = released.json()
+    # The 3 free uses come back; the 15 paid ones were refunded: taken now.
+    assert (body["free_uses_remaining"], body["credits_remaining"], body["held_uses"]) == (3, 0, 0)
+    assert await owed(api) == 0
+    refused = await api.post("/v1/billing/charges", {**USER, "uses": 4})
+    assert refused.status_code == 402
+    await clean(api)
+
+
+async def test_an_expired_hold_pays_off_owed_uses_first(api: Api) -> None:
+    both = await held_by_the_hold(api)
+    await dashboard_refund(api, both["payment_id"], 250)  # half: 10 uses due, 5 available
+    assert await refund_rows(api) == [(5, 5)]
+    assert await owed(api) == 5
+    assert await expire_now(api) == 1
+    after = await counters(api)
+    # 15 paid held: 5 owed paid off, 10 back; the 3 free ones back.
+    assert (after["free_uses_remaining"], after["paid_uses_remaining"]) == (3, 10)
+    assert (after["reserved_free_uses"], after["reserved_paid_uses"]) == (0, 0)
+    assert await owed(api) == 0
+    await clean(api)
+
+
+async def test_a_captured_hold_turns_owed_uses_into_plain_shortfall(api: Api) -> None:
+    """Captured, the held uses were spent: nothing more is owed; part captured, the uses it
+    gives back pay off what is owed first."""
+    both = await held_by_the_hold(api)
+    await refund(api, both["payment_id"])  # 5 taken, 15 owed
+    captured = await capture(api, both["reservation_id"], 10)  # 3 free + 7 paid; 8 paid back
+    assert captured.status_code == 201, captured.text
+    charge = captured.json()
+    assert (charge["released_uses"], charge["credits_remaining"], charge["held_uses"]) == (8, 0, 0)
+    assert await owed(api) == 0
+    await clean(api)
+
+
+async def test_a_lost_dispute_takes_back_the_uses_it_could_not_hold(api: Api) -> None:
+    """A dispute holds only available uses; the 15 reserved ones are recorded, and when it is
+    lost they are owed: the released hold gives back none of the purchase's paid uses."""
+    both = await held_by_the_hold(api)
+    await dispute(api, both["payment_id"], "needs_response")
+    assert await owed(api) == 0  # not yet: a won dispute gives everything back
+    await dispute(api, both["payment_id"], "lost")
+    assert await owed(api) == 15
+    async with api.engine.connect() as conn:
+        lost = (
+            await conn.execute(
+                select(credits.c.paid_uses_delta, credits.c.shortfall_uses).where(
+                    credits.c.kind == "dispute_lost"
+                )
+            )
+        ).one()
+    assert (int(lost.paid_uses_delta), int(lost.shortfall_uses)) == (0, 15)
+    released = await api.post(f"{RESERVE}/{both['reservation_id']}/release", {})
+    assert released.status_code == 200, released.text
+    assert (released.json()["free_uses_remaining"], released.json()["credits_remaining"]) == (3, 0)
+    await clean(api)
+
+
+async def test_a_won_dispute_owes_nothing(api: Api) -> None:
+    both = await held_by_the_hold(api)
+    await dispute(api, both["payment_id"], "needs_response")
+    await dispute(api, both["payment_id"], "won")
+    assert await owed(api) == 0
+    released = await api.post(f"{RESERVE}/{both['reservation_id']}/release", {})
+    assert (released.json()["free_uses_remaining"], released.json()["credits_remaining"]) == (
+        3,
+        20,
+    )
     await clean(api)

@@ -1,7 +1,9 @@
 """HTTP routes for reservations (holds). Thin: parse, call accounts/reservations.py, render.
 
-Each runs on the request's unit of work; reserve and capture through run_idempotent, so a retry
-with the same Idempotency-Key replays the first answer (recorded in the same transaction).
+Reserve and capture are answered by accounts/reservation_answers.py (which the fast path,
+hot/asgi.py, calls too): one statement when they carry no Idempotency-Key, else a unit of work
+of their own through run_idempotent, so a retry with the same key replays the first answer.
+Release and the lookups run on the request's unit of work.
 """
 
 from __future__ import annotations
@@ -10,12 +12,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing import idempotency
-from ciris_billing.accounts import answers, reservations, service
-from ciris_billing.accounts.checks import open_account
-from ciris_billing.accounts.routes import identity_of, path_identity
+from ciris_billing.accounts import reservation_answers, reservations
+from ciris_billing.accounts.reservation_answers import CAPTURE_ROUTE, RESERVE_ROUTE
+from ciris_billing.accounts.routes import path_identity
 from ciris_billing.accounts.schemas import (
     PurchaseRequiredOut,
     ReservationCapture,
@@ -24,8 +24,6 @@ from ciris_billing.accounts.schemas import (
     ReservationOut,
     ReservationsOut,
 )
-from ciris_billing.checkout.links import buy_token, buy_url
-from ciris_billing.db import iso
 from ciris_billing.deps import (
     IdempotencyKeyHeader,
     ReadKey,
@@ -33,9 +31,8 @@ from ciris_billing.deps import (
     UnitOfWorkDep,
     WriteKey,
     json_response,
-    run_idempotent,
 )
-from ciris_billing.errors import ErrorOut, InvalidRequest, PurchaseRequired, error_responses
+from ciris_billing.errors import ErrorOut, InvalidRequest, error_responses
 from ciris_billing.observability import RESERVATIONS, log
 
 router = APIRouter(prefix="/v1/billing", tags=["reservations"])
@@ -47,32 +44,8 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 ReservationId = Annotated[str, Path(min_length=1, max_length=40, examples=["rsv_3f9a"])]
 
 
-def reservation_body(reservation: Any, account: Any) -> dict[str, Any]:
-    """A reservation and its account's available counters (`reservation`, `account`: rows, or
-    one joined row for both)."""
-    r, a = reservation._mapping, account._mapping
-    captured = r["captured_uses"]
-    return {
-        "reservation_id": r["id"],
-        "account_id": r["account_id"],
-        "oauth_provider": a["oauth_provider"],
-        "external_id": a["external_id"],
-        "status": r["status"],
-        "uses": int(r["uses"]),
-        "captured_uses": None if captured is None else int(captured),
-        "charge_id": r["charge_id"],
-        "expires_at": iso(r["expires_at"]),
-        "metadata": dict(r["metadata"]),
-        "held_uses": reservations.held_uses(a),
-        "free_uses_remaining": int(a["free_uses_remaining"]),
-        "credits_remaining": int(a["paid_uses_remaining"]),
-        "total_uses": int(a["total_uses"]),
-        "created_at": iso(r["created_at"]),
-    }
-
-
 @router.post(
-    "/reservations",
+    RESERVE_ROUTE.removeprefix(router.prefix),
     response_model=ReservationOut,
     status_code=201,
     responses={
@@ -85,52 +58,15 @@ async def create_reservation(
     body: ReservationCreate,
     request: Request,
     state: StateDep,
-    work: UnitOfWorkDep,
     principal: WriteKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Hold uses for an interaction whose cost is known only at its end (free uses first)."""
-    key = idempotency.resolve_key(idempotency_key)
-    identity = identity_of(body)
-    state.account_limits.check(f"{identity.oauth_provider}/{identity.external_id}", "account")
-    if await service.find_account(await work.connection(), identity) is None:
-        # As a check would: in a unit of work of its own (committed), so the account stays even
-        # when this hold is refused. Safe when first requests race (ensure_account).
-        await open_account(state.engine, identity, state.pricing)
-
-    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        wanted = reservations.HoldRequest(
-            identity=identity,
-            uses=body.uses,
-            ttl_seconds=body.ttl_seconds,
-            metadata=body.metadata,
-            api_key_id=principal.key_id,
-            idempotency_key=key,
-        )
-        try:
-            made = await reservations.hold(conn, wanted, state.pricing)
-        except PurchaseRequired as refused:
-            RESERVATIONS.labels("refused").inc()
-            token = buy_token(state.link_secret, identity.oauth_provider, identity.external_id)
-            refused.extra["checkout_url"] = buy_url(state.public_base_url(request), token)
-            refused.extra["portal_url"] = answers.portal_link(state, request, identity)
-            raise
-        RESERVATIONS.labels("held").inc()
-        log.info(
-            "reservation_held",
-            reservation_id=made.reservation.id,
-            account_id=made.account.id,
-            uses=body.uses,
-            ttl_seconds=body.ttl_seconds,
-        )
-        return 201, reservation_body(made.reservation, made.account)
-
-    payload = body.model_dump(mode="json")
-    return await run_idempotent(request, work, principal, key, payload, effect)
+    return await reservation_answers.reserve(state, request, body, idempotency_key, principal)
 
 
 @router.post(
-    "/reservations/{reservation_id}/capture",
+    CAPTURE_ROUTE.removeprefix(router.prefix),
     response_model=ReservationCaptureOut,
     status_code=201,
     responses={
@@ -142,63 +78,16 @@ async def create_reservation(
 async def capture_reservation(
     reservation_id: ReservationId,
     request: Request,
-    work: UnitOfWorkDep,
+    state: StateDep,
     principal: WriteKey,
     body: ReservationCapture | None = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Charge the uses the interaction took (at most the held ones; all by default) as one
     charge, and release the rest."""
-    body = body or ReservationCapture()
-    key = idempotency.resolve_key(idempotency_key)
-
-    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        wanted = reservations.CaptureRequest(
-            reservation_id=reservation_id,
-            uses=body.uses,
-            amount_minor=body.amount_minor,
-            description=body.description,
-            metadata=body.metadata,
-            api_key_id=principal.key_id,
-        )
-        made = await reservations.capture(conn, wanted)
-        charge, account, held = made.charge, made.account, made.reservation
-        assert charge is not None
-        RESERVATIONS.labels("captured").inc()
-        log.info(
-            "reservation_captured",
-            reservation_id=held.id,
-            charge_id=charge.id,
-            account_id=account.id,
-            uses=int(charge.uses),
-            released_uses=int(held.uses) - int(charge.uses),
-        )
-        return 201, {
-            "charge_id": charge.id,
-            "reservation_id": held.id,
-            "status": "captured",
-            "account_id": account.id,
-            "oauth_provider": account.oauth_provider,
-            "external_id": account.external_id,
-            "uses": int(charge.uses),
-            "released_uses": int(held.uses) - int(charge.uses),
-            "free_uses_used": int(charge.free_uses_used),
-            "paid_uses_used": int(charge.paid_uses_used),
-            "amount_minor": int(charge.amount_minor),
-            "currency": charge.currency,
-            "description": charge.description,
-            "metadata": dict(charge._mapping["metadata"]),
-            "free_uses_remaining": int(account.free_uses_remaining),
-            "credits_remaining": int(account.paid_uses_remaining),
-            "balance_minor": int(account.paid_uses_remaining),
-            "held_uses": reservations.held_uses(account._mapping),
-            "total_uses": int(account.total_uses),
-            "plan_name": account.plan_name,
-            "created_at": iso(charge.created_at),
-        }
-
-    payload = body.model_dump(mode="json")
-    return await run_idempotent(request, work, principal, key, payload, effect)
+    return await reservation_answers.capture(
+        state, request, reservation_id, body or ReservationCapture(), idempotency_key, principal
+    )
 
 
 @router.post(
@@ -220,7 +109,7 @@ async def release_reservation(
             account_id=made.account.id,
             uses=int(made.reservation.uses),
         )
-    return json_response(200, reservation_body(made.reservation, made.account))
+    return json_response(200, reservation_answers.reservation_body(made.reservation, made.account))
 
 
 @router.get(
@@ -233,7 +122,7 @@ async def get_reservation(
 ) -> Response:
     """One reservation."""
     row = await reservations.get(await work.connection(), reservation_id)
-    return json_response(200, reservation_body(row, row))
+    return json_response(200, reservation_answers.reservation_body(row, row))
 
 
 @router.get("/reservations", response_model=ReservationsOut, responses=ERRORS)
@@ -258,7 +147,7 @@ async def list_reservations(
     return json_response(
         200,
         {
-            "reservations": [reservation_body(row, row) for row in rows],
+            "reservations": [reservation_answers.reservation_body(row, row) for row in rows],
             "limit": limit,
             "offset": offset,
         },

@@ -35,6 +35,7 @@ from ciris_billing.errors import (
     ReservationNotFound,
     ReservationNotHeld,
 )
+from ciris_billing.ledger import write_credit
 from ciris_billing.pricing import Pricing
 
 HELD = "held"
@@ -168,6 +169,7 @@ async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
         available=(free_held - free_used, paid_held - paid_used),
         spent=uses,
         now=now,
+        why=won.id,
     )
     charge = (
         await conn.execute(
@@ -263,9 +265,19 @@ async def _give_back(
 ) -> Row[Any]:
     free = sum(int(r.free_uses_held) for r in held)
     paid = sum(int(r.paid_uses_held) for r in held)
+    why = ", ".join(r.id for r in held)
     return await _move_uses(
-        conn, account_id, reserved=(-free, -paid), available=(free, paid), now=now
+        conn, account_id, reserved=(-free, -paid), available=(free, paid), now=now, why=why
     )
+
+
+def owed_after(owed: int, paid_back: int, reserved_paid_after: int) -> tuple[int, int]:
+    """(uses paid off, uses still owed) when holds give `paid_back` paid uses back and leave
+    `reserved_paid_after` reserved: owed uses are paid off first, and no more stays owed than
+    is still held (a captured hold's uses were spent: plain shortfall). The hot capture
+    statement (hot/holds.py) computes the same in SQL."""
+    paid_off = min(owed, paid_back)
+    return paid_off, min(owed - paid_off, reserved_paid_after)
 
 
 async def _move_uses(
@@ -276,25 +288,60 @@ async def _move_uses(
     available: tuple[int, int],
     spent: int = 0,
     now: datetime,
+    why: str = "",
 ) -> Row[Any]:
     """Change the account's (free, paid) reserved and available counters by these amounts, and
     its total uses by `spent`: the one account update of hold, capture, release and expiry
-    (CHECK constraints keep every counter at zero or above)."""
-    return (
+    (CHECK constraints keep every counter at zero or above). Paid uses leaving a hold pay off
+    the account's owed uses first (`refund_owed_uses`: what a refund or a lost dispute could
+    not take because it was held), with an `owed_taken` ledger row."""
+    paid_off, owed = 0, None
+    if reserved[1] < 0:
+        # Safe: the account's row stays locked until the transaction ends, so the owed uses
+        # read here are the ones the UPDATE below settles (lock order: the reservation's row,
+        # already locked by the caller's UPDATE, then the account's).
+        locked = (
+            await conn.execute(
+                select(accounts.c.refund_owed_uses, accounts.c.reserved_paid_uses)
+                .where(accounts.c.id == account_id)
+                .with_for_update()
+            )
+        ).one()
+        if int(locked.refund_owed_uses):
+            paid_off, owed = owed_after(
+                int(locked.refund_owed_uses),
+                max(available[1], 0),
+                int(locked.reserved_paid_uses) + reserved[1],
+            )
+    values: dict[str, Any] = {
+        "reserved_free_uses": accounts.c.reserved_free_uses + reserved[0],
+        "reserved_paid_uses": accounts.c.reserved_paid_uses + reserved[1],
+        "free_uses_remaining": accounts.c.free_uses_remaining + available[0],
+        "paid_uses_remaining": accounts.c.paid_uses_remaining + available[1] - paid_off,
+        "total_uses": accounts.c.total_uses + spent,
+        "updated_at": now,
+    }
+    if owed is not None:
+        values["refund_owed_uses"] = owed
+    account = (
         await conn.execute(
             accounts.update()
             .where(accounts.c.id == account_id)
-            .values(
-                reserved_free_uses=accounts.c.reserved_free_uses + reserved[0],
-                reserved_paid_uses=accounts.c.reserved_paid_uses + reserved[1],
-                free_uses_remaining=accounts.c.free_uses_remaining + available[0],
-                paid_uses_remaining=accounts.c.paid_uses_remaining + available[1],
-                total_uses=accounts.c.total_uses + spent,
-                updated_at=now,
-            )
+            .values(**values)
             .returning(*accounts.c)
         )
     ).one()
+    if paid_off:
+        await write_credit(
+            conn,
+            account_id=account_id,
+            kind="owed_taken",
+            currency=account.currency,
+            paid=-paid_off,
+            description=f"{paid_off} paid uses owed to a refund or a lost dispute, taken when "
+            f"held uses came back ({why})"[:500],
+        )
+    return account
 
 
 async def _find(conn: AsyncConnection, reservation_id: str) -> Row[Any] | None:

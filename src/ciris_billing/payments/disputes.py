@@ -22,6 +22,7 @@ from ciris_billing.db import accounts, disputes, insert_or_ignore, new_id, purch
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
 from ciris_billing.payments.providers.base import Dispute
+from ciris_billing.payments.refunds import owed_from_holds
 
 
 async def apply_dispute(conn: AsyncConnection, provider: str, dispute: Dispute) -> str:
@@ -72,7 +73,7 @@ async def apply_dispute(conn: AsyncConnection, provider: str, dispute: Dispute) 
 async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase: Row[Any]) -> None:
     account = (
         await conn.execute(
-            select(accounts.c.paid_uses_remaining)
+            select(accounts.c.paid_uses_remaining, accounts.c.reserved_paid_uses)
             .where(accounts.c.id == purchase.account_id)
             .with_for_update()
         )
@@ -80,6 +81,9 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
     # Uses another open or lost dispute of this purchase already covers are not held twice.
     unused = int(purchase.uses) - int(purchase.uses_refunded) - await _claimed(conn, purchase)
     hold = max(0, min(unused, int(account.paid_uses_remaining)))
+    # Held uses are never taken (a hold is a promise): those of the purchase's unused uses that
+    # reservations hold are remembered, for a lost dispute to take back like a refund.
+    reserved = max(0, min(unused - hold, int(account.reserved_paid_uses)))
     inserted = await conn.execute(
         insert_or_ignore(disputes)
         .values(
@@ -89,6 +93,7 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
             purchase_id=purchase.id,
             state="open",
             held_uses=hold,
+            reserved_uses=reserved,
             created_at=utcnow(),
             closed_at=None,
         )
@@ -140,23 +145,48 @@ async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row
         unrefunded = int(purchase.uses) - int(purchase.uses_refunded) - others
         released = max(0, min(held, unrefunded))
     kept = held - released if state == "won" else 0
+    taken, shortfall, owe = 0, 0, 0
+    if state == "lost" and int(row.reserved_uses):
+        # The uses reservations held when the dispute opened go back like a refund's: what is
+        # available now is taken, the rest is shortfall, owed while holds still have it.
+        # Safe: the account's row is locked until commit (lock order: purchase, account).
+        account = (
+            await conn.execute(
+                select(
+                    accounts.c.paid_uses_remaining,
+                    accounts.c.reserved_paid_uses,
+                    accounts.c.refund_owed_uses,
+                )
+                .where(accounts.c.id == account_id)
+                .with_for_update()
+            )
+        ).one()
+        due = int(row.reserved_uses)
+        taken = min(due, int(account.paid_uses_remaining))
+        shortfall = due - taken
+        owe = owed_from_holds(account, shortfall)
+    notes = f"; {kept} held uses not released: refunded during the dispute" if kept else ""
+    if state == "lost" and int(row.reserved_uses):
+        notes += f"; {taken} uses held by reservations at its opening taken back"
+        notes += f", {shortfall} short ({owe} owed by holds)" if shortfall else ""
     if await write_credit(
         conn,
         account_id=account_id,
         kind=f"dispute_{state}",
         currency=purchase.currency,
-        paid=released,
+        paid=released - taken,
         held=-held,
+        shortfall=shortfall,
         external_transaction_id=f"{dispute_id}:{state}",
-        description=f"Dispute {dispute_id} {state}"
-        + (f"; {kept} held uses not released: refunded during the dispute" if kept else ""),
+        description=f"Dispute {dispute_id} {state}{notes}"[:500],
     ):
         await conn.execute(
             accounts.update()
             .where(accounts.c.id == account_id)
             .values(
-                paid_uses_remaining=accounts.c.paid_uses_remaining + released,
+                paid_uses_remaining=accounts.c.paid_uses_remaining + released - taken,
                 held_uses=accounts.c.held_uses - held,
+                refund_owed_uses=accounts.c.refund_owed_uses + owe,
                 updated_at=utcnow(),
             )
         )

@@ -106,7 +106,11 @@ async def apply_refunded_total(
     uses_due = uses_target - int(purchase.uses_refunded)
     account = (
         await conn.execute(
-            select(accounts.c.paid_uses_remaining)
+            select(
+                accounts.c.paid_uses_remaining,
+                accounts.c.reserved_paid_uses,
+                accounts.c.refund_owed_uses,
+            )
             .where(accounts.c.id == purchase.account_id)
             .with_for_update()
         )
@@ -119,6 +123,9 @@ async def apply_refunded_total(
     # belongs to another purchase, so nothing is taken and the uses are recorded as shortfall.
     take = 0 if claiming else min(uses_due, int(account.paid_uses_remaining))
     shortfall = uses_due - take
+    # Of the shortfall, what reservations hold may still come back (a release or an expiry
+    # instead of a capture): owed, and paid off before those uses return (reservations.py).
+    owe = 0 if claiming else owed_from_holds(account, shortfall)
     amount = total - int(purchase.refunded_minor)
     recorded = await write_credit(
         conn,
@@ -137,7 +144,11 @@ async def apply_refunded_total(
     await conn.execute(
         accounts.update()
         .where(accounts.c.id == purchase.account_id)
-        .values(paid_uses_remaining=accounts.c.paid_uses_remaining - take, updated_at=now)
+        .values(
+            paid_uses_remaining=accounts.c.paid_uses_remaining - take,
+            refund_owed_uses=accounts.c.refund_owed_uses + owe,
+            updated_at=now,
+        )
     )
     await conn.execute(
         purchases.update()
@@ -161,6 +172,14 @@ async def apply_refunded_total(
     return RefundApplied(amount, take, shortfall)
 
 
+def owed_from_holds(account: Any, shortfall: int) -> int:
+    """Of `shortfall` uses a refund or a lost dispute could not take, those reservations hold
+    and that are not owed already (never more than the reserved paid uses). `account`: its
+    row, locked by the caller."""
+    room = int(account.reserved_paid_uses) - int(account.refund_owed_uses)
+    return max(0, min(shortfall, room))
+
+
 def _shortfall_note(shortfall: int, claiming: list[Row[Any]]) -> str:
     if not shortfall:
         return ""
@@ -170,7 +189,7 @@ def _shortfall_note(shortfall: int, claiming: list[Row[Any]]) -> str:
             f"; {shortfall} uses not taken: dispute {dispute.dispute_id} is {dispute.state}"
             " (its hold covers the purchase's unused uses)"
         )
-    return f"; {shortfall} uses already spent"
+    return f"; {shortfall} uses already spent or held by reservations"
 
 
 async def refund_totals(conn: AsyncConnection, purchase: Row[Any]) -> tuple[int, int]:

@@ -1,9 +1,10 @@
-"""The fast path: credit checks and charges served without the framework's layers.
+"""The fast path: credit checks, charges, holds and captures served without the framework's
+layers.
 
-Agents make these two requests on every interaction. Profiled under load, FastAPI's routing,
+Agents make these requests on every interaction. Profiled under load, FastAPI's routing,
 dependency solving and per-request exception plumbing took more Python time than the check
 itself, so this ASGI layer, in front of the framework (app.py BillingApp: request ids, the
-latency metric and the body limit still wrap it), serves the two routes itself. It changes
+latency metric and the body limit still wrap it), serves those routes itself. It changes
 nothing about what they answer:
 
 - the API key was authenticated by the edge (edge.RouteGate: scope and rate limit, before the
@@ -12,8 +13,10 @@ nothing about what they answer:
 - the body is parsed with the edge's strict parser (edge.loads_strict: a pathological body is
   a 422 here, as the edge answers for the framework's routes) and validated with the route's
   own pydantic model, exactly as FastAPI would (JSON content types only);
-- the answer comes from accounts/answers.py, the functions the routes call too (status, body,
-  headers, metrics, logs), and errors are rendered by errors_http.py, as the app's handlers do
+- the answer comes from accounts/answers.py (checks, charges) or accounts/reservation_answers.py
+  (holds, captures), the functions the routes call too (status, body, headers, metrics, logs);
+  a capture's reservation id is validated with the route's own path parameter type; errors are
+  rendered by errors_http.py, as the app's handlers do
   (an error it does not answer reaches the server, which answers 500, as from the framework);
 - the latency metric is labelled with the route template this layer names as its own.
 
@@ -37,12 +40,18 @@ from fastapi import FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.responses import Response
 from fastapi.routing import APIRoute, iter_route_contexts
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ciris_billing.accounts import answers
-from ciris_billing.accounts.schemas import ChargeCreate, CreditCheck
+from ciris_billing.accounts import answers, reservation_answers
+from ciris_billing.accounts.reservation_routes import ReservationId
+from ciris_billing.accounts.schemas import (
+    ChargeCreate,
+    CreditCheck,
+    ReservationCapture,
+    ReservationCreate,
+)
 from ciris_billing.auth import API_KEY_HEADER, BEARER, Principal
 from ciris_billing.deps import AppState, ReadKey, WriteKey, app_state, authenticated, authorize
 from ciris_billing.edge import (
@@ -57,6 +66,11 @@ from ciris_billing.errors_http import error_response
 from ciris_billing.observability import ROUTE_TEMPLATE
 
 Serve = Callable[[Any, Request, AppState, Headers, Principal], Awaitable[Response]]
+
+# The capture route's one path parameter, as the framework would validate it.
+_RESERVATION_ID: TypeAdapter[str] = TypeAdapter(ReservationId)
+_RESERVATIONS = reservation_answers.RESERVE_ROUTE + "/"
+_CAPTURE = "/capture"
 
 
 class HotPathMismatch(RuntimeError):
@@ -96,6 +110,21 @@ async def _charge(
     return await answers.charge(state, request, body, headers.get("idempotency-key"), principal)
 
 
+async def _reserve(
+    body: Any, request: Request, state: AppState, headers: Headers, principal: Principal
+) -> Response:
+    key = headers.get("idempotency-key")
+    return await reservation_answers.reserve(state, request, body, key, principal)
+
+
+async def _capture(
+    body: Any, request: Request, state: AppState, headers: Headers, principal: Principal
+) -> Response:
+    reservation_id: str = request.path_params["reservation_id"]
+    key = headers.get("idempotency-key")
+    return await reservation_answers.capture(state, request, reservation_id, body, key, principal)
+
+
 @dataclass(frozen=True, slots=True)
 class _Lane:
     path: str  # the route template: the latency metric's label, as for the framework's routes
@@ -111,6 +140,7 @@ _STATE = _depends(app_state)  # the app's state: self.billing.state.billing, as 
 # The key's two OpenAPI security schemes: authorize() reads both headers itself (chosen_key);
 # they ask the framework for the connection only to read those headers.
 _KEY_SCHEMES = frozenset({_depends(API_KEY_HEADER), _depends(BEARER), "http_connection_param_name"})
+_KEYED_WRITE = frozenset({_STATE, _api_key(WriteKey), _header("Idempotency-Key"), *_KEY_SCHEMES})
 _LANES: dict[str, _Lane] = {
     lane.path: lane
     for lane in (
@@ -136,8 +166,40 @@ _LANES: dict[str, _Lane] = {
                 }
             ),
         ),
+        _Lane(
+            reservation_answers.RESERVE_ROUTE,
+            ReservationCreate,
+            "write",
+            _reserve,
+            frozenset({_body(ReservationCreate), *_KEYED_WRITE}),
+        ),
+        _Lane(
+            reservation_answers.CAPTURE_ROUTE,
+            ReservationCapture,
+            "write",
+            _capture,
+            # The body is optional on the route: an empty one goes on to the framework.
+            frozenset({_body(ReservationCapture | None), "path reservation_id", *_KEYED_WRITE}),
+        ),
     )
 }
+
+
+def _lane_of(path: str) -> tuple[_Lane | None, dict[str, str]]:
+    """The lane serving `path`, with its path parameters (valid as the route's, else no lane:
+    the framework answers)."""
+    lane = _LANES.get(path)
+    if lane is not None:
+        return lane, {}
+    if path.startswith(_RESERVATIONS) and path.endswith(_CAPTURE):
+        reservation_id = path[len(_RESERVATIONS) : -len(_CAPTURE)]
+        if "/" not in reservation_id:
+            try:
+                valid = _RESERVATION_ID.validate_python(reservation_id)
+            except ValidationError:
+                return None, {}
+            return _LANES[reservation_answers.CAPTURE_ROUTE], {"reservation_id": valid}
+    return None, {}
 
 
 def requirements(dependant: Dependant) -> frozenset[str]:
@@ -194,7 +256,8 @@ def check_lanes(app: FastAPI) -> None:
 
 
 class HotPath:
-    """Serves POST credit checks and charges itself; hands everything else to `app`, the
+    """Serves POST credit checks, charges, holds and captures itself; hands everything else
+    to `app`, the
     framework's entry point of `billing` (whose state it uses). Refuses to be built when a hot
     route's dependencies differ from what its lane implements (check_lanes)."""
 
@@ -206,7 +269,7 @@ class HotPath:
         self.parses_strictly = frozenset(_LANES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        lane = _LANES.get(scope["path"]) if scope["type"] == "http" else None
+        lane, path_params = _lane_of(scope["path"]) if scope["type"] == "http" else (None, {})
         if lane is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
@@ -227,6 +290,7 @@ class HotPath:
             parsed = _validate(lane.model, body) if body else None
             if parsed is not None:
                 scope[ROUTE_TEMPLATE] = lane.path
+                scope["path_params"] = path_params
                 request = Request(scope, receive)
                 response = await lane.serve(parsed, request, state, headers, principal)
         except Exception as exc:

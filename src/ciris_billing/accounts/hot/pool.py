@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -17,6 +17,7 @@ from ciris_billing.observability import STATEMENT_RETRIES, log
 # serialization failure (40001): a handful, then the error is the request's.
 STATEMENT_ATTEMPTS = 5
 _TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+T = TypeVar("T")
 
 
 class DuplicateKey(Exception):
@@ -64,10 +65,39 @@ class StatementPool:
         rows: list[asyncpg.Record] = await self._run("fetch", sql, args)
         return rows
 
+    async def in_transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`work`'s statements in one transaction on a pooled connection, committed when it
+        returns (rolled back when it raises); sent again whole on a deadlock or a serialization
+        failure, as a single statement is; DuplicateKey as above. For the few requests that
+        need a second statement after the first's answer (a keyed hold or capture records its
+        response with its key)."""
+
+        async def transaction(conn: asyncpg.Connection) -> T:
+            for attempt in range(1, STATEMENT_ATTEMPTS + 1):
+                try:
+                    async with conn.transaction():
+                        return await work(conn)
+                except _TRANSIENT as exc:
+                    # Safe to run again: PostgreSQL rolled the whole transaction back.
+                    if attempt == STATEMENT_ATTEMPTS:
+                        raise
+                    STATEMENT_RETRIES.labels(exc.sqlstate).inc()
+                    log.warning("statement_retried", sqlstate=exc.sqlstate, attempt=attempt)
+            raise AssertionError("unreachable")
+
+        async with self._connection() as conn:
+            return await transaction(conn)
+
     async def _run(self, method: str, sql: str, args: Sequence[Any]) -> Any:
         """A statement that failed on a deadlock or a serialization failure is sent again (at
-        most STATEMENT_ATTEMPTS times), transparently. A connection whose statement failed for
-        any other reason than a constraint is closed rather than reused: the pool cannot tell a
+        most STATEMENT_ATTEMPTS times), transparently."""
+        async with self._connection() as conn:
+            return await self._send(conn, method, sql, args)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection, in turn. A connection whose statement failed for any other
+        reason than a constraint is closed rather than reused: the pool cannot tell a
         connection that survived from a lost one, and replaces closed connections with new
         ones."""
         if self._turns.locked():  # all connections busy: wait for a turn, within bounds
@@ -82,7 +112,7 @@ class StatementPool:
             # throughput).
             conn = await self._pool.acquire()
             try:
-                return await self._send(conn, method, sql, args)
+                yield conn
             except asyncpg.UniqueViolationError as exc:
                 raise DuplicateKey(str(exc)) from exc  # the connection is fine
             except asyncpg.IntegrityConstraintViolationError:
