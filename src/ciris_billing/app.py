@@ -31,11 +31,12 @@ from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.console.action_routes import router as console_actions_router
 from ciris_billing.console.routes import router as console_router
-from ciris_billing.db import create_engine
+from ciris_billing.db import create_engine, session_settings
 from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.edge import RouteGate
 from ciris_billing.errors import error_responses
 from ciris_billing.errors_http import RENDERED, error_response
+from ciris_billing.events.routes import router as webhook_endpoints_router
 from ciris_billing.installation import load as load_installation_secrets
 from ciris_billing.jobs import running_jobs
 from ciris_billing.observability import (
@@ -105,7 +106,9 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
-        statements = await StatementPool.open(engine, settings.db_pool_size)
+        statements = await StatementPool.open(
+            engine, settings.db_pool_size, session_settings(settings)
+        )
         lanes = min(LANES, settings.db_pool_size)
         # Stored once per installation: every worker, instance and restart gets the same.
         installation = await load_installation_secrets(engine, settings)
@@ -183,6 +186,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(payments_router)
     app.include_router(sandbox_router)
     app.include_router(webhooks_router)
+    app.include_router(webhook_endpoints_router)
     app.include_router(checkout_router)
     app.include_router(portal_router)
     app.include_router(console_router)

@@ -22,6 +22,7 @@ from ciris_billing.accounts import reservations as held
 from ciris_billing.audit import AuditReport, PurchaseFinding, audit_payments
 from ciris_billing.audit import audit as run_audit
 from ciris_billing.cli_lookup import COMMANDS, parse_identity
+from ciris_billing.cli_webhooks import low_balance_threshold, webhook_endpoints
 from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine, iso
 from ciris_billing.embedded import embedded_postgres
@@ -589,8 +590,9 @@ def audit_log(account_id: str | None, action: str | None, limit: int, as_json: b
 
 @main.command()
 def worker() -> None:
-    """Run the background jobs only (webhook retries, reconcile), until stopped. `serve` runs
-    them too unless JOBS_ENABLED=false; any number may run: each job still runs once."""
+    """Run the background jobs only (webhook retries, reconcile, hold expiry, outgoing webhook
+    deliveries), until stopped. `serve` runs them too unless JOBS_ENABLED=false; any number may
+    run: each job still runs once."""
     from ciris_billing.jobs import JobWorker
 
     async def work(engine: AsyncEngine, provider: PaymentProvider) -> None:
@@ -606,7 +608,7 @@ def worker() -> None:
         asyncio.run(_with_provider(work))
 
 
-for _command in COMMANDS:
+for _command in (*COMMANDS, webhook_endpoints, low_balance_threshold):
     main.add_command(_command)
 
 

@@ -92,6 +92,19 @@ class Settings(BaseSettings):
     console_session_idle_seconds: int = Field(default=1800, ge=1, le=7 * 86_400)
     console_session_max_seconds: int = Field(default=12 * 3600, ge=1, le=30 * 86_400)
     console_login_failures_per_minute: float = Field(default=10, ge=0)
+    # Events out (events/): balance.low fires when an account's available uses cross below
+    # this (an account may have its own threshold).
+    low_balance_threshold_uses: int = Field(default=3, ge=0, le=1_000_000)
+    # Webhook endpoints must be https URLs resolving to public addresses (SSRF guard,
+    # events/ssrf.py); true allows http and loopback/private addresses (development, tests).
+    allow_private_webhook_urls: bool = False
+    # A failed delivery is retried after this many seconds, then 4 times longer each time (at
+    # most 8 hours apart), for 3 days (events/delivery.py).
+    webhook_retry_base_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # A delivery not answered within this is a failure (retried).
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Deliveries to this many endpoints at once per worker process (one at a time per endpoint).
+    webhook_delivery_concurrency: int = Field(default=4, ge=1, le=64)
 
     # Operations.
     log_level: str = "INFO"

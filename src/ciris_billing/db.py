@@ -83,6 +83,12 @@ accounts = Table(
     # than the reserved paid uses (a captured hold's uses were spent: plain shortfall).
     Column("refund_owed_uses", Uses, nullable=False, server_default=text("0")),
     Column("status_reason", String(500)),
+    # The sequence number of this account's last event (events/outbox.py): every event of an
+    # account takes the next one under the account's row lock, so they are gap-free and ordered.
+    Column("event_sequence", BigInteger, nullable=False, server_default=text("0")),
+    # balance.low fires when available uses (free + paid) cross below this (NULL: the
+    # LOW_BALANCE_THRESHOLD_USES setting).
+    Column("low_balance_threshold_uses", BigInteger),
     Column("erased_at", Timestamp),
     # An erased account: HMAC of its old identity with the installation's erasure key
     # (accounts/erasure.py), so whoever knows the identity can still find it; its external_id
@@ -107,6 +113,11 @@ accounts = Table(
         "refund_owed_uses <= reserved_paid_uses", name="refund_owed_uses_within_reserved"
     ),
     CheckConstraint("status IN ('active', 'suspended')", name="status_known"),
+    CheckConstraint("event_sequence >= 0", name="event_sequence_not_negative"),
+    CheckConstraint(
+        "low_balance_threshold_uses IS NULL OR low_balance_threshold_uses >= 0",
+        name="low_balance_threshold_not_negative",
+    ),
     # Every charge updates its account's row. Room left on each page lets PostgreSQL write the
     # new row version beside the old one (a HOT update: no index entries, no other page), also
     # for the first update of a row that has sat untouched since it was inserted.
@@ -466,6 +477,97 @@ Index("ix_accounts_lower_external_id", func.lower(accounts.c.external_id))
 Index("ix_accounts_lower_customer_email", func.lower(accounts.c.customer_email))
 Index("ix_charges_created_at_brin", charges.c.created_at, postgresql_using="brin")
 Index("ix_purchases_created_at", purchases.c.created_at)
+# The transactional outbox (events/outbox.py): one row per event, written in the transaction of
+# the change it reports; delivered to webhook endpoints by the job queue (events/delivery.py).
+events = Table(
+    "events",
+    metadata,
+    Column("id", Id, primary_key=True),
+    # NULL for events about no account (endpoint.disabled).
+    Column("account_id", Id, ForeignKey("accounts.id")),
+    # The account's event_sequence taken for this event: unique per account, so consumers can
+    # order an account's events and see a gap.
+    Column("sequence", BigInteger),
+    Column("type", String(64), nullable=False),
+    # The delivered body's `data`, complete (account identity and sequence included).
+    Column("data", JSON, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    # Set once the event has been fanned out to the endpoints (a delivery row each).
+    Column("dispatched_at", Timestamp),
+    UniqueConstraint("account_id", "sequence"),
+    CheckConstraint("(account_id IS NULL) = (sequence IS NULL)", name="sequence_with_account"),
+    # The dispatcher's scan: only events not yet fanned out.
+    Index(
+        "ix_events_undispatched_created_at",
+        "created_at",
+        postgresql_where=text("dispatched_at IS NULL"),
+    ),
+    Index(None, "created_at"),
+)
+
+ENDPOINT_STATUSES = ("enabled", "disabled")
+
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("url", String(2048), nullable=False),
+    Column("description", String(500)),
+    # The event types it receives; NULL: all.
+    Column("events", JSON(none_as_null=True)),
+    # The signing secret (whsec_ + base64): needed to sign, so kept as is; never logged.
+    Column("secret", Text, nullable=False),
+    # After a rotation the old secret keeps signing beside the new one until this time.
+    Column("previous_secret", Text),
+    Column("previous_secret_expires_at", Timestamp),
+    Column("status", String(16), nullable=False),
+    Column("disabled_reason", String(200)),
+    # The first failed attempt of the current run of failures (NULL after a success): three
+    # days of failures in a row disable the endpoint.
+    Column("failing_since", Timestamp),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    CheckConstraint(
+        "status IN (" + ", ".join(f"'{s}'" for s in ENDPOINT_STATUSES) + ")",
+        name="status_known",
+    ),
+)
+
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column(
+        "endpoint_id", Id, ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("event_id", Id, ForeignKey("events.id"), nullable=False),
+    # pending -> delivered (a 2xx) | failed (retries over: RETRY window passed); resend: pending
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", Timestamp, nullable=False),
+    Column("last_attempt_at", Timestamp),
+    Column("last_status_code", Integer),
+    Column("last_error", String(200)),
+    Column("delivered_at", Timestamp),
+    Column("created_at", Timestamp, nullable=False),
+    # One delivery per (endpoint, event), however often the dispatcher runs.
+    UniqueConstraint("endpoint_id", "event_id"),
+    CheckConstraint(
+        "status IN (" + ", ".join(f"'{s}'" for s in DELIVERY_STATUSES) + ")",
+        name="status_known",
+    ),
+    # The delivery job's scan: an endpoint's pending deliveries by due time.
+    Index(
+        "ix_webhook_deliveries_pending",
+        "endpoint_id",
+        "next_attempt_at",
+        postgresql_where=text("status = 'pending'"),
+    ),
+    Index(None, "endpoint_id", "created_at"),
+    Index(None, "event_id"),
+)
 
 
 def utcnow() -> datetime:
@@ -500,12 +602,26 @@ def in_our_models(name: str | None, type_: str, _parent: object) -> bool:
     return not (type_ == "table" and (name or "").startswith("procrastinate_"))
 
 
+# Our settings that SQL reads (current_setting), sent when each connection opens: no statement
+# carries them as parameters. (events/outbox.py THRESHOLD_SQL: the balance.low threshold.)
+LOW_BALANCE_THRESHOLD_SETTING = "ciris_billing.low_balance_threshold_uses"
+
+
+def session_settings(settings: Settings | None) -> dict[str, str]:
+    """PostgreSQL settings for every connection the service opens (asyncpg server_settings)."""
+    if settings is None:
+        return {}
+    return {LOW_BALANCE_THRESHOLD_SETTING: str(settings.low_balance_threshold_uses)}
+
+
 def create_engine(settings: Settings | str) -> AsyncEngine:
     """The async engine, on `settings`' database (or a `postgresql://` URL)."""
     if isinstance(settings, str):
         async_url, pool_size = async_database_url(settings), 10
+        server_settings = session_settings(None)
     else:
         async_url, pool_size = settings.async_database_url, settings.db_pool_size
+        server_settings = session_settings(settings)
     engine = create_async_engine(
         async_url,
         pool_size=pool_size,
@@ -517,7 +633,7 @@ def create_engine(settings: Settings | str) -> AsyncEngine:
         max_overflow=0,
         # A database that stops answering (rather than refusing) must not hang requests for
         # minutes: connecting gives up after 5 s, any one statement after 30 s (then 503).
-        connect_args={"timeout": 5, "command_timeout": 30},
+        connect_args={"timeout": 5, "command_timeout": 30, "server_settings": server_settings},
     )
     _replace_closed_connections(engine)
     return engine

@@ -187,6 +187,24 @@ class CsrfRefused(BillingError):
 
 
 # The error shape, as OpenAPI declares it.
+class WebhookEndpointNotFound(BillingError):
+    status_code = 404
+    code = "webhook_endpoint_not_found"
+
+
+class WebhookDeliveryNotFound(BillingError):
+    status_code = 404
+    code = "webhook_delivery_not_found"
+
+
+class WebhookUrlRefused(BillingError):
+    """An endpoint URL that is not https (unless allowed), or that resolves to a loopback,
+    private, link-local or metadata address (SSRF guard, events/ssrf.py)."""
+
+    status_code = 422
+    code = "webhook_url_refused"
+
+
 class ErrorOut(BaseModel):
     model_config = ConfigDict(extra="allow")
 

@@ -1,6 +1,6 @@
 """Background jobs: nothing a customer paid for waits on an operator.
 
-Three kinds of work (the last two used to need `ciris-billing webhooks replay` and `reconcile`
+Four kinds of work (the middle two used to need `ciris-billing webhooks replay` and `reconcile`
 by hand):
 
 - release every reservation held past its expires_at (accounts/reservations.py), so a client
@@ -12,7 +12,11 @@ by hand):
 - ask the provider about every purchase still not final RECONCILE_AFTER_SECONDS after it
   started (a webhook that never came, or never got stored), and apply what it says, with the
   very code `ciris-billing reconcile` runs (payments.service.reconcile_purchase). A purchase
-  is asked again after a delay that grows with its age (a quarter of it), for seven days.
+  is asked again after a delay that grows with its age (a quarter of it), for seven days;
+- deliver the events outbox to the webhook endpoints (events/delivery.py): each tick fans new
+  events out to the endpoints and defers one job per endpoint with deliveries due, with a lock
+  per endpoint (one run at a time per endpoint; endpoints in parallel, up to
+  WEBHOOK_DELIVERY_CONCURRENCY per worker).
 
 The queue is procrastinate's (tables in our database, migration 0007). Every `serve` worker
 process runs a procrastinate worker (JOBS_ENABLED), as does `ciris-billing worker`; the work
@@ -40,6 +44,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from procrastinate import App, JobContext, PsycopgConnector
+from procrastinate.exceptions import AlreadyEnqueued
 from procrastinate.jobs import Status
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -47,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ciris_billing.accounts import reservations
 from ciris_billing.config import Settings
 from ciris_billing.db import purchases, utcnow, webhook_events
+from ciris_billing.events.delivery import Deliveries
 from ciris_billing.observability import (
     JOBS_FAILURES,
     JOBS_ITEMS,
@@ -62,6 +68,8 @@ from ciris_billing.webhooks import inbox
 
 RECOVER = "billing.recover"
 CLEAR_STALLED = "billing.clear_stalled"
+WEBHOOKS = "billing.webhooks"
+DELIVER = "billing.webhooks.deliver"
 # Purchases older than this are left to `ciris-billing reconcile` (abandoned checkouts).
 RECONCILE_MAX_AGE = timedelta(days=7)
 # Per run, at most this many events and purchases (the next tick takes the rest).
@@ -278,6 +286,39 @@ def job_queue(settings: Settings) -> App:
             log.warning("job_stalled_cleared", task=job.task_name, job_id=job.id)
         JOBS_RUNS.labels(CLEAR_STALLED, "ok").inc()
 
+    @queue.task(name=DELIVER, pass_context=True)
+    async def deliver(context: JobContext, endpoint_id: str) -> None:
+        deliveries: Deliveries = context.additional_context["deliveries"]
+        try:
+            run = await deliveries.deliver_endpoint(endpoint_id)
+        except Exception:
+            JOBS_RUNS.labels(DELIVER, "failed").inc()
+            raise
+        JOBS_RUNS.labels(DELIVER, "ok").inc()
+        JOBS_ITEMS.labels("webhook_delivery", "delivered").inc(run.delivered)
+        JOBS_ITEMS.labels("webhook_delivery", "failed").inc(run.failed)
+
+    @queue.periodic(cron=every, periodic_id="webhooks")
+    @queue.task(name=WEBHOOKS, queueing_lock=WEBHOOKS, lock=WEBHOOKS, pass_context=True)
+    async def webhooks(context: JobContext, timestamp: int) -> None:
+        deliveries: Deliveries = context.additional_context["deliveries"]
+        try:
+            await deliveries.dispatch()
+            for endpoint_id in await deliveries.due_endpoints():
+                # One job per endpoint: its lock runs an endpoint's deliveries one run at a
+                # time, its queueing lock keeps one waiting at most (a tick while one waits
+                # defers nothing).
+                lock = f"{DELIVER}:{endpoint_id}"
+                with contextlib.suppress(AlreadyEnqueued):
+                    await deliver.configure(lock=lock, queueing_lock=lock).defer_async(
+                        endpoint_id=endpoint_id
+                    )
+            await deliveries.measure()
+        except Exception:
+            JOBS_RUNS.labels(WEBHOOKS, "failed").inc()
+            raise
+        JOBS_RUNS.labels(WEBHOOKS, "ok").inc()
+
     return queue
 
 
@@ -292,6 +333,7 @@ class JobWorker:
     def __init__(self, settings: Settings, engine: AsyncEngine, provider: PaymentProvider) -> None:
         self.settings = settings
         self.recovery = Recovery(settings, engine, provider)
+        self.deliveries = Deliveries(engine, settings)
         heartbeat = max(1.0, min(10.0, settings.jobs_poll_seconds / 2))
         self.heartbeat_seconds = heartbeat
         self.stalled_after = 3 * heartbeat + 1
@@ -299,6 +341,12 @@ class JobWorker:
         logging.getLogger("procrastinate").setLevel(logging.WARNING)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            await self.deliveries.aclose()
+
+    async def _run(self) -> None:
         # Let the server finish starting first: a worker cancelled while procrastinate opens its
         # pool left tasks behind that kept the process from exiting (seen when the bind failed
         # right after start-up); cancelled during this sleep, it simply ends.
@@ -309,7 +357,8 @@ class JobWorker:
             try:
                 async with queue.open_async():
                     await queue.run_worker_async(
-                        concurrency=1,
+                        # The periodic jobs, and a delivery job per endpoint at once.
+                        concurrency=2 + self.settings.webhook_delivery_concurrency,
                         wait=True,
                         install_signal_handlers=False,
                         delete_jobs="successful",
@@ -319,6 +368,7 @@ class JobWorker:
                         shutdown_graceful_timeout=5,
                         additional_context={
                             "recovery": self.recovery,
+                            "deliveries": self.deliveries,
                             "stalled_after": self.stalled_after,
                         },
                     )

@@ -62,6 +62,26 @@ JOBS_FAILURES = Counter(
     "Items a background job tried and failed (retried later)",
     ["job"],
 )
+# Outgoing webhooks (events/delivery.py).
+WEBHOOK_DELIVERIES = Counter(
+    "billing_webhook_deliveries_total",
+    "Outgoing webhook delivery attempts by outcome (delivered, retry, failed: retries over, "
+    "refused: the URL failed the SSRF guard)",
+    ["outcome"],
+)
+WEBHOOK_DELIVERY_LATENCY = Histogram(
+    "billing_webhook_delivery_duration_seconds",
+    "Time for an endpoint to answer one outgoing webhook (timeouts included)",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+WEBHOOK_ENDPOINTS_DISABLED = Counter(
+    "billing_webhook_endpoints_disabled_total",
+    "Webhook endpoints disabled after failing for 3 days in a row",
+)
+WEBHOOK_EVENTS_DISPATCHED = Counter(
+    "billing_webhook_events_dispatched_total",
+    "Outbox events fanned out to the webhook endpoints (a delivery per subscribed endpoint)",
+)
 BATCH_SIZE = Histogram(
     "billing_batch_size",
     "Requests served by one hot-path statement (PostgreSQL: those that queued up go together)",

@@ -17,12 +17,14 @@ from ciris_billing.db import (
     charges,
     credits,
     disputes,
+    events,
     idempotency_keys,
     iso,
     purchases,
     utcnow,
 )
 from ciris_billing.errors import AccountNotFound, AdjustmentBelowZero
+from ciris_billing.events.outbox import record_available_change, threshold_of
 from ciris_billing.ledger import write_credit
 from ciris_billing.pricing import Pricing
 
@@ -45,12 +47,15 @@ async def grant(
     """Add (grant) or remove (adjustment) paid uses, with the reason on the ledger row."""
     account, _ = await ensure_account(conn, identity, pricing)
     # Conditional update: a negative adjustment can never take the balance below zero.
-    changed = await conn.execute(
-        accounts.update()
-        .where(accounts.c.id == account.id, accounts.c.paid_uses_remaining + uses >= 0)
-        .values(paid_uses_remaining=accounts.c.paid_uses_remaining + uses, updated_at=utcnow())
-    )
-    if not changed.rowcount:
+    changed = (
+        await conn.execute(
+            accounts.update()
+            .where(accounts.c.id == account.id, accounts.c.paid_uses_remaining + uses >= 0)
+            .values(paid_uses_remaining=accounts.c.paid_uses_remaining + uses, updated_at=utcnow())
+            .returning(*accounts.c)
+        )
+    ).first()
+    if changed is None:
         raise AdjustmentBelowZero(
             f"Removing {-uses} uses would take the paid balance "
             f"({account.paid_uses_remaining}) below zero"
@@ -65,6 +70,7 @@ async def grant(
         description=reason,
         idempotency_key=idempotency_key,
     )
+    await record_available_change(conn, changed, uses)
     return Grant(await get_account(conn, identity), uses, kind)
 
 
@@ -78,6 +84,20 @@ async def set_status(
         .values(status=status, status_reason=reason, updated_at=utcnow())
     )
     return await get_account(conn, identity)
+
+
+async def set_low_balance_threshold(
+    conn: AsyncConnection, identity: Identity, uses: int | None
+) -> tuple[Row[Any], int]:
+    """The account's own balance.low threshold (None: LOW_BALANCE_THRESHOLD_USES again); the
+    account and the threshold now in force. A change is no crossing: nothing is sent for it."""
+    account = await get_account(conn, identity)
+    await conn.execute(
+        accounts.update()
+        .where(accounts.c.id == account.id)
+        .values(low_balance_threshold_uses=uses, updated_at=utcnow())
+    )
+    return await get_account(conn, identity), await threshold_of(conn, account.id)
 
 
 async def _digest(conn: AsyncConnection, identity: Identity) -> str:
@@ -167,6 +187,7 @@ async def erase(conn: AsyncConnection, identity: Identity) -> Row[Any]:
         .values(description=None, metadata={})
     )
     await _scrub_stored_responses(conn, account.id, identity, account.customer_email)
+    await _scrub_events(conn, account.id, identity, account.customer_email)
     return (await conn.execute(select(accounts).where(accounts.c.id == account.id))).one()
 
 
@@ -197,6 +218,23 @@ async def _scrub_stored_responses(
             )
             .values(response_body=scrubbed)
         )
+
+
+async def _scrub_events(
+    conn: AsyncConnection, account_id: str, identity: Identity, email: str | None
+) -> None:
+    """The account's events in the outbox lose its personal data (their identity names the
+    erased account from now on); deliveries still due send them so. Those already delivered
+    are the receiver's to erase."""
+    personal = {identity.external_id, *([email] if email else [])}
+    rows = await conn.execute(
+        select(events.c.id, events.c.data).where(events.c.account_id == account_id)
+    )
+    for row in rows.all():
+        data = _scrub(dict(row.data), personal)
+        if "external_id" in data:
+            data["external_id"] = erased_external_id(account_id)
+        await conn.execute(events.update().where(events.c.id == row.id).values(data=data))
 
 
 def _scrub(value: Any, personal: set[str]) -> Any:

@@ -11,7 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ciris_billing import idempotency
 from ciris_billing.accounts import admin
 from ciris_billing.accounts.routes import account_body, identity_of, path_identity
-from ciris_billing.accounts.schemas import AccountOut, GrantCreate, StatusChange
+from ciris_billing.accounts.schemas import (
+    AccountOut,
+    GrantCreate,
+    LowBalanceThreshold,
+    StatusChange,
+)
 from ciris_billing.deps import (
     AdminKey,
     IdempotencyKeyHeader,
@@ -94,6 +99,33 @@ async def reactivate_account(
     oauth_provider: str, external_id: str, work: UnitOfWorkDep, _key: AdminKey
 ) -> Response:
     return await _set_status(oauth_provider, external_id, "active", None, work)
+
+
+@router.put(
+    "/accounts/{oauth_provider}/{external_id}/low_balance_threshold",
+    responses=error_responses(404),
+)
+async def set_low_balance_threshold(
+    oauth_provider: str,
+    external_id: str,
+    body: LowBalanceThreshold,
+    work: UnitOfWorkDep,
+    _key: AdminKey,
+) -> Response:
+    """The account's own balance.low threshold (`null`: LOW_BALANCE_THRESHOLD_USES)."""
+    identity = path_identity(oauth_provider, external_id)
+    row, in_force = await admin.set_low_balance_threshold(
+        await work.connection(), identity, body.uses
+    )
+    log.info("low_balance_threshold_set", account_id=row.id, uses=body.uses)
+    return json_response(
+        200,
+        {
+            "account_id": row.id,
+            "low_balance_threshold_uses": body.uses,
+            "threshold_in_force": in_force,
+        },
+    )
 
 
 @router.delete("/accounts/{oauth_provider}/{external_id}", responses=error_responses(404))

@@ -26,7 +26,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.accounts.service import Identity, identity_clause, purchase_required
-from ciris_billing.db import accounts, charges, new_id, reservations, utcnow
+from ciris_billing.db import accounts, charges, iso, new_id, reservations, utcnow
 from ciris_billing.errors import (
     AccountNotFound,
     AccountSuspended,
@@ -35,6 +35,7 @@ from ciris_billing.errors import (
     ReservationNotFound,
     ReservationNotHeld,
 )
+from ciris_billing.events.outbox import RESERVATION_EXPIRED, record_available_change, record_event
 from ciris_billing.ledger import write_credit
 from ciris_billing.pricing import Pricing
 
@@ -125,6 +126,8 @@ async def hold(conn: AsyncConnection, request: HoldRequest, pricing: Pricing) ->
             .returning(*reservations.c)
         )
     ).one()
+    # The hold took its uses out of the available ones: a crossing is reported with it.
+    await record_available_change(conn, account, -request.uses)
     return Outcome(reservation, account)
 
 
@@ -243,6 +246,19 @@ async def expire_account(conn: AsyncConnection, account_id: str, now: datetime) 
     )
     if expired:
         await _give_back(conn, account_id, expired, now)
+        # Once per hold: only the UPDATE that moved it from 'held' returned it.
+        for held in expired:
+            await record_event(
+                conn,
+                account_id,
+                RESERVATION_EXPIRED,
+                {
+                    "reservation_id": held.id,
+                    "uses": int(held.uses),
+                    "expires_at": iso(held.expires_at),
+                    "metadata": dict(held._mapping["metadata"]),
+                },
+            )
     return expired
 
 

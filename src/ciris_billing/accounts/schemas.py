@@ -210,6 +210,14 @@ class GrantCreate(IdentityFields):
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
 
 
+class LowBalanceThreshold(BaseModel):
+    uses: StrictInt | None = Field(
+        ge=0,
+        le=1_000_000,
+        description="balance.low fires below this many available uses (null: the default)",
+    )
+
+
 class StatusChange(BaseModel):
     reason: Reason | None = None
 

@@ -23,6 +23,7 @@ from ciris_billing.db import (
     utcnow,
 )
 from ciris_billing.errors import AccountNotFound, PurchaseRequired
+from ciris_billing.events.outbox import ACCOUNT_CREATED, record_event
 from ciris_billing.ledger import write_credit
 from ciris_billing.pricing import Pricing
 
@@ -144,6 +145,18 @@ async def ensure_account(
                 paid=new.initial_paid_uses,
                 description="Initial balance",
             )
+        # In the creating transaction: the event exists exactly when the account does.
+        await record_event(
+            conn,
+            account_id,
+            ACCOUNT_CREATED,
+            {
+                "currency": currency,
+                "plan_name": new.plan_name,
+                "free_uses_remaining": free_uses,
+                "paid_uses_remaining": new.initial_paid_uses,
+            },
+        )
     return await get_account(conn, identity), created
 
 

@@ -19,6 +19,12 @@ from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.db import accounts, disputes, insert_or_ignore, new_id, purchases, utcnow
+from ciris_billing.events.outbox import (
+    DISPUTE_CLOSED,
+    DISPUTE_OPENED,
+    record_available_change,
+    record_event,
+)
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
 from ciris_billing.payments.providers.base import Dispute
@@ -111,15 +117,36 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
         external_transaction_id=f"{dispute.dispute_id}:hold",
         description=f"Held while dispute {dispute.dispute_id} is open",
     ):
-        await conn.execute(
-            accounts.update()
-            .where(accounts.c.id == purchase.account_id)
-            .values(
-                paid_uses_remaining=accounts.c.paid_uses_remaining - hold,
-                held_uses=accounts.c.held_uses + hold,
-                updated_at=utcnow(),
+        changed = (
+            await conn.execute(
+                accounts.update()
+                .where(accounts.c.id == purchase.account_id)
+                .values(
+                    paid_uses_remaining=accounts.c.paid_uses_remaining - hold,
+                    held_uses=accounts.c.held_uses + hold,
+                    updated_at=utcnow(),
+                )
+                .returning(*accounts.c)
             )
+        ).one()
+        # Once: only the transaction that inserted the dispute (and its hold) gets here.
+        await record_event(
+            conn,
+            purchase.account_id,
+            DISPUTE_OPENED,
+            {**_dispute_data(dispute.dispute_id, purchase), "state": "open", "held_uses": hold},
         )
+        await record_available_change(conn, changed, -hold)
+
+
+def _dispute_data(dispute_id: str, purchase: Row[Any]) -> dict[str, Any]:
+    return {
+        "dispute_id": dispute_id,
+        "purchase_id": purchase.id,
+        "payment_id": purchase.payment_id,
+        "amount_minor": int(purchase.amount_minor),
+        "currency": purchase.currency,
+    }
 
 
 async def _claimed(conn: AsyncConnection, purchase: Row[Any], but: str | None = None) -> int:
@@ -192,4 +219,16 @@ async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row
         )
     await conn.execute(
         disputes.update().where(disputes.c.id == row.id).values(state=state, closed_at=utcnow())
+    )
+    # Once: the dispute's row is locked (apply_dispute) and only an open one is closed.
+    await record_event(
+        conn,
+        account_id,
+        DISPUTE_CLOSED,
+        {
+            **_dispute_data(dispute_id, purchase),
+            "state": state,
+            "held_uses": held,
+            "released_uses": released,
+        },
     )

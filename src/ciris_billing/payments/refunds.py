@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.db import accounts, credits, disputes, purchases, utcnow
 from ciris_billing.errors import RefundExceedsPayment, RefundNotAllowed
+from ciris_billing.events.outbox import REFUND_SUCCEEDED, record_available_change, record_event
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import log
 from ciris_billing.payments.providers.base import PaymentProvider
@@ -141,15 +142,18 @@ async def apply_refunded_total(
     if not recorded:
         return None
     now = utcnow()
-    await conn.execute(
-        accounts.update()
-        .where(accounts.c.id == purchase.account_id)
-        .values(
-            paid_uses_remaining=accounts.c.paid_uses_remaining - take,
-            refund_owed_uses=accounts.c.refund_owed_uses + owe,
-            updated_at=now,
+    account = (
+        await conn.execute(
+            accounts.update()
+            .where(accounts.c.id == purchase.account_id)
+            .values(
+                paid_uses_remaining=accounts.c.paid_uses_remaining - take,
+                refund_owed_uses=accounts.c.refund_owed_uses + owe,
+                updated_at=now,
+            )
+            .returning(*accounts.c)
         )
-    )
+    ).one()
     await conn.execute(
         purchases.update()
         .where(purchases.c.id == purchase.id)
@@ -169,6 +173,23 @@ async def apply_refunded_total(
         shortfall_uses=shortfall,
         source=source,
     )
+    # Once per refunded amount: only the transaction whose ledger row was inserted gets here.
+    await record_event(
+        conn,
+        purchase.account_id,
+        REFUND_SUCCEEDED,
+        {
+            "purchase_id": purchase.id,
+            "payment_id": purchase.payment_id,
+            "amount_minor": amount,
+            "currency": purchase.currency,
+            "refunded_total_minor": total,
+            "uses_reversed": take,
+            "shortfall_uses": shortfall,
+            "source": source,
+        },
+    )
+    await record_available_change(conn, account, -take)
     return RefundApplied(amount, take, shortfall)
 
 

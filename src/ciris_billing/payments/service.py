@@ -11,12 +11,13 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, select
+from sqlalchemy import Row, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.accounts.service import Identity, ensure_account
 from ciris_billing.db import accounts, insert_or_ignore, new_id, purchases, utcnow
 from ciris_billing.errors import PurchaseNoLongerPayable, PurchaseNotYetRecorded
+from ciris_billing.events.outbox import PURCHASE_FAILED, PURCHASE_SUCCEEDED, record_event
 from ciris_billing.ledger import write_credit
 from ciris_billing.observability import PURCHASES, log
 from ciris_billing.payments import refunds
@@ -195,7 +196,24 @@ async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
             .where(purchases.c.id == purchase.id)
             .values(status="succeeded", failure_message=None, credited_at=now, updated_at=now)
         )
+        # Once: only the transaction whose credit row was inserted gets here.
+        await record_event(
+            conn, purchase.account_id, PURCHASE_SUCCEEDED, purchase_data(purchase, "succeeded")
+        )
     return credited
+
+
+def purchase_data(purchase: Any, status: str) -> dict[str, Any]:
+    """A purchase event's own data."""
+    return {
+        "purchase_id": purchase.id,
+        "payment_id": purchase.payment_id,
+        "provider": purchase.provider,
+        "amount_minor": int(purchase.amount_minor),
+        "currency": purchase.currency,
+        "uses": int(purchase.uses),
+        "status": status,
+    }
 
 
 async def apply_payment(conn: AsyncConnection, provider: str, payment: PaymentResult) -> str:
@@ -251,11 +269,23 @@ async def apply_payment(conn: AsyncConnection, provider: str, payment: PaymentRe
     if purchase.credited_at is not None:
         return "already_credited"  # a late failure never undoes a success
     failed = payment.state == "failed"
-    await conn.execute(
+    # Safe: a failure is reported once. The UPDATE moves a purchase not yet failed (nor
+    # credited) to its new status; racing handlers of one failure wait on its row lock, then
+    # find it failed already and change nothing.
+    moved = await conn.execute(
         purchases.update()
-        .where(purchases.c.id == purchase.id, purchases.c.credited_at.is_(None))
+        .where(
+            purchases.c.id == purchase.id,
+            purchases.c.credited_at.is_(None),
+            purchases.c.status.is_distinct_from(payment.state) if failed else true(),
+        )
         .values(status=payment.state, failure_message=payment.failure_message, updated_at=now)
+        .returning(purchases.c.id)
     )
+    if failed and moved.first() is not None:
+        await record_event(
+            conn, purchase.account_id, PURCHASE_FAILED, purchase_data(purchase, "failed")
+        )
     if failed:
         PURCHASES.labels(provider, "failed").inc()
         log.info(

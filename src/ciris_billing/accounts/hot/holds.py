@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ciris_billing.accounts.hot.crossings import alerted, crossing_columns, next_sequence
 from ciris_billing.accounts.hot.lanes import Lanes, Waiting
 from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
 
@@ -39,7 +40,7 @@ from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
 # text), $7 now, $8 expires_at, $9 idempotency key (or NULL), $10 the request's fingerprint.
 # SET sees the old counters: last_charge_free_uses keeps how many of the held uses were free
 # (as it keeps a charge's split), for the reservation row.
-HOLD_SQL = """
+HOLD_SQL = f"""
 WITH held AS (
     UPDATE accounts a SET
         last_charge_free_uses = LEAST(a.free_uses_remaining, $3::bigint),
@@ -49,6 +50,8 @@ WITH held AS (
         free_uses_remaining = a.free_uses_remaining - LEAST(a.free_uses_remaining, $3::bigint),
         paid_uses_remaining =
             a.paid_uses_remaining - ($3::bigint - LEAST(a.free_uses_remaining, $3::bigint)),
+        -- A hold takes available uses: balance events as a charge's (crossings.py).
+        {next_sequence("a.", "$3::bigint")},
         updated_at = $7::timestamptz
     WHERE a.oauth_provider = $1::text AND a.external_id = $2::text AND a.status = 'active'
       AND a.free_uses_remaining + a.paid_uses_remaining >= $3::bigint
@@ -59,7 +62,8 @@ WITH held AS (
                           WHERE c.api_key_id IN ($5::text, '') AND c.idempotency_key = $9::text)))
     RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
               a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
-              a.last_charge_free_uses
+              a.last_charge_free_uses, {crossing_columns("a.")},
+              $3::bigint AS uses, $7::timestamptz AS created_at
 ), claimed AS (
     -- The key taken in the same statement (its answer is recorded before the commit,
     -- RECORD_SQL); a twin request racing it fails on the key's primary key (DuplicateKey).
@@ -75,12 +79,14 @@ WITH held AS (
            $3::bigint - last_charge_free_uses, $8::timestamptz, $6::json, $9::text,
            $7::timestamptz, $7::timestamptz
     FROM held
-)
-SELECT $4::text AS reservation_id, * FROM held
-"""
+), {alerted("held", "account_id")}
+SELECT $4::text AS reservation_id, account_id, free_uses_remaining, paid_uses_remaining,
+       reserved_free_uses, reserved_paid_uses, total_uses, last_charge_free_uses
+FROM held
+"""  # noqa: S608 (our own constants, no input)
 
 # The same for many holds: each parameter an array, one element per hold, in the same order.
-HOLD_BATCH_SQL = """
+HOLD_BATCH_SQL = f"""
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
                          $6::text[], $7::timestamptz[], $8::timestamptz[])
@@ -104,6 +110,7 @@ WITH input AS (
         free_uses_remaining = a.free_uses_remaining - LEAST(a.free_uses_remaining, i.uses),
         paid_uses_remaining =
             a.paid_uses_remaining - (i.uses - LEAST(a.free_uses_remaining, i.uses)),
+        {next_sequence("a.", "i.uses")},
         updated_at = i.at
     FROM locked i
     WHERE a.id = i.locked_id AND a.status = 'active'
@@ -111,18 +118,18 @@ WITH input AS (
     RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
               a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
               a.last_charge_free_uses, i.reservation_id, i.uses, i.api_key_id, i.metadata, i.at,
-              i.expires_at
+              i.expires_at, {crossing_columns("a.")}, i.at AS created_at
 ), made AS (
     INSERT INTO reservations (id, account_id, api_key_id, status, uses, free_uses_held,
                               paid_uses_held, expires_at, metadata, created_at, updated_at)
     SELECT reservation_id, account_id, api_key_id, 'held', uses, last_charge_free_uses,
            uses - last_charge_free_uses, expires_at, metadata::json, at, at
     FROM held
-)
+), {alerted("held", "account_id")}
 SELECT reservation_id, account_id, free_uses_remaining, paid_uses_remaining,
        reserved_free_uses, reserved_paid_uses, total_uses, last_charge_free_uses
 FROM held
-"""
+"""  # noqa: S608 (our own constants, no input)
 
 # $1 reservation id, $2 uses (NULL: all), $3 charge id, $4 now, $5 amount, $6 description,
 # $7 metadata (JSON text, merged over the hold's), $8 API key id, $9 ledger row id (owed),

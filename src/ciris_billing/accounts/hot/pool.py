@@ -41,11 +41,15 @@ class StatementPool:
         self._turns = asyncio.Semaphore(size)
 
     @classmethod
-    async def open(cls, engine: AsyncEngine, size: int) -> StatementPool:
-        """The pool for `engine`'s database (same parameters, no connection opened yet)."""
+    async def open(
+        cls, engine: AsyncEngine, size: int, server_settings: dict[str, str] | None = None
+    ) -> StatementPool:
+        """The pool for `engine`'s database (same parameters, no connection opened yet), its
+        connections opened with `server_settings` (db.session_settings)."""
         _args, parameters = engine.dialect.create_connect_args(engine.url)
         pool = await asyncpg.create_pool(
             **parameters,
+            server_settings=server_settings or {},
             min_size=0,  # connect on demand: the service starts while the database is away
             max_size=size,
             timeout=5,

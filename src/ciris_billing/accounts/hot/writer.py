@@ -17,6 +17,17 @@ WHERE clause is per row), so the outcome for each charge is what it would be alo
 - if the batch fails on a unique key (a retried idempotency key racing its twin from the same
   API key), its charges
   are sent again one by one, each getting its own answer; any other failure is every member's.
+
+Balance events (events/outbox.py, the SQL in crossings.py): the same statement detects whether
+the charge crossed the account's balance.low threshold (available before = available after +
+uses; crossing iff before >= threshold > after) or emptied it (after = 0), takes the account's
+next event sequence numbers in the UPDATE and writes the outbox rows through one more CTE that
+inserts only when it crossed. Exactly once per crossing by construction: the crossing is
+computed on the locked row by the one statement that moves it, however many charges race. A
+charge that crosses nothing inserts nothing (no extra round trip either way). Measured
+2026-12-02 on the shared 2-core machine, both statements drawn at random inside one pgbench
+run: +0-7% latency per statement; end to end, servers of both versions driven at once:
+charges/s 1.00 x (c=8), 1.03 x (c=32).
 """
 
 from __future__ import annotations
@@ -25,14 +36,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ciris_billing.accounts.hot.crossings import alerted, crossing_columns, next_sequence
 from ciris_billing.accounts.hot.lanes import Lanes, Waiting
 from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
+from ciris_billing.events.outbox import THRESHOLD_SQL
 
 # The parameters, in ChargeAttempt.parameters() order: $1 provider, $2 external id, $3 uses,
 # $4 idempotency key, $5 charge id, $6 amount, $7 currency, $8 description, $9 metadata (JSON
 # text), $10 request fingerprint, $11 the charge's time, $12 the API key's id (the idempotency
 # key's scope; '' = LEGACY_SCOPE, keys from before scoping, which are everyone's to refuse).
-CHARGE_SQL = """
+CHARGE_SQL = f"""
 WITH spent AS (
     UPDATE accounts SET
         last_charge_free_uses =
@@ -42,13 +55,15 @@ WITH spent AS (
         paid_uses_remaining = CASE WHEN free_uses_remaining >= $3 THEN paid_uses_remaining
             ELSE paid_uses_remaining - ($3 - free_uses_remaining) END,
         total_uses = total_uses + $3,
+        {next_sequence("", "$3")},
         updated_at = $11
     WHERE oauth_provider = $1 AND external_id = $2 AND status = 'active' AND currency = $7
       AND free_uses_remaining + paid_uses_remaining >= $3
       AND ($4::text IS NULL OR NOT EXISTS (
           SELECT 1 FROM idempotency_keys WHERE api_key_id IN ($12::text, '') AND key = $4))
     RETURNING id, free_uses_remaining, paid_uses_remaining, total_uses,
-              last_charge_free_uses, plan_name
+              last_charge_free_uses, plan_name, {crossing_columns("")},
+              $3::bigint AS uses, $11::timestamptz AS created_at
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, idempotency_key,
@@ -57,13 +72,15 @@ WITH spent AS (
     SELECT $5, id, $3, last_charge_free_uses, $3 - last_charge_free_uses, $6, $7, $8, $9::json,
            $12, $4, $10, free_uses_remaining, paid_uses_remaining, total_uses, $11
     FROM spent
-)
-SELECT * FROM spent
-"""
+), {alerted("spent", "id")}
+SELECT id, free_uses_remaining, paid_uses_remaining, total_uses, last_charge_free_uses,
+       plan_name
+FROM spent
+"""  # noqa: S608 (our own constants, no input)
 
 # The same, for many charges: each parameter is an array with one element per charge, in the
 # same order ($9 metadata as JSON text, $11 each charge's own time, $12 its API key's id).
-BATCH_SQL = """
+BATCH_SQL = f"""
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
                          $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[],
@@ -90,6 +107,7 @@ WITH input AS (
         paid_uses_remaining = CASE WHEN a.free_uses_remaining >= i.uses THEN a.paid_uses_remaining
             ELSE a.paid_uses_remaining - (i.uses - a.free_uses_remaining) END,
         total_uses = a.total_uses + i.uses,
+        {next_sequence("a.", "i.uses")},
         updated_at = i.created_at
     FROM locked i
     WHERE a.id = i.account_id
@@ -100,8 +118,9 @@ WITH input AS (
                           WHERE k.api_key_id IN (i.api_key_id, '') AND k.key = i.idempotency_key))
     RETURNING a.id, a.free_uses_remaining, a.paid_uses_remaining, a.total_uses,
               a.last_charge_free_uses, a.plan_name, i.oauth_provider, i.external_id, i.uses,
-              i.idempotency_key, i.charge_id, i.amount_minor, i.currency, i.description,
-              i.metadata, i.request_fingerprint, i.created_at, i.api_key_id
+              a.event_sequence, {THRESHOLD_SQL} AS low_threshold, i.idempotency_key,
+              i.charge_id, i.amount_minor, i.currency, i.description, i.metadata,
+              i.request_fingerprint, i.created_at, i.api_key_id
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, idempotency_key,
@@ -111,11 +130,11 @@ WITH input AS (
            amount_minor, currency, description, metadata::json, api_key_id, idempotency_key,
            request_fingerprint, free_uses_remaining, paid_uses_remaining, total_uses, created_at
     FROM spent
-)
+), {alerted("spent", "id")}
 SELECT charge_id, id, free_uses_remaining, paid_uses_remaining, total_uses,
        last_charge_free_uses, plan_name
 FROM spent
-"""
+"""  # noqa: S608 (our own constants, no input)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""Events out: the transactional outbox (outbox.py) and its delivery to webhook endpoints."""
