@@ -47,6 +47,7 @@ class Service:
     database_url: str
     admin_key: str
     write_key: str
+    env: dict[str, str]
 
     def post(self, path: str, body: Any, key: str | None = None) -> httpx.Response:
         headers = {"X-API-Key": key or self.write_key}
@@ -106,7 +107,12 @@ def service(
     new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
     database_url = new_database()
-    env = service_env(database_url, PAYMENT_PROVIDER="sandbox", JOBS_ENABLED="false")
+    env = service_env(
+        database_url,
+        PAYMENT_PROVIDER="sandbox",
+        JOBS_ENABLED="false",
+        ALLOW_PRIVATE_WEBHOOK_URLS="true",
+    )
     for name in ("STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET", "STRIPE_PUBLISHABLE_KEY"):
         env.pop(name, None)
     keys = {}
@@ -116,7 +122,7 @@ def service(
         keys[scope] = made.stdout.strip().splitlines()[-1]
     log_path = tmp_path_factory.mktemp("console-browser") / "service.log"
     with running_service(env, log_path) as base:
-        yield Service(base, database_url, keys["admin"], keys["write"])
+        yield Service(base, database_url, keys["admin"], keys["write"], env)
 
 
 @pytest.fixture(scope="module")
@@ -434,3 +440,50 @@ def test_the_portal_shows_charges_and_receipts_of_its_own_account(
     assert page.goto(tampered).status == 404  # type: ignore[union-attr]
     expect(page.get_by_role("heading", name="This link does not work")).to_be_visible()
     tab.screenshots("portal-refused")
+
+
+def test_resend_a_failing_delivery_and_disable_its_endpoint(tab: Tab, service: Service) -> None:
+    from playwright.sync_api import expect
+
+    made = service.post(
+        "/v1/billing/webhook_endpoints", {"url": "http://127.0.0.1:9/hooks"}, service.admin_key
+    )
+    assert made.status_code == 201, made.text
+    endpoint_id = made.json()["id"]
+    service.new_user()  # account.created: one event to deliver
+    ran = cli(service.env, "webhook-endpoints", "deliver")  # nobody listens: it fails
+    assert ran.returncode == 0, ran.stderr
+    [(delivery_id, attempts)] = service.sql(
+        "SELECT id, attempts FROM webhook_deliveries WHERE endpoint_id = %s AND status = "
+        "'pending' ORDER BY created_at DESC LIMIT 1",
+        endpoint_id,
+    )
+    assert attempts == 1
+    sign_in(tab, service)
+    page = tab.page
+    expect(page.locator("#deliveries-failing")).not_to_have_text("0")
+    page.get_by_role("link", name="Outgoing").click()
+    section = page.locator("section.endpoint").filter(has_text=endpoint_id)
+    row = section.get_by_role("row").filter(has_text=delivery_id)
+    expect(row).to_contain_text("retrying")
+    tab.screenshots("outgoing")
+    row.get_by_role("button", name="Resend…").click()
+    confirm(tab, "Resend this delivery?")
+    expect(page.get_by_role("status").first).to_contain_text("Done: resend delivery")
+    section = page.locator("section.endpoint").filter(has_text=endpoint_id)
+    section.get_by_role("button", name="Disable…").click()
+    confirm(tab, "Disable this endpoint?", shot="confirm-disable-endpoint")
+    expect(
+        page.locator("section.endpoint").filter(has_text=endpoint_id).locator(".badge")
+    ).to_have_text("disabled")
+    assert service.sql("SELECT status FROM webhook_endpoints WHERE id = %s", endpoint_id) == [
+        ("disabled",)
+    ]
+    trail = service.sql(
+        "SELECT actor, action, subject FROM audit_trail WHERE action IN "
+        "('resend_delivery', 'disable_endpoint') ORDER BY created_at"
+    )
+    assert trail == [
+        (OPERATOR, "resend_delivery", delivery_id),
+        (OPERATOR, "disable_endpoint", endpoint_id),
+    ]

@@ -29,6 +29,7 @@ from ciris_billing.console.web import (
 )
 from ciris_billing.deps import AppState, StateDep, UnitOfWorkDep
 from ciris_billing.errors import BillingError, InvalidRequest
+from ciris_billing.events import endpoints
 from ciris_billing.payments import refunds
 from ciris_billing.payments.purchases import api_status
 from ciris_billing.unit_of_work import UnitOfWork
@@ -252,6 +253,50 @@ async def _plan_revoke_key(state: AppState, work: UnitOfWork, form: dict[str, st
     )
 
 
+async def _plan_endpoint(
+    state: AppState, work: UnitOfWork, form: dict[str, str], enabled: bool
+) -> Plan:
+    endpoint_id = _required(form, "endpoint_id", "The endpoint")
+    try:
+        endpoint = await endpoints.get(await work.connection(), endpoint_id)
+    except BillingError:
+        raise InvalidRequest(f"No webhook endpoint {endpoint_id}") from None
+    lines = [f"Endpoint: {endpoint.url} ({endpoint.status})"]
+    if enabled:
+        lines.append("Its deliveries start again; its run of failures is forgotten.")
+    else:
+        lines.append("No more deliveries to it until it is enabled; its events are kept.")
+    return Plan(
+        "Enable this endpoint?" if enabled else "Disable this endpoint?",
+        lines,
+        {"endpoint_id": endpoint_id},
+        "/console/endpoints",
+        danger=not enabled,
+    )
+
+
+async def _enable_plan(state: AppState, work: UnitOfWork, form: dict[str, str]) -> Plan:
+    return await _plan_endpoint(state, work, form, True)
+
+
+async def _disable_plan(state: AppState, work: UnitOfWork, form: dict[str, str]) -> Plan:
+    return await _plan_endpoint(state, work, form, False)
+
+
+async def _plan_resend(state: AppState, work: UnitOfWork, form: dict[str, str]) -> Plan:
+    endpoint_id = _required(form, "endpoint_id", "The endpoint")
+    delivery_id = _required(form, "delivery_id", "The delivery")
+    return Plan(
+        "Resend this delivery?",
+        [
+            f"Delivery: {delivery_id} (endpoint {endpoint_id})",
+            "The same event (the same webhook-id) is sent again at the next delivery run.",
+        ],
+        {"endpoint_id": endpoint_id, "delivery_id": delivery_id},
+        "/console/endpoints",
+    )
+
+
 Planner = Callable[[AppState, UnitOfWork, dict[str, str]], Awaitable[Plan]]
 Runner = Callable[[AppState, UnitOfWork, Session, dict[str, str], str], Awaitable[actions.Done]]
 
@@ -307,6 +352,20 @@ ACTIONS: dict[str, tuple[Planner, Runner]] = {
     "reconcile": (
         _plan_reconcile,
         lambda st, w, s, f, r: actions.reconcile(w, st.provider, s.operator, f["payment_id"], r),
+    ),
+    "disable_endpoint": (
+        _disable_plan,
+        lambda st, w, s, f, r: actions.set_endpoint(w, s.operator, f["endpoint_id"], False, r),
+    ),
+    "enable_endpoint": (
+        _enable_plan,
+        lambda st, w, s, f, r: actions.set_endpoint(w, s.operator, f["endpoint_id"], True, r),
+    ),
+    "resend_delivery": (
+        _plan_resend,
+        lambda st, w, s, f, r: actions.resend_delivery(
+            w, s.operator, f["endpoint_id"], f["delivery_id"], r
+        ),
     ),
     "create_key": (
         _plan_create_key,

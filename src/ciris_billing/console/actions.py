@@ -23,7 +23,7 @@ from ciris_billing import audit_trail, auth
 from ciris_billing.accounts import admin, reservations
 from ciris_billing.accounts.service import Identity
 from ciris_billing.audit_trail import Entry, Operator
-from ciris_billing.console import queries
+from ciris_billing.console import outgoing, queries
 from ciris_billing.console.queries import account_of_payment, event
 from ciris_billing.db import accounts, api_keys, purchases
 from ciris_billing.db import audit_trail as audit_table
@@ -339,6 +339,26 @@ async def revoke_key(work: UnitOfWork, operator: Operator, key_id: str, request_
     entry = Entry(
         "revoke_key", None, key_id, {"name": found.name}, {"active": True}, {"active": False}
     )
+    return await _recorded(conn, operator, entry, request_id)
+
+
+async def set_endpoint(
+    work: UnitOfWork, operator: Operator, endpoint_id: str, enabled: bool, request_id: str
+) -> Done:
+    """Disable (no more deliveries) or enable an outgoing webhook endpoint."""
+    conn = await work.connection()
+    await _unused(conn, request_id)
+    entry, _row = await outgoing.set_enabled(conn, endpoint_id, enabled)
+    return await _recorded(conn, operator, entry, request_id)
+
+
+async def resend_delivery(
+    work: UnitOfWork, operator: Operator, endpoint_id: str, delivery_id: str, request_id: str
+) -> Done:
+    """Send an outgoing delivery again (same event, same webhook-id) at the next run."""
+    conn = await work.connection()
+    await _unused(conn, request_id)
+    entry = await outgoing.resend(conn, endpoint_id, delivery_id)
     return await _recorded(conn, operator, entry, request_id)
 
 

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from ciris_billing import audit_trail, auth
 from ciris_billing.accounts.answers import portal_link
 from ciris_billing.accounts.service import Identity
-from ciris_billing.console import queries
+from ciris_billing.console import outgoing, queries
 from ciris_billing.console.sessions import (
     COOKIE_PATH,
     LOGIN_COOKIE,
@@ -161,11 +161,15 @@ async def overview(request: Request, state: StateDep, work: UnitOfWorkDep) -> Re
     if session is None:
         return to_login()
     stuck_after = timedelta(seconds=max(state.settings.reconcile_after_seconds, 60))
-    figures = await queries.overview(await work.connection(), stuck_after)
+    conn = await work.connection()
+    figures = await queries.overview(conn, stuck_after)
+    retrying, troubled = await outgoing.failing(conn)
     return page(
         "console_overview.html",
         session,
         figures=figures,
+        retrying=retrying,
+        troubled=troubled,
         checks=credit_checks_served(),
         nav="overview",
     )
@@ -252,6 +256,24 @@ async def webhook_inbox(
         notice=await _notice(work, notice),
         changes=audit_trail.changes,
         nav="webhooks",
+    )
+
+
+@router.get("/endpoints")
+async def endpoints_page(
+    request: Request, state: StateDep, work: UnitOfWorkDep, notice: NoticeQuery = None
+) -> Response:
+    session = await session_of(request, state, work)
+    if session is None:
+        return to_login()
+    views = await outgoing.overview(await work.connection())
+    return page(
+        "console_endpoints.html",
+        session,
+        views=views,
+        notice=await _notice(work, notice),
+        changes=audit_trail.changes,
+        nav="endpoints",
     )
 
 

@@ -39,12 +39,15 @@ def redirect(path: str, **query: str | None) -> Response:
 async def form_of(request: Request) -> dict[str, str]:
     """A posted form (urlencoded, as browsers send it without files): the first value of each
     field. Anything else is bad input (422)."""
+    body = await request.body()
+    if not body:
+        return {}  # a form with no field (a lone button)
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != FORM_TYPE:
         raise InvalidRequest("Send the form as application/x-www-form-urlencoded")
     try:
         pairs = parse_qsl(
-            (await request.body()).decode("utf-8"),
+            body.decode("utf-8"),
             keep_blank_values=True,
             max_num_fields=MAX_FIELDS,
         )
