@@ -142,6 +142,7 @@ async def measure(url: str, runs: int, rows: int) -> list[tuple[str, list[float]
                     f"/console/accounts/{HEAVY}?before={cursor}"
                 ),
                 "console webhook inbox": "/console/webhooks",
+                "console outgoing webhooks": "/console/endpoints",
                 "console API keys": "/console/keys",
                 "console audit log": "/console/audit",
                 "portal, first page": f"/v1/billing/portal/{token}",
