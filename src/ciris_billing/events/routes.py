@@ -97,7 +97,9 @@ async def delete_endpoint(endpoint_id: EndpointId, work: UnitOfWorkDep, _key: Ad
 
 
 @router.post(
-    "/{endpoint_id}/rotate_secret", response_model=WebhookEndpointCreated, responses=NOT_FOUND
+    "/{endpoint_id}/rotate_secret",
+    response_model=WebhookEndpointCreated,
+    responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "Idempotency key reused"}},
 )
 async def rotate_secret(
     endpoint_id: EndpointId,

@@ -173,6 +173,11 @@ async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
     one adds the uses, in the same transaction.
     """
     now = utcnow()
+    # The one lock order of money in and out: the purchase's row, then its account's (refunds and
+    # disputes take them so too); without it a credit racing a refund of this purchase deadlocks.
+    await conn.execute(
+        select(purchases.c.id).where(purchases.c.id == purchase.id).with_for_update()
+    )
     credited = await write_credit(
         conn,
         account_id=purchase.account_id,
