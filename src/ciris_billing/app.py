@@ -27,6 +27,7 @@ from ciris_billing.accounts.hot.writer import ChargeStore
 from ciris_billing.accounts.reservation_routes import router as reservations_router
 from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.auth import KeyStore
+from ciris_billing.autotopup.routes import router as auto_topup_router
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.console.action_routes import router as console_actions_router
@@ -183,6 +184,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(accounts_router)
     app.include_router(reservations_router)
     app.include_router(admin_router)
+    app.include_router(auto_topup_router)
     app.include_router(payments_router)
     app.include_router(sandbox_router)
     app.include_router(webhooks_router)

@@ -21,6 +21,7 @@ from ciris_billing.accounts import admin
 from ciris_billing.accounts import reservations as held
 from ciris_billing.audit import AuditReport, PurchaseFinding, audit_payments
 from ciris_billing.audit import audit as run_audit
+from ciris_billing.autotopup.cli import auto_topup as auto_topup_commands
 from ciris_billing.cli_lookup import COMMANDS, parse_identity
 from ciris_billing.cli_webhooks import low_balance_threshold, webhook_endpoints
 from ciris_billing.config import get_settings
@@ -610,6 +611,7 @@ def worker() -> None:
 
 for _command in (*COMMANDS, webhook_endpoints, low_balance_threshold):
     main.add_command(_command)
+main.add_command(auto_topup_commands)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # Events out (events/): balance.low fires when an account's available uses cross below
     # this (an account may have its own threshold).
     low_balance_threshold_uses: int = Field(default=3, ge=0, le=1_000_000)
+    # Auto top-up (autotopup/): at most this many off-session payments per account and
+    # calendar month (UTC), whatever their outcome.
+    auto_topup_max_per_month: int = Field(default=10, ge=0, le=1000)
     # Webhook endpoints must be https URLs resolving to public addresses (SSRF guard,
     # events/ssrf.py); true allows http and loopback/private addresses (development, tests).
     allow_private_webhook_urls: bool = False

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -313,6 +314,9 @@ purchases = Table(
     # When the background reconcile (jobs.py) last asked the provider about this purchase:
     # it asks again with a backoff that grows with the purchase's age.
     Column("reconciled_at", Timestamp),
+    # The payer asked (payment page) to keep the card for auto top-up: once paid, the card the
+    # provider saved becomes the account's auto top-up card (autotopup/cards.py).
+    Column("save_card", Boolean, nullable=False, server_default=text("false")),
     # One purchase per provider payment: a retried create finds the row instead of adding one.
     UniqueConstraint("provider", "payment_id"),
     CheckConstraint("amount_minor > 0", name="amount_positive"),
@@ -396,9 +400,47 @@ sandbox_payments = Table(
     Column("card_last4", String(4)),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
+    # Saved cards: the customer paying, whether to keep its card (setup_future_usage), the
+    # card it was paid with once kept, and whether its owner was away (off_session).
+    Column("customer_id", String(64)),
+    Column("save_card", Boolean, nullable=False, server_default=text("false")),
+    Column("payment_method_id", String(64)),
+    Column("off_session", Boolean, nullable=False, server_default=text("false")),
     CheckConstraint(
         "amount_refunded_minor >= 0 AND amount_refunded_minor <= amount_minor",
         name="refund_within_amount",
+    ),
+    Index(None, "customer_id"),
+)
+
+sandbox_customers = Table(
+    "sandbox_customers",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("account_id", String(40), nullable=False),
+    Column("idempotency_key", String(255), nullable=False, unique=True),
+    Column("created_at", Timestamp, nullable=False),
+)
+
+SANDBOX_CARD_BEHAVIOURS = ("succeeds", "declined", "authentication_required")
+
+sandbox_payment_methods = Table(
+    "sandbox_payment_methods",
+    metadata,
+    # The sandbox's saved cards. What the card does when charged (the test card it was made
+    # from), its brand and last 4 digits: never the card number.
+    Column("id", String(64), primary_key=True),
+    Column("customer_id", String(64), ForeignKey("sandbox_customers.id"), nullable=False),
+    Column("brand", String(32), nullable=False),
+    Column("last4", String(4), nullable=False),
+    Column("behaviour", String(32), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    # Set when the card is attached to its customer (its payment succeeded); NULL: it was
+    # never kept, or it was detached. Only an attached card can be charged off-session.
+    Column("attached_at", Timestamp),
+    CheckConstraint(
+        "behaviour IN (" + ", ".join(f"'{s}'" for s in SANDBOX_CARD_BEHAVIOURS) + ")",
+        name="behaviour_known",
     ),
 )
 
@@ -416,6 +458,84 @@ sandbox_disputes = Table(
     Column("updated_at", Timestamp, nullable=False),
     # One dispute per payment, as the sandbox has always modelled it.
     UniqueConstraint("payment_id"),
+)
+
+# --- auto top-up (autotopup/) ----------------------------------------------------------------
+
+payment_customers = Table(
+    "payment_customers",
+    metadata,
+    # The provider's customer for one of our accounts (the owner of its saved cards).
+    Column("account_id", Id, ForeignKey("accounts.id"), primary_key=True),
+    Column("provider", String(32), primary_key=True),
+    Column("customer_id", String(255), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    UniqueConstraint("provider", "customer_id"),
+)
+
+auto_topup_settings = Table(
+    "auto_topup_settings",
+    metadata,
+    # One row per account that ever saved a card for auto top-up. Only the provider's ids and
+    # what may be shown (brand, last 4 digits) are kept: never card data.
+    Column("account_id", Id, ForeignKey("accounts.id"), primary_key=True),
+    Column("provider", String(32), nullable=False),
+    Column("customer_id", String(255), nullable=False),
+    Column("payment_method_id", String(255)),
+    Column("card_brand", String(32)),
+    Column("card_last4", String(4)),
+    Column("enabled", Boolean, nullable=False),
+    # When it was last switched on: only balance crossings after it ask for a top-up.
+    Column("enabled_at", Timestamp),
+    # Declined (or otherwise failed) top-ups in a row; at AUTO_TOPUP_MAX_FAILURES it is off.
+    Column("consecutive_failures", Integer, nullable=False, server_default=text("0")),
+    Column("disabled_reason", String(200)),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    # Switched on only with a card to charge; removing the card switches it off.
+    CheckConstraint("NOT enabled OR payment_method_id IS NOT NULL", name="card_when_enabled"),
+    CheckConstraint("consecutive_failures >= 0", name="failures_not_negative"),
+)
+
+# pending: decided, not paid yet (the provider may or may not have been asked);
+# processing: the provider took the payment, its webhook credits it; the rest are final.
+AUTO_TOPUP_IN_FLIGHT = ("pending", "processing")
+AUTO_TOPUP_STATUSES = (*AUTO_TOPUP_IN_FLIGHT, "succeeded", "failed", "requires_action", "skipped")
+
+auto_topups = Table(
+    "auto_topups",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("account_id", Id, ForeignKey("accounts.id"), nullable=False),
+    # The balance.low event (the crossing) that asked for it: unique, one top-up per crossing.
+    Column("crossing_event_id", String(40), nullable=False, unique=True),
+    Column("status", String(24), nullable=False),
+    # The purchase it pays (a purchase like any other: credited by the webhook path only).
+    Column("purchase_id", Id, nullable=False, unique=True),
+    Column("payment_id", String(255)),
+    Column("idempotency_key", String(255), nullable=False, unique=True),
+    # Calls made to the provider; above 1, a lost answer is looked for before paying again.
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", Timestamp),
+    Column("reason", String(64)),  # why it failed or was skipped (a code)
+    Column("failure_message", String(500)),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    CheckConstraint(
+        "status IN (" + ", ".join(f"'{s}'" for s in AUTO_TOPUP_STATUSES) + ")",
+        name="status_known",
+    ),
+    CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    # At most one top-up in flight per account, by construction: a second INSERT conflicts.
+    Index(
+        "uq_auto_topups_in_flight",
+        "account_id",
+        unique=True,
+        postgresql_where=text(
+            "status IN (" + ", ".join(f"'{s}'" for s in AUTO_TOPUP_IN_FLIGHT) + ")"
+        ),
+    ),
+    Index(None, "account_id", "created_at"),
 )
 
 installation_secrets = Table(

@@ -187,6 +187,13 @@ class CsrfRefused(BillingError):
 
 
 # The error shape, as OpenAPI declares it.
+class AutoTopupNeedsCard(BillingError):
+    """Auto top-up cannot be switched on without a saved card (pay once, ticking the box)."""
+
+    status_code = 409
+    code = "auto_topup_needs_card"
+
+
 class WebhookEndpointNotFound(BillingError):
     status_code = 404
     code = "webhook_endpoint_not_found"

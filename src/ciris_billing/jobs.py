@@ -50,6 +50,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ciris_billing.accounts import reservations
+from ciris_billing.autotopup import topups
 from ciris_billing.config import Settings
 from ciris_billing.db import purchases, utcnow, webhook_events
 from ciris_billing.events.delivery import Deliveries
@@ -63,11 +64,13 @@ from ciris_billing.observability import (
 )
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers.base import PaymentProvider
+from ciris_billing.pricing import Pricing
 from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 
 RECOVER = "billing.recover"
 CLEAR_STALLED = "billing.clear_stalled"
+AUTO_TOPUP = "billing.auto_topup"
 WEBHOOKS = "billing.webhooks"
 DELIVER = "billing.webhooks.deliver"
 # Purchases older than this are left to `ciris-billing reconcile` (abandoned checkouts).
@@ -271,6 +274,31 @@ def job_queue(settings: Settings) -> App:
                 purchases=report.purchases,
                 expired_holds=report.expired,
                 failures=report.failures,
+            )
+
+    @queue.periodic(cron=every, periodic_id="auto_topup")
+    @queue.task(name=AUTO_TOPUP, queueing_lock=AUTO_TOPUP, lock=AUTO_TOPUP, pass_context=True)
+    async def auto_topup(context: JobContext, timestamp: int) -> None:
+        # Its own task and lock: a slow provider call never delays the recovery work, and one
+        # run at a time across workers decides and pays (autotopup/topups.py).
+        recovery: Recovery = context.additional_context["recovery"]
+        try:
+            report = await topups.run_once(
+                recovery.engine,
+                recovery.provider,
+                Pricing.from_settings(recovery.settings),
+                recovery.settings,
+            )
+        except Exception:
+            JOBS_RUNS.labels(AUTO_TOPUP, "failed").inc()
+            raise
+        JOBS_RUNS.labels(AUTO_TOPUP, "ok").inc()
+        if report.started or report.outcomes or report.skipped:
+            log.info(
+                "job_auto_topup_done",
+                started=report.started,
+                skipped=report.skipped,
+                outcomes=report.outcomes,
             )
 
     @queue.periodic(cron=every, periodic_id="clear_stalled")

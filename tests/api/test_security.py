@@ -21,6 +21,7 @@ PUBLIC = {
     "/v1/billing/webhooks/{provider_name}",
     "/v1/billing/checkout/{payment_id}",
     "/v1/billing/checkout/{payment_id}/summary",
+    "/v1/billing/checkout/{payment_id}/auto_topup",
     "/v1/billing/checkout/assets/checkout.js",
     "/v1/billing/checkout/assets/checkout.css",
     "/v1/billing/buy/{token}",
@@ -29,6 +30,8 @@ PUBLIC = {
     # The customer portal (its link is signed) and the console's login form and assets.
     "/v1/billing/portal/{token}",
     "/v1/billing/portal/{token}/receipts/{payment_id}",
+    "/v1/billing/portal/{token}/auto-topup",
+    "/v1/billing/portal/{token}/card",
     "/console/login",
     "/console/static/{name}",
 }

@@ -120,6 +120,7 @@ async def test_summary_needs_the_purchases_client_secret(api: Api) -> None:
         "credits_remaining": 0,
         "provider": "sandbox",
         "publishable_key": None,
+        "save_card": False,
     }
     assert secret not in response.text
 
@@ -203,7 +204,9 @@ async def test_page_is_public_static_and_has_no_secret(api: Api) -> None:
         assert f'id="{field}"' in html
     # Inputs have no `name`: a script-less submit would send no card data anywhere.
     assert re.findall(r"<input\b[^>]*\bname=", html) == []
-    assert len(re.findall(r"<input\b", html)) == 4
+    # The card's four, and the auto top-up box (a checkbox).
+    assert len(re.findall(r"<input\b", html)) == 5
+    assert '<input id="auto-topup" type="checkbox">' in html
 
     # The script and style it loads are served from here, public and cacheable.
     sources = re.findall(r'(?:src|href)="(assets/[^"]+)"', html)

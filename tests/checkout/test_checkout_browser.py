@@ -346,3 +346,31 @@ def test_a_wrong_or_incomplete_link_says_so(tab: Tab, service: Service) -> None:
         page.goto(url)
         expect(page.get_by_role("heading", name="This payment link does not work")).to_be_visible()
         expect(page.locator("#offer")).to_be_hidden()
+
+
+def test_the_auto_topup_box_saves_the_card(
+    tab: Tab, service: Service, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from playwright.sync_api import expect
+
+    user = new_user()
+    bought = service.purchase(user)
+    page = tab.page
+
+    page.goto(service.link(bought))
+    box = page.get_by_label("Top up 20 uses automatically when I run low")
+    expect(box).to_be_visible()
+    expect(box).not_to_be_checked()
+    box.check()
+    tab.assert_fits_the_screen()
+    screenshot(tab, "checkout-auto-topup.png", capsys)
+    tab.pay(VISA)
+    expect(page.locator("#success-title")).to_have_text("Payment successful — 20 uses added")
+
+    # The choice went before the card; the account now has auto top-up with the card's last 4.
+    sent = [r.url.rsplit("/", 1)[-1] for r in tab.requests if r.method == "POST"]
+    assert sent == ["auto_topup", "confirm"], sent
+    shown = service.get(
+        f"/v1/billing/accounts/oauth:google/{user['external_id']}/auto_topup"
+    ).json()
+    assert (shown["enabled"], shown["card_brand"], shown["card_last4"]) == (True, "visa", "4242")

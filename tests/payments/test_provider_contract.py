@@ -29,17 +29,20 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ciris_billing.accounts.service import Identity
+from ciris_billing.accounts.service import Identity, ensure_account
 from ciris_billing.db import accounts, create_engine, metadata, purchases, webhook_events
-from ciris_billing.errors import CardDeclined, InvalidWebhookSignature
+from ciris_billing.errors import CardDeclined, InvalidWebhookSignature, ProviderError
 from ciris_billing.payments import service
+from ciris_billing.payments.providers import sandbox as sandbox_module
 from ciris_billing.payments.providers import signing
 from ciris_billing.payments.providers.base import (
     DisputeEvent,
+    OffSessionPayment,
     PaymentEvent,
     PaymentProvider,
     PaymentResult,
     RefundEvent,
+    SavedCard,
 )
 from ciris_billing.payments.providers.sandbox import SandboxProvider
 from ciris_billing.payments.providers.stripe import StripeProvider
@@ -57,6 +60,8 @@ WEBHOOK_SECRET = "whsec_contract_secret"
 CARD_SUCCEEDS = "4242424242424242"
 CARD_DECLINED = "4000000000000341"  # localstripe declines this one, not ...9995
 CARD_NEEDS_3DS = "4000002500003155"
+# Saved, then charged off-session: asks for authentication every time (both know it).
+CARD_ALWAYS_3DS = "4000002760003184"
 PRICING = Pricing(
     free_uses_per_account=3, paid_uses_per_purchase=20, price_per_purchase_minor=500, currency="USD"
 )
@@ -90,6 +95,11 @@ class Harness(Protocol):
         self, payment_id: str, outcome: Literal["open", "won", "lost"]
     ) -> Signed:
         """The bank opens a chargeback on the payment, or closes it: its signed event."""
+        ...
+
+    async def card_now_behaves_as(self, card: SavedCard, number: str) -> None:
+        """The bank's side: a saved card now does what test card `number` does when charged
+        (it starts being declined, or asking for authentication)."""
         ...
 
 
@@ -129,6 +139,10 @@ class SandboxHarness:
     ) -> Signed:
         await self.provider.dispute(payment_id, "needs_response" if outcome == "open" else outcome)
         return self._last(payment_id, DisputeEvent)
+
+    async def card_now_behaves_as(self, card: SavedCard, number: str) -> None:
+        behaviour = sandbox_module.off_session_behaviour(number)
+        await self.provider.set_card_behaviour(card.payment_method_id, behaviour)
 
 
 def _names(subject: Any, payment_id: str) -> bool:
@@ -258,6 +272,10 @@ class StripeHarness:
         }
         event_type = "charge.dispute.created" if outcome == "open" else "charge.dispute.closed"
         return _signed_stripe_event(event_type, dispute)
+
+    async def card_now_behaves_as(self, card: SavedCard, number: str) -> None:
+        # localstripe asks for authentication on 3155 off-session too; 3184 it treats alike.
+        await asyncio.to_thread(self.backend.localstripe.swap_card, card.payment_method_id, number)
 
 
 def _signed_stripe_event(event_type: str, data_object: dict[str, Any]) -> Signed:
@@ -598,3 +616,148 @@ async def test_reconcile_credits_a_payment_whose_webhook_never_came(
     assert payment.payment_id not in open_ids
     row = await purchase_row(engine, harness, payment.payment_id)
     assert await paid_uses(engine, row.account_id) == (20, 0)
+
+
+# --- saved cards and off-session payments (auto top-up) -----------------------------------------
+
+
+async def saved_card(engine: AsyncEngine, harness: Harness, card: str = CARD_SUCCEEDS) -> SavedCard:
+    """A customer pays a purchase asking to keep the card: the provider saves it."""
+    payment = await start(engine, harness)
+    account_id = payment.metadata["ciris_account_id"]
+    customer = await harness.provider.create_customer(account_id, f"customer-{account_id}")
+    await harness.provider.save_card_on_payment(payment.payment_id, customer)
+    await harness.pay(payment, card)
+    if card in (CARD_NEEDS_3DS, CARD_ALWAYS_3DS):
+        await harness.authenticate(payment, True)
+    paid = await now(harness, payment.payment_id)
+    assert paid.state == "succeeded"
+    assert paid.saved_card is not None
+    return paid.saved_card
+
+
+async def pay_off_session(
+    engine: AsyncEngine, harness: Harness, card: SavedCard
+) -> tuple[PaymentResult, str]:
+    """Charge the saved card for one pack, recorded as a purchase (as auto top-up does)."""
+    account_id = card.customer_id  # any id of ours: the provider only carries it back
+    purchase_id = f"pur_{uuid.uuid4().hex[:24]}"
+    payment = await harness.provider.pay_off_session(
+        OffSessionPayment(
+            amount_minor=500,
+            currency="USD",
+            purchase_id=purchase_id,
+            account_id=account_id,
+            customer_id=card.customer_id,
+            payment_method_id=card.payment_method_id,
+            idempotency_key=f"auto-topup-{uuid.uuid4().hex}",
+        )
+    )
+    return payment, purchase_id
+
+
+async def test_a_payment_that_saves_its_card_keeps_only_ids_brand_and_last4(
+    engine: AsyncEngine, harness: Harness
+) -> None:
+    card = await saved_card(engine, harness)
+
+    assert card.payment_method_id.startswith("pm_")
+    assert card.customer_id.startswith("cus_")
+    assert (card.brand, card.last4) == ("visa", "4242")
+    # A payment that did not ask to keep its card saves none.
+    plain = await start(engine, harness)
+    await harness.pay(plain, CARD_SUCCEEDS)
+    assert (await now(harness, plain.payment_id)).saved_card is None
+
+
+async def test_a_customer_is_made_once_per_key(engine: AsyncEngine, harness: Harness) -> None:
+    customer = await harness.provider.create_customer("acc_contract", "customer-acc_contract")
+    assert customer.startswith("cus_")
+
+
+async def test_off_session_payment_succeeds_and_its_webhook_credits_once(
+    engine: AsyncEngine, harness: Harness
+) -> None:
+    card = await saved_card(engine, harness)
+    payment, purchase_id = await pay_off_session(engine, harness, card)
+
+    paid = await now(harness, payment.payment_id)
+    assert (paid.state, paid.amount_minor, paid.currency) == ("succeeded", 500, "USD")
+    assert paid.metadata["ciris_purchase_id"] == purchase_id
+    # Recorded as the purchase it pays, it is credited by its webhook like any other.
+    user = f"contract-{uuid.uuid4().hex[:12]}@example.com"
+    async with unit_of_work(engine) as work:
+        conn = await work.connection()
+        account, _ = await ensure_account(conn, Identity("oauth:google", user), PRICING)
+        await service.record_purchase(
+            conn,
+            purchase_id=purchase_id,
+            account_id=account.id,
+            provider=harness.provider.name,
+            payment=payment,
+            offer=service.Offer(500, "USD", 20),
+            customer_email=None,
+        )
+    signed = await harness.payment_webhook(payment.payment_id)
+    assert await receive(engine, harness, signed) == "credited"
+    assert await receive(engine, harness, signed) == "duplicate"
+    assert await paid_uses(engine, account.id) == (20, 0)
+
+
+async def test_a_declined_saved_card_is_a_failed_payment_not_an_error(
+    engine: AsyncEngine, harness: Harness
+) -> None:
+    card = await saved_card(engine, harness)
+    await harness.card_now_behaves_as(card, CARD_DECLINED)
+
+    payment, _ = await pay_off_session(engine, harness, card)
+
+    declined = await now(harness, payment.payment_id)
+    assert declined.state == "failed"
+    assert declined.failure_message
+
+
+async def test_a_bank_asking_for_authentication_is_requires_action(
+    engine: AsyncEngine, harness: Harness
+) -> None:
+    card = await saved_card(engine, harness)
+    await harness.card_now_behaves_as(card, CARD_ALWAYS_3DS)
+
+    payment, _ = await pay_off_session(engine, harness, card)
+
+    waiting = await now(harness, payment.payment_id)
+    assert waiting.state == "requires_action"
+    assert waiting.client_secret  # the payment page completes it with the customer
+    if waiting.provider_status == "requires_action":  # (Stripe may want a new confirmation)
+        await harness.authenticate(waiting, True)
+        assert (await now(harness, payment.payment_id)).state == "succeeded"
+
+
+async def test_find_payment_finds_a_payment_whose_answer_was_lost(
+    engine: AsyncEngine, harness: Harness
+) -> None:
+    card = await saved_card(engine, harness)
+    payment, purchase_id = await pay_off_session(engine, harness, card)
+
+    found = await harness.provider.find_payment(card.customer_id, purchase_id)
+    assert found is not None
+    assert (found.payment_id, found.state) == (payment.payment_id, "succeeded")
+    assert await harness.provider.find_payment(card.customer_id, "pur_never") is None
+
+
+async def test_a_detached_card_is_no_longer_saved(engine: AsyncEngine, harness: Harness) -> None:
+    payment = await start(engine, harness)
+    account_id = payment.metadata["ciris_account_id"]
+    customer = await harness.provider.create_customer(account_id, f"customer-{account_id}")
+    await harness.provider.save_card_on_payment(payment.payment_id, customer)
+    await harness.pay(payment, CARD_SUCCEEDS)
+    card = (await now(harness, payment.payment_id)).saved_card
+    assert card is not None
+
+    await harness.provider.detach_card(card.payment_method_id)
+    await harness.provider.detach_card(card.payment_method_id)  # again: no error
+
+    assert (await now(harness, payment.payment_id)).saved_card is None
+    if isinstance(harness, SandboxHarness):  # (localstripe charges detached cards anyway)
+        with pytest.raises(ProviderError):
+            await pay_off_session(engine, harness, card)

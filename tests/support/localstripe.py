@@ -113,6 +113,12 @@ class LocalStripe:
         body = {"charge": charge_id, "status": status, "amount": amount}
         self._request("POST", f"/_config/disputes/{dispute_id}", json_body=body)
 
+    def swap_card(self, payment_method_id: str, card_number: str) -> None:
+        """The bank's side: the saved card behind `payment_method_id` now behaves as
+        `card_number` does (e.g. CARD_DECLINED_AT_CHARGE: every charge is declined)."""
+        body = {"card_number": card_number}
+        self._request("POST", f"/_config/payment_methods/{payment_method_id}", json_body=body)
+
     def flush(self) -> None:
         """Forget every object (registered webhooks stay)."""
         self._request("DELETE", "/_config/data")
@@ -275,6 +281,40 @@ def _accept_receipt_email(resources: Any) -> None:
     resources.PaymentIntent.__init__ = __init__
 
 
+def _save_cards(resources: Any) -> None:
+    """Saved cards as Stripe has them and localstripe 1.15.10 lacks: a PaymentIntent takes
+    `setup_future_usage` (at creation or by update, "" unsets it) and, once it succeeds with a
+    customer, attaches its payment method to that customer; PaymentIntents can be listed by
+    `customer`."""
+    intent = resources.PaymentIntent
+    original_init = intent.__init__
+    original_success = intent._on_success
+    original_list = intent._api_list_all.__func__
+
+    def __init__(self: Any, *args: Any, setup_future_usage: Any = None, **kwargs: Any) -> None:
+        if setup_future_usage not in (None, "", "off_session", "on_session"):
+            raise resources.UserError(400, "Invalid setup_future_usage")
+        original_init(self, *args, **kwargs)
+        self.setup_future_usage = setup_future_usage or None
+
+    def _on_success(self: Any) -> None:
+        if self.setup_future_usage and self.customer and self.payment_method:
+            resources.PaymentMethod._api_retrieve(self.payment_method).customer = self.customer
+        original_success(self)
+
+    def _api_list_all(
+        cls: Any, url: str, customer: Any = None, limit: Any = None, starting_after: Any = None
+    ) -> Any:
+        found = original_list(cls, url, limit=limit, starting_after=starting_after)
+        if customer is not None:
+            found._list = [item for item in found._list if item.customer == customer]
+        return found
+
+    intent.__init__ = __init__
+    intent._on_success = _on_success
+    intent._api_list_all = classmethod(_api_list_all)
+
+
 def _serve(fd: int, state_dir: Path) -> None:
     from aiohttp import web
     from localstripe import resources, server  # type: ignore[import-untyped]
@@ -292,11 +332,13 @@ def _serve(fd: int, state_dir: Path) -> None:
             store.update(old)
 
     _accept_receipt_email(resources)
+    _save_cards(resources)
     resources.Store.dump_to_disk = dump_to_disk
     resources.Store.try_load_from_disk = try_load_from_disk
     resources.store.try_load_from_disk()  # a restart on the same state_dir keeps its objects
 
     _add_disputes(server.app)
+    _add_card_swaps(server.app, resources)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sock = socket.socket(fileno=fd)
     web.run_app(server.app, sock=sock, print=None, handle_signals=True)
@@ -329,6 +371,21 @@ def _add_disputes(app: Any) -> None:
 
     app.router.add_route("POST", "/_config/disputes/{id}", set_dispute)
     app.router.add_route("GET", "/v1/disputes/{id}", get_dispute)
+
+
+def _add_card_swaps(app: Any, resources: Any) -> None:
+    """The bank's side of a saved card (tests): the card behind a payment method changes (it
+    starts being declined, say), `POST /_config/payment_methods/{id}` {"card_number": ...}."""
+    from aiohttp import web
+
+    async def swap(request: web.Request) -> web.Response:
+        method = resources.PaymentMethod._api_retrieve(request.match_info["id"])
+        number = (await request.json())["card_number"]
+        method._card_number = number
+        method.card["last4"] = number[-4:]
+        return web.json_response({"id": method.id})
+
+    app.router.add_route("POST", "/_config/payment_methods/{id}", swap)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ciris_billing import installation
 from ciris_billing.accounts.erasure import erased_digest, erased_external_id
 from ciris_billing.accounts.service import Identity, ensure_account, find_account, get_account
+from ciris_billing.autotopup import cards
 from ciris_billing.db import (
     accounts,
     charges,
@@ -188,6 +189,7 @@ async def erase(conn: AsyncConnection, identity: Identity) -> Row[Any]:
     )
     await _scrub_stored_responses(conn, account.id, identity, account.customer_email)
     await _scrub_events(conn, account.id, identity, account.customer_email)
+    await cards.forget_on_erasure(conn, account.id)
     return (await conn.execute(select(accounts).where(accounts.c.id == account.id))).one()
 
 

@@ -9,7 +9,7 @@
 
   const $ = (id) => document.getElementById(id);
   const SECTIONS = [
-    "loading", "invalid", "offer", "sandbox-pay", "stripe-pay",
+    "loading", "invalid", "offer", "auto-topup-box", "sandbox-pay", "stripe-pay",
     "busy", "auth", "declined", "success", "failure",
   ];
   const PAYMENT_ID = /^[A-Za-z0-9_]{1,255}$/;
@@ -142,17 +142,39 @@
     $("balance").textContent = balanceText(s, "You have");
     $("pay-button").textContent = `Pay ${s.price}`;
     $("stripe-pay-button").textContent = `Pay ${s.price}`;
+    // The pack's real size: what each automatic top-up buys.
+    $("auto-topup-label").textContent =
+      `Top up ${plural(s.uses, "use")} automatically when I run low`;
+    $("auto-topup").checked = Boolean(s.save_card);
+  }
+
+  // The box, sent before the card is: the provider must know to keep the card when it is
+  // confirmed. Only when it changed (the summary says what the server has).
+  async function sendAutoTopupChoice() {
+    const wanted = $("auto-topup").checked;
+    if (wanted === Boolean(summary.save_card)) return;
+    const { status, body } = await request(
+      `${base}/checkout/${encodeURIComponent(paymentId)}/auto_topup`,
+      {
+        method: "POST",
+        headers: { "Content-Type": "application/json", "X-Client-Secret": secret },
+        body: JSON.stringify({ enabled: wanted }),
+      },
+    );
+    if (status !== 200) throw new HttpError(status, body.detail);
+    summary.save_card = wanted;
+    if (mode === "stripe" && elements) await elements.fetchUpdates();
   }
 
   function showPayForm() {
     if (mode === "stripe") {
-      show("offer", "stripe-pay");  // mount into a visible box, so Stripe sizes it right
+      show("offer", "auto-topup-box", "stripe-pay");  // visible: Stripe sizes it right
       if (!ensureStripe()) return;
       setStripeBusy(false);
       return;
     }
     setSandboxBusy(false);
-    show("offer", "sandbox-pay");
+    show("offer", "auto-topup-box", "sandbox-pay");
     $("card-number").focus();
   }
 
@@ -330,6 +352,7 @@
     setSandboxBusy(true);
     let result;
     try {
+      await sendAutoTopupChoice();
       result = await postJson(sandboxUrl("confirm"), {
         client_secret: secret,
         card_number: digitsOf($("card-number").value),
@@ -419,6 +442,7 @@
     setStripeBusy(true);
     let outcome;
     try {
+      await sendAutoTopupChoice();
       outcome = await stripe.confirmPayment({
         elements,
         confirmParams: { return_url: location.origin + location.pathname },
@@ -447,7 +471,7 @@
       if (error.type === "validation_error") {
         // The Payment Element shows what is missing next to the field.
         setStripeBusy(false);
-        show("offer", "stripe-pay");
+        show("offer", "auto-topup-box", "stripe-pay");
         return undefined;
       }
       return showDeclined(error.message);

@@ -25,6 +25,8 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from ciris_billing.accounts.service import Identity
+from ciris_billing.autotopup import cards
+from ciris_billing.autotopup.schemas import CheckoutAutoTopup, CheckoutAutoTopupOut
 from ciris_billing.checkout.links import checkout_url, read_buy_token
 from ciris_billing.checkout.schemas import CheckoutSummary
 from ciris_billing.db import accounts
@@ -32,10 +34,13 @@ from ciris_billing.deps import AppState, StateDep, UnitOfWorkDep, json_response
 from ciris_billing.errors import (
     CheckoutNotFound,
     ErrorOut,
+    PaymentStateConflict,
     PurchaseNoLongerPayable,
     error_responses,
 )
 from ciris_billing.payments import service as payments
+from ciris_billing.payments.providers.base import PaymentResult
+from ciris_billing.unit_of_work import UnitOfWork
 
 router = APIRouter(prefix="/v1/billing", tags=["checkout"])
 
@@ -201,6 +206,23 @@ async def checkout_summary(
 
     No API key: the payment's client secret (sent as `X-Client-Secret`) is the credential.
     """
+    payment = await _verified(state, work, payment_id, client_secret)
+    # Read after the secret was checked, and fresh: the page polls this for the balance.
+    conn = await work.connection()
+    purchase = await payments.get_purchase(conn, state.provider.name, payment_id)
+    account = (
+        await conn.execute(select(accounts).where(accounts.c.id == purchase.account_id))
+    ).one()
+    return json_response(
+        200, _summary(state, purchase, account, payment.provider_status), PRIVATE_HEADERS
+    )
+
+
+async def _verified(
+    state: AppState, work: UnitOfWork, payment_id: str, client_secret: str | None
+) -> PaymentResult:
+    """The payment, when `client_secret` is its client secret at the provider (constant-time
+    compare); else CheckoutNotFound, which does not say whether the payment exists."""
     if (
         not client_secret
         or len(client_secret) > MAX_CLIENT_SECRET_LENGTH
@@ -220,15 +242,7 @@ async def checkout_summary(
         or not secrets.compare_digest(payment.client_secret.encode(), client_secret.encode())
     ):
         raise _not_found()
-    # Read after the secret was checked, and fresh: the page polls this for the balance.
-    conn = await work.connection()
-    purchase = await payments.get_purchase(conn, state.provider.name, payment_id)
-    account = (
-        await conn.execute(select(accounts).where(accounts.c.id == purchase.account_id))
-    ).one()
-    return json_response(
-        200, _summary(state, purchase, account, payment.provider_status), PRIVATE_HEADERS
-    )
+    return payment
 
 
 def _not_found() -> CheckoutNotFound:
@@ -252,7 +266,36 @@ def _summary(state: AppState, purchase: Any, account: Any, payment_status: str) 
         credits_remaining=int(account.paid_uses_remaining),
         provider=state.provider.name,
         publishable_key=state.provider.publishable_key,
+        save_card=bool(purchase.save_card),
     ).model_dump(mode="json")
+
+
+@router.post(
+    "/checkout/{payment_id}/auto_topup",
+    response_model=CheckoutAutoTopupOut,
+    responses={
+        404: {"model": ErrorOut, "description": "Unknown payment or wrong secret"},
+        **error_responses(409, 422, 502, 503),
+    },
+)
+async def checkout_auto_topup(
+    payment_id: str,
+    body: CheckoutAutoTopup,
+    state: StateDep,
+    work: UnitOfWorkDep,
+    client_secret: ClientSecretHeader = None,
+) -> Response:
+    """The payment page's box "Top up N uses automatically when I run low", sent before the
+    payer confirms: the card this purchase is paid with is kept for auto top-up (or not).
+    No API key: the payment's client secret (`X-Client-Secret`) is the credential."""
+    payment = await _verified(state, work, payment_id, client_secret)
+    if payment.state not in ("pending", "failed"):
+        raise PaymentStateConflict(f"This payment is {payment.provider_status}; too late to change")
+    purchase = await payments.get_purchase(await work.connection(), state.provider.name, payment_id)
+    await cards.save_card_on_checkout(work, state.provider, purchase, body.enabled)
+    return json_response(
+        200, {"payment_id": payment_id, "save_card": body.enabled}, PRIVATE_HEADERS
+    )
 
 
 @router.get(

@@ -20,3 +20,6 @@ class CheckoutSummary(BaseModel):
     credits_remaining: int = Field(description="Paid uses left on the account")
     provider: str
     publishable_key: str | None = Field(default=None, description="Stripe mode only")
+    save_card: bool = Field(
+        default=False, description="The payer asked to keep the card for auto top-up"
+    )

@@ -15,6 +15,7 @@ from sqlalchemy import Row, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.accounts.service import Identity, ensure_account
+from ciris_billing.autotopup import cards, topups
 from ciris_billing.db import accounts, insert_or_ignore, new_id, purchases, utcnow
 from ciris_billing.errors import PurchaseNoLongerPayable, PurchaseNotYetRecorded
 from ciris_billing.events.outbox import PURCHASE_FAILED, PURCHASE_SUCCEEDED, record_event
@@ -263,6 +264,10 @@ async def apply_payment(conn: AsyncConnection, provider: str, payment: PaymentRe
                 uses=purchase.uses,
             )
             outcome = "credited"
+            # In the crediting transaction, once: the card the payer asked to keep becomes the
+            # auto top-up card; a top-up this purchase paid is done.
+            await cards.keep_saved_card(conn, provider, purchase, payment)
+            await topups.after_payment(conn, purchase, payment, credited=True)
         if payment.amount_refunded_minor > purchase.refunded_minor and (
             await refunds.apply_refunded_total(
                 conn, purchase.id, payment.amount_refunded_minor, source="provider"
@@ -291,6 +296,8 @@ async def apply_payment(conn: AsyncConnection, provider: str, payment: PaymentRe
         await record_event(
             conn, purchase.account_id, PURCHASE_FAILED, purchase_data(purchase, "failed")
         )
+    if payment.state in ("failed", "canceled"):
+        await topups.after_payment(conn, purchase, payment, credited=False)
     if failed:
         PURCHASES.labels(provider, "failed").inc()
         log.info(

@@ -19,10 +19,15 @@ from sqlalchemy import Row, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.accounts.service import Identity, find_account
+from ciris_billing.autotopup import cards
+from ciris_billing.autotopup.routes import auto_topup_body
 from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.console.queries import decode_cursor, encode_cursor
+from ciris_billing.console.web import form_of
 from ciris_billing.db import charges, credits, purchases
 from ciris_billing.deps import AppState, StateDep, UnitOfWorkDep
+from ciris_billing.errors import BillingError, InvalidRequest
+from ciris_billing.observability import log
 from ciris_billing.payments.purchases import api_status
 from ciris_billing.portal.links import (
     PortalLinkExpired,
@@ -30,7 +35,7 @@ from ciris_billing.portal.links import (
     portal_url,
     read_portal_token,
 )
-from ciris_billing.web.templating import render
+from ciris_billing.web.templating import PAGE_HEADERS, render
 
 router = APIRouter(prefix="/v1/billing/portal", include_in_schema=False)
 
@@ -71,6 +76,7 @@ async def portal(
     state: StateDep,
     work: UnitOfWorkDep,
     before: Annotated[str | None, Query(max_length=200)] = None,
+    notice: Annotated[str | None, Query(max_length=40)] = None,
 ) -> Response:
     account = await _account_of(state, work, token)
     if isinstance(account, Response):
@@ -93,6 +99,7 @@ async def portal(
             .limit(100)
         )
     )
+    topup = await auto_topup_body(conn, state.pricing, state.settings, account)
     base = state.public_base_url(request)
     here = portal_url(base, token)
     buy = buy_url(base, buy_token(state.link_secret, account.oauth_provider, account.external_id))
@@ -108,6 +115,8 @@ async def portal(
         token=token,
         buy_url=buy,
         offer=state.pricing,
+        topup=topup,
+        notice=NOTICES.get(notice or ""),
     )
 
 
@@ -128,6 +137,87 @@ async def _usage(
         return rows, None
     rows = rows[:USAGE_PAGE]
     return rows, encode_cursor(rows[-1].created_at, rows[-1].id)
+
+
+# What the portal says after a change (a fixed set: nothing from the URL is shown as is).
+NOTICES = {
+    "topup_on": "Auto top-up is on.",
+    "topup_off": "Auto top-up is off.",
+    "card_removed": "Your saved card was removed; auto top-up is off.",
+}
+
+
+@router.post("/{token}/auto-topup")
+async def switch_auto_topup(
+    token: str, request: Request, state: StateDep, work: UnitOfWorkDep
+) -> Response:
+    """Auto top-up on or off (autotopup.cards.set_enabled, as the API). No other credential
+    than the link: its signed token is in the path, which another site cannot know, so a
+    forged form cannot name it (the token does what a CSRF token does)."""
+    account = await _account_of(state, work, token)
+    if isinstance(account, Response):
+        return account
+    try:
+        form = await form_of(request)
+        enabled = {"on": True, "off": False}.get(form.get("auto_topup", ""))
+        if enabled is None:
+            raise InvalidRequest("auto_topup must be on or off")
+        await cards.set_enabled(await work.connection(), account.id, enabled)
+    except BillingError as exc:
+        await work.rollback()
+        return _problem(exc, token)
+    log.info("auto_topup_switched", account_id=account.id, enabled=enabled, by="portal")
+    return _back(token, "topup_on" if enabled else "topup_off")
+
+
+@router.post("/{token}/card")
+async def remove_saved_card(
+    token: str, request: Request, state: StateDep, work: UnitOfWorkDep
+) -> Response:
+    """Remove the saved card (autotopup.cards.remove_card: auto top-up off, the provider
+    forgets the card), after a confirmation page."""
+    account = await _account_of(state, work, token)
+    if isinstance(account, Response):
+        return account
+    try:
+        form = await form_of(request)
+    except BillingError as exc:
+        return _problem(exc, token)
+    if form.get("confirm") != "yes":
+        found = await cards.settings_of(await work.connection(), account.id)
+        return render(
+            "portal_confirm.html",
+            card_brand=found.card_brand if found else None,
+            card_last4=found.card_last4 if found else None,
+            action=f"/v1/billing/portal/{token}/card",
+            back=f"/v1/billing/portal/{token}#auto-topup",
+        )
+    try:
+        await cards.remove_card(work, state.provider, account.id)
+    except BillingError as exc:
+        await work.rollback()
+        return _problem(exc, token)
+    return _back(token, "card_removed")
+
+
+def _back(token: str, notice: str) -> Response:
+    return Response(
+        status_code=303,
+        headers={
+            "Location": f"/v1/billing/portal/{token}?notice={notice}#auto-topup",
+            **PAGE_HEADERS,
+        },
+    )
+
+
+def _problem(exc: BillingError, token: str) -> Response:
+    return render(
+        "portal_problem.html",
+        status_code=exc.status_code,
+        title="That did not work",
+        message=exc.detail,
+        back=f"/v1/billing/portal/{token}#auto-topup",
+    )
 
 
 @router.get("/{token}/receipts/{payment_id}")

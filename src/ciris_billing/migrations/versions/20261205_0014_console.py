@@ -1,7 +1,7 @@
 """console: operator sessions, the audit trail, look-up indexes, the sandbox's card on receipts
 
 Revision ID: 20261205_console
-Revises: 20261205_events
+Revises: 20261205_auto_topup
 Create Date: 2026-12-05 08:00:00
 
 - `console_sessions`: server-side sessions of the operator console (the cookie's token is
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "20261205_console"
-down_revision: str | None = "20261205_events"
+down_revision: str | None = "20261205_auto_topup"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

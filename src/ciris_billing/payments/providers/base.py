@@ -37,6 +37,34 @@ class PaymentIntent:
 
 
 @dataclass(frozen=True, slots=True)
+class SavedCard:
+    """A card the provider keeps for off-session payments (auto top-up).
+
+    Only the provider's ids and what may be shown to its owner: never a card number.
+    """
+
+    payment_method_id: str
+    customer_id: str
+    brand: str | None = None
+    last4: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OffSessionPayment:
+    """A payment of a saved card while its owner is away (`confirm` and `off_session` at once)."""
+
+    amount_minor: int
+    currency: str  # ISO 4217, upper case
+    purchase_id: str
+    account_id: str
+    customer_id: str
+    payment_method_id: str
+    # Derived from the account and the balance crossing that asked for it: a retry asks the
+    # provider with the same key. (Our own idempotency does not rely on it: auto_topup.)
+    idempotency_key: str
+
+
+@dataclass(frozen=True, slots=True)
 class PaymentResult:
     """A payment as the provider sees it now."""
 
@@ -54,6 +82,9 @@ class PaymentResult:
     # The card that paid, as a receipt shows it (never its number); None until paid by card.
     card_brand: str | None = None
     card_last4: str | None = None
+    # The card this payment saved for off-session use (the payer asked to keep it), once the
+    # provider has attached it to the customer; None otherwise.
+    saved_card: SavedCard | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +184,32 @@ class PaymentProvider(Protocol):
 
     async def payment_for_charge(self, charge_id: str) -> str | None:
         """The payment a charge belongs to (disputes name a charge), or None if unknown."""
+        ...
+
+    # Saved cards and off-session payments (auto top-up).
+
+    async def create_customer(self, account_id: str, idempotency_key: str) -> str:
+        """A customer at the provider for one of our accounts; returns its id."""
+        ...
+
+    async def save_card_on_payment(self, payment_id: str, customer_id: str | None) -> None:
+        """Before the payer confirms: keep the card this payment is paid with for off-session
+        use, attached to `customer_id` (None: do not keep it)."""
+        ...
+
+    async def pay_off_session(self, payment: OffSessionPayment) -> PaymentResult:
+        """Charge a saved card now. A decline or a bank asking for authentication is the
+        result's state (`failed`, `requires_action`), not an error; errors are the provider's
+        own (unreachable, refused)."""
+        ...
+
+    async def find_payment(self, customer_id: str, purchase_id: str) -> PaymentResult | None:
+        """The customer's payment made for our purchase `purchase_id`, if the provider has one
+        (after a call whose answer was lost: our idempotency never relies on the provider's)."""
+        ...
+
+    async def detach_card(self, payment_method_id: str) -> None:
+        """Forget a saved card (it can never be charged again); an unknown one is no error."""
         ...
 
     async def aclose(self) -> None: ...

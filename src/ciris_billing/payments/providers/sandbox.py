@@ -22,7 +22,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ciris_billing.db import insert_or_ignore, sandbox_disputes, sandbox_payments, utcnow
+from ciris_billing.db import (
+    insert_or_ignore,
+    sandbox_customers,
+    sandbox_disputes,
+    sandbox_payment_methods,
+    sandbox_payments,
+    utcnow,
+)
 from ciris_billing.errors import (
     CardDeclined,
     InvalidWebhookSignature,
@@ -33,9 +40,13 @@ from ciris_billing.errors import (
 from ciris_billing.observability import log
 from ciris_billing.payments.providers import signing, stripe_wire
 from ciris_billing.payments.providers.base import (
+    ACCOUNT_ID_KEY,
+    PURCHASE_ID_KEY,
     Dispute,
+    OffSessionPayment,
     PaymentIntent,
     PaymentResult,
+    SavedCard,
     WebhookEvent,
 )
 
@@ -46,6 +57,9 @@ CARD_SUCCEEDS = "4242424242424242"
 CARD_DECLINED = "4000000000009995"  # insufficient funds
 CARD_NEEDS_AUTHENTICATION = "4000002500003155"  # 3D Secure
 CARD_CHARGE_DECLINED = "4000000000000341"
+# Asks for authentication on every payment, off-session ones too (Stripe's test card).
+CARD_ALWAYS_AUTHENTICATES = "4000002760003184"
+NEEDS_AUTHENTICATION = {CARD_NEEDS_AUTHENTICATION, CARD_ALWAYS_AUTHENTICATES}
 DECLINES = {
     CARD_DECLINED: "Your card has insufficient funds.",
     CARD_CHARGE_DECLINED: "Your card was declined.",
@@ -61,16 +75,25 @@ def _luhn_ok(number: str) -> bool:
 
 
 def card_brand(number: str) -> str:
-    """The network of a card number, by its leading digits (as Stripe names brands)."""
+    """A test card's brand from its number, in Stripe's words."""
     if number.startswith("4"):
         return "visa"
+    if number[:2] in ("51", "52", "53", "54", "55") or number.startswith("2"):
+        return "mastercard"
     if number[:2] in ("34", "37"):
         return "amex"
-    if 51 <= int(number[:2]) <= 55 or 2221 <= int(number[:4]) <= 2720:
-        return "mastercard"
-    if number.startswith(("6011", "65")):
-        return "discover"
     return "unknown"
+
+
+def off_session_behaviour(number: str) -> str:
+    """What a saved test card does when charged later, as in Stripe test mode: 0341 attaches
+    fine and is declined when charged; 3184 always wants authentication; 3155 wants it only on
+    the payment that saved it (Stripe's "authenticated once for off-session use")."""
+    if number == CARD_CHARGE_DECLINED or number in DECLINES:
+        return "declined"
+    if number == CARD_ALWAYS_AUTHENTICATES:
+        return "authentication_required"
+    return "succeeds"
 
 
 def normalize_card(number: str) -> str:
@@ -130,7 +153,16 @@ class SandboxProvider:
                     select(sandbox_payments).where(sandbox_payments.c.id == payment_id)
                 )
             ).first()
-        return None if row is None else _result(row)
+            card = None
+            if row is not None and row.payment_method_id is not None:
+                card = (
+                    await conn.execute(
+                        select(sandbox_payment_methods).where(
+                            sandbox_payment_methods.c.id == row.payment_method_id
+                        )
+                    )
+                ).first()
+        return None if row is None else _result(row, card)
 
     async def confirm_payment(self, payment_id: str) -> bool:
         payment = await self.get_payment(payment_id)
@@ -243,6 +275,124 @@ class SandboxProvider:
     async def aclose(self) -> None:
         return None
 
+    # Saved cards and off-session payments (auto top-up).
+
+    async def create_customer(self, account_id: str, idempotency_key: str) -> str:
+        async with self._engine.begin() as conn:
+            # Like Stripe's Idempotency-Key: the same key returns the customer made first.
+            await conn.execute(
+                insert_or_ignore(sandbox_customers).values(
+                    id="cus_sbx_" + secrets.token_hex(12),
+                    account_id=account_id,
+                    idempotency_key=idempotency_key,
+                    created_at=utcnow(),
+                )
+            )
+            found: str = (
+                await conn.execute(
+                    select(sandbox_customers.c.id).where(
+                        sandbox_customers.c.idempotency_key == idempotency_key
+                    )
+                )
+            ).scalar_one()
+        return found
+
+    async def save_card_on_payment(self, payment_id: str, customer_id: str | None) -> None:
+        async with self._engine.begin() as conn:
+            row = await _locked(conn, payment_id)
+            if row.status not in ("requires_payment_method", "requires_confirmation"):
+                raise PaymentStateConflict(f"This payment is {row.status}; it cannot be changed")
+            if customer_id is not None and not await _customer_exists(conn, customer_id):
+                raise ProviderError("No such customer")
+            values: dict[str, Any] = {"save_card": customer_id is not None, "updated_at": utcnow()}
+            if customer_id is not None:
+                values["customer_id"] = customer_id
+            await conn.execute(
+                sandbox_payments.update().where(sandbox_payments.c.id == payment_id).values(values)
+            )
+
+    async def pay_off_session(self, payment: OffSessionPayment) -> PaymentResult:
+        payment_id = "pi_sbx_" + secrets.token_hex(12)
+        now = utcnow()
+        async with self._engine.begin() as conn:
+            card = (
+                await conn.execute(
+                    select(sandbox_payment_methods)
+                    .where(sandbox_payment_methods.c.id == payment.payment_method_id)
+                    .with_for_update()
+                )
+            ).first()
+            if card is None or card.customer_id != payment.customer_id or card.attached_at is None:
+                raise ProviderError("The payment method is not attached to this customer")
+            status, failure = {
+                "succeeds": ("succeeded", None),
+                "declined": ("requires_payment_method", "Your card was declined."),
+                "authentication_required": ("requires_action", None),
+            }[card.behaviour]
+            # Like Stripe's Idempotency-Key: the same key returns the payment made first.
+            inserted = await conn.execute(
+                insert_or_ignore(sandbox_payments)
+                .values(
+                    id=payment_id,
+                    idempotency_key=payment.idempotency_key,
+                    amount_minor=payment.amount_minor,
+                    currency=payment.currency.upper(),
+                    status=status,
+                    client_secret=f"{payment_id}_secret_{secrets.token_urlsafe(18)}",
+                    metadata={
+                        PURCHASE_ID_KEY: payment.purchase_id,
+                        ACCOUNT_ID_KEY: payment.account_id,
+                    },
+                    failure_message=failure,
+                    amount_refunded_minor=0,
+                    created_at=now,
+                    updated_at=now,
+                    customer_id=payment.customer_id,
+                    payment_method_id=payment.payment_method_id,
+                    off_session=True,
+                )
+                .returning(sandbox_payments.c.id)
+            )
+            made = inserted.first() is not None
+            row = (
+                await conn.execute(
+                    select(sandbox_payments).where(
+                        sandbox_payments.c.idempotency_key == payment.idempotency_key
+                    )
+                )
+            ).one()
+        if not made:
+            return _result(row)
+        return await self._emit(row.id)
+
+    async def find_payment(self, customer_id: str, purchase_id: str) -> PaymentResult | None:
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                select(sandbox_payments).where(sandbox_payments.c.customer_id == customer_id)
+            )
+            for row in rows:
+                if dict(row.metadata).get(PURCHASE_ID_KEY) == purchase_id:
+                    return _result(row)
+        return None
+
+    async def detach_card(self, payment_method_id: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                sandbox_payment_methods.update()
+                .where(sandbox_payment_methods.c.id == payment_method_id)
+                .values(attached_at=None)
+            )
+
+    async def set_card_behaviour(self, payment_method_id: str, behaviour: str) -> None:
+        """The bank's side (tests): a saved card starts being declined, or asking for
+        authentication, or works again."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                sandbox_payment_methods.update()
+                .where(sandbox_payment_methods.c.id == payment_method_id)
+                .values(behaviour=behaviour)
+            )
+
     # The customer's side: what Stripe.js and the card network do in test mode.
 
     async def confirm_with_card(
@@ -253,13 +403,15 @@ class SandboxProvider:
             row = await _locked(conn, payment_id, client_secret)
             if row.status not in ("requires_payment_method", "requires_confirmation"):
                 raise PaymentStateConflict(f"This payment is {row.status}; it cannot be confirmed")
-            if card == CARD_NEEDS_AUTHENTICATION:
+            if card in NEEDS_AUTHENTICATION:
                 status = "requires_action"
                 failure = None
             elif card in DECLINES:
                 status, failure = "requires_payment_method", DECLINES[card]
             else:
                 status, failure = "succeeded", None
+            if row.save_card and row.customer_id:
+                await _keep_card(conn, row, card)
             await _set_status(conn, payment_id, status, failure)
             # As Stripe reports on the charge: the brand and last 4 digits, never the number.
             await conn.execute(
@@ -267,6 +419,8 @@ class SandboxProvider:
                 .where(sandbox_payments.c.id == payment_id)
                 .values(card_brand=card_brand(card), card_last4=card[-4:])
             )
+            if status == "succeeded":
+                await _attach_card(conn, payment_id)
         payment = await self._emit(payment_id)
         if failure is not None:
             raise CardDeclined(failure, payment_id=payment_id, status=payment.provider_status)
@@ -281,6 +435,7 @@ class SandboxProvider:
                 raise PaymentStateConflict(f"This payment is {row.status}; nothing to authenticate")
             if success:
                 await _set_status(conn, payment_id, "succeeded", None)
+                await _attach_card(conn, payment_id)
             else:
                 await _set_status(
                     conn,
@@ -337,6 +492,47 @@ async def _locked(conn: Any, payment_id: str, client_secret: str | None = None) 
     return row
 
 
+async def _customer_exists(conn: Any, customer_id: str) -> bool:
+    found = await conn.execute(
+        select(sandbox_customers.c.id).where(sandbox_customers.c.id == customer_id)
+    )
+    return found.first() is not None
+
+
+async def _keep_card(conn: Any, payment: Any, card: str) -> None:
+    """The card a payment that saves its card is paid with: recorded (brand, last 4, what it
+    does when charged later; never its number), attached once the payment succeeds."""
+    method_id = "pm_sbx_" + secrets.token_hex(12)
+    await conn.execute(
+        sandbox_payment_methods.insert().values(
+            id=method_id,
+            customer_id=payment.customer_id,
+            brand=card_brand(card),
+            last4=card[-4:],
+            behaviour=off_session_behaviour(card),
+            created_at=utcnow(),
+            attached_at=None,
+        )
+    )
+    await conn.execute(
+        sandbox_payments.update()
+        .where(sandbox_payments.c.id == payment.id)
+        .values(payment_method_id=method_id)
+    )
+
+
+async def _attach_card(conn: Any, payment_id: str) -> None:
+    row = (
+        await conn.execute(select(sandbox_payments).where(sandbox_payments.c.id == payment_id))
+    ).one()
+    if row.save_card and row.payment_method_id and not row.off_session:
+        await conn.execute(
+            sandbox_payment_methods.update()
+            .where(sandbox_payment_methods.c.id == row.payment_method_id)
+            .values(attached_at=utcnow())
+        )
+
+
 async def _set_status(conn: Any, payment_id: str, status: str, failure: str | None) -> None:
     await conn.execute(
         sandbox_payments.update()
@@ -345,7 +541,10 @@ async def _set_status(conn: Any, payment_id: str, status: str, failure: str | No
     )
 
 
-def _result(row: Any) -> PaymentResult:
+def _result(row: Any, card: Any = None) -> PaymentResult:
+    saved = None
+    if card is not None and card.attached_at is not None and row.save_card:
+        saved = SavedCard(card.id, card.customer_id, card.brand, card.last4)
     return PaymentResult(
         payment_id=row.id,
         state=stripe_wire.payment_state(row.status, declined=row.failure_message is not None),
@@ -358,6 +557,7 @@ def _result(row: Any) -> PaymentResult:
         amount_refunded_minor=int(row.amount_refunded_minor),
         card_brand=row.card_brand,
         card_last4=row.card_last4,
+        saved_card=saved,
     )
 
 

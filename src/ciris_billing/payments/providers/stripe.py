@@ -22,8 +22,10 @@ from ciris_billing.payments.providers.base import (
     ACCOUNT_ID_KEY,
     PURCHASE_ID_KEY,
     Dispute,
+    OffSessionPayment,
     PaymentIntent,
     PaymentResult,
+    SavedCard,
     WebhookEvent,
 )
 from ciris_billing.payments.providers.signing import DEFAULT_TOLERANCE_SECONDS
@@ -81,12 +83,35 @@ def _id_of(value: Any) -> str | None:
     return found if isinstance(found, str) else None
 
 
+def _saved_card(intent: stripe.PaymentIntent) -> SavedCard | None:
+    """The card the payment kept for off-session use: asked for (setup_future_usage), and
+    attached by Stripe to the payment's customer (which it does once the payment succeeded).
+    Needs the payment method expanded (get_payment asks for it). Brand and last4 only."""
+    method = intent.payment_method
+    customer = _id_of(intent.customer)
+    if (
+        getattr(intent, "setup_future_usage", None) != stripe_wire.OFF_SESSION
+        or customer is None
+        or not isinstance(method, stripe.PaymentMethod)
+        or _id_of(method.customer) != customer
+    ):
+        return None
+    card = getattr(method, "card", None)
+    return SavedCard(
+        payment_method_id=method.id,
+        customer_id=customer,
+        brand=getattr(card, "brand", None),
+        last4=getattr(card, "last4", None),
+    )
+
+
 def _result(intent: stripe.PaymentIntent) -> PaymentResult:
     error = intent.last_payment_error
     metadata = intent.metadata.to_dict() if intent.metadata is not None else {}
+    code = getattr(error, "code", None) if error is not None else None
     return PaymentResult(
         payment_id=intent.id,
-        state=stripe_wire.payment_state(intent.status, declined=error is not None),
+        state=stripe_wire.payment_state(intent.status, declined=error is not None, error_code=code),
         amount_minor=intent.amount,
         currency=intent.currency.upper(),
         provider_status=intent.status,
@@ -96,6 +121,7 @@ def _result(intent: stripe.PaymentIntent) -> PaymentResult:
         amount_refunded_minor=_amount_refunded(intent),
         card_brand=_card(intent)[0],
         card_last4=_card(intent)[1],
+        saved_card=_saved_card(intent),
     )
 
 
@@ -156,7 +182,7 @@ class StripeProvider:
     async def get_payment(self, payment_id: str) -> PaymentResult | None:
         try:
             found = await self._client.v1.payment_intents.retrieve_async(
-                payment_id, params={"expand": ["latest_charge"]}
+                payment_id, params={"expand": ["latest_charge", "payment_method"]}
             )
         except stripe.StripeError as exc:
             if _is_missing(exc):
@@ -227,6 +253,87 @@ class StripeProvider:
                 return None
             raise _provider_error(exc, "look up the charge") from None
         return _id_of(charge.payment_intent)
+
+    # Saved cards and off-session payments (auto top-up).
+
+    async def create_customer(self, account_id: str, idempotency_key: str) -> str:
+        params: stripe.params.CustomerCreateParams = {"metadata": {ACCOUNT_ID_KEY: account_id}}
+        try:
+            customer = await self._client.v1.customers.create_async(
+                params=params, options={"idempotency_key": idempotency_key}
+            )
+        except stripe.StripeError as exc:
+            raise _provider_error(exc, "create the customer") from None
+        return customer.id
+
+    async def save_card_on_payment(self, payment_id: str, customer_id: str | None) -> None:
+        # Stripe attaches the card to the customer once the payment succeeds; "" unsets it.
+        params: stripe.params.PaymentIntentUpdateParams = (
+            {"customer": customer_id, "setup_future_usage": stripe_wire.OFF_SESSION}
+            if customer_id
+            else {"setup_future_usage": ""}
+        )
+        try:
+            await self._client.v1.payment_intents.update_async(payment_id, params=params)
+        except stripe.StripeError as exc:
+            raise _provider_error(exc, "save the card") from None
+
+    async def pay_off_session(self, payment: OffSessionPayment) -> PaymentResult:
+        params: stripe.params.PaymentIntentCreateParams = {
+            "amount": payment.amount_minor,
+            "currency": payment.currency.lower(),
+            "customer": payment.customer_id,
+            "payment_method": payment.payment_method_id,
+            "confirm": True,
+            "off_session": True,
+            "metadata": {
+                PURCHASE_ID_KEY: payment.purchase_id,
+                ACCOUNT_ID_KEY: payment.account_id,
+            },
+        }
+        try:
+            created = await self._client.v1.payment_intents.create_async(
+                params=params, options={"idempotency_key": payment.idempotency_key}
+            )
+        except stripe.CardError as exc:
+            # Declined, or the bank wants authentication: Stripe answers 402 but the payment
+            # exists (the error names it, or at least its charge); its state says the rest.
+            declined = await self._declined_payment(exc)
+            if declined is None:
+                raise _provider_error(exc, "charge the saved card") from None
+            return declined
+        except stripe.StripeError as exc:
+            raise _provider_error(exc, "charge the saved card") from None
+        return _result(created)
+
+    async def _declined_payment(self, exc: stripe.CardError) -> PaymentResult | None:
+        error = exc.error
+        payment_id = _id_of(getattr(error, "payment_intent", None)) if error else None
+        if payment_id is None and error is not None and getattr(error, "charge", None):
+            # (localstripe names only the charge.)
+            payment_id = await self.payment_for_charge(str(error.charge))
+        return None if payment_id is None else await self.get_payment(payment_id)
+
+    async def find_payment(self, customer_id: str, purchase_id: str) -> PaymentResult | None:
+        try:
+            page = await self._client.v1.payment_intents.list_async(
+                params={"customer": customer_id, "limit": 100}
+            )
+        except stripe.StripeError as exc:
+            raise _provider_error(exc, "look up the customer's payments") from None
+        for intent in page.data:
+            metadata = intent.metadata.to_dict() if intent.metadata is not None else {}
+            if metadata.get(PURCHASE_ID_KEY) == purchase_id:
+                return await self.get_payment(intent.id)
+        return None
+
+    async def detach_card(self, payment_method_id: str) -> None:
+        try:
+            await self._client.v1.payment_methods.detach_async(payment_method_id)
+        except stripe.StripeError as exc:
+            if _is_missing(exc):
+                return
+            raise _provider_error(exc, "remove the saved card") from None
 
     async def aclose(self) -> None:
         """Close the HTTPX connection pool (the SDK's own, public close; it is unannotated)."""

@@ -57,15 +57,23 @@ _STATES: Final[dict[str, PaymentState]] = {
 }
 
 
-def payment_state(status: str, declined: bool) -> PaymentState:
+# The decline code of an off-session payment whose bank wants the customer to authenticate.
+AUTHENTICATION_REQUIRED: Final = "authentication_required"
+# PaymentIntent parameters of saved cards (auto top-up).
+OFF_SESSION: Final = "off_session"
+
+
+def payment_state(status: str, declined: bool, error_code: str | None = None) -> PaymentState:
     """A PaymentIntent status in our words. `declined`: it carries a last_payment_error.
 
     Stripe puts a declined intent back to requires_payment_method (the customer may try
-    another card); with the error attached, that is our `failed`. A status this code does not
-    know (a newer API version) is in flight: never credited, looked at again later.
+    another card); with the error attached, that is our `failed` - unless the error says the
+    bank wants authentication (an off-session payment of a saved card): the customer must act,
+    which is our `requires_action`. A status this code does not know (a newer API version) is
+    in flight: never credited, looked at again later.
     """
     if status == "requires_payment_method" and declined:
-        return "failed"
+        return "requires_action" if error_code == AUTHENTICATION_REQUIRED else "failed"
     return _STATES.get(status, "processing")
 
 
