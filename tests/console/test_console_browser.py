@@ -487,3 +487,48 @@ def test_resend_a_failing_delivery_and_disable_its_endpoint(tab: Tab, service: S
         (OPERATOR, "resend_delivery", delivery_id),
         (OPERATOR, "disable_endpoint", endpoint_id),
     ]
+
+
+def test_the_portal_switches_auto_topup_and_removes_the_saved_card(
+    tab: Tab, service: Service
+) -> None:
+    from playwright.sync_api import expect
+
+    user = service.new_user()
+    bought = service.post("/v1/billing/purchases", {**user, "customer_email": None}).json()
+    ticked = httpx.post(
+        f"{service.base}/v1/billing/checkout/{bought['payment_id']}/auto_topup",
+        json={"enabled": True},
+        headers={"X-Client-Secret": bought["client_secret"]},
+        timeout=30,
+    )
+    assert ticked.status_code == 200, ticked.text
+    paid = httpx.post(
+        f"{service.base}/v1/billing/sandbox/payment_intents/{bought['payment_id']}/confirm",
+        json={"client_secret": bought["client_secret"], "card_number": VISA},
+        timeout=30,
+    )
+    assert paid.json()["status"] == "succeeded", paid.text
+    account_id = service.account_id(user)
+    page = tab.page
+    page.goto(service.check(user)["portal_url"])
+    expect(page.locator("#saved-card")).to_have_text("Visa ending in 4242")
+    expect(page.locator("#auto-topup-state")).to_have_text("on")
+    page.get_by_role("button", name="Turn auto top-up off").click()
+    expect(page.get_by_role("status")).to_have_text("Auto top-up is off.")
+    expect(page.locator("#auto-topup-state")).to_have_text("off")
+    assert service.sql(
+        "SELECT enabled FROM auto_topup_settings WHERE account_id = %s", account_id
+    ) == [(False,)]
+    tab.screenshots("portal-auto-topup")
+    page.get_by_role("button", name="Remove saved card…").click()
+    expect(page.get_by_role("heading", name="Remove your saved card?")).to_be_visible()
+    tab.screenshots("portal-remove-card")
+    page.get_by_role("button", name="Remove the card").click()
+    expect(page.get_by_role("status")).to_have_text(
+        "Your saved card was removed; auto top-up is off."
+    )
+    assert service.sql(
+        "SELECT enabled, payment_method_id FROM auto_topup_settings WHERE account_id = %s",
+        account_id,
+    ) == [(False, None)]
