@@ -31,6 +31,8 @@ from ciris_billing.auth import KeyStore
 from ciris_billing.autotopup.routes import router as auto_topup_router
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
+from ciris_billing.console.action_routes import router as console_actions_router
+from ciris_billing.console.routes import router as console_router
 from ciris_billing.db import create_engine, session_settings
 from ciris_billing.deps import AppState, StateDep, json_response
 from ciris_billing.edge import RouteGate
@@ -49,6 +51,7 @@ from ciris_billing.observability import (
 from ciris_billing.payments.providers import get_payment_provider
 from ciris_billing.payments.routes import router as payments_router
 from ciris_billing.payments.sandbox_routes import router as sandbox_router
+from ciris_billing.portal.routes import router as portal_router
 from ciris_billing.pricing import Pricing
 from ciris_billing.ratelimit import Limiter, SharedBuckets, SharedStore, TokenBuckets
 from ciris_billing.unit_of_work import unit_of_work
@@ -145,6 +148,10 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             key_limits=key_limits,
             account_limits=account_limits,
             secrets=installation,
+            console_logins=TokenBuckets(
+                settings.console_login_failures_per_minute / 60,
+                settings.console_login_failures_per_minute,
+            ),
         )
         app.state.billing = state
         log.info("billing_started", version=__version__, database=engine.dialect.name)
@@ -187,6 +194,9 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(webhooks_router)
     app.include_router(webhook_endpoints_router)
     app.include_router(checkout_router)
+    app.include_router(portal_router)
+    app.include_router(console_router)
+    app.include_router(console_actions_router)
     _add_operational_routes(app)
     _add_error_handlers(app)
     app.serve_edge(hot_path)

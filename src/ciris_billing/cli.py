@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ciris_billing import auth, installation
+from ciris_billing import audit_trail, auth, installation
 from ciris_billing.accounts import admin
 from ciris_billing.accounts import reservations as held
 from ciris_billing.audit import AuditReport, PurchaseFinding, audit_payments
@@ -547,6 +547,46 @@ def _print_audit(report: AuditReport, paid: list[PurchaseFinding]) -> None:
     )
     verdict = "clean" if not problems else f"{problems} findings"
     click.echo(f"Audited {report.accounts_checked} accounts: {verdict}.")
+
+
+@main.command("audit-log")
+@click.option("--account", "account_id", default=None, help="Only this account's (acct_...)")
+@click.option("--action", default=None, help="Only this action (grant, refund, suspend, ...)")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of text")
+def audit_log(account_id: str | None, action: str | None, limit: int, as_json: bool) -> None:
+    """The operators' audit trail (console actions), newest first: who, when, what, before ->
+    after."""
+    rows = _with_connection(
+        lambda conn: audit_trail.entries(conn, account_id=account_id, action=action, limit=limit)
+    )
+    for row in rows:
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "id": row.id,
+                        "created_at": iso(row.created_at),
+                        "actor": row.actor,
+                        "action": row.action,
+                        "account_id": row.account_id,
+                        "subject": row.subject,
+                        "detail": row.detail,
+                        "before": row.before,
+                        "after": row.after,
+                    }
+                )
+            )
+            continue
+        changed = "; ".join(
+            f"{name}: {old} -> {new}"
+            for name, old, new in audit_trail.changes(row.before, row.after)
+        )
+        click.echo(
+            f"{iso(row.created_at)}  {row.actor}  {row.action}  {row.account_id or '-'}  "
+            f"{row.subject or '-'}  {changed or 'no change'}"
+        )
+    click.echo(f"{len(rows)} entries.", err=True)
 
 
 @main.command()

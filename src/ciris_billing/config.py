@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     # A purchase not final this long after it started is checked with the provider.
     reconcile_after_seconds: int = Field(default=180, ge=0, le=7 * 86_400)
 
+    # The operator console (/console): a session ends after this long without a request, and
+    # this long after login whatever the activity. Failed logins per client address and minute
+    # (per worker process) before the console answers 429.
+    console_session_idle_seconds: int = Field(default=1800, ge=1, le=7 * 86_400)
+    console_session_max_seconds: int = Field(default=12 * 3600, ge=1, le=30 * 86_400)
+    console_login_failures_per_minute: float = Field(default=10, ge=0)
     # Events out (events/): balance.low fires when an account's available uses cross below
     # this (an account may have its own threshold).
     low_balance_threshold_uses: int = Field(default=3, ge=0, le=1_000_000)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    func,
     text,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -396,6 +397,9 @@ sandbox_payments = Table(
     Column("metadata", JSON, nullable=False),
     Column("failure_message", String(500)),
     Column("amount_refunded_minor", Minor, nullable=False),
+    # What a receipt shows of the card that paid (as Stripe reports it): never the number.
+    Column("card_brand", String(32)),
+    Column("card_last4", String(4)),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     # Saved cards: the customer paying, whether to keep its card (setup_future_usage), the
@@ -547,6 +551,54 @@ installation_secrets = Table(
 )
 
 
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    # The operator console's server-side sessions (console/sessions.py). The cookie holds a
+    # random 256-bit token; only its SHA-256 is stored, so a copy of this table logs no one in.
+    Column("id", String(64), primary_key=True),
+    Column("api_key_id", Id, ForeignKey("api_keys.id"), nullable=False),
+    # Compared with every form the session posts (CSRF); random, per session.
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("last_seen_at", Timestamp, nullable=False),
+    # The absolute end, whatever the activity (the idle end is last_seen_at + the idle limit).
+    Column("expires_at", Timestamp, nullable=False),
+    Index(None, "api_key_id"),
+)
+
+audit_trail = Table(
+    "audit_trail",
+    metadata,
+    # Every operator action taken in the console (audit_trail.py): who (the API key's name),
+    # when, what, and the state before and after, written in the action's own transaction.
+    Column("id", Id, primary_key=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("actor", String(100), nullable=False),
+    Column("api_key_id", Id),
+    Column("action", String(32), nullable=False),
+    Column("account_id", Id, ForeignKey("accounts.id")),
+    # What the action was about besides the account: a payment, reservation, event or key id.
+    Column("subject", String(255)),
+    Column("detail", JSON, nullable=False),
+    Column("before", JSON, nullable=False),
+    Column("after", JSON, nullable=False),
+    # The confirmation's one-time id: a confirmation submitted twice is applied once (the
+    # second insert conflicts and its transaction, action included, rolls back).
+    Column("request_id", String(64), nullable=False, unique=True),
+    Index(None, "account_id", "created_at"),
+    Index(None, "created_at"),
+)
+
+
+# The console's look-ups (console/queries.py). Searches match an identity or email whatever
+# its case. The day's charges are counted through a BRIN index: rows arrive in time order, so
+# it is a few pages and costs the charge INSERT next to nothing (a b-tree would be one more
+# index insert per charge on the hot path).
+Index("ix_accounts_lower_external_id", func.lower(accounts.c.external_id))
+Index("ix_accounts_lower_customer_email", func.lower(accounts.c.customer_email))
+Index("ix_charges_created_at_brin", charges.c.created_at, postgresql_using="brin")
+Index("ix_purchases_created_at", purchases.c.created_at)
 # The transactional outbox (events/outbox.py): one row per event, written in the transaction of
 # the change it reports; delivered to webhook endpoints by the job queue (events/delivery.py).
 events = Table(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -29,7 +30,7 @@ from ciris_billing.config import Settings, host_name
 from ciris_billing.installation import InstallationSecrets
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
-from ciris_billing.ratelimit import Limiter, check_all
+from ciris_billing.ratelimit import Limiter, TokenBuckets, check_all
 from ciris_billing.unit_of_work import UnitOfWork, unit_of_work
 
 
@@ -48,6 +49,7 @@ class AppState:
     key_limits: Limiter
     account_limits: Limiter
     secrets: InstallationSecrets
+    console_logins: TokenBuckets  # failed console logins, per client address
 
     def public_base_url(self, request: Request) -> str:
         """Where links sent to buyers point: PUBLIC_BASE_URL; else the request's own base URL
@@ -56,15 +58,39 @@ class AppState:
         and a purchase's client secret, wherever the client said)."""
         if self.settings.public_base_url:
             return self.settings.public_base_url
-        if _host_allowed(request.headers.get("host"), self.settings.allowed_hosts):
-            return str(request.base_url)
+        host = request.headers.get("host")
+        if _host_allowed(host, self.settings.allowed_hosts):
+            return _base_url(request, host)
         server = request.scope.get("server")
         port = f":{server[1]}" if server and server[1] not in (None, 80) else ""
         return f"http://localhost{port}/"
 
 
+def _base_url(request: Request, host: str | None) -> str:
+    """`str(request.base_url)`, cached by what it is made of when a Host header names it
+    (Starlette builds it anew each time: ~10 us, and every credit check asks for it)."""
+    scope = request.scope
+    key = (scope.get("scheme", "http"), host, scope.get("root_path", ""))
+    found = _BASE_URLS.get(key)
+    if found is None:
+        found = str(request.base_url)
+        if len(_BASE_URLS) > 1024:
+            _BASE_URLS.clear()
+        _BASE_URLS[key] = found
+    return found
+
+
+_BASE_URLS: dict[tuple[str, str | None, str], str] = {}
+
+
 def _host_allowed(host: str | None, allowed: list[str]) -> bool:
     """Is the Host header (a name, an optional port) one of ALLOWED_HOSTS?"""
+    # Cached: every credit check builds a portal link from it (3.4 us parsed, 0.3 us cached).
+    return host is not None and _host_in(host, tuple(allowed))
+
+
+@lru_cache(maxsize=1024)
+def _host_in(host: str, allowed: tuple[str, ...]) -> bool:
     if not host or not host.isascii() or not host.isprintable():
         return False
     try:

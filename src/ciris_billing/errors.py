@@ -172,6 +172,20 @@ class AdjustmentBelowZero(BillingError):
     code = "adjustment_below_zero"
 
 
+class ActionAlreadyDone(BillingError):
+    """A console confirmation submitted again: its action was applied the first time."""
+
+    status_code = 409
+    code = "action_already_done"
+
+
+class CsrfRefused(BillingError):
+    """A console form posted without its session's CSRF token (or with another one)."""
+
+    status_code = 403
+    code = "csrf_refused"
+
+
 # The error shape, as OpenAPI declares it.
 class AutoTopupNeedsCard(BillingError):
     """Auto top-up cannot be switched on without a saved card (pay once, ticking the box)."""

@@ -8,6 +8,8 @@ database agree without configuration. An environment variable, when set, still w
 
 - `sandbox_webhook_secret`: signs the sandbox's webhooks (Stripe's scheme);
 - `checkout_link_secret`: signs the buy links in 402 answers;
+- `portal_link_secret`: signs the customer portal links (portal/links.py);
+- `console_secret`: signs the console login form's CSRF token (console/sessions.py);
 - `erasure_key`: keys the digest an erased identity is kept as (accounts/erasure.py). No
   variable overrides it: the digests already stored are only as findable as this key is stable,
   so it lives (and is backed up) with the data it protects.
@@ -29,11 +31,15 @@ from ciris_billing.db import insert_or_ignore, installation_secrets, utcnow
 SANDBOX_WEBHOOK_SECRET = "sandbox_webhook_secret"  # noqa: S105
 CHECKOUT_LINK_SECRET = "checkout_link_secret"  # noqa: S105
 ERASURE_KEY = "erasure_key"
+PORTAL_LINK_SECRET = "portal_link_secret"  # noqa: S105
+CONSOLE_SECRET = "console_secret"  # noqa: S105
 
 GENERATORS: dict[str, Callable[[], str]] = {
     SANDBOX_WEBHOOK_SECRET: lambda: "whsec_" + secrets.token_urlsafe(32),
     CHECKOUT_LINK_SECRET: lambda: secrets.token_urlsafe(32),
     ERASURE_KEY: lambda: secrets.token_urlsafe(32),
+    PORTAL_LINK_SECRET: lambda: secrets.token_urlsafe(32),
+    CONSOLE_SECRET: lambda: secrets.token_urlsafe(32),
 }
 
 
@@ -42,6 +48,8 @@ class InstallationSecrets:
     sandbox_webhook_secret: str
     checkout_link_secret: bytes
     erasure_key: bytes
+    portal_link_secret: bytes
+    console_secret: bytes
 
     def __repr__(self) -> str:  # never in a log or a traceback
         return "InstallationSecrets(...)"
@@ -79,4 +87,10 @@ async def load(engine: AsyncEngine, settings: Settings) -> InstallationSecrets:
     link = values[CHECKOUT_LINK_SECRET]
     if settings.checkout_link_secret is not None:
         link = settings.checkout_link_secret.get_secret_value()
-    return InstallationSecrets(webhook, link.encode(), values[ERASURE_KEY].encode())
+    return InstallationSecrets(
+        webhook,
+        link.encode(),
+        values[ERASURE_KEY].encode(),
+        values[PORTAL_LINK_SECRET].encode(),
+        values[CONSOLE_SECRET].encode(),
+    )

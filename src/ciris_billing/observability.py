@@ -334,3 +334,23 @@ async def _too_large(send: Send, max_bytes: int) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def credit_checks_served() -> int:
+    """Credit checks answered since the service started (all worker processes when running
+    multi-process): checks are not stored, so this counter is the only record of them."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        metrics = registry.collect()
+    else:
+        metrics = CREDIT_CHECKS.collect()
+    return int(
+        sum(
+            sample.value
+            for metric in metrics
+            if metric.name == "billing_credit_checks"
+            for sample in metric.samples
+            if sample.name == "billing_credit_checks_total"
+        )
+    )

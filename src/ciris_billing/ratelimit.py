@@ -128,6 +128,16 @@ class TokenBuckets:
             self._buckets.popitem(last=False)
         return wait
 
+    def waiting(self, key: str, now: float | None = None) -> float | None:
+        """Like `take`, without spending: None if a token is there, else the seconds to wait
+        (to refuse before doing the work whose failure `take` then counts)."""
+        if not self.enabled or key not in self._buckets:
+            return None
+        moment = time.monotonic() if now is None else now
+        tokens, last = self._buckets[key]
+        tokens = min(self.burst, tokens + (moment - last) * self.rate)
+        return None if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     async def check(self, key: str, what: str) -> None:
         wait = self.take(key)
         if wait is not None:

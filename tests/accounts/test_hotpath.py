@@ -35,6 +35,7 @@ VOLATILE = (
     "created_at",
     "updated_at",
     "checkout_url",
+    "portal_url",
     "reservation_id",
     "expires_at",
 )

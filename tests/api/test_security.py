@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 
 from ciris_billing.app import create_app
 from tests.support.api import UNUSED_DATABASE_URL, Api, make_settings
+from tests.support.console import CONSOLE_SESSION
 
 # Public by design: liveness, the payment page (its secret is the payment's client secret),
 # the buy link (signed), the webhooks (signed) and the sandbox's card confirmation.
@@ -26,6 +27,13 @@ PUBLIC = {
     "/v1/billing/buy/{token}",
     "/v1/billing/sandbox/payment_intents/{payment_id}/confirm",
     "/v1/billing/sandbox/payment_intents/{payment_id}/authenticate",
+    # The customer portal (its link is signed) and the console's login form and assets.
+    "/v1/billing/portal/{token}",
+    "/v1/billing/portal/{token}/receipts/{payment_id}",
+    "/v1/billing/portal/{token}/auto-topup",
+    "/v1/billing/portal/{token}/card",
+    "/console/login",
+    "/console/static/{name}",
 }
 LOWER = {"write": "read", "admin": "write"}
 
@@ -63,7 +71,12 @@ ROUTES = billing_routes()
 
 def test_every_route_is_protected_or_public_by_design() -> None:
     unprotected = {path for _, path, scope in ROUTES if scope is None}
-    assert unprotected <= PUBLIC | {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    assert unprotected <= PUBLIC | CONSOLE_SESSION | {
+        "/openapi.json",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+    }
     assert {path for _, path, _ in ROUTES} >= {
         "/v1/billing/charges",
         "/v1/billing/purchases/{payment_id}/refund",

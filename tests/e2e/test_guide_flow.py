@@ -25,6 +25,9 @@ async def test_free_uses_then_purchase_required(api: Api) -> None:
 
     check = await api.post("/v1/billing/credits/check", CHECK)
     assert check.status_code == 200
+    # Beyond the guide: the user's portal (tests/portal), the same link on every answer.
+    portal = check.json()["portal_url"]
+    assert portal.startswith("http://billing.test/v1/billing/portal/")
     assert check.json() == {
         "has_credit": True,
         "credits_remaining": 0,
@@ -34,6 +37,7 @@ async def test_free_uses_then_purchase_required(api: Api) -> None:
         "total_uses": 0,
         "held_uses": 0,
         "purchase_required": False,
+        "portal_url": portal,
     }
 
     first = await api.post("/v1/billing/charges", CHARGE)
@@ -60,6 +64,7 @@ async def test_free_uses_then_purchase_required(api: Api) -> None:
         "purchase_required": True,
         "purchase_price_minor": 500,
         "purchase_uses": 20,
+        "portal_url": portal,
     }
 
     refused = await api.post("/v1/billing/charges", CHARGE)

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
 from ciris_billing.accounts import reservations, service
+from ciris_billing.accounts.answers import portal_link
 from ciris_billing.accounts.checks import open_account
 from ciris_billing.accounts.hot.holds import CaptureAttempt, HoldAttempt, Keyed
 from ciris_billing.accounts.schemas import ReservationCapture, ReservationCreate
@@ -210,6 +211,7 @@ async def reserve(
             RESERVATIONS.labels("refused").inc()
             token = buy_token(state.link_secret, identity.oauth_provider, identity.external_id)
             refused.extra["checkout_url"] = buy_url(state.public_base_url(request), token)
+            refused.extra["portal_url"] = portal_link(state, request, identity)
             raise
         _held(made.reservation.id, made.account.id, body)
         return 201, reservation_body(made.reservation, made.account)

@@ -144,11 +144,13 @@ async def get_account(
     response_model_exclude_unset=True,
     responses=ERRORS,
 )
-async def check_credit(body: CreditCheck, state: StateDep, _key: ReadKey) -> Response:
+async def check_credit(
+    body: CreditCheck, request: Request, state: StateDep, _key: ReadKey
+) -> Response:
     """May this user go on? Creates the account (with its free uses) on first sight."""
     # Answered by answers.py, as on the fast path (hot/asgi.py), which checks at start-up that
     # this route's dependencies are the ones it implements.
-    return await answers.check(state, body)
+    return await answers.check(state, request, body)
 
 
 @router.post(

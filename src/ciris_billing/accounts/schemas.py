@@ -123,6 +123,10 @@ class CreditCheckOut(BaseModel):
         default=None, description="Only when purchase_required"
     )
     purchase_uses: int | None = Field(default=None, description="Only when purchase_required")
+    portal_url: str = Field(
+        description="The user's portal: balance, usage history, receipts, buy more "
+        "(a signed link, valid for 7 days)"
+    )
 
 
 class ChargeCreate(IdentityFields):
@@ -168,6 +172,7 @@ class PurchaseRequiredOut(BaseModel):
     held_uses: int = Field(description="Uses held by active reservations (not available)")
     uses_requested: int
     checkout_url: str = Field(description="A page where the user can buy more (expires in 24 h)")
+    portal_url: str = Field(description="The user's portal: balance, usage history, receipts")
 
 
 class TransactionOut(BaseModel):

@@ -153,11 +153,17 @@ def error_for(response: httpx.Response) -> BillingError:
                 currency=fields.text("currency"),
             )
             checkout_url = fields.opt_text("checkout_url")
+            portal_url = fields.opt_text("portal_url")
         except BillingError:
             pass
         else:
             return PurchaseRequiredError(
-                detail, offer=offer, checkout_url=checkout_url, status=status, body=body
+                detail,
+                offer=offer,
+                checkout_url=checkout_url,
+                portal_url=portal_url,
+                status=status,
+                body=body,
             )
     cls: type[BillingError] = BillingError
     if status == 403 and code == "account_suspended":

@@ -72,7 +72,7 @@ class ReservationNotHeldError(ReservationStateError):
 class PurchaseRequiredError(BillingError):
     """402: no free or paid use left (for a charge), or fewer than asked (for a hold). `offer`
     is what a purchase buys; `checkout_url` (when the service sends one) is the page where the
-    user can pay."""
+    user can pay; `portal_url` the user's portal (balance, usage history, receipts)."""
 
     def __init__(
         self,
@@ -80,6 +80,7 @@ class PurchaseRequiredError(BillingError):
         *,
         offer: Offer,
         checkout_url: str | None = None,
+        portal_url: str | None = None,
         status: int | None = 402,
         code: str = "purchase_required",
         body: Mapping[str, Any] | None = None,
@@ -87,6 +88,7 @@ class PurchaseRequiredError(BillingError):
         super().__init__(detail, status=status, code=code, body=body)
         self.offer = offer
         self.checkout_url = checkout_url
+        self.portal_url = portal_url
 
 
 class BillingUnavailableError(BillingError):

@@ -25,6 +25,9 @@ class CreditCheck:
     purchase_price_minor: int | None = None
     purchase_uses: int | None = None
     held_uses: int | None = None  # uses the account's active holds keep aside (not counted above)
+    # The user's portal (balance, usage history, receipts, buy more): a signed link to show
+    # them; kept out of repr() (whoever holds it sees the account).
+    portal_url: str | None = field(default=None, repr=False)
     degraded: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -161,6 +164,7 @@ class Purchase:
     client_secret: str | None = field(default=None, repr=False)
     publishable_key: str | None = None
     checkout_url: str | None = field(default=None, repr=False)
+    portal_url: str | None = field(default=None, repr=False)  # on creation
     account_id: str | None = None
     credited: bool | None = None
     failure_message: str | None = None
@@ -273,6 +277,7 @@ def parse_check(data: object) -> CreditCheck:
         purchase_price_minor=f.opt_integer("purchase_price_minor"),
         purchase_uses=f.opt_integer("purchase_uses"),
         held_uses=f.opt_integer("held_uses"),
+        portal_url=f.opt_text("portal_url"),
         raw=f.data,
     )
 
@@ -368,6 +373,7 @@ def parse_purchase(data: object, idempotency_key: str | None = None) -> Purchase
         client_secret=f.opt_text("client_secret"),
         publishable_key=f.opt_text("publishable_key"),
         checkout_url=f.opt_text("checkout_url"),
+        portal_url=f.opt_text("portal_url"),
         account_id=f.opt_text("account_id"),
         credited=f.opt_flag("credited"),
         failure_message=f.opt_text("failure_message"),

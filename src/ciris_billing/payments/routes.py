@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
 from ciris_billing.accounts import service as accounts
+from ciris_billing.accounts.answers import portal_link
 from ciris_billing.checkout.links import checkout_url
 from ciris_billing.db import iso
 from ciris_billing.deps import (
@@ -95,6 +96,7 @@ async def create_purchase(
                 started.payment.payment_id,
                 started.payment.client_secret,
             )
+        answer["portal_url"] = portal_link(state, request, order.identity)
         return 201, answer
 
     response = await run_idempotent(request, work, principal, key, payload, effect)

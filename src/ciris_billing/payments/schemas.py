@@ -26,6 +26,9 @@ class PurchaseOut(BaseModel):
     checkout_url: str | None = Field(
         default=None, description="The payment page (carries the client secret in its #fragment)"
     )
+    portal_url: str | None = Field(
+        default=None, description="The buyer's portal: balance, usage, receipts (on creation)"
+    )
     account_id: str | None = None
     credited: bool | None = None
     failure_message: str | None = None

@@ -112,13 +112,13 @@ def _header(alias: str) -> str:
 
 async def _check(
     body: Any,
-    _request: Request,
+    request: Request,
     state: AppState,
     _headers: Headers,
     _principal: Principal,
     key_limit_due: str | None,
 ) -> Response:
-    return await answers.check(state, body, key_limit_due)
+    return await answers.check(state, request, body, key_limit_due)
 
 
 async def _charge(

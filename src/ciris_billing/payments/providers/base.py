@@ -79,6 +79,9 @@ class PaymentResult:
     metadata: dict[str, str] = field(default_factory=dict)
     failure_message: str | None = None
     amount_refunded_minor: int = 0
+    # The card that paid, as a receipt shows it (never its number); None until paid by card.
+    card_brand: str | None = None
+    card_last4: str | None = None
     # The card this payment saved for off-session use (the payer asked to keep it), once the
     # provider has attached it to the customer; None otherwise.
     saved_card: SavedCard | None = None

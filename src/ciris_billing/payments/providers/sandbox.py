@@ -413,6 +413,12 @@ class SandboxProvider:
             if row.save_card and row.customer_id:
                 await _keep_card(conn, row, card)
             await _set_status(conn, payment_id, status, failure)
+            # As Stripe reports on the charge: the brand and last 4 digits, never the number.
+            await conn.execute(
+                sandbox_payments.update()
+                .where(sandbox_payments.c.id == payment_id)
+                .values(card_brand=card_brand(card), card_last4=card[-4:])
+            )
             if status == "succeeded":
                 await _attach_card(conn, payment_id)
         payment = await self._emit(payment_id)
@@ -549,6 +555,8 @@ def _result(row: Any, card: Any = None) -> PaymentResult:
         metadata=dict(row.metadata),
         failure_message=row.failure_message,
         amount_refunded_minor=int(row.amount_refunded_minor),
+        card_brand=row.card_brand,
+        card_last4=row.card_last4,
         saved_card=saved,
     )
 

@@ -61,6 +61,20 @@ def _amount_refunded(intent: stripe.PaymentIntent) -> int:
     return 0
 
 
+def _card(intent: stripe.PaymentIntent) -> tuple[str | None, str | None]:
+    """(brand, last 4) of the card that paid, from the expanded latest charge; else Nones."""
+    charge = intent.latest_charge
+    details = getattr(charge, "payment_method_details", None) if charge is not None else None
+    card = getattr(details, "card", None) if details is not None else None
+    if card is None:
+        return None, None
+    brand, last4 = getattr(card, "brand", None), getattr(card, "last4", None)
+    return (
+        brand if isinstance(brand, str) else None,
+        last4 if isinstance(last4, str) else None,
+    )
+
+
 def _id_of(value: Any) -> str | None:
     """An expandable field's id, whether it came as an id or as the expanded object."""
     if isinstance(value, str):
@@ -105,6 +119,8 @@ def _result(intent: stripe.PaymentIntent) -> PaymentResult:
         metadata={str(key): str(value) for key, value in metadata.items()},
         failure_message=error.message if error is not None else None,
         amount_refunded_minor=_amount_refunded(intent),
+        card_brand=_card(intent)[0],
+        card_last4=_card(intent)[1],
         saved_card=_saved_card(intent),
     )
 

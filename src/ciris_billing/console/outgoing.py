@@ -1,0 +1,108 @@
+"""The console's view of outgoing webhooks (events/): endpoints, their failing deliveries, and
+the two actions on them (disable/enable an endpoint, resend a delivery), each through the
+events service (events/endpoints.py, as the API and the CLI) with its audit-trail row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ciris_billing.audit_trail import Entry
+from ciris_billing.db import events, webhook_deliveries, webhook_endpoints
+from ciris_billing.events import endpoints
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    endpoint: Row[Any]
+    troubled: list[Row[Any]]  # its failed and still-retrying deliveries, newest first
+
+
+async def failing(conn: AsyncConnection) -> tuple[int, int]:
+    """(deliveries being retried, endpoints failing or disabled): the overview's figures. The
+    retrying ones through the partial index on pending deliveries; endpoints are few."""
+    retrying = await conn.scalar(
+        select(func.count())
+        .select_from(webhook_deliveries)
+        .where(webhook_deliveries.c.status == "pending", webhook_deliveries.c.attempts > 0)
+    )
+    troubled = await conn.scalar(
+        select(func.count())
+        .select_from(webhook_endpoints)
+        .where(
+            or_(
+                webhook_endpoints.c.status == "disabled",
+                webhook_endpoints.c.failing_since.is_not(None),
+            )
+        )
+    )
+    return int(retrying or 0), int(troubled or 0)
+
+
+async def overview(conn: AsyncConnection, per_endpoint: int = 20) -> list[EndpointView]:
+    views = []
+    for endpoint in await endpoints.list_endpoints(conn):
+        troubled = list(
+            await conn.execute(
+                select(webhook_deliveries, events.c.type)
+                .join(events, events.c.id == webhook_deliveries.c.event_id)
+                .where(
+                    webhook_deliveries.c.endpoint_id == endpoint.id,
+                    or_(
+                        webhook_deliveries.c.status == "failed",
+                        (webhook_deliveries.c.status == "pending")
+                        & (webhook_deliveries.c.attempts > 0),
+                    ),
+                )
+                .order_by(webhook_deliveries.c.created_at.desc(), webhook_deliveries.c.id.desc())
+                .limit(per_endpoint)
+            )
+        )
+        views.append(EndpointView(endpoint, troubled))
+    return views
+
+
+def _endpoint_state(row: Any) -> dict[str, Any]:
+    return {"status": row.status, "disabled_reason": row.disabled_reason}
+
+
+async def set_enabled(
+    conn: AsyncConnection, endpoint_id: str, enabled: bool
+) -> tuple[Entry, Row[Any]]:
+    """Disable or enable an endpoint (events.endpoints.set_enabled); the audit entry to write."""
+    before = await endpoints.get(conn, endpoint_id, lock=True)
+    after = await endpoints.set_enabled(conn, endpoint_id, enabled)
+    entry = Entry(
+        "enable_endpoint" if enabled else "disable_endpoint",
+        None,
+        endpoint_id,
+        {"url": after.url},
+        _endpoint_state(before),
+        _endpoint_state(after),
+    )
+    return entry, after
+
+
+async def resend(conn: AsyncConnection, endpoint_id: str, delivery_id: str) -> Entry:
+    """Send a delivery again at the next delivery run (events.endpoints.resend)."""
+    before = (
+        await conn.execute(
+            select(webhook_deliveries).where(
+                webhook_deliveries.c.id == delivery_id,
+                webhook_deliveries.c.endpoint_id == endpoint_id,
+            )
+        )
+    ).first()
+    after = await endpoints.resend(conn, endpoint_id, delivery_id)
+    state = {} if before is None else {"status": before.status, "attempts": int(before.attempts)}
+    return Entry(
+        "resend_delivery",
+        None,
+        delivery_id,
+        {"endpoint_id": endpoint_id, "event_id": after.event_id},
+        state,
+        {"status": after.status, "attempts": int(after.attempts)},
+    )

@@ -1,0 +1,249 @@
+"""The customer portal: `GET /v1/billing/portal/{token}` and its receipts. Public (the signed
+link is the credential, portal/links.py): a tampered link is 404, an expired one 410, and a
+link shows only the account of the identity it names (a receipt of another account's payment
+is a 404, as if it did not exist).
+
+What it shows: the balance (free, paid, held), the usage history (each charge: time,
+description, uses; paged by key), purchases with their receipts (amount, date, and the card's
+brand and last 4 as the payment provider reports them, asked when the receipt is opened),
+refunds, and a link to buy more (the buy link, which starts a purchase on the payment page).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from sqlalchemy import Row, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ciris_billing.accounts.service import Identity, find_account
+from ciris_billing.autotopup import cards
+from ciris_billing.autotopup.routes import auto_topup_body
+from ciris_billing.checkout.links import buy_token, buy_url
+from ciris_billing.console.queries import decode_cursor, encode_cursor
+from ciris_billing.console.web import form_of
+from ciris_billing.db import charges, credits, purchases
+from ciris_billing.deps import AppState, StateDep, UnitOfWorkDep
+from ciris_billing.errors import BillingError, InvalidRequest
+from ciris_billing.observability import log
+from ciris_billing.payments.purchases import api_status
+from ciris_billing.portal.links import (
+    PortalLinkExpired,
+    PortalLinkInvalid,
+    portal_url,
+    read_portal_token,
+)
+from ciris_billing.web.templating import PAGE_HEADERS, render
+
+router = APIRouter(prefix="/v1/billing/portal", include_in_schema=False)
+
+USAGE_PAGE = 25
+# What a buyer sees of a purchase's status (a payment never finished is not a receipt).
+RECEIPT_STATUSES = ("succeeded", "partially_refunded", "refunded")
+
+
+def _refused(status_code: int) -> Response:
+    expired = status_code == 410
+    return render(
+        "portal_problem.html",
+        status_code=status_code,
+        title="This link has expired" if expired else "This link does not work",
+        message=(
+            "Portal links last a week. Ask the app you use for a new one."
+            if expired
+            else "Check that you copied the whole link, or ask the app you use for a new one."
+        ),
+    )
+
+
+async def _account_of(state: AppState, work: Any, token: str) -> Row[Any] | Response:
+    try:
+        named = read_portal_token(state.secrets.portal_link_secret, token)
+    except PortalLinkExpired:
+        return _refused(410)
+    except PortalLinkInvalid:
+        return _refused(404)
+    account = await find_account(await work.connection(), Identity(*named))
+    return _refused(404) if account is None else account
+
+
+@router.get("/{token}")
+async def portal(
+    token: str,
+    request: Request,
+    state: StateDep,
+    work: UnitOfWorkDep,
+    before: Annotated[str | None, Query(max_length=200)] = None,
+    notice: Annotated[str | None, Query(max_length=40)] = None,
+) -> Response:
+    account = await _account_of(state, work, token)
+    if isinstance(account, Response):
+        return account
+    conn = await work.connection()
+    usage, older = await _usage(conn, account.id, before)
+    bought = list(
+        await conn.execute(
+            select(purchases)
+            .where(purchases.c.account_id == account.id, purchases.c.status.in_(RECEIPT_STATUSES))
+            .order_by(purchases.c.created_at.desc())
+            .limit(100)
+        )
+    )
+    refunded = list(
+        await conn.execute(
+            select(credits)
+            .where(credits.c.account_id == account.id, credits.c.kind == "refund")
+            .order_by(credits.c.created_at.desc())
+            .limit(100)
+        )
+    )
+    topup = await auto_topup_body(conn, state.pricing, state.settings, account)
+    base = state.public_base_url(request)
+    here = portal_url(base, token)
+    buy = buy_url(base, buy_token(state.link_secret, account.oauth_provider, account.external_id))
+    return render(
+        "portal.html",
+        a=account,
+        usage=usage,
+        older=f"{here}?before={older}#usage" if older else None,
+        newest=f"{here}#usage" if before else None,
+        purchases=bought,
+        refunds=refunded,
+        status=api_status,
+        token=token,
+        buy_url=buy,
+        offer=state.pricing,
+        topup=topup,
+        notice=NOTICES.get(notice or ""),
+    )
+
+
+async def _usage(
+    conn: AsyncConnection, account_id: str, before: str | None
+) -> tuple[list[Row[Any]], str | None]:
+    """A page of the account's charges, newest first, after the cursor (keyset paging)."""
+    query = select(charges).where(charges.c.account_id == account_id)
+    after = decode_cursor(before)
+    if after is not None:
+        query = query.where(tuple_(charges.c.created_at, charges.c.id) < after)
+    rows = list(
+        await conn.execute(
+            query.order_by(charges.c.created_at.desc(), charges.c.id.desc()).limit(USAGE_PAGE + 1)
+        )
+    )
+    if len(rows) <= USAGE_PAGE:
+        return rows, None
+    rows = rows[:USAGE_PAGE]
+    return rows, encode_cursor(rows[-1].created_at, rows[-1].id)
+
+
+# What the portal says after a change (a fixed set: nothing from the URL is shown as is).
+NOTICES = {
+    "topup_on": "Auto top-up is on.",
+    "topup_off": "Auto top-up is off.",
+    "card_removed": "Your saved card was removed; auto top-up is off.",
+}
+
+
+@router.post("/{token}/auto-topup")
+async def switch_auto_topup(
+    token: str, request: Request, state: StateDep, work: UnitOfWorkDep
+) -> Response:
+    """Auto top-up on or off (autotopup.cards.set_enabled, as the API). No other credential
+    than the link: its signed token is in the path, which another site cannot know, so a
+    forged form cannot name it (the token does what a CSRF token does)."""
+    account = await _account_of(state, work, token)
+    if isinstance(account, Response):
+        return account
+    try:
+        form = await form_of(request)
+        enabled = {"on": True, "off": False}.get(form.get("auto_topup", ""))
+        if enabled is None:
+            raise InvalidRequest("auto_topup must be on or off")
+        await cards.set_enabled(await work.connection(), account.id, enabled)
+    except BillingError as exc:
+        await work.rollback()
+        return _problem(exc, token)
+    log.info("auto_topup_switched", account_id=account.id, enabled=enabled, by="portal")
+    return _back(token, "topup_on" if enabled else "topup_off")
+
+
+@router.post("/{token}/card")
+async def remove_saved_card(
+    token: str, request: Request, state: StateDep, work: UnitOfWorkDep
+) -> Response:
+    """Remove the saved card (autotopup.cards.remove_card: auto top-up off, the provider
+    forgets the card), after a confirmation page."""
+    account = await _account_of(state, work, token)
+    if isinstance(account, Response):
+        return account
+    try:
+        form = await form_of(request)
+    except BillingError as exc:
+        return _problem(exc, token)
+    if form.get("confirm") != "yes":
+        found = await cards.settings_of(await work.connection(), account.id)
+        return render(
+            "portal_confirm.html",
+            card_brand=found.card_brand if found else None,
+            card_last4=found.card_last4 if found else None,
+            action=f"/v1/billing/portal/{token}/card",
+            back=f"/v1/billing/portal/{token}#auto-topup",
+        )
+    try:
+        await cards.remove_card(work, state.provider, account.id)
+    except BillingError as exc:
+        await work.rollback()
+        return _problem(exc, token)
+    return _back(token, "card_removed")
+
+
+def _back(token: str, notice: str) -> Response:
+    return Response(
+        status_code=303,
+        headers={
+            "Location": f"/v1/billing/portal/{token}?notice={notice}#auto-topup",
+            **PAGE_HEADERS,
+        },
+    )
+
+
+def _problem(exc: BillingError, token: str) -> Response:
+    return render(
+        "portal_problem.html",
+        status_code=exc.status_code,
+        title="That did not work",
+        message=exc.detail,
+        back=f"/v1/billing/portal/{token}#auto-topup",
+    )
+
+
+@router.get("/{token}/receipts/{payment_id}")
+async def receipt(token: str, payment_id: str, state: StateDep, work: UnitOfWorkDep) -> Response:
+    account = await _account_of(state, work, token)
+    if isinstance(account, Response):
+        return account
+    found = (
+        await (await work.connection()).execute(
+            select(purchases).where(
+                purchases.c.payment_id == payment_id,
+                purchases.c.account_id == account.id,  # only this link's own account
+                purchases.c.status.in_(RECEIPT_STATUSES),
+            )
+        )
+    ).first()
+    if found is None:
+        return _refused(404)
+    async with work.provider_call():
+        payment = await state.provider.get_payment(payment_id)
+    return render(
+        "portal_receipt.html",
+        a=account,
+        p=found,
+        card_brand=payment.card_brand if payment else None,
+        card_last4=payment.card_last4 if payment else None,
+        status=api_status,
+        back=f"/v1/billing/portal/{token}",
+    )
