@@ -112,7 +112,10 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
         statements = await StatementPool.open(
-            engine, settings.db_pool_size, session_settings(settings)
+            engine,
+            settings.db_pool_size,
+            session_settings(settings),
+            connect_timeout=settings.db_connect_timeout_seconds,
         )
         lanes = min(LANES, settings.db_pool_size)
         # Stored once per installation: every worker, instance and restart gets the same.

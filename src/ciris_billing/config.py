@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     access_log: bool = True
     api_key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    # Connecting to PostgreSQL gives up after this (then 503): a database that stops answering
+    # must not hang requests; a busy server that forks slowly may need more (tests use 30 s).
+    db_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
 
     @field_validator("currency")
     @classmethod

@@ -741,9 +741,11 @@ def create_engine(settings: Settings | str) -> AsyncEngine:
     if isinstance(settings, str):
         async_url, pool_size = async_database_url(settings), 10
         server_settings = session_settings(None)
+        connect_timeout = 5.0
     else:
         async_url, pool_size = settings.async_database_url, settings.db_pool_size
         server_settings = session_settings(settings)
+        connect_timeout = settings.db_connect_timeout_seconds
     engine = create_async_engine(
         async_url,
         pool_size=pool_size,
@@ -754,8 +756,13 @@ def create_engine(settings: Settings | str) -> AsyncEngine:
         # login) every few requests; measured, it halved throughput at 64 connections.
         max_overflow=0,
         # A database that stops answering (rather than refusing) must not hang requests for
-        # minutes: connecting gives up after 5 s, any one statement after 30 s (then 503).
-        connect_args={"timeout": 5, "command_timeout": 30, "server_settings": server_settings},
+        # minutes: connecting gives up after DB_CONNECT_TIMEOUT_SECONDS (5 s), any one statement
+        # after 30 s (then 503).
+        connect_args={
+            "timeout": connect_timeout,
+            "command_timeout": 30,
+            "server_settings": server_settings,
+        },
     )
     _replace_closed_connections(engine)
     _drop_unusable_connections(engine)

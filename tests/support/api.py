@@ -27,6 +27,9 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
     """Settings from these values alone (no `.env`)."""
     # In-process apps run no background jobs unless a test asks (tests/webhooks/test_jobs.py).
     overrides.setdefault("jobs_enabled", False)
+    # Two test processes share one PostgreSQL that forks slowly when the machine is busy: a
+    # connection that took over 5 s failed a test's start-up, not what it tests.
+    overrides.setdefault("db_connect_timeout_seconds", 30.0)
     return Settings(_env_file=None, database_url=database_url, **overrides)
 
 

@@ -43,7 +43,11 @@ class StatementPool:
 
     @classmethod
     async def open(
-        cls, engine: AsyncEngine, size: int, server_settings: dict[str, str] | None = None
+        cls,
+        engine: AsyncEngine,
+        size: int,
+        server_settings: dict[str, str] | None = None,
+        connect_timeout: float = 5.0,
     ) -> StatementPool:
         """The pool for `engine`'s database (same parameters, no connection opened yet), its
         connections opened with `server_settings` (db.session_settings)."""
@@ -53,7 +57,7 @@ class StatementPool:
             server_settings=server_settings or {},
             min_size=0,  # connect on demand: the service starts while the database is away
             max_size=size,
-            timeout=5,
+            timeout=connect_timeout,
             command_timeout=30,
             reset=_keep_session,
         )
