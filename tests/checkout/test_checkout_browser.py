@@ -14,7 +14,6 @@ Screenshots go to tests/artifacts/ (not in git); their paths are printed.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,28 +24,16 @@ import httpx
 import pytest
 
 from ciris_billing.checkout import checkout_url
-from tests.support.api import IN_CI
+from tests.support.browser import PHONE, chromium
 from tests.support.cli import create_key
 from tests.support.servers import running_service, service_env
 
 pytestmark = pytest.mark.slow  # a real service process and headless Chromium
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, ConsoleMessage, Page, Request, ViewportSize
+    from playwright.sync_api import Browser, ConsoleMessage, Page, Request
 
-CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-PHONE: ViewportSize = {"width": 390, "height": 844}
 
 VISA = "4242 4242 4242 4242"
 DECLINED = "4000 0000 0000 9995"
@@ -54,27 +41,10 @@ NEEDS_3DS = "4000 0025 0000 3155"
 TIMEOUT_MS = 15_000
 
 
-def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: the browser test must run)", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        _unavailable(f"Playwright for Python is not installed ({exc}): pip install playwright")
-        raise  # unreachable: _unavailable fails or skips
-    if not os.access(CHROMIUM, os.X_OK):
-        _unavailable(f"No Chromium at {CHROMIUM}: apt-get install -y chromium")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
+    with chromium() as launched:
+        yield launched
 
 
 @dataclass
