@@ -37,10 +37,7 @@ STATEMENTS: dict[str, tuple[str, tuple[Any, ...]]] = {
     ),
     "charges": (
         writer.BATCH_SQL,
-        tuple(
-            [v]
-            for v in (*WHO, 1, "key-1", "ch_1", 100, "USD", None, "{}", "fp", NOW, "key_1")
-        ),
+        tuple([v] for v in (*WHO, 1, "key-1", "ch_1", 100, "USD", None, "{}", "fp", NOW, "key_1")),
     ),
     "hold": (holds.HOLD_SQL, (*WHO, 1, "res_1", "key_1", "{}", NOW, LATER, "key-2", "fp")),
     "holds": (
