@@ -194,3 +194,58 @@ async def test_each_check_of_a_batch_reads_its_own_account(one_lane: Api) -> Non
     assert accounts.status_code == 200
     report = await one_lane.audit()
     assert report.clean, report
+
+
+RESERVE = "/v1/billing/reservations"
+
+
+async def test_keyed_holds_and_captures_that_queue_up_go_out_together(one_lane: Api) -> None:
+    """The agent client sends every hold and capture with a key: those go out in batches too
+    (hot/holds.py), each answer recorded with its key before the batch's one commit, so a retry
+    replays it byte for byte; a key sent twice at once holds once."""
+    for n in range(12):
+        created = await one_lane.post(
+            "/v1/billing/accounts", {**user(f"h{n}"), "initial_balance_minor": 3}, scope="admin"
+        )
+        assert created.status_code == 201
+    holds_before, captures_before = (
+        batches_of_more_than_one("hold"),
+        batches_of_more_than_one("capture"),
+    )
+
+    def hold(n: int, key: str) -> Any:
+        return one_lane.post(RESERVE, {**user(f"h{n}"), "uses": 2}, **{"Idempotency-Key": key})
+
+    held = await asyncio.gather(
+        *(hold(n, f"hold-{n}") for n in range(12)), hold(0, "hold-0"), hold(1, "hold-1")
+    )
+    assert batches_of_more_than_one("hold") > holds_before, "the keyed holds went out together"
+    assert {a.status_code for a in held} == {201}
+    # The twins (a key sent twice at once) made one hold each, answered alike.
+    assert held[12].json() == held[0].json()
+    assert held[13].json() == held[1].json()
+    ids = [a.json()["reservation_id"] for a in held[:12]]
+    assert len(set(ids)) == 12
+
+    def capture(reservation_id: str, key: str) -> Any:
+        path = f"{RESERVE}/{reservation_id}/capture"
+        return one_lane.post(path, {"uses": 1}, **{"Idempotency-Key": key})
+
+    captured = await asyncio.gather(*(capture(r, f"cap-{r}") for r in ids))
+    assert batches_of_more_than_one("capture") > captures_before, "the captures went together"
+    assert {a.status_code for a in captured} == {201}
+    # Retried later, each key replays its first answer exactly; another key is refused.
+    for n, reservation_id in enumerate(ids):
+        again = await hold(n, f"hold-{n}")
+        assert again.status_code == 201
+        assert again.content == held[n].content
+        replay = await capture(reservation_id, f"cap-{reservation_id}")
+        assert replay.status_code == 201
+        assert replay.content == captured[n].content
+        assert (await capture(reservation_id, "another")).status_code == 409
+    for n in range(12):
+        account = await one_lane.get(f"/v1/billing/accounts/oauth:google/batch-h{n}@example.com")
+        body = account.json()
+        assert (body["credits_remaining"], body["held_uses"]) == (2, 0), body
+    report = await one_lane.audit()
+    assert report.clean, report

@@ -42,7 +42,7 @@ STATEMENTS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "hold": (holds.HOLD_SQL, (*WHO, 1, "res_1", "key_1", "{}", NOW, LATER, "key-2", "fp")),
     "holds": (
         holds.HOLD_BATCH_SQL,
-        tuple([v] for v in (*WHO, 1, "res_1", "key_1", "{}", NOW, LATER)),
+        tuple([v] for v in (*WHO, 1, "res_1", "key_1", "{}", NOW, LATER, "key-2", "fp")),
     ),
     "capture": (
         holds.CAPTURE_SQL,
@@ -50,9 +50,13 @@ STATEMENTS: dict[str, tuple[str, tuple[Any, ...]]] = {
     ),
     "captures": (
         holds.CAPTURE_BATCH_SQL,
-        tuple([v] for v in ("res_1", None, "ch_2", NOW, 100, None, "{}", "key_1", "cr_1")),
+        tuple(
+            [v]
+            for v in ("res_1", None, "ch_2", NOW, 100, None, "{}", "key_1", "cr_1", "key-3", "fp")
+        ),
     ),
     "answer recorded": (holds.RECORD_SQL, ("key_1", "key-3", 201, "{}")),
+    "answers recorded": (holds.RECORD_BATCH_SQL, (["key_1"], ["key-3"], [201], ["{}"])),
 }
 
 

@@ -344,8 +344,9 @@ async def test_one_statement_and_unit_of_work_holds_answer_alike(api: Api) -> No
     assert holds[0] == holds[1] == holds[2]
     assert captures[0] == captures[1] == captures[2]
     assert captures[0]["metadata"] == {"a": 1, "b": 2}
-    # The unknown identity's hold: a statement that missed, then the unit of work.
-    assert (statements("hold"), statements("capture")) == (before[0] + 2, before[1] + 1)
+    # Every hold and capture went through the statements (keyed ones too), the unknown
+    # identity's hold as a statement that missed, then the unit of work.
+    assert (statements("hold"), statements("capture")) == (before[0] + 3, before[1] + 2)
     await clean(api)
 
 

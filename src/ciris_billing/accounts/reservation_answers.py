@@ -5,10 +5,10 @@ path (hot/asgi.py) call these functions with the validated body, once the API ke
 authorized, so the two can never answer differently (as answers.py does for checks and
 charges).
 
-A hold or a capture is first tried as ONE statement through the hot stores (hot/holds.py):
-without an Idempotency-Key batched with those that wait; with one, alone in a transaction that
-takes the key in that statement and records the answer with it before the commit (as
-run_idempotent does). Whatever that statement does not make — an unknown account, too few
+A hold or a capture is first tried as ONE statement through the hot stores (hot/holds.py),
+batched with those that wait; with an Idempotency-Key, that statement takes the key and the
+answer is recorded with it in the same transaction, before the commit (as run_idempotent
+does). Whatever that statement does not make — an unknown account, too few
 uses, suspended, a reservation that is not held or expired, more uses than held, a key already
 used — is answered in a unit of work of its own by accounts/reservations.py (through
 run_idempotent: replays and 409s), which says why.

@@ -23,12 +23,21 @@ round trip and one commit for many, each deciding for itself as if alone:
 Anything the statement does not make (no such active account, too few uses, suspended; no
 such held, unexpired reservation, more uses than held) returns no row: the caller answers it
 on the framework's path (accounts/reservation_answers.py), which says why.
+
+With an Idempotency-Key (the agent client sends one with every hold and capture) the same
+statements take the key (a row in idempotency_keys, in a CTE) and the answer is recorded with
+it (RECORD_SQL, RECORD_BATCH_SQL) in the same transaction, before its one commit: a retry finds
+the answer, never a key without one. A batch with keyed requests is that transaction for all
+of them (one statement, one record, one commit), so keyed traffic batches like unkeyed; a key
+taken twice in a batch, or racing its twin, fails the batch on the key's primary key
+(DuplicateKey) and each request is sent again alone, getting its own answer (a replay or a 409
+on the framework's path).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -89,9 +98,10 @@ FROM held
 HOLD_BATCH_SQL = f"""
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                         $6::text[], $7::timestamptz[], $8::timestamptz[])
+                         $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[],
+                         $10::text[])
         AS i(oauth_provider, external_id, uses, reservation_id, api_key_id, metadata, at,
-             expires_at)
+             expires_at, idempotency_key, fingerprint)
 ), locked AS MATERIALIZED (
     -- The charges' lock order: the batch's accounts locked by id, ascending, before any is
     -- updated (LockRows runs above the Sort), so overlapping batches wait instead of
@@ -115,15 +125,30 @@ WITH input AS (
     FROM locked i
     WHERE a.id = i.locked_id AND a.status = 'active'
       AND a.free_uses_remaining + a.paid_uses_remaining >= i.uses
+      AND (i.idempotency_key IS NULL OR (
+          NOT EXISTS (SELECT 1 FROM idempotency_keys k
+                      WHERE k.api_key_id IN (i.api_key_id, '') AND k.key = i.idempotency_key)
+          AND NOT EXISTS (SELECT 1 FROM charges c
+                          WHERE c.api_key_id IN (i.api_key_id, '')
+                            AND c.idempotency_key = i.idempotency_key)))
     RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
               a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
               a.last_charge_free_uses, i.reservation_id, i.uses, i.api_key_id, i.metadata, i.at,
-              i.expires_at, {crossing_columns("a.")}, i.at AS created_at
+              i.expires_at, i.idempotency_key, i.fingerprint, {crossing_columns("a.")},
+              i.at AS created_at
+), claimed AS (
+    -- As HOLD_SQL: each key taken in the statement, its answer recorded before the commit
+    -- (RECORD_BATCH_SQL); a twin in the batch or racing it fails on the key (DuplicateKey).
+    INSERT INTO idempotency_keys (api_key_id, key, fingerprint, response_status,
+                                  response_body, created_at)
+    SELECT api_key_id, idempotency_key, fingerprint, 0, '', at FROM held
+    WHERE idempotency_key IS NOT NULL
 ), made AS (
     INSERT INTO reservations (id, account_id, api_key_id, status, uses, free_uses_held,
-                              paid_uses_held, expires_at, metadata, created_at, updated_at)
+                              paid_uses_held, expires_at, metadata, idempotency_key,
+                              created_at, updated_at)
     SELECT reservation_id, account_id, api_key_id, 'held', uses, last_charge_free_uses,
-           uses - last_charge_free_uses, expires_at, metadata::json, at, at
+           uses - last_charge_free_uses, expires_at, metadata::json, idempotency_key, at, at
     FROM held
 ), {alerted("held", "account_id")}
 SELECT reservation_id, account_id, free_uses_remaining, paid_uses_remaining,
@@ -219,9 +244,10 @@ FROM spent
 CAPTURE_BATCH_SQL = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[],
-                         $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[])
+                         $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[],
+                         $10::text[], $11::text[])
         AS i(reservation_id, uses, charge_id, at, amount_minor, description, extra,
-             api_key_id, credit_id)
+             api_key_id, credit_id, idempotency_key, fingerprint)
 ), chosen AS (
     -- One reservation per account (an UPDATE ... FROM changes an account's row once): the
     -- others come back without a row and are sent again alone.
@@ -236,9 +262,16 @@ WITH input AS (
     FROM input i
     WHERE r.id = i.reservation_id AND r.id IN (SELECT id FROM chosen)
       AND r.status = 'held' AND r.expires_at > i.at AND r.uses >= COALESCE(i.uses, r.uses)
+      AND (i.idempotency_key IS NULL OR (
+          NOT EXISTS (SELECT 1 FROM idempotency_keys k
+                      WHERE k.api_key_id IN (i.api_key_id, '') AND k.key = i.idempotency_key)
+          AND NOT EXISTS (SELECT 1 FROM charges c
+                          WHERE c.api_key_id IN (i.api_key_id, '')
+                            AND c.idempotency_key = i.idempotency_key)))
     RETURNING r.id AS reservation_id, r.account_id, r.uses, r.captured_uses,
               r.free_uses_held, r.paid_uses_held, r.metadata, i.charge_id, i.credit_id,
-              i.amount_minor, i.description, i.extra, i.api_key_id, i.at
+              i.amount_minor, i.description, i.extra, i.api_key_id, i.at, i.idempotency_key,
+              i.fingerprint
 )
 , locked AS MATERIALIZED (
     -- The account's row, locked after the reservation's (the one lock order of holds), by id
@@ -271,7 +304,7 @@ WITH input AS (
               a.reserved_paid_uses, a.total_uses, s.reservation_id, s.uses AS held_uses_of,
               s.captured_uses, s.free_used, s.paid_used, s.paid_off, s.charge_id, s.credit_id,
               s.amount_minor, s.description, s.metadata AS held_metadata, s.extra, s.api_key_id,
-              s.at
+              s.at, s.idempotency_key, s.fingerprint
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, reservation_id,
@@ -288,6 +321,12 @@ WITH input AS (
            paid_off || ' paid uses owed to a refund or a lost dispute, taken when held uses '
            || 'came back (' || reservation_id || ')', at
     FROM spent WHERE paid_off > 0
+), claimed AS (
+    -- As HOLD_BATCH_SQL: each key taken in the statement, its answer recorded before the commit.
+    INSERT INTO idempotency_keys (api_key_id, key, fingerprint, response_status,
+                                  response_body, created_at)
+    SELECT api_key_id, idempotency_key, fingerprint, 0, '', at FROM spent
+    WHERE idempotency_key IS NOT NULL
 )
 SELECT reservation_id, account_id, oauth_provider, external_id, currency, plan_name,
        free_uses_remaining, paid_uses_remaining, reserved_free_uses, reserved_paid_uses,
@@ -301,6 +340,12 @@ FROM spent
 RECORD_SQL = """
 UPDATE idempotency_keys SET response_status = $3, response_body = $4
 WHERE api_key_id = $1 AND key = $2
+"""
+# The same for a batch's keyed holds or captures: one element per answer.
+RECORD_BATCH_SQL = """
+UPDATE idempotency_keys k SET response_status = i.status, response_body = i.body
+FROM unnest($1::text[], $2::text[], $3::int[], $4::text[]) AS i(api_key_id, key, status, body)
+WHERE k.api_key_id = i.api_key_id AND k.key = i.key
 """
 
 
@@ -316,8 +361,8 @@ class Keyed:
 
 @dataclass(frozen=True, slots=True)
 class HoldAttempt:
-    """One hold as the store sends it (no idempotency key: keyed holds take the framework's
-    path, which records their answers)."""
+    """One hold as the store sends it; `keyed` when it carries an Idempotency-Key (its answer
+    is then recorded with the key in the same transaction)."""
 
     oauth_provider: str
     external_id: str
@@ -327,6 +372,7 @@ class HoldAttempt:
     metadata_json: str
     at: datetime
     expires_at: datetime
+    keyed: Keyed | None = None
 
     def parameters(self) -> tuple[Any, ...]:
         """$1..$8 of HOLD_SQL and HOLD_BATCH_SQL."""
@@ -344,7 +390,7 @@ class HoldAttempt:
 
 @dataclass(frozen=True, slots=True)
 class CaptureAttempt:
-    """One capture as the store sends it (no idempotency key, as for holds)."""
+    """One capture as the store sends it (`keyed` as for holds)."""
 
     reservation_id: str
     uses: int | None
@@ -355,6 +401,7 @@ class CaptureAttempt:
     metadata_json: str
     api_key_id: str
     credit_id: str  # the owed_taken ledger row's id, used only when owed uses are paid off
+    keyed: Keyed | None = None
 
     def parameters(self) -> tuple[Any, ...]:
         """$1..$9 of CAPTURE_SQL and CAPTURE_BATCH_SQL."""
@@ -371,6 +418,9 @@ class CaptureAttempt:
         )
 
 
+Attempt = HoldAttempt | CaptureAttempt
+
+
 class HoldStore(Lanes[HoldAttempt]):
     """Makes holds through a few concurrent statements, batching those that wait."""
 
@@ -385,21 +435,24 @@ class HoldStore(Lanes[HoldAttempt]):
         return await self.submit((attempt.oauth_provider, attempt.external_id), attempt)
 
     async def hold_keyed(self, attempt: HoldAttempt, keyed: Keyed) -> tuple[Any, str] | None:
-        """A hold with an idempotency key, alone in a transaction that records its answer with
-        the key: (the account's row, the answer's JSON text), or None when it was not made (the
-        key taken already included: the framework's path replays or refuses)."""
-        return await _keyed(self._statements, HOLD_SQL, attempt, keyed)
+        """A hold with an idempotency key, its answer recorded with the key in the transaction
+        that makes it (alone, or with the batch it queued in): (the account's row, the
+        answer's JSON text), or None when it was not made (the key taken already included:
+        the framework's path replays or refuses)."""
+        keyed_attempt = replace(attempt, keyed=keyed)
+        result: tuple[Any, str] | None = await self.hold(keyed_attempt)
+        return result
 
     async def _send_one(self, waiting: Waiting[HoldAttempt]) -> None:
-        row = await self._statements.fetch_one(
-            HOLD_SQL, (*waiting.request.parameters(), None, None)
-        )
-        waiting.settle(row)
+        waiting.settle(await _send_one(self._statements, HOLD_SQL, waiting.request))
 
     async def _send_many(self, batch: list[Waiting[HoldAttempt]]) -> None:
-        columns = [list(c) for c in zip(*(w.request.parameters() for w in batch), strict=True)]
-        rows = await self._statements.fetch_all(HOLD_BATCH_SQL, columns)
-        made = {row["reservation_id"]: row for row in rows}
+        try:
+            made = await _send_batch(self._statements, HOLD_BATCH_SQL, batch)
+        except DuplicateKey:
+            for waiting in batch:  # which key? each hold alone gets its own answer
+                await self._send_one(waiting)
+            return
         for waiting in batch:
             waiting.settle(made.get(waiting.request.reservation_id))
 
@@ -418,26 +471,74 @@ class CaptureStore(Lanes[CaptureAttempt]):
 
     async def capture_keyed(self, attempt: CaptureAttempt, keyed: Keyed) -> tuple[Any, str] | None:
         """A capture with an idempotency key, as HoldStore.hold_keyed."""
-        return await _keyed(self._statements, CAPTURE_SQL, attempt, keyed)
+        result: tuple[Any, str] | None = await self.capture(replace(attempt, keyed=keyed))
+        return result
 
     async def _send_one(self, waiting: Waiting[CaptureAttempt]) -> None:
-        parameters = (*waiting.request.parameters(), None, None)
-        waiting.settle(await self._statements.fetch_one(CAPTURE_SQL, parameters))
+        waiting.settle(await _send_one(self._statements, CAPTURE_SQL, waiting.request))
 
     async def _send_many(self, batch: list[Waiting[CaptureAttempt]]) -> None:
-        columns = [list(c) for c in zip(*(w.request.parameters() for w in batch), strict=True)]
-        rows = await self._statements.fetch_all(CAPTURE_BATCH_SQL, columns)
-        made = {row["reservation_id"]: row for row in rows}
+        try:
+            made = await _send_batch(self._statements, CAPTURE_BATCH_SQL, batch)
+        except DuplicateKey:
+            for waiting in batch:  # which key? each capture alone gets its own answer
+                await self._send_one(waiting)
+            return
         for waiting in batch:
-            row = made.get(waiting.request.reservation_id)
-            if row is None:  # not chosen (another of its account's) or not capturable
+            found = made.get(waiting.request.reservation_id)
+            if found is None:  # not chosen (another of its account's) or not capturable
                 await self._send_one(waiting)
             else:
-                waiting.settle(row)
+                waiting.settle(found)
+
+
+async def _send_one(statements: StatementPool, sql: str, attempt: Attempt) -> Any:
+    """One hold or capture alone: its row (keyed: the row and its answer's text) or None."""
+    if attempt.keyed is not None:
+        return await _keyed(statements, sql, attempt, attempt.keyed)
+    return await statements.fetch_one(sql, (*attempt.parameters(), None, None))
+
+
+async def _send_batch(
+    statements: StatementPool,
+    sql: str,
+    batch: list[Waiting[HoldAttempt]] | list[Waiting[CaptureAttempt]],
+) -> dict[str, Any]:
+    """A batch in one statement: what each request it made gets, by reservation id (its row;
+    a keyed request's row and answer text, the answers recorded with their keys before the one
+    commit). DuplicateKey when a key was taken twice (nothing is made)."""
+    attempts: list[Attempt] = [waiting.request for waiting in batch]
+    keys = [(a.keyed.key, a.keyed.fingerprint) if a.keyed else (None, None) for a in attempts]
+    columns = [
+        list(column)
+        for column in zip(
+            *(a.parameters() + k for a, k in zip(attempts, keys, strict=True)), strict=True
+        )
+    ]
+    by_id = {attempt.reservation_id: attempt for attempt in attempts}
+    if all(attempt.keyed is None for attempt in attempts):
+        return {row["reservation_id"]: row for row in await statements.fetch_all(sql, columns)}
+
+    async def work(conn: Any) -> dict[str, Any]:
+        made: dict[str, Any] = {}
+        answers: list[tuple[str, str, int, str]] = []
+        for row in await conn.fetch(sql, *columns):
+            attempt = by_id[row["reservation_id"]]
+            if attempt.keyed is None:
+                made[attempt.reservation_id] = row
+                continue
+            status, text = attempt.keyed.render(row)
+            answers.append((attempt.api_key_id, attempt.keyed.key, status, text))
+            made[attempt.reservation_id] = (row, text)
+        if answers:
+            await conn.execute(RECORD_BATCH_SQL, *([list(c) for c in zip(*answers, strict=True)]))
+        return made
+
+    return await statements.in_transaction(work)
 
 
 async def _keyed(
-    statements: StatementPool, sql: str, attempt: HoldAttempt | CaptureAttempt, keyed: Keyed
+    statements: StatementPool, sql: str, attempt: Attempt, keyed: Keyed
 ) -> tuple[Any, str] | None:
     async def work(conn: Any) -> tuple[Any, str] | None:
         row = await conn.fetchrow(sql, *attempt.parameters(), keyed.key, keyed.fingerprint)
