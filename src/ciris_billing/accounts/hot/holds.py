@@ -45,6 +45,28 @@ from ciris_billing.accounts.hot.crossings import alerted, crossing_columns, next
 from ciris_billing.accounts.hot.lanes import Lanes, Waiting
 from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
 
+
+def _key_unused(key: str, api_key_id: str) -> str:
+    """SQL: the idempotency key is NULL (none sent), or neither a request's answer nor a charge
+    has taken it under this API key (or under the legacy scope '')."""
+    return f"""({key} IS NULL OR (
+          NOT EXISTS (SELECT 1 FROM idempotency_keys k
+                      WHERE k.api_key_id IN ({api_key_id}, '') AND k.key = {key})
+          AND NOT EXISTS (SELECT 1 FROM charges c
+                          WHERE c.api_key_id IN ({api_key_id}, '')
+                            AND c.idempotency_key = {key})))"""  # noqa: S608 (our own constants)
+
+
+def _claim(source: str, api_key_id: str, key: str, fingerprint: str, at: str) -> str:
+    """SQL (a CTE's body): the key taken for each row of `source` that has one, its answer left
+    to RECORD_SQL / RECORD_BATCH_SQL before the commit; a twin taking it too (in the batch or
+    racing it) fails on the key's primary key (DuplicateKey)."""
+    return f"""INSERT INTO idempotency_keys (api_key_id, key, fingerprint, response_status,
+                                  response_body, created_at)
+    SELECT {api_key_id}, {key}, {fingerprint}, 0, '', {at} FROM {source}
+    WHERE {key} IS NOT NULL"""  # noqa: S608 (our own constants)
+
+
 # $1 provider, $2 external id, $3 uses, $4 reservation id, $5 API key id, $6 metadata (JSON
 # text), $7 now, $8 expires_at, $9 idempotency key (or NULL), $10 the request's fingerprint.
 # SET sees the old counters: last_charge_free_uses keeps how many of the held uses were free
@@ -64,22 +86,13 @@ WITH held AS (
         updated_at = $7::timestamptz
     WHERE a.oauth_provider = $1::text AND a.external_id = $2::text AND a.status = 'active'
       AND a.free_uses_remaining + a.paid_uses_remaining >= $3::bigint
-      AND ($9::text IS NULL OR (
-          NOT EXISTS (SELECT 1 FROM idempotency_keys k
-                      WHERE k.api_key_id IN ($5::text, '') AND k.key = $9::text)
-          AND NOT EXISTS (SELECT 1 FROM charges c
-                          WHERE c.api_key_id IN ($5::text, '') AND c.idempotency_key = $9::text)))
+      AND {_key_unused("$9::text", "$5::text")}
     RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
               a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
               a.last_charge_free_uses, {crossing_columns("a.")},
               $3::bigint AS uses, $7::timestamptz AS created_at
 ), claimed AS (
-    -- The key taken in the same statement (its answer is recorded before the commit,
-    -- RECORD_SQL); a twin request racing it fails on the key's primary key (DuplicateKey).
-    INSERT INTO idempotency_keys (api_key_id, key, fingerprint, response_status,
-                                  response_body, created_at)
-    SELECT $5::text, $9::text, $10::text, 0, '', $7::timestamptz FROM held
-    WHERE $9::text IS NOT NULL
+    {_claim("held", "$5::text", "$9::text", "$10::text", "$7::timestamptz")}
 ), made AS (
     INSERT INTO reservations (id, account_id, api_key_id, status, uses, free_uses_held,
                               paid_uses_held, expires_at, metadata, idempotency_key,
@@ -125,24 +138,14 @@ WITH input AS (
     FROM locked i
     WHERE a.id = i.locked_id AND a.status = 'active'
       AND a.free_uses_remaining + a.paid_uses_remaining >= i.uses
-      AND (i.idempotency_key IS NULL OR (
-          NOT EXISTS (SELECT 1 FROM idempotency_keys k
-                      WHERE k.api_key_id IN (i.api_key_id, '') AND k.key = i.idempotency_key)
-          AND NOT EXISTS (SELECT 1 FROM charges c
-                          WHERE c.api_key_id IN (i.api_key_id, '')
-                            AND c.idempotency_key = i.idempotency_key)))
+      AND {_key_unused("i.idempotency_key", "i.api_key_id")}
     RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
               a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
               a.last_charge_free_uses, i.reservation_id, i.uses, i.api_key_id, i.metadata, i.at,
               i.expires_at, i.idempotency_key, i.fingerprint, {crossing_columns("a.")},
               i.at AS created_at
 ), claimed AS (
-    -- As HOLD_SQL: each key taken in the statement, its answer recorded before the commit
-    -- (RECORD_BATCH_SQL); a twin in the batch or racing it fails on the key (DuplicateKey).
-    INSERT INTO idempotency_keys (api_key_id, key, fingerprint, response_status,
-                                  response_body, created_at)
-    SELECT api_key_id, idempotency_key, fingerprint, 0, '', at FROM held
-    WHERE idempotency_key IS NOT NULL
+    {_claim("held", "api_key_id", "idempotency_key", "fingerprint", "at")}
 ), made AS (
     INSERT INTO reservations (id, account_id, api_key_id, status, uses, free_uses_held,
                               paid_uses_held, expires_at, metadata, idempotency_key,
@@ -159,7 +162,7 @@ FROM held
 # $1 reservation id, $2 uses (NULL: all), $3 charge id, $4 now, $5 amount, $6 description,
 # $7 metadata (JSON text, merged over the hold's), $8 API key id, $9 ledger row id (owed),
 # $10 idempotency key (or NULL), $11 the request's fingerprint.
-CAPTURE_SQL = """
+CAPTURE_SQL = f"""
 WITH won AS (
     -- Safe: exactly once. Of racing captures / releases / expiries only one finds the row
     -- 'held' (the row lock makes the others re-check and see the winner's status).
@@ -168,11 +171,7 @@ WITH won AS (
         updated_at = $4::timestamptz, closed_at = $4::timestamptz
     WHERE r.id = $1::text AND r.status = 'held' AND r.expires_at > $4::timestamptz
       AND r.uses >= COALESCE($2::bigint, r.uses)
-      AND ($10::text IS NULL OR (
-          NOT EXISTS (SELECT 1 FROM idempotency_keys k
-                      WHERE k.api_key_id IN ($8::text, '') AND k.key = $10::text)
-          AND NOT EXISTS (SELECT 1 FROM charges c
-                          WHERE c.api_key_id IN ($8::text, '') AND c.idempotency_key = $10::text)))
+      AND {_key_unused("$10::text", "$8::text")}
     RETURNING r.id AS reservation_id, r.account_id, r.uses, r.captured_uses,
               r.free_uses_held, r.paid_uses_held, r.metadata, $3::text AS charge_id,
               $9::text AS credit_id, $5::bigint AS amount_minor, $6::text AS description,
@@ -227,21 +226,17 @@ WITH won AS (
            || 'came back (' || reservation_id || ')', at
     FROM spent WHERE paid_off > 0
 ), claimed AS (
-    -- As HOLD_SQL: the key taken in the same statement, its answer recorded before the commit.
-    INSERT INTO idempotency_keys (api_key_id, key, fingerprint, response_status,
-                                  response_body, created_at)
-    SELECT $8::text, $10::text, $11::text, 0, '', $4::timestamptz FROM spent
-    WHERE $10::text IS NOT NULL
+    {_claim("spent", "$8::text", "$10::text", "$11::text", "$4::timestamptz")}
 )
 SELECT reservation_id, account_id, oauth_provider, external_id, currency, plan_name,
        free_uses_remaining, paid_uses_remaining, reserved_free_uses, reserved_paid_uses,
        total_uses, held_uses_of, captured_uses, free_used, paid_used, charge_id,
        held_metadata::text AS held_metadata
 FROM spent
-"""
+"""  # noqa: S608 (our own constants, no input)
 
 # The same for many captures: each parameter an array, one element per capture.
-CAPTURE_BATCH_SQL = """
+CAPTURE_BATCH_SQL = f"""
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[],
                          $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[],
@@ -262,12 +257,7 @@ WITH input AS (
     FROM input i
     WHERE r.id = i.reservation_id AND r.id IN (SELECT id FROM chosen)
       AND r.status = 'held' AND r.expires_at > i.at AND r.uses >= COALESCE(i.uses, r.uses)
-      AND (i.idempotency_key IS NULL OR (
-          NOT EXISTS (SELECT 1 FROM idempotency_keys k
-                      WHERE k.api_key_id IN (i.api_key_id, '') AND k.key = i.idempotency_key)
-          AND NOT EXISTS (SELECT 1 FROM charges c
-                          WHERE c.api_key_id IN (i.api_key_id, '')
-                            AND c.idempotency_key = i.idempotency_key)))
+      AND {_key_unused("i.idempotency_key", "i.api_key_id")}
     RETURNING r.id AS reservation_id, r.account_id, r.uses, r.captured_uses,
               r.free_uses_held, r.paid_uses_held, r.metadata, i.charge_id, i.credit_id,
               i.amount_minor, i.description, i.extra, i.api_key_id, i.at, i.idempotency_key,
@@ -322,18 +312,14 @@ WITH input AS (
            || 'came back (' || reservation_id || ')', at
     FROM spent WHERE paid_off > 0
 ), claimed AS (
-    -- As HOLD_BATCH_SQL: each key taken in the statement, its answer recorded before the commit.
-    INSERT INTO idempotency_keys (api_key_id, key, fingerprint, response_status,
-                                  response_body, created_at)
-    SELECT api_key_id, idempotency_key, fingerprint, 0, '', at FROM spent
-    WHERE idempotency_key IS NOT NULL
+    {_claim("spent", "api_key_id", "idempotency_key", "fingerprint", "at")}
 )
 SELECT reservation_id, account_id, oauth_provider, external_id, currency, plan_name,
        free_uses_remaining, paid_uses_remaining, reserved_free_uses, reserved_paid_uses,
        total_uses, held_uses_of, captured_uses, free_used, paid_used, charge_id,
        held_metadata::text AS held_metadata
 FROM spent
-"""
+"""  # noqa: S608 (our own constants, no input)
 
 
 # A keyed hold's or capture's answer, recorded with its key in the same transaction.
@@ -439,8 +425,7 @@ class HoldStore(Lanes[HoldAttempt]):
         that makes it (alone, or with the batch it queued in): (the account's row, the
         answer's JSON text), or None when it was not made (the key taken already included:
         the framework's path replays or refuses)."""
-        keyed_attempt = replace(attempt, keyed=keyed)
-        result: tuple[Any, str] | None = await self.hold(keyed_attempt)
+        result: tuple[Any, str] | None = await self.hold(replace(attempt, keyed=keyed))
         return result
 
     async def _send_one(self, waiting: Waiting[HoldAttempt]) -> None:
