@@ -13,11 +13,18 @@ database agree without configuration. An environment variable, when set, still w
 - `erasure_key`: keys the digest an erased identity is kept as (accounts/erasure.py). No
   variable overrides it: the digests already stored are only as findable as this key is stable,
   so it lives (and is backed up) with the data it protects.
+
+They are read when a process starts. A database that is away then (restarting, failing over,
+its connections being cut) is waited for, up to STARTUP_WAIT_SECONDS: a worker that gave up at
+once failed its start-up, and uvicorn then stopped the whole service
+(tests/faults/test_startup_database.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +32,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing.config import Settings
+from ciris_billing.database_errors import connection_unusable
 from ciris_billing.db import insert_or_ignore, installation_secrets, utcnow
+from ciris_billing.observability import log
+
+# How long a starting process waits for an unreachable database before its start-up fails.
+STARTUP_WAIT_SECONDS = 60.0
 
 # The names the secrets are stored under (not secrets themselves).
 SANDBOX_WEBHOOK_SECRET = "sandbox_webhook_secret"  # noqa: S105
@@ -78,9 +90,22 @@ async def erasure_key(conn: AsyncConnection) -> bytes:
 
 
 async def load(engine: AsyncEngine, settings: Settings) -> InstallationSecrets:
-    """The installation's secrets (an environment variable, when set, wins)."""
-    async with engine.begin() as conn:
-        values = await stored(conn, *GENERATORS)
+    """The installation's secrets (an environment variable, when set, wins); waits for a
+    database that is away, up to STARTUP_WAIT_SECONDS."""
+    deadline, delay = time.monotonic() + STARTUP_WAIT_SECONDS, 0.25
+    while True:
+        try:
+            async with engine.begin() as conn:
+                values = await stored(conn, *GENERATORS)
+            break
+        except Exception as exc:
+            # Safe to run again: the inserts are INSERT ... ON CONFLICT DO NOTHING, and a
+            # transaction cut off committed nothing or all of it.
+            if not connection_unusable(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("database_unavailable_at_start", retry_in_seconds=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
     webhook = values[SANDBOX_WEBHOOK_SECRET]
     if settings.sandbox_webhook_secret is not None:
         webhook = settings.sandbox_webhook_secret.get_secret_value()
