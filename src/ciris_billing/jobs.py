@@ -28,7 +28,11 @@ still runs once across all of them and all instances:
 - its queueing lock keeps at most one waiting in the queue, and its lock lets only one run at a
   time (a job of a lock is not fetched while another of that lock is `doing`);
 - a run whose worker was killed would hold that lock forever: `billing.clear_stalled` marks the
-  jobs of workers whose heartbeat stopped as failed (the next tick runs anew).
+  jobs of workers whose heartbeat stopped as failed (the next tick runs anew);
+- so would a run whose end could not be recorded (its connection cut while procrastinate wrote
+  it; procrastinate lets that error end the job's task unseen, under a worker still beating):
+  `RecordingJobManager` records a job's end again, on a new connection, until it is recorded
+  (tests/webhooks/test_jobs_persist.py).
 
 Running twice would still be safe, only wasteful: handling an event locks its row and finds it
 handled, and a purchase is credited under a unique key (credits.external_transaction_id).
@@ -39,13 +43,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
 from procrastinate import App, JobContext, PsycopgConnector
-from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.exceptions import AlreadyEnqueued, ConnectorException
 from procrastinate.jobs import Status
+from procrastinate.manager import JobManager
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -245,6 +252,33 @@ def conninfo(settings: Settings) -> str:
     return f"postgresql://{rest}"
 
 
+# How long a job's end is recorded again after its connection failed.
+RECORD_END_SECONDS = 60.0
+
+
+class RecordingJobManager(JobManager):
+    """procrastinate's job manager, but a job's end (its final status) that failed on a lost
+    connection is written again on a new one, with backoff, for up to RECORD_END_SECONDS."""
+
+    async def finish_job_by_id_async(self, job_id: int, status: Status, delete_job: bool) -> None:
+        deadline, delay, attempt = time.monotonic() + RECORD_END_SECONDS, 0.2, 1
+        while True:
+            try:
+                await super().finish_job_by_id_async(job_id, status, delete_job)
+                return
+            except ConnectorException as exc:
+                lost = isinstance(exc.__cause__, psycopg.OperationalError)
+                if attempt > 1 and isinstance(exc.__cause__, psycopg.errors.RaiseException):
+                    # Safe: an earlier attempt was written after all (its answer was lost): the
+                    # job is no longer 'doing', which is all this was for.
+                    return
+                if not lost or time.monotonic() + delay > deadline:
+                    raise
+            log.warning("job_end_not_recorded", job_id=job_id, attempt=attempt)
+            await asyncio.sleep(delay)
+            delay, attempt = min(delay * 2, 5.0), attempt + 1
+
+
 def job_queue(settings: Settings) -> App:
     """The procrastinate app with our two periodic tasks (not opened)."""
     connector = PsycopgConnector(
@@ -255,6 +289,7 @@ def job_queue(settings: Settings) -> App:
         # while idle is replaced.)
     )
     queue = App(connector=connector)
+    queue.job_manager = RecordingJobManager(connector=connector)
     every = f"* * * * * */{settings.jobs_poll_seconds}"  # croniter: the 6th field is seconds
 
     @queue.periodic(cron=every, periodic_id="recover")
