@@ -36,6 +36,7 @@ from tests.support.faults import (
     fire_charges,
     settle,
     tcp_fault_proxy,
+    through,
     users,
 )
 from tests.support.postgres import truncate
@@ -204,7 +205,7 @@ async def test_database_down_then_back(postgres_url: str, tmp_path: Path) -> Non
     await truncate(postgres_url)
     parts = urlsplit(postgres_url)
     with tcp_fault_proxy(parts.port or 5432) as proxy:
-        via_proxy = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
+        via_proxy = through(proxy, postgres_url)
         checked = await _outage_while_charging(
             via_proxy, postgres_url, tmp_path / "server.log", "pgdown", proxy.down, proxy.up
         )

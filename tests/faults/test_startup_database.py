@@ -18,7 +18,7 @@ import httpx
 
 from ciris_billing.app import create_app
 from tests.support.api import make_settings
-from tests.support.faults import tcp_fault_proxy
+from tests.support.faults import tcp_fault_proxy, through
 
 AWAY_SECONDS = 1.5
 
@@ -28,7 +28,7 @@ async def test_a_worker_starting_while_the_database_is_away_waits_for_it(
 ) -> None:
     parts = urlsplit(fresh_database)
     with tcp_fault_proxy(parts.port or 5432) as proxy:
-        via_proxy = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
+        via_proxy = through(proxy, fresh_database)
         proxy.down()
         app = create_app(make_settings(via_proxy, db_connect_timeout_seconds=2.0))
 

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
@@ -279,6 +280,12 @@ class TcpFaultProxy:
         with contextlib.suppress(Exception):
             self._thread.call(self._down)
         self._thread.close()
+
+
+def through(proxy: TcpFaultProxy, database_url: str) -> str:
+    """`database_url` (a postgresql:// URL on 127.0.0.1) reached through `proxy` instead."""
+    parts = urlsplit(database_url)
+    return parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import asyncpg
 
 from ciris_billing import jobs
 from tests.support.api import make_settings
-from tests.support.faults import tcp_fault_proxy
+from tests.support.faults import tcp_fault_proxy, through
 
 TASK = "test.ends_while_the_database_is_cut"
 
@@ -36,7 +36,7 @@ async def test_a_job_whose_end_could_not_be_recorded_does_not_keep_its_lock(
 ) -> None:
     parts = urlsplit(fresh_database)
     with tcp_fault_proxy(parts.port or 5432) as proxy:
-        via_proxy = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
+        via_proxy = through(proxy, fresh_database)
         queue = jobs.job_queue(make_settings(via_proxy))
         running, may_end = asyncio.Event(), asyncio.Event()
 
