@@ -26,7 +26,7 @@ from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.deps import AppState, json_response, take_limits
 from ciris_billing.errors import PurchaseRequired
 from ciris_billing.observability import CHARGES, CREDIT_CHECKS, log
-from ciris_billing.portal import links
+from ciris_billing.portal.links import portal_token, portal_url
 
 CHECK_ROUTE = "/v1/billing/credits/check"
 CHARGE_ROUTE = "/v1/billing/charges"
@@ -36,12 +36,10 @@ REPLAYED = {"Idempotent-Replayed": "true"}
 def portal_link(state: AppState, request: Request, identity: Identity) -> str:
     """The user's portal (balance, usage, receipts): a signed link, cached per identity for an
     hour (portal/links.py), so a check pays a dictionary look-up for it."""
-    return links.portal_link(
-        state.secrets.portal_link_secret,
-        state.public_base_url(request),
-        identity.oauth_provider,
-        identity.external_id,
+    token = portal_token(
+        state.secrets.portal_link_secret, identity.oauth_provider, identity.external_id
     )
+    return portal_url(state.public_base_url(request), token)
 
 
 async def check(

@@ -4,9 +4,9 @@
 with the installation's portal secret (installation.py; a buy link's signature is not a portal
 link's). Stateless, so a credit check or a 402 that carries one writes nothing.
 
-Cheap on the hot path: the expiry is rounded up to the next whole hour, so one identity's link
-is the same for an hour and is made once per process (an LRU cache of whole links: a credit
-check pays one look-up); a link is valid for PORTAL_LINK_SECONDS to PORTAL_LINK_SECONDS + 1 h.
+Cheap on the hot path: the expiry is rounded up to the next whole hour, so one identity's token
+is the same for an hour and is computed once (an LRU cache); a link is valid for
+PORTAL_LINK_SECONDS to PORTAL_LINK_SECONDS + 1 h.
 """
 
 from __future__ import annotations
@@ -31,30 +31,15 @@ class PortalLinkExpired(ValueError):
     """A link this installation signed, past its expiry."""
 
 
-def portal_link(
-    secret: bytes, base_url: str, oauth_provider: str, external_id: str, now: float | None = None
-) -> str:
-    """The identity's portal link under `base_url`, the same for the whole hour."""
-    return _link(secret, base_url, oauth_provider, external_id, _expiry(now))
-
-
 def portal_token(
     secret: bytes, oauth_provider: str, external_id: str, now: float | None = None
 ) -> str:
-    """The token of the identity's link (the path's last part)."""
-    return _signed(secret, oauth_provider, external_id, _expiry(now))
-
-
-def _expiry(now: float | None) -> int:
     moment = time.time() if now is None else now
-    return (int(moment) // _ROUNDING + 1) * _ROUNDING + PORTAL_LINK_SECONDS
+    expires = (int(moment) // _ROUNDING + 1) * _ROUNDING + PORTAL_LINK_SECONDS
+    return _signed(secret, oauth_provider, external_id, expires)
 
 
 @lru_cache(maxsize=65_536)
-def _link(secret: bytes, base_url: str, oauth_provider: str, external_id: str, expires: int) -> str:
-    return portal_url(base_url, _signed(secret, oauth_provider, external_id, expires))
-
-
 def _signed(secret: bytes, oauth_provider: str, external_id: str, expires: int) -> str:
     payload = json.dumps([oauth_provider, external_id, expires], separators=(",", ":")).encode()
     body = base64.urlsafe_b64encode(payload).decode().rstrip("=")
@@ -98,4 +83,4 @@ def portal_url(base_url: str, token: str) -> str:
 
 
 def _mac(secret: bytes, body: str) -> str:
-    return hmac.digest(secret, b"portal\0" + body.encode(), hashlib.sha256).hex()[:32]
+    return hmac.new(secret, b"portal\0" + body.encode(), hashlib.sha256).hexdigest()[:32]
