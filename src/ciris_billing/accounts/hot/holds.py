@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from ciris_billing.accounts.hot.crossings import alerted, crossing_columns, next_sequence
 from ciris_billing.accounts.hot.lanes import Lanes, Waiting
@@ -405,14 +405,46 @@ class CaptureAttempt:
 
 
 Attempt = HoldAttempt | CaptureAttempt
+A = TypeVar("A", HoldAttempt, CaptureAttempt)
 
 
-class HoldStore(Lanes[HoldAttempt]):
+class _ReservationLanes(Lanes[A]):
+    """Holds or captures through a few concurrent statements, batching those that wait: `one`
+    alone, `batch` for many; a request the batch did not make is sent again alone when
+    `resend_unmade` (a capture the batch did not choose), else answered None."""
+
+    resend_unmade = False
+
+    def __init__(
+        self, statement: str, statements: StatementPool, lanes: int, one: str, batch: str
+    ) -> None:
+        super().__init__(statement, lanes)
+        self._statements = statements
+        self._one, self._batch = one, batch
+
+    async def _send_one(self, waiting: Waiting[A]) -> None:
+        waiting.settle(await _send_one(self._statements, self._one, waiting.request))
+
+    async def _send_many(self, batch: list[Waiting[A]]) -> None:
+        try:
+            made = await _send_batch(self._statements, self._batch, batch)
+        except DuplicateKey:
+            for waiting in batch:  # which key? each request alone gets its own answer
+                await self._send_one(waiting)
+            return
+        for waiting in batch:
+            found = made.get(waiting.request.reservation_id)
+            if found is None and self.resend_unmade:
+                await self._send_one(waiting)
+            else:
+                waiting.settle(found)
+
+
+class HoldStore(_ReservationLanes[HoldAttempt]):
     """Makes holds through a few concurrent statements, batching those that wait."""
 
     def __init__(self, statements: StatementPool, lanes: int) -> None:
-        super().__init__("hold", lanes)
-        self._statements = statements
+        super().__init__("hold", statements, lanes, HOLD_SQL, HOLD_BATCH_SQL)
 
     async def hold(self, attempt: HoldAttempt) -> Any:
         """The account's row after the hold (counters, last_charge_free_uses: the free uses
@@ -428,26 +460,16 @@ class HoldStore(Lanes[HoldAttempt]):
         result: tuple[Any, str] | None = await self.hold(replace(attempt, keyed=keyed))
         return result
 
-    async def _send_one(self, waiting: Waiting[HoldAttempt]) -> None:
-        waiting.settle(await _send_one(self._statements, HOLD_SQL, waiting.request))
 
-    async def _send_many(self, batch: list[Waiting[HoldAttempt]]) -> None:
-        try:
-            made = await _send_batch(self._statements, HOLD_BATCH_SQL, batch)
-        except DuplicateKey:
-            for waiting in batch:  # which key? each hold alone gets its own answer
-                await self._send_one(waiting)
-            return
-        for waiting in batch:
-            waiting.settle(made.get(waiting.request.reservation_id))
-
-
-class CaptureStore(Lanes[CaptureAttempt]):
+class CaptureStore(_ReservationLanes[CaptureAttempt]):
     """Makes captures through a few concurrent statements, batching those that wait."""
 
+    # A batch takes one reservation per account (CAPTURE_BATCH_SQL's `chosen`); the others,
+    # and any it could not capture, go again alone.
+    resend_unmade = True
+
     def __init__(self, statements: StatementPool, lanes: int) -> None:
-        super().__init__("capture", lanes)
-        self._statements = statements
+        super().__init__("capture", statements, lanes, CAPTURE_SQL, CAPTURE_BATCH_SQL)
 
     async def capture(self, attempt: CaptureAttempt) -> Any:
         """The captured charge and its account after it (a record), or None when it was not
@@ -458,23 +480,6 @@ class CaptureStore(Lanes[CaptureAttempt]):
         """A capture with an idempotency key, as HoldStore.hold_keyed."""
         result: tuple[Any, str] | None = await self.capture(replace(attempt, keyed=keyed))
         return result
-
-    async def _send_one(self, waiting: Waiting[CaptureAttempt]) -> None:
-        waiting.settle(await _send_one(self._statements, CAPTURE_SQL, waiting.request))
-
-    async def _send_many(self, batch: list[Waiting[CaptureAttempt]]) -> None:
-        try:
-            made = await _send_batch(self._statements, CAPTURE_BATCH_SQL, batch)
-        except DuplicateKey:
-            for waiting in batch:  # which key? each capture alone gets its own answer
-                await self._send_one(waiting)
-            return
-        for waiting in batch:
-            found = made.get(waiting.request.reservation_id)
-            if found is None:  # not chosen (another of its account's) or not capturable
-                await self._send_one(waiting)
-            else:
-                waiting.settle(found)
 
 
 async def _send_one(statements: StatementPool, sql: str, attempt: Attempt) -> Any:
@@ -487,7 +492,7 @@ async def _send_one(statements: StatementPool, sql: str, attempt: Attempt) -> An
 async def _send_batch(
     statements: StatementPool,
     sql: str,
-    batch: list[Waiting[HoldAttempt]] | list[Waiting[CaptureAttempt]],
+    batch: list[Waiting[A]],
 ) -> dict[str, Any]:
     """A batch in one statement: what each request it made gets, by reservation id (its row;
     a keyed request's row and answer text, the answers recorded with their keys before the one
@@ -500,9 +505,9 @@ async def _send_batch(
             *(a.parameters() + k for a, k in zip(attempts, keys, strict=True)), strict=True
         )
     ]
-    by_id = {attempt.reservation_id: attempt for attempt in attempts}
     if all(attempt.keyed is None for attempt in attempts):
         return {row["reservation_id"]: row for row in await statements.fetch_all(sql, columns)}
+    by_id = {attempt.reservation_id: attempt for attempt in attempts}
 
     async def work(conn: Any) -> dict[str, Any]:
         made: dict[str, Any] = {}
