@@ -34,9 +34,8 @@ from tests.support.faults import (
     create_accounts,
     dump,
     fire_charges,
+    proxied_database,
     settle,
-    tcp_fault_proxy,
-    through,
     users,
 )
 from tests.support.postgres import truncate
@@ -203,9 +202,7 @@ async def test_database_down_then_back(postgres_url: str, tmp_path: Path) -> Non
     """A restart, seen from the service (the shared server itself is never restarted): a TCP
     proxy between the service and PostgreSQL cuts every connection and refuses new ones."""
     await truncate(postgres_url)
-    parts = urlsplit(postgres_url)
-    with tcp_fault_proxy(parts.port or 5432) as proxy:
-        via_proxy = through(proxy, postgres_url)
+    with proxied_database(postgres_url) as (proxy, via_proxy):
         checked = await _outage_while_charging(
             via_proxy, postgres_url, tmp_path / "server.log", "pgdown", proxy.down, proxy.up
         )

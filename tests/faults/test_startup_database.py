@@ -12,13 +12,12 @@ and lets them through 1.5 s later.
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urlsplit
 
 import httpx
 
 from ciris_billing.app import create_app
 from tests.support.api import make_settings
-from tests.support.faults import tcp_fault_proxy, through
+from tests.support.faults import proxied_database
 
 AWAY_SECONDS = 1.5
 
@@ -26,9 +25,7 @@ AWAY_SECONDS = 1.5
 async def test_a_worker_starting_while_the_database_is_away_waits_for_it(
     fresh_database: str,
 ) -> None:
-    parts = urlsplit(fresh_database)
-    with tcp_fault_proxy(parts.port or 5432) as proxy:
-        via_proxy = through(proxy, fresh_database)
+    with proxied_database(fresh_database) as (proxy, via_proxy):
         proxy.down()
         app = create_app(make_settings(via_proxy, db_connect_timeout_seconds=2.0))
 

@@ -282,12 +282,6 @@ class TcpFaultProxy:
         self._thread.close()
 
 
-def through(proxy: TcpFaultProxy, database_url: str) -> str:
-    """`database_url` (a postgresql:// URL on 127.0.0.1) reached through `proxy` instead."""
-    parts = urlsplit(database_url)
-    return parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
-
-
 @contextlib.contextmanager
 def tcp_fault_proxy(upstream_port: int) -> Iterator[TcpFaultProxy]:
     proxy = TcpFaultProxy(upstream_port)
@@ -295,6 +289,14 @@ def tcp_fault_proxy(upstream_port: int) -> Iterator[TcpFaultProxy]:
         yield proxy
     finally:
         proxy.close()
+
+
+@contextlib.contextmanager
+def proxied_database(database_url: str) -> Iterator[tuple[TcpFaultProxy, str]]:
+    """A proxy in front of `database_url`'s server (on 127.0.0.1), and the URL through it."""
+    parts = urlsplit(database_url)
+    with tcp_fault_proxy(parts.port or 5432) as proxy:
+        yield proxy, parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
 
 
 # --- the service's processes ----------------------------------------------------------------------

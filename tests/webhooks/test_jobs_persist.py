@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from ciris_billing import jobs
 from tests.support.api import make_settings
-from tests.support.faults import tcp_fault_proxy, through
+from tests.support.faults import proxied_database
 
 TASK = "test.ends_while_the_database_is_cut"
 
@@ -34,9 +33,7 @@ async def _status(conn: asyncpg.Connection) -> str | None:
 async def test_a_job_whose_end_could_not_be_recorded_does_not_keep_its_lock(
     fresh_database: str,
 ) -> None:
-    parts = urlsplit(fresh_database)
-    with tcp_fault_proxy(parts.port or 5432) as proxy:
-        via_proxy = through(proxy, fresh_database)
+    with proxied_database(fresh_database) as (proxy, via_proxy):
         queue = jobs.job_queue(make_settings(via_proxy))
         running, may_end = asyncio.Event(), asyncio.Event()
 
