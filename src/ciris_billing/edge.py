@@ -42,6 +42,10 @@ class InvalidJSON(ValueError):
     """The body is not JSON this service accepts (the reason is safe to show: no input)."""
 
 
+class UnstorableText(InvalidJSON):
+    """The body's text holds what PostgreSQL cannot store (NUL, a lone surrogate)."""
+
+
 def _no_constant(name: str) -> Any:
     raise InvalidJSON(f"{name} is not a JSON number")
 
@@ -74,8 +78,10 @@ def loads_strict(body: bytes) -> Any:
             object_pairs_hook=_unique_keys,
         )
         if "\\u" in text:
-            # A "\ud800" escape decodes to a lone surrogate, which no database driver encodes.
-            json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+            # Only an escape can put these in a string (raw control characters are not JSON):
+            # "\u0000" decodes to NUL, which PostgreSQL text and jsonb cannot hold, and
+            # "\ud800" to a lone surrogate, which no database driver encodes.
+            _refuse_unstorable(parsed)
     except RecursionError:
         raise InvalidJSON("it is nested too deeply") from None
     except InvalidJSON:
@@ -88,8 +94,43 @@ def loads_strict(body: bytes) -> Any:
     return parsed
 
 
+def _refuse_unstorable(value: Any) -> None:
+    """InvalidJSON if any string in `value` (object keys included) holds a NUL character or a
+    lone surrogate: text PostgreSQL cannot store is refused here, on every route and field,
+    instead of failing the statement that stores it (a 500, and a batch with it)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise UnstorableText("a string holds a NUL character (\\u0000)")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UnstorableText("a string holds a lone surrogate (\\ud800-\\udfff)") from None
+
+
+def unstorable_in_url(scope: Scope) -> bool:
+    """Whether the path or query string holds a NUL character (%00), which no column can
+    store (a lone surrogate cannot arrive there: percent-decoding replaces invalid UTF-8)."""
+    return "\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")
+
+
 def invalid_json(exc: InvalidJSON) -> InvalidRequest:
+    if isinstance(exc, UnstorableText):
+        return InvalidRequest(f"The request body holds text that cannot be stored: {exc}")
     return InvalidRequest(f"The request body is not valid JSON: {exc}")
+
+
+def unstorable_request() -> InvalidRequest:
+    return InvalidRequest(
+        "The request holds a NUL character (%00), which cannot be stored", field="url"
+    )
 
 
 def is_json(content_type: str | None) -> bool:
@@ -171,6 +212,9 @@ class RouteGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if unstorable_in_url(scope):  # before any route looks it up by what it names
+            await _refuse(unstorable_request(), scope, receive, send)
+            return
         rule = self.routes.match(scope["method"], scope["path"])
         if rule is None:  # not a route of ours: the framework answers (404, 405, docs)
             await self.app(scope, receive, send)
@@ -209,6 +253,12 @@ class RouteGate:
                         return
                 receive = replaying(received, receive)
         await self.app(scope, receive, send)
+
+
+async def _refuse(error: InvalidRequest, scope: Scope, receive: Receive, send: Send) -> None:
+    answer = error_response(error)
+    assert answer is not None
+    await answer(scope, receive, send)
 
 
 async def read_body(receive: Receive, received: list[Message]) -> bytes | None:

@@ -14,6 +14,8 @@ from pydantic import (
     field_validator,
 )
 
+from ciris_billing.request_body import RequestBody
+
 OAuthProvider = Annotated[
     str,
     StringConstraints(pattern=r"^oauth:[a-z0-9][a-z0-9_.-]{0,57}$"),
@@ -63,7 +65,7 @@ Email = Annotated[
 ]
 
 
-class IdentityFields(BaseModel):
+class IdentityFields(RequestBody):
     oauth_provider: OAuthProvider
     external_id: Annotated[
         str,
@@ -210,7 +212,7 @@ class GrantCreate(IdentityFields):
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
 
 
-class LowBalanceThreshold(BaseModel):
+class LowBalanceThreshold(RequestBody):
     uses: StrictInt | None = Field(
         ge=0,
         le=1_000_000,
@@ -218,7 +220,7 @@ class LowBalanceThreshold(BaseModel):
     )
 
 
-class StatusChange(BaseModel):
+class StatusChange(RequestBody):
     reason: Reason | None = None
 
 
@@ -233,7 +235,7 @@ class ReservationCreate(IdentityFields):
     metadata: Metadata = Field(default_factory=dict)
 
 
-class ReservationCapture(BaseModel):
+class ReservationCapture(RequestBody):
     uses: StrictInt | None = Field(
         default=None, ge=1, le=MAX_USES_PER_CHARGE, description="At most the held uses; all"
     )

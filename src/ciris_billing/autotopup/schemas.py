@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, StrictBool
 
+from ciris_billing.request_body import RequestBody
 
-class AutoTopupUpdate(BaseModel):
+
+class AutoTopupUpdate(RequestBody):
     enabled: StrictBool
 
 
@@ -26,7 +28,7 @@ class AutoTopupOut(BaseModel):
     disabled_reason: str | None = None
 
 
-class CheckoutAutoTopup(BaseModel):
+class CheckoutAutoTopup(RequestBody):
     enabled: StrictBool
 
 

@@ -55,6 +55,8 @@ async def form_of(request: Request) -> dict[str, str]:
         raise InvalidRequest("The form could not be read") from None
     fields: dict[str, str] = {}
     for name, value in pairs:
+        if "\x00" in name or "\x00" in value:  # %00: no column can store it (as edge.py)
+            raise InvalidRequest("The form holds a NUL character (%00), which cannot be stored")
         fields.setdefault(name, value)
     return fields
 

@@ -7,11 +7,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, StringConstraints
 
 from ciris_billing.accounts.schemas import NO_NUL
+from ciris_billing.request_body import RequestBody
 
 EventType = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
-class WebhookEndpointCreate(BaseModel):
+class WebhookEndpointCreate(RequestBody):
     url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] = Field(
         description="https URL on a public address (http and private addresses only with "
         "ALLOW_PRIVATE_WEBHOOK_URLS=true)",

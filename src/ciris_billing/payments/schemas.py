@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StringConstraints
 
 from ciris_billing.accounts.schemas import NO_NUL, Email, IdentityFields
+from ciris_billing.request_body import RequestBody
 
 
 class PurchaseCreate(IdentityFields):
@@ -39,7 +40,7 @@ class PurchaseOut(BaseModel):
 ClientSecret = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
-class SandboxConfirm(BaseModel):
+class SandboxConfirm(RequestBody):
     client_secret: ClientSecret
     card_number: Annotated[
         str,
@@ -48,7 +49,7 @@ class SandboxConfirm(BaseModel):
     ]
 
 
-class SandboxAuthenticate(BaseModel):
+class SandboxAuthenticate(RequestBody):
     client_secret: ClientSecret
     success: StrictBool = True
 
@@ -61,7 +62,7 @@ class SandboxPaymentOut(BaseModel):
     failure_message: str | None
 
 
-class RefundCreate(BaseModel):
+class RefundCreate(RequestBody):
     amount_minor: StrictInt | None = Field(
         default=None, ge=1, le=100_000_000, description="Partial refund; omit for the rest"
     )
@@ -69,12 +70,12 @@ class RefundCreate(BaseModel):
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
 
 
-class SandboxDispute(BaseModel):
+class SandboxDispute(RequestBody):
     status: Annotated[
         str,
         StringConstraints(pattern=r"^(needs_response|under_review|won|lost|warning_closed)$"),
     ] = "needs_response"
 
 
-class SandboxRefund(BaseModel):
+class SandboxRefund(RequestBody):
     amount_minor: StrictInt | None = Field(default=None, ge=1, le=100_000_000)

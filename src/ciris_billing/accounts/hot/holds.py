@@ -426,12 +426,9 @@ class _ReservationLanes(Lanes[A]):
         waiting.settle(await _send_one(self._statements, self._one, waiting.request))
 
     async def _send_many(self, batch: list[Waiting[A]]) -> None:
-        try:
-            made = await _send_batch(self._statements, self._batch, batch)
-        except DuplicateKey:
-            for waiting in batch:  # which key? each request alone gets its own answer
-                await self._send_one(waiting)
-            return
+        # A batch that fails (a key taken twice: DuplicateKey, or any other error) has each
+        # request sent again alone by Lanes._alone, each getting its own answer.
+        made = await _send_batch(self._statements, self._batch, batch)
         for waiting in batch:
             found = made.get(waiting.request.reservation_id)
             if found is None and self.resend_unmade:

@@ -4,8 +4,10 @@ busy wait, and the next free lane sends all of them together in one statement.
 Nothing is delayed to form a batch: a request goes out at once when a lane is free; batches
 form only from requests that arrived while all lanes were busy, so under load one round trip
 (and, for writes, one commit) serves many requests. A batch never holds two requests with the
-same key (for charges: the same account), so each request's outcome is what it would be alone.
-Subclasses say how to send one request and how to send a batch.
+same key (for charges: the same account), so each request's outcome is what it would be alone;
+if a batch's statement fails, whatever the error, each of its requests is sent again alone
+(Lanes._alone): one bad member never fails the others. Subclasses say how to send one request
+and how to send a batch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections import deque
 from collections.abc import Hashable
 from typing import Any, Generic, TypeVar
 
+from ciris_billing.database_errors import connection_unusable
 from ciris_billing.observability import BATCH_SIZE
 
 Asked = TypeVar("Asked")  # what one request in line asks for
@@ -101,9 +104,36 @@ class Lanes(Generic[Asked]):
             for waiting in batch:
                 waiting.fail(asyncio.CancelledError())
             raise
-        except Exception as exc:  # each waiting request raises it
-            for waiting in batch:
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].fail(exc)
+            else:
+                await self._alone(batch, exc)
+
+    async def _alone(self, batch: list[Waiting[Asked]], failed: Exception) -> None:
+        """A batch's statement failed, whatever the error: each request it has not answered
+        goes again alone, so one bad member (text the database refuses, a key taken twice)
+        never fails the others. Safe: the server refused the statement, so its transaction
+        made nothing. Not when the connection failed instead (connection_unusable): the batch
+        may have committed before the answer was lost, and the database is likely away, so
+        the members left get that error (as before) rather than being made twice."""
+        unreachable = connection_unusable(failed)
+        for waiting in batch:
+            if waiting.answer.done():  # answered, or its request went away
+                continue
+            if unreachable:
+                waiting.fail(failed)
+                continue
+            try:
+                await self._send_one(waiting)
+            except asyncio.CancelledError:
+                for left in batch:
+                    left.fail(asyncio.CancelledError())
+                raise
+            except Exception as exc:  # this member's own error
                 waiting.fail(exc)
+                unreachable = connection_unusable(exc)
+                failed = exc
 
     async def _send_one(self, waiting: Waiting[Asked]) -> None:
         raise NotImplementedError

@@ -14,9 +14,10 @@ WHERE clause is per row), so the outcome for each charge is what it would be alo
 - a charge that cannot be made (no uses left, suspended, unknown, another currency than the
   account's, a retried key) simply returns no row, and its request takes the slow path as a
   single charge would;
-- if the batch fails on a unique key (a retried idempotency key racing its twin from the same
-  API key), its charges
-  are sent again one by one, each getting its own answer; any other failure is every member's.
+- if the batch fails (a retried idempotency key racing its twin from the same API key, text
+  the database refuses, any error the server answers), its charges are sent again one by one,
+  each getting its own answer (lanes.py); a lost connection is every member's (the batch may
+  have committed).
 
 Balance events (events/outbox.py, the SQL in crossings.py): the same statement detects whether
 the charge crossed the account's balance.low threshold (available before = available after +
@@ -190,12 +191,9 @@ class ChargeStore(Lanes[ChargeAttempt]):
     async def _send_many(self, batch: list[Waiting[ChargeAttempt]]) -> None:
         parameters = (waiting.request.parameters() for waiting in batch)
         columns = [list(column) for column in zip(*parameters, strict=True)]
-        try:
-            rows = await self._statements.fetch_all(BATCH_SQL, columns)
-        except DuplicateKey:
-            for waiting in batch:  # which key? each charge alone gets its own answer
-                await self._send_one(waiting)
-            return
+        # A batch that fails (a key taken twice: DuplicateKey, or any other error) has each
+        # charge sent again alone by Lanes._alone, each getting its own answer.
+        rows = await self._statements.fetch_all(BATCH_SQL, columns)
         made = {row["charge_id"]: row for row in rows}
         for waiting in batch:
             waiting.settle(made.get(waiting.request.charge_id))
