@@ -111,7 +111,9 @@ async def settings_of(conn: AsyncConnection, account_id: str) -> Row[Any] | None
 
 
 async def set_enabled(conn: AsyncConnection, account_id: str, enabled: bool) -> Row[Any] | None:
-    """Switch auto top-up on (needs a saved card: AutoTopupNeedsCard) or off."""
+    """Switch auto top-up on (needs a saved card: AutoTopupNeedsCard) or off. Switching on what
+    is on changes nothing: its start (`enabled_at`) stays, so a balance.low crossing the job has
+    not acted on yet is still acted on (issue 21 finding 3)."""
     now = utcnow()
     values: dict[str, Any] = {"enabled": enabled, "updated_at": now}
     if enabled:
@@ -125,12 +127,18 @@ async def set_enabled(conn: AsyncConnection, account_id: str, enabled: bool) -> 
                 auto_topup_settings.c.account_id == account_id,
                 # Safe by the CHECK too: never on without a card to charge.
                 auto_topup_settings.c.payment_method_id.is_not(None) if enabled else true(),
+                # Safe under concurrency: the row lock makes a second "on" re-check, see the
+                # first one's `enabled` and change nothing.
+                auto_topup_settings.c.enabled.is_(False) if enabled else true(),
             )
             .values(values)
             .returning(*auto_topup_settings.c)
         )
     ).first()
     if changed is None and enabled:
+        found = await settings_of(conn, account_id)
+        if found is not None and found.enabled and found.payment_method_id is not None:
+            return found
         raise AutoTopupNeedsCard(
             "No saved card: pay once on the payment page with the auto top-up box ticked"
         )
