@@ -57,7 +57,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ciris_billing.accounts import reservations
-from ciris_billing.autotopup import topups
+from ciris_billing.autotopup import cards, topups
 from ciris_billing.config import Settings
 from ciris_billing.db import purchases, utcnow, webhook_events
 from ciris_billing.events.delivery import Deliveries
@@ -110,8 +110,21 @@ class Recovery:
         await self.expire_holds(report)
         await self._retry_events(report)
         await self._reconcile_purchases(report)
+        await self._detach_erased_cards(report)
         await self._measure()
         return report
+
+    async def _detach_erased_cards(self, report: RecoveryReport) -> None:
+        """Cards of erased accounts still attached at the provider (it was down when the
+        account was erased): detached now, or again next run."""
+        try:
+            _detached, failed = await cards.detach_erased_cards(self.engine, self.provider)
+        except Exception as exc:  # the database: next run
+            failed = 1
+            log.warning("job_detach_erased_cards_failed", error=_name(exc))
+        report.failures += failed
+        if failed:
+            JOBS_FAILURES.labels("detach_erased_cards").inc()
 
     async def expire_holds(self, report: RecoveryReport) -> None:
         """Release the holds past their expires_at, one account per unit of work (one account

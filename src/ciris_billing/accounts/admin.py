@@ -15,6 +15,7 @@ from ciris_billing.accounts.service import Identity, ensure_account, find_accoun
 from ciris_billing.autotopup import cards
 from ciris_billing.db import (
     accounts,
+    audit_trail,
     charges,
     credits,
     disputes,
@@ -22,7 +23,9 @@ from ciris_billing.db import (
     idempotency_keys,
     iso,
     purchases,
+    reservations,
     utcnow,
+    webhook_events,
 )
 from ciris_billing.errors import AccountNotFound, AdjustmentBelowZero
 from ciris_billing.events.outbox import record_available_change, threshold_of
@@ -135,7 +138,10 @@ ERASED_FIELDS = (
     "purchases.customer_email",
     "charges.description",
     "charges.metadata",
+    "reservations.metadata",
     "personal data in stored idempotent responses",
+    "personal data in outgoing events, credits' texts, the audit trail and stored provider events",
+    "the saved card (detached at the payment provider)",
 )
 
 # Fields of a stored response that hold personal data (its key and fingerprint stay).
@@ -187,8 +193,15 @@ async def erase(conn: AsyncConnection, identity: Identity) -> Row[Any]:
         .where(charges.c.account_id == account.id)
         .values(description=None, metadata={})
     )
+    # A hold's metadata would otherwise be shown, copied into its capture's charge, or sent
+    # in its reservation.expired event after the erasure.
+    await conn.execute(
+        reservations.update().where(reservations.c.account_id == account.id).values(metadata={})
+    )
+    personal = {identity.external_id, *([account.customer_email] if account.customer_email else [])}
     await _scrub_stored_responses(conn, account.id, identity, account.customer_email)
     await _scrub_events(conn, account.id, identity, account.customer_email)
+    await _scrub_texts(conn, account.id, personal)
     await cards.forget_on_erasure(conn, account.id)
     return (await conn.execute(select(accounts).where(accounts.c.id == account.id))).one()
 
@@ -239,6 +252,66 @@ async def _scrub_events(
         await conn.execute(events.update().where(events.c.id == row.id).values(data=data))
 
 
+async def _scrub_texts(conn: AsyncConnection, account_id: str, personal: set[str]) -> None:
+    """The rest of what may quote the person: credits' texts (a grant's reason), the audit
+    trail's details, and the stored provider events of the account's payments (a receipt
+    email). Only the values quoting the identity or email go; amounts, ids and keys stay."""
+    for row in await conn.execute(
+        select(credits.c.id, credits.c.description).where(
+            credits.c.account_id == account_id, credits.c.description.is_not(None)
+        )
+    ):
+        if _quotes(row.description, personal):
+            await conn.execute(
+                credits.update().where(credits.c.id == row.id).values(description=None)
+            )
+    for row in await conn.execute(
+        select(
+            audit_trail.c.id, audit_trail.c.detail, audit_trail.c.before, audit_trail.c.after
+        ).where(audit_trail.c.account_id == account_id)
+    ):
+        await conn.execute(
+            audit_trail.update()
+            .where(audit_trail.c.id == row.id)
+            .values(
+                detail=_scrub_values(row.detail, personal),
+                before=_scrub_values(row.before, personal),
+                after=_scrub_values(row.after, personal),
+            )
+        )
+    paid = select(purchases.c.payment_id).where(purchases.c.account_id == account_id)
+    for row in await conn.execute(
+        select(webhook_events.c.id, webhook_events.c.payload).where(
+            webhook_events.c.payment_id.in_(paid)
+        )
+    ):
+        if not _quotes(row.payload, personal):
+            continue
+        try:
+            payload = json.dumps(_scrub_values(json.loads(row.payload), personal))
+        except ValueError:
+            payload = "{}"
+        await conn.execute(
+            webhook_events.update().where(webhook_events.c.id == row.id).values(payload=payload)
+        )
+
+
+def _quotes(value: str, personal: set[str]) -> bool:
+    return any(value == part or (len(part) >= 5 and part in value) for part in personal)
+
+
+def _scrub_values(value: Any, personal: set[str]) -> Any:
+    """`value` with every string quoting the identity or email replaced by None (its keys,
+    and every other value, as they were: a stored provider event still parses)."""
+    if isinstance(value, dict):
+        return {key: _scrub_values(item, personal) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrub_values(item, personal) for item in value]
+    if isinstance(value, str) and _quotes(value, personal):
+        return None
+    return value
+
+
 def _scrub(value: Any, personal: set[str]) -> Any:
     if isinstance(value, dict):
         return {
@@ -246,9 +319,7 @@ def _scrub(value: Any, personal: set[str]) -> Any:
         }
     if isinstance(value, list):
         return [_scrub(item, personal) for item in value]
-    if isinstance(value, str) and any(
-        value == part or (len(part) >= 5 and part in value) for part in personal
-    ):
+    if isinstance(value, str) and _quotes(value, personal):
         return None  # the identity or email, or a URL or text quoting it
     return value
 
@@ -277,6 +348,7 @@ async def export(conn: AsyncConnection, identity: Identity) -> dict[str, Any]:
         "credits": await rows(credits, credits.c.created_at),
         "purchases": purchase_rows,
         "disputes": dispute_rows,
+        "reservations": await rows(reservations, reservations.c.created_at),
     }
 
 

@@ -17,6 +17,7 @@ from ciris_billing.accounts.schemas import (
     LowBalanceThreshold,
     StatusChange,
 )
+from ciris_billing.autotopup import cards
 from ciris_billing.deps import (
     AdminKey,
     IdempotencyKeyHeader,
@@ -130,12 +131,16 @@ async def set_low_balance_threshold(
 
 @router.delete("/accounts/{oauth_provider}/{external_id}", responses=error_responses(404))
 async def erase_account(
-    oauth_provider: str, external_id: str, work: UnitOfWorkDep, _key: AdminKey
+    oauth_provider: str, external_id: str, work: UnitOfWorkDep, state: StateDep, _key: AdminKey
 ) -> Response:
-    """Erase the account's personal data; the ledger and its amounts stay."""
+    """Erase the account's personal data; the ledger and its amounts stay. The saved card is
+    detached at the provider once the erasure committed (if the provider is down, the
+    recovery job detaches it later)."""
     identity = path_identity(oauth_provider, external_id)
     row = await admin.erase(await work.connection(), identity)
     log.info("account_erased", account_id=row.id)
+    async with work.provider_call():
+        await cards.detach_erased_cards(state.engine, state.provider, row.id)
     return json_response(
         200, {"account_id": row.id, "erased": True, "fields_erased": list(admin.ERASED_FIELDS)}
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Row, select, true
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing.db import (
     auto_topup_settings,
@@ -180,17 +180,61 @@ async def remove_card(work: UnitOfWork, provider: PaymentProvider, account_id: s
 
 
 async def forget_on_erasure(conn: AsyncConnection, account_id: str) -> None:
-    """An erased account is never charged again: auto top-up off and the card's ids, brand and
-    last 4 forgotten (in the erasure's transaction, after the account's row: the lock order)."""
+    """An erased account is never charged again: auto top-up off and the card's brand and
+    last 4 forgotten (in the erasure's transaction, after the account's row: the lock order).
+    The card's provider id stays until the provider has detached it (detach_erased_cards)."""
     await conn.execute(
         auto_topup_settings.update()
         .where(auto_topup_settings.c.account_id == account_id)
         .values(
             enabled=False,
-            payment_method_id=None,
             card_brand=None,
             card_last4=None,
-            disabled_reason="account_erased",
+            disabled_reason=ERASED,
             updated_at=utcnow(),
         )
     )
+
+
+ERASED = "account_erased"
+
+
+async def detach_erased_cards(
+    engine: AsyncEngine, provider: PaymentProvider, account_id: str | None = None, limit: int = 100
+) -> tuple[int, int]:
+    """Detach at the provider the cards of erased accounts (all, or `account_id`'s), then
+    forget their ids: (detached, failed). Run after an erasure commits, and by the recovery
+    job, so a provider that was down when the account was erased detaches it later."""
+    query = select(auto_topup_settings.c.account_id, auto_topup_settings.c.payment_method_id).where(
+        auto_topup_settings.c.disabled_reason == ERASED,
+        auto_topup_settings.c.payment_method_id.is_not(None),
+        auto_topup_settings.c.provider == provider.name,
+    )
+    if account_id is not None:
+        query = query.where(auto_topup_settings.c.account_id == account_id)
+    async with engine.connect() as conn:
+        due = list(await conn.execute(query.limit(limit)))
+    detached = failed = 0
+    for row in due:
+        try:
+            # No transaction open while the provider answers; detaching twice is no error.
+            await provider.detach_card(row.payment_method_id)
+        except Exception as exc:  # unreachable, refused, its own store down: next run
+            failed += 1
+            log.warning(
+                "erased_card_detach_failed", account_id=row.account_id, error=type(exc).__name__
+            )
+            continue
+        async with engine.begin() as conn:
+            # Safe beside another run: only the id just detached is cleared.
+            await conn.execute(
+                auto_topup_settings.update()
+                .where(
+                    auto_topup_settings.c.account_id == row.account_id,
+                    auto_topup_settings.c.payment_method_id == row.payment_method_id,
+                )
+                .values(payment_method_id=None, updated_at=utcnow())
+            )
+        detached += 1
+        log.info("erased_card_detached", account_id=row.account_id)
+    return detached, failed
