@@ -4,7 +4,12 @@ An endpoint URL is refused (at creation, and again at every delivery, after DNS)
 address its host resolves to is loopback, private, link-local (cloud metadata services live at
 169.254.169.254), shared (100.64/10, Alibaba's metadata), multicast, reserved or unspecified —
 in short anything that is not a global unicast address — including IPv4 addresses written as
-IPv6 (::ffff:127.0.0.1). https is required. ALLOW_PRIVATE_WEBHOOK_URLS=true lifts both rules
+IPv6: mapped (::ffff:127.0.0.1), compatible (::127.0.0.1) and translated (::ffff:0:127.0.0.1)
+forms are judged by the IPv4 address they carry. The tunnelling and translation prefixes are
+refused whatever they carry: 6to4 (2002::/16), Teredo (2001::/32) and NAT64 (64:ff9b::/96,
+64:ff9b:1::/48) each reach an IPv4 address through a relay or gateway we do not control (a
+NAT64 gateway sits in the service's own network: 64:ff9b::7f00:1 is its loopback). https is
+required. ALLOW_PRIVATE_WEBHOOK_URLS=true lifts both rules
 (development, tests).
 
 Checking the name is not enough: DNS may answer differently a moment later (rebinding). So a
@@ -60,10 +65,38 @@ def check_url(url: str, *, allow_private: bool) -> SplitResult:
     return parts
 
 
+# Prefixes whose addresses carry an IPv4 address another host turns into a connection to it.
+TUNNELS = (
+    ("6to4", ipaddress.IPv6Network("2002::/16")),
+    ("Teredo", ipaddress.IPv6Network("2001::/32")),
+    ("NAT64", ipaddress.IPv6Network("64:ff9b::/96")),
+    ("NAT64", ipaddress.IPv6Network("64:ff9b:1::/48")),
+)
+# IPv4 addresses written as IPv6: compatible (::a.b.c.d, deprecated) and translated
+# (::ffff:0:a.b.c.d, SIIT); mapped (::ffff:a.b.c.d) is IPv6Address.ipv4_mapped.
+EMBEDDING = (ipaddress.IPv6Network("::/96"), ipaddress.IPv6Network("::ffff:0:0:0/96"))
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a compatible or translated IPv6 address stands for."""
+    if any(address in network for network in EMBEDDING):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def refusal(address: IPAddress) -> str | None:
     """Why this address may not be a webhook's destination (None: it may)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        for name, network in TUNNELS:
+            if address in network:
+                return f"{name} ({network})"
+        if address.ipv4_mapped is not None:  # a socket connects to the IPv4 address itself
+            return refusal(address.ipv4_mapped)
+        ipv4 = embedded_ipv4(address)
+        if ipv4 is not None and not (address.is_loopback or address.is_unspecified):
+            why = refusal(ipv4)
+            if why is not None:
+                return why  # else still refused below, as reserved (::/8)
     if address.is_loopback:
         return "loopback"
     if address.is_link_local:
