@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv run test lint test-e2e-python test-local test-ha bench soak clean
+.PHONY: venv run test lint browser test-e2e-python test-local test-ha bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ run: venv
 ## TEST_POSTGRES_URL when it answers, else an embedded server for the run. Two pytest processes
 ## (PYTEST_WORKERS), each taking whole test files; every process has its own databases.
 PYTEST_WORKERS ?= 2
-test: venv lint
+test: venv lint browser
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: venv
@@ -32,6 +32,11 @@ lint: venv
 	$(BIN)/ruff format --check src tests scripts bench
 	$(BIN)/mypy
 	$(BIN)/python scripts/alembic_check.py >/dev/null
+
+## The browser tests' Chromium: found, else installed (Debian's package when root, else
+## Playwright's download), else one line saying how (scripts/provision-browser).
+browser: venv
+	scripts/provision-browser
 
 ## The guide's local stack: Docker Compose (API, PostgreSQL, Prometheus, Grafana) if the engine
 ## answers, else migrate + serve with local processes.

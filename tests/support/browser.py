@@ -3,14 +3,17 @@ portal tests: the browser, a page that records script and CSP errors, screenshot
 and phone widths under tests/artifacts/console/ (committed: the issue's closing note lists
 them).
 
-Without `playwright` or /usr/bin/chromium (CHROMIUM_PATH) the tests skip with the reason,
-except under CI=true, where that is a failure.
+The browser: CHROMIUM_PATH (default /usr/bin/chromium), else `chromium` on PATH, else
+Playwright's own download. `make test` provisions one first (scripts/provision-browser: Debian's
+package when root, else `playwright install chromium`). Without any, the tests skip with the
+reason, except under CI=true, where that is a failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +49,14 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def chromium_path(playwrights_own: str) -> str | None:
+    """The Chromium to launch: CHROMIUM_PATH's, the one on PATH, or Playwright's download."""
+    for candidate in (str(CHROMIUM), shutil.which("chromium"), playwrights_own):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
 @contextlib.contextmanager
 def chromium() -> Iterator[Browser]:
     try:
@@ -53,10 +64,14 @@ def chromium() -> Iterator[Browser]:
     except ImportError as exc:
         unavailable(f"Playwright for Python is not installed ({exc}): pip install playwright")
         raise  # unreachable: unavailable fails or skips
-    if not os.access(CHROMIUM, os.X_OK):
-        unavailable(f"No Chromium at {CHROMIUM}: apt-get install -y chromium")
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        executable = chromium_path(playwright.chromium.executable_path)
+        if executable is None:
+            unavailable(
+                f"No Chromium at {CHROMIUM}, on PATH or Playwright's: scripts/provision-browser"
+                " (make test runs it)"
+            )
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             yield launched
         finally:
