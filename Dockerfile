@@ -19,9 +19,11 @@ WORKDIR /build
 # pyproject.toml is the lock (exact pins); every dependency ships wheels, no compiler needed.
 COPY pyproject.toml ./
 COPY src ./src
+# The agent client is its own distribution (clients/python); the server depends on it.
+COPY clients/python ./clients/python
 # Then refuse to build an image whose install lacks a file of the package (an HTML page, a
 # migration...): each non-Python file needs [tool.setuptools.package-data] in pyproject.toml.
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ./clients/python . \
     && python -c "import pathlib, ciris_billing.cli as cli; \
 src = pathlib.Path('src/ciris_billing'); dst = pathlib.Path(cli.__file__).parent; \
 missing = sorted(str(f.relative_to(src)) for f in src.rglob('*') if f.is_file() \

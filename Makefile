@@ -8,9 +8,10 @@ PORT ?= 8000
 
 .PHONY: venv run test lint browser test-e2e-python test-local test-ha bench soak clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		-e clients/python -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -18,7 +18,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ciris_billing import __version__
+from ciris_billing import __version__, openapi
 from ciris_billing.accounts.admin_routes import router as admin_router
 from ciris_billing.accounts.hot.asgi import HotPath
 from ciris_billing.accounts.hot.holds import CaptureStore, HoldStore
@@ -187,6 +187,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         lifespan=lifespan,
         # Any route: a body over MAX_REQUEST_BYTES, or the database unreachable.
         responses=error_responses(413, 503),
+        generate_unique_id_function=openapi.operation_id,  # createCharge, not its path
     )
     app.include_router(accounts_router)
     app.include_router(reservations_router)
@@ -202,6 +203,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(console_actions_router)
     _add_operational_routes(app)
     _add_error_handlers(app)
+    openapi.install(app)
     app.serve_edge(hot_path)
     return app
 

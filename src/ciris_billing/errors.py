@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class BillingError(Exception):
@@ -212,11 +212,24 @@ class WebhookUrlRefused(BillingError):
     code = "webhook_url_refused"
 
 
+class FieldError(BaseModel):
+    """One problem with the request (a 422 `validation_error` lists them in `errors`)."""
+
+    field: str = Field(description="Where, dotted (e.g. `metadata.turn`); empty for the body")
+    message: str
+    type: str | None = Field(description="The validator's problem type, e.g. `missing`")
+
+
 class ErrorOut(BaseModel):
+    """Every error answer: a stable `error` code and a human `detail`; a 422 also `errors`."""
+
     model_config = ConfigDict(extra="allow")
 
     error: str
     detail: str
+    errors: list[FieldError] | None = Field(
+        default=None, description="On 422 validation_error: each problem with the request"
+    )
 
 
 ERROR_DESCRIPTIONS = {

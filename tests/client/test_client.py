@@ -1,4 +1,4 @@
-"""The agent client (`ciris_billing.client`) against the real service.
+"""The agent client (`ciris_billing_client`) against the real service.
 
 In process (the app behind httpx.ASGITransport, on PostgreSQL), with network faults
 injected between client and app by `Network`; and as a real server process on a fixed port,
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from ciris_billing.client import (
+from ciris_billing_client import (
     AsyncBillingClient,
     AuthenticationError,
     BillingClient,
@@ -29,8 +28,9 @@ from ciris_billing.client import (
     Offer,
     PurchaseRequiredError,
 )
-from ciris_billing.client._core import retry_after_seconds
-from ciris_billing.client.models import parse_purchase
+from ciris_billing_client._core import retry_after_seconds
+from ciris_billing_client.models import parse_purchase
+
 from tests.support.agent import (
     BASE,
     FAST,

@@ -14,10 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import create_async_engine
-
-from ciris_billing.audit import audit
-from ciris_billing.client import (
+from ciris_billing_client import (
     BillingClient,
     BillingUnavailableError,
     Offer,
@@ -25,6 +22,9 @@ from ciris_billing.client import (
     ReservationExpiredError,
     ReservationNotHeldError,
 )
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from ciris_billing.audit import audit
 from tests.support.agent import (
     FAST,
     GOOGLE,

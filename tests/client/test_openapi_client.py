@@ -148,12 +148,8 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Generated]:
     try:
         yield Generated(
             package=importlib.import_module(PACKAGE),
-            check=importlib.import_module(
-                f"{PACKAGE}.api.billing.check_credit_v1_billing_credits_check_post"
-            ),
-            charge=importlib.import_module(
-                f"{PACKAGE}.api.billing.create_charge_v1_billing_charges_post"
-            ),
+            check=importlib.import_module(f"{PACKAGE}.api.billing.check_credit"),
+            charge=importlib.import_module(f"{PACKAGE}.api.billing.create_charge"),
             models=importlib.import_module(f"{PACKAGE}.models"),
         )
     finally:

@@ -352,7 +352,7 @@ def test_disputes_in_any_order_hold_once_and_close_once(
 
 def test_agent_client_end_to_end(stack: Stack) -> None:
     """The agent's own client against the running service and Stripe (localstripe)."""
-    from ciris_billing.client import BillingClient, PurchaseRequiredError
+    from ciris_billing_client import BillingClient, PurchaseRequiredError
 
     user = "ls-agent@example.com"
     with BillingClient(stack.base, stack.key, backoff=0.01) as billing:

@@ -11,10 +11,10 @@ import time
 
 import httpx
 import pytest
+from ciris_billing_client import AsyncBillingClient, PurchaseRequiredError
 
 from ciris_billing import auth
 from ciris_billing.app import create_app
-from ciris_billing.client import AsyncBillingClient, PurchaseRequiredError
 from ciris_billing.portal.links import (
     PORTAL_LINK_SECONDS,
     PortalLinkExpired,

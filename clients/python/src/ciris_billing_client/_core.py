@@ -21,8 +21,8 @@ from urllib.parse import quote
 
 import httpx
 
-from ciris_billing import __version__
-from ciris_billing.client.errors import (
+from ciris_billing_client._version import __version__
+from ciris_billing_client.errors import (
     AccountSuspendedError,
     AuthenticationError,
     BillingError,
@@ -34,7 +34,7 @@ from ciris_billing.client.errors import (
     ReservationExpiredError,
     ReservationNotHeldError,
 )
-from ciris_billing.client.models import (
+from ciris_billing_client.models import (
     Charge,
     CreditCheck,
     DroppedCharge,

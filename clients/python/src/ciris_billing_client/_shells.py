@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ciris_billing.client._core import (
+from ciris_billing_client._core import (
     CaptureAsked,
     ClientCore,
     HoldState,
@@ -18,7 +18,7 @@ from ciris_billing.client._core import (
     Reply,
     Sleep,
 )
-from ciris_billing.client.models import (
+from ciris_billing_client.models import (
     Charge,
     CreditCheck,
     FlushReport,
@@ -190,7 +190,7 @@ class _ClientBase:
 
 
 class BillingClient(_ClientBase):
-    """Blocking client for the CIRIS Billing API; see `ciris_billing.client` for the policy.
+    """Blocking client for the CIRIS Billing API; see `ciris_billing_client` for the policy.
 
     Use it as a context manager, or call `close()`. Safe to share between threads.
     """
@@ -370,7 +370,7 @@ class BillingClient(_ClientBase):
 
 
 class AsyncBillingClient(_ClientBase):
-    """Asyncio client for the CIRIS Billing API; see `ciris_billing.client` for the policy.
+    """Asyncio client for the CIRIS Billing API; see `ciris_billing_client` for the policy.
 
     Use it as an async context manager, or await `aclose()`. One instance per event loop.
     """
