@@ -187,7 +187,15 @@ reservations = Table(
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     Column("closed_at", Timestamp),
+    # Of the paid uses held, those a dispute that opened meanwhile could not hold (a hold is a
+    # promise): owed to that dispute (its row id), moved into its hold when this hold ends
+    # (payments/disputes.py, accounts/reservations.py). The hot capture leaves these alone.
+    Column("owed_dispute_id", Id),
+    Column("owed_uses", Uses, nullable=False, server_default=text("0")),
     CheckConstraint("uses > 0", name="uses_positive"),
+    CheckConstraint(
+        "owed_uses >= 0 AND owed_uses <= paid_uses_held", name="owed_within_paid_held"
+    ),
     CheckConstraint(
         "free_uses_held >= 0 AND paid_uses_held >= 0 AND free_uses_held + paid_uses_held = uses",
         name="held_split_adds_up",
@@ -239,6 +247,9 @@ credits = Table(
     Column("external_transaction_id", String(255), unique=True),
     Column("description", String(500)),
     Column("idempotency_key", String(255)),
+    # The API key whose request wrote the row (a grant, a refund...; NULL: the CLI, a job, a
+    # webhook). The operator's audit-trail row says who and by which door.
+    Column("api_key_id", Id),
     Column("created_at", Timestamp, nullable=False),
     CheckConstraint(
         "kind IN (" + ", ".join(f"'{kind}'" for kind in CREDIT_KINDS) + ")",
@@ -347,7 +358,8 @@ disputes = Table(
     Column("state", String(16), nullable=False),
     Column("held_uses", Uses, nullable=False),
     # The purchase's unused uses this dispute could not hold when it opened because
-    # reservations held them: a lost dispute takes them back like a refund (disputes.py).
+    # reservations held them: owed by those reservations (their owed_uses), moved into the
+    # hold when they end while it is open; a lost dispute takes the rest back like a refund.
     Column("reserved_uses", Uses, nullable=False, server_default=text("0")),
     Column("created_at", Timestamp, nullable=False),
     Column("closed_at", Timestamp),
@@ -570,12 +582,15 @@ console_sessions = Table(
 audit_trail = Table(
     "audit_trail",
     metadata,
-    # Every operator action taken in the console (audit_trail.py): who (the API key's name),
+    # Every operator action, whatever the door (audit_trail.py): who (the API key's name),
     # when, what, and the state before and after, written in the action's own transaction.
     Column("id", Id, primary_key=True),
     Column("created_at", Timestamp, nullable=False),
     Column("actor", String(100), nullable=False),
     Column("api_key_id", Id),
+    # The door the action came through: 'api' (actor: the API key's name), 'cli' (actor: the
+    # operating-system user) or 'console' (actor: the signed-in key's name).
+    Column("door", String(16), nullable=False, server_default=text("'console'")),
     Column("action", String(32), nullable=False),
     Column("account_id", Id, ForeignKey("accounts.id")),
     # What the action was about besides the account: a payment, reservation, event or key id.

@@ -37,6 +37,7 @@ from ciris_billing.errors import (
 )
 from ciris_billing.events.outbox import RESERVATION_EXPIRED, record_available_change, record_event
 from ciris_billing.ledger import write_credit
+from ciris_billing.payments import disputes
 from ciris_billing.pricing import Pricing
 
 HELD = "held"
@@ -173,6 +174,7 @@ async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
         spent=uses,
         now=now,
         why=won.id,
+        ending={won.id: (won, paid_held - paid_used)},
     )
     charge = (
         await conn.execute(
@@ -283,7 +285,13 @@ async def _give_back(
     paid = sum(int(r.paid_uses_held) for r in held)
     why = ", ".join(r.id for r in held)
     return await _move_uses(
-        conn, account_id, reserved=(-free, -paid), available=(free, paid), now=now, why=why
+        conn,
+        account_id,
+        reserved=(-free, -paid),
+        available=(free, paid),
+        now=now,
+        why=why,
+        ending={r.id: (r, int(r.paid_uses_held)) for r in held},
     )
 
 
@@ -305,12 +313,15 @@ async def _move_uses(
     spent: int = 0,
     now: datetime,
     why: str = "",
+    ending: dict[str, tuple[Row[Any], int]] | None = None,
 ) -> Row[Any]:
     """Change the account's (free, paid) reserved and available counters by these amounts, and
     its total uses by `spent`: the one account update of hold, capture, release and expiry
     (CHECK constraints keep every counter at zero or above). Paid uses leaving a hold pay off
     the account's owed uses first (`refund_owed_uses`: what a refund or a lost dispute could
-    not take because it was held), with an `owed_taken` ledger row."""
+    not take because it was held), with an `owed_taken` ledger row; then the uses a dispute
+    could not hold because an ending reservation (`ending`: id -> (row, paid uses it gives
+    back)) held them go into that dispute's hold (payments/disputes.py: owed_to_disputes)."""
     paid_off, owed = 0, None
     if reserved[1] < 0:
         # Safe: the account's row stays locked until the transaction ends, so the owed uses
@@ -329,11 +340,23 @@ async def _move_uses(
                 max(available[1], 0),
                 int(locked.reserved_paid_uses) + reserved[1],
             )
+    to_disputes = 0
+    if ending and any(int(row.owed_uses) for row, _ in ending.values()):
+        # Safe: the account's row is locked (above: reserved[1] < 0 whenever a hold ends with
+        # paid uses), and a dispute closes only under that lock too (disputes._close), so a
+        # dispute read open here is open until this transaction ends.
+        to_disputes = await disputes.owed_to_disputes(
+            conn, account_id, ending, max(available[1], 0) - paid_off, why
+        )
     values: dict[str, Any] = {
         "reserved_free_uses": accounts.c.reserved_free_uses + reserved[0],
         "reserved_paid_uses": accounts.c.reserved_paid_uses + reserved[1],
         "free_uses_remaining": accounts.c.free_uses_remaining + available[0],
-        "paid_uses_remaining": accounts.c.paid_uses_remaining + available[1] - paid_off,
+        "paid_uses_remaining": accounts.c.paid_uses_remaining
+        + available[1]
+        - paid_off
+        - to_disputes,
+        "held_uses": accounts.c.held_uses + to_disputes,
         "total_uses": accounts.c.total_uses + spent,
         "updated_at": now,
     }

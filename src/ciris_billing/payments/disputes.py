@@ -15,10 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Row, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.db import accounts, disputes, insert_or_ignore, new_id, purchases, utcnow
+from ciris_billing.db import (
+    accounts,
+    credits,
+    disputes,
+    insert_or_ignore,
+    new_id,
+    purchases,
+    reservations,
+    utcnow,
+)
 from ciris_billing.events.outbox import (
     DISPUTE_CLOSED,
     DISPUTE_OPENED,
@@ -77,9 +86,30 @@ async def apply_dispute(conn: AsyncConnection, provider: str, dispute: Dispute) 
 
 
 async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase: Row[Any]) -> None:
+    # The account's active holds with paid uses no dispute is owed yet, locked before the
+    # account's row: the lock order of every hold transition (reservation, then account), so a
+    # capture, release or expiry racing this opening waits for it (or it for them), never
+    # deadlocks, and the holds read here stay held until this transaction ends.
+    holds = list(
+        await conn.execute(
+            select(reservations.c.id, reservations.c.paid_uses_held)
+            .where(
+                reservations.c.account_id == purchase.account_id,
+                reservations.c.status == "held",
+                reservations.c.paid_uses_held > 0,
+                reservations.c.owed_uses == 0,
+            )
+            .order_by(reservations.c.id)
+            .with_for_update()
+        )
+    )
     account = (
         await conn.execute(
-            select(accounts.c.paid_uses_remaining, accounts.c.reserved_paid_uses)
+            select(
+                accounts.c.paid_uses_remaining,
+                accounts.c.reserved_paid_uses,
+                accounts.c.refund_owed_uses,
+            )
             .where(accounts.c.id == purchase.account_id)
             .with_for_update()
         )
@@ -88,12 +118,16 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
     unused = int(purchase.uses) - int(purchase.uses_refunded) - await _claimed(conn, purchase)
     hold = max(0, min(unused, int(account.paid_uses_remaining)))
     # Held uses are never taken (a hold is a promise): those of the purchase's unused uses that
-    # reservations hold are remembered, for a lost dispute to take back like a refund.
-    reserved = max(0, min(unused - hold, int(account.reserved_paid_uses)))
+    # reservations hold are owed to the dispute, each reservation's share on its row, and go
+    # into the dispute's hold when the reservation ends (owed_to_disputes), so they are never
+    # spendable while the dispute is open (issue 21 finding 2). Not those a refund is owed.
+    room = int(account.reserved_paid_uses) - int(account.refund_owed_uses)
+    reserved = max(0, min(unused - hold, room, sum(int(r.paid_uses_held) for r in holds)))
+    row_id = new_id("dsp")
     inserted = await conn.execute(
         insert_or_ignore(disputes)
         .values(
-            id=new_id("dsp"),
+            id=row_id,
             provider=provider,
             dispute_id=dispute.dispute_id,
             purchase_id=purchase.id,
@@ -107,6 +141,17 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
     )
     if inserted.first() is None:
         return
+    left = reserved
+    for held in holds:
+        share = min(left, int(held.paid_uses_held))
+        if share <= 0:
+            break
+        left -= share
+        await conn.execute(
+            reservations.update()
+            .where(reservations.c.id == held.id)
+            .values(owed_dispute_id=row_id, owed_uses=share)
+        )
     if await write_credit(
         conn,
         account_id=purchase.account_id,
@@ -152,17 +197,90 @@ def _dispute_data(dispute_id: str, purchase: Row[Any]) -> dict[str, Any]:
 async def _claimed(conn: AsyncConnection, purchase: Row[Any], but: str | None = None) -> int:
     """Uses of the purchase held or removed by its open or lost disputes (but one)."""
     rows = await conn.execute(
-        select(disputes.c.dispute_id, disputes.c.held_uses).where(
+        select(disputes.c.dispute_id, disputes.c.held_uses, disputes.c.state).where(
             disputes.c.purchase_id == purchase.id, disputes.c.state.in_(("open", "lost"))
         )
     )
-    return sum(int(r.held_uses) for r in rows if r.dispute_id != but)
+    claimed = 0
+    for r in rows:
+        if r.dispute_id != but:
+            paid_in = await _paid_in(conn, r.dispute_id) if r.state == "open" else 0
+            claimed += int(r.held_uses) + paid_in
+    return claimed
+
+
+def _owed_row_id(dispute_id: str, reservation_id: str) -> str:
+    return f"{dispute_id}:owed:{reservation_id}"
+
+
+async def _paid_in(conn: AsyncConnection, dispute_id: str) -> int:
+    """Uses that came into an open dispute's hold from reservations that ended (their ledger
+    rows, `<dispute>:owed:<reservation>`); on closing they are added to its held_uses."""
+    pattern = _owed_row_id(dispute_id, "").replace("%", r"\%").replace("_", r"\_") + "%"
+    total = await conn.scalar(
+        select(func.coalesce(func.sum(credits.c.held_uses_delta), 0)).where(
+            credits.c.kind == "dispute_hold",
+            credits.c.external_transaction_id.like(pattern, escape="\\"),
+        )
+    )
+    return int(total or 0)
+
+
+async def owed_to_disputes(
+    conn: AsyncConnection,
+    account_id: str,
+    ending: dict[str, tuple[Row[Any], int]],
+    paid_back: int,
+    why: str,
+) -> int:
+    """Reservations are ending and give `paid_back` paid uses back (after a refund's owed
+    uses): those owed to a still open dispute go into its hold instead (a `dispute_hold`
+    ledger row each, paid -n, held +n). The caller holds the account's row lock and moves the
+    returned count from the account's paid uses to its held ones."""
+    moved = 0
+    for row, given_back in ending.values():
+        owed = int(row.owed_uses)
+        if not owed or row.owed_dispute_id is None or paid_back - moved <= 0:
+            continue
+        dispute = (
+            await conn.execute(
+                select(disputes.c.dispute_id, disputes.c.state, purchases.c.currency)
+                .join(purchases, purchases.c.id == disputes.c.purchase_id)
+                .where(disputes.c.id == row.owed_dispute_id)
+            )
+        ).first()
+        if dispute is None or dispute.state != "open":
+            continue  # closed: a lost one made what was still owed a refund's owed uses
+        share = min(owed, given_back, paid_back - moved)
+        if share <= 0:
+            continue
+        # Once: a reservation ends once, so its row id makes this ledger row unique.
+        if await write_credit(
+            conn,
+            account_id=account_id,
+            kind="dispute_hold",
+            currency=dispute.currency,
+            paid=-share,
+            held=share,
+            external_transaction_id=_owed_row_id(dispute.dispute_id, row.id),
+            description=f"{share} paid uses owed to dispute {dispute.dispute_id}, held when "
+            f"reservation {row.id} ended ({why})"[:500],
+        ):
+            moved += share
+    return moved
 
 
 async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row[Any]) -> None:
     account_id: str = purchase.account_id
-    held = int(row.held_uses)
     dispute_id: str = row.dispute_id
+    # The account's row first (lock order: purchase, dispute, account): a reservation ending
+    # meanwhile (owed_to_disputes, under this lock) has put its owed uses in the hold and
+    # committed, or sees this dispute closed; so what came in is read exactly.
+    await conn.execute(
+        select(accounts.c.id).where(accounts.c.id == account_id).with_for_update()
+    )
+    paid_in = await _paid_in(conn, dispute_id)
+    held = int(row.held_uses) + paid_in
     released = 0
     if state == "won":
         # Only what is still unrefunded: a refund that came during the dispute took no use
@@ -173,7 +291,7 @@ async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row
         released = max(0, min(held, unrefunded))
     kept = held - released if state == "won" else 0
     taken, shortfall, owe = 0, 0, 0
-    if state == "lost" and int(row.reserved_uses):
+    if state == "lost" and int(row.reserved_uses) > paid_in:
         # The uses reservations held when the dispute opened go back like a refund's: what is
         # available now is taken, the rest is shortfall, owed while holds still have it.
         # Safe: the account's row is locked until commit (lock order: purchase, account).
@@ -188,12 +306,13 @@ async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row
                 .with_for_update()
             )
         ).one()
-        due = int(row.reserved_uses)
+        # What came into the hold from ended reservations is no longer due.
+        due = max(0, int(row.reserved_uses) - paid_in)
         taken = min(due, int(account.paid_uses_remaining))
         shortfall = due - taken
         owe = owed_from_holds(account, shortfall)
     notes = f"; {kept} held uses not released: refunded during the dispute" if kept else ""
-    if state == "lost" and int(row.reserved_uses):
+    if state == "lost" and int(row.reserved_uses) > paid_in:
         notes += f"; {taken} uses held by reservations at its opening taken back"
         notes += f", {shortfall} short ({owe} owed by holds)" if shortfall else ""
     if await write_credit(
@@ -218,7 +337,9 @@ async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row
             )
         )
     await conn.execute(
-        disputes.update().where(disputes.c.id == row.id).values(state=state, closed_at=utcnow())
+        disputes.update()
+        .where(disputes.c.id == row.id)
+        .values(state=state, held_uses=held, closed_at=utcnow())
     )
     # Once: the dispute's row is locked (apply_dispute) and only an open one is closed.
     await record_event(

@@ -171,6 +171,9 @@ WITH won AS (
         updated_at = $4::timestamptz, closed_at = $4::timestamptz
     WHERE r.id = $1::text AND r.status = 'held' AND r.expires_at > $4::timestamptz
       AND r.uses >= COALESCE($2::bigint, r.uses)
+      -- A hold owing uses to a dispute ends on the framework's path (reservations.py): the
+      -- uses it gives back go into the dispute's hold. Read on the locked row's last version.
+      AND r.owed_uses = 0
       AND {_key_unused("$10::text", "$8::text")}
     RETURNING r.id AS reservation_id, r.account_id, r.uses, r.captured_uses,
               r.free_uses_held, r.paid_uses_held, r.metadata, $3::text AS charge_id,
@@ -257,6 +260,7 @@ WITH input AS (
     FROM input i
     WHERE r.id = i.reservation_id AND r.id IN (SELECT id FROM chosen)
       AND r.status = 'held' AND r.expires_at > i.at AND r.uses >= COALESCE(i.uses, r.uses)
+      AND r.owed_uses = 0  -- as CAPTURE_SQL: a hold owing a dispute goes the framework's path
       AND {_key_unused("i.idempotency_key", "i.api_key_id")}
     RETURNING r.id AS reservation_id, r.account_id, r.uses, r.captured_uses,
               r.free_uses_held, r.paid_uses_held, r.metadata, i.charge_id, i.credit_id,
