@@ -1,7 +1,14 @@
 """The `make test-ha` cluster on 127.0.0.1: etcd, two Patroni-managed PostgreSQL nodes in
 synchronous mode, Redis, HAProxy (database -> the leader; HTTP -> three service instances) and
 `ciris-billing serve` x 3 (2 workers each). Every process is started here, recorded by pid and
-stopped by `Cluster.close()` (also on failure); nothing binds outside loopback.
+stopped by `Cluster.close()` (also on failure, a stalled one resumed first); nothing binds
+outside loopback.
+
+Patroni is PyPI's, pinned in pyproject.toml's `ha` extra and installed by scripts/ha/test-ha in
+its own venv (.venv-ha; HA_PATRONI names another binary): Debian's 3.0.2 rewrote the etcd3
+leader key without checking who held it, so a leader frozen past its TTL took the key back
+from the node promoted meanwhile on waking, and that node's acknowledged commits were
+rewound away (issue 22; fixed upstream by patroni/patroni#2689 and #2693, in 3.0.3+).
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [str(ROOT / ".venv" / "bin" / "ciris-billing")]
 PG_BIN = Path(os.environ.get("HA_PG_BIN", "/usr/lib/postgresql/15/bin"))
+PATRONI = os.environ.get("HA_PATRONI", str(ROOT / ".venv-ha" / "bin" / "patroni"))
+# synchronous_mode_strict (HA_SYNC_STRICT=1): no commit without a synchronous standby, even
+# when the only standby is gone; off by default (docs/deploy.md: what it costs, measured).
+SYNC_STRICT = os.environ.get("HA_SYNC_STRICT", "") == "1"
 HOST = "127.0.0.1"
 # Patroni: the leader key lives TTL seconds; loop_wait + 2 * retry_timeout <= ttl (Patroni's
 # rule). Shorter than the defaults (30/10/10) so that a dead Patroni is replaced in ~20 s.
@@ -145,6 +156,7 @@ class Cluster:
     def close(self) -> None:
         """Stop everything this cluster started: each process group (TERM, then KILL), then
         any postmaster left behind (a Patroni killed with -9 leaves its PostgreSQL running)."""
+        thaw(sorted(FROZEN))
         for _name, process in reversed(self.processes):
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -220,10 +232,11 @@ class Cluster:
                     "maximum_lag_on_failover": 1048576,
                     # A crashed primary is failed over at once (to the synchronous standby,
                     # which has every acknowledged commit) rather than restarted in place.
-                    "master_start_timeout": 0,
                     "primary_start_timeout": 0,
-                    # Every commit waits for the standby: an acknowledged charge is on both.
+                    # Every commit waits for the standby: an acknowledged charge is on both,
+                    # and only the node named in the /sync key may be promoted.
                     "synchronous_mode": True,
+                    "synchronous_mode_strict": SYNC_STRICT,
                     "postgresql": {
                         "use_pg_rewind": True,
                         "use_slots": True,
@@ -272,7 +285,7 @@ class Cluster:
             options = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
         node.patroni = self.start(
             node.name,
-            ["patroni", str(node.home / "patroni.yml")],
+            [PATRONI, str(node.home / "patroni.yml")],
             env={**os.environ, "PATH": f"{PG_BIN}:{os.environ.get('PATH', '')}"},
             cwd=str(node.home),
             **options,
@@ -331,8 +344,11 @@ listen postgres
     default-server inter 500ms fall 2 rise 1 on-marked-down shutdown-sessions
 {pg_servers}
 
-# HTTP: round robin over the service instances; a dead one is taken out by the TCP check (a
-# connection refused), and a request whose connection failed goes to another (redispatch).
+# HTTP: round robin over the service instances; a request whose connection failed goes to
+# another (redispatch). The check is an HTTP one: a dead instance refuses it, and a frozen one
+# (SIGSTOP: its socket still accepts connections) does not answer it within 1 s; either is
+# taken out and its sessions cut. /health answers 503 while the database is away: still a live
+# instance (every instance sees the same database; all of them out would only add 503s).
 listen billing
     mode http
     bind {HOST}:{self.http_port}
@@ -341,7 +357,10 @@ listen billing
     retries 3
     timeout server 30s
     timeout client 30s
-    default-server inter 500ms fall 1 rise 2
+    option httpchk
+    http-check send meth GET uri /health
+    http-check expect rstatus ^(200|503)$
+    default-server inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions
 {web_servers}
 """
         path = self.home / "haproxy.cfg"
@@ -364,9 +383,9 @@ listen billing
             # Limits stay on (through Redis), far above this storm's rates.
             "RATE_LIMIT_KEY_PER_SECOND": "100000",
             "RATE_LIMIT_ACCOUNT_PER_MINUTE": "1000000",
-            # Purchases whose webhook was lost in a failover are asked about soon.
-            "JOBS_POLL_SECONDS": "2",
-            "RECONCILE_AFTER_SECONDS": "5",
+            # JOBS_POLL_SECONDS and RECONCILE_AFTER_SECONDS keep their defaults (10 s, 180 s).
+            # The storm's webhook receiver is on loopback.
+            "ALLOW_PRIVATE_WEBHOOK_URLS": "true",
             "PUBLIC_BASE_URL": f"http://{HOST}:{self.http_port}/",
         }
 
@@ -397,10 +416,53 @@ listen billing
         for name, port in self.service_ports.items():
             wait_for(name, lambda p=port: http_status(f"http://{HOST}:{p}/health", 2) == 200, 90)
 
+    def stop_service(self, name: str) -> list[int]:
+        """SIGSTOP an instance (its parent and workers: its own process group)."""
+        pids = tree(self.services[name].pid)
+        freeze(pids)
+        return pids
+
     def kill_service(self, name: str) -> None:
         """kill -9 an instance: its parent and its workers (its own process group)."""
         os.killpg(self.services[name].pid, signal.SIGKILL)
         self.services[name].wait()
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # The field after the parenthesised command name: state, then the parent.
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    return children
+
+
+def tree(*roots: int) -> list[int]:
+    """`roots` and all their descendants (a postmaster and its backends; Patroni and its
+    postgres), parents first."""
+    children, found = _children(), list(roots)
+    for pid in found:
+        found += [child for child in children.get(pid, []) if child not in found]
+    return found
+
+
+FROZEN: set[int] = set()  # SIGSTOPped and not yet resumed: close() resumes them first
+
+
+def freeze(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+            FROZEN.add(pid)
+
+
+def thaw(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        FROZEN.discard(pid)
 
 
 def _listening(port: int) -> bool:
@@ -412,7 +474,7 @@ def _listening(port: int) -> bool:
 def require_programs() -> None:
     missing = [
         program
-        for program in ("etcd", "patroni", "haproxy", "redis-server")
+        for program in ("etcd", PATRONI, "haproxy", "redis-server")
         if shutil.which(program) is None
     ]
     if missing or not (PG_BIN / "postgres").exists():
