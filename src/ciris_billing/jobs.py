@@ -358,7 +358,11 @@ def job_queue(settings: Settings) -> App:
 
     @queue.periodic(cron=every, periodic_id="auto_topup")
     @queue.task(
-        name=AUTO_TOPUP, queue=JOBS_QUEUE, queueing_lock=AUTO_TOPUP, lock=AUTO_TOPUP, pass_context=True
+        name=AUTO_TOPUP,
+        queue=JOBS_QUEUE,
+        queueing_lock=AUTO_TOPUP,
+        lock=AUTO_TOPUP,
+        pass_context=True,
     )
     async def auto_topup(context: JobContext, timestamp: int) -> None:
         # Its own task and lock: a slow provider call never delays the recovery work, and one
@@ -425,9 +429,9 @@ def job_queue(settings: Settings) -> App:
                 lock = f"{DELIVER}:{endpoint_id}"
                 lane = FAILING_QUEUE if failing else DELIVERIES_QUEUE
                 with contextlib.suppress(AlreadyEnqueued):
-                    await deliver.configure(
-                        lock=lock, queueing_lock=lock, queue=lane
-                    ).defer_async(endpoint_id=endpoint_id)
+                    await deliver.configure(lock=lock, queueing_lock=lock, queue=lane).defer_async(
+                        endpoint_id=endpoint_id
+                    )
             await deliveries.measure()
         except Exception:
             JOBS_RUNS.labels(WEBHOOKS, "failed").inc()
