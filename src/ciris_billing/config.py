@@ -110,8 +110,12 @@ class Settings(BaseSettings):
     webhook_retry_base_seconds: float = Field(default=5.0, gt=0, le=3600)
     # A delivery not answered within this is a failure (retried).
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
-    # Deliveries to this many endpoints at once per worker process (one at a time per endpoint).
-    webhook_delivery_concurrency: int = Field(default=4, ge=1, le=64)
+    # Endpoints served at once per worker process, on the delivery queue (jobs.py): their own
+    # job slots, never the money jobs' (hold expiry, reconciliation, auto top-up).
+    webhook_delivery_concurrency: int = Field(default=8, ge=1, le=64)
+    # Deliveries in flight at once to one endpoint (receivers order by `data.sequence`): 10 to a
+    # receiver answering in 250 ms is ~40 a second (one at a time, 2.4).
+    webhook_endpoint_concurrency: int = Field(default=10, ge=1, le=100)
 
     # Operations.
     log_level: str = "INFO"

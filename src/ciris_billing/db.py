@@ -330,6 +330,10 @@ purchases = Table(
     # The payer asked (payment page) to keep the card for auto top-up: once paid, the card the
     # provider saved becomes the account's auto top-up card (autotopup/cards.py).
     Column("save_card", Boolean, nullable=False, server_default=text("false")),
+    # When the payer's page (or the agent client) asked us to confirm a payment the provider
+    # told it had succeeded: the background reconcile asks about it at once, not after
+    # RECONCILE_AFTER_SECONDS (issue 22: a paying customer waited 3 minutes after a fault).
+    Column("paid_seen_at", Timestamp),
     # One purchase per provider payment: a retried create finds the row instead of adding one.
     UniqueConstraint("provider", "payment_id"),
     CheckConstraint("amount_minor > 0", name="amount_positive"),
@@ -472,6 +476,26 @@ sandbox_disputes = Table(
     Column("updated_at", Timestamp, nullable=False),
     # One dispute per payment, as the sandbox has always modelled it.
     UniqueConstraint("payment_id"),
+)
+
+sandbox_webhook_events = Table(
+    "sandbox_webhook_events",
+    metadata,
+    # The sandbox's webhooks not yet acknowledged (Stripe's side): written with the payment's
+    # change in one transaction, sent, and sent again with backoff until a 2xx answer, so a
+    # worker killed after a payment succeeded no longer loses its webhook.
+    Column("id", String(64), primary_key=True),  # the event id (evt_sbx_...)
+    Column("type", String(64), nullable=False),
+    Column("payment_id", String(64), ForeignKey("sandbox_payments.id"), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", Timestamp, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("delivered_at", Timestamp),
+    Index(
+        "ix_sandbox_webhook_events_due",
+        "next_attempt_at",
+        postgresql_where=text("delivered_at IS NULL"),
+    ),
 )
 
 # --- auto top-up (autotopup/) ----------------------------------------------------------------

@@ -15,8 +15,16 @@ by hand):
   is asked again after a delay that grows with its age (a quarter of it), for seven days;
 - deliver the events outbox to the webhook endpoints (events/delivery.py): each tick fans new
   events out to the endpoints and defers one job per endpoint with deliveries due, with a lock
-  per endpoint (one run at a time per endpoint; endpoints in parallel, up to
-  WEBHOOK_DELIVERY_CONCURRENCY per worker).
+  per endpoint (one run at a time per endpoint; endpoints in parallel).
+
+Three queues, each run by its own procrastinate worker in the process with its own job slots,
+so no delivery can take a money job's slot (14 endpoints that hung held every slot once: holds
+stayed held for minutes, reconciliation and auto top-up waited; tests/events/
+test_issue22_item2_slow_endpoints.py): `jobs` (the four periodic tasks, one slot each),
+`deliveries` (endpoints whose last attempt did not fail; WEBHOOK_DELIVERY_CONCURRENCY slots) and
+`deliveries_failing` (endpoints failing: as many slots, so those wait only on each other).
+An endpoint that starts hanging holds a `deliveries` slot for one WEBHOOK_TIMEOUT_SECONDS (a
+run stops at its first failure), then is served in the failing lane.
 
 The queue is procrastinate's (tables in our database, migration 0007). Every `serve` worker
 process runs a procrastinate worker (JOBS_ENABLED), as does `ciris-billing worker`; the work
@@ -80,6 +88,11 @@ CLEAR_STALLED = "billing.clear_stalled"
 AUTO_TOPUP = "billing.auto_topup"
 WEBHOOKS = "billing.webhooks"
 DELIVER = "billing.webhooks.deliver"
+# The queues (each has its own worker, so its own slots: JobWorker).
+JOBS_QUEUE = "jobs"
+DELIVERIES_QUEUE = "deliveries"
+FAILING_QUEUE = "deliveries_failing"
+PERIODIC_TASKS = 4  # recover, auto_topup, clear_stalled, webhooks: one slot each
 # Purchases older than this are left to `ciris-billing reconcile` (abandoned checkouts).
 RECONCILE_MAX_AGE = timedelta(days=7)
 # Per run, at most this many events and purchases (the next tick takes the rest).
@@ -108,6 +121,7 @@ class Recovery:
     async def run_once(self) -> RecoveryReport:
         report = RecoveryReport()
         await self.expire_holds(report)
+        await self._redeliver_provider_webhooks()
         await self._retry_events(report)
         await self._reconcile_purchases(report)
         await self._detach_erased_cards(report)
@@ -154,6 +168,20 @@ class Recovery:
                     account_id=account_id,
                     uses=int(held.uses),
                 )
+
+    async def _redeliver_provider_webhooks(self) -> None:
+        """The sandbox's side of Stripe's redelivery (sandbox_webhooks.py); Stripe does its own."""
+        redeliver = getattr(self.provider, "redeliver_webhooks", None)
+        if redeliver is None:
+            return
+        try:
+            delivered = await redeliver()
+        except Exception as exc:  # its events stay due: the next run sends them
+            JOBS_FAILURES.labels("provider_redelivery").inc()
+            log.warning("job_provider_redelivery_failed", error=_name(exc))
+            return
+        if delivered:
+            JOBS_ITEMS.labels("provider_redelivery", "delivered").inc(delivered)
 
     async def _retry_events(self, report: RecoveryReport) -> None:
         now = utcnow()
@@ -208,12 +236,21 @@ class Recovery:
 
     def _due_purchases(self, now: datetime) -> Any:
         after = timedelta(seconds=self.settings.reconcile_after_seconds)
+        seen_paid = purchases.c.paid_seen_at.is_not(None)
         return (
             select(purchases.c.id, purchases.c.payment_id)
             .where(*self._open_purchase_clauses(now))
             .where(
-                # Asked again after max(RECONCILE_AFTER_SECONDS, a quarter of its age).
+                # Asked again after max(RECONCILE_AFTER_SECONDS, a quarter of its age); one
+                # the payer was told had succeeded, every run until it is final.
                 purchases.c.reconciled_at.is_(None)
+                | (
+                    seen_paid
+                    & (
+                        purchases.c.reconciled_at
+                        <= now - timedelta(seconds=self.settings.jobs_poll_seconds)
+                    )
+                )
                 | (
                     purchases.c.reconciled_at
                     <= text(
@@ -222,7 +259,11 @@ class Recovery:
                     ).bindparams(now=now, after=after.total_seconds())
                 )
             )
-            .order_by(purchases.c.reconciled_at.nulls_first(), purchases.c.created_at)
+            .order_by(
+                purchases.c.paid_seen_at.is_(None),
+                purchases.c.reconciled_at.nulls_first(),
+                purchases.c.created_at,
+            )
             .limit(BATCH)
         )
 
@@ -231,7 +272,8 @@ class Recovery:
         return [
             purchases.c.provider == self.provider.name,
             purchases.c.status.not_in(payments.FINAL_STATUSES),
-            purchases.c.created_at <= now - after,
+            # A purchase the payer's page (or client) saw succeed is asked about at once.
+            (purchases.c.created_at <= now - after) | purchases.c.paid_seen_at.is_not(None),
             purchases.c.created_at >= now - RECONCILE_MAX_AGE,
         ]
 
@@ -297,7 +339,8 @@ def job_queue(settings: Settings) -> App:
     connector = PsycopgConnector(
         conninfo=conninfo(settings),
         min_size=1,
-        max_size=3,
+        # Two workers listen (a connection each), and all three fetch and record jobs.
+        max_size=5,
         # (procrastinate has the pool check each connection before handing it out: one killed
         # while idle is replaced.)
     )
@@ -306,7 +349,9 @@ def job_queue(settings: Settings) -> App:
     every = f"* * * * * */{settings.jobs_poll_seconds}"  # croniter: the 6th field is seconds
 
     @queue.periodic(cron=every, periodic_id="recover")
-    @queue.task(name=RECOVER, queueing_lock=RECOVER, lock=RECOVER, pass_context=True)
+    @queue.task(
+        name=RECOVER, queue=JOBS_QUEUE, queueing_lock=RECOVER, lock=RECOVER, pass_context=True
+    )
     async def recover(context: JobContext, timestamp: int) -> None:
         recovery: Recovery = context.additional_context["recovery"]
         try:
@@ -325,7 +370,13 @@ def job_queue(settings: Settings) -> App:
             )
 
     @queue.periodic(cron=every, periodic_id="auto_topup")
-    @queue.task(name=AUTO_TOPUP, queueing_lock=AUTO_TOPUP, lock=AUTO_TOPUP, pass_context=True)
+    @queue.task(
+        name=AUTO_TOPUP,
+        queue=JOBS_QUEUE,
+        queueing_lock=AUTO_TOPUP,
+        lock=AUTO_TOPUP,
+        pass_context=True,
+    )
     async def auto_topup(context: JobContext, timestamp: int) -> None:
         # Its own task and lock: a slow provider call never delays the recovery work, and one
         # run at a time across workers decides and pays (autotopup/topups.py).
@@ -350,7 +401,9 @@ def job_queue(settings: Settings) -> App:
             )
 
     @queue.periodic(cron=every, periodic_id="clear_stalled")
-    @queue.task(name=CLEAR_STALLED, queueing_lock=CLEAR_STALLED, pass_context=True)
+    @queue.task(
+        name=CLEAR_STALLED, queue=JOBS_QUEUE, queueing_lock=CLEAR_STALLED, pass_context=True
+    )
     async def clear_stalled(context: JobContext, timestamp: int) -> None:
         stalled_after: float = context.additional_context["stalled_after"]
         manager = context.app.job_manager
@@ -362,7 +415,7 @@ def job_queue(settings: Settings) -> App:
             log.warning("job_stalled_cleared", task=job.task_name, job_id=job.id)
         JOBS_RUNS.labels(CLEAR_STALLED, "ok").inc()
 
-    @queue.task(name=DELIVER, pass_context=True)
+    @queue.task(name=DELIVER, queue=DELIVERIES_QUEUE, pass_context=True)
     async def deliver(context: JobContext, endpoint_id: str) -> None:
         deliveries: Deliveries = context.additional_context["deliveries"]
         try:
@@ -375,18 +428,21 @@ def job_queue(settings: Settings) -> App:
         JOBS_ITEMS.labels("webhook_delivery", "failed").inc(run.failed)
 
     @queue.periodic(cron=every, periodic_id="webhooks")
-    @queue.task(name=WEBHOOKS, queueing_lock=WEBHOOKS, lock=WEBHOOKS, pass_context=True)
+    @queue.task(
+        name=WEBHOOKS, queue=JOBS_QUEUE, queueing_lock=WEBHOOKS, lock=WEBHOOKS, pass_context=True
+    )
     async def webhooks(context: JobContext, timestamp: int) -> None:
         deliveries: Deliveries = context.additional_context["deliveries"]
         try:
             await deliveries.dispatch()
-            for endpoint_id in await deliveries.due_endpoints():
+            for endpoint_id, failing in await deliveries.due_endpoints_failing():
                 # One job per endpoint: its lock runs an endpoint's deliveries one run at a
                 # time, its queueing lock keeps one waiting at most (a tick while one waits
-                # defers nothing).
+                # defers nothing), in either lane.
                 lock = f"{DELIVER}:{endpoint_id}"
+                lane = FAILING_QUEUE if failing else DELIVERIES_QUEUE
                 with contextlib.suppress(AlreadyEnqueued):
-                    await deliver.configure(lock=lock, queueing_lock=lock).defer_async(
+                    await deliver.configure(lock=lock, queueing_lock=lock, queue=lane).defer_async(
                         endpoint_id=endpoint_id
                     )
             await deliveries.measure()
@@ -416,6 +472,26 @@ class JobWorker:
         # procrastinate logs every job start and end at INFO: a line per second at our pace.
         logging.getLogger("procrastinate").setLevel(logging.WARNING)
 
+    def _worker(self, queue: App, name: str, slots: int, *, listen: bool) -> Any:
+        return queue.run_worker_async(
+            queues=[name],
+            name=name,
+            concurrency=slots,
+            wait=True,
+            install_signal_handlers=False,
+            delete_jobs="successful",
+            listen_notify=listen,
+            fetch_job_polling_interval=self.settings.jobs_poll_seconds,
+            update_heartbeat_interval=self.heartbeat_seconds,
+            stalled_worker_timeout=self.stalled_after,
+            shutdown_graceful_timeout=5,
+            additional_context={
+                "recovery": self.recovery,
+                "deliveries": self.deliveries,
+                "stalled_after": self.stalled_after,
+            },
+        )
+
     async def run(self) -> None:
         try:
             await self._run()
@@ -432,22 +508,24 @@ class JobWorker:
             queue = job_queue(self.settings)
             try:
                 async with queue.open_async():
-                    await queue.run_worker_async(
-                        # The periodic jobs, and a delivery job per endpoint at once.
-                        concurrency=2 + self.settings.webhook_delivery_concurrency,
-                        wait=True,
-                        install_signal_handlers=False,
-                        delete_jobs="successful",
-                        fetch_job_polling_interval=self.settings.jobs_poll_seconds,
-                        update_heartbeat_interval=self.heartbeat_seconds,
-                        stalled_worker_timeout=self.stalled_after,
-                        shutdown_graceful_timeout=5,
-                        additional_context={
-                            "recovery": self.recovery,
-                            "deliveries": self.deliveries,
-                            "stalled_after": self.stalled_after,
-                        },
-                    )
+                    deliveries = self.settings.webhook_delivery_concurrency
+                    # Three workers, so three sets of slots; the first one to end (a killed
+                    # connection stops it) ends the others, and all start again.
+                    workers = [
+                        self._worker(queue, JOBS_QUEUE, PERIODIC_TASKS, listen=True),
+                        self._worker(queue, DELIVERIES_QUEUE, deliveries, listen=True),
+                        # (It polls: one connection fewer; its jobs are retries anyway.)
+                        self._worker(queue, FAILING_QUEUE, deliveries, listen=False),
+                    ]
+                    tasks = [asyncio.create_task(worker) for worker in workers]
+                    try:
+                        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for task in tasks:
+                            task.cancel()
+                        await asyncio.gather(*tasks, return_exceptions=True)
+                    for task in done:
+                        task.result()  # its failure, if it failed
                 delay = 1.0
             except asyncio.CancelledError:
                 raise

@@ -97,11 +97,24 @@
   }
 
   const summaryUrl = () => `${base}/checkout/${encodeURIComponent(paymentId)}/summary`;
+  const syncUrl = () => `${base}/checkout/${encodeURIComponent(paymentId)}/sync`;
   const sandboxUrl = (action) =>
     `${base}/sandbox/payment_intents/${encodeURIComponent(paymentId)}/${action}`;
 
   async function loadSummary() {
     const { status, body } = await request(summaryUrl(), {
+      headers: { "X-Client-Secret": secret },
+    });
+    if (status !== 200) throw new HttpError(status, body.detail);
+    summary = body;
+    return body;
+  }
+
+  // The provider said "succeeded": the service asks it too and credits the purchase now, as
+  // its webhook would (a webhook lost to a fault no longer makes the payer wait); the summary.
+  async function syncSummary() {
+    const { status, body } = await request(syncUrl(), {
+      method: "POST",
       headers: { "X-Client-Secret": secret },
     });
     if (status !== 200) throw new HttpError(status, body.detail);
@@ -206,14 +219,14 @@
     }
   }
 
-  // After the provider says "succeeded", the uses are credited when its webhook is handled:
-  // ask until the purchase says so (a few seconds with Stripe, at once with the sandbox).
+  // After the provider says "succeeded", the service confirms it with the provider and
+  // credits the uses (or its webhook did already): ask until the purchase says so.
   async function waitForCredit() {
     const started = Date.now();
     let delay = 300;
     while (Date.now() - started < 60000) {
       try {
-        const s = await loadSummary();
+        const s = await syncSummary();
         if (s.credited || s.status === "succeeded") {
           $("success-balance").textContent = balanceText(s, "You now have");
           return;

@@ -208,8 +208,32 @@ async def checkout_summary(
     """
     payment = await _verified(state, work, payment_id, client_secret)
     # Read after the secret was checked, and fresh: the page polls this for the balance.
+    return await _summary_answer(state, work, payment)
+
+
+@router.post(
+    "/checkout/{payment_id}/sync",
+    response_model=CheckoutSummary,
+    responses={
+        404: {"model": ErrorOut, "description": "Unknown payment or wrong secret"},
+        **error_responses(422, 502, 503),
+    },
+)
+async def checkout_sync(
+    payment_id: str, state: StateDep, work: UnitOfWorkDep, client_secret: ClientSecretHeader = None
+) -> Response:
+    """The page was told by the provider that the payment succeeded: the service asks the
+    provider itself and, if paid, credits the purchase now (once, as its webhook would: a
+    webhook lost to a fault no longer makes the payer wait for reconciliation). The summary
+    after it. No API key: the payment's client secret (`X-Client-Secret`) is the credential."""
+    payment = await _verified(state, work, payment_id, client_secret)
+    await payments.confirm_paid(work, state.provider.name, payment)
+    return await _summary_answer(state, work, payment)
+
+
+async def _summary_answer(state: AppState, work: UnitOfWork, payment: PaymentResult) -> Response:
     conn = await work.connection()
-    purchase = await payments.get_purchase(conn, state.provider.name, payment_id)
+    purchase = await payments.get_purchase(conn, state.provider.name, payment.payment_id)
     account = (
         await conn.execute(select(accounts).where(accounts.c.id == purchase.account_id))
     ).one()

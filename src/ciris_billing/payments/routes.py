@@ -165,3 +165,23 @@ async def get_purchase(
     """A purchase's status (`succeeded` once its uses are credited)."""
     purchase = await lookup_purchase(await work.connection(), state.provider.name, payment_id)
     return json_response(200, purchase_body(purchase, state))
+
+
+@router.post(
+    "/purchases/{payment_id}/sync",
+    response_model=PurchaseOut,
+    responses=error_responses(401, 403, 404, 502, 503),
+)
+async def sync_purchase(
+    payment_id: str, state: StateDep, work: UnitOfWorkDep, _key: WriteKey
+) -> Response:
+    """The provider told the client the payment succeeded: the service asks the provider
+    itself and, if paid, credits the purchase now (once, as its webhook would). The purchase
+    after it (`succeeded` once credited)."""
+    purchase = await lookup_purchase(await work.connection(), state.provider.name, payment_id)
+    async with work.provider_call():
+        payment = await state.provider.get_payment(purchase.payment_id)
+    if payment is not None:
+        await service.confirm_paid(work, state.provider.name, payment)
+    purchase = await lookup_purchase(await work.connection(), state.provider.name, payment_id)
+    return json_response(200, purchase_body(purchase, state))

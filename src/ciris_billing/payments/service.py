@@ -324,3 +324,26 @@ async def reconcile_purchase(work: UnitOfWork, provider: PaymentProvider, paymen
     if payment is None:
         return "unknown_payment"
     return await apply_payment(await work.connection(), provider.name, payment)
+
+
+async def confirm_paid(work: UnitOfWork, provider: str, payment: PaymentResult) -> str:
+    """The payer's page (or the agent client) was told by the provider that the payment
+    succeeded and asks us to confirm: with `payment` as the provider reports it to us (never
+    the caller's word), credit it now, exactly as its webhook would (apply_payment: once, under
+    the unique credit). If the provider says it succeeded, the purchase is first marked seen
+    paid in a transaction of its own, so that if this request dies before crediting, the
+    background reconcile asks about it at its next run instead of RECONCILE_AFTER_SECONDS
+    later (issue 22 item 4)."""
+    if payment.state == "succeeded":
+        async with work.engine.begin() as conn:
+            # Safe any number of times, beside anything: it only sets a mark, once.
+            await conn.execute(
+                purchases.update()
+                .where(
+                    purchases.c.provider == provider,
+                    purchases.c.payment_id == payment.payment_id,
+                    purchases.c.paid_seen_at.is_(None),
+                )
+                .values(paid_seen_at=utcnow())
+            )
+    return await apply_payment(await work.connection(), provider, payment)

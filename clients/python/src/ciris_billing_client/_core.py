@@ -457,6 +457,12 @@ class ClientCore:
         response = yield from self.call(Call("GET", path))
         return parse_purchase(response_json(response))
 
+    def confirm_purchase(self, payment_id: str) -> Program[Purchase]:
+        # Safe to repeat: the service asks the provider and credits a paid purchase once.
+        path = f"{PURCHASES_PATH}/{quote(payment_id, safe='')}/sync"
+        response = yield from self.call(Call("POST", path))
+        return parse_purchase(response_json(response))
+
     def transactions(
         self, oauth_provider: str, external_id: str, limit: int = 50, offset: int = 0
     ) -> Program[TransactionPage]:

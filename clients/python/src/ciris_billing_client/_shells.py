@@ -290,6 +290,11 @@ class BillingClient(_ClientBase):
         """A purchase's current state (`succeeded` once its uses are credited)."""
         return self._run(self._core.purchase_status(payment_id))
 
+    def confirm_purchase(self, payment_id: str) -> Purchase:
+        """Once the provider told the payer it succeeded: the service asks the provider and
+        credits the purchase now (once, as its webhook would); the purchase after it."""
+        return self._run(self._core.confirm_purchase(payment_id))
+
     def transactions(
         self, oauth_provider: str, external_id: str, limit: int = 50, offset: int = 0
     ) -> TransactionPage:
@@ -471,6 +476,11 @@ class AsyncBillingClient(_ClientBase):
     async def purchase_status(self, payment_id: str) -> Purchase:
         """A purchase's current state (`succeeded` once its uses are credited)."""
         return await self._run(self._core.purchase_status(payment_id))
+
+    async def confirm_purchase(self, payment_id: str) -> Purchase:
+        """Once the provider told the payer it succeeded: the service asks the provider and
+        credits the purchase now (once, as its webhook would); the purchase after it."""
+        return await self._run(self._core.confirm_purchase(payment_id))
 
     async def transactions(
         self, oauth_provider: str, external_id: str, limit: int = 50, offset: int = 0

@@ -49,8 +49,16 @@ from ciris_billing.payments.providers.base import (
     SavedCard,
     WebhookEvent,
 )
+from ciris_billing.payments.providers.sandbox_webhooks import SandboxWebhooks
 
 Deliver = Callable[[bytes, str], Awaitable[Any]]
+
+# The event announcing a payment's new status (as Stripe's).
+PAYMENT_EVENTS = {
+    "succeeded": "payment_intent.succeeded",
+    "requires_payment_method": "payment_intent.payment_failed",
+    "requires_action": "payment_intent.requires_action",
+}
 
 # The guide's test cards, and what Stripe test mode does with them.
 CARD_SUCCEEDS = "4242424242424242"
@@ -111,6 +119,7 @@ class SandboxProvider:
         self._engine = engine
         self._secret = webhook_secret
         self._deliver = deliver
+        self.webhooks = SandboxWebhooks(webhook_secret, deliver, self._payment_object)
 
     async def create_payment_intent(self, intent: PaymentIntent) -> PaymentResult:
         payment_id = "pi_sbx_" + secrets.token_hex(12)
@@ -421,7 +430,9 @@ class SandboxProvider:
             )
             if status == "succeeded":
                 await _attach_card(conn, payment_id)
-        payment = await self._emit(payment_id)
+            # With the change it announces: a worker killed after this commit loses nothing.
+            event = await self._record_event(conn, payment_id, status)
+        payment = await self._emit(payment_id, event)
         if failure is not None:
             raise CardDeclined(failure, payment_id=payment_id, status=payment.provider_status)
         return payment
@@ -443,19 +454,42 @@ class SandboxProvider:
                     "requires_payment_method",
                     "The provided PaymentMethod has failed authentication.",
                 )
-        return await self._emit(payment_id)
+            status = "succeeded" if success else "requires_payment_method"
+            event = await self._record_event(conn, payment_id, status)
+        return await self._emit(payment_id, event)
 
-    async def _emit(self, payment_id: str) -> PaymentResult:
+    async def _record_event(
+        self, conn: Any, payment_id: str, status: str
+    ) -> tuple[str, str] | None:
+        """The payment's event for its new status, recorded in the caller's transaction."""
+        event_type = PAYMENT_EVENTS.get(status)
+        if event_type is None:
+            return None
+        return await self.webhooks.record(conn, event_type, payment_id), event_type
+
+    async def _emit(
+        self, payment_id: str, event: tuple[str, str] | bool | None = True
+    ) -> PaymentResult:
+        """Send the payment's event (recorded with its change, or now); redelivered by the
+        jobs until the inbox takes it (sandbox_webhooks.py)."""
         payment = await self.get_payment(payment_id)
         assert payment is not None
-        event_type = {
-            "succeeded": "payment_intent.succeeded",
-            "requires_payment_method": "payment_intent.payment_failed",
-            "requires_action": "payment_intent.requires_action",
-        }.get(payment.provider_status)
-        if event_type is not None:
-            await self.send_event(event_type, _export(payment))
+        if event is True:
+            async with self._engine.begin() as conn:
+                event = await self._record_event(conn, payment_id, payment.provider_status)
+        if isinstance(event, tuple):
+            event_id, event_type = event
+            await self.webhooks.send(self._engine, event_id, event_type, payment_id)
         return payment
+
+    async def _payment_object(self, payment_id: str) -> dict[str, Any]:
+        payment = await self.get_payment(payment_id)
+        assert payment is not None
+        return _export(payment)
+
+    async def redeliver_webhooks(self) -> int:
+        """The jobs' step: send again the payment events the inbox has not taken yet."""
+        return await self.webhooks.redeliver_due(self._engine)
 
     async def send_event(self, event_type: str, data_object: dict[str, Any]) -> None:
         """Sign an event like Stripe does and hand it to the service's webhook pipeline."""
