@@ -20,6 +20,7 @@ import venv
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from tests.support.cli import create_key
 from tests.support.servers import running_service, service_env
@@ -58,17 +59,15 @@ print(json.dumps(out))
 
 
 def _distributions(name: str, seen: set[str]) -> None:
-    """`name` and, recursively, what it requires (markers for extras left out)."""
+    """`name` and, recursively, what it requires here (no extras; markers for this Python)."""
     key = re.sub(r"[-_.]+", "-", name).lower()
     if key in seen:
         return
     seen.add(key)
-    for requirement in importlib.metadata.requires(name) or ():
-        if "extra ==" in requirement:
-            continue
-        match = re.match(r"[A-Za-z0-9_.-]+", requirement)
-        assert match is not None
-        _distributions(match.group(0), seen)
+    for line in importlib.metadata.requires(name) or ():
+        requirement = Requirement(line)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            _distributions(requirement.name, seen)
 
 
 def _copy_installed(names: set[str], site_packages: Path) -> None:
