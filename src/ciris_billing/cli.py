@@ -25,6 +25,7 @@ from ciris_billing.autotopup.cli import auto_topup as auto_topup_commands
 from ciris_billing.cli_lookup import COMMANDS, parse_identity
 from ciris_billing.cli_webhooks import low_balance_threshold, webhook_endpoints
 from ciris_billing.config import get_settings
+from ciris_billing.database_errors import explained
 from ciris_billing.db import create_engine, iso
 from ciris_billing.embedded import embedded_postgres
 from ciris_billing.errors import BillingError
@@ -77,6 +78,19 @@ class _Main(click.Group):
         name, command, rest = super().resolve_command(ctx, args)
         ctx.meta["help_only"] = any(arg in ctx.help_option_names for arg in rest)
         return name, command, rest
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Any command: a database that cannot be reached or refuses connections is one clear
+        line and exit 1 (click's error), not a traceback."""
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            reason = explained(exc)
+            if reason is None:
+                raise
+            raise click.ClickException(reason) from None
 
 
 @click.group(cls=_Main)

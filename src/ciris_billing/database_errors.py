@@ -13,15 +13,26 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError
 
 # SQLSTATEs of a connection that is gone or useless: class 08 (connection exception); the
-# server shutting down, crashed or not accepting connections yet (57P01, 57P02, 57P03); a
-# read-only server where a primary was expected (25006: the node was demoted, or is a standby).
-_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+# server shutting down, crashed or not accepting connections yet (57P01, 57P02, 57P03); no
+# connection slot left (53300 too_many_connections: max_connections, or a role's or a
+# database's CONNECTION LIMIT); a read-only server where a primary was expected (25006: the
+# node was demoted, or is a standby).
+TOO_MANY_CONNECTIONS_SQLSTATE = "53300"
+_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03", TOO_MANY_CONNECTIONS_SQLSTATE)
 READ_ONLY_SQLSTATE = "25006"
 
 
 def is_read_only(exc: BaseException) -> bool:
     """Whether this error (or one it came from) says the server is read-only."""
     return any(getattr(current, "sqlstate", None) == READ_ONLY_SQLSTATE for current in _chain(exc))
+
+
+def too_many_connections(exc: BaseException) -> bool:
+    """Whether this error (or one it came from) says the server has no connection slot left."""
+    return any(
+        getattr(current, "sqlstate", None) == TOO_MANY_CONNECTIONS_SQLSTATE
+        for current in _chain(exc)
+    )
 
 
 def connection_unusable(exc: BaseException) -> bool:
@@ -55,3 +66,31 @@ def _chain(exc: BaseException) -> list[BaseException]:
         found.append(current)
         current = current.__cause__ or current.__context__
     return found
+
+
+def explained(exc: BaseException) -> str | None:
+    """One line for an operator about a database error (the CLI's), or None if `exc` is not
+    one. Names the error's type and SQLSTATE, never its message (it may carry values)."""
+    if not isinstance(
+        exc, (DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+    ):
+        return None
+    if too_many_connections(exc):
+        return (
+            "the database refuses more connections (too many connections: max_connections or "
+            "a role's or database's CONNECTION LIMIT reached); retry later"
+        )
+    if connection_unusable(exc):
+        cause = _chain(exc)[-1]
+        return (
+            f"cannot reach the database ({type(cause).__name__}); is it running, and is "
+            "DATABASE_URL right? Retry when it is back"
+        )
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    sqlstate = next(
+        (getattr(c, "sqlstate", None) for c in _chain(exc) if getattr(c, "sqlstate", None)), None
+    )
+    return (
+        f"the database refused the command ({type(cause).__name__}, SQLSTATE {sqlstate or '?'}); "
+        "if the schema is old, run `ciris-billing migrate`"
+    )
