@@ -53,10 +53,12 @@ E2E_TESTS := tests/e2e/test_guide_flow.py tests/payments/test_purchases_sandbox.
 test-e2e-python: venv
 	$(BIN)/pytest $(E2E_TESTS)
 
-## A real PostgreSQL failover under load, all on 127.0.0.1 (scripts/ha/): etcd, two Patroni
-## nodes in synchronous mode, HAProxy (database -> leader, HTTP -> 3 instances), Redis; kills the
-## leader's postgres, then its Patroni, then an instance; prints a summary (acknowledged but
-## lost must be 0). Under 5 minutes; apt-installs etcd/patroni/haproxy/redis if missing.
+## Real PostgreSQL failovers under load, all on 127.0.0.1 (scripts/ha/): etcd, two Patroni
+## nodes in synchronous mode, HAProxy (database -> leader, HTTP -> 3 instances), Redis; freezes
+## (SIGSTOP 30 s) the leader's postgres, then its whole node, kills its postgres, then its
+## Patroni, freezes an instance 20 s, kills one; after each round `acknowledged but lost` must
+## be 0. About 4 minutes (bounded under 10); apt-installs etcd/haproxy/redis if missing, Patroni
+## from pyproject.toml's `ha` pins in .venv-ha.
 test-ha: venv
 	scripts/ha/test-ha
 

@@ -516,8 +516,8 @@ class Run:
         finally:
             if stalled:
                 thaw(pids)
-        done.resumed_at = time.monotonic()
         if stalled:
+            done.resumed_at = time.monotonic()
             log(f"{name}: SIGCONT {old.name} after {done.resumed_at - done.started:.1f} s")
         if name == "kill-patroni":
             cluster.start_patroni(old)  # as systemd would: it rejoins as a standby
