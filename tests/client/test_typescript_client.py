@@ -152,3 +152,46 @@ def test_the_example_agent_answers_checks_charges_and_402s(service: Service) -> 
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+GENERATED = Path(__file__).with_name("generated_ts")
+
+
+@pytest.mark.slow
+def test_a_client_generated_by_openapi_typescript_checks_and_charges(
+    service: Service, tmp_path: Path
+) -> None:
+    """openapi-typescript turns /openapi.json into types (operations by their operationIds,
+    the error shapes), openapi-fetch sends the requests, tsc type-checks the calls against the
+    generated types; then a check, three charges, a typed 402 and a 422 with its errors[].
+    npm ci from the committed lockfile (versions and integrity hashes, no download addresses)."""
+    npm = shutil.which("npm")
+    assert npm is not None
+    work = tmp_path / "generated"
+    work.mkdir()
+    for name in ("package.json", "package-lock.json", ".npmrc", "tsconfig.json", "use.ts"):
+        shutil.copy(GENERATED / name, work / name)
+    (work / "openapi.json").write_text(httpx.get(f"{service.base}/openapi.json").text)
+    env = service.env()
+    installed = run([npm, "ci", "--no-audit", "--no-fund", "--prefer-offline"], work, env)
+    assert installed.returncode == 0, installed.stderr
+    bin_dir = work / "node_modules" / ".bin"
+    generated = run(
+        # A field with a default is optional in a request (the generator's default, true, makes
+        # it required everywhere).
+        [str(bin_dir / "openapi-typescript"), "openapi.json", "-o", "schema.d.ts"]
+        + ["--default-non-nullable", "false"],
+        work,
+        env,
+    )
+    assert generated.returncode == 0, generated.stderr
+    compiled = run([str(bin_dir / "tsc"), "-p", "tsconfig.json"], work, env)
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    done = run([node(), "dist/use.js"], work, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "check": [True, 3],
+        "charges": [2, 1, 0],
+        "refused": [402, 20, True],
+        "invalid": [422, ["uses"]],
+    }
