@@ -155,6 +155,7 @@ def test_the_example_agent_answers_checks_charges_and_402s(service: Service) -> 
 
 
 GENERATED = Path(__file__).with_name("generated_ts")
+GENERATOR_OPTIONS = ["-o", "schema.d.ts", "--default-non-nullable", "false"]
 
 
 @pytest.mark.slow
@@ -179,8 +180,7 @@ def test_a_client_generated_by_openapi_typescript_checks_and_charges(
     generated = run(
         # A field with a default is optional in a request (the generator's default, true, makes
         # it required everywhere).
-        [str(bin_dir / "openapi-typescript"), "openapi.json", "-o", "schema.d.ts"]
-        + ["--default-non-nullable", "false"],
+        [str(bin_dir / "openapi-typescript"), "openapi.json", *GENERATOR_OPTIONS],
         work,
         env,
     )
