@@ -29,8 +29,8 @@ test: venv lint browser
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: venv
-	$(BIN)/ruff check src tests scripts bench
-	$(BIN)/ruff format --check src tests scripts bench
+	$(BIN)/ruff check src tests scripts bench clients/python
+	$(BIN)/ruff format --check src tests scripts bench clients/python
 	$(BIN)/mypy
 	$(BIN)/python scripts/alembic_check.py >/dev/null
 

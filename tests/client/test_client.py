@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from ciris_billing_client import (
     AsyncBillingClient,
     AuthenticationError,
@@ -30,7 +31,6 @@ from ciris_billing_client import (
 )
 from ciris_billing_client._core import retry_after_seconds
 from ciris_billing_client.models import parse_purchase
-
 from tests.support.agent import (
     BASE,
     FAST,

@@ -155,7 +155,6 @@ def test_the_client_alone_in_an_empty_venv_checks_charges_and_holds(
 
 def test_the_server_re_exports_the_client_under_its_old_name() -> None:
     import ciris_billing_client
-
     from ciris_billing import client
     from ciris_billing.client import errors, models
 

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from ciris_billing.audit import audit
 from ciris_billing_client import (
     BillingClient,
     BillingUnavailableError,
@@ -22,9 +25,6 @@ from ciris_billing_client import (
     ReservationExpiredError,
     ReservationNotHeldError,
 )
-from sqlalchemy.ext.asyncio import create_async_engine
-
-from ciris_billing.audit import audit
 from tests.support.agent import (
     FAST,
     GOOGLE,

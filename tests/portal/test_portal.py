@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-from ciris_billing_client import AsyncBillingClient, PurchaseRequiredError
 
 from ciris_billing import auth
 from ciris_billing.app import create_app
@@ -23,6 +22,7 @@ from ciris_billing.portal.links import (
     read_portal_token,
     signed_token,
 )
+from ciris_billing_client import AsyncBillingClient, PurchaseRequiredError
 from tests.support.api import Api, identity, make_settings
 from tests.support.flows import VISA, check, exhaust_free_uses, pay, purchase
 

@@ -13,10 +13,10 @@ from typing import TypedDict, TypeVar
 
 import httpx
 import pytest
-from ciris_billing_client import AsyncBillingClient
 
 from ciris_billing import auth
 from ciris_billing.app import create_app
+from ciris_billing_client import AsyncBillingClient
 from tests.support.api import make_settings
 from tests.support.cli import create_key
 from tests.support.servers import free_port, running_service, service_env

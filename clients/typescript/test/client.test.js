@@ -68,7 +68,7 @@ test("check and charge, with an automatic idempotency key that replays", async (
   await assert.rejects(client.charge(GOOGLE, who, { uses: 2, idempotencyKey: charge.idempotency_key }), IdempotencyConflictError);
 
   const ledger = await client.transactions(GOOGLE, who);
-  assert.equal(ledger.total, 1);
+  assert.equal(ledger.transactions.filter((t) => t.type === "charge").length, 1);
 });
 
 test("no use left: a typed 402 with the checkout link and the offers", async () => {
@@ -211,9 +211,8 @@ test("fails open within the grace period, then records the queued charge exactly
     assert.equal(client.pendingCharges.length, 0);
     const report = await client.flushPending();
     assert.deepEqual([report.recorded.length, report.remaining], [0, 0]);
-    const ledger = await billing().transactions(GOOGLE, who);
-    assert.equal(ledger.total, 1);
-    assert.equal(ledger.transactions[0].description, "while down");
+    const charges = (await billing().transactions(GOOGLE, who)).transactions.filter((t) => t.type === "charge");
+    assert.deepEqual(charges.map((t) => t.description), ["while down"]);
   } finally {
     await front.close();
   }
