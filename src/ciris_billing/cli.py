@@ -7,10 +7,13 @@ import contextlib
 import ipaddress
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import click
@@ -27,7 +30,7 @@ from ciris_billing.cli_webhooks import low_balance_threshold, webhook_endpoints
 from ciris_billing.config import get_settings
 from ciris_billing.database_errors import explained
 from ciris_billing.db import create_engine, iso
-from ciris_billing.embedded import embedded_postgres
+from ciris_billing.embedded import embedded_postgres, stop_running
 from ciris_billing.errors import BillingError
 from ciris_billing.observability import configure_logging, log
 from ciris_billing.payments import refunds
@@ -100,8 +103,27 @@ def main(ctx: click.Context) -> None:
     settings = get_settings()
     # Commands print their results on stdout; their logs go to stderr (the server logs to stdout).
     configure_logging(settings.log_level, sys.stderr)
-    if settings.database_url is None and not ctx.meta.get("help_only"):
+    # `db` manages the embedded server itself: it must not start one.
+    embedded = ctx.invoked_subcommand != "db" and not ctx.meta.get("help_only")
+    if settings.database_url is None and embedded:
         _use_embedded_postgres(ctx, settings.embedded_postgres_dir)
+
+
+@main.group()
+def db() -> None:
+    """The embedded PostgreSQL (used when DATABASE_URL is unset)."""
+
+
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL in EMBEDDED_POSTGRES_DIR, whoever started it (e.g. one left
+    running by a `serve` killed with -9)."""
+    data_dir = get_settings().embedded_postgres_dir
+    port = stop_running(data_dir)
+    if port is None:
+        click.echo(f"No embedded PostgreSQL running on {data_dir}.")
+    else:
+        click.echo(f"Stopped the embedded PostgreSQL on {data_dir} (port {port}).")
 
 
 def _use_embedded_postgres(ctx: click.Context, data_dir: Path) -> None:
@@ -112,7 +134,13 @@ def _use_embedded_postgres(ctx: click.Context, data_dir: Path) -> None:
     # Through the environment, so `serve`'s worker processes (which inherit it) connect too.
     os.environ["DATABASE_URL"] = url
     get_settings.cache_clear()
-    how = "started" if server.started_here else "already running, joined"
+    how = (
+        "left running by a command that is gone: adopted, stopped when this one ends"
+        if server.adopted
+        else "started"
+        if server.started_here
+        else "already running, joined"
+    )
     click.echo(f"Embedded PostgreSQL ({how}): data in {server.data_dir}", err=True)
     click.echo(f"  DATABASE_URL={url}", err=True)
 
@@ -225,12 +253,22 @@ def serve(host: str, port: int, workers: int, run_migrations: bool) -> None:
         # uvicorn's httptools protocol with header and body read timeouts (serving.py).
         "http": TimedHttpToolsProtocol,
     }
+    if threading.current_thread() is threading.main_thread():
+        # A stop asked for (SIGTERM: systemd, docker, kill) ends in a clean exit, 0, once the
+        # server has shut down gracefully (uvicorn raises the SIGTERM again after that, and
+        # its default action would exit 143, which systemd counts as a failure); the embedded
+        # PostgreSQL's `finally` still stops it.
+        signal.signal(signal.SIGTERM, _stopped)
     if workers == 1:
         uvicorn.run(APP, **options)
         return
     # Each worker on its own SO_REUSEPORT socket, so connections spread evenly (workers.py).
     config = uvicorn.Config(APP, **options)
     Supervisor(config, listening_sockets(host, port, workers)).run()
+
+
+def _stopped(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 @main.group()

@@ -47,7 +47,11 @@ class EmbeddedPostgres:
 
     data_dir: Path
     port: int
-    started_here: bool  # False: it was already running (another command started it)
+    # True: this command stops it when it ends (it started it, or adopted it: found running
+    # with no live command owning it, e.g. after `kill -9` of `serve`). False: joined (the
+    # command that owns it is still running and stops it).
+    started_here: bool
+    adopted: bool = False
 
     def url(self, database: str = DATABASE) -> str:
         """A `postgresql://` URL to `database` (trust authentication, loopback only)."""
@@ -137,21 +141,51 @@ def _running_port(data_dir: Path) -> int | None:
     return port if len(lines) > 7 and lines[7].strip() == "ready" else None
 
 
-def start(data_dir: Path) -> tuple[int, bool]:
+def _owner_file(data_dir: Path) -> Path:
+    """Beside the data: the pid of the command that stops the server when it ends."""
+    return data_dir.parent / f".{data_dir.name}.owner"
+
+
+def owner(data_dir: Path) -> int | None:
+    """The live process that owns the server on `data_dir` (None: none, or it is gone)."""
+    try:
+        pid = int(_owner_file(data_dir).read_text().strip())
+        os.kill(pid, 0)  # raises when no such process (killed with -9, crashed)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _own(data_dir: Path) -> None:
+    _owner_file(data_dir).write_text(f"{os.getpid()}\n")
+
+
+def _disown(data_dir: Path) -> None:
+    if owner(data_dir) == os.getpid():
+        _owner_file(data_dir).unlink(missing_ok=True)
+
+
+def start(data_dir: Path) -> tuple[int, bool, bool]:
     """Start the server on `data_dir` (initialised on first use) or find it running there;
-    its port, and whether it was started here."""
+    its port, whether this command now owns it (stops it when it ends), and whether it was
+    adopted (found running with no live owner)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    # One command at a time initialises and starts it; the others wait, then join.
+    # One command at a time initialises, starts or adopts it; the others wait, then join.
     with (data_dir.parent / f".{data_dir.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _start_locked(data_dir)
 
 
-def _start_locked(data_dir: Path) -> tuple[int, bool]:
+def _start_locked(data_dir: Path) -> tuple[int, bool, bool]:
     user = _system_user(data_dir)
     port = _running_port(data_dir)
     if port is not None:
-        return port, False
+        if owner(data_dir) is not None:
+            return port, False, False  # joined: its owner is alive and stops it
+        # Left running by a command that died without stopping it (`kill -9` of `serve`):
+        # this one adopts it and stops it when it ends. Safe: decided under the lock.
+        _own(data_dir)
+        return port, True, True
     if not (data_dir / "PG_VERSION").exists():
         initdb = [_bin("initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust"]
         _command([*initdb, "--encoding=UTF8", "--no-instructions"], user, timeout=120)
@@ -163,7 +197,8 @@ def _start_locked(data_dir: Path) -> tuple[int, bool]:
         pg_ctl = [_bin("pg_ctl"), "-D", str(data_dir), "-l", log, "-o", options, "-w", "-t", "60"]
         try:
             _command([*pg_ctl, "start"], user, timeout=90)
-            return port, True
+            _own(data_dir)
+            return port, True, False
         except RuntimeError:
             # The port was taken between our look and the server's bind: try another; the
             # last failure is the answer.
@@ -179,6 +214,22 @@ def stop(data_dir: Path) -> None:
     subprocess.run(  # noqa: S603 (as above)
         stop_args, user=user, capture_output=True, timeout=90, check=False
     )
+    _disown(data_dir)
+
+
+def stop_running(data_dir: Path) -> int | None:
+    """`ciris-billing db stop`: stop the server running on `data_dir`, whoever owns it; its
+    port, or None when none was running."""
+    data_dir = data_dir.expanduser().resolve()
+    if not data_dir.is_dir():
+        return None
+    with (data_dir.parent / f".{data_dir.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        port = _running_port(data_dir)
+        if port is not None:
+            stop(data_dir)
+        _owner_file(data_dir).unlink(missing_ok=True)
+        return port
 
 
 def run_to_end(coroutine: Coroutine[Any, Any, None]) -> None:
@@ -209,16 +260,17 @@ def embedded_postgres(
     data_dir: Path = DEFAULT_DATA_DIR, database: str = DATABASE
 ) -> Iterator[EmbeddedPostgres]:
     """Start the server on `data_dir` (kept between runs) with `database` in it, or join the one
-    already running there; on exit, stop it if it was started here."""
+    already running there (adopt it when the command that started it is gone); on exit, stop
+    it if it was started or adopted here."""
     data_dir = data_dir.expanduser().resolve()
     main_thread = threading.current_thread() is threading.main_thread()  # signals: main only
     previous = signal.getsignal(signal.SIGTERM)
     if main_thread:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        port, started_here = start(data_dir)
+        port, started_here, adopted = start(data_dir)
         try:
-            running = EmbeddedPostgres(data_dir, port, started_here)
+            running = EmbeddedPostgres(data_dir, port, started_here, adopted)
             run_to_end(_create_database(running.url("postgres"), database))
             yield running
         finally:

@@ -28,6 +28,15 @@ def _as_role(url: str, role: str) -> str:
     return f"{scheme}://{role}@{rest.split('@', 1)[1]}"
 
 
+async def _end_sessions(admin_url: str, role: str) -> None:
+    conn = await asyncpg.connect(admin_url, timeout=5)
+    try:
+        sql = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1"
+        await conn.execute(sql, role)
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
 async def limited_url(postgres_admin_url: str, fresh_database: str) -> AsyncIterator[str]:
     """`fresh_database` reached as a role of its own (CONNECTION LIMIT 4 to start)."""
@@ -43,10 +52,7 @@ async def limited_url(postgres_admin_url: str, fresh_database: str) -> AsyncIter
         yield _as_role(fresh_database, role)
     finally:
         await pg_admin(postgres_admin_url, f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
-        await pg_admin(
-            postgres_admin_url,
-            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'",
-        )
+        await _end_sessions(postgres_admin_url, role)
         await pg_admin(fresh_database, f'DROP OWNED BY "{role}"')
         await pg_admin(postgres_admin_url, f'DROP ROLE "{role}"')
 
@@ -55,10 +61,7 @@ async def _refuse_connections(admin_url: str, role_url: str) -> None:
     """No new connection for the role (53300), and none of its connections left."""
     role = role_url.split("://", 1)[1].split("@", 1)[0]
     await pg_admin(admin_url, f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
-    await pg_admin(
-        admin_url,
-        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'",
-    )
+    await _end_sessions(admin_url, role)
 
 
 async def test_finding14_too_many_clients_is_503_with_retry_after(
