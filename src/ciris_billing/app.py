@@ -54,7 +54,13 @@ from ciris_billing.payments.routes import router as payments_router
 from ciris_billing.payments.sandbox_routes import router as sandbox_router
 from ciris_billing.portal.routes import router as portal_router
 from ciris_billing.pricing import Pricing
-from ciris_billing.ratelimit import Limiter, SharedBuckets, SharedStore, TokenBuckets
+from ciris_billing.ratelimit import (
+    FailureLimit,
+    Limiter,
+    SharedBuckets,
+    SharedStore,
+    TokenBuckets,
+)
 from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.web.docs import router as docs_router
 from ciris_billing.webhooks import inbox
@@ -153,10 +159,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             key_limits=key_limits,
             account_limits=account_limits,
             secrets=installation,
-            console_logins=TokenBuckets(
-                settings.console_login_failures_per_minute / 60,
-                settings.console_login_failures_per_minute,
-            ),
+            console_logins=login_failures(settings, shared),
         )
         app.state.billing = state
         log.info("billing_started", version=__version__, database=engine.dialect.name)
@@ -233,6 +236,17 @@ def rate_limits(settings: Settings) -> tuple[SharedStore | None, Limiter, Limite
         SharedBuckets(shared, "key", key_rate, 2 * key_rate),
         SharedBuckets(shared, "account", account_rate, account_burst, hashed=True),
     )
+
+
+def login_failures(settings: Settings, shared: SharedStore | None) -> FailureLimit:
+    """Failed console sign-ins per client address: in Redis with REDIS_URL (every worker and
+    instance count together), else per process."""
+    rate = settings.console_login_failures_per_minute / 60
+    burst = settings.console_login_failures_per_minute
+    if shared is None:
+        return FailureLimit(TokenBuckets(rate, burst))
+    # Addresses are personal data: Redis sees only their digest.
+    return FailureLimit(SharedBuckets(shared, "console_login", rate, burst, hashed=True))
 
 
 def announce_provider(name: str) -> None:
