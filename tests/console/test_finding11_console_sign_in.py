@@ -101,6 +101,20 @@ async def test_finding11_failures_are_counted_per_client_and_logged_with_its_add
     assert [line["client"] for line in signed_in] == ["192.0.2.44"]
 
 
+async def test_finding11_wrong_api_keys_count_as_failed_sign_ins(api: Api) -> None:
+    async with browser_at(api, "198.51.100.8") as guesser:
+        for n in range(3):  # guessing the admin key through the API
+            guessed = await guesser.get(
+                "/v1/billing/webhook_endpoints", headers={"X-API-Key": f"cbk_{n}"}
+            )
+            assert guessed.status_code == 401
+        assert (await Console(guesser).sign_in(api.keys["admin"])).status_code == 429
+    # Requests with no key at all are not guesses; other clients are not concerned.
+    for _ in range(5):
+        assert (await api.http.get("/v1/billing/webhook_endpoints")).status_code == 401
+    assert (await Console(api.http).sign_in(api.keys["admin"])).status_code == 303
+
+
 async def test_finding11_failures_are_shared_between_workers_through_redis(
     database_url: str,
 ) -> None:
