@@ -6,12 +6,13 @@ import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -27,14 +28,14 @@ from ciris_billing.accounts.hot.reader import AccountReader
 from ciris_billing.accounts.hot.writer import ChargeStore
 from ciris_billing.accounts.reservation_routes import router as reservations_router
 from ciris_billing.accounts.routes import router as accounts_router
-from ciris_billing.auth import KeyStore
+from ciris_billing.auth import API_KEY_HEADER, BEARER, KeyStore, chosen_key, same_secret
 from ciris_billing.autotopup.routes import router as auto_topup_router
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.console.action_routes import router as console_actions_router
 from ciris_billing.console.routes import router as console_router
 from ciris_billing.db import create_engine, session_settings
-from ciris_billing.deps import AppState, StateDep, json_response
+from ciris_billing.deps import AppState, StateDep, authorize_key, json_response
 from ciris_billing.edge import RouteGate
 from ciris_billing.errors import error_responses
 from ciris_billing.errors_http import RENDERED, error_response
@@ -53,8 +54,15 @@ from ciris_billing.payments.routes import router as payments_router
 from ciris_billing.payments.sandbox_routes import router as sandbox_router
 from ciris_billing.portal.routes import router as portal_router
 from ciris_billing.pricing import Pricing
-from ciris_billing.ratelimit import Limiter, SharedBuckets, SharedStore, TokenBuckets
+from ciris_billing.ratelimit import (
+    FailureLimit,
+    Limiter,
+    SharedBuckets,
+    SharedStore,
+    TokenBuckets,
+)
 from ciris_billing.unit_of_work import unit_of_work
+from ciris_billing.web.docs import router as docs_router
 from ciris_billing.webhooks import inbox
 from ciris_billing.webhooks.routes import router as webhooks_router
 
@@ -151,10 +159,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             key_limits=key_limits,
             account_limits=account_limits,
             secrets=installation,
-            console_logins=TokenBuckets(
-                settings.console_login_failures_per_minute / 60,
-                settings.console_login_failures_per_minute,
-            ),
+            console_logins=login_failures(settings, shared),
         )
         app.state.billing = state
         log.info("billing_started", version=__version__, database=engine.dialect.name)
@@ -185,6 +190,10 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         version=__version__,
         description="Free uses, paid uses and purchases for AI-agent products.",
         lifespan=lifespan,
+        # web/docs.py serves them, with assets of its own (no CDN) and security headers.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
         # Any route: a body over MAX_REQUEST_BYTES, or the database unreachable.
         responses=error_responses(413, 503),
         generate_unique_id_function=openapi.operation_id,  # createCharge, not its path
@@ -201,6 +210,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(portal_router)
     app.include_router(console_router)
     app.include_router(console_actions_router)
+    app.include_router(docs_router)
     _add_operational_routes(app)
     _add_error_handlers(app)
     openapi.install(app)
@@ -228,6 +238,17 @@ def rate_limits(settings: Settings) -> tuple[SharedStore | None, Limiter, Limite
         SharedBuckets(shared, "key", key_rate, 2 * key_rate),
         SharedBuckets(shared, "account", account_rate, account_burst, hashed=True),
     )
+
+
+def login_failures(settings: Settings, shared: SharedStore | None) -> FailureLimit:
+    """Failed console sign-ins per client address: in Redis with REDIS_URL (every worker and
+    instance count together), else per process."""
+    rate = settings.console_login_failures_per_minute / 60
+    burst = settings.console_login_failures_per_minute
+    if shared is None:
+        return FailureLimit(TokenBuckets(rate, burst))
+    # Addresses are personal data: Redis sees only their digest.
+    return FailureLimit(SharedBuckets(shared, "console_login", rate, burst, hashed=True))
 
 
 def announce_provider(name: str) -> None:
@@ -270,8 +291,17 @@ def _add_operational_routes(app: FastAPI) -> None:
         return json_response(200, {"status": "ok", "database": "ok", "version": __version__})
 
     @app.get("/metrics", tags=["operations"], include_in_schema=False)
-    async def metrics() -> Response:
-        """Prometheus exposition."""
+    async def metrics(
+        state: StateDep,
+        api_key: Annotated[str | None, Security(API_KEY_HEADER)],
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+    ) -> Response:
+        """Prometheus exposition, for METRICS_TOKEN as a bearer token (Prometheus'
+        `authorization`) or a read key (its figures, purchases included, are not public)."""
+        presented = chosen_key(api_key, bearer)
+        token = state.settings.metrics_token
+        if token is None or presented is None or not same_secret(presented, token):
+            await authorize_key(state, presented, "read")
         payload, content_type = metrics_payload()
         return Response(content=payload, media_type=content_type)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -116,6 +117,12 @@ def chosen_key(api_key: str | None, bearer: HTTPAuthorizationCredentials | None)
     """The key the routes' security dependencies found: `X-API-Key` wins, as in
     `presented_key` (both parse the headers the same way)."""
     return api_key or (bearer.credentials if bearer is not None else None)
+
+
+def same_secret(presented: str, secret: SecretStr) -> bool:
+    """Is `presented` this configured secret? (constant time; bytes: compare_digest refuses
+    non-ASCII str)"""
+    return hmac.compare_digest(presented.encode(), secret.get_secret_value().encode())
 
 
 def presented_key(headers: Any) -> str | None:

@@ -201,6 +201,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def proxy_options(forwarded_allow_ips: str | None) -> dict[str, Any]:
+    """uvicorn's proxy settings from FORWARDED_ALLOW_IPS: forwarded headers believed only from
+    those addresses; unset, from none (uvicorn's own default believes any local process)."""
+    allowed = (forwarded_allow_ips or "").strip()
+    return {"proxy_headers": bool(allowed), "forwarded_allow_ips": allowed or ""}
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -252,6 +259,7 @@ def serve(host: str, port: int, workers: int, run_migrations: bool) -> None:
         "timeout_keep_alive": 15,
         # uvicorn's httptools protocol with header and body read timeouts (serving.py).
         "http": TimedHttpToolsProtocol,
+        **proxy_options(settings.forwarded_allow_ips),
     }
     if threading.current_thread() is threading.main_thread():
         # A stop asked for (SIGTERM: systemd, docker, kill) ends in a clean exit, 0, once the

@@ -92,10 +92,17 @@ class Settings(BaseSettings):
 
     # The operator console (/console): a session ends after this long without a request, and
     # this long after login whatever the activity. Failed logins per client address and minute
-    # (per worker process) before the console answers 429.
+    # (shared through Redis with REDIS_URL, else per worker process) before the console answers 429.
     console_session_idle_seconds: int = Field(default=1800, ge=1, le=7 * 86_400)
     console_session_max_seconds: int = Field(default=12 * 3600, ge=1, le=30 * 86_400)
     console_login_failures_per_minute: float = Field(default=10, ge=0)
+    # Addresses of the proxies in front (comma-separated IPs or networks, `*` for any) whose
+    # X-Forwarded-For / X-Forwarded-Proto `serve` believes: uvicorn's own setting. Unset: none
+    # (a client's own headers never choose the address the console's limits and logs see).
+    forwarded_allow_ips: str | None = None
+    # A bearer token Prometheus may scrape /metrics with (its `authorization` setting), besides
+    # any read key. Unset: a read key only.
+    metrics_token: SecretStr | None = Field(default=None, min_length=16)
     # Events out (events/): balance.low fires when an account's available uses cross below
     # this (an account may have its own threshold).
     low_balance_threshold_uses: int = Field(default=3, ge=0, le=1_000_000)
@@ -138,7 +145,13 @@ class Settings(BaseSettings):
             raise ValueError("CURRENCY must be a 3-letter ISO code")
         return value.upper()
 
-    @field_validator("sandbox_webhook_secret", "checkout_link_secret", "redis_url", mode="before")
+    @field_validator(
+        "sandbox_webhook_secret",
+        "checkout_link_secret",
+        "redis_url",
+        "metrics_token",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value

@@ -9,6 +9,7 @@ request to its route template once, then:
   body is read or parsed: without a valid key the answer is 401/403 and the body stays unread.
   For the fast path's routes (credit check, charge) the key's rate limit is left to the fast
   path, which takes it with the account's in one go (deps.KEY_LIMIT_DUE);
+  A key that is not valid counts as a failed console sign-in of the client (its address).
   The principal goes into the scope, and the routes' key dependency (deps.require) and the fast
   path take it from there: one authentication per request;
 - for a framework route with a JSON body, parses the body strictly (`loads_strict`) and answers
@@ -32,8 +33,9 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ciris_billing.auth import presented_key
 from ciris_billing.deps import AUTHENTICATED, KEY_LIMIT_DUE, authorize
-from ciris_billing.errors import InvalidRequest
+from ciris_billing.errors import AuthenticationRequired, InvalidRequest
 from ciris_billing.errors_http import error_response
 from ciris_billing.observability import ROUTE_TEMPLATE
 
@@ -235,6 +237,12 @@ class RouteGate:
                 rendered = error_response(exc)
                 if rendered is None:
                     raise
+                if isinstance(exc, AuthenticationRequired) and presented_key(headers):
+                    # A wrong key counts as a failed console sign-in of this client: guessing
+                    # the admin key through the API gets no more tries than the login form.
+                    client = scope.get("client")
+                    failures = self.billing.state.billing.console_logins
+                    await failures.failed(client[0] if client else "unknown")
                 await rendered(scope, receive, send)
                 return
             scope[AUTHENTICATED] = (rule.scope, principal)

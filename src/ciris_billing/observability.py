@@ -198,6 +198,9 @@ def metrics_payload() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
 
 
+NO_STORE = (b"cache-control", b"no-store")
+
+
 class RequestContextMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware cost): request id in logs and response, latency metric."""
 
@@ -220,7 +223,13 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), header]
+                headers = message.get("headers", [])
+                # Answers are about one client (balances, exports, keys): no cache may keep
+                # them, unless the route said otherwise (static assets).
+                if not any(name.lower() == b"cache-control" for name, _ in headers):
+                    message["headers"] = [*headers, header, NO_STORE]
+                else:
+                    message["headers"] = [*headers, header]
             await send(message)
 
         try:

@@ -79,6 +79,25 @@ end
 return waits
 """
 
+# KEYS[1]: one bucket; ARGV: its rate and burst. Like _TAKE without spending: 0 when a token is
+# there, else the milliseconds until one is (to refuse before doing the work a failure spends).
+_PEEK = """
+local saved = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(saved[1])
+local at = tonumber(saved[2])
+if tokens == nil or at == nil then
+  return 0
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local rate = tonumber(ARGV[1])
+tokens = math.min(tonumber(ARGV[2]), tokens + math.max(0, now - at) * rate / 1000000)
+if tokens >= 1 then
+  return 0
+end
+return math.ceil((1 - tokens) * 1000 / rate)
+"""
+
 
 class Limiter(Protocol):
     """What the edge and the answers ask: may `key` go on? (raises RateLimited if not)."""
@@ -162,6 +181,7 @@ class SharedStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._take = redis.register_script(_TAKE)
+        self._peek = redis.register_script(_PEEK)
         self._waiting: list[_Taker] = []
         self._sending: set[asyncio.Task[None]] = set()
         self._warned_at = -math.inf
@@ -217,6 +237,17 @@ class SharedStore:
                 self._fail_open(limit, exc)
             return [None] * len(takes)
         return [wait_ms / 1000 if wait_ms else None for wait_ms in waits]
+
+    async def peek(self, take: Take) -> float | None:
+        """The seconds until the bucket has a token (None: it has one, or failing open)."""
+        bucket, rate, burst, limit = take
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_SECONDS):
+                wait_ms = int(await self._peek(keys=[bucket], args=[rate, burst]))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._fail_open(limit, exc)
+            return None
+        return wait_ms / 1000 if wait_ms else None
 
     def _send_waiting(self) -> None:
         batch, self._waiting = self._waiting, []
@@ -309,3 +340,29 @@ async def check_all(checks: Sequence[tuple[Limiter, str, str]]) -> None:
         return
     for limit, key, what in checks:
         await limit.check(key, what)
+
+
+class FailureLimit:
+    """Failures per client address (console sign-ins with a wrong key): a client whose bucket
+    is empty is refused before its attempt is even checked; only failures spend. Shared through
+    Redis with REDIS_URL (every worker and instance count together), else per process."""
+
+    def __init__(self, buckets: TokenBuckets | SharedBuckets) -> None:
+        self.buckets = buckets
+
+    async def waiting(self, client: str) -> float | None:
+        """None if `client` may try, else the seconds until it may."""
+        if not self.buckets.enabled:
+            return None
+        if isinstance(self.buckets, SharedBuckets):
+            return await self.buckets.store.peek(self.buckets.bucket(client))
+        return self.buckets.waiting(client)
+
+    async def failed(self, client: str) -> None:
+        """Count one failure of `client`."""
+        if not self.buckets.enabled:
+            return
+        if isinstance(self.buckets, SharedBuckets):
+            await self.buckets.store.take([self.buckets.bucket(client)])
+        else:
+            self.buckets.take(client)

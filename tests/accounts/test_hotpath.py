@@ -288,7 +288,7 @@ async def test_rate_limited_account_gets_429_with_retry_after(database_url: str)
 
 async def test_latency_metric_is_labelled_with_the_route(twins: Twins) -> None:
     await twins.both("POST", CHARGES, user("m"))
-    exposition = (await twins.fast.get("/metrics")).text
+    exposition = (await twins.fast.get("/metrics", headers={"X-API-Key": twins.keys["read"]})).text
     assert re.search(
         r'billing_http_request_duration_seconds_count\{method="POST",route="/v1/billing/charges",'
         r'status="201"\} [1-9]',

@@ -151,7 +151,7 @@ async def test_health_metrics_and_docs(api: Api) -> None:
     assert health.json()["database"] == "ok"
     await api.post("/v1/billing/credits/check", identity("metrics@example.com"))
     await api.post("/v1/billing/charges", identity("metrics@example.com"))
-    metrics = (await api.http.get("/metrics")).text
+    metrics = (await api.get("/metrics")).text
     assert 'billing_credit_checks_total{purchase_required="false"}' in metrics
     assert 'billing_charges_total{success="True"}' in metrics
     assert 'route="/v1/billing/charges"' in metrics

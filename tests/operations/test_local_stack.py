@@ -208,6 +208,10 @@ def test_prometheus_scrapes_billing_api_metrics() -> None:
     assert len(jobs) == 1
     assert jobs[0].get("metrics_path", "/metrics") == "/metrics"
     assert jobs[0].get("scheme", "http") == "http"
+    # /metrics is not public (issue 21 finding 12): the scrape sends billing-api's token.
+    authorization = jobs[0]["authorization"]
+    assert authorization["type"] == "Bearer"
+    assert authorization["credentials"] == service("billing-api")["environment"]["METRICS_TOKEN"]
     assert published_ports(service("billing-api")).get(8000), "billing-api listens on 8000"
 
 
@@ -359,7 +363,7 @@ async def drive_every_metric(api: Api) -> None:
 
 async def test_dashboard_queries_use_metrics_the_app_exposes(api: Api) -> None:
     await drive_every_metric(api)
-    response = await api.http.get("/metrics")
+    response = await api.get("/metrics")
     assert response.status_code == 200
     exposed = exposed_metrics(response.text)
     job_names = {job["job_name"] for job in load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]}

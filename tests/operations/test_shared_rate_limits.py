@@ -79,8 +79,13 @@ def _most(burst: int, per_second: float, seconds: float) -> int:
     return burst + math.ceil(per_second * seconds)
 
 
+# /metrics needs a read key or this token (issue 21 finding 12): the token takes no key limit.
+METRICS_TOKEN = "shared-limits-metrics-token"
+
+
 def _fail_open_count(base: str, limit: str) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
+    scrape = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    text = httpx.get(f"{base}/metrics", headers=scrape, timeout=10).text
     found = re.search(rf'billing_rate_limit_fail_open_total\{{limit="{limit}"\}} (\S+)', text)
     return float(found.group(1)) if found else 0.0
 
@@ -99,6 +104,7 @@ async def test_account_limit_holds_across_two_instances_and_fails_open_without_r
         postgres_url,
         REDIS_URL=redis_server.url,
         RATE_LIMIT_ACCOUNT_PER_MINUTE=str(ACCOUNT_PER_MINUTE),
+        METRICS_TOKEN=METRICS_TOKEN,
     )
     key = create_key(env, "write")
     logs = [tmp_path / "one.log", tmp_path / "two.log"]
@@ -162,7 +168,10 @@ async def test_key_limit_holds_across_two_instances(
 ) -> None:
     await truncate(postgres_url)
     env = service_env(
-        postgres_url, REDIS_URL=redis_server.url, RATE_LIMIT_KEY_PER_SECOND=str(KEY_PER_SECOND)
+        postgres_url,
+        REDIS_URL=redis_server.url,
+        RATE_LIMIT_KEY_PER_SECOND=str(KEY_PER_SECOND),
+        METRICS_TOKEN=METRICS_TOKEN,
     )
     key = create_key(env, "write")
     with (

@@ -1,6 +1,7 @@
 """The console's actions, each in two steps: a form posts to `/console/actions/{action}`, which
-answers a confirmation page (what will change, with a one-time confirmation id); its Confirm
-button posts the same fields with `confirm=yes`, and the action runs (console/actions.py: the
+answers a confirmation page (what will change, with a one-time confirmation id and the token
+the server issued for exactly that: console/confirmations.py); its Confirm button posts the
+same fields with `confirm=yes`, and the action runs, only with that token (console/actions.py: the
 service functions the API and CLI use, and the audit-trail row, in one unit of work). Then a
 redirect to the page it concerns, which shows the audit row as the notice of what was done."""
 
@@ -16,7 +17,7 @@ from fastapi.responses import Response
 
 from ciris_billing import auth
 from ciris_billing.checkout.routes import format_price
-from ciris_billing.console import actions, queries
+from ciris_billing.console import actions, confirmations, queries
 from ciris_billing.console.sessions import Session
 from ciris_billing.console.web import (
     check_csrf,
@@ -28,7 +29,7 @@ from ciris_billing.console.web import (
     to_login,
 )
 from ciris_billing.deps import AppState, StateDep, UnitOfWorkDep
-from ciris_billing.errors import BillingError, InvalidRequest
+from ciris_billing.errors import BillingError, CsrfRefused, InvalidRequest
 from ciris_billing.events import endpoints
 from ciris_billing.payments import refunds
 from ciris_billing.payments.purchases import api_status
@@ -397,16 +398,29 @@ async def act(action: str, request: Request, state: StateDep, work: UnitOfWorkDe
         plan = await planner(state, work, form)
     except BillingError as exc:
         return problem(exc, session, back="/console")
+    secret = state.secrets.console_secret
     if form.get("confirm") != "yes":
+        request_id = secrets.token_urlsafe(24)
         return page(
             "console_confirm.html",
             session,
             action=action,
             plan=plan,
-            request_id=secrets.token_urlsafe(24),
+            request_id=request_id,
+            confirmation=confirmations.issue(
+                secret, session.csrf_token, action, plan.fields, request_id
+            ),
             nav="",
         )
     request_id = form.get("request_id", "")
+    # Only a Confirm of a confirmation page this session was shown, for exactly these fields.
+    if not confirmations.valid(
+        secret, form.get("confirmation"), session.csrf_token, action, plan.fields, request_id
+    ):
+        refused = CsrfRefused(
+            "This confirmation was not issued for this action (or it expired); start again"
+        )
+        return problem(refused, session, back=plan.back)
     try:
         done = await runner(state, work, session, plan.fields, request_id)
     except BillingError as exc:

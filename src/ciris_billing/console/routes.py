@@ -26,6 +26,7 @@ from ciris_billing.console.sessions import (
     login_nonce,
     open_session,
     same_token,
+    valid_nonce,
 )
 from ciris_billing.console.web import (
     check_csrf,
@@ -64,10 +65,19 @@ async def static(name: str) -> Response:
         return Response(status_code=404)
 
 
+def client_address(request: Request) -> str:
+    """The client's address: the connection's, or the one a trusted proxy forwarded (`serve`
+    trusts X-Forwarded-For only from FORWARDED_ALLOW_IPS)."""
+    return request.client.host if request.client else "unknown"
+
+
 def _login_page(
     state: AppState, request: Request, error: str | None = None, status_code: int = 200
 ) -> Response:
-    nonce = request.cookies.get(LOGIN_COOKIE) or login_nonce()
+    secret, client = state.secrets.console_secret, client_address(request)
+    nonce = request.cookies.get(LOGIN_COOKIE) or ""
+    if not valid_nonce(secret, nonce, client):  # only a nonce this server issued to this client
+        nonce = login_nonce(secret, client)
     response = render(
         "console_login.html",
         status_code=status_code,
@@ -97,18 +107,23 @@ async def login_form(request: Request, state: StateDep, work: UnitOfWorkDep) -> 
 @router.post("/login")
 async def login(request: Request, state: StateDep, work: UnitOfWorkDep) -> Response:
     """An admin API key opens a session. Failed attempts are limited per client address."""
+    client = client_address(request)
     try:
         form = await form_of(request)
         nonce = request.cookies.get(LOGIN_COOKIE)
-        if not nonce or not same_token(
-            login_csrf(state.secrets.console_secret, nonce), form.get("csrf_token")
+        secret = state.secrets.console_secret
+        if not (
+            nonce
+            and valid_nonce(secret, nonce, client)
+            and same_token(login_csrf(secret, nonce), form.get("csrf_token"))
         ):
             raise CsrfRefused("The login form expired or was not sent from this page; try again")
     except BillingError as exc:
+        log.warning("console_login_refused", client=client, reason=exc.code)
         return problem(exc, None, back="/console/login")
-    client = request.client.host if request.client else "unknown"
-    wait = state.console_logins.waiting(client)
+    wait = await state.console_logins.waiting(client)
     if wait is not None:
+        log.warning("console_login_rate_limited", client=client)
         seconds = max(1, int(wait) + 1)
         refused = RateLimited(f"Too many failed logins; try again in {seconds} s")
         response = problem(refused, None, back="/console/login")
@@ -117,8 +132,9 @@ async def login(request: Request, state: StateDep, work: UnitOfWorkDep) -> Respo
     try:
         principal = await state.keys.authenticate(form.get("api_key", "").strip(), "admin")
     except (AuthenticationRequired, ScopeMissing):
-        state.console_logins.take(client)
-        log.warning("console_login_failed")
+        await state.console_logins.failed(client)
+        # The client's address, for the operator who looks for who is guessing (never the key).
+        log.warning("console_login_failed", client=client)
         return _login_page(
             state,
             request,
@@ -126,7 +142,7 @@ async def login(request: Request, state: StateDep, work: UnitOfWorkDep) -> Respo
             status_code=401,
         )
     token, session = await open_session(await work.connection(), principal, state.settings)
-    log.info("console_login", operator=session.operator.name)
+    log.info("console_login", operator=session.operator.name, client=client)
     response = redirect("/console")
     session_cookie(response, request, state, token, state.settings.console_session_max_seconds)
     response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH)

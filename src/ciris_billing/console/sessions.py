@@ -7,7 +7,10 @@
   ends it at the next request.
 - Every form carries the session's CSRF token; the login form, before any session, carries
   HMAC(console secret, a random nonce in a short-lived cookie of its own): a page of another
-  site can neither read it nor make it.
+  site can neither read it nor make it. The nonce is the server's own: it is signed with the
+  console secret together with its time of issue and the client address it was issued to, so
+  a cookie planted by someone else (a value of their choosing, or a nonce the server issued
+  to them) is not accepted: the login page issues a fresh one, the login is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -112,8 +116,28 @@ async def close(conn: AsyncConnection, token: str | None) -> None:
         await conn.execute(delete(console_sessions).where(console_sessions.c.id == _digest(token)))
 
 
-def login_nonce() -> str:
-    return secrets.token_urlsafe(24)
+def _nonce_mac(secret: bytes, random: str, issued: str, client: str) -> str:
+    message = "\0".join(("console-login-nonce", random, issued, client)).encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
+
+
+def login_nonce(secret: bytes, client: str, now: float | None = None) -> str:
+    """A new login nonce for the browser at `client` (its address): random, signed with its
+    time of issue and that address."""
+    random = secrets.token_urlsafe(18)
+    issued = str(int(time.time() if now is None else now))
+    return f"{random}.{issued}.{_nonce_mac(secret, random, issued, client)}"
+
+
+def valid_nonce(secret: bytes, nonce: str | None, client: str, now: float | None = None) -> bool:
+    """Did this server issue `nonce` to `client`, less than LOGIN_NONCE_SECONDS ago?"""
+    if not nonce or len(nonce) > 200 or nonce.count(".") != 2:
+        return False
+    random, issued, mac = nonce.split(".")
+    if not issued.isdigit() or not same_token(_nonce_mac(secret, random, issued, client), mac):
+        return False
+    age = (time.time() if now is None else now) - int(issued)
+    return 0 <= age < LOGIN_NONCE_SECONDS
 
 
 def login_csrf(secret: bytes, nonce: str) -> str:
