@@ -417,10 +417,8 @@ listen billing
             wait_for(name, lambda p=port: http_status(f"http://{HOST}:{p}/health", 2) == 200, 90)
 
     def stop_service(self, name: str) -> list[int]:
-        """SIGSTOP an instance (its parent and workers: its own process group)."""
-        pids = tree(self.services[name].pid)
-        freeze(pids)
-        return pids
+        """SIGSTOP an instance: its parent and its workers."""
+        return freeze(self.services[name].pid)
 
     def kill_service(self, name: str) -> None:
         """kill -9 an instance: its parent and its workers (its own process group)."""
@@ -451,11 +449,17 @@ def tree(*roots: int) -> list[int]:
 FROZEN: set[int] = set()  # SIGSTOPped and not yet resumed: close() resumes them first
 
 
-def freeze(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGSTOP)
-            FROZEN.add(pid)
+def freeze(*roots: int) -> list[int]:
+    """SIGSTOP `roots` and all their descendants, parents first; again until no process is
+    found that the last pass missed (one forked between the listing and its parent's stop)."""
+    stopped: list[int] = []
+    while new := [pid for pid in tree(*roots) if pid not in stopped]:
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                FROZEN.add(pid)
+            stopped.append(pid)
+    return stopped
 
 
 def thaw(pids: list[int]) -> None:

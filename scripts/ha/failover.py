@@ -46,7 +46,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
-from cluster import PATRONI, SYNC_STRICT, Cluster, Node, freeze, require_programs, thaw, tree
+from cluster import PATRONI, SYNC_STRICT, Cluster, Node, freeze, require_programs, thaw
 
 # The agent client's retry policy (src/ciris_billing/client/_core.py): these statuses and
 # broken connections are retried; Retry-After on 429/503 is honoured.
@@ -491,12 +491,13 @@ class Run:
         assert postmaster is not None
         assert old.patroni is not None
         done = Round(name, time.monotonic(), old.name)
+        roots: list[int] = []
         if name == "stall-postgres":
-            pids = tree(postmaster)
-            log(f"{name}: SIGSTOP {old.name}'s postgres ({len(pids)} processes) for 30 s")
+            roots = [postmaster]
+            log(f"{name}: SIGSTOP {old.name}'s postgres (postmaster and backends) for 30 s")
         elif name == "stall-node":
-            pids = tree(old.patroni.pid, postmaster)
-            log(f"{name}: SIGSTOP {old.name}'s Patroni and postgres ({len(pids)} processes)")
+            roots = [old.patroni.pid, postmaster]
+            log(f"{name}: SIGSTOP {old.name}'s Patroni and postgres for 30 s")
         elif name == "kill-postgres":
             log(f"{name}: kill -9 {old.name}'s postmaster (pid {postmaster})")
             os.kill(postmaster, signal.SIGKILL)
@@ -505,8 +506,7 @@ class Run:
             os.kill(old.patroni.pid, signal.SIGKILL)
             old.patroni.wait()
         stalled = name.startswith("stall")
-        if stalled:
-            freeze(pids)
+        pids = freeze(*roots) if stalled else []
         try:
             done.promoted_at = await until(f"{name}: {other.name} promoted", other.is_leader, 60)
             done.new = other.name
