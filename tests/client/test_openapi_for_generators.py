@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from tests.client.test_openapi_client import PUBLIC, served_spec
+from tests.support.api import Api, identity
 
 # The operations the guide and the clients use: these names are a promise to generated code.
 GUIDE_OPERATIONS = {
@@ -99,3 +100,37 @@ def test_the_guides_requests_have_examples() -> None:
         assert content["examples"], op
         for example in content["examples"].values():
             assert example["value"]["oauth_provider" if "capture" not in op[1] else "uses"]
+
+
+async def test_the_examples_are_requests_the_service_accepts(api: Api) -> None:
+    # The guide's order: account, check, charge, purchase, hold, capture; each example as sent.
+    operations = _operations((await api.http.get("/openapi.json")).json())
+
+    def example(method: str, path: str) -> Any:
+        content = operations[(method, path)]["requestBody"]["content"]["application/json"]
+        return next(iter(content["examples"].values()))["value"]
+
+    assert (
+        await api.post("/v1/billing/accounts", example("post", "/v1/billing/accounts"))
+    ).is_success
+    for path, expected in [
+        ("/v1/billing/credits/check", 200),
+        ("/v1/billing/charges", 201),
+        ("/v1/billing/purchases", 201),
+    ]:
+        answer = await api.post(path, example("post", path))
+        assert answer.status_code == expected, (path, answer.text)
+    await api.post(
+        "/v1/billing/credits",
+        {**identity("stripe-test@example.com"), "uses": 10, "reason": "test"},
+        scope="admin",
+    )
+    held = await api.post("/v1/billing/reservations", example("post", "/v1/billing/reservations"))
+    assert held.status_code == 201, held.text
+    capture = "/v1/billing/reservations/{reservation_id}/capture"
+    captured = await api.post(
+        capture.format(reservation_id=held.json()["reservation_id"]), example("post", capture)
+    )
+    assert captured.status_code == 201, captured.text
+    assert captured.json()["uses"] == 3
+    assert (await api.audit()).clean
