@@ -1,7 +1,7 @@
 """paid purchases confirmed: the payer's confirmation mark, the sandbox's webhooks redelivered
 
 Revision ID: 20261207_paid_confirmed
-Revises: 20261205_console
+Revises: 20261207_audit_owed
 Create Date: 2026-12-07 14:00:00
 
 - `purchases.paid_seen_at`: the payment page (or the agent client) asked the service to confirm
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "20261207_paid_confirmed"
-down_revision: str | None = "20261205_console"
+down_revision: str | None = "20261207_audit_owed"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
