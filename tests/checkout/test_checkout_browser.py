@@ -338,8 +338,9 @@ def test_the_auto_topup_box_saves_the_card(
     expect(page.locator("#success-title")).to_have_text("Payment successful — 20 uses added")
 
     # The choice went before the card; the account now has auto top-up with the card's last 4.
+    # (Then the page asked the service to confirm the payment: issue 22 item 4.)
     sent = [r.url.rsplit("/", 1)[-1] for r in tab.requests if r.method == "POST"]
-    assert sent == ["auto_topup", "confirm"], sent
+    assert sent == ["auto_topup", "confirm", "sync"], sent
     shown = service.get(
         f"/v1/billing/accounts/oauth:google/{user['external_id']}/auto_topup"
     ).json()

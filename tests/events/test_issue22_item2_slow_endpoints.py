@@ -120,9 +120,7 @@ async def test_slow_endpoints_starve_every_background_job(database_url: str) -> 
 
             # A 1 s hold, while 14 endpoints hang: released within JOBS_POLL_SECONDS + 2 s.
             who = identity("held@example.com")
-            hold = await api.post(
-                "/v1/billing/reservations", {**who, "uses": 2, "ttl_seconds": 1}
-            )
+            hold = await api.post("/v1/billing/reservations", {**who, "uses": 2, "ttl_seconds": 1})
             assert hold.status_code == 201, hold.text
             expired_after = await seconds_until_expired(
                 api, hold.json()["reservation_id"], limit=60
