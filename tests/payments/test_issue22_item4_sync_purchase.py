@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select, update
 
 from ciris_billing.db import purchases, sandbox_payments, sandbox_webhook_events
 from ciris_billing.jobs import Recovery
 from ciris_billing.payments.providers.sandbox_webhooks import redeliver_delay
+from ciris_billing_client import AsyncBillingClient
 from tests.support.api import Api, identity
 
 USER = identity("sync@example.com")
@@ -157,4 +159,21 @@ async def test_the_sandbox_redelivers_a_webhook_the_inbox_did_not_take(api: Api)
         ).one()
     assert (row.attempts, row.delivered_at is not None) == (1, True)
     assert await credits_remaining(api) == 20  # the inbox took it again: credited once
+    assert (await api.audit()).clean
+
+
+async def test_the_agent_client_confirms_a_paid_purchase(api: Api) -> None:
+    """`confirm_purchase`: what an agent calls once the provider told its user it succeeded."""
+    purchase = await bought(api)
+    payment_id = purchase["payment_id"]
+    await paid_at_the_provider_but_its_webhook_lost(api, payment_id)
+    # The in-process app's own transport (no server to start).
+    transport = api.http._transport
+    assert isinstance(transport, httpx.AsyncBaseTransport)
+    async with AsyncBillingClient(
+        "http://billing.test", api.keys["write"], transport=transport
+    ) as client:
+        confirmed = await client.confirm_purchase(payment_id)
+    assert confirmed.status == "succeeded"
+    assert await credits_remaining(api) == 20
     assert (await api.audit()).clean
