@@ -53,13 +53,20 @@ class Identity:
     external_id: str
 
 
+# plan_name: `free` until the account's first purchase is credited, then `paid`
+# (payments/service.py); an app may name its own plan when it creates the account, which stays.
+# balance.low's default threshold applies only past `free` (events/outbox.py THRESHOLD_SQL).
+FREE_PLAN = "free"
+PAID_PLAN = "paid"
+
+
 @dataclass(frozen=True, slots=True)
 class NewAccount:
     """What a caller may set when an account is created (ignored when it already exists)."""
 
     initial_paid_uses: int = 0
     currency: str | None = None
-    plan_name: str = "free"
+    plan_name: str = FREE_PLAN
     customer_email: str | None = None
     display_name: str | None = None
 
