@@ -11,10 +11,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, case, select, true
+from sqlalchemy import Row, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.accounts.service import FREE_PLAN, PAID_PLAN, Identity, ensure_account
+from ciris_billing.accounts.service import Identity, ensure_account, plan_with_paid_uses
 from ciris_billing.autotopup import cards, topups
 from ciris_billing.db import accounts, insert_or_ignore, new_id, purchases, utcnow
 from ciris_billing.errors import PurchaseNoLongerPayable, PurchaseNotYetRecorded
@@ -197,9 +197,7 @@ async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
                 paid_uses_remaining=accounts.c.paid_uses_remaining + purchase.uses,
                 # A first purchase moves the account off the free plan; an app's own plan
                 # name stays.
-                plan_name=case(
-                    (accounts.c.plan_name == FREE_PLAN, PAID_PLAN), else_=accounts.c.plan_name
-                ),
+                plan_name=plan_with_paid_uses(),
                 updated_at=now,
             )
         )
