@@ -1,10 +1,10 @@
 """Issue 21, finding 15: `balance.low`'s default threshold equalled the free uses, so every new
 user's first use fired it; and `plan_name` stayed `free` after a purchase.
 
-Decided (README "Events" and "Accounts"): `plan_name` is `free` until the account's first
-purchase is credited, then `paid` (an app's own plan name, given at creation, stays); the
-default threshold (LOW_BALANCE_THRESHOLD_USES) applies only to accounts not on `free`, so no
-`balance.low` before a first purchase. An account's own threshold (PUT
+Decided (README "Rules worth knowing" and "Events"): `plan_name` is `free` until the account
+first gets paid uses (a purchase credited, a grant, an initial balance), then `paid` (an app's
+own plan name, given at creation, stays); the default threshold (LOW_BALANCE_THRESHOLD_USES)
+applies only to accounts not on `free`, so no `balance.low` on free uses alone. An account's own threshold (PUT
 .../low_balance_threshold) applies whatever its plan.
 """
 
