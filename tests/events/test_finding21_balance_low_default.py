@@ -4,8 +4,8 @@ user's first use fired it; and `plan_name` stayed `free` after a purchase.
 Decided (README "Rules worth knowing" and "Events"): `plan_name` is `free` until the account
 first gets paid uses (a purchase credited, a grant, an initial balance), then `paid` (an app's
 own plan name, given at creation, stays); the default threshold (LOW_BALANCE_THRESHOLD_USES)
-applies only to accounts not on `free`, so no `balance.low` on free uses alone. An account's own threshold (PUT
-.../low_balance_threshold) applies whatever its plan.
+applies only to accounts not on `free`, so no `balance.low` on free uses alone. An account's
+own threshold (PUT .../low_balance_threshold) applies whatever its plan.
 """
 
 from __future__ import annotations
@@ -67,4 +67,22 @@ async def test_finding15_an_accounts_own_threshold_fires_on_free_uses(api: Api) 
     assert (await api.post(CHARGES, NEWCOMER)).status_code == 201  # 2 -> 1: crosses 2
 
     assert "balance.low" in types(await events_of(api.engine, NEWCOMER["external_id"]))
+    assert (await api.audit()).clean
+
+
+async def test_finding15_granted_paid_uses_make_the_plan_paid(api: Api) -> None:
+    assert (await api.post(CHARGES, NEWCOMER)).status_code == 201
+    granted = await api.post(
+        "/v1/billing/credits", {**NEWCOMER, "uses": 5, "reason": "welcome"}, scope="admin"
+    )
+    assert granted.status_code == 201, granted.text
+    opened = await api.post(
+        "/v1/billing/accounts",
+        {**identity("gifted@example.com"), "initial_balance_minor": 5},
+        scope="admin",
+    )
+
+    account = await api.get(f"/v1/billing/accounts/oauth:google/{NEWCOMER['external_id']}")
+    assert account.json()["plan_name"] == "paid"
+    assert opened.json()["plan_name"] == "paid"
     assert (await api.audit()).clean
