@@ -1,4 +1,4 @@
-"""Operator look-ups for `ciris-billing`: accounts, transactions, purchases.
+"""Operator look-ups for `ciris-billing`: accounts (show, list, search), transactions, purchases.
 
 Readable tables (rich) by default, `--json` for scripts. IDENTITY is `PROVIDER/EXTERNAL_ID`
 (e.g. `oauth:google/user@example.com`) or the two as separate arguments.
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ciris_billing.accounts import service
 from ciris_billing.accounts.schemas import IdentityFields
 from ciris_billing.config import get_settings
+from ciris_billing.console import queries
 from ciris_billing.db import accounts, create_engine, iso, purchases
 from ciris_billing.errors import BillingError
 from ciris_billing.payments.purchases import api_status, stored_status
@@ -127,6 +128,28 @@ def accounts_list(status: str | None, limit: int, as_json: bool) -> None:
         return [_plain(row) for row in await conn.execute(query)]
 
     show(read(work), ACCOUNT_COLUMNS, "Accounts", as_json)
+
+
+@accounts_group.command("search")
+@click.argument("text")
+@limit_option
+@json_option
+def accounts_search(text: str, limit: int, as_json: bool) -> None:
+    """Accounts whose id (acct_...), external id, email or display name contains TEXT, or with
+    a payment (pi_...) containing it; any case, any part (as the console's search)."""
+
+    async def work(conn: AsyncConnection) -> list[dict[str, Any]]:
+        return [_plain(row) for row in await queries.search(conn, text, limit)]
+
+    found = read(work)
+    show(
+        found,
+        (*ACCOUNT_COLUMNS[:3], "customer_email", "display_name", *ACCOUNT_COLUMNS[3:]),
+        f"Accounts matching {text!r}",
+        as_json,
+    )
+    if not as_json:
+        click.echo(f"{len(found)} account(s).", err=True)
 
 
 @click.command("transactions")

@@ -64,6 +64,10 @@ async def deliveries_of(api: Api, endpoint_id: str) -> list[dict[str, Any]]:
 
 
 async def spend_everything(api: Api) -> None:
+    # New here: on an app's own plan, so the default balance.low threshold applies (none on
+    # `free`); an account made before keeps its plan.
+    made = await api.post("/v1/billing/accounts", {**USER, "plan_name": "pro"}, scope="admin")
+    assert made.status_code in (200, 201), made.text
     for _ in range(3):
         assert (await api.post("/v1/billing/charges", USER)).status_code == 201
 

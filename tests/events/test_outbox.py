@@ -25,7 +25,9 @@ async def test_a_new_account_is_one_account_created_event(api: Api) -> None:
 
 async def test_charges_cross_low_once_then_deplete(api: Api) -> None:
     # 3 free uses, threshold 3: the first charge crosses below 3 (low), the third empties it.
+    # An app's own plan: the default threshold applies (none on `free`: test_finding21_...).
     user = identity("low@example.com")
+    await api.post("/v1/billing/accounts", {**user, "plan_name": "pro"}, scope="admin")
     for _ in range(3):
         assert (await api.post("/v1/billing/charges", user)).status_code == 201
     assert (await api.post("/v1/billing/charges", user)).status_code == 402
@@ -52,6 +54,7 @@ async def test_charges_cross_low_once_then_deplete(api: Api) -> None:
 
 async def test_one_charge_can_cross_low_and_deplete_together(api: Api) -> None:
     user = identity("both@example.com")
+    await api.post("/v1/billing/accounts", {**user, "plan_name": "pro"}, scope="admin")
     charged = await api.post("/v1/billing/charges", {**user, "uses": 3})
     assert charged.status_code == 201
     found = await events_of(api.engine, "both@example.com")

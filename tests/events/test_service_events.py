@@ -29,6 +29,8 @@ async def dispute(api: Api, payment_id: str, status: str) -> None:
 
 
 async def test_purchase_succeeded_then_refund_crosses_low_and_depletes(api: Api) -> None:
+    # An app's own plan: the default balance.low threshold applies (none on `free`).
+    await api.post("/v1/billing/accounts", {**USER, "plan_name": "pro"}, scope="admin")
     for _ in range(3):  # free uses: low at 2 left, depleted at 0
         await api.post("/v1/billing/charges", USER)
     bought = await paid_purchase(api, USER)  # 20 uses: back above 3 (re-armed)
@@ -93,6 +95,7 @@ async def test_dispute_opened_holds_and_closed(api: Api) -> None:
 
 
 async def test_a_hold_that_crosses_low_and_its_expiry(api: Api) -> None:
+    await api.post("/v1/billing/accounts", {**USER, "plan_name": "pro"}, scope="admin")
     created = await api.post("/v1/billing/reservations", {**USER, "uses": 2, "ttl_seconds": 60})
     assert created.status_code == 201, created.text
     async with api.engine.connect() as conn:

@@ -11,7 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import installation
 from ciris_billing.accounts.erasure import erased_digest, erased_external_id
-from ciris_billing.accounts.service import Identity, ensure_account, find_account, get_account
+from ciris_billing.accounts.service import (
+    Identity,
+    ensure_account,
+    find_account,
+    get_account,
+    plan_with_paid_uses,
+)
 from ciris_billing.autotopup import cards
 from ciris_billing.db import (
     accounts,
@@ -55,7 +61,11 @@ async def grant(
         await conn.execute(
             accounts.update()
             .where(accounts.c.id == account.id, accounts.c.paid_uses_remaining + uses >= 0)
-            .values(paid_uses_remaining=accounts.c.paid_uses_remaining + uses, updated_at=utcnow())
+            .values(
+                paid_uses_remaining=accounts.c.paid_uses_remaining + uses,
+                updated_at=utcnow(),
+                **({"plan_name": plan_with_paid_uses()} if uses > 0 else {}),
+            )
             .returning(*accounts.c)
         )
     ).first()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, String, cast, func, literal, null, select, union_all
+from sqlalchemy import Row, String, case, cast, func, literal, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import installation
@@ -53,13 +53,25 @@ class Identity:
     external_id: str
 
 
+# plan_name: `free` until the account first gets paid uses (a purchase credited, a grant, an
+# initial balance), then `paid`; a plan an app names when it creates the account stays.
+# balance.low's default threshold applies only past `free` (events/outbox.py THRESHOLD_SQL).
+FREE_PLAN = "free"
+PAID_PLAN = "paid"
+
+
+def plan_with_paid_uses() -> Any:
+    """The account's plan_name once it gets paid uses (an UPDATE's value): `paid` for `free`."""
+    return case((accounts.c.plan_name == FREE_PLAN, PAID_PLAN), else_=accounts.c.plan_name)
+
+
 @dataclass(frozen=True, slots=True)
 class NewAccount:
     """What a caller may set when an account is created (ignored when it already exists)."""
 
     initial_paid_uses: int = 0
     currency: str | None = None
-    plan_name: str = "free"
+    plan_name: str = FREE_PLAN
     customer_email: str | None = None
     display_name: str | None = None
 
@@ -104,7 +116,11 @@ async def ensure_account(
             external_id=identity.external_id,
             customer_email=new.customer_email,
             display_name=new.display_name,
-            plan_name=new.plan_name,
+            plan_name=(
+                PAID_PLAN
+                if new.initial_paid_uses > 0 and new.plan_name == FREE_PLAN
+                else new.plan_name
+            ),
             currency=currency,
             status="active",
             free_uses_remaining=pricing.free_uses_per_account,

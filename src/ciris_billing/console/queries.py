@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Row, String, and_, cast, func, literal, null, or_, select, tuple_, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from ciris_billing.db import (
     accounts,
@@ -112,22 +113,39 @@ async def overview(conn: AsyncConnection, stuck_after: timedelta) -> Overview:
     )
 
 
+def _containing(text: str) -> str:
+    """An ILIKE pattern for `text` anywhere, its own % _ and \\ taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
 async def search(conn: AsyncConnection, text: str, limit: int = 50) -> list[Row[Any]]:
-    """Accounts matching an account id, a payment id, an identity (`provider/external id` or
-    the external id alone) or an email; identities and emails whatever their case."""
+    """Accounts whose id (`acct_...`), external id, email or display name contains `text`, or
+    with a purchase whose payment id (`pi_...`) contains it; whatever the case, any part
+    (`provider/external id` matches the identity). What is stored is searched: an erased
+    account's identity and email are keyed digests, found by their stored form only. The
+    console's search and `ciris-billing accounts search` both. An operator's tool: a scan is
+    fine at its scale (newest first, `limit` rows)."""
     query = text.strip()
     if not query or len(query) > 320:
         return []
-    clauses = [
-        accounts.c.id == query,
-        func.lower(accounts.c.external_id) == query.lower(),
-        func.lower(accounts.c.customer_email) == query.lower(),
-        accounts.c.id.in_(select(purchases.c.account_id).where(purchases.c.payment_id == query)),
+    pattern = _containing(query)
+    clauses: list[ColumnElement[bool]] = [
+        accounts.c.id.ilike(pattern, escape="\\"),
+        accounts.c.external_id.ilike(pattern, escape="\\"),
+        accounts.c.customer_email.ilike(pattern, escape="\\"),
+        accounts.c.display_name.ilike(pattern, escape="\\"),
+        accounts.c.id.in_(
+            select(purchases.c.account_id).where(purchases.c.payment_id.ilike(pattern, escape="\\"))
+        ),
     ]
     provider, slash, external_id = query.partition("/")
     if slash and external_id:
         clauses.append(
-            and_(accounts.c.oauth_provider == provider, accounts.c.external_id == external_id)
+            and_(
+                func.lower(accounts.c.oauth_provider) == provider.lower(),
+                accounts.c.external_id.ilike(_containing(external_id), escape="\\"),
+            )
         )
     return list(
         await conn.execute(

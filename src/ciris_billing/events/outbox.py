@@ -65,10 +65,16 @@ EVENT_TYPES = (
 # LOW_BALANCE_THRESHOLD_USES reaches SQL as a setting of every connection the service opens
 # (db.session_settings): the charge statement, and any other, reads an account's threshold as
 # this expression, without a parameter or a round trip. A connection without it (psql) gets 3.
+# The default applies only to accounts past the free plan (plan_name 'free' until the first
+# paid uses: accounts/service.py FREE_PLAN): with it equal to the free uses, every new user's
+# first use fired balance.low. An account's own threshold applies whatever its plan. Safe
+# within one statement: a charge or hold never changes plan_name, so the threshold its SET
+# compares with is the one RETURNING gives the outbox CTE.
 DEFAULT_THRESHOLD = 3
 THRESHOLD_SQL = (
-    f"COALESCE(low_balance_threshold_uses, NULLIF(current_setting("
-    f"'{LOW_BALANCE_THRESHOLD_SETTING}', true), '')::bigint, {DEFAULT_THRESHOLD})"
+    f"COALESCE(low_balance_threshold_uses, CASE WHEN plan_name = 'free' THEN 0 ELSE "
+    f"COALESCE(NULLIF(current_setting('{LOW_BALANCE_THRESHOLD_SETTING}', true), '')::bigint, "
+    f"{DEFAULT_THRESHOLD}) END)"
 )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Row, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.accounts.service import Identity, ensure_account
+from ciris_billing.accounts.service import Identity, ensure_account, plan_with_paid_uses
 from ciris_billing.autotopup import cards, topups
 from ciris_billing.db import accounts, insert_or_ignore, new_id, purchases, utcnow
 from ciris_billing.errors import PurchaseNoLongerPayable, PurchaseNotYetRecorded
@@ -194,7 +194,11 @@ async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
             accounts.update()
             .where(accounts.c.id == purchase.account_id)
             .values(
-                paid_uses_remaining=accounts.c.paid_uses_remaining + purchase.uses, updated_at=now
+                paid_uses_remaining=accounts.c.paid_uses_remaining + purchase.uses,
+                # A first purchase moves the account off the free plan; an app's own plan
+                # name stays.
+                plan_name=plan_with_paid_uses(),
+                updated_at=now,
             )
         )
         await conn.execute(
