@@ -60,6 +60,10 @@ def test_finding12_docs_render_offline_under_their_csp(base: str) -> None:
         )
         # ReDoc's attribution logo is its one reference elsewhere: the policy refuses it, and
         # ReDoc then leaves the image out (its own onError). Any other violation still fails.
+        for _ in range(50):  # the refusal is reported once ReDoc draws the logo (a moment later)
+            if any("cdn.redoc.ly" in p for p in tab.problems):
+                break
+            tab.page.wait_for_timeout(100)
         refused_logo = [p for p in tab.problems if "cdn.redoc.ly/redoc/logo-mini.svg" in p]
         assert len(refused_logo) <= 1, refused_logo
         tab.problems[:] = [p for p in tab.problems if p not in refused_logo]
