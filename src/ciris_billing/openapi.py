@@ -41,6 +41,8 @@ OPERATION_IDS = {
     "create_purchase": "createPurchase",
     "get_purchase": "getPurchase",
     "refund_purchase": "refundPurchase",
+    "sync_purchase": "syncPurchase",
+    "checkout_sync": "syncCheckout",
     "checkout_summary": "getCheckoutSummary",
     "checkout_auto_topup": "setCheckoutAutoTopup",
     "buy": "openBuyLink",

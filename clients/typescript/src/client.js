@@ -253,6 +253,14 @@ export class BillingClient {
     return (await this._call({ method: "GET", path: `${PURCHASES}/${seg(paymentId)}` })).data;
   }
 
+  /**
+   * Once the provider told the payer it succeeded: the service asks the provider and credits
+   * the purchase now (once, as its webhook would); the purchase after it. Safe to repeat.
+   */
+  async confirmPurchase(paymentId) {
+    return (await this._call({ method: "POST", path: `${PURCHASES}/${seg(paymentId)}/sync` })).data;
+  }
+
   /** A page of the account's ledger, newest first. */
   async transactions(oauthProvider, externalId, { limit = 50, offset = 0 } = {}) {
     const params = { oauth_provider: oauthProvider, external_id: externalId, limit, offset };

@@ -270,6 +270,8 @@ export declare class BillingClient {
     options?: { customerEmail?: string; idempotencyKey?: string },
   ): Promise<PurchaseOut & { idempotency_key: string }>;
   purchaseStatus(paymentId: string): Promise<PurchaseOut>;
+  /** After the payer's provider said succeeded: credited now, once (as its webhook would). */
+  confirmPurchase(paymentId: string): Promise<PurchaseOut>;
   transactions(
     oauthProvider: string,
     externalId: string,

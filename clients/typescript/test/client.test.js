@@ -89,6 +89,19 @@ test("no use left: a typed 402 with the checkout link and the offers", async () 
   assert.deepEqual([purchase.amount_minor, purchase.uses_purchased, purchase.status], [500, 20, "requires_payment_method"]);
   assert.ok(purchase.client_secret && purchase.checkout_url);
   assert.equal((await client.purchaseStatus(purchase.payment_id)).payment_id, purchase.payment_id);
+
+  // Paid with a sandbox test card (what the payment page does), then confirmed: credited once.
+  const paid = await fetch(`${BASE}/v1/billing/sandbox/payment_intents/${purchase.payment_id}/confirm`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ client_secret: purchase.client_secret, card_number: "4242 4242 4242 4242" }),
+  });
+  assert.equal(paid.status, 200, await paid.text());
+  const confirmed = await client.confirmPurchase(purchase.payment_id);
+  assert.equal(confirmed.status, "succeeded");
+  assert.equal((await client.confirmPurchase(purchase.payment_id)).status, "succeeded");
+  const after = await client.check(GOOGLE, who);
+  assert.deepEqual([after.has_credit, after.credits_remaining], [true, 20]);
 });
 
 test("reserve(..., async (hold) => ...) captures what the work took; a throw releases", async () => {
