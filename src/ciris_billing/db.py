@@ -193,9 +193,7 @@ reservations = Table(
     Column("owed_dispute_id", Id),
     Column("owed_uses", Uses, nullable=False, server_default=text("0")),
     CheckConstraint("uses > 0", name="uses_positive"),
-    CheckConstraint(
-        "owed_uses >= 0 AND owed_uses <= paid_uses_held", name="owed_within_paid_held"
-    ),
+    CheckConstraint("owed_uses >= 0 AND owed_uses <= paid_uses_held", name="owed_within_paid_held"),
     CheckConstraint(
         "free_uses_held >= 0 AND paid_uses_held >= 0 AND free_uses_held + paid_uses_held = uses",
         name="held_split_adds_up",

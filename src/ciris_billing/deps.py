@@ -250,10 +250,12 @@ async def run_idempotent(
     key: str | None,
     payload: Any,
     effect: Work,
+    kept: Callable[[Any], Any] | None = None,
 ) -> Response:
     """Run `effect` in the request's unit of work; with a key (scoped to `principal`, the
     authenticated API key), record its response in the same transaction or replay the stored
-    one (the unit of work commits before the answer is sent)."""
+    one (the unit of work commits before the answer is sent). `kept`: what of the body is
+    stored for a replay, when not all of it (a secret shown once is never stored)."""
     conn = await work.connection()
     if key is not None:
         request_fingerprint = idempotency.fingerprint(request.method, request.url.path, payload)
@@ -263,5 +265,6 @@ async def run_idempotent(
     status_code, body = await effect(conn)
     text = json.dumps(body, separators=(",", ":"))
     if key is not None:
-        await idempotency.record(conn, principal.key_id, key, status_code, text)
+        stored = text if kept is None else json.dumps(kept(body), separators=(",", ":"))
+        await idempotency.record(conn, principal.key_id, key, status_code, stored)
     return Response(content=text, status_code=status_code, media_type="application/json")

@@ -21,6 +21,7 @@ async def write_credit(
     external_transaction_id: str | None = None,
     description: str | None = None,
     idempotency_key: str | None = None,
+    api_key_id: str | None = None,
 ) -> bool:
     """Insert one ledger row; False when its `external_transaction_id` was already recorded.
 
@@ -40,6 +41,7 @@ async def write_credit(
         external_transaction_id=external_transaction_id,
         description=description,
         idempotency_key=idempotency_key,
+        api_key_id=api_key_id,
         created_at=utcnow(),
     )
     inserted = await conn.execute(statement.returning(credits.c.id))

@@ -53,6 +53,8 @@ async def grant(
     reason: str,
     pricing: Pricing,
     idempotency_key: str | None = None,
+    *,
+    api_key_id: str | None = None,
 ) -> Grant:
     """Add (grant) or remove (adjustment) paid uses, with the reason on the ledger row."""
     account, _ = await ensure_account(conn, identity, pricing)
@@ -83,6 +85,7 @@ async def grant(
         paid=uses,
         description=reason,
         idempotency_key=idempotency_key,
+        api_key_id=api_key_id,
     )
     await record_available_change(conn, changed, uses)
     return Grant(await get_account(conn, identity), uses, kind)

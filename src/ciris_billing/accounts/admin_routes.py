@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing import idempotency
+from ciris_billing import audit_trail, idempotency
 from ciris_billing.accounts import admin
 from ciris_billing.accounts.routes import account_body, identity_of, path_identity
 from ciris_billing.accounts.schemas import (
@@ -17,6 +17,9 @@ from ciris_billing.accounts.schemas import (
     LowBalanceThreshold,
     StatusChange,
 )
+from ciris_billing.accounts.service import Identity, find_account, get_account
+from ciris_billing.audit_trail import Entry, account_state, api_operator
+from ciris_billing.auth import Principal
 from ciris_billing.autotopup import cards
 from ciris_billing.deps import (
     AdminKey,
@@ -51,10 +54,26 @@ async def grant_credits(
         raise InvalidRequest("uses must not be 0")
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
+        before = await find_account(conn, identity_of(body))
         done = await admin.grant(
-            conn, identity_of(body), body.uses, body.reason, state.pricing, key
+            conn,
+            identity_of(body),
+            body.uses,
+            body.reason,
+            state.pricing,
+            key,
+            api_key_id=principal.key_id,
         )
         log.info("credits_granted", account_id=done.account.id, uses=body.uses, kind=done.kind)
+        entry = Entry(
+            "grant" if body.uses > 0 else "adjust",
+            done.account.id,
+            None,
+            {"uses": body.uses, "reason": body.reason},
+            {} if before is None else account_state(before),
+            account_state(done.account),
+        )
+        await audit_trail.record_action(conn, api_operator(principal), entry)
         return 201, {
             "kind": done.kind,
             "uses": done.uses,
@@ -67,83 +86,156 @@ async def grant_credits(
 
 
 async def _set_status(
-    oauth_provider: str, external_id: str, status: str, reason: str | None, work: UnitOfWork
+    request: Request,
+    work: UnitOfWork,
+    principal: Principal,
+    idempotency_key: str | None,
+    identity: Identity,
+    status: str,
+    reason: str | None,
 ) -> Response:
-    identity = path_identity(oauth_provider, external_id)
-    row = await admin.set_status(await work.connection(), identity, status, reason)
-    log.info(f"account_{status}", account_id=row.id)
-    return json_response(200, account_body(row) | {"status_reason": row.status_reason})
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
+        before = await get_account(conn, identity)
+        row = await admin.set_status(conn, identity, status, reason)
+        log.info(f"account_{status}", account_id=row.id)
+        suspending = status == "suspended"
+        entry = Entry(
+            "suspend" if suspending else "reactivate",
+            row.id,
+            None,
+            {"reason_given": bool(reason and reason.strip())} if suspending else {},
+            account_state(before),
+            account_state(row),
+        )
+        await audit_trail.record_action(conn, api_operator(principal), entry)
+        return 200, account_body(row) | {"status_reason": row.status_reason}
+
+    key = idempotency.resolve_key(idempotency_key)
+    payload = {"reason": reason} if status == "suspended" else {}
+    return await run_idempotent(request, work, principal, key, payload, effect)
 
 
 @router.post(
     "/accounts/{oauth_provider}/{external_id}/suspend",
     response_model=AccountOut,
-    responses=error_responses(404),
+    responses=error_responses(404, 409),
 )
 async def suspend_account(
     oauth_provider: str,
     external_id: str,
     body: StatusChange,
+    request: Request,
     work: UnitOfWorkDep,
-    _key: AdminKey,
+    principal: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Suspend: charges are refused (403) and checks say why, until reactivated."""
-    return await _set_status(oauth_provider, external_id, "suspended", body.reason, work)
+    identity = path_identity(oauth_provider, external_id)
+    return await _set_status(
+        request, work, principal, idempotency_key, identity, "suspended", body.reason
+    )
 
 
 @router.post(
     "/accounts/{oauth_provider}/{external_id}/reactivate",
     response_model=AccountOut,
-    responses=error_responses(404),
+    responses=error_responses(404, 409),
 )
 async def reactivate_account(
-    oauth_provider: str, external_id: str, work: UnitOfWorkDep, _key: AdminKey
+    oauth_provider: str,
+    external_id: str,
+    request: Request,
+    work: UnitOfWorkDep,
+    principal: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    return await _set_status(oauth_provider, external_id, "active", None, work)
+    identity = path_identity(oauth_provider, external_id)
+    return await _set_status(request, work, principal, idempotency_key, identity, "active", None)
 
 
 @router.put(
     "/accounts/{oauth_provider}/{external_id}/low_balance_threshold",
-    responses=error_responses(404),
+    responses=error_responses(404, 409),
 )
 async def set_low_balance_threshold(
     oauth_provider: str,
     external_id: str,
     body: LowBalanceThreshold,
+    request: Request,
     work: UnitOfWorkDep,
-    _key: AdminKey,
+    principal: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """The account's own balance.low threshold (`null`: LOW_BALANCE_THRESHOLD_USES)."""
     identity = path_identity(oauth_provider, external_id)
-    row, in_force = await admin.set_low_balance_threshold(
-        await work.connection(), identity, body.uses
-    )
-    log.info("low_balance_threshold_set", account_id=row.id, uses=body.uses)
-    return json_response(
-        200,
-        {
+
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
+        before = await get_account(conn, identity)
+        row, in_force = await admin.set_low_balance_threshold(conn, identity, body.uses)
+        log.info("low_balance_threshold_set", account_id=row.id, uses=body.uses)
+        entry = Entry(
+            "low_balance_threshold",
+            row.id,
+            None,
+            {"uses": body.uses},
+            {"threshold_uses": before.low_balance_threshold_uses},
+            {"threshold_uses": body.uses, "in_force": in_force},
+        )
+        await audit_trail.record_action(conn, api_operator(principal), entry)
+        return 200, {
             "account_id": row.id,
             "low_balance_threshold_uses": body.uses,
             "threshold_in_force": in_force,
-        },
-    )
+        }
+
+    key = idempotency.resolve_key(idempotency_key)
+    payload = body.model_dump(mode="json")
+    return await run_idempotent(request, work, principal, key, payload, effect)
 
 
-@router.delete("/accounts/{oauth_provider}/{external_id}", responses=error_responses(404))
+@router.delete("/accounts/{oauth_provider}/{external_id}", responses=error_responses(404, 409))
 async def erase_account(
-    oauth_provider: str, external_id: str, work: UnitOfWorkDep, state: StateDep, _key: AdminKey
+    oauth_provider: str,
+    external_id: str,
+    request: Request,
+    work: UnitOfWorkDep,
+    state: StateDep,
+    principal: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Erase the account's personal data; the ledger and its amounts stay. The saved card is
     detached at the provider once the erasure committed (if the provider is down, the
     recovery job detaches it later)."""
     identity = path_identity(oauth_provider, external_id)
-    row = await admin.erase(await work.connection(), identity)
-    log.info("account_erased", account_id=row.id)
-    async with work.provider_call():
-        await cards.detach_erased_cards(state.engine, state.provider, row.id)
-    return json_response(
-        200, {"account_id": row.id, "erased": True, "fields_erased": list(admin.ERASED_FIELDS)}
-    )
+
+    erased: list[str] = []
+
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
+        before = await admin.find_including_erased(conn, identity)
+        row = await admin.erase(conn, identity)
+        log.info("account_erased", account_id=row.id)
+        entry = Entry(
+            "erase",
+            row.id,
+            None,
+            {"fields_erased": list(admin.ERASED_FIELDS)},
+            {"erased": before.erased_at is not None, **account_state(before)},
+            {"erased": True, **account_state(row)},
+        )
+        await audit_trail.record_action(conn, api_operator(principal), entry)
+        erased.append(row.id)
+        return 200, {
+            "account_id": row.id,
+            "erased": True,
+            "fields_erased": list(admin.ERASED_FIELDS),
+        }
+
+    key = idempotency.resolve_key(idempotency_key)
+    response = await run_idempotent(request, work, principal, key, {}, effect)
+    for account_id in erased:  # not on a replay: the first request (or the job) detached it
+        async with work.provider_call():
+            await cards.detach_erased_cards(state.engine, state.provider, account_id)
+    return response
 
 
 @router.get("/accounts/{oauth_provider}/{external_id}/export", responses=error_responses(404))

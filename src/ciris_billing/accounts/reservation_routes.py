@@ -12,7 +12,9 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ciris_billing import idempotency
 from ciris_billing.accounts import reservation_answers, reservations
 from ciris_billing.accounts.reservation_answers import CAPTURE_ROUTE, RESERVE_ROUTE
 from ciris_billing.accounts.routes import path_identity
@@ -31,6 +33,7 @@ from ciris_billing.deps import (
     UnitOfWorkDep,
     WriteKey,
     json_response,
+    run_idempotent,
 )
 from ciris_billing.errors import ErrorOut, InvalidRequest, error_responses
 from ciris_billing.observability import RESERVATIONS, log
@@ -96,20 +99,29 @@ async def capture_reservation(
     responses={409: {"model": ErrorOut, "description": "Already captured"}, **NOT_FOUND, **ERRORS},
 )
 async def release_reservation(
-    reservation_id: ReservationId, work: UnitOfWorkDep, _key: WriteKey
+    reservation_id: ReservationId,
+    request: Request,
+    work: UnitOfWorkDep,
+    principal: WriteKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Give all the held uses back. Idempotent: releasing a released (or expired) hold answers
-    it as it is."""
-    made = await reservations.release(await work.connection(), reservation_id)
-    if made.changed:
-        RESERVATIONS.labels("released").inc()
-        log.info(
-            "reservation_released",
-            reservation_id=made.reservation.id,
-            account_id=made.account.id,
-            uses=int(made.reservation.uses),
-        )
-    return json_response(200, reservation_answers.reservation_body(made.reservation, made.account))
+    it as it is; with an Idempotency-Key, the first answer is replayed."""
+
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
+        made = await reservations.release(conn, reservation_id)
+        if made.changed:
+            RESERVATIONS.labels("released").inc()
+            log.info(
+                "reservation_released",
+                reservation_id=made.reservation.id,
+                account_id=made.account.id,
+                uses=int(made.reservation.uses),
+            )
+        return 200, reservation_answers.reservation_body(made.reservation, made.account)
+
+    key = idempotency.resolve_key(idempotency_key)
+    return await run_idempotent(request, work, principal, key, {}, effect)
 
 
 @router.get(

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ciris_billing import idempotency
 from ciris_billing.accounts import service as accounts
 from ciris_billing.accounts.routes import path_identity
 from ciris_billing.autotopup import cards
@@ -17,7 +18,16 @@ from ciris_billing.autotopup.schemas import AutoTopupOut, AutoTopupUpdate
 from ciris_billing.autotopup.topups import month_start
 from ciris_billing.config import Settings
 from ciris_billing.db import auto_topups, utcnow
-from ciris_billing.deps import ReadKey, StateDep, UnitOfWorkDep, WriteKey, json_response
+from ciris_billing.deps import (
+    IdempotencyKeyHeader,
+    ReadKey,
+    StateDep,
+    UnitOfWorkDep,
+    WriteKey,
+    json_response,
+    replay_if_known,
+    run_idempotent,
+)
 from ciris_billing.errors import error_responses
 from ciris_billing.events.outbox import threshold_of
 from ciris_billing.pricing import Pricing
@@ -81,31 +91,50 @@ async def put_auto_topup(
     oauth_provider: OauthProvider,
     external_id: ExternalId,
     body: AutoTopupUpdate,
+    request: Request,
     state: StateDep,
     work: UnitOfWorkDep,
-    _key: WriteKey,
+    principal: WriteKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Switch auto top-up on (409 auto_topup_needs_card without a saved card) or off.
-    Idempotent: the same body gives the same state."""
-    conn = await work.connection()
-    account = await accounts.get_account(conn, path_identity(oauth_provider, external_id))
-    await cards.set_enabled(conn, account.id, body.enabled)
-    return json_response(200, await auto_topup_body(conn, state.pricing, state.settings, account))
+    Idempotent: the same body gives the same state (switching on what is on changes nothing)."""
+    identity = path_identity(oauth_provider, external_id)
+
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
+        account = await accounts.get_account(conn, identity)
+        await cards.set_enabled(conn, account.id, body.enabled)
+        return 200, await auto_topup_body(conn, state.pricing, state.settings, account)
+
+    key = idempotency.resolve_key(idempotency_key)
+    payload = body.model_dump(mode="json")
+    return await run_idempotent(request, work, principal, key, payload, effect)
 
 
 @router.delete(
-    PATH, response_model=AutoTopupOut, responses=error_responses(401, 403, 404, 422, 502, 503)
+    PATH, response_model=AutoTopupOut, responses=error_responses(401, 403, 404, 409, 422, 502, 503)
 )
 async def delete_auto_topup(
     oauth_provider: OauthProvider,
     external_id: ExternalId,
+    request: Request,
     state: StateDep,
     work: UnitOfWorkDep,
-    _key: WriteKey,
+    principal: WriteKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Remove the saved card (the provider forgets it too); auto top-up is switched off."""
+    key = idempotency.resolve_key(idempotency_key)
+    replay = await replay_if_known(request, work, principal, key, {})
+    if replay is not None:
+        return replay
     identity = path_identity(oauth_provider, external_id)
     account = await accounts.get_account(await work.connection(), identity)
+    # Removing again is harmless (remove_card finishes or finds nothing): a retry racing its
+    # twin before either recorded its answer may ask the provider twice, never charge.
     await cards.remove_card(work, state.provider, account.id)
-    conn = await work.connection()
-    return json_response(200, await auto_topup_body(conn, state.pricing, state.settings, account))
+
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
+        return 200, await auto_topup_body(conn, state.pricing, state.settings, account)
+
+    return await run_idempotent(request, work, principal, key, {}, effect)

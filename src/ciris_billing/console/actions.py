@@ -45,16 +45,8 @@ from ciris_billing.webhooks import inbox
 MAX_GRANT = 1_000_000
 
 
-def balances(row: Any) -> dict[str, Any]:
-    """An account's state as the audit trail records it: counts and status, nothing personal."""
-    return {
-        "status": row.status,
-        "free_uses": int(row.free_uses_remaining),
-        "paid_uses": int(row.paid_uses_remaining),
-        "held_uses": int(row.reserved_free_uses) + int(row.reserved_paid_uses),
-        "dispute_held_uses": int(row.held_uses),
-        "total_uses": int(row.total_uses),
-    }
+# An account's state as the audit trail records it (the same whatever the door).
+balances = audit_trail.account_state
 
 
 def _purchase_state(row: Any) -> dict[str, Any]:

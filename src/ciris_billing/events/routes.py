@@ -13,6 +13,9 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ciris_billing import audit_trail, idempotency
+from ciris_billing.audit_trail import Entry, api_operator
+from ciris_billing.auth import Principal
 from ciris_billing.db import iso
 from ciris_billing.deps import (
     AdminKey,
@@ -34,6 +37,7 @@ from ciris_billing.events.schemas import (
     WebhookEndpointsOut,
 )
 from ciris_billing.observability import log
+from ciris_billing.unit_of_work import UnitOfWork
 
 router = APIRouter(
     prefix="/v1/billing/webhook_endpoints",
@@ -42,6 +46,9 @@ router = APIRouter(
 )
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "No such endpoint (or delivery)"}
+}
+REUSED: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorOut, "description": "Idempotency key reused"}
 }
 EndpointId = Annotated[str, Path(min_length=1, max_length=40, examples=["we_3f9a"])]
 DeliveryId = Annotated[str, Path(min_length=1, max_length=40, examples=["whd_3f9a"])]
@@ -69,10 +76,33 @@ async def create_endpoint(
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
         row, secret = await endpoints.create(conn, new)
         log.info("webhook_endpoint_created", endpoint_id=row.id, events=row.events)
+        entry = Entry("create_endpoint", None, row.id, {"events": row.events}, {}, _state(row))
+        await audit_trail.record_action(conn, api_operator(principal), entry)
         return 201, endpoints.endpoint_body(row, secret)
 
     payload = body.model_dump(mode="json")
-    return await run_idempotent(request, work, principal, idempotency_key, payload, effect)
+    key = idempotency.resolve_key(idempotency_key)
+    return await run_idempotent(
+        request, work, principal, key, payload, effect, kept=_without_secret
+    )
+
+
+def _without_secret(body: dict[str, Any]) -> dict[str, Any]:
+    """What a replay of a creation or a rotation answers: the endpoint without its secret,
+    shown only once (issue 21 finding 8: a stored answer never reveals it again, whatever
+    became of the endpoint; a lost secret is replaced by rotate_secret)."""
+    return {name: value for name, value in body.items() if name != "secret"}
+
+
+def _state(row: Any) -> dict[str, Any]:
+    return {"status": row.status, "events": row.events}
+
+
+async def _audited(
+    conn: AsyncConnection, principal: Principal, action: str, endpoint_id: str, row: Any
+) -> None:
+    entry = Entry(action, None, endpoint_id, {}, {}, {} if row is None else _state(row))
+    await audit_trail.record_action(conn, api_operator(principal), entry)
 
 
 @router.get("", response_model=WebhookEndpointsOut)
@@ -88,12 +118,24 @@ async def get_endpoint(endpoint_id: EndpointId, work: UnitOfWorkDep, _key: Admin
     return json_response(200, endpoints.endpoint_body(row))
 
 
-@router.delete("/{endpoint_id}", response_model=EndpointDeleted, responses=NOT_FOUND)
-async def delete_endpoint(endpoint_id: EndpointId, work: UnitOfWorkDep, _key: AdminKey) -> Response:
+@router.delete("/{endpoint_id}", response_model=EndpointDeleted, responses={**NOT_FOUND, **REUSED})
+async def delete_endpoint(
+    endpoint_id: EndpointId,
+    request: Request,
+    work: UnitOfWorkDep,
+    principal: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
     """Remove the endpoint and its deliveries: nothing more is sent to it."""
-    await endpoints.delete(await work.connection(), endpoint_id)
-    log.info("webhook_endpoint_deleted", endpoint_id=endpoint_id)
-    return json_response(200, {"id": endpoint_id, "deleted": True})
+
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
+        await endpoints.delete(conn, endpoint_id)
+        log.info("webhook_endpoint_deleted", endpoint_id=endpoint_id)
+        await _audited(conn, principal, "delete_endpoint", endpoint_id, None)
+        return 200, {"id": endpoint_id, "deleted": True}
+
+    key = idempotency.resolve_key(idempotency_key)
+    return await run_idempotent(request, work, principal, key, {}, effect)
 
 
 @router.post(
@@ -118,27 +160,61 @@ async def rotate_secret(
             endpoint_id=row.id,
             previous_until=iso(row.previous_secret_expires_at),
         )
+        await _audited(conn, principal, "rotate_secret", endpoint_id, row)
         return 200, endpoints.endpoint_body(row, secret)
 
-    return await run_idempotent(request, work, principal, idempotency_key, {}, effect)
+    key = idempotency.resolve_key(idempotency_key)
+    return await run_idempotent(request, work, principal, key, {}, effect, kept=_without_secret)
 
 
-@router.post("/{endpoint_id}/disable", response_model=WebhookEndpointOut, responses=NOT_FOUND)
+async def _set_enabled(
+    request: Request,
+    work: UnitOfWork,
+    principal: Principal,
+    idempotency_key: str | None,
+    endpoint_id: str,
+    enabled: bool,
+) -> Response:
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
+        row = await endpoints.set_enabled(conn, endpoint_id, enabled)
+        event = "webhook_endpoint_enabled" if enabled else "webhook_endpoint_disabled_by_operator"
+        log.info(event, endpoint_id=row.id)
+        action = "enable_endpoint" if enabled else "disable_endpoint"
+        await _audited(conn, principal, action, endpoint_id, row)
+        return 200, endpoints.endpoint_body(row)
+
+    key = idempotency.resolve_key(idempotency_key)
+    return await run_idempotent(request, work, principal, key, {}, effect)
+
+
+@router.post(
+    "/{endpoint_id}/disable",
+    response_model=WebhookEndpointOut,
+    responses={**NOT_FOUND, **REUSED},
+)
 async def disable_endpoint(
-    endpoint_id: EndpointId, work: UnitOfWorkDep, _key: AdminKey
+    endpoint_id: EndpointId,
+    request: Request,
+    work: UnitOfWorkDep,
+    principal: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Stop sending: its pending deliveries wait, and new events are not sent to it."""
-    row = await endpoints.set_enabled(await work.connection(), endpoint_id, False)
-    log.info("webhook_endpoint_disabled_by_operator", endpoint_id=row.id)
-    return json_response(200, endpoints.endpoint_body(row))
+    return await _set_enabled(request, work, principal, idempotency_key, endpoint_id, False)
 
 
-@router.post("/{endpoint_id}/enable", response_model=WebhookEndpointOut, responses=NOT_FOUND)
-async def enable_endpoint(endpoint_id: EndpointId, work: UnitOfWorkDep, _key: AdminKey) -> Response:
+@router.post(
+    "/{endpoint_id}/enable", response_model=WebhookEndpointOut, responses={**NOT_FOUND, **REUSED}
+)
+async def enable_endpoint(
+    endpoint_id: EndpointId,
+    request: Request,
+    work: UnitOfWorkDep,
+    principal: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
     """Send again: pending deliveries go out when due; its run of failures starts anew."""
-    row = await endpoints.set_enabled(await work.connection(), endpoint_id, True)
-    log.info("webhook_endpoint_enabled", endpoint_id=row.id)
-    return json_response(200, endpoints.endpoint_body(row))
+    return await _set_enabled(request, work, principal, idempotency_key, endpoint_id, True)
 
 
 @router.get("/{endpoint_id}/deliveries", response_model=WebhookDeliveriesOut, responses=NOT_FOUND)
@@ -168,12 +244,24 @@ async def list_deliveries(
     "/{endpoint_id}/deliveries/{delivery_id}/resend",
     status_code=202,
     response_model=WebhookDeliveryOut,
-    responses=NOT_FOUND,
+    responses={**NOT_FOUND, **REUSED},
 )
 async def resend_delivery(
-    endpoint_id: EndpointId, delivery_id: DeliveryId, work: UnitOfWorkDep, _key: AdminKey
+    endpoint_id: EndpointId,
+    delivery_id: DeliveryId,
+    request: Request,
+    work: UnitOfWorkDep,
+    principal: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Send the delivery again (same event, same webhook-id) with the next delivery run."""
-    row = await endpoints.resend(await work.connection(), endpoint_id, delivery_id)
-    log.info("webhook_delivery_resend", endpoint_id=endpoint_id, delivery_id=delivery_id)
-    return json_response(202, endpoints.delivery_body(row))
+
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
+        row = await endpoints.resend(conn, endpoint_id, delivery_id)
+        log.info("webhook_delivery_resend", endpoint_id=endpoint_id, delivery_id=delivery_id)
+        entry = Entry("resend_delivery", None, endpoint_id, {"delivery_id": delivery_id}, {}, {})
+        await audit_trail.record_action(conn, api_operator(principal), entry)
+        return 202, endpoints.delivery_body(row)
+
+    key = idempotency.resolve_key(idempotency_key)
+    return await run_idempotent(request, work, principal, key, {}, effect)

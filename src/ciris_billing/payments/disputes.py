@@ -276,9 +276,7 @@ async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row
     # The account's row first (lock order: purchase, dispute, account): a reservation ending
     # meanwhile (owed_to_disputes, under this lock) has put its owed uses in the hold and
     # committed, or sees this dispute closed; so what came in is read exactly.
-    await conn.execute(
-        select(accounts.c.id).where(accounts.c.id == account_id).with_for_update()
-    )
+    await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id).with_for_update())
     paid_in = await _paid_in(conn, dispute_id)
     held = int(row.held_uses) + paid_in
     released = 0

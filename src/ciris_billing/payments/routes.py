@@ -9,9 +9,10 @@ from fastapi.responses import Response
 from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing import idempotency
+from ciris_billing import audit_trail, idempotency
 from ciris_billing.accounts import service as accounts
 from ciris_billing.accounts.answers import portal_link
+from ciris_billing.audit_trail import Entry, api_operator
 from ciris_billing.checkout.links import checkout_url
 from ciris_billing.db import iso
 from ciris_billing.deps import (
@@ -136,6 +137,7 @@ async def refund_purchase(
     replay = await replay_if_known(request, work, principal, key, payload)
     if replay is not None:
         return replay
+    before = await lookup_purchase(await work.connection(), state.provider.name, payment_id)
     # This API key's key: another API key's refund under the same key is another refund.
     provider_key = (
         None if key is None else f"refund-{payment_id}-{service.scoped_key(principal.key_id, key)}"
@@ -145,7 +147,24 @@ async def refund_purchase(
     )
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        return 201, await refunds.record_refund(conn, state.provider.name, made, body.reason)
+        result = await refunds.record_refund(conn, state.provider.name, made, body.reason)
+        entry = Entry(
+            "refund",
+            before.account_id,
+            payment_id,
+            {
+                "amount_minor": made.amount_minor,
+                "currency": result["currency"],
+                "refund_id": made.refund_id,
+                "uses_reversed": result["uses_reversed"],
+                "shortfall_uses": result["shortfall_uses"],
+                "reason": body.reason,
+            },
+            {"refunded_minor": int(before.refunded_minor)},
+            {"refunded_minor": result["refunded_minor"], "status": result["purchase_status"]},
+        )
+        await audit_trail.record_action(conn, api_operator(principal), entry)
+        return 201, result
 
     response = await run_idempotent(request, work, principal, key, payload, effect)
     log.info(

@@ -8,10 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.deps import AdminKey, AppState, StateDep, json_response
+from ciris_billing import idempotency
+from ciris_billing.deps import (
+    AdminKey,
+    AppState,
+    IdempotencyKeyHeader,
+    StateDep,
+    UnitOfWorkDep,
+    json_response,
+    replay_if_known,
+    run_idempotent,
+)
 from ciris_billing.errors import ErrorOut, SandboxInactive, error_responses
 from ciris_billing.payments.providers.base import PaymentResult
 from ciris_billing.payments.providers.sandbox import SandboxProvider
@@ -79,13 +90,31 @@ async def sandbox_authenticate(
     responses=error_responses(401, 403, 404, 409),
 )
 async def sandbox_dispute(
-    payment_id: str, body: SandboxDispute, state: StateDep, _key: AdminKey
+    payment_id: str,
+    body: SandboxDispute,
+    request: Request,
+    state: StateDep,
+    work: UnitOfWorkDep,
+    principal: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Sandbox only: the bank opens (or closes, won/lost) a chargeback; its webhook follows."""
-    dispute = await _sandbox(state).dispute(payment_id, body.status)
-    return json_response(
-        200, {"dispute_id": dispute.dispute_id, "payment_id": payment_id, "status": body.status}
-    )
+    key = idempotency.resolve_key(idempotency_key)
+    payload = {"payment_id": payment_id, **body.model_dump(mode="json")}
+    replay = await replay_if_known(request, work, principal, key, payload)
+    if replay is not None:
+        return replay
+    async with work.provider_call():  # the sandbox sends its webhook: no transaction held
+        dispute = await _sandbox(state).dispute(payment_id, body.status)
+
+    async def effect(_conn: AsyncConnection) -> tuple[int, Any]:
+        return 200, {
+            "dispute_id": dispute.dispute_id,
+            "payment_id": payment_id,
+            "status": body.status,
+        }
+
+    return await run_idempotent(request, work, principal, key, payload, effect)
 
 
 @router.post(
@@ -94,9 +123,25 @@ async def sandbox_dispute(
     responses=error_responses(401, 403, 404, 409),
 )
 async def sandbox_dashboard_refund(
-    payment_id: str, body: SandboxRefund, state: StateDep, _key: AdminKey
+    payment_id: str,
+    body: SandboxRefund,
+    request: Request,
+    state: StateDep,
+    work: UnitOfWorkDep,
+    principal: AdminKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Sandbox only: a refund made in the provider's dashboard, outside this service; only its
     `charge.refunded` webhook tells us."""
-    refund_id = await _sandbox(state).refund_payment(payment_id, body.amount_minor)
-    return json_response(200, {"refund_id": refund_id, "payment_id": payment_id})
+    key = idempotency.resolve_key(idempotency_key)
+    payload = {"payment_id": payment_id, **body.model_dump(mode="json")}
+    replay = await replay_if_known(request, work, principal, key, payload)
+    if replay is not None:
+        return replay
+    async with work.provider_call():  # the sandbox sends its webhook: no transaction held
+        refund_id = await _sandbox(state).refund_payment(payment_id, body.amount_minor)
+
+    async def effect(_conn: AsyncConnection) -> tuple[int, Any]:
+        return 200, {"refund_id": refund_id, "payment_id": payment_id}
+
+    return await run_idempotent(request, work, principal, key, payload, effect)

@@ -42,9 +42,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_constraint(
-        op.f("ck_reservations_owed_within_paid_held"), "reservations", type_="check"
-    )
+    op.drop_constraint(op.f("ck_reservations_owed_within_paid_held"), "reservations", type_="check")
     op.drop_column("reservations", "owed_uses")
     op.drop_column("reservations", "owed_dispute_id")
     op.drop_column("credits", "api_key_id")
