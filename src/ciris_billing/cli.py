@@ -20,10 +20,11 @@ import click
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import audit_trail, auth, installation
-from ciris_billing.accounts import admin
+from ciris_billing.accounts import admin, operator_actions
 from ciris_billing.accounts import reservations as held
 from ciris_billing.audit import AuditReport, PurchaseFinding, audit_payments
 from ciris_billing.audit import audit as run_audit
+from ciris_billing.audit_trail import Entry, cli_operator
 from ciris_billing.autotopup.cli import auto_topup as auto_topup_commands
 from ciris_billing.cli_lookup import COMMANDS, parse_identity
 from ciris_billing.cli_webhooks import low_balance_threshold, webhook_endpoints
@@ -293,7 +294,16 @@ def keys_create(name: str, scopes: str) -> None:
         scope_set = auth.parse_scopes(scopes)
     except BillingError as exc:
         raise click.BadParameter(exc.detail, param_hint="--scopes") from None
-    key_id, key = _with_connection(lambda conn: auth.create_key(conn, name, scope_set))
+
+    async def create(conn: AsyncConnection) -> tuple[str, str]:
+        key_id, key = await auth.create_key(conn, name, scope_set)
+        entry = Entry(
+            "create_key", None, key_id, {"name": name, "scopes": sorted(scope_set)}, {}, {}
+        )
+        await audit_trail.record_action(conn, cli_operator(), entry)
+        return key_id, key
+
+    key_id, key = _with_connection(create)
     click.echo(
         f"Created key {key_id} ({name}; scopes: {','.join(sorted(scope_set))}). Store it now:"
     )
@@ -316,7 +326,15 @@ def keys_list() -> None:
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by its id (see `keys list`); running servers stop accepting it in seconds."""
-    if not _with_connection(lambda conn: auth.revoke_key(conn, key_id)):
+
+    async def revoke(conn: AsyncConnection) -> bool:
+        if not await auth.revoke_key(conn, key_id):
+            return False
+        entry = Entry("revoke_key", None, key_id, {}, {"active": True}, {"active": False})
+        await audit_trail.record_action(conn, cli_operator(), entry)
+        return True
+
+    if not _with_connection(revoke):
         raise click.ClickException(f"No active key with id {key_id}")
     click.echo(f"Revoked {key_id}.")
 
@@ -405,7 +423,21 @@ def refund(payment_id: str, amount_minor: int | None, reason: str | None) -> Non
     async def work(engine: AsyncEngine, provider: PaymentProvider) -> dict[str, object]:
         async with unit_of_work(engine) as step:
             made = await refunds.make_refund(step, provider, payment_id, amount_minor, None)
-            return await refunds.record_refund(await step.connection(), provider.name, made, reason)
+            conn = await step.connection()
+            result = await refunds.record_refund(conn, provider.name, made, reason)
+            purchase = await payments.get_purchase(conn, provider.name, payment_id)
+            account_id = purchase.account_id
+            detail = {"amount_minor": made.amount_minor, "refund_id": made.refund_id}
+            entry = Entry(
+                "refund",
+                account_id,
+                payment_id,
+                {**detail, "uses_reversed": result["uses_reversed"], "reason": reason},
+                {},
+                {"refunded_minor": result["refunded_minor"], "status": result["purchase_status"]},
+            )
+            await audit_trail.record_action(conn, cli_operator(), entry)
+            return result
 
     _print_json(_run_operator(_with_provider(work)))
 
@@ -462,7 +494,11 @@ def reservations_show(reservation_id: str) -> None:
 @click.argument("reservation_id")
 def reservations_release(reservation_id: str) -> None:
     """Give a hold's uses back now (idempotent; a captured hold cannot be released)."""
-    done = _run_operator(_with_connection_async(lambda conn: held.release(conn, reservation_id)))
+    done = _run_operator(
+        _with_connection_async(
+            lambda conn: operator_actions.release(conn, cli_operator(), reservation_id)
+        )
+    )
     if done.changed:
         log.info(
             "reservation_released",
@@ -506,7 +542,11 @@ def grant(oauth_provider: str, external_id: str, uses: int, reason: str) -> None
     identity = parse_identity((oauth_provider, external_id))
     pricing = Pricing.from_settings(get_settings())
     done = _run_operator(
-        _with_connection_async(lambda conn: admin.grant(conn, identity, uses, reason, pricing))
+        _with_connection_async(
+            lambda conn: operator_actions.grant(
+                conn, cli_operator(), identity, uses, reason, pricing
+            )
+        )
     )
     click.echo(f"{done.kind}: {uses:+d} uses; paid uses now {done.account.paid_uses_remaining}.")
 
@@ -519,7 +559,11 @@ def suspend(oauth_provider: str, external_id: str, reason: str | None) -> None:
     """Suspend an account: its charges are refused until reactivated."""
     identity = parse_identity((oauth_provider, external_id))
     _run_operator(
-        _with_connection_async(lambda conn: admin.set_status(conn, identity, "suspended", reason))
+        _with_connection_async(
+            lambda conn: operator_actions.set_status(
+                conn, cli_operator(), identity, "suspended", reason
+            )
+        )
     )
     click.echo("Suspended.")
 
@@ -531,7 +575,9 @@ def reactivate(oauth_provider: str, external_id: str) -> None:
     """Reactivate a suspended account."""
     identity = parse_identity((oauth_provider, external_id))
     _run_operator(
-        _with_connection_async(lambda conn: admin.set_status(conn, identity, "active", None))
+        _with_connection_async(
+            lambda conn: operator_actions.set_status(conn, cli_operator(), identity, "active", None)
+        )
     )
     click.echo("Reactivated.")
 
@@ -543,7 +589,9 @@ def reactivate(oauth_provider: str, external_id: str) -> None:
 def erase(oauth_provider: str, external_id: str) -> None:
     """Erase an account's personal data (the ledger and its amounts stay)."""
     identity = parse_identity((oauth_provider, external_id))
-    row = _run_operator(_with_connection_async(lambda conn: admin.erase(conn, identity)))
+    row = _run_operator(
+        _with_connection_async(lambda conn: operator_actions.erase(conn, cli_operator(), identity))
+    )
     click.echo(f"Erased personal data of {row.id}.")
 
 
@@ -612,13 +660,20 @@ def _print_audit(report: AuditReport, paid: list[PurchaseFinding]) -> None:
 @main.command("audit-log")
 @click.option("--account", "account_id", default=None, help="Only this account's (acct_...)")
 @click.option("--action", default=None, help="Only this action (grant, refund, suspend, ...)")
+@click.option(
+    "--door", type=click.Choice(["api", "cli", "console"]), default=None, help="Only this door"
+)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of text")
-def audit_log(account_id: str | None, action: str | None, limit: int, as_json: bool) -> None:
-    """The operators' audit trail (console actions), newest first: who, when, what, before ->
-    after."""
+def audit_log(
+    account_id: str | None, action: str | None, door: str | None, limit: int, as_json: bool
+) -> None:
+    """The operators' audit trail (every operator action: API, CLI and console), newest first:
+    who, by which door, when, what, before -> after."""
     rows = _with_connection(
-        lambda conn: audit_trail.entries(conn, account_id=account_id, action=action, limit=limit)
+        lambda conn: audit_trail.entries(
+            conn, account_id=account_id, action=action, door=door, limit=limit
+        )
     )
     for row in rows:
         if as_json:
@@ -628,6 +683,8 @@ def audit_log(account_id: str | None, action: str | None, limit: int, as_json: b
                         "id": row.id,
                         "created_at": iso(row.created_at),
                         "actor": row.actor,
+                        "api_key_id": row.api_key_id,
+                        "door": row.door,
                         "action": row.action,
                         "account_id": row.account_id,
                         "subject": row.subject,
@@ -643,7 +700,8 @@ def audit_log(account_id: str | None, action: str | None, limit: int, as_json: b
             for name, old, new in audit_trail.changes(row.before, row.after)
         )
         click.echo(
-            f"{iso(row.created_at)}  {row.actor}  {row.action}  {row.account_id or '-'}  "
+            f"{iso(row.created_at)}  {row.door}:{row.actor}  {row.action}  "
+            f"{row.account_id or '-'}  "
             f"{row.subject or '-'}  {changed or 'no change'}"
         )
     click.echo(f"{len(rows)} entries.", err=True)

@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ciris_billing import audit_trail
+from ciris_billing.audit_trail import Entry, cli_operator
 from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine
 from ciris_billing.errors import BillingError
@@ -37,6 +39,14 @@ def _in_transaction(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         return asyncio.run(run())
     except BillingError as exc:
         raise click.ClickException(f"{exc.code}: {exc.detail}") from None
+
+
+async def _audited(
+    conn: AsyncConnection, action: str, endpoint_id: str, detail: dict[str, Any] | None = None
+) -> None:
+    """The command's audit-trail row (door 'cli'), in its transaction."""
+    entry = Entry(action, None, endpoint_id, detail or {}, {}, {})
+    await audit_trail.record_action(conn, cli_operator(), entry)
 
 
 def _print(data: Any) -> None:
@@ -70,6 +80,7 @@ def create_command(url: str, kinds: tuple[str, ...], description: str | None) ->
     async def work(conn: AsyncConnection) -> dict[str, Any]:
         row, secret = await endpoints.create(conn, new)
         log.info("webhook_endpoint_created", endpoint_id=row.id, events=row.events, by="cli")
+        await _audited(conn, "create_endpoint", row.id, {"events": row.events})
         return endpoints.endpoint_body(row, secret)
 
     _print(_in_transaction(work))
@@ -104,6 +115,7 @@ def delete_command(endpoint_id: str) -> None:
     async def work(conn: AsyncConnection) -> dict[str, Any]:
         await endpoints.delete(conn, endpoint_id)
         log.info("webhook_endpoint_deleted", endpoint_id=endpoint_id, by="cli")
+        await _audited(conn, "delete_endpoint", endpoint_id)
         return {"id": endpoint_id, "deleted": True}
 
     _print(_in_transaction(work))
@@ -117,6 +129,7 @@ def rotate_command(endpoint_id: str) -> None:
     async def work(conn: AsyncConnection) -> dict[str, Any]:
         row, secret = await endpoints.rotate_secret(conn, endpoint_id)
         log.info("webhook_endpoint_secret_rotated", endpoint_id=row.id, by="cli")
+        await _audited(conn, "rotate_secret", row.id)
         return endpoints.endpoint_body(row, secret)
 
     _print(_in_transaction(work))
@@ -130,6 +143,7 @@ def _set_enabled(endpoint_id: str, enabled: bool) -> None:
             endpoint_id=row.id,
             by="cli",
         )
+        await _audited(conn, "enable_endpoint" if enabled else "disable_endpoint", row.id)
         return endpoints.endpoint_body(row)
 
     _print(_in_transaction(work))
@@ -172,6 +186,7 @@ def resend_command(endpoint_id: str, delivery_id: str) -> None:
     async def work(conn: AsyncConnection) -> dict[str, Any]:
         row = await endpoints.resend(conn, endpoint_id, delivery_id)
         log.info("webhook_delivery_resend", endpoint_id=endpoint_id, delivery_id=delivery_id)
+        await _audited(conn, "resend_delivery", endpoint_id, {"delivery_id": delivery_id})
         return endpoints.delivery_body(row)
 
     _print(_in_transaction(work))
@@ -183,7 +198,7 @@ def resend_command(endpoint_id: str, delivery_id: str) -> None:
 @click.argument("uses")
 def low_balance_threshold(oauth_provider: str, external_id: str, uses: str) -> None:
     """The account's own balance.low threshold: USES, or `default` (LOW_BALANCE_THRESHOLD_USES)."""
-    from ciris_billing.accounts import admin
+    from ciris_billing.accounts import operator_actions
     from ciris_billing.accounts.service import Identity
 
     if uses == "default":
@@ -194,8 +209,8 @@ def low_balance_threshold(oauth_provider: str, external_id: str, uses: str) -> N
         raise click.BadParameter("USES: a number of uses (0 to 1,000,000) or `default`")
 
     async def work(conn: AsyncConnection) -> dict[str, Any]:
-        row, in_force = await admin.set_low_balance_threshold(
-            conn, Identity(oauth_provider, external_id), wanted
+        row, in_force = await operator_actions.set_low_balance_threshold(
+            conn, cli_operator(), Identity(oauth_provider, external_id), wanted
         )
         return {
             "account_id": row.id,

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing import audit_trail, idempotency
-from ciris_billing.accounts import admin
+from ciris_billing import idempotency
+from ciris_billing.accounts import admin, operator_actions
 from ciris_billing.accounts.routes import account_body, identity_of, path_identity
 from ciris_billing.accounts.schemas import (
     AccountOut,
@@ -17,8 +17,8 @@ from ciris_billing.accounts.schemas import (
     LowBalanceThreshold,
     StatusChange,
 )
-from ciris_billing.accounts.service import Identity, find_account, get_account
-from ciris_billing.audit_trail import Entry, account_state, api_operator
+from ciris_billing.accounts.service import Identity
+from ciris_billing.audit_trail import api_operator
 from ciris_billing.auth import Principal
 from ciris_billing.autotopup import cards
 from ciris_billing.deps import (
@@ -54,26 +54,16 @@ async def grant_credits(
         raise InvalidRequest("uses must not be 0")
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        before = await find_account(conn, identity_of(body))
-        done = await admin.grant(
+        done = await operator_actions.grant(
             conn,
+            api_operator(principal),
             identity_of(body),
             body.uses,
             body.reason,
             state.pricing,
             key,
-            api_key_id=principal.key_id,
         )
         log.info("credits_granted", account_id=done.account.id, uses=body.uses, kind=done.kind)
-        entry = Entry(
-            "grant" if body.uses > 0 else "adjust",
-            done.account.id,
-            None,
-            {"uses": body.uses, "reason": body.reason},
-            {} if before is None else account_state(before),
-            account_state(done.account),
-        )
-        await audit_trail.record_action(conn, api_operator(principal), entry)
         return 201, {
             "kind": done.kind,
             "uses": done.uses,
@@ -95,19 +85,10 @@ async def _set_status(
     reason: str | None,
 ) -> Response:
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        before = await get_account(conn, identity)
-        row = await admin.set_status(conn, identity, status, reason)
-        log.info(f"account_{status}", account_id=row.id)
-        suspending = status == "suspended"
-        entry = Entry(
-            "suspend" if suspending else "reactivate",
-            row.id,
-            None,
-            {"reason_given": bool(reason and reason.strip())} if suspending else {},
-            account_state(before),
-            account_state(row),
+        row = await operator_actions.set_status(
+            conn, api_operator(principal), identity, status, reason
         )
-        await audit_trail.record_action(conn, api_operator(principal), entry)
+        log.info(f"account_{status}", account_id=row.id)
         return 200, account_body(row) | {"status_reason": row.status_reason}
 
     key = idempotency.resolve_key(idempotency_key)
@@ -170,18 +151,10 @@ async def set_low_balance_threshold(
     identity = path_identity(oauth_provider, external_id)
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        before = await get_account(conn, identity)
-        row, in_force = await admin.set_low_balance_threshold(conn, identity, body.uses)
-        log.info("low_balance_threshold_set", account_id=row.id, uses=body.uses)
-        entry = Entry(
-            "low_balance_threshold",
-            row.id,
-            None,
-            {"uses": body.uses},
-            {"threshold_uses": before.low_balance_threshold_uses},
-            {"threshold_uses": body.uses, "in_force": in_force},
+        row, in_force = await operator_actions.set_low_balance_threshold(
+            conn, api_operator(principal), identity, body.uses
         )
-        await audit_trail.record_action(conn, api_operator(principal), entry)
+        log.info("low_balance_threshold_set", account_id=row.id, uses=body.uses)
         return 200, {
             "account_id": row.id,
             "low_balance_threshold_uses": body.uses,
@@ -211,24 +184,11 @@ async def erase_account(
     erased: list[str] = []
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        before = await admin.find_including_erased(conn, identity)
-        row = await admin.erase(conn, identity)
+        row = await operator_actions.erase(conn, api_operator(principal), identity)
         log.info("account_erased", account_id=row.id)
-        entry = Entry(
-            "erase",
-            row.id,
-            None,
-            {"fields_erased": list(admin.ERASED_FIELDS)},
-            {"erased": before.erased_at is not None, **account_state(before)},
-            {"erased": True, **account_state(row)},
-        )
-        await audit_trail.record_action(conn, api_operator(principal), entry)
         erased.append(row.id)
-        return 200, {
-            "account_id": row.id,
-            "erased": True,
-            "fields_erased": list(admin.ERASED_FIELDS),
-        }
+        fields = list(admin.ERASED_FIELDS)
+        return 200, {"account_id": row.id, "erased": True, "fields_erased": fields}
 
     key = idempotency.resolve_key(idempotency_key)
     response = await run_idempotent(request, work, principal, key, {}, effect)

@@ -14,8 +14,9 @@ from typing import Any
 import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ciris_billing import installation
+from ciris_billing import audit_trail, installation
 from ciris_billing.accounts import service as accounts
+from ciris_billing.audit_trail import Entry
 from ciris_billing.autotopup import cards
 from ciris_billing.autotopup.routes import auto_topup_body
 from ciris_billing.cli_lookup import parse_identity
@@ -78,7 +79,18 @@ def show(identity: tuple[str, ...]) -> None:
 
 
 async def _switch(step: UnitOfWork, enabled: bool, account_id: str) -> None:
-    await cards.set_enabled(await step.connection(), account_id, enabled)
+    conn = await step.connection()
+    await cards.set_enabled(conn, account_id, enabled)
+    action = "auto_topup_on" if enabled else "auto_topup_off"
+    await audit_trail.record_action(
+        conn, audit_trail.cli_operator(), Entry(action, account_id, None, {}, {}, {})
+    )
+
+
+async def _remove_card(step: UnitOfWork, provider: PaymentProvider, account_id: str) -> None:
+    await cards.remove_card(step, provider, account_id)
+    entry = Entry("remove_card", account_id, None, {}, {}, {})
+    await audit_trail.record_action(await step.connection(), audit_trail.cli_operator(), entry)
 
 
 @auto_topup.command("on")
@@ -99,4 +111,4 @@ def switch_off(identity: tuple[str, ...]) -> None:
 @identity_argument
 def remove_card(identity: tuple[str, ...]) -> None:
     """Remove the saved card (the provider forgets it too); switches auto top-up off."""
-    _run(identity, cards.remove_card)
+    _run(identity, _remove_card)
