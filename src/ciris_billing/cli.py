@@ -700,9 +700,8 @@ def audit_log(
             for name, old, new in audit_trail.changes(row.before, row.after)
         )
         click.echo(
-            f"{iso(row.created_at)}  {row.door}:{row.actor}  {row.action}  "
-            f"{row.account_id or '-'}  "
-            f"{row.subject or '-'}  {changed or 'no change'}"
+            f"{iso(row.created_at)}  {row.actor}  {row.action}  {row.account_id or '-'}  "
+            f"{row.subject or '-'}  {changed or 'no change'}  (by {row.door})"
         )
     click.echo(f"{len(rows)} entries.", err=True)
 
