@@ -83,7 +83,9 @@ async def test_create_with_an_idempotency_key_replays_the_same_endpoint(hooks_ap
     body = {"url": "http://127.0.0.1:9/hooks"}
     first = await hooks_api.post(BASE, body, scope="admin", **{"Idempotency-Key": "we-1"})
     again = await hooks_api.post(BASE, body, scope="admin", **{"Idempotency-Key": "we-1"})
-    assert first.json() == again.json()
+    # The same endpoint; its secret is shown once only: never kept for a replay (issue 21
+    # finding 8).
+    assert {k: v for k, v in first.json().items() if k != "secret"} == again.json()
     assert len((await hooks_api.get(BASE, scope="admin")).json()["data"]) == 1
 
 
