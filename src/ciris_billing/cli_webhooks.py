@@ -16,7 +16,7 @@ from ciris_billing.audit_trail import Entry, cli_operator
 from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine
 from ciris_billing.errors import BillingError
-from ciris_billing.events import endpoints, ssrf
+from ciris_billing.events import actions, endpoints, ssrf
 from ciris_billing.events.delivery import Deliveries
 from ciris_billing.events.outbox import EVENT_TYPES
 from ciris_billing.observability import log
@@ -137,13 +137,13 @@ def rotate_command(endpoint_id: str) -> None:
 
 def _set_enabled(endpoint_id: str, enabled: bool) -> None:
     async def work(conn: AsyncConnection) -> dict[str, Any]:
-        row = await endpoints.set_enabled(conn, endpoint_id, enabled)
+        entry, row = await actions.set_enabled(conn, endpoint_id, enabled)
         log.info(
             f"webhook_endpoint_{'enabled' if enabled else 'disabled_by_operator'}",
             endpoint_id=row.id,
             by="cli",
         )
-        await _audited(conn, "enable_endpoint" if enabled else "disable_endpoint", row.id)
+        await audit_trail.record_action(conn, cli_operator(), entry)
         return endpoints.endpoint_body(row)
 
     _print(_in_transaction(work))
@@ -184,9 +184,9 @@ def resend_command(endpoint_id: str, delivery_id: str) -> None:
     """Send a delivery again with the next delivery run (same webhook-id)."""
 
     async def work(conn: AsyncConnection) -> dict[str, Any]:
-        row = await endpoints.resend(conn, endpoint_id, delivery_id)
+        entry, row = await actions.resend(conn, endpoint_id, delivery_id)
         log.info("webhook_delivery_resend", endpoint_id=endpoint_id, delivery_id=delivery_id)
-        await _audited(conn, "resend_delivery", endpoint_id, {"delivery_id": delivery_id})
+        await audit_trail.record_action(conn, cli_operator(), entry)
         return endpoints.delivery_body(row)
 
     _print(_in_transaction(work))

@@ -89,11 +89,15 @@ class Console:
         return await self.http.post(f"/console/actions/{action}", data=hidden)
 
 
-async def trail(engine: AsyncEngine, account_id: str | None = None) -> list[Any]:
-    """The audit-trail rows, oldest first (of one account, when given)."""
+async def trail(
+    engine: AsyncEngine, account_id: str | None = None, door: str | None = None
+) -> list[Any]:
+    """The audit-trail rows, oldest first (of one account, one door, when given)."""
     query = select(audit_trail).order_by(audit_trail.c.created_at, audit_trail.c.id)
     if account_id is not None:
         query = query.where(audit_trail.c.account_id == account_id)
+    if door is not None:
+        query = query.where(audit_trail.c.door == door)
     async with engine.connect() as conn:
         return list(await conn.execute(query))
 

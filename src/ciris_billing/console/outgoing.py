@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.audit_trail import Entry
 from ciris_billing.db import events, webhook_deliveries, webhook_endpoints
-from ciris_billing.events import endpoints
+from ciris_billing.events import actions, endpoints
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,44 +65,10 @@ async def overview(conn: AsyncConnection, per_endpoint: int = 20) -> list[Endpoi
     return views
 
 
-def _endpoint_state(row: Any) -> dict[str, Any]:
-    return {"status": row.status, "disabled_reason": row.disabled_reason}
-
-
-async def set_enabled(
-    conn: AsyncConnection, endpoint_id: str, enabled: bool
-) -> tuple[Entry, Row[Any]]:
-    """Disable or enable an endpoint (events.endpoints.set_enabled); the audit entry to write."""
-    before = await endpoints.get(conn, endpoint_id, lock=True)
-    after = await endpoints.set_enabled(conn, endpoint_id, enabled)
-    entry = Entry(
-        "enable_endpoint" if enabled else "disable_endpoint",
-        None,
-        endpoint_id,
-        {"url": after.url},
-        _endpoint_state(before),
-        _endpoint_state(after),
-    )
-    return entry, after
+# Disable, enable and resend with their audit entries: the same for every door (events/actions.py).
+set_enabled = actions.set_enabled
 
 
 async def resend(conn: AsyncConnection, endpoint_id: str, delivery_id: str) -> Entry:
-    """Send a delivery again at the next delivery run (events.endpoints.resend)."""
-    before = (
-        await conn.execute(
-            select(webhook_deliveries).where(
-                webhook_deliveries.c.id == delivery_id,
-                webhook_deliveries.c.endpoint_id == endpoint_id,
-            )
-        )
-    ).first()
-    after = await endpoints.resend(conn, endpoint_id, delivery_id)
-    state = {} if before is None else {"status": before.status, "attempts": int(before.attempts)}
-    return Entry(
-        "resend_delivery",
-        None,
-        delivery_id,
-        {"endpoint_id": endpoint_id, "event_id": after.event_id},
-        state,
-        {"status": after.status, "attempts": int(after.attempts)},
-    )
+    entry, _row = await actions.resend(conn, endpoint_id, delivery_id)
+    return entry

@@ -26,7 +26,7 @@ from ciris_billing.deps import (
     run_idempotent,
 )
 from ciris_billing.errors import ErrorOut, error_responses
-from ciris_billing.events import endpoints, ssrf
+from ciris_billing.events import actions, endpoints, ssrf
 from ciris_billing.events.schemas import (
     EndpointDeleted,
     WebhookDeliveriesOut,
@@ -176,11 +176,10 @@ async def _set_enabled(
     enabled: bool,
 ) -> Response:
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        row = await endpoints.set_enabled(conn, endpoint_id, enabled)
+        entry, row = await actions.set_enabled(conn, endpoint_id, enabled)
         event = "webhook_endpoint_enabled" if enabled else "webhook_endpoint_disabled_by_operator"
         log.info(event, endpoint_id=row.id)
-        action = "enable_endpoint" if enabled else "disable_endpoint"
-        await _audited(conn, principal, action, endpoint_id, row)
+        await audit_trail.record_action(conn, api_operator(principal), entry)
         return 200, endpoints.endpoint_body(row)
 
     key = idempotency.resolve_key(idempotency_key)
@@ -257,9 +256,8 @@ async def resend_delivery(
     """Send the delivery again (same event, same webhook-id) with the next delivery run."""
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        row = await endpoints.resend(conn, endpoint_id, delivery_id)
+        entry, row = await actions.resend(conn, endpoint_id, delivery_id)
         log.info("webhook_delivery_resend", endpoint_id=endpoint_id, delivery_id=delivery_id)
-        entry = Entry("resend_delivery", None, endpoint_id, {"delivery_id": delivery_id}, {}, {})
         await audit_trail.record_action(conn, api_operator(principal), entry)
         return 202, endpoints.delivery_body(row)
 
