@@ -265,6 +265,6 @@ async def run_idempotent(
     status_code, body = await effect(conn)
     text = json.dumps(body, separators=(",", ":"))
     if key is not None:
-        stored = text if kept is None else json.dumps(kept(body), separators=(",", ":"))
-        await idempotency.record(conn, principal.key_id, key, status_code, stored)
+        kept_text = text if kept is None else json.dumps(kept(body), separators=(",", ":"))
+        await idempotency.record(conn, principal.key_id, key, status_code, kept_text)
     return Response(content=text, status_code=status_code, media_type="application/json")
