@@ -9,6 +9,8 @@ ledger invariant (`audit`) clean after each test.
 
 from __future__ import annotations
 
+import asyncio
+
 from sqlalchemy import select
 
 from ciris_billing.db import credits
@@ -131,4 +133,41 @@ async def test_finding2_hold_still_active_when_lost_is_owed_and_its_capture_succ
     captured = await capture(api, both["reservation_id"])
     assert captured.status_code == 201, captured.text
     assert captured.json()["uses"] == 18
+    await clean(api)
+
+
+async def test_finding2_a_dispute_opening_while_the_hold_is_released_holds_all_either_way(
+    api: Api,
+) -> None:
+    """The opening (purchase, the account's holds, then the account) and the release (the
+    reservation, then the account) race: either order, no deadlock, all 20 uses held."""
+    both = await held_by_the_hold(api)
+
+    await asyncio.gather(
+        dispute(api, both["payment_id"], "needs_response"),
+        release(api, both["reservation_id"]),
+    )
+
+    during = await counters(api)
+    assert (during["held_uses"], during["paid_uses_remaining"]) == (20, 0)
+    await clean(api)
+    await dispute(api, both["payment_id"], "lost")
+    assert (await counters(api))["paid_uses_remaining"] == 0
+    await clean(api)
+
+
+async def test_finding2_a_dispute_opening_while_the_hold_is_captured_in_part(api: Api) -> None:
+    both = await held_by_the_hold(api)
+
+    _opened, captured = await asyncio.gather(
+        dispute(api, both["payment_id"], "needs_response"),
+        capture(api, both["reservation_id"], 10),
+    )
+
+    assert captured.status_code == 201, captured.text
+    during = await counters(api)
+    # 3 free + 7 paid spent; the other 13 paid uses are the dispute's, whichever came first.
+    assert (during["held_uses"], during["paid_uses_remaining"]) == (13, 0)
+    await dispute(api, both["payment_id"], "won")
+    assert (await counters(api))["paid_uses_remaining"] == 13
     await clean(api)
