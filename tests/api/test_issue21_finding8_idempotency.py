@@ -180,6 +180,17 @@ async def _refund(api: Api) -> Two:
     return Two(path, {"amount_minor": 100}, path, {"amount_minor": 200})
 
 
+async def _sync(api: Api) -> Two:
+    first, second = await paid(api), await paid(api)
+    return Two(
+        f"/v1/billing/purchases/{first}/sync",
+        {},
+        f"/v1/billing/purchases/{second}/sync",
+        {},
+        "write",
+    )
+
+
 async def _dispute(api: Api) -> Two:
     path = f"/v1/billing/sandbox/payment_intents/{await paid(api)}/dispute"
     return Two(path, {"status": "needs_response"}, path, {"status": "won"})
@@ -238,6 +249,7 @@ CASES: dict[tuple[str, str], Callable[[Api], Awaitable[Two]]] = {
     ),
     ("POST", "/v1/billing/purchases"): _purchase,
     ("POST", "/v1/billing/purchases/{payment_id}/refund"): _refund,
+    ("POST", "/v1/billing/purchases/{payment_id}/sync"): _sync,
     ("POST", "/v1/billing/sandbox/payment_intents/{payment_id}/dispute"): _dispute,
     ("POST", "/v1/billing/sandbox/payment_intents/{payment_id}/dashboard_refund"): (
         _dashboard_refund

@@ -189,18 +189,31 @@ async def get_purchase(
 @router.post(
     "/purchases/{payment_id}/sync",
     response_model=PurchaseOut,
-    responses=error_responses(401, 403, 404, 502, 503),
+    responses=error_responses(401, 403, 404, 409, 502, 503),
 )
 async def sync_purchase(
-    payment_id: str, state: StateDep, work: UnitOfWorkDep, _key: WriteKey
+    payment_id: str,
+    request: Request,
+    state: StateDep,
+    work: UnitOfWorkDep,
+    principal: WriteKey,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """The provider told the client the payment succeeded: the service asks the provider
     itself and, if paid, credits the purchase now (once, as its webhook would). The purchase
-    after it (`succeeded` once credited)."""
+    after it (`succeeded` once credited). Without a key, asking again asks the provider again."""
+    key = idempotency.resolve_key(idempotency_key)
+    replay = await replay_if_known(request, work, principal, key, {})
+    if replay is not None:
+        return replay
     purchase = await lookup_purchase(await work.connection(), state.provider.name, payment_id)
     async with work.provider_call():
         payment = await state.provider.get_payment(purchase.payment_id)
     if payment is not None:
         await service.confirm_paid(work, state.provider.name, payment)
-    purchase = await lookup_purchase(await work.connection(), state.provider.name, payment_id)
-    return json_response(200, purchase_body(purchase, state))
+
+    async def effect(conn: AsyncConnection) -> tuple[int, Any]:
+        found = await lookup_purchase(conn, state.provider.name, payment_id)
+        return 200, purchase_body(found, state)
+
+    return await run_idempotent(request, work, principal, key, {}, effect)
