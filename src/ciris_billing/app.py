@@ -52,6 +52,7 @@ from ciris_billing.observability import (
 from ciris_billing.payments.providers import get_payment_provider
 from ciris_billing.payments.routes import router as payments_router
 from ciris_billing.payments.sandbox_routes import router as sandbox_router
+from ciris_billing.portal.link_routes import router as portal_links_router
 from ciris_billing.portal.routes import router as portal_router
 from ciris_billing.pricing import Pricing
 from ciris_billing.ratelimit import (
@@ -208,6 +209,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(webhook_endpoints_router)
     app.include_router(checkout_router)
     app.include_router(portal_router)
+    app.include_router(portal_links_router)
     app.include_router(console_router)
     app.include_router(console_actions_router)
     app.include_router(docs_router)

@@ -38,6 +38,7 @@ from ciris_billing.payments import refunds
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers import PaymentConfigurationError, get_payment_provider
 from ciris_billing.payments.providers.base import PaymentProvider
+from ciris_billing.portal.cli import portal_links as portal_links_commands
 from ciris_billing.pricing import Pricing
 from ciris_billing.serving import TimedHttpToolsProtocol
 from ciris_billing.unit_of_work import unit_of_work
@@ -729,6 +730,7 @@ def worker() -> None:
 for _command in (*COMMANDS, webhook_endpoints, low_balance_threshold):
     main.add_command(_command)
 main.add_command(auto_topup_commands)
+main.add_command(portal_links_commands)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     allowed_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "[::1]"]
     # Signs the buy links in 402 answers. Unset: the installation's own (stored, shared).
     checkout_link_secret: SecretStr | None = None
+    # How long a portal link works (portal/links.py); revoking an account's links ends them.
+    portal_link_seconds: int = Field(default=7 * 24 * 3600, ge=60, le=366 * 24 * 3600)
 
     # Rate limits (0 turns one off). Per API key: requests per second (bursts up to twice that).
     # Per account (free-tier abuse): checks and charges per minute (bursts up to a sixth).

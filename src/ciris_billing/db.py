@@ -585,6 +585,15 @@ installation_secrets = Table(
 )
 
 
+portal_link_revocations = Table(
+    "portal_link_revocations",
+    metadata,
+    # An account's portal links made before `revoked_at` are void (portal/links.py): links are
+    # sealed and stateless to mint, so revocation is a time per account, read when one is opened.
+    Column("account_id", Id, ForeignKey("accounts.id"), primary_key=True),
+    Column("revoked_at", Timestamp, nullable=False),
+)
+
 console_sessions = Table(
     "console_sessions",
     metadata,

@@ -56,7 +56,7 @@ async def _everything(api: Api) -> str:
                 )
             )
         ).scalars()
-        dump = []
+        dump: list[str] = []
         for name in list(names):
             rows = await conn.execute(text(f'SELECT * FROM "{name}"'))  # noqa: S608
             dump.extend(f"{name}: {row}" for row in rows)

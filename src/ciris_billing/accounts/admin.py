@@ -278,18 +278,18 @@ async def _scrub_texts(conn: AsyncConnection, account_id: str, personal: set[str
             await conn.execute(
                 credits.update().where(credits.c.id == row.id).values(description=None)
             )
-    for row in await conn.execute(
+    for entry in await conn.execute(
         select(
             audit_trail.c.id, audit_trail.c.detail, audit_trail.c.before, audit_trail.c.after
         ).where(audit_trail.c.account_id == account_id)
     ):
         await conn.execute(
             audit_trail.update()
-            .where(audit_trail.c.id == row.id)
+            .where(audit_trail.c.id == entry.id)
             .values(
-                detail=_scrub_values(row.detail, personal),
-                before=_scrub_values(row.before, personal),
-                after=_scrub_values(row.after, personal),
+                detail=_scrub_values(entry.detail, personal),
+                before=_scrub_values(entry.before, personal),
+                after=_scrub_values(entry.after, personal),
             )
         )
     paid = select(purchases.c.payment_id).where(purchases.c.account_id == account_id)

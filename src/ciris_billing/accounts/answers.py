@@ -26,24 +26,35 @@ from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.deps import AppState, json_response, take_limits
 from ciris_billing.errors import PurchaseRequired
 from ciris_billing.observability import CHARGES, CREDIT_CHECKS, log
-from ciris_billing.portal.links import portal_token, portal_url
+from ciris_billing.portal.links import Scope, portal_token, portal_url
 
 CHECK_ROUTE = "/v1/billing/credits/check"
 CHARGE_ROUTE = "/v1/billing/charges"
 REPLAYED = {"Idempotent-Replayed": "true"}
 
 
-def portal_link(state: AppState, request: Request, identity: Identity) -> str:
-    """The user's portal (balance, usage, receipts): a signed link, cached per identity for an
-    hour (portal/links.py), so a check pays a dictionary look-up for it."""
+def portal_link(
+    state: AppState, request: Request, identity: Identity, scope: Scope = "read"
+) -> str:
+    """The user's portal (balance, usage, receipts; with `write`, auto top-up too): a sealed
+    link (portal/links.py, about 4 us to make). A read key's requests get `read` links."""
     token = portal_token(
-        state.secrets.portal_link_secret, identity.oauth_provider, identity.external_id
+        state.secrets.portal_link_secret,
+        identity.oauth_provider,
+        identity.external_id,
+        scope,
+        lifetime_seconds=state.settings.portal_link_seconds,
     )
     return portal_url(state.public_base_url(request), token)
 
 
 async def check(
-    state: AppState, request: Request, body: CreditCheck, key_limit_due: str | None = None
+    state: AppState,
+    request: Request,
+    body: CreditCheck,
+    key_limit_due: str | None = None,
+    *,
+    may_write: bool = False,
 ) -> Response:
     """May this user go on? Creates the account (with its free uses) on first sight."""
     identity = Identity(body.oauth_provider, body.external_id)
@@ -63,7 +74,8 @@ async def check(
     if status.purchase_required:
         answer["purchase_price_minor"] = status.purchase_price_minor
         answer["purchase_uses"] = status.purchase_uses
-    answer["portal_url"] = portal_link(state, request, identity)
+    # The link does what the key may: a read key's check gets a link that only shows.
+    answer["portal_url"] = portal_link(state, request, identity, "write" if may_write else "read")
     return json_response(200, answer)
 
 
@@ -116,7 +128,7 @@ async def charge(
         # Where the user can buy more: a signed, expiring link (no database write on a 402).
         token = buy_token(state.link_secret, identity.oauth_provider, identity.external_id)
         refused.extra["checkout_url"] = buy_url(state.public_base_url(request), token)
-        refused.extra["portal_url"] = portal_link(state, request, identity)
+        refused.extra["portal_url"] = portal_link(state, request, identity, "write")
         raise
     except Exception:
         CHARGES.labels("False").inc()

@@ -211,7 +211,7 @@ async def reserve(
             RESERVATIONS.labels("refused").inc()
             token = buy_token(state.link_secret, identity.oauth_provider, identity.external_id)
             refused.extra["checkout_url"] = buy_url(state.public_base_url(request), token)
-            refused.extra["portal_url"] = portal_link(state, request, identity)
+            refused.extra["portal_url"] = portal_link(state, request, identity, "write")
             raise
         _held(made.reservation.id, made.account.id, body)
         return 201, reservation_body(made.reservation, made.account)

@@ -150,7 +150,7 @@ async def check_credit(
     """May this user go on? Creates the account (with its free uses) on first sight."""
     # Answered by answers.py, as on the fast path (hot/asgi.py), which checks at start-up that
     # this route's dependencies are the ones it implements.
-    return await answers.check(state, request, body)
+    return await answers.check(state, request, body, may_write=_key.allows("write"))
 
 
 @router.post(

@@ -8,12 +8,10 @@ the payment provider).
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import time
 from urllib.parse import quote
+
+from ciris_billing.link_tokens import LinkExpired, LinkInvalid, seal, unseal
 
 CHECKOUT_PATH = "/v1/billing/checkout"
 
@@ -30,51 +28,30 @@ def checkout_url(base_url: str, payment_id: str, client_secret: str) -> str:
 
 BUY_PATH = "/v1/billing/buy"
 OFFER_LIFETIME_SECONDS = 24 * 3600
+_PURPOSE = "buy"
 
 
 def buy_token(
     secret: bytes, oauth_provider: str, external_id: str, now: float | None = None
 ) -> str:
-    """A signed, expiring token naming an identity: whoever holds it may start a purchase for
-    that identity (and nothing else). Stateless, so a 402 costs no database write."""
+    """A sealed, expiring token (link_tokens.py: opaque, no personal data readable) naming an
+    identity: whoever holds it may start a purchase for that identity (and nothing else).
+    Stateless, so a 402 costs no database write."""
     expires = int((time.time() if now is None else now) + OFFER_LIFETIME_SECONDS)
-    body = (
-        base64.urlsafe_b64encode(
-            json.dumps([oauth_provider, external_id, expires], separators=(",", ":")).encode()
-        )
-        .decode()
-        .rstrip("=")
-    )
-    return f"{body}.{_mac(secret, body)}"
+    return seal(secret, _PURPOSE, [oauth_provider, external_id], expires)
 
 
 def read_buy_token(secret: bytes, token: str, now: float | None = None) -> tuple[str, str] | None:
     """The (oauth_provider, external_id) of a valid, unexpired token; None otherwise."""
-    body, _, mac = token.partition(".")
-    # A real token is ASCII; compare_digest raises a TypeError on non-ASCII str (was a 500).
-    if not body or not token.isascii() or not hmac.compare_digest(mac, _mac(secret, body)):
-        return None
     try:
-        provider, external_id, expires = json.loads(
-            base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-        )
-    except (ValueError, TypeError):
+        fields = unseal(secret, _PURPOSE, token, now)
+    except (LinkInvalid, LinkExpired):
         return None
-    if (
-        not isinstance(provider, str)
-        or not isinstance(external_id, str)
-        or not isinstance(expires, int)
-    ):
+    if len(fields) != 2 or not all(isinstance(field, str) for field in fields):
         return None
-    if expires < (time.time() if now is None else now):
-        return None
-    return provider, external_id
+    return str(fields[0]), str(fields[1])
 
 
 def buy_url(base_url: str, token: str) -> str:
     """`{base}/v1/billing/buy/{token}`: opening it starts a purchase and shows the payment page."""
     return f"{base_url.rstrip('/')}{BUY_PATH}/{token}"
-
-
-def _mac(secret: bytes, body: str) -> str:
-    return hmac.new(secret, body.encode(), hashlib.sha256).hexdigest()[:32]

@@ -97,7 +97,7 @@ async def create_purchase(
                 started.payment.payment_id,
                 started.payment.client_secret,
             )
-        answer["portal_url"] = portal_link(state, request, order.identity)
+        answer["portal_url"] = portal_link(state, request, order.identity, "write")
         return 201, answer
 
     response = await run_idempotent(request, work, principal, key, payload, effect)

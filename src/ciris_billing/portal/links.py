@@ -1,86 +1,119 @@
-"""Portal links: a signed, expiring link per account, where its user sees balance and receipts.
+"""Portal links: an expiring, revocable link per account, where its user sees balance and receipts.
 
-`{base}/v1/billing/portal/{token}`. The token names the account's identity and an expiry, signed
-with the installation's portal secret (installation.py; a buy link's signature is not a portal
-link's). Stateless, so a credit check or a 402 that carries one writes nothing.
+`{base}/v1/billing/portal/{token}`. The token is sealed (link_tokens.py: opaque, nothing of the
+person readable) with the installation's portal secret, and carries the account's identity, what
+the link may do and when it was issued:
 
-Cheap on the hot path: the expiry is rounded up to the next whole hour, so one identity's token
-is the same for an hour and is computed once (an LRU cache); a link is valid for
-PORTAL_LINK_SECONDS to PORTAL_LINK_SECONDS + 1 h.
+- `read`: balance, usage, receipts, buy more. What a link made by a read key gets (a credit
+  check by a read key must not hand out a link that changes the account);
+- `write`: also switches auto top-up and removes the saved card. Made by a write (or admin)
+  key: a charge's or a purchase's answer, a check by such a key, or `POST .../portal_link`.
+
+A link lasts PORTAL_LINK_SECONDS (default 7 days). Revoking an account's links (API, CLI,
+console: `revoke_links`) voids every link issued until then; links issued later work. Stateless
+to mint, so a credit check or a 402 that carries one writes nothing; revocation is read only
+when a link is opened.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import time
-from functools import lru_cache
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ciris_billing.db import portal_link_revocations, utcnow
+from ciris_billing.link_tokens import LinkExpired, LinkInvalid, seal, unseal
 
 PORTAL_PATH = "/v1/billing/portal"
-PORTAL_LINK_SECONDS = 7 * 24 * 3600
-_ROUNDING = 3600
+DEFAULT_PORTAL_LINK_SECONDS = 7 * 24 * 3600
+_PURPOSE = "portal"
+Scope = Literal["read", "write"]
+_SCOPES = ("read", "write")
 
 
-class PortalLinkInvalid(ValueError):
-    """Not a link this installation signed (tampered, truncated, another secret's)."""
+class PortalLinkInvalid(LinkInvalid):
+    """Not a link this installation made (tampered, truncated, another secret's), or revoked."""
 
 
-class PortalLinkExpired(ValueError):
-    """A link this installation signed, past its expiry."""
+class PortalLinkExpired(LinkExpired):
+    """A link this installation made, past its expiry."""
+
+
+@dataclass(frozen=True, slots=True)
+class PortalLink:
+    oauth_provider: str
+    external_id: str
+    scope: Scope
+    issued_ms: int  # when it was made, Unix milliseconds (revocation voids those made before)
+
+    @property
+    def may_write(self) -> bool:
+        return self.scope == "write"
 
 
 def portal_token(
-    secret: bytes, oauth_provider: str, external_id: str, now: float | None = None
+    secret: bytes,
+    oauth_provider: str,
+    external_id: str,
+    scope: Scope = "read",
+    *,
+    lifetime_seconds: int = DEFAULT_PORTAL_LINK_SECONDS,
+    now: float | None = None,
 ) -> str:
     moment = time.time() if now is None else now
-    expires = (int(moment) // _ROUNDING + 1) * _ROUNDING + PORTAL_LINK_SECONDS
-    return _signed(secret, oauth_provider, external_id, expires)
+    fields: list[str | int] = [oauth_provider, external_id, scope, int(moment * 1000)]
+    return seal(secret, _PURPOSE, fields, int(moment) + lifetime_seconds)
 
 
-@lru_cache(maxsize=65_536)
-def _signed(secret: bytes, oauth_provider: str, external_id: str, expires: int) -> str:
-    payload = json.dumps([oauth_provider, external_id, expires], separators=(",", ":")).encode()
-    body = base64.urlsafe_b64encode(payload).decode().rstrip("=")
-    return f"{body}.{_mac(secret, body)}"
-
-
-def signed_token(secret: bytes, oauth_provider: str, external_id: str, expires: int) -> str:
-    """A token with this exact expiry (tests make expired ones)."""
-    return _signed(secret, oauth_provider, external_id, expires)
-
-
-def read_portal_token(secret: bytes, token: str, now: float | None = None) -> tuple[str, str]:
-    """The (oauth_provider, external_id) a valid token names; PortalLinkInvalid for anything
-    this installation did not sign, PortalLinkExpired for a signed one past its expiry."""
-    body, _, mac = token.partition(".")
-    # compare_digest refuses non-ASCII str (a TypeError): a real token is ASCII.
-    if (
-        not body
-        or len(token) > 2048
-        or not token.isascii()
-        or not hmac.compare_digest(mac, _mac(secret, body))
-    ):
-        raise PortalLinkInvalid("not signed here")
+def read_portal_token(secret: bytes, token: str, now: float | None = None) -> PortalLink:
+    """What a valid token says; PortalLinkInvalid for anything this installation did not make,
+    PortalLinkExpired for one past its expiry. (Revocation: `still_valid`.)"""
     try:
-        provider, external_id, expires = json.loads(
-            base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        fields = unseal(secret, _PURPOSE, token, now)
+    except LinkExpired:
+        raise PortalLinkExpired("expired") from None
+    except LinkInvalid:
+        raise PortalLinkInvalid("not made here") from None
+    match fields:
+        case [str(provider), str(external_id), str(scope), int(issued)] if scope in _SCOPES:
+            return PortalLink(provider, external_id, scope, issued)  # type: ignore[arg-type]
+    raise PortalLinkInvalid("not a portal link")
+
+
+async def still_valid(conn: AsyncConnection, account_id: str, link: PortalLink) -> bool:
+    """False when the account's links were revoked after this one was made."""
+    revoked = await conn.scalar(
+        select(portal_link_revocations.c.revoked_at).where(
+            portal_link_revocations.c.account_id == account_id
         )
-    except (ValueError, TypeError):
-        raise PortalLinkInvalid("not a token") from None
-    if not (
-        isinstance(provider, str) and isinstance(external_id, str) and isinstance(expires, int)
-    ):
-        raise PortalLinkInvalid("not a token")
-    if expires < (time.time() if now is None else now):
-        raise PortalLinkExpired("expired")
-    return provider, external_id
+    )
+    return revoked is None or link.issued_ms > _ms(revoked)
+
+
+async def revoke_links(conn: AsyncConnection, account_id: str) -> datetime:
+    """Void every portal link of the account made until now (links made later work)."""
+    now = utcnow()
+    # Safe when two revocations race: one row per account, the later time wins (GREATEST).
+    await conn.execute(
+        pg_insert(portal_link_revocations)
+        .values(account_id=account_id, revoked_at=now)
+        .on_conflict_do_update(
+            index_elements=["account_id"],
+            set_={"revoked_at": now},
+            where=portal_link_revocations.c.revoked_at < now,
+        )
+    )
+    return now
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
 
 
 def portal_url(base_url: str, token: str) -> str:
     return f"{base_url.rstrip('/')}{PORTAL_PATH}/{token}"
-
-
-def _mac(secret: bytes, body: str) -> str:
-    return hmac.new(secret, b"portal\0" + body.encode(), hashlib.sha256).hexdigest()[:32]

@@ -1,7 +1,7 @@
-"""The customer portal: `GET /v1/billing/portal/{token}` and its receipts. Public (the signed
-link is the credential, portal/links.py): a tampered link is 404, an expired one 410, and a
-link shows only the account of the identity it names (a receipt of another account's payment
-is a 404, as if it did not exist).
+"""The customer portal: `GET /v1/billing/portal/{token}` and its receipts. Public (the sealed
+link is the credential, portal/links.py): a tampered or revoked link is 404, an expired one
+410, a read-only link cannot change anything (403), and a link shows only the account it names
+(a receipt of another account's payment is a 404, as if it did not exist).
 
 What it shows: the balance (free, paid, held), the usage history (each charge: time,
 description, uses; paged by key), purchases with their receipts (amount, date, and the card's
@@ -34,6 +34,7 @@ from ciris_billing.portal.links import (
     PortalLinkInvalid,
     portal_url,
     read_portal_token,
+    still_valid,
 )
 from ciris_billing.web.templating import PAGE_HEADERS, render
 
@@ -51,22 +52,41 @@ def _refused(status_code: int) -> Response:
         status_code=status_code,
         title="This link has expired" if expired else "This link does not work",
         message=(
-            "Portal links last a week. Ask the app you use for a new one."
+            "Portal links last a limited time. Ask the app you use for a new one."
             if expired
             else "Check that you copied the whole link, or ask the app you use for a new one."
         ),
     )
 
 
-async def _account_of(state: AppState, work: Any, token: str) -> Row[Any] | Response:
+async def _account_of(
+    state: AppState, work: Any, token: str, write: bool = False
+) -> Row[Any] | Response:
+    """The link's account; 404 (not ours, revoked, account gone), 410 (expired), 403 for an
+    action that changes the account through a read-only link."""
     try:
-        named = read_portal_token(state.secrets.portal_link_secret, token)
+        link = read_portal_token(state.secrets.portal_link_secret, token)
     except PortalLinkExpired:
         return _refused(410)
     except PortalLinkInvalid:
         return _refused(404)
-    account = await find_account(await work.connection(), Identity(*named))
-    return _refused(404) if account is None else account
+    conn = await work.connection()
+    account = await find_account(conn, Identity(link.oauth_provider, link.external_id))
+    if account is None or not await still_valid(conn, account.id, link):
+        return _refused(404)
+    if write and not link.may_write:
+        return render(
+            "portal_problem.html",
+            status_code=403,
+            title="This link only shows your account",
+            message="Changing auto top-up or the saved card needs the link from the account "
+            "page of the app you use.",
+        )
+    return account
+
+
+def _may_write(state: AppState, token: str) -> bool:
+    return read_portal_token(state.secrets.portal_link_secret, token).may_write
 
 
 @router.get("/{token}")
@@ -100,6 +120,7 @@ async def portal(
         )
     )
     topup = await auto_topup_body(conn, state.pricing, state.settings, account)
+    may_write = _may_write(state, token)
     base = state.public_base_url(request)
     here = portal_url(base, token)
     buy = buy_url(base, buy_token(state.link_secret, account.oauth_provider, account.external_id))
@@ -116,6 +137,7 @@ async def portal(
         buy_url=buy,
         offer=state.pricing,
         topup=topup,
+        may_write=may_write,
         notice=NOTICES.get(notice or ""),
     )
 
@@ -154,7 +176,7 @@ async def switch_auto_topup(
     """Auto top-up on or off (autotopup.cards.set_enabled, as the API). No other credential
     than the link: its signed token is in the path, which another site cannot know, so a
     forged form cannot name it (the token does what a CSRF token does)."""
-    account = await _account_of(state, work, token)
+    account = await _account_of(state, work, token, write=True)
     if isinstance(account, Response):
         return account
     try:
@@ -176,7 +198,7 @@ async def remove_saved_card(
 ) -> Response:
     """Remove the saved card (autotopup.cards.remove_card: auto top-up off, the provider
     forgets the card), after a confirmation page."""
-    account = await _account_of(state, work, token)
+    account = await _account_of(state, work, token, write=True)
     if isinstance(account, Response):
         return account
     try:

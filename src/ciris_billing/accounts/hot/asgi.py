@@ -118,7 +118,9 @@ async def _check(
     _principal: Principal,
     key_limit_due: str | None,
 ) -> Response:
-    return await answers.check(state, request, body, key_limit_due)
+    return await answers.check(
+        state, request, body, key_limit_due, may_write=_principal.allows("write")
+    )
 
 
 async def _charge(
