@@ -20,7 +20,6 @@ PUBLIC = {
     "/v1/billing/webhooks/{provider_name}",
     "/v1/billing/checkout/{payment_id}",
     "/v1/billing/checkout/{payment_id}/summary",
-    "/v1/billing/checkout/{payment_id}/auto_topup",
     "/v1/billing/checkout/{payment_id}/sync",
     "/v1/billing/checkout/assets/checkout.js",
     "/v1/billing/checkout/assets/checkout.css",

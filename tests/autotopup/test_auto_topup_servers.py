@@ -62,14 +62,7 @@ def save_card(base: str, key: str, pay: Any) -> None:
     bought = httpx.post(f"{base}/v1/billing/purchases", json=USER, headers=headers, timeout=30)
     assert bought.status_code == 201, bought.text
     payment = bought.json()
-    ticked = httpx.post(
-        f"{base}/v1/billing/checkout/{payment['payment_id']}/auto_topup",
-        json={"enabled": True},
-        headers={"X-Client-Secret": payment["client_secret"]},
-        timeout=30,
-    )
-    assert ticked.status_code == 200, ticked.text
-    pay(payment)
+    pay(payment)  # with the payer's consent to keep the card
     settings = wait_for(
         "the saved card",
         lambda: (
@@ -163,7 +156,11 @@ def test_sandbox_50_concurrent_charges_make_exactly_one_topup(
         def pay(payment: dict[str, Any]) -> None:
             paid = httpx.post(
                 f"{base}/v1/billing/sandbox/payment_intents/{payment['payment_id']}/confirm",
-                json={"client_secret": payment["client_secret"], "card_number": CARD_SUCCEEDS},
+                json={
+                    "client_secret": payment["client_secret"],
+                    "card_number": CARD_SUCCEEDS,
+                    "save_card": True,
+                },
                 timeout=30,
             )
             assert paid.status_code == 200, paid.text
@@ -214,7 +211,8 @@ def test_stripe_50_concurrent_charges_make_exactly_one_topup(
         def pay(payment: dict[str, Any]) -> None:
             # The browser (Stripe.js): a card payment method, then confirm.
             method = localstripe.create_card_payment_method(CARD_SUCCEEDS)
-            assert localstripe.pay(payment["payment_id"], method)["status"] == "succeeded"
+            paid = localstripe.pay(payment["payment_id"], method, save_card=True)
+            assert paid["status"] == "succeeded"
 
         save_card(base, key, pay)
         statuses = asyncio.run(drain_with_50_concurrent_charges(base, key))
@@ -259,7 +257,11 @@ def test_stripe_declined_three_times_switches_off_then_requires_action_sends_a_l
     with running_service(env, tmp_path / "server.log", workers=2, port=port) as base:
         localstripe.register_webhook(f"{base}/v1/billing/webhooks/stripe", WEBHOOK_SECRET)
         method = localstripe.create_card_payment_method(CARD_SUCCEEDS)
-        save_card(base, key, lambda payment: localstripe.pay(payment["payment_id"], method))
+        save_card(
+            base,
+            key,
+            lambda payment: localstripe.pay(payment["payment_id"], method, save_card=True),
+        )
 
         def cross_below_threshold() -> None:
             granted = httpx.post(

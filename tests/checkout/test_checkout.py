@@ -120,7 +120,14 @@ async def test_summary_needs_the_purchases_client_secret(api: Api) -> None:
         "credits_remaining": 0,
         "provider": "sandbox",
         "publishable_key": None,
-        "save_card": False,
+        "account_label": "c•••@example.com (google)",
+        "auto_topup": {
+            "uses": 20,
+            "amount_minor": 500,
+            "price": "$5.00",
+            "threshold_uses": 3,
+            "max_per_month": 10,
+        },
     }
     assert secret not in response.text
 

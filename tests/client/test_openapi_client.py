@@ -43,7 +43,6 @@ PUBLIC = {
     ("get", "/v1/billing/buy/{token}"),
     ("post", "/v1/billing/webhooks/{provider_name}"),
     ("get", "/v1/billing/checkout/{payment_id}/summary"),
-    ("post", "/v1/billing/checkout/{payment_id}/auto_topup"),
     ("post", "/v1/billing/checkout/{payment_id}/sync"),
     ("post", "/v1/billing/sandbox/payment_intents/{payment_id}/confirm"),
     ("post", "/v1/billing/sandbox/payment_intents/{payment_id}/authenticate"),

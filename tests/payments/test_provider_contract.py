@@ -75,8 +75,9 @@ class Harness(Protocol):
     @property
     def provider(self) -> PaymentProvider: ...
 
-    async def pay(self, payment: PaymentResult, card: str) -> None:
-        """The customer confirms the payment with a test card (a decline is not an error)."""
+    async def pay(self, payment: PaymentResult, card: str, save_card: bool = False) -> None:
+        """The customer confirms the payment with a test card (a decline is not an error);
+        `save_card`: with their consent to keep the card (setup_future_usage)."""
         ...
 
     async def authenticate(self, payment: PaymentResult, success: bool) -> None:
@@ -111,11 +112,13 @@ class SandboxHarness:
     provider: SandboxProvider
     delivered: list[Signed] = field(default_factory=list)
 
-    async def pay(self, payment: PaymentResult, card: str) -> None:
+    async def pay(self, payment: PaymentResult, card: str, save_card: bool = False) -> None:
         assert payment.client_secret is not None
         # A decline is the payment's new state (the test reads it from get_payment), not an error.
         with contextlib.suppress(CardDeclined):
-            await self.provider.confirm_with_card(payment.payment_id, payment.client_secret, card)
+            await self.provider.confirm_with_card(
+                payment.payment_id, payment.client_secret, card, save_card
+            )
 
     async def authenticate(self, payment: PaymentResult, success: bool) -> None:
         assert payment.client_secret is not None
@@ -201,10 +204,10 @@ class StripeHarness:
     provider: StripeProvider
     backend: StripeBackend
 
-    async def pay(self, payment: PaymentResult, card: str) -> None:
+    async def pay(self, payment: PaymentResult, card: str, save_card: bool = False) -> None:
         server = self.backend.localstripe
         method = await asyncio.to_thread(server.create_card_payment_method, card)
-        await asyncio.to_thread(server.pay, payment.payment_id, method)
+        await asyncio.to_thread(server.pay, payment.payment_id, method, save_card)
 
     async def authenticate(self, payment: PaymentResult, success: bool) -> None:
         assert payment.client_secret is not None
@@ -624,10 +627,7 @@ async def test_reconcile_credits_a_payment_whose_webhook_never_came(
 async def saved_card(engine: AsyncEngine, harness: Harness, card: str = CARD_SUCCEEDS) -> SavedCard:
     """A customer pays a purchase asking to keep the card: the provider saves it."""
     payment = await start(engine, harness)
-    account_id = payment.metadata["ciris_account_id"]
-    customer = await harness.provider.create_customer(account_id, f"customer-{account_id}")
-    await harness.provider.save_card_on_payment(payment.payment_id, customer)
-    await harness.pay(payment, card)
+    await harness.pay(payment, card, save_card=True)
     if card in (CARD_NEEDS_3DS, CARD_ALWAYS_3DS):
         await harness.authenticate(payment, True)
     paid = await now(harness, payment.payment_id)
@@ -747,10 +747,7 @@ async def test_find_payment_finds_a_payment_whose_answer_was_lost(
 
 async def test_a_detached_card_is_no_longer_saved(engine: AsyncEngine, harness: Harness) -> None:
     payment = await start(engine, harness)
-    account_id = payment.metadata["ciris_account_id"]
-    customer = await harness.provider.create_customer(account_id, f"customer-{account_id}")
-    await harness.provider.save_card_on_payment(payment.payment_id, customer)
-    await harness.pay(payment, CARD_SUCCEEDS)
+    await harness.pay(payment, CARD_SUCCEEDS, save_card=True)
     card = (await now(harness, payment.payment_id)).saved_card
     assert card is not None
 

@@ -19,15 +19,9 @@ CARD = "4242424242424242"
 async def bought_saving_card(api: Api) -> None:
     """The payment page with its auto top-up box ticked, then the card."""
     bought: dict[str, Any] = (await api.post("/v1/billing/purchases", WHO)).json()
-    ticked = await api.http.post(
-        f"/v1/billing/checkout/{bought['payment_id']}/auto_topup",
-        json={"enabled": True},
-        headers={"X-Client-Secret": bought["client_secret"]},
-    )
-    assert ticked.status_code == 200, ticked.text
     paid = await api.http.post(
         f"/v1/billing/sandbox/payment_intents/{bought['payment_id']}/confirm",
-        json={"client_secret": bought["client_secret"], "card_number": CARD},
+        json={"client_secret": bought["client_secret"], "card_number": CARD, "save_card": True},
     )
     assert paid.status_code == 200, paid.text
 

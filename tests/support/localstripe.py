@@ -141,8 +141,13 @@ class LocalStripe:
         payment_method_id: str = response.json()["id"]
         return payment_method_id
 
-    def pay(self, payment_id: str, payment_method: str = "pm_card_visa") -> dict[str, Any]:
+    def pay(
+        self, payment_id: str, payment_method: str = "pm_card_visa", save_card: bool = False
+    ) -> dict[str, Any]:
         """Attach `payment_method` to the PaymentIntent, then confirm it; returns the result.
+        `save_card`: the payer's consent to keep the card, `setup_future_usage=off_session`
+        (Stripe.js sends it with the confirmation; localstripe's confirm takes no parameter,
+        so it goes on the update just before).
 
         `payment_method` is a pm_ id from create_card_payment_method or one of the canonical
         test ids localstripe knows: pm_card_visa (succeeds), pm_card_chargeCustomerFail (the
@@ -154,7 +159,10 @@ class LocalStripe:
         leaves it in requires_action: call authenticate() next.
         """
         path = f"/v1/payment_intents/{payment_id}"
-        self._request("POST", path, {"payment_method": payment_method})
+        update = {"payment_method": payment_method}
+        if save_card:
+            update["setup_future_usage"] = "off_session"
+        self._request("POST", path, update)
         response = self._request("POST", f"{path}/confirm", accept=(200, 402))
         if response.status_code == 402:
             return self.retrieve(payment_id)

@@ -16,7 +16,6 @@ from ciris_billing.db import (
     auto_topup_settings,
     insert_or_ignore,
     payment_customers,
-    purchases,
     utcnow,
 )
 from ciris_billing.errors import AutoTopupNeedsCard
@@ -51,28 +50,15 @@ async def customer_for(work: UnitOfWork, provider: PaymentProvider, account_id: 
     return str(await conn.scalar(select(payment_customers.c.customer_id).where(where)))
 
 
-async def save_card_on_checkout(
-    work: UnitOfWork, provider: PaymentProvider, purchase: Row[Any], save: bool
-) -> None:
-    """The payment page's box: keep (or not) the card this purchase is about to be paid with."""
-    customer_id = await customer_for(work, provider, purchase.account_id) if save else None
-    async with work.provider_call():
-        await provider.save_card_on_payment(purchase.payment_id, customer_id)
-    conn = await work.connection()
-    await conn.execute(
-        purchases.update()
-        .where(purchases.c.id == purchase.id)
-        .values(save_card=save, updated_at=utcnow())
-    )
-
-
 async def keep_saved_card(
     conn: AsyncConnection, provider: str, purchase: Row[Any], payment: PaymentResult
 ) -> None:
-    """A purchase whose payer asked to keep the card was just credited: its card becomes the
-    account's auto top-up card, switched on (called once, by the transaction that credited)."""
+    """A purchase whose payer asked, when confirming, to keep the card was just credited: its
+    card becomes the account's auto top-up card, switched on (called once, by the transaction
+    that credited). The provider's record of that confirmation is the only consent: nothing
+    set before it (by whoever held the checkout link) counts."""
     card = payment.saved_card
-    if not purchase.save_card or card is None:
+    if card is None:
         return
     now = utcnow()
     values = {

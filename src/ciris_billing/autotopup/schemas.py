@@ -26,12 +26,3 @@ class AutoTopupOut(BaseModel):
     topups_this_month: int
     consecutive_failures: int
     disabled_reason: str | None = None
-
-
-class CheckoutAutoTopup(RequestBody):
-    enabled: StrictBool
-
-
-class CheckoutAutoTopupOut(BaseModel):
-    payment_id: str
-    save_card: bool

@@ -155,29 +155,21 @@
     $("balance").textContent = balanceText(s, "You have");
     $("pay-button").textContent = `Pay ${s.price}`;
     $("stripe-pay-button").textContent = `Pay ${s.price}`;
-    // The pack's real size: what each automatic top-up buys.
+    // Whose uses these are: the payer sees it before paying (a link may come from anyone).
+    $("account-line").textContent = `The uses go to the account ${s.account_label}.`;
+    // The pack's real size and what ticking the box agrees to. The box itself starts (and
+    // stays) unticked until the payer ticks it: nothing the server holds sets it.
+    const t = s.auto_topup;
     $("auto-topup-label").textContent =
-      `Top up ${plural(s.uses, "use")} automatically when I run low`;
-    $("auto-topup").checked = Boolean(s.save_card);
+      `Top up ${plural(t.uses, "use")} automatically when I run low`;
+    $("auto-topup-terms").textContent =
+      `If you tick this, your card will be charged ${t.price} automatically for ` +
+      `${plural(t.uses, "use")} on the account ${s.account_label} each time fewer than ` +
+      `${plural(t.threshold_uses, "use")} are left, at most ${t.max_per_month} times a month.`;
   }
 
-  // The box, sent before the card is: the provider must know to keep the card when it is
-  // confirmed. Only when it changed (the summary says what the server has).
-  async function sendAutoTopupChoice() {
-    const wanted = $("auto-topup").checked;
-    if (wanted === Boolean(summary.save_card)) return;
-    const { status, body } = await request(
-      `${base}/checkout/${encodeURIComponent(paymentId)}/auto_topup`,
-      {
-        method: "POST",
-        headers: { "Content-Type": "application/json", "X-Client-Secret": secret },
-        body: JSON.stringify({ enabled: wanted }),
-      },
-    );
-    if (status !== 200) throw new HttpError(status, body.detail);
-    summary.save_card = wanted;
-    if (mode === "stripe" && elements) await elements.fetchUpdates();
-  }
+  // The payer's consent to keep the card, sent with the confirmation itself.
+  const saveCard = () => $("auto-topup").checked;
 
   function showPayForm() {
     if (mode === "stripe") {
@@ -365,10 +357,10 @@
     setSandboxBusy(true);
     let result;
     try {
-      await sendAutoTopupChoice();
       result = await postJson(sandboxUrl("confirm"), {
         client_secret: secret,
         card_number: digitsOf($("card-number").value),
+        save_card: saveCard(),
       });
     } catch (error) {
       return showError(error);
@@ -455,10 +447,11 @@
     setStripeBusy(true);
     let outcome;
     try {
-      await sendAutoTopupChoice();
+      const confirmParams = { return_url: location.origin + location.pathname };
+      if (saveCard()) confirmParams.setup_future_usage = "off_session";
       outcome = await stripe.confirmPayment({
         elements,
-        confirmParams: { return_url: location.origin + location.pathname },
+        confirmParams,
         redirect: "if_required",
       });
     } catch (error) {

@@ -25,19 +25,17 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from ciris_billing.accounts.service import Identity
-from ciris_billing.autotopup import cards
-from ciris_billing.autotopup.schemas import CheckoutAutoTopup, CheckoutAutoTopupOut
 from ciris_billing.checkout.links import checkout_url, read_buy_token
-from ciris_billing.checkout.schemas import CheckoutSummary
+from ciris_billing.checkout.schemas import AutoTopupOffer, CheckoutSummary
 from ciris_billing.db import accounts
 from ciris_billing.deps import AppState, StateDep, UnitOfWorkDep, json_response
 from ciris_billing.errors import (
     CheckoutNotFound,
     ErrorOut,
-    PaymentStateConflict,
     PurchaseNoLongerPayable,
     error_responses,
 )
+from ciris_billing.events.outbox import threshold_of
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers.base import PaymentResult
 from ciris_billing.unit_of_work import UnitOfWork
@@ -237,9 +235,15 @@ async def _summary_answer(state: AppState, work: UnitOfWork, payment: PaymentRes
     account = (
         await conn.execute(select(accounts).where(accounts.c.id == purchase.account_id))
     ).one()
-    return json_response(
-        200, _summary(state, purchase, account, payment.provider_status), PRIVATE_HEADERS
+    offer = AutoTopupOffer(
+        uses=int(purchase.uses),
+        amount_minor=int(purchase.amount_minor),
+        price=format_price(int(purchase.amount_minor), purchase.currency),
+        threshold_uses=await threshold_of(conn, account.id),
+        max_per_month=state.settings.auto_topup_max_per_month,
     )
+    summary = _summary(state, purchase, account, payment.provider_status, offer)
+    return json_response(200, summary, PRIVATE_HEADERS)
 
 
 async def _verified(
@@ -273,7 +277,19 @@ def _not_found() -> CheckoutNotFound:
     return CheckoutNotFound("No such checkout (unknown payment, or wrong client secret)")
 
 
-def _summary(state: AppState, purchase: Any, account: Any, payment_status: str) -> dict[str, Any]:
+def account_label(oauth_provider: str, external_id: str) -> str:
+    """Which account the uses go to, as the payment page shows it: enough for its owner to
+    recognize it (and anyone else to see it is not theirs), not the identity itself:
+    `oauth:google/bob@example.com` -> `b•••@example.com (google)`."""
+    name, at, domain = external_id.partition("@")
+    masked = f"{name[:1]}•••{at}{domain}" if at else f"{external_id[:2]}•••"
+    provider = oauth_provider.removeprefix("oauth:")
+    return f"{masked} ({provider})"
+
+
+def _summary(
+    state: AppState, purchase: Any, account: Any, payment_status: str, offer: AutoTopupOffer
+) -> dict[str, Any]:
     uses = int(purchase.uses)
     return CheckoutSummary(
         payment_id=purchase.payment_id,
@@ -290,36 +306,9 @@ def _summary(state: AppState, purchase: Any, account: Any, payment_status: str) 
         credits_remaining=int(account.paid_uses_remaining),
         provider=state.provider.name,
         publishable_key=state.provider.publishable_key,
-        save_card=bool(purchase.save_card),
+        account_label=account_label(account.oauth_provider, account.external_id),
+        auto_topup=offer,
     ).model_dump(mode="json")
-
-
-@router.post(
-    "/checkout/{payment_id}/auto_topup",
-    response_model=CheckoutAutoTopupOut,
-    responses={
-        404: {"model": ErrorOut, "description": "Unknown payment or wrong secret"},
-        **error_responses(409, 422, 502, 503),
-    },
-)
-async def checkout_auto_topup(
-    payment_id: str,
-    body: CheckoutAutoTopup,
-    state: StateDep,
-    work: UnitOfWorkDep,
-    client_secret: ClientSecretHeader = None,
-) -> Response:
-    """The payment page's box "Top up N uses automatically when I run low", sent before the
-    payer confirms: the card this purchase is paid with is kept for auto top-up (or not).
-    No API key: the payment's client secret (`X-Client-Secret`) is the credential."""
-    payment = await _verified(state, work, payment_id, client_secret)
-    if payment.state not in ("pending", "failed"):
-        raise PaymentStateConflict(f"This payment is {payment.provider_status}; too late to change")
-    purchase = await payments.get_purchase(await work.connection(), state.provider.name, payment_id)
-    await cards.save_card_on_checkout(work, state.provider, purchase, body.enabled)
-    return json_response(
-        200, {"payment_id": payment_id, "save_card": body.enabled}, PRIVATE_HEADERS
-    )
 
 
 @router.get(

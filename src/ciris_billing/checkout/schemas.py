@@ -5,6 +5,14 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
+class AutoTopupOffer(BaseModel):
+    uses: int = Field(description="Uses each automatic top-up buys")
+    amount_minor: int = Field(description="What the saved card is charged each time")
+    price: str = Field(examples=["$5.00"])
+    threshold_uses: int = Field(description="A top-up when available uses fall below this")
+    max_per_month: int = Field(description="At most this many top-ups a calendar month")
+
+
 class CheckoutSummary(BaseModel):
     payment_id: str
     uses: int = Field(description="Uses this purchase buys")
@@ -20,6 +28,10 @@ class CheckoutSummary(BaseModel):
     credits_remaining: int = Field(description="Paid uses left on the account")
     provider: str
     publishable_key: str | None = Field(default=None, description="Stripe mode only")
-    save_card: bool = Field(
-        default=False, description="The payer asked to keep the card for auto top-up"
+    account_label: str = Field(
+        description="Which account the uses go to, masked (`b•••@example.com (google)`)"
+    )
+    auto_topup: AutoTopupOffer = Field(
+        description="What ticking the page's auto top-up box agrees to (it starts unticked; "
+        "the consent is sent with the payment's confirmation)"
     )

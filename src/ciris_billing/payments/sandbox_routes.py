@@ -65,7 +65,7 @@ def _sandbox_body(payment: PaymentResult) -> dict[str, Any]:
 async def sandbox_confirm(payment_id: str, body: SandboxConfirm, state: StateDep) -> Response:
     """Sandbox only: pay with a test card (4242… succeeds, …9995 declines, …3155 needs 3DS)."""
     payment = await _sandbox(state).confirm_with_card(
-        payment_id, body.client_secret, body.card_number
+        payment_id, body.client_secret, body.card_number, body.save_card
     )
     return json_response(200, _sandbox_body(payment))
 

@@ -47,6 +47,11 @@ class SandboxConfirm(RequestBody):
         StringConstraints(min_length=12, max_length=23),
         Field(examples=["4242 4242 4242 4242"]),
     ]
+    save_card: bool = Field(
+        default=False,
+        description="The payer's consent, with this confirmation, to keep the card for auto "
+        "top-up (Stripe: `setup_future_usage`)",
+    )
 
 
 class SandboxAuthenticate(RequestBody):

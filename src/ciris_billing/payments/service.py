@@ -110,6 +110,8 @@ async def start_purchase(
             return StartedPurchase(existing, payment, offer)
     account, _ = await ensure_account(await work.connection(), order.identity, pricing)
     offer = Offer.from_pricing(pricing)
+    # Whose card is kept if the payer asks to at confirmation (made once per account).
+    customer_id = await cards.customer_for(work, provider, account.id)
     # The account (if new) commits before the call: it is valid on its own.
     async with work.provider_call():
         payment = await provider.create_payment_intent(
@@ -120,6 +122,7 @@ async def start_purchase(
                 account_id=account.id,
                 idempotency_key=f"purchase-{purchase_id}",
                 customer_email=order.customer_email,
+                customer_id=customer_id,
             )
         )
     purchase = await record_purchase(

@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1/billing", tags=["portal"])
 PATH = "/accounts/{oauth_provider}/{external_id}"
 
 
-@router.post(f"{PATH}/portal_link", status_code=201, responses=error_responses(404))
+@router.post(f"{PATH}/portal_link", status_code=201, responses=error_responses(401, 403, 404, 422))
 async def make_portal_link(
     oauth_provider: str,
     external_id: str,
@@ -40,7 +40,7 @@ async def make_portal_link(
     return json_response(201, {"portal_url": url, "scope": "write", "expires_at": iso(expires)})
 
 
-@router.post(f"{PATH}/portal_links/revoke", responses=error_responses(404))
+@router.post(f"{PATH}/portal_links/revoke", responses=error_responses(401, 403, 404, 422))
 async def revoke_portal_links(
     oauth_provider: str, external_id: str, work: UnitOfWorkDep, _key: WriteKey
 ) -> Response:

@@ -34,6 +34,9 @@ class PaymentIntent:
     account_id: str
     idempotency_key: str  # derived from the local purchase id: a retry never charges twice
     customer_email: str | None = None
+    # The account's customer at the provider: a card the payer asks to keep (at confirmation,
+    # `setup_future_usage`) is attached to it once the payment succeeds.
+    customer_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +193,6 @@ class PaymentProvider(Protocol):
 
     async def create_customer(self, account_id: str, idempotency_key: str) -> str:
         """A customer at the provider for one of our accounts; returns its id."""
-        ...
-
-    async def save_card_on_payment(self, payment_id: str, customer_id: str | None) -> None:
-        """Before the payer confirms: keep the card this payment is paid with for off-session
-        use, attached to `customer_id` (None: do not keep it)."""
         ...
 
     async def pay_off_session(self, payment: OffSessionPayment) -> PaymentResult:

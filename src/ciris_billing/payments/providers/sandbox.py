@@ -142,6 +142,7 @@ class SandboxProvider:
                     amount_refunded_minor=0,
                     created_at=now,
                     updated_at=now,
+                    customer_id=intent.customer_id,
                 )
             )
             row = (
@@ -306,20 +307,6 @@ class SandboxProvider:
             ).scalar_one()
         return found
 
-    async def save_card_on_payment(self, payment_id: str, customer_id: str | None) -> None:
-        async with self._engine.begin() as conn:
-            row = await _locked(conn, payment_id)
-            if row.status not in ("requires_payment_method", "requires_confirmation"):
-                raise PaymentStateConflict(f"This payment is {row.status}; it cannot be changed")
-            if customer_id is not None and not await _customer_exists(conn, customer_id):
-                raise ProviderError("No such customer")
-            values: dict[str, Any] = {"save_card": customer_id is not None, "updated_at": utcnow()}
-            if customer_id is not None:
-                values["customer_id"] = customer_id
-            await conn.execute(
-                sandbox_payments.update().where(sandbox_payments.c.id == payment_id).values(values)
-            )
-
     async def pay_off_session(self, payment: OffSessionPayment) -> PaymentResult:
         payment_id = "pi_sbx_" + secrets.token_hex(12)
         now = utcnow()
@@ -405,8 +392,11 @@ class SandboxProvider:
     # The customer's side: what Stripe.js and the card network do in test mode.
 
     async def confirm_with_card(
-        self, payment_id: str, client_secret: str, card_number: str
+        self, payment_id: str, client_secret: str, card_number: str, save_card: bool = False
     ) -> PaymentResult:
+        """The payer confirms with a card; `save_card` is their consent to keep it for
+        off-session payments (Stripe's `setup_future_usage`), given with this confirmation
+        only: whatever an earlier attempt said does not count."""
         card = normalize_card(card_number)
         async with self._engine.begin() as conn:
             row = await _locked(conn, payment_id, client_secret)
@@ -419,7 +409,13 @@ class SandboxProvider:
                 status, failure = "requires_payment_method", DECLINES[card]
             else:
                 status, failure = "succeeded", None
-            if row.save_card and row.customer_id:
+            keep = save_card and row.customer_id is not None
+            await conn.execute(
+                sandbox_payments.update()
+                .where(sandbox_payments.c.id == payment_id)
+                .values(save_card=keep, payment_method_id=None)
+            )
+            if keep:
                 await _keep_card(conn, row, card)
             await _set_status(conn, payment_id, status, failure)
             # As Stripe reports on the charge: the brand and last 4 digits, never the number.

@@ -167,6 +167,10 @@ class StripeProvider:
                 ACCOUNT_ID_KEY: intent.account_id,
             },
         }
+        if intent.customer_id:
+            # Whose card it keeps if the payer asks to (setup_future_usage, sent by Stripe.js
+            # with the confirmation: never set here, so no one but the payer can ask for it).
+            params["customer"] = intent.customer_id
         if intent.customer_email:
             # Where Stripe sends the email receipt once the payment succeeds (the guide's
             # checklist: email receipts); Stripe itself keeps it, we never log it.
@@ -265,18 +269,6 @@ class StripeProvider:
         except stripe.StripeError as exc:
             raise _provider_error(exc, "create the customer") from None
         return customer.id
-
-    async def save_card_on_payment(self, payment_id: str, customer_id: str | None) -> None:
-        # Stripe attaches the card to the customer once the payment succeeds; "" unsets it.
-        params: stripe.params.PaymentIntentUpdateParams = (
-            {"customer": customer_id, "setup_future_usage": stripe_wire.OFF_SESSION}
-            if customer_id
-            else {"setup_future_usage": ""}
-        )
-        try:
-            await self._client.v1.payment_intents.update_async(payment_id, params=params)
-        except stripe.StripeError as exc:
-            raise _provider_error(exc, "save the card") from None
 
     async def pay_off_session(self, payment: OffSessionPayment) -> PaymentResult:
         params: stripe.params.PaymentIntentCreateParams = {
