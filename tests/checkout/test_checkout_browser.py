@@ -202,6 +202,7 @@ def test_pay_with_4242_adds_20_uses(
     assert confirms[0].post_data_json == {
         "client_secret": secret,
         "card_number": "4242424242424242",
+        "save_card": False,  # the box was not ticked
     }
     for request in tab.requests:
         assert request.url.startswith(service.base), request.url
@@ -337,11 +338,54 @@ def test_the_auto_topup_box_saves_the_card(
     tab.pay(VISA)
     expect(page.locator("#success-title")).to_have_text("Payment successful — 20 uses added")
 
-    # The choice went before the card; the account now has auto top-up with the card's last 4.
-    # (Then the page asked the service to confirm the payment: issue 22 item 4.)
-    sent = [r.url.rsplit("/", 1)[-1] for r in tab.requests if r.method == "POST"]
-    assert sent == ["auto_topup", "confirm", "sync"], sent
+    # The consent went with the confirmation itself; the account now has auto top-up with
+    # the card's last 4. (Then the page asked the service to confirm the payment: issue 22
+    # item 4.)
+    posts = [r for r in tab.requests if r.method == "POST"]
+    assert [r.url.rsplit("/", 1)[-1] for r in posts] == ["confirm", "sync"]
+    assert (posts[0].post_data_json or {})["save_card"] is True
     shown = service.get(
         f"/v1/billing/accounts/oauth:google/{user['external_id']}/auto_topup"
     ).json()
     assert (shown["enabled"], shown["card_brand"], shown["card_last4"]) == (True, "visa", "4242")
+
+
+def test_issue21_finding04_the_page_names_the_account_and_only_the_payer_ticks(
+    tab: Tab, service: Service, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The attacker's own purchase, "pre-ticked" through the old route before the link is
+    passed on: the page starts unticked, says whose account gets the uses and what auto
+    top-up would charge; paid without ticking, no card is kept on the attacker's account."""
+    from playwright.sync_api import expect
+
+    attacker = new_user()
+    bought = service.purchase(attacker)
+    preset = httpx.post(
+        f"{service.base}/v1/billing/checkout/{bought['payment_id']}/auto_topup",
+        json={"enabled": True},
+        headers={"X-Client-Secret": bought["client_secret"]},
+        timeout=30,
+    )
+    assert preset.status_code in (404, 405), preset.text
+    page = tab.page
+
+    page.goto(service.link(bought))
+    label = f"{attacker['external_id'][0]}•••@example.com (google)"
+    expect(page.locator("#account-line")).to_have_text(f"The uses go to the account {label}.")
+    expect(page.get_by_label("Top up 20 uses automatically when I run low")).not_to_be_checked()
+    expect(page.locator("#auto-topup-terms")).to_have_text(
+        f"If you tick this, your card will be charged $5.00 automatically for 20 uses on the "
+        f"account {label} each time fewer than 3 uses are left, at most 10 times a month."
+    )
+    assert attacker["external_id"] not in page.content()
+    tab.assert_fits_the_screen()
+    screenshot(tab, "checkout-account-and-terms.png", capsys)
+    tab.pay(VISA)
+    expect(page.locator("#success-title")).to_have_text("Payment successful — 20 uses added")
+
+    posts = [r for r in tab.requests if r.method == "POST"]
+    assert [(r.post_data_json or {}).get("save_card") for r in posts] == [False]
+    shown = service.get(
+        f"/v1/billing/accounts/oauth:google/{attacker['external_id']}/auto_topup"
+    ).json()
+    assert (shown["enabled"], shown["card_saved"]) == (False, False)
