@@ -14,11 +14,14 @@ import uuid
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from ciris_billing.db import accounts
 from ciris_billing.portal.links import PortalLinkExpired, read_portal_token
 from tests.autotopup.test_auto_topup import buy_saving_card, settings_row
 from tests.support.api import Api, identity, make_settings, running_app
 from tests.support.cli import cli
+from tests.support.console import Console, trail
 from tests.support.servers import service_env
 
 
@@ -98,3 +101,21 @@ async def test_issue21_finding05_lifetime_is_configurable(database_url: str) -> 
         assert read_portal_token(secret, token, now=time.time() + 100).scope == "read"
         with pytest.raises(PortalLinkExpired):
             read_portal_token(secret, token, now=time.time() + 125)
+
+
+async def test_issue21_finding05_links_are_revocable_in_the_console(api: Api) -> None:
+    email = _user()
+    old = await _link(api, email, "write")
+    async with api.engine.connect() as conn:
+        account_id = await conn.scalar(select(accounts.c.id).where(accounts.c.external_id == email))
+    console = Console(api.http)
+    await console.sign_in(api.keys["admin"])
+    time.sleep(0.002)
+    done = await console.act("revoke_portal_links", {"account_id": str(account_id)})
+    assert done.status_code == 303, done.text
+    assert (await api.http.get(old)).status_code == 404
+    [entry] = await trail(api.engine, str(account_id))
+    assert entry.action == "revoke_portal_links"
+    time.sleep(0.002)
+    assert (await api.http.get(await _link(api, email, "read"))).status_code == 200
+    assert (await api.audit()).clean

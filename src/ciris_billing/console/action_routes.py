@@ -134,6 +134,22 @@ async def _plan_erase(state: AppState, work: UnitOfWork, form: dict[str, str]) -
     )
 
 
+async def _plan_revoke_portal_links(
+    state: AppState, work: UnitOfWork, form: dict[str, str]
+) -> Plan:
+    row = await _account(work, form)
+    return Plan(
+        "Revoke this account's portal links?",
+        [
+            f"Account: {_who(row)}",
+            "Every portal link made for it until now stops working (a link sent to the wrong "
+            "person, or leaked). Its next credit check answers a new one.",
+        ],
+        {"account_id": row.id},
+        f"/console/accounts/{row.id}",
+    )
+
+
 async def _plan_refund(state: AppState, work: UnitOfWork, form: dict[str, str]) -> Plan:
     payment_id = _required(form, "payment_id", "The payment")
     purchase = await queries.purchase(await work.connection(), payment_id)
@@ -335,6 +351,10 @@ ACTIONS: dict[str, tuple[Planner, Runner]] = {
     "erase": (
         _plan_erase,
         lambda st, w, s, f, r: actions.erase(w, s.operator, f["account_id"], r),
+    ),
+    "revoke_portal_links": (
+        _plan_revoke_portal_links,
+        lambda st, w, s, f, r: actions.revoke_portal_links(w, s.operator, f["account_id"], r),
     ),
     "refund": (
         _plan_refund,

@@ -25,7 +25,7 @@ from ciris_billing.accounts.service import Identity
 from ciris_billing.audit_trail import Entry, Operator
 from ciris_billing.console import outgoing, queries
 from ciris_billing.console.queries import account_of_payment, event
-from ciris_billing.db import accounts, api_keys, purchases
+from ciris_billing.db import accounts, api_keys, iso, purchases
 from ciris_billing.db import audit_trail as audit_table
 from ciris_billing.errors import (
     AccountNotFound,
@@ -38,6 +38,7 @@ from ciris_billing.observability import log
 from ciris_billing.payments import refunds
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers.base import PaymentProvider
+from ciris_billing.portal.links import revoke_links
 from ciris_billing.pricing import Pricing
 from ciris_billing.unit_of_work import UnitOfWork
 from ciris_billing.webhooks import inbox
@@ -351,6 +352,25 @@ async def resend_delivery(
     conn = await work.connection()
     await _unused(conn, request_id)
     entry = await outgoing.resend(conn, endpoint_id, delivery_id)
+    return await _recorded(conn, operator, entry, request_id)
+
+
+async def revoke_portal_links(
+    work: UnitOfWork, operator: Operator, account_id: str, request_id: str
+) -> Done:
+    """Void every portal link of the account made until now: portal.links.revoke_links."""
+    conn = await work.connection()
+    await _unused(conn, request_id)
+    before = await _locked_account(conn, account_id)
+    revoked_at = await revoke_links(conn, account_id)
+    entry = Entry(
+        "revoke_portal_links",
+        account_id,
+        None,
+        {"revoked_at": iso(revoked_at)},
+        balances(before),
+        balances(before),
+    )
     return await _recorded(conn, operator, entry, request_id)
 
 
