@@ -383,8 +383,8 @@ def test_issue21_finding04_the_page_names_the_account_and_only_the_payer_ticks(
     tab.pay(VISA)
     expect(page.locator("#success-title")).to_have_text("Payment successful — 20 uses added")
 
-    posts = [r for r in tab.requests if r.method == "POST"]
-    assert [(r.post_data_json or {}).get("save_card") for r in posts] == [False]
+    confirms = [r for r in tab.requests if r.url.endswith("/confirm")]
+    assert [(r.post_data_json or {}).get("save_card") for r in confirms] == [False]
     shown = service.get(
         f"/v1/billing/accounts/oauth:google/{attacker['external_id']}/auto_topup"
     ).json()

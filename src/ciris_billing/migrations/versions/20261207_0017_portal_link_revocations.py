@@ -1,7 +1,7 @@
 """portal link revocations: an account's portal links made before a time are void
 
 Revision ID: 20261207_portal_revocations
-Revises: 20261205_console
+Revises: 20261207_paid_confirmed
 Create Date: 2026-12-07 14:00:00
 
 - `portal_link_revocations`: one row per account whose portal links were revoked (API, CLI,
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "20261207_portal_revocations"
-down_revision: str | None = "20261205_console"
+down_revision: str | None = "20261207_paid_confirmed"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
