@@ -73,7 +73,7 @@ async def test_the_fast_path_answers_the_same_link_as_the_framework(database_url
                 seen = answers.setdefault(hot_path, [])
                 for path in ["/v1/billing/credits/check"] + ["/v1/billing/charges"] * 4:
                     # (`context` is a check's field: a charge refuses it, 422.)
-                    extra = {"context": {}} if path.endswith("/check") else {}
+                    extra: dict[str, object] = {"context": {}} if path.endswith("/check") else {}
                     response = await http.post(
                         path, json={**user, **extra}, headers={"X-API-Key": key}
                     )
