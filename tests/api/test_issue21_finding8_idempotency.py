@@ -170,6 +170,16 @@ async def _auto_topup_delete(api: Api) -> Two:
     )
 
 
+async def _portal_link(api: Api) -> Two:
+    a, b = acct(await account(api)), acct(await account(api))
+    return Two(f"{a}/portal_link", None, f"{b}/portal_link", None, "write")
+
+
+async def _portal_links_revoke(api: Api) -> Two:
+    a, b = acct(await account(api)), acct(await account(api))
+    return Two(f"{a}/portal_links/revoke", None, f"{b}/portal_links/revoke", None, "write")
+
+
 async def _purchase(api: Api) -> Two:
     path = "/v1/billing/purchases"
     return Two(path, who(), path, who(), "write")
@@ -246,6 +256,10 @@ CASES: dict[tuple[str, str], Callable[[Api], Awaitable[Two]]] = {
     ("PUT", "/v1/billing/accounts/{oauth_provider}/{external_id}/auto_topup"): _auto_topup_put,
     ("DELETE", "/v1/billing/accounts/{oauth_provider}/{external_id}/auto_topup"): (
         _auto_topup_delete
+    ),
+    ("POST", "/v1/billing/accounts/{oauth_provider}/{external_id}/portal_link"): _portal_link,
+    ("POST", "/v1/billing/accounts/{oauth_provider}/{external_id}/portal_links/revoke"): (
+        _portal_links_revoke
     ),
     ("POST", "/v1/billing/purchases"): _purchase,
     ("POST", "/v1/billing/purchases/{payment_id}/refund"): _refund,

@@ -35,7 +35,6 @@ from ciris_billing.errors import (
     PurchaseNoLongerPayable,
     error_responses,
 )
-from ciris_billing.events.outbox import threshold_of
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers.base import PaymentResult
 from ciris_billing.unit_of_work import UnitOfWork
@@ -239,7 +238,12 @@ async def _summary_answer(state: AppState, work: UnitOfWork, payment: PaymentRes
         uses=int(purchase.uses),
         amount_minor=int(purchase.amount_minor),
         price=format_price(int(purchase.amount_minor), purchase.currency),
-        threshold_uses=await threshold_of(conn, account.id),
+        # The threshold in force once this purchase is paid (a free plan's alerts wait for it).
+        threshold_uses=(
+            int(account.low_balance_threshold_uses)
+            if account.low_balance_threshold_uses is not None
+            else state.settings.low_balance_threshold_uses
+        ),
         max_per_month=state.settings.auto_topup_max_per_month,
     )
     summary = _summary(state, purchase, account, payment.provider_status, offer)
