@@ -70,11 +70,28 @@ async def _accounts_as_before(url: str) -> None:
                 },
             )
             for index, (kind, free, paid) in enumerate(credited):
+                payment_id = f"pi_{account_id}" if kind == "purchase" else None
+                if payment_id is not None:  # a credited purchase, as the audit expects
+                    await conn.execute(
+                        text(
+                            "INSERT INTO purchases (id, account_id, provider, payment_id, "
+                            "amount_minor, currency, uses, status, credited_at, created_at, "
+                            "updated_at) VALUES (:id, :account_id, 'sandbox', :payment_id, 500, "
+                            "'USD', :paid, 'succeeded', :t, :t, :t)"
+                        ),
+                        {
+                            "id": f"pur_{account_id}",
+                            "account_id": account_id,
+                            "payment_id": payment_id,
+                            "paid": paid,
+                            "t": now,
+                        },
+                    )
                 await conn.execute(
                     text(
                         "INSERT INTO credits (id, account_id, kind, free_uses_delta, "
-                        "paid_uses_delta, amount_minor, currency, created_at) VALUES "
-                        "(:id, :account_id, :kind, :free, :paid, 0, 'USD', :t)"
+                        "paid_uses_delta, amount_minor, currency, external_transaction_id, created_at) "
+                        "VALUES (:id, :account_id, :kind, :free, :paid, 0, 'USD', :payment_id, :t)"
                     ),
                     {
                         "id": f"cr_{account_id}_{index}",
@@ -82,6 +99,7 @@ async def _accounts_as_before(url: str) -> None:
                         "kind": kind,
                         "free": free,
                         "paid": paid,
+                        "payment_id": payment_id,
                         "t": now,
                     },
                 )
