@@ -233,15 +233,24 @@ async def release(conn: AsyncConnection, reservation_id: str) -> Outcome:
 
 async def expire_account(conn: AsyncConnection, account_id: str, now: datetime) -> list[Row[Any]]:
     """Expire this account's holds past their expires_at (the job: jobs.py); the expired rows."""
+    due = (
+        reservations.c.account_id == account_id,
+        reservations.c.status == HELD,
+        reservations.c.expires_at <= now,
+    )
+    # The holds locked by id before the UPDATE (then the account, in _give_back): a dispute
+    # opening's order (payments/disputes.py _hold); an UPDATE alone locks in scan order, and
+    # racing a dispute on the account the two deadlocked (issue 21 finding 2).
+    locked = (
+        await conn.execute(
+            select(reservations.c.id).where(*due).order_by(reservations.c.id).with_for_update()
+        )
+    ).scalars()
     # Safe: exactly once, as capture: a hold captured or released meanwhile is not 'held'.
     expired = list(
         await conn.execute(
             reservations.update()
-            .where(
-                reservations.c.account_id == account_id,
-                reservations.c.status == HELD,
-                reservations.c.expires_at <= now,
-            )
+            .where(reservations.c.id.in_(list(locked)), *due)
             .values(status="expired", updated_at=now, closed_at=now)
             .returning(*reservations.c)
         )
