@@ -39,7 +39,9 @@ async def test_accounts_that_paid_before_plan_name_followed_paid_uses_become_pai
         await asyncio.to_thread(_upgrade, url, "head")
         engine = create_engine(url)
         async with engine.connect() as conn:
-            plans = dict((await conn.execute(text("SELECT id, plan_name FROM accounts"))).all())
+            plans: dict[str, str] = dict(
+                (await conn.execute(text("SELECT id, plan_name FROM accounts"))).all()
+            )
             report = await audit(conn)
         await engine.dispose()
     finally:
@@ -90,8 +92,9 @@ async def _accounts_as_before(url: str) -> None:
                 await conn.execute(
                     text(
                         "INSERT INTO credits (id, account_id, kind, free_uses_delta, "
-                        "paid_uses_delta, amount_minor, currency, external_transaction_id, created_at) "
-                        "VALUES (:id, :account_id, :kind, :free, :paid, 0, 'USD', :payment_id, :t)"
+                        "paid_uses_delta, amount_minor, currency, external_transaction_id, "
+                        "created_at) VALUES (:id, :account_id, :kind, :free, :paid, 0, 'USD', "
+                        ":payment_id, :t)"
                     ),
                     {
                         "id": f"cr_{account_id}_{index}",
