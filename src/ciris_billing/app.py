@@ -62,9 +62,8 @@ from ciris_billing.ratelimit import (
     SharedStore,
     TokenBuckets,
 )
-from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.web.docs import router as docs_router
-from ciris_billing.webhooks import inbox
+from ciris_billing.webhooks.local_delivery import to_inbox
 from ciris_billing.webhooks.routes import router as webhooks_router
 
 # Statements of each hot kind (check, charge) in flight at once per worker; requests beyond
@@ -130,18 +129,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
         # Stored once per installation: every worker, instance and restart gets the same.
         installation = await load_installation_secrets(engine, settings)
 
-        async def deliver(payload: bytes, signature: str) -> None:
-            # The sandbox's webhooks enter through the same inbox as Stripe's, each in a unit
-            # of work of its own (the request that paid has answered or will answer apart).
-            async with unit_of_work(engine) as work:
-                await inbox.receive(
-                    work,
-                    state.provider,
-                    payload,
-                    signature,
-                    retry_base_seconds=settings.jobs_poll_seconds,
-                )
-
+        # The sandbox's webhooks enter through the same inbox as Stripe's (local_delivery.py).
+        deliver = to_inbox(engine, lambda: state.provider, settings.jobs_poll_seconds)
         provider = get_payment_provider(settings, engine, installation, deliver)
         shared, key_limits, account_limits = rate_limits(settings)
         if shared is not None:

@@ -340,11 +340,21 @@ def keys_revoke(key_id: str) -> None:
     click.echo(f"Revoked {key_id}.")
 
 
-async def _with_provider(work: Callable[[AsyncEngine, PaymentProvider], Awaitable[T]]) -> T:
+async def _with_provider(
+    work: Callable[[AsyncEngine, PaymentProvider], Awaitable[T]], *, delivers: bool = False
+) -> T:
+    """`delivers`: the sandbox's webhooks go to the inbox from this process (the worker's
+    redelivery); a one-shot command's are left recorded for the jobs to send."""
     settings = get_settings()
     engine = create_engine(settings)
+    deliver = None
+    if delivers:
+        from ciris_billing.webhooks.local_delivery import to_inbox
+
+        deliver = to_inbox(engine, lambda: provider, settings.jobs_poll_seconds)
     try:
-        provider = get_payment_provider(settings, engine, await installation.load(engine, settings))
+        stored = await installation.load(engine, settings)
+        provider = get_payment_provider(settings, engine, stored, deliver)
     except PaymentConfigurationError as exc:
         await engine.dispose()
         raise click.ClickException(str(exc)) from None
@@ -724,7 +734,8 @@ def worker() -> None:
         await JobWorker(settings, engine, provider).run()
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_with_provider(work))
+        # The worker redelivers the sandbox's webhooks too, into the inbox (local_delivery.py).
+        asyncio.run(_with_provider(work, delivers=True))
 
 
 for _command in (*COMMANDS, webhook_endpoints, low_balance_threshold):

@@ -13,9 +13,7 @@ parses its events with `stripe_wire`, which maps both to our neutral types.
 
 from __future__ import annotations
 
-import json
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,7 +35,6 @@ from ciris_billing.errors import (
     PaymentStateConflict,
     ProviderError,
 )
-from ciris_billing.observability import log
 from ciris_billing.payments.providers import signing, stripe_wire
 from ciris_billing.payments.providers.base import (
     ACCOUNT_ID_KEY,
@@ -118,8 +115,7 @@ class SandboxProvider:
     def __init__(self, engine: AsyncEngine, webhook_secret: str, deliver: Deliver | None) -> None:
         self._engine = engine
         self._secret = webhook_secret
-        self._deliver = deliver
-        self.webhooks = SandboxWebhooks(webhook_secret, deliver, self._payment_object)
+        self.webhooks = SandboxWebhooks(webhook_secret, deliver, self._event_object)
 
     async def create_payment_intent(self, intent: PaymentIntent) -> PaymentResult:
         payment_id = "pi_sbx_" + secrets.token_hex(12)
@@ -205,8 +201,10 @@ class SandboxProvider:
                     amount_refunded_minor=row.amount_refunded_minor + amount, updated_at=utcnow()
                 )
             )
-        # Like Stripe, a refund (from the API or the dashboard) is announced by charge.refunded.
-        await self.send_event("charge.refunded", await self._charge_object(payment_id))
+            # Like Stripe, a refund (from the API or the dashboard) is announced by
+            # charge.refunded, kept with the refund until the inbox takes it (redelivered).
+            event_id = await self.webhooks.record(conn, "charge.refunded", payment_id)
+        await self.webhooks.send(self._engine, event_id, "charge.refunded", payment_id)
         return "re_sbx_" + secrets.token_hex(12)
 
     async def get_dispute(self, dispute_id: str) -> Dispute | None:
@@ -254,20 +252,39 @@ class SandboxProvider:
                     .returning(sandbox_disputes.c.id)
                 )
             ).scalar_one()
-        closed = status in ("won", "lost", "warning_closed")
-        event_type = "charge.dispute.closed" if closed else "charge.dispute.created"
-        dispute = {
-            "id": dispute_id,
-            "object": "dispute",
-            "charge": "ch_" + payment_id.removeprefix("pi_"),
-            "status": status,
-            "amount": int(row.amount_minor),
-            "currency": row.currency.lower(),
-        }
-        await self.send_event(event_type, dispute)
+            closed = status in ("won", "lost", "warning_closed")
+            event_type = "charge.dispute.closed" if closed else "charge.dispute.created"
+            # Kept with the dispute's change until the inbox takes it (redelivered).
+            event_id = await self.webhooks.record(conn, event_type, payment_id)
+        await self.webhooks.send(self._engine, event_id, event_type, payment_id)
         return Dispute(
             dispute_id, payment_id, stripe_wire.dispute_state(status), int(row.amount_minor)
         )
+
+    async def _dispute_object(self, payment_id: str) -> dict[str, Any]:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(sandbox_disputes).where(sandbox_disputes.c.payment_id == payment_id)
+                )
+            ).one()
+        return {
+            "id": row.id,
+            "object": "dispute",
+            "charge": "ch_" + payment_id.removeprefix("pi_"),
+            "status": row.status,
+            "amount": int(row.amount_minor),
+            "currency": row.currency.lower(),
+        }
+
+    async def _event_object(self, event_type: str, payment_id: str) -> dict[str, Any]:
+        """An event's `data.object` as it is when sent: the dispute, the charge (refunds) or
+        the payment (the inbox asks the provider anyway, as it does of Stripe's events)."""
+        if event_type.startswith("charge.dispute."):
+            return await self._dispute_object(payment_id)
+        if event_type.startswith("charge."):
+            return await self._charge_object(payment_id)
+        return await self._payment_object(payment_id)
 
     async def _charge_object(self, payment_id: str) -> dict[str, Any]:
         payment = await self.get_payment(payment_id)
@@ -486,25 +503,6 @@ class SandboxProvider:
     async def redeliver_webhooks(self) -> int:
         """The jobs' step: send again the payment events the inbox has not taken yet."""
         return await self.webhooks.redeliver_due(self._engine)
-
-    async def send_event(self, event_type: str, data_object: dict[str, Any]) -> None:
-        """Sign an event like Stripe does and hand it to the service's webhook pipeline."""
-        created = int(time.time())
-        event = {
-            "id": "evt_sbx_" + secrets.token_hex(12),
-            "object": "event",
-            "type": event_type,
-            "created": created,
-            "livemode": False,
-            "data": {"object": data_object},
-        }
-        payload = json.dumps(event, separators=(",", ":")).encode()
-        if self._deliver is None:
-            return
-        try:
-            await self._deliver(payload, signing.sign(payload, self._secret, created))
-        except Exception as exc:  # a failed delivery is what reconcile is for
-            log.warning("sandbox_webhook_delivery_failed", event_type=event_type, error=str(exc))
 
 
 async def _locked(conn: Any, payment_id: str, client_secret: str | None = None) -> Any:

@@ -3,11 +3,12 @@
 Stripe keeps an event until the endpoint answers 2xx and retries it for days. The sandbox did
 one attempt in process after the payment's change was committed, so a worker killed in between
 lost the webhook, and the payer's uses waited for reconciliation (issue 22 item 4: ~178 s).
-Now a payment's event is recorded in `sandbox_webhook_events` in the same transaction as the
-change it announces, sent at once, and, until the service's inbox took it, sent again by the
-background jobs (jobs.py) REDELIVER_BASE_SECONDS later, twice as long each time (at most
-REDELIVER_MAX_SECONDS apart), for REDELIVER_FOR. The body is built when sent, from the
-payment as it is then (the inbox never trusts a body anyway: it asks the provider).
+Now a payment's event, a refund's `charge.refunded` and a dispute's `charge.dispute.*` are
+recorded in `sandbox_webhook_events` in the same transaction as the change they announce, sent
+at once, and, until the service's inbox took them, sent again by the background jobs (jobs.py,
+in `serve` or `ciris-billing worker`) REDELIVER_BASE_SECONDS later, twice as long each time (at
+most REDELIVER_MAX_SECONDS apart), for REDELIVER_FOR. The body is built when sent, from the
+payment, charge or dispute as it is then (the inbox never trusts a body: it asks the provider).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from ciris_billing.observability import log
 from ciris_billing.payments.providers import signing
 
 Deliver = Callable[[bytes, str], Awaitable[Any]]
-# What an event's `data.object` is when it is sent (the payment as it is then).
-Snapshot = Callable[[str], Awaitable[dict[str, Any]]]
+# What an event's `data.object` is when it is sent, from its type and payment (the payment, its
+# charge or its dispute as it is then).
+Snapshot = Callable[[str, str], Awaitable[dict[str, Any]]]
 
 REDELIVER_BASE_SECONDS = 5.0
 REDELIVER_MAX_SECONDS = 3600.0
@@ -63,7 +65,8 @@ def sign_event(
 
 
 class SandboxWebhooks:
-    """The sandbox's outgoing payment events (recorded, sent, redelivered)."""
+    """The sandbox's outgoing events, payments', refunds' and disputes' (recorded, sent,
+    redelivered)."""
 
     def __init__(self, secret: str, deliver: Deliver | None, snapshot: Snapshot) -> None:
         self._secret = secret
@@ -71,7 +74,8 @@ class SandboxWebhooks:
         self._snapshot = snapshot
 
     async def record(self, conn: AsyncConnection, event_type: str, payment_id: str) -> str:
-        """Record a payment's event in the caller's transaction (the change it announces)."""
+        """Record an event about a payment (its status, a refund, a dispute) in the caller's
+        transaction (the change it announces)."""
         event_id = "evt_sbx_" + secrets.token_hex(12)
         now = utcnow()
         await conn.execute(
@@ -94,7 +98,7 @@ class SandboxWebhooks:
         if self._deliver is None:
             return False
         payload, signature = sign_event(
-            self._secret, event_id, event_type, await self._snapshot(payment_id)
+            self._secret, event_id, event_type, await self._snapshot(event_type, payment_id)
         )
         try:
             await self._deliver(payload, signature)
