@@ -160,7 +160,9 @@ def test_purchase_while_localstripe_is_stopped(postgres_url: str, tmp_path: Path
         assert response.status_code == 503, response.text
         assert response.json() == {
             "error": "payment_provider_unavailable",
-            "detail": "Stripe could not be reached to create the payment; try again later",
+            # A new account's first purchase names its customer at Stripe first (issue 21
+            # finding 4: the payer's card can only be saved on the buyer's own customer).
+            "detail": "Stripe could not be reached to create the customer; try again later",
         }
         assert took < WORST_SECONDS
         assert httpx.get(f"{base}/health").status_code == 200  # the service itself is fine
@@ -171,15 +173,16 @@ def test_purchase_when_stripe_answers_500(faulty: Faulty) -> None:
     """Stripe fails: 502 payment_provider_error, no purchase; the same key works afterwards."""
     user = "provider-500@example.com"
     faulty.proxy.set(mode="error")
-    seen_before = len(faulty.proxy.requests_to("/v1/payment_intents"))
+    seen_before = len(faulty.proxy.requests_to("/v1/customers"))
     response, took = _timed(lambda: faulty.purchase(user, **{"Idempotency-Key": "p500-1"}))
     assert response.status_code == 502, response.text
     assert response.json() == {
         "error": "payment_provider_error",
-        "detail": "Stripe refused to create the payment (http_status=500)",
+        "detail": "Stripe refused to create the customer (http_status=500)",
     }
     assert took < WORST_SECONDS
-    assert len(faulty.proxy.requests_to("/v1/payment_intents")) > seen_before
+    # The customer comes first (finding 4), so Stripe's 500 stops the purchase there.
+    assert len(faulty.proxy.requests_to("/v1/customers")) > seen_before
     assert purchases_of(faulty.database_url, user) == 0
 
     faulty.proxy.set(mode="forward")
