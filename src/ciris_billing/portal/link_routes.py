@@ -31,7 +31,9 @@ router = APIRouter(prefix="/v1/billing", tags=["portal"])
 PATH = "/accounts/{oauth_provider}/{external_id}"
 
 
-@router.post(f"{PATH}/portal_link", status_code=201, responses=error_responses(401, 403, 404, 409, 422))
+@router.post(
+    f"{PATH}/portal_link", status_code=201, responses=error_responses(401, 403, 404, 409, 422)
+)
 async def make_portal_link(
     oauth_provider: str,
     external_id: str,
