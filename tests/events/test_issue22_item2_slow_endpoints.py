@@ -135,6 +135,9 @@ async def test_slow_endpoints_starve_every_background_job(database_url: str) -> 
                 f"accounts' events in {received_after:.1f} s"
             )
             assert expired_after <= 1 + poll + 2
-            assert received_after <= poll + 5
+            # Fan-out runs on the jobs' tick: a delivery made just after one waits for the next,
+            # and on a loaded machine (CI: 19.8 s once) it may miss one more; starved, as in the
+            # finding, it would wait for the hanging deliveries' timeouts, well past this bound.
+            assert received_after <= 2 * poll + 5
             assert healthy.rejected == []
             assert (await api.audit()).clean
