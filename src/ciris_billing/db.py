@@ -22,6 +22,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DisconnectionError
@@ -53,6 +55,9 @@ Id = String(40)
 Uses = BigInteger()
 Minor = BigInteger()
 Timestamp = DateTime(timezone=True)
+LotIds = ARRAY(String(40))
+LotUses = ARRAY(BigInteger)
+LotKinds = ARRAY(SmallInteger)
 
 ACCOUNTS_FILLFACTOR = 80
 
@@ -97,6 +102,23 @@ accounts = Table(
     # (accounts/erasure.py), so whoever knows the identity can still find it; its external_id
     # is then `erased:<account id>`, unique however often one identity is erased.
     Column("erased_digest", String(64)),
+    # The wallet (ledger/rules.py): the account's open lots in consumption order, what each has
+    # left to give, its kind (0 free, 1 promotional, 2 paid) and expiry. On the account row so
+    # that the one statement that locks the row walks it (no second snapshot): the hot
+    # statements change lot_left only; ledger/wallet.py adds and removes lots in order.
+    Column("lot_ids", LotIds, nullable=False, server_default=text("'{}'")),
+    Column("lot_left", LotUses, nullable=False, server_default=text("'{}'")),
+    Column("lot_kinds", LotKinds, nullable=False, server_default=text("'{}'")),
+    Column("lot_expires", ARRAY(Timestamp), nullable=False, server_default=text("'{}'")),
+    # The last walk's take per wallet slot (as last_charge_free_uses keeps its free part), for
+    # the movement row the same statement writes.
+    Column("last_lot_uses", LotUses, nullable=False, server_default=text("'{}'")),
+    # The soonest expires_at in the wallet (NULL: nothing expires): before it the counters are
+    # the available uses; past it the walk decides (ledger/rules.py can_take).
+    Column("next_expiry_at", Timestamp),
+    # FREE_USES_RESET=monthly: the first day (UTC) of the month of the account's current free
+    # lot; a month later the next free lot is due (ledger/free_periods.py).
+    Column("free_period", DateTime(timezone=True)),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     # One account per identity, even when first requests race (INSERT ... ON CONFLICT DO NOTHING).
@@ -117,6 +139,13 @@ accounts = Table(
     ),
     CheckConstraint("status IN ('active', 'suspended')", name="status_known"),
     CheckConstraint("event_sequence >= 0", name="event_sequence_not_negative"),
+    # The wallet's arrays are parallel, and no lot gives more than it has (never below 0).
+    CheckConstraint(
+        "cardinality(lot_left) = cardinality(lot_ids) "
+        "AND cardinality(lot_kinds) = cardinality(lot_ids) "
+        "AND cardinality(lot_expires) = cardinality(lot_ids) AND 0 <= ALL (lot_left)",
+        name="wallet_consistent",
+    ),
     CheckConstraint(
         "low_balance_threshold_uses IS NULL OR low_balance_threshold_uses >= 0",
         name="low_balance_threshold_not_negative",
@@ -154,6 +183,10 @@ charges = Table(
     # The reservation this charge captured (accounts/reservations.py); unique, so a
     # reservation is captured into at most one charge whatever races.
     Column("reservation_id", Id, ForeignKey("reservations.id"), unique=True),
+    # The lots this charge took from and how many from each (ledger/rules.py); NULL for charges
+    # made before lots (the migration's `opening` rows account for those).
+    Column("lot_ids", LotIds),
+    Column("lot_uses", LotUses),
     Column("created_at", Timestamp, nullable=False),
     CheckConstraint("uses > 0", name="uses_positive"),
     CheckConstraint("free_uses_used >= 0 AND paid_uses_used >= 0", name="split_not_negative"),
@@ -192,6 +225,11 @@ reservations = Table(
     # (payments/disputes.py, accounts/reservations.py). The hot capture leaves these alone.
     Column("owed_dispute_id", Id),
     Column("owed_uses", Uses, nullable=False, server_default=text("0")),
+    # The lots this hold took from, their kinds and the uses held of each: what a capture
+    # spends from and a release gives back to (ledger/rules.py).
+    Column("lot_ids", LotIds),
+    Column("lot_kinds", LotKinds),
+    Column("lot_uses", LotUses),
     CheckConstraint("uses > 0", name="uses_positive"),
     CheckConstraint("owed_uses >= 0 AND owed_uses <= paid_uses_held", name="owed_within_paid_held"),
     CheckConstraint(
@@ -224,6 +262,10 @@ CREDIT_KINDS = (
     "dispute_lost",
     "dispute_won",
     "owed_taken",  # owed uses paid off when a hold gave uses back (accounts.refund_owed_uses)
+    "opening",  # migration 20261207_lots: per lot, what was spent before lots existed
+    "expired",  # a lot's remaining uses at its expiry (breakage)
+    "void",  # an operator voided a lot's remaining uses
+    "free_period",  # FREE_USES_RESET=monthly: a month's free uses
 )
 
 credits = Table(
@@ -248,6 +290,9 @@ credits = Table(
     # The API key whose request wrote the row (a grant, a refund...; NULL: the CLI, a job, a
     # webhook). The operator's audit-trail row says who and by which door.
     Column("api_key_id", Id),
+    # The lots this row moved and by how much each (signed: + gives uses to the lot, - takes).
+    Column("lot_ids", LotIds),
+    Column("lot_uses", LotUses),
     Column("created_at", Timestamp, nullable=False),
     CheckConstraint(
         "kind IN (" + ", ".join(f"'{kind}'" for kind in CREDIT_KINDS) + ")",
@@ -256,6 +301,57 @@ credits = Table(
     CheckConstraint("shortfall_uses >= 0", name="shortfall_not_negative"),
     Index(None, "account_id", "created_at"),
 )
+
+LOT_STATUSES = ("active", "used", "expired", "voided", "erased")
+
+# Every grant of uses is a lot (ledger/wallet.py). What a lot has left lives in its account's
+# wallet while it is open (status 'active'); a closed lot has nothing left.
+lots = Table(
+    "lots",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("account_id", Id, ForeignKey("accounts.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    # What granted it: free_grant, free_period, purchase, auto_topup, grant, initial_balance,
+    # migration...
+    Column("source", String(32), nullable=False),
+    Column("priority", Integer, nullable=False, server_default=text("100")),
+    Column("expires_at", Timestamp),
+    Column("uses_granted", Uses, nullable=False),
+    # What was paid for the whole lot (0 for free and promotional lots) and its per-use cost
+    # basis (amount_minor / uses_granted, rounded down; revenue rounds per lot, cumulatively).
+    Column("amount_minor", Minor, nullable=False, server_default=text("0")),
+    Column("currency", String(3), nullable=False),
+    Column("cost_basis_minor", Minor),
+    Column("purchase_id", Id, ForeignKey("purchases.id")),
+    # The credits row that granted it.
+    Column("credit_id", Id),
+    Column("status", String(16), nullable=False, server_default=text("'active'")),
+    Column("closed_at", Timestamp),
+    Column("created_at", Timestamp, nullable=False),
+    CheckConstraint("kind IN ('free', 'promotional', 'paid')", name="kind_known"),
+    CheckConstraint(
+        "status IN (" + ", ".join(f"'{s}'" for s in LOT_STATUSES) + ")", name="status_known"
+    ),
+    CheckConstraint("uses_granted >= 0", name="granted_not_negative"),
+    CheckConstraint("amount_minor >= 0", name="amount_not_negative"),
+    CheckConstraint("kind = 'paid' OR amount_minor = 0", name="only_paid_lots_cost"),
+    Index(None, "account_id", "created_at"),
+    # One lot per purchase: a purchase credited twice (it cannot be) would fail here too.
+    Index(
+        "ix_lots_purchase_id",
+        "purchase_id",
+        unique=True,
+        postgresql_where=text("purchase_id IS NOT NULL"),
+    ),
+    # The expiry job's scan: open lots by expiry.
+    Index(
+        "ix_lots_open_expires_at",
+        "expires_at",
+        postgresql_where=text("status = 'active' AND expires_at IS NOT NULL"),
+    ),
+)
+
 
 api_keys = Table(
     "api_keys",

@@ -36,6 +36,7 @@ from ciris_billing.db import (
 from ciris_billing.errors import AccountNotFound, AdjustmentBelowZero
 from ciris_billing.events.outbox import record_available_change, threshold_of
 from ciris_billing.ledger import write_credit
+from ciris_billing.ledger.wallet import Credit, NewLot, add_lot
 from ciris_billing.pricing import Pricing
 
 
@@ -58,16 +59,38 @@ async def grant(
 ) -> Grant:
     """Add (grant) or remove (adjustment) paid uses, with the reason on the ledger row."""
     account, _ = await ensure_account(conn, identity, pricing)
+    if uses > 0:
+        # A grant is a promotional lot (ledger/wallet.py): the credits row, the lot, the
+        # wallet in order and the counters, under the account's lock.
+        kind = "grant"
+        await add_lot(
+            conn,
+            account.id,
+            NewLot(kind="promotional", uses=uses, source="grant"),
+            Credit(
+                kind=kind,
+                currency=account.currency,
+                description=reason,
+                idempotency_key=idempotency_key,
+                api_key_id=api_key_id,
+            ),
+        )
+        granted = (
+            await conn.execute(
+                accounts.update()
+                .where(accounts.c.id == account.id)
+                .values(plan_name=plan_with_paid_uses())
+                .returning(*accounts.c)
+            )
+        ).one()
+        await record_available_change(conn, granted, uses)
+        return Grant(await get_account(conn, identity), uses, kind)
     # Conditional update: a negative adjustment can never take the balance below zero.
     changed = (
         await conn.execute(
             accounts.update()
             .where(accounts.c.id == account.id, accounts.c.paid_uses_remaining + uses >= 0)
-            .values(
-                paid_uses_remaining=accounts.c.paid_uses_remaining + uses,
-                updated_at=utcnow(),
-                **({"plan_name": plan_with_paid_uses()} if uses > 0 else {}),
-            )
+            .values(paid_uses_remaining=accounts.c.paid_uses_remaining + uses, updated_at=utcnow())
             .returning(*accounts.c)
         )
     ).first()
@@ -76,7 +99,7 @@ async def grant(
             f"Removing {-uses} uses would take the paid balance "
             f"({account.paid_uses_remaining}) below zero"
         )
-    kind = "grant" if uses > 0 else "adjustment"
+    kind = "adjustment"
     await write_credit(
         conn,
         account_id=account.id,

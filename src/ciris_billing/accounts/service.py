@@ -24,7 +24,7 @@ from ciris_billing.db import (
 )
 from ciris_billing.errors import AccountNotFound, PurchaseRequired
 from ciris_billing.events.outbox import ACCOUNT_CREATED, record_event
-from ciris_billing.ledger import write_credit
+from ciris_billing.ledger.wallet import Credit, NewLot, add_lot
 from ciris_billing.pricing import Pricing
 
 NO_USES_LEFT = "No free uses or credits remaining"  # the guide's words
@@ -123,8 +123,9 @@ async def ensure_account(
             ),
             currency=currency,
             status="active",
-            free_uses_remaining=pricing.free_uses_per_account,
-            paid_uses_remaining=new.initial_paid_uses,
+            # The counters and the wallet start empty: the lots below fill them (ledger/).
+            free_uses_remaining=0,
+            paid_uses_remaining=0,
             total_uses=0,
             last_charge_free_uses=0,
             created_at=now,
@@ -139,27 +140,24 @@ async def ensure_account(
         # (erase-and-return must not be a way to free uses). In the creating transaction, so
         # the account is never seen with them.
         free_uses = 0
-        await conn.execute(
-            accounts.update().where(accounts.c.id == account_id).values(free_uses_remaining=0)
-        )
     if created:
         if free_uses:
-            await write_credit(
+            await add_lot(
                 conn,
-                account_id=account_id,
-                kind="free_grant",
-                currency=currency,
-                free=free_uses,
-                description="Free uses for a new account",
+                account_id,
+                NewLot(kind="free", uses=free_uses, source="free_grant"),
+                Credit(
+                    kind="free_grant", currency=currency, description="Free uses for a new account"
+                ),
+                at=now,
             )
         if new.initial_paid_uses:
-            await write_credit(
+            await add_lot(
                 conn,
-                account_id=account_id,
-                kind="initial_balance",
-                currency=currency,
-                paid=new.initial_paid_uses,
-                description="Initial balance",
+                account_id,
+                NewLot(kind="promotional", uses=new.initial_paid_uses, source="initial_balance"),
+                Credit(kind="initial_balance", currency=currency, description="Initial balance"),
+                at=now,
             )
         # In the creating transaction: the event exists exactly when the account does.
         await record_event(

@@ -19,7 +19,7 @@ from ciris_billing.autotopup import cards, topups
 from ciris_billing.db import accounts, insert_or_ignore, new_id, purchases, utcnow
 from ciris_billing.errors import PurchaseNoLongerPayable, PurchaseNotYetRecorded
 from ciris_billing.events.outbox import PURCHASE_FAILED, PURCHASE_SUCCEEDED, record_event
-from ciris_billing.ledger import write_credit
+from ciris_billing.ledger.wallet import Credit, NewLot, add_lot
 from ciris_billing.observability import PURCHASES, log
 from ciris_billing.payments import refunds
 from ciris_billing.payments.providers.base import (
@@ -182,22 +182,32 @@ async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
     await conn.execute(
         select(purchases.c.id).where(purchases.c.id == purchase.id).with_for_update()
     )
-    credited = await write_credit(
+    # The purchase's paid lot (its price over its uses is the cost basis), once: the credits
+    # row's unique external id refuses a second.
+    credited = await add_lot(
         conn,
-        account_id=purchase.account_id,
-        kind="purchase",
-        currency=purchase.currency,
-        paid=purchase.uses,
-        amount_minor=purchase.amount_minor,
-        external_transaction_id=purchase.payment_id,
-        description=f"Purchase of {purchase.uses} uses",
+        purchase.account_id,
+        NewLot(
+            kind="paid",
+            uses=purchase.uses,
+            source="purchase",
+            amount_minor=purchase.amount_minor,
+            purchase_id=purchase.id,
+        ),
+        Credit(
+            kind="purchase",
+            currency=purchase.currency,
+            description=f"Purchase of {purchase.uses} uses",
+            external_transaction_id=purchase.payment_id,
+            amount_minor=purchase.amount_minor,
+        ),
+        at=now,
     )
-    if credited:
+    if credited is not None:
         await conn.execute(
             accounts.update()
             .where(accounts.c.id == purchase.account_id)
             .values(
-                paid_uses_remaining=accounts.c.paid_uses_remaining + purchase.uses,
                 # A first purchase moves the account off the free plan; an app's own plan
                 # name stays.
                 plan_name=plan_with_paid_uses(),
@@ -213,7 +223,7 @@ async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
         await record_event(
             conn, purchase.account_id, PURCHASE_SUCCEEDED, purchase_data(purchase, "succeeded")
         )
-    return credited
+    return credited is not None
 
 
 def purchase_data(purchase: Any, status: str) -> dict[str, Any]:

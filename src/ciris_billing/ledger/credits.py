@@ -22,6 +22,9 @@ async def write_credit(
     description: str | None = None,
     idempotency_key: str | None = None,
     api_key_id: str | None = None,
+    lot_ids: list[str] | None = None,
+    lot_uses: list[int] | None = None,
+    credit_id: str | None = None,
 ) -> bool:
     """Insert one ledger row; False when its `external_transaction_id` was already recorded.
 
@@ -29,7 +32,7 @@ async def write_credit(
     account's counters only when this returns True, in the same transaction.
     """
     statement = insert_or_ignore(credits).values(
-        id=new_id("cr"),
+        id=credit_id or new_id("cr"),
         account_id=account_id,
         kind=kind,
         free_uses_delta=free,
@@ -42,6 +45,8 @@ async def write_credit(
         description=description,
         idempotency_key=idempotency_key,
         api_key_id=api_key_id,
+        lot_ids=lot_ids,
+        lot_uses=lot_uses,
         created_at=utcnow(),
     )
     inserted = await conn.execute(statement.returning(credits.c.id))
