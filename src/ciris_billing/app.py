@@ -139,8 +139,10 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             settings=settings,
             engine=engine,
             account_reader=AccountReader(statements, lanes),
-            charge_store=ChargeStore(statements, lanes),
-            hold_store=HoldStore(statements, lanes),
+            charge_store=ChargeStore(
+                statements, lanes, monthly=settings.free_uses_reset == "monthly"
+            ),
+            hold_store=HoldStore(statements, lanes, monthly=settings.free_uses_reset == "monthly"),
             capture_store=CaptureStore(statements, lanes),
             pricing=Pricing.from_settings(settings),
             keys=KeyStore(engine, settings.api_key_cache_seconds),

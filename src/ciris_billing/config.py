@@ -38,6 +38,9 @@ class Settings(BaseSettings):
 
     # Pricing (the guide's names and defaults).
     free_uses_per_account: int = Field(default=3, ge=0, le=1_000_000)
+    # never: the free uses are granted once (the guide); monthly: a new free lot of
+    # FREE_USES_PER_ACCOUNT each calendar month (UTC), the previous one expiring at its end.
+    free_uses_reset: Literal["never", "monthly"] = "never"
     paid_uses_per_purchase: int = Field(default=20, ge=1, le=1_000_000)
     price_per_purchase_minor: int = Field(default=500, ge=1)
     currency: str = "USD"

@@ -38,6 +38,7 @@ VOLATILE = (
     "portal_url",
     "reservation_id",
     "expires_at",
+    "lot_id",  # a charge's lots: each account's own
 )
 MEANINGFUL_HEADERS = (
     "content-type",

@@ -17,7 +17,20 @@ export interface CreditCheckOut {
   purchase_required: boolean;
   purchase_price_minor?: number | null;
   purchase_uses?: number | null;
+  next_expiry: NextExpiryOut | null;
   portal_url: string;
+}
+
+/** @schema NextExpiryOut */
+export interface NextExpiryOut {
+  uses: number;
+  expires_at: string;
+}
+
+/** @schema LotUseOut */
+export interface LotUseOut {
+  lot_id: string;
+  uses: number;
 }
 
 /** A check while billing was unreachable and the client failed open: counts are null. */
@@ -51,6 +64,7 @@ export interface ChargeOut {
   total_uses: number;
   plan_name: string;
   created_at: string;
+  lots: LotUseOut[];
 }
 
 /** @schema ReservationCaptureOut */

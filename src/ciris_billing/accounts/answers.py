@@ -70,6 +70,7 @@ async def check(
         "total_uses": status.total_uses,
         "held_uses": status.held_uses,
         "purchase_required": status.purchase_required,
+        "next_expiry": status.next_expiry,
     }
     if status.purchase_required:
         answer["purchase_price_minor"] = status.purchase_price_minor
@@ -161,5 +162,6 @@ async def charge(
         "total_uses": made.total_uses,
         "plan_name": made.plan_name,
         "created_at": made.created_at,
+        "lots": made.lots,
     }
     return json_response(201, answer, REPLAYED if made.replayed else None)

@@ -20,7 +20,7 @@ own. A charge that names no currency is in the account's: sent first in the defa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -33,6 +33,8 @@ from ciris_billing.accounts.hot.writer import ChargeAttempt, ChargeStore
 from ciris_billing.accounts.service import Identity, ensure_account, purchase_required
 from ciris_billing.db import accounts, charges, iso, new_id, utcnow
 from ciris_billing.errors import AccountSuspended, CurrencyMismatch
+from ciris_billing.ledger import free_periods
+from ciris_billing.ledger.balance import usable, with_usable
 from ciris_billing.pricing import Pricing
 from ciris_billing.unit_of_work import unit_of_work
 
@@ -71,6 +73,8 @@ class Charge:
     total_uses: int
     plan_name: str
     created_at: str
+    # The lots it drew from, in the order it took them: [{"lot_id", "uses"}].
+    lots: list[dict[str, Any]] = field(default_factory=list)
     replayed: bool = False
 
 
@@ -134,13 +138,19 @@ async def _after_refusal(
             # No use of the key yet: a charge with it committing meanwhile is not a conflict,
             # the next attempt's statement fails on the unique key and finds it here.
         account, created = await ensure_account(conn, request.identity, pricing)
+        now = utcnow()
+        # Monthly free uses: the month's first charge adds its free lot (once: free_periods),
+        # then is sent again.
+        renewed = free_periods.is_due(account.free_period, now, pricing) and (
+            await free_periods.renew(conn, account.id, account.currency, now, pricing)
+        )
     if account.currency != request.currency:
         if not request.currency_named:
             # An account's currency never changes, so the retry cannot loop on this.
             return replace(request, currency=account.currency)
         raise _refusal(account, request, pricing)
-    enough = int(account.free_uses_remaining) + int(account.paid_uses_remaining) >= request.uses
-    if created or (account.status == "active" and enough):
+    enough = usable(account, now).total >= request.uses
+    if created or renewed or (account.status == "active" and enough):
         return _Next.TRY_AGAIN
     raise _refusal(account, request, pricing)
 
@@ -155,7 +165,8 @@ def _refusal(account: Any, request: ChargeRequest, pricing: Pricing) -> Exceptio
         )
     if account.status != "active":
         return AccountSuspended("This account is suspended; charges are refused")
-    return purchase_required(account, request.uses, pricing)
+    # What it can give now: a lot expired and not yet swept by the job is not counted.
+    return purchase_required(with_usable(account, utcnow()), request.uses, pricing)
 
 
 async def _replay(conn: AsyncConnection, charge_id: str) -> Charge:
@@ -182,6 +193,7 @@ async def _replay(conn: AsyncConnection, charge_id: str) -> Charge:
         total_uses=int(row.total_uses_after),
         plan_name=row.plan_name,
         created_at=iso(row.created_at),
+        lots=_lots(row.lot_ids, row.lot_uses),
         replayed=True,
     )
 
@@ -203,4 +215,13 @@ def _charge(attempt: ChargeAttempt, request: ChargeRequest, spent: Any) -> Charg
         total_uses=int(spent["total_uses"]),
         plan_name=spent["plan_name"],
         created_at=iso(attempt.at),
+        lots=_lots(spent["lot_ids"], spent["lot_uses"]),
     )
+
+
+def _lots(lot_ids: list[str] | None, lot_uses: list[int] | None) -> list[dict[str, Any]]:
+    """A charge's lots as its answer names them (none for charges made before lots)."""
+    return [
+        {"lot_id": lot_id, "uses": int(uses)}
+        for lot_id, uses in zip(lot_ids or [], lot_uses or [], strict=True)
+    ]

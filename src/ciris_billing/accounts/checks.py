@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ciris_billing.accounts.hot.reader import AccountReader
-from ciris_billing.accounts.service import NO_USES_LEFT, Identity, ensure_account
+from ciris_billing.accounts.service import NO_USES_LEFT, Identity, ensure_account, get_account
+from ciris_billing.db import iso, utcnow
+from ciris_billing.ledger import free_periods
+from ciris_billing.ledger.balance import usable
 from ciris_billing.pricing import Pricing
 from ciris_billing.unit_of_work import unit_of_work
 
@@ -32,13 +36,19 @@ class CreditStatus:
     purchase_required: bool
     purchase_price_minor: int | None
     purchase_uses: int | None
+    # The usable uses of the soonest-expiring lot(s): {"uses", "expires_at"}, or None.
+    next_expiry: dict[str, Any] | None = None
 
 
-def credit_status(account: Mapping[Any, Any], pricing: Pricing) -> CreditStatus:
-    """What a check answers for this account (a row's mapping or a reader's record)."""
+def credit_status(
+    account: Mapping[Any, Any], pricing: Pricing, at: datetime | None = None
+) -> CreditStatus:
+    """What a check answers for this account at `at` (a row's mapping or a reader's record:
+    the counters, next_expiry_at and, when it is set, the wallet): lots expired at `at` are
+    not counted, whether or not the expiry job has swept them."""
     status = account["status"]
-    free = int(account["free_uses_remaining"])
-    paid = int(account["paid_uses_remaining"])
+    now = usable(account, at or utcnow())
+    free, paid = now.free, now.other
     has_credit = status == "active" and free + paid > 0
     if status != "active":
         why = account["status_reason"]
@@ -58,18 +68,39 @@ def credit_status(account: Mapping[Any, Any], pricing: Pricing) -> CreditStatus:
         purchase_required=purchase_required,
         purchase_price_minor=pricing.price_per_purchase_minor if purchase_required else None,
         purchase_uses=pricing.paid_uses_per_purchase if purchase_required else None,
+        next_expiry=(
+            None
+            if now.next_expiry_at is None
+            else {"uses": now.next_expiry_uses, "expires_at": iso(now.next_expiry_at)}
+        ),
     )
 
 
 async def check_credit(
     reader: AccountReader, engine: AsyncEngine, identity: Identity, pricing: Pricing
 ) -> CreditStatus:
-    """May this identity go on? One read; an unknown identity's account is opened first."""
+    """May this identity go on? One read; an unknown identity's account is opened first (and,
+    with monthly free uses, a month's first check adds its free lot: one unit of work, once)."""
+    at = utcnow()
     account: Mapping[Any, Any] | None = await reader.read(identity)
-    if account is None:
-        row, _created = await open_account(engine, identity, pricing)
+    if account is None or free_periods.is_due(account["free_period"], at, pricing):
+        row = await _opened(engine, identity, pricing, at)
         account = row._mapping
-    return credit_status(account, pricing)
+    return credit_status(account, pricing, at)
+
+
+async def _opened(
+    engine: AsyncEngine, identity: Identity, pricing: Pricing, at: datetime
+) -> Row[Any]:
+    """The identity's account, opened if new, its month's free lot added if due (committed)."""
+    async with unit_of_work(engine) as work:
+        conn = await work.connection()
+        row, _created = await ensure_account(conn, identity, pricing)
+        if free_periods.is_due(row.free_period, at, pricing) and await free_periods.renew(
+            conn, row.id, row.currency, at, pricing
+        ):
+            row = await get_account(conn, identity)
+        return row
 
 
 async def open_account(

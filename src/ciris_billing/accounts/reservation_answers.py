@@ -98,6 +98,10 @@ def capture_body(charge: Any, account: Any, held: Any) -> dict[str, Any]:
         "total_uses": int(a["total_uses"]),
         "plan_name": a["plan_name"],
         "created_at": iso(c["created_at"]),
+        "lots": [
+            {"lot_id": lot_id, "uses": int(uses)}
+            for lot_id, uses in zip(c["lot_ids"] or [], c["lot_uses"] or [], strict=True)
+        ],
     }
 
 
@@ -266,6 +270,8 @@ async def capture(
             # As the framework's capture: the hold's metadata, then the capture's.
             "metadata": {**json.loads(made["held_metadata"]), **body.metadata},
             "created_at": attempt.at,
+            "lot_ids": made["lot_ids"],
+            "lot_uses": made["lot_uses"],
         }
         account = {**made, "id": made["account_id"]}
         return capture_body(charge, account, {"id": reservation_id, "uses": made["held_uses_of"]})

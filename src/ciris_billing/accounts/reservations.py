@@ -1,11 +1,12 @@
 """Reservations (holds): uses set aside for an interaction whose cost is known only at its end.
 
-A hold moves its uses OUT of the account's free/paid_uses_remaining (free ones first) into
-`reserved_free_uses` / `reserved_paid_uses`, and the reservation row remembers the split. So the
-charge statement (hot/writer.py), refunds, disputes and grants need no change: what they can
-take is what is left outside the holds. Capture turns the hold into one charge row (free uses
-charged first) and gives back the rest; release and expiry give all of it back, each to the
-counter it came from.
+A hold takes its uses OUT of the account's lots (by the consumption rule) into
+`reserved_free_uses` / `reserved_paid_uses`, and the reservation row remembers the lots and
+the split. So the charge statement, refunds, disputes and grants need no change: what they can
+take is what is left outside the holds. Capture turns the hold into one charge row (spent from
+the hold's lots in its order) and gives back the rest; release and expiry give all of it back,
+each use to the lot it came from. The balances are written by the money core (ledger/holds.py;
+the hot twins: ledger/statements.py, ledger/capture_statements.py).
 
 Every transition (held -> captured | released | expired) is ONE conditional UPDATE of the
 reservation `WHERE status = 'held'`: of any two racing transitions exactly one updates the row,
@@ -26,7 +27,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.accounts.service import Identity, identity_clause, purchase_required
-from ciris_billing.db import accounts, charges, iso, new_id, reservations, utcnow
+from ciris_billing.db import accounts, iso, new_id, reservations, utcnow
 from ciris_billing.errors import (
     AccountNotFound,
     AccountSuspended,
@@ -36,8 +37,9 @@ from ciris_billing.errors import (
     ReservationNotHeld,
 )
 from ciris_billing.events.outbox import RESERVATION_EXPIRED, record_available_change, record_event
-from ciris_billing.ledger import write_credit
-from ciris_billing.payments import disputes
+from ciris_billing.ledger import free_periods
+from ciris_billing.ledger import holds as ledger_holds
+from ciris_billing.ledger.balance import with_usable
 from ciris_billing.pricing import Pricing
 
 HELD = "held"
@@ -79,11 +81,11 @@ def held_uses(account: Any) -> int:
 
 
 async def hold(conn: AsyncConnection, request: HoldRequest, pricing: Pricing) -> Outcome:
-    """Hold `request.uses` of the identity's account (which must exist), free uses first, or
-    raise 402 (not enough available) / 403 (suspended)."""
+    """Hold `request.uses` of the identity's account (which must exist) from its lots by the
+    consumption rule, or raise 402 (not enough available) / 403 (suspended)."""
     now = utcnow()
-    # Safe: the account's row is locked until the transaction ends, so the counters read here
-    # are the ones the UPDATE below changes (no concurrent hold or charge in between).
+    # Safe: the account's row is locked until the transaction ends, so what it holds read here
+    # is what the hold's UPDATE below takes from (no concurrent hold or charge in between).
     account = (
         await conn.execute(
             select(accounts).where(identity_clause(request.identity)).with_for_update()
@@ -95,18 +97,14 @@ async def hold(conn: AsyncConnection, request: HoldRequest, pricing: Pricing) ->
         )
     if account.status != "active":
         raise AccountSuspended("This account is suspended; new holds are refused")
-    free, paid = int(account.free_uses_remaining), int(account.paid_uses_remaining)
-    if free + paid < request.uses:
-        raise purchase_required(account, request.uses, pricing)
-    free_held = min(free, request.uses)
-    paid_held = request.uses - free_held
-    account = await _move_uses(
-        conn,
-        account.id,
-        reserved=(free_held, paid_held),
-        available=(-free_held, -paid_held),
-        now=now,
-    )
+    if free_periods.is_due(account.free_period, now, pricing):
+        await free_periods.renew(conn, account.id, account.currency, now, pricing)
+    taken = await ledger_holds.take(conn, account.id, request.uses, now)
+    if taken is None:
+        raise purchase_required(
+            with_usable(await _account(conn, account.id), now), request.uses, pricing
+        )
+    account = await _account(conn, account.id)
     reservation = (
         await conn.execute(
             reservations.insert()
@@ -116,11 +114,14 @@ async def hold(conn: AsyncConnection, request: HoldRequest, pricing: Pricing) ->
                 api_key_id=request.api_key_id,
                 status=HELD,
                 uses=request.uses,
-                free_uses_held=free_held,
-                paid_uses_held=paid_held,
+                free_uses_held=taken.free,
+                paid_uses_held=request.uses - taken.free,
                 expires_at=now + timedelta(seconds=request.ttl_seconds),
                 metadata=request.metadata,
                 idempotency_key=request.idempotency_key,
+                lot_ids=taken.lot_ids,
+                lot_kinds=taken.lot_kinds,
+                lot_uses=taken.lot_uses,
                 created_at=now,
                 updated_at=now,
             )
@@ -133,9 +134,10 @@ async def hold(conn: AsyncConnection, request: HoldRequest, pricing: Pricing) ->
 
 
 async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
-    """Charge `request.uses` (all when None) of an active hold as one charge row and give the
-    rest back; 409 when it is expired (by the clock, whatever the job's delay) or no longer
-    held; 422 for more than was held."""
+    """Charge `request.uses` (all when None) of an active hold as one charge row, spent from
+    the hold's lots in its order (a lot that expired since included: a hold is a promise), and
+    give the rest back to its lots; 409 when it is expired (by the clock, whatever the job's
+    delay) or no longer held; 422 for more than was held."""
     now = utcnow()
     charge_id = new_id("ch")
     wanted = request.uses if request.uses is not None else reservations.c.uses
@@ -163,42 +165,24 @@ async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
     if won is None:
         raise await _why_not(conn, request.reservation_id, now, request.uses, capturing=True)
     uses = int(won.captured_uses)
-    free_held, paid_held = int(won.free_uses_held), int(won.paid_uses_held)
-    free_used = min(uses, free_held)
-    paid_used = uses - free_used
-    account = await _move_uses(
-        conn,
-        won.account_id,
-        reserved=(-free_held, -paid_held),
-        available=(free_held - free_used, paid_held - paid_used),
-        spent=uses,
-        now=now,
-        why=won.id,
-        ending={won.id: (won, paid_held - paid_used)},
+    taken, back = ledger_holds.consume(won.lot_uses, uses)
+    free_used = sum(t for t, kind in zip(taken, won.lot_kinds, strict=True) if kind == 0)
+    account = await ledger_holds.end_holds(
+        conn, won.account_id, [ledger_holds.Ending(won, back)], now=now, why=won.id, spent=uses
     )
-    charge = (
-        await conn.execute(
-            charges.insert()
-            .values(
-                id=charge_id,
-                account_id=account.id,
-                uses=uses,
-                free_uses_used=free_used,
-                paid_uses_used=paid_used,
-                amount_minor=request.amount_minor,
-                currency=account.currency,
-                description=request.description,
-                metadata={**dict(won._mapping["metadata"]), **request.metadata},
-                api_key_id=request.api_key_id,
-                reservation_id=won.id,
-                free_uses_after=account.free_uses_remaining,
-                paid_uses_after=account.paid_uses_remaining,
-                total_uses_after=account.total_uses,
-                created_at=now,
-            )
-            .returning(*charges.c)
-        )
-    ).one()
+    charge = await ledger_holds.write_capture(
+        conn,
+        won,
+        account,
+        taken,
+        charge_id=charge_id,
+        free_used=free_used,
+        amount_minor=request.amount_minor,
+        description=request.description,
+        metadata={**dict(won._mapping["metadata"]), **request.metadata},
+        api_key_id=request.api_key_id,
+        at=now,
+    )
     return Outcome(won, account, charge)
 
 
@@ -290,106 +274,14 @@ async def accounts_with_expired_holds(
 async def _give_back(
     conn: AsyncConnection, account_id: str, held: list[Row[Any]], now: datetime
 ) -> Row[Any]:
-    free = sum(int(r.free_uses_held) for r in held)
-    paid = sum(int(r.paid_uses_held) for r in held)
+    """Ending holds give all their uses back, each to the lot it came from (ledger/holds.py)."""
     why = ", ".join(r.id for r in held)
-    return await _move_uses(
-        conn,
-        account_id,
-        reserved=(-free, -paid),
-        available=(free, paid),
-        now=now,
-        why=why,
-        ending={r.id: (r, int(r.paid_uses_held)) for r in held},
-    )
+    ending = [ledger_holds.Ending(r, [int(u) for u in r.lot_uses]) for r in held]
+    return await ledger_holds.end_holds(conn, account_id, ending, now=now, why=why)
 
 
-def owed_after(owed: int, paid_back: int, reserved_paid_after: int) -> tuple[int, int]:
-    """(uses paid off, uses still owed) when holds give `paid_back` paid uses back and leave
-    `reserved_paid_after` reserved: owed uses are paid off first, and no more stays owed than
-    is still held (a captured hold's uses were spent: plain shortfall). The hot capture
-    statement (hot/holds.py) computes the same in SQL."""
-    paid_off = min(owed, paid_back)
-    return paid_off, min(owed - paid_off, reserved_paid_after)
-
-
-async def _move_uses(
-    conn: AsyncConnection,
-    account_id: str,
-    *,
-    reserved: tuple[int, int],
-    available: tuple[int, int],
-    spent: int = 0,
-    now: datetime,
-    why: str = "",
-    ending: dict[str, tuple[Row[Any], int]] | None = None,
-) -> Row[Any]:
-    """Change the account's (free, paid) reserved and available counters by these amounts, and
-    its total uses by `spent`: the one account update of hold, capture, release and expiry
-    (CHECK constraints keep every counter at zero or above). Paid uses leaving a hold pay off
-    the account's owed uses first (`refund_owed_uses`: what a refund or a lost dispute could
-    not take because it was held), with an `owed_taken` ledger row; then the uses a dispute
-    could not hold because an ending reservation (`ending`: id -> (row, paid uses it gives
-    back)) held them go into that dispute's hold (payments/disputes.py: owed_to_disputes)."""
-    paid_off, owed = 0, None
-    if reserved[1] < 0:
-        # Safe: the account's row stays locked until the transaction ends, so the owed uses
-        # read here are the ones the UPDATE below settles (lock order: the reservation's row,
-        # already locked by the caller's UPDATE, then the account's).
-        locked = (
-            await conn.execute(
-                select(accounts.c.refund_owed_uses, accounts.c.reserved_paid_uses)
-                .where(accounts.c.id == account_id)
-                .with_for_update()
-            )
-        ).one()
-        if int(locked.refund_owed_uses):
-            paid_off, owed = owed_after(
-                int(locked.refund_owed_uses),
-                max(available[1], 0),
-                int(locked.reserved_paid_uses) + reserved[1],
-            )
-    to_disputes = 0
-    if ending and any(int(row.owed_uses) for row, _ in ending.values()):
-        # Safe: the account's row is locked (above: reserved[1] < 0 whenever a hold ends with
-        # paid uses), and a dispute closes only under that lock too (disputes._close), so a
-        # dispute read open here is open until this transaction ends.
-        to_disputes = await disputes.owed_to_disputes(
-            conn, account_id, ending, max(available[1], 0) - paid_off, why
-        )
-    values: dict[str, Any] = {
-        "reserved_free_uses": accounts.c.reserved_free_uses + reserved[0],
-        "reserved_paid_uses": accounts.c.reserved_paid_uses + reserved[1],
-        "free_uses_remaining": accounts.c.free_uses_remaining + available[0],
-        "paid_uses_remaining": accounts.c.paid_uses_remaining
-        + available[1]
-        - paid_off
-        - to_disputes,
-        "held_uses": accounts.c.held_uses + to_disputes,
-        "total_uses": accounts.c.total_uses + spent,
-        "updated_at": now,
-    }
-    if owed is not None:
-        values["refund_owed_uses"] = owed
-    account = (
-        await conn.execute(
-            accounts.update()
-            .where(accounts.c.id == account_id)
-            .values(**values)
-            .returning(*accounts.c)
-        )
-    ).one()
-    if paid_off:
-        await write_credit(
-            conn,
-            account_id=account_id,
-            kind="owed_taken",
-            currency=account.currency,
-            paid=-paid_off,
-            description=f"{paid_off} paid uses owed to a refund or a lost dispute, taken when "
-            f"held uses came back ({why})"[:500],
-        )
-    return account
+async def _account(conn: AsyncConnection, account_id: str) -> Row[Any]:
+    return (await conn.execute(select(accounts).where(accounts.c.id == account_id))).one()
 
 
 async def _find(conn: AsyncConnection, reservation_id: str) -> Row[Any] | None:

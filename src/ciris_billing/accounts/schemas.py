@@ -112,6 +112,16 @@ class CreditCheck(IdentityFields):
     customer_email: Annotated[str, StringConstraints(max_length=320)] | None = None
 
 
+class NextExpiryOut(BaseModel):
+    uses: int = Field(description="Usable uses of the soonest-expiring lot(s)")
+    expires_at: str = Field(description="When they stop counting (RFC 3339)")
+
+
+class LotUseOut(BaseModel):
+    lot_id: str
+    uses: int = Field(description="Uses taken from this lot")
+
+
 class CreditCheckOut(BaseModel):
     has_credit: bool
     credits_remaining: int
@@ -125,6 +135,9 @@ class CreditCheckOut(BaseModel):
         default=None, description="Only when purchase_required"
     )
     purchase_uses: int | None = Field(default=None, description="Only when purchase_required")
+    next_expiry: NextExpiryOut | None = Field(
+        description="The soonest-expiring usable uses and when they expire; null when none expire"
+    )
     portal_url: str = Field(
         description="The user's portal: balance, usage history, receipts, buy more "
         "(a signed link, valid for 7 days)"
@@ -158,6 +171,7 @@ class ChargeOut(BaseModel):
     total_uses: int
     plan_name: str
     created_at: str
+    lots: list[LotUseOut] = Field(description="The lots the charge drew from, in order")
 
 
 class PurchaseRequiredOut(BaseModel):

@@ -24,6 +24,7 @@ from ciris_billing.db import (
 )
 from ciris_billing.errors import AccountNotFound, PurchaseRequired
 from ciris_billing.events.outbox import ACCOUNT_CREATED, record_event
+from ciris_billing.ledger.free_periods import next_period, period_of
 from ciris_billing.ledger.wallet import Credit, NewLot, add_lot
 from ciris_billing.pricing import Pricing
 
@@ -128,6 +129,9 @@ async def ensure_account(
             paid_uses_remaining=0,
             total_uses=0,
             last_charge_free_uses=0,
+            # Monthly free uses: a new account starts in its month (its free lot below, or
+            # none for an identity back after erasure, until the next month).
+            free_period=period_of(now) if pricing.monthly_free_uses else None,
             created_at=now,
             updated_at=now,
         )
@@ -145,7 +149,13 @@ async def ensure_account(
             await add_lot(
                 conn,
                 account_id,
-                NewLot(kind="free", uses=free_uses, source="free_grant"),
+                NewLot(
+                    kind="free",
+                    uses=free_uses,
+                    source="free_grant",
+                    # Monthly: this month's free uses, unusable from the next month's start.
+                    expires_at=next_period(now) if pricing.monthly_free_uses else None,
+                ),
                 Credit(
                     kind="free_grant", currency=currency, description="Free uses for a new account"
                 ),

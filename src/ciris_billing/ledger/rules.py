@@ -59,18 +59,33 @@ def can_take(row: str, uses: str, at: str) -> str:
             ELSE ledger_available({row}lot_left, {row}lot_expires, {at}) END) >= {uses}"""
 
 
-def walk_assignment(row: str, uses: str, at: str) -> str:
+def walk_assignment(row: str, uses: str, at: str, *, hold: bool = False) -> str:
     """SQL (one SET item): the walk applied to the locked account row `row`: its wallet after
     taking `uses` at `at`, the per-slot take kept in `last_lot_uses` (the movement row reads it
     from RETURNING: SET sees the old row, RETURNING the new), how many were free kept in
-    `last_charge_free_uses`, and the counters. Guarded by `can_take` in the same WHERE."""
+    `last_charge_free_uses`, and the counters. Guarded by `can_take` in the same WHERE. A
+    `hold` also moves the taken uses into the reserved counters, by kind."""
+    reserved = (
+        f""",
+            {row}reserved_free_uses + w.free_taken, {row}reserved_paid_uses + w.other_taken"""
+        if hold
+        else ""
+    )
+    columns = ", reserved_free_uses, reserved_paid_uses" if hold else ""
     return f"""(lot_left, last_lot_uses, last_charge_free_uses, free_uses_remaining,
-         paid_uses_remaining) = (
+         paid_uses_remaining{columns}) = (
             SELECT w.new_left, w.taken, w.free_taken,
                    {row}free_uses_remaining - w.free_taken,
-                   {row}paid_uses_remaining - w.other_taken
+                   {row}paid_uses_remaining - w.other_taken{reserved}
             FROM ledger_walk({row}lot_left, {row}lot_kinds, {row}lot_expires,
                              {uses}, {at}) w)"""  # noqa: S608 (our own constants)
+
+
+def free_period_current(row: str, at: str) -> str:
+    """SQL (a WHERE condition, FREE_USES_RESET=monthly only): the account's free period is the
+    calendar month (UTC) of `at`, so its month's free lot is in the wallet. When it is not, the
+    statement makes nothing and the slow path adds the lot (ledger/free_periods.py)."""
+    return f"{row}free_period = date_trunc('month', {at}, 'UTC')"
 
 
 def touched_lots(row: str) -> str:

@@ -1,17 +1,10 @@
 """Holds and captures at charge speed: one statement each, batched like charges (lanes.py).
 
-A hold is ONE statement (HOLD_SQL): the conditional UPDATE of the account moves `uses` from its
-available counters into its reserved ones (free uses first) and feeds the INSERT of the
-reservation row through a CTE. The WHERE clause re-checks the balance on the locked row, so no
-use is ever held twice and no counter goes below zero, as for a charge (hot/writer.py).
-
-A capture is ONE statement (CAPTURE_SQL): the conditional UPDATE of the reservation
-`WHERE status = 'held' AND expires_at > now` makes the transition exactly once (of racing
-captures, releases and expiries only one finds it 'held'); it feeds the account's update (the
-held uses leave the reserved counters, the captured ones are spent, free first, the rest come
-back after paying off owed uses) and the INSERT of the charge row that references it, and of
-the `owed_taken` ledger row when owed uses were paid off. Lock order: the reservation's row,
-then the account's (as every other transition: accounts/reservations.py).
+The statements are the money core's (ledger/statements.py, ledger/capture_statements.py):
+a hold is ONE statement, the conditional UPDATE of the account taking `uses` from its wallet's
+lots by the consumption rule into its reserved counters, feeding the INSERT of the reservation
+row that names the lots; a capture is ONE statement that spends the held lots, gives the rest
+back to them and writes the charge row. This module sends them.
 
 Holds and captures that queue up go out together (HOLD_BATCH_SQL, CAPTURE_BATCH_SQL), one
 round trip and one commit for many, each deciding for itself as if alone:
@@ -41,290 +34,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
-from ciris_billing.accounts.hot.crossings import alerted, crossing_columns, next_sequence
 from ciris_billing.accounts.hot.lanes import Lanes, Waiting
 from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
-
-
-def _key_unused(key: str, api_key_id: str) -> str:
-    """SQL: the idempotency key is NULL (none sent), or neither a request's answer nor a charge
-    has taken it under this API key (or under the legacy scope '')."""
-    return f"""({key} IS NULL OR (
-          NOT EXISTS (SELECT 1 FROM idempotency_keys k
-                      WHERE k.api_key_id IN ({api_key_id}, '') AND k.key = {key})
-          AND NOT EXISTS (SELECT 1 FROM charges c
-                          WHERE c.api_key_id IN ({api_key_id}, '')
-                            AND c.idempotency_key = {key})))"""  # noqa: S608 (our own constants)
-
-
-def _claim(source: str, api_key_id: str, key: str, fingerprint: str, at: str) -> str:
-    """SQL (a CTE's body): the key taken for each row of `source` that has one, its answer left
-    to RECORD_SQL / RECORD_BATCH_SQL before the commit; a twin taking it too (in the batch or
-    racing it) fails on the key's primary key (DuplicateKey)."""
-    return f"""INSERT INTO idempotency_keys (api_key_id, key, fingerprint, response_status,
-                                  response_body, created_at)
-    SELECT {api_key_id}, {key}, {fingerprint}, 0, '', {at} FROM {source}
-    WHERE {key} IS NOT NULL"""  # noqa: S608 (our own constants)
-
-
-# $1 provider, $2 external id, $3 uses, $4 reservation id, $5 API key id, $6 metadata (JSON
-# text), $7 now, $8 expires_at, $9 idempotency key (or NULL), $10 the request's fingerprint.
-# SET sees the old counters: last_charge_free_uses keeps how many of the held uses were free
-# (as it keeps a charge's split), for the reservation row.
-HOLD_SQL = f"""
-WITH held AS (
-    UPDATE accounts a SET
-        last_charge_free_uses = LEAST(a.free_uses_remaining, $3::bigint),
-        reserved_free_uses = a.reserved_free_uses + LEAST(a.free_uses_remaining, $3::bigint),
-        reserved_paid_uses =
-            a.reserved_paid_uses + $3::bigint - LEAST(a.free_uses_remaining, $3::bigint),
-        free_uses_remaining = a.free_uses_remaining - LEAST(a.free_uses_remaining, $3::bigint),
-        paid_uses_remaining =
-            a.paid_uses_remaining - ($3::bigint - LEAST(a.free_uses_remaining, $3::bigint)),
-        -- A hold takes available uses: balance events as a charge's (crossings.py).
-        {next_sequence("a.", "$3::bigint")},
-        updated_at = $7::timestamptz
-    WHERE a.oauth_provider = $1::text AND a.external_id = $2::text AND a.status = 'active'
-      AND a.free_uses_remaining + a.paid_uses_remaining >= $3::bigint
-      AND {_key_unused("$9::text", "$5::text")}
-    RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
-              a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
-              a.last_charge_free_uses, {crossing_columns("a.")},
-              $3::bigint AS uses, $7::timestamptz AS created_at
-), claimed AS (
-    {_claim("held", "$5::text", "$9::text", "$10::text", "$7::timestamptz")}
-), made AS (
-    INSERT INTO reservations (id, account_id, api_key_id, status, uses, free_uses_held,
-                              paid_uses_held, expires_at, metadata, idempotency_key,
-                              created_at, updated_at)
-    SELECT $4::text, account_id, $5::text, 'held', $3::bigint, last_charge_free_uses,
-           $3::bigint - last_charge_free_uses, $8::timestamptz, $6::json, $9::text,
-           $7::timestamptz, $7::timestamptz
-    FROM held
-), {alerted("held", "account_id")}
-SELECT $4::text AS reservation_id, account_id, free_uses_remaining, paid_uses_remaining,
-       reserved_free_uses, reserved_paid_uses, total_uses, last_charge_free_uses
-FROM held
-"""  # noqa: S608 (our own constants, no input)
-
-# The same for many holds: each parameter an array, one element per hold, in the same order.
-HOLD_BATCH_SQL = f"""
-WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                         $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[],
-                         $10::text[])
-        AS i(oauth_provider, external_id, uses, reservation_id, api_key_id, metadata, at,
-             expires_at, idempotency_key, fingerprint)
-), locked AS MATERIALIZED (
-    -- The charges' lock order: the batch's accounts locked by id, ascending, before any is
-    -- updated (LockRows runs above the Sort), so overlapping batches wait instead of
-    -- deadlocking. The UPDATE below touches only these rows.
-    SELECT a.id AS locked_id, i.*
-    FROM accounts a
-    JOIN input i ON a.oauth_provider = i.oauth_provider AND a.external_id = i.external_id
-    ORDER BY a.id
-    FOR UPDATE OF a
-), held AS (
-    UPDATE accounts a SET
-        last_charge_free_uses = LEAST(a.free_uses_remaining, i.uses),
-        reserved_free_uses = a.reserved_free_uses + LEAST(a.free_uses_remaining, i.uses),
-        reserved_paid_uses =
-            a.reserved_paid_uses + i.uses - LEAST(a.free_uses_remaining, i.uses),
-        free_uses_remaining = a.free_uses_remaining - LEAST(a.free_uses_remaining, i.uses),
-        paid_uses_remaining =
-            a.paid_uses_remaining - (i.uses - LEAST(a.free_uses_remaining, i.uses)),
-        {next_sequence("a.", "i.uses")},
-        updated_at = i.at
-    FROM locked i
-    WHERE a.id = i.locked_id AND a.status = 'active'
-      AND a.free_uses_remaining + a.paid_uses_remaining >= i.uses
-      AND {_key_unused("i.idempotency_key", "i.api_key_id")}
-    RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
-              a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
-              a.last_charge_free_uses, i.reservation_id, i.uses, i.api_key_id, i.metadata, i.at,
-              i.expires_at, i.idempotency_key, i.fingerprint, {crossing_columns("a.")},
-              i.at AS created_at
-), claimed AS (
-    {_claim("held", "api_key_id", "idempotency_key", "fingerprint", "at")}
-), made AS (
-    INSERT INTO reservations (id, account_id, api_key_id, status, uses, free_uses_held,
-                              paid_uses_held, expires_at, metadata, idempotency_key,
-                              created_at, updated_at)
-    SELECT reservation_id, account_id, api_key_id, 'held', uses, last_charge_free_uses,
-           uses - last_charge_free_uses, expires_at, metadata::json, idempotency_key, at, at
-    FROM held
-), {alerted("held", "account_id")}
-SELECT reservation_id, account_id, free_uses_remaining, paid_uses_remaining,
-       reserved_free_uses, reserved_paid_uses, total_uses, last_charge_free_uses
-FROM held
-"""  # noqa: S608 (our own constants, no input)
-
-# $1 reservation id, $2 uses (NULL: all), $3 charge id, $4 now, $5 amount, $6 description,
-# $7 metadata (JSON text, merged over the hold's), $8 API key id, $9 ledger row id (owed),
-# $10 idempotency key (or NULL), $11 the request's fingerprint.
-CAPTURE_SQL = f"""
-WITH won AS (
-    -- Safe: exactly once. Of racing captures / releases / expiries only one finds the row
-    -- 'held' (the row lock makes the others re-check and see the winner's status).
-    UPDATE reservations r SET status = 'captured',
-        captured_uses = COALESCE($2::bigint, r.uses), charge_id = $3::text,
-        updated_at = $4::timestamptz, closed_at = $4::timestamptz
-    WHERE r.id = $1::text AND r.status = 'held' AND r.expires_at > $4::timestamptz
-      AND r.uses >= COALESCE($2::bigint, r.uses)
-      -- A hold owing uses to a dispute ends on the framework's path (reservations.py): the
-      -- uses it gives back go into the dispute's hold. Read on the locked row's last version.
-      AND r.owed_uses = 0
-      AND {_key_unused("$10::text", "$8::text")}
-    RETURNING r.id AS reservation_id, r.account_id, r.uses, r.captured_uses,
-              r.free_uses_held, r.paid_uses_held, r.metadata, $3::text AS charge_id,
-              $9::text AS credit_id, $5::bigint AS amount_minor, $6::text AS description,
-              $7::text AS extra, $8::text AS api_key_id, $4::timestamptz AS at
-)
-, locked AS MATERIALIZED (
-    -- The account's row, locked after the reservation's (the one lock order of holds), by id
-    -- ascending across a batch; read under the lock: the owed uses to pay off.
-    SELECT w.*, a.refund_owed_uses AS owed,
-           LEAST(w.captured_uses, w.free_uses_held) AS free_used
-    FROM accounts a JOIN won w ON a.id = w.account_id
-    ORDER BY a.id
-    FOR UPDATE OF a
-), settled AS (
-    -- reservations.owed_after: the paid uses coming back pay off owed uses first.
-    SELECT l.*, l.captured_uses - l.free_used AS paid_used,
-           LEAST(l.owed, l.paid_uses_held - (l.captured_uses - l.free_used)) AS paid_off
-    FROM locked l
-), spent AS (
-    UPDATE accounts a SET
-        reserved_free_uses = a.reserved_free_uses - s.free_uses_held,
-        reserved_paid_uses = a.reserved_paid_uses - s.paid_uses_held,
-        free_uses_remaining = a.free_uses_remaining + s.free_uses_held - s.free_used,
-        paid_uses_remaining =
-            a.paid_uses_remaining + s.paid_uses_held - s.paid_used - s.paid_off,
-        -- No more stays owed than is still held: a captured hold's uses were spent.
-        refund_owed_uses = LEAST(s.owed - s.paid_off, a.reserved_paid_uses - s.paid_uses_held),
-        total_uses = a.total_uses + s.captured_uses,
-        updated_at = s.at
-    FROM settled s
-    WHERE a.id = s.account_id
-    RETURNING a.id AS account_id, a.oauth_provider, a.external_id, a.currency, a.plan_name,
-              a.free_uses_remaining, a.paid_uses_remaining, a.reserved_free_uses,
-              a.reserved_paid_uses, a.total_uses, s.reservation_id, s.uses AS held_uses_of,
-              s.captured_uses, s.free_used, s.paid_used, s.paid_off, s.charge_id, s.credit_id,
-              s.amount_minor, s.description, s.metadata AS held_metadata, s.extra, s.api_key_id,
-              s.at
-), recorded AS (
-    INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
-                         currency, description, metadata, api_key_id, reservation_id,
-                         free_uses_after, paid_uses_after, total_uses_after, created_at)
-    SELECT charge_id, account_id, captured_uses, free_used, paid_used, amount_minor, currency,
-           description, (held_metadata::jsonb || extra::jsonb)::json, api_key_id,
-           reservation_id, free_uses_remaining, paid_uses_remaining, total_uses, at
-    FROM spent
-), repaid AS (
-    INSERT INTO credits (id, account_id, kind, free_uses_delta, paid_uses_delta,
-                         held_uses_delta, shortfall_uses, amount_minor, currency, description,
-                         created_at)
-    SELECT credit_id, account_id, 'owed_taken', 0, -paid_off, 0, 0, 0, currency,
-           paid_off || ' paid uses owed to a refund or a lost dispute, taken when held uses '
-           || 'came back (' || reservation_id || ')', at
-    FROM spent WHERE paid_off > 0
-), claimed AS (
-    {_claim("spent", "$8::text", "$10::text", "$11::text", "$4::timestamptz")}
-)
-SELECT reservation_id, account_id, oauth_provider, external_id, currency, plan_name,
-       free_uses_remaining, paid_uses_remaining, reserved_free_uses, reserved_paid_uses,
-       total_uses, held_uses_of, captured_uses, free_used, paid_used, charge_id,
-       held_metadata::text AS held_metadata
-FROM spent
-"""  # noqa: S608 (our own constants, no input)
-
-# The same for many captures: each parameter an array, one element per capture.
-CAPTURE_BATCH_SQL = f"""
-WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[],
-                         $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[],
-                         $10::text[], $11::text[])
-        AS i(reservation_id, uses, charge_id, at, amount_minor, description, extra,
-             api_key_id, credit_id, idempotency_key, fingerprint)
-), chosen AS (
-    -- One reservation per account (an UPDATE ... FROM changes an account's row once): the
-    -- others come back without a row and are sent again alone.
-    SELECT DISTINCT ON (r.account_id) r.id
-    FROM reservations r JOIN input i ON r.id = i.reservation_id
-    ORDER BY r.account_id, r.id
-), won AS (
-    -- Safe: exactly once, as CAPTURE_SQL.
-    UPDATE reservations r SET status = 'captured',
-        captured_uses = COALESCE(i.uses, r.uses), charge_id = i.charge_id,
-        updated_at = i.at, closed_at = i.at
-    FROM input i
-    WHERE r.id = i.reservation_id AND r.id IN (SELECT id FROM chosen)
-      AND r.status = 'held' AND r.expires_at > i.at AND r.uses >= COALESCE(i.uses, r.uses)
-      AND r.owed_uses = 0  -- as CAPTURE_SQL: a hold owing a dispute goes the framework's path
-      AND {_key_unused("i.idempotency_key", "i.api_key_id")}
-    RETURNING r.id AS reservation_id, r.account_id, r.uses, r.captured_uses,
-              r.free_uses_held, r.paid_uses_held, r.metadata, i.charge_id, i.credit_id,
-              i.amount_minor, i.description, i.extra, i.api_key_id, i.at, i.idempotency_key,
-              i.fingerprint
-)
-, locked AS MATERIALIZED (
-    -- The account's row, locked after the reservation's (the one lock order of holds), by id
-    -- ascending across a batch; read under the lock: the owed uses to pay off.
-    SELECT w.*, a.refund_owed_uses AS owed,
-           LEAST(w.captured_uses, w.free_uses_held) AS free_used
-    FROM accounts a JOIN won w ON a.id = w.account_id
-    ORDER BY a.id
-    FOR UPDATE OF a
-), settled AS (
-    -- reservations.owed_after: the paid uses coming back pay off owed uses first.
-    SELECT l.*, l.captured_uses - l.free_used AS paid_used,
-           LEAST(l.owed, l.paid_uses_held - (l.captured_uses - l.free_used)) AS paid_off
-    FROM locked l
-), spent AS (
-    UPDATE accounts a SET
-        reserved_free_uses = a.reserved_free_uses - s.free_uses_held,
-        reserved_paid_uses = a.reserved_paid_uses - s.paid_uses_held,
-        free_uses_remaining = a.free_uses_remaining + s.free_uses_held - s.free_used,
-        paid_uses_remaining =
-            a.paid_uses_remaining + s.paid_uses_held - s.paid_used - s.paid_off,
-        -- No more stays owed than is still held: a captured hold's uses were spent.
-        refund_owed_uses = LEAST(s.owed - s.paid_off, a.reserved_paid_uses - s.paid_uses_held),
-        total_uses = a.total_uses + s.captured_uses,
-        updated_at = s.at
-    FROM settled s
-    WHERE a.id = s.account_id
-    RETURNING a.id AS account_id, a.oauth_provider, a.external_id, a.currency, a.plan_name,
-              a.free_uses_remaining, a.paid_uses_remaining, a.reserved_free_uses,
-              a.reserved_paid_uses, a.total_uses, s.reservation_id, s.uses AS held_uses_of,
-              s.captured_uses, s.free_used, s.paid_used, s.paid_off, s.charge_id, s.credit_id,
-              s.amount_minor, s.description, s.metadata AS held_metadata, s.extra, s.api_key_id,
-              s.at, s.idempotency_key, s.fingerprint
-), recorded AS (
-    INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
-                         currency, description, metadata, api_key_id, reservation_id,
-                         free_uses_after, paid_uses_after, total_uses_after, created_at)
-    SELECT charge_id, account_id, captured_uses, free_used, paid_used, amount_minor, currency,
-           description, (held_metadata::jsonb || extra::jsonb)::json, api_key_id,
-           reservation_id, free_uses_remaining, paid_uses_remaining, total_uses, at
-    FROM spent
-), repaid AS (
-    INSERT INTO credits (id, account_id, kind, free_uses_delta, paid_uses_delta,
-                         held_uses_delta, shortfall_uses, amount_minor, currency, description,
-                         created_at)
-    SELECT credit_id, account_id, 'owed_taken', 0, -paid_off, 0, 0, 0, currency,
-           paid_off || ' paid uses owed to a refund or a lost dispute, taken when held uses '
-           || 'came back (' || reservation_id || ')', at
-    FROM spent WHERE paid_off > 0
-), claimed AS (
-    {_claim("spent", "api_key_id", "idempotency_key", "fingerprint", "at")}
-)
-SELECT reservation_id, account_id, oauth_provider, external_id, currency, plan_name,
-       free_uses_remaining, paid_uses_remaining, reserved_free_uses, reserved_paid_uses,
-       total_uses, held_uses_of, captured_uses, free_used, paid_used, charge_id,
-       held_metadata::text AS held_metadata
-FROM spent
-"""  # noqa: S608 (our own constants, no input)
-
+from ciris_billing.ledger.capture_statements import CAPTURE_BATCH_SQL, CAPTURE_SQL
+from ciris_billing.ledger.statements import HOLD_BATCH_SQL, HOLD_SQL, hold_batch_sql, hold_sql
 
 # A keyed hold's or capture's answer, recorded with its key in the same transaction.
 RECORD_SQL = """
@@ -444,8 +157,12 @@ class _ReservationLanes(Lanes[A]):
 class HoldStore(_ReservationLanes[HoldAttempt]):
     """Makes holds through a few concurrent statements, batching those that wait."""
 
-    def __init__(self, statements: StatementPool, lanes: int) -> None:
-        super().__init__("hold", statements, lanes, HOLD_SQL, HOLD_BATCH_SQL)
+    def __init__(self, statements: StatementPool, lanes: int, *, monthly: bool = False) -> None:
+        # monthly (FREE_USES_RESET=monthly): the statements also require the month's free lot.
+        one, batch = (
+            (hold_sql(True), hold_batch_sql(True)) if monthly else (HOLD_SQL, HOLD_BATCH_SQL)
+        )
+        super().__init__("hold", statements, lanes, one, batch)
 
     async def hold(self, attempt: HoldAttempt) -> Any:
         """The account's row after the hold (counters, last_charge_free_uses: the free uses
@@ -545,3 +262,18 @@ async def _keyed(
         # Safe: the key's first use committed (the primary key waited for it); the framework's
         # path answers from it (a replay, or 409 for another request).
         return None
+
+
+__all__ = [
+    "CAPTURE_BATCH_SQL",
+    "CAPTURE_SQL",
+    "HOLD_BATCH_SQL",
+    "HOLD_SQL",
+    "RECORD_BATCH_SQL",
+    "RECORD_SQL",
+    "CaptureAttempt",
+    "CaptureStore",
+    "HoldAttempt",
+    "HoldStore",
+    "Keyed",
+]

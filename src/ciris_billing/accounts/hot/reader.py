@@ -12,21 +12,33 @@ from ciris_billing.accounts.hot.lanes import Lanes, Waiting
 from ciris_billing.accounts.hot.pool import StatementPool
 from ciris_billing.accounts.service import Identity
 
+
+def _wallet(row: str) -> str:
+    """The wallet's columns, read only when something in it expires (next_expiry_at set): then
+    what is usable at the check's time and the next expiry are computed from them in Python
+    (ledger/balance.py); otherwise the counters say it, and the columns are NULL (no bytes)."""
+    return ", ".join(
+        f"CASE WHEN {row}next_expiry_at IS NULL THEN NULL ELSE {row}{column} END AS {column}"
+        for column in ("lot_left", "lot_kinds", "lot_expires")
+    )
+
+
 # $1 provider, $2 external id.
-CHECK_SQL = """
+CHECK_SQL = f"""
 SELECT status, status_reason, plan_name, free_uses_remaining, paid_uses_remaining, total_uses,
-       reserved_free_uses, reserved_paid_uses
+       reserved_free_uses, reserved_paid_uses, next_expiry_at, free_period, {_wallet("")}
 FROM accounts WHERE oauth_provider = $1 AND external_id = $2
-"""
+"""  # noqa: S608 (our own constants)
 
 # The same for many identities: $1 and $2 are arrays, one element per check.
-BATCH_SQL = """
+BATCH_SQL = f"""
 SELECT i.oauth_provider, i.external_id, a.status, a.status_reason, a.plan_name,
        a.free_uses_remaining, a.paid_uses_remaining, a.total_uses,
-       a.reserved_free_uses, a.reserved_paid_uses
+       a.reserved_free_uses, a.reserved_paid_uses, a.next_expiry_at, a.free_period,
+       {_wallet("a.")}
 FROM unnest($1::text[], $2::text[]) AS i(oauth_provider, external_id)
 JOIN accounts a ON a.oauth_provider = i.oauth_provider AND a.external_id = i.external_id
-"""
+"""  # noqa: S608 (our own constants)
 
 
 class AccountReader(Lanes[Identity]):

@@ -1,0 +1,244 @@
+"""The hot statements of the money core: a charge and a hold (each alone and batched), rendered
+from the one consumption rule (rules.py).
+
+Each is ONE statement: the conditional UPDATE of the account row takes the uses from its
+wallet (`rules.walk_assignment`, guarded by `rules.can_take` in the same WHERE: the walk runs
+on the locked row, re-checked by PostgreSQL when a concurrent statement changed it, so it never
+takes a use twice and no lot goes below 0) and feeds, through CTEs, the INSERT of the movement
+row that names its lots (`rules.touched_lots`), the balance events (accounts/hot/crossings.py)
+and, for holds, the idempotency key's claim. tests/ledger/test_rules.py renders every one of
+them and checks that each contains the rule's clauses.
+
+With FREE_USES_RESET=monthly a statement also requires the account's free period to be the
+month of its time (`rules.free_period_current`, a column compare): an account whose month's
+free lot is not there yet gets no row, and the slow path adds it (ledger/free_periods.py) and
+sends the statement again. The `monthly=False` texts are the default (the guide: free uses
+once).
+
+Captures are in capture_statements.py; the cold movements (holds given back on release and
+expiry, the framework's hold and capture) in holds.py.
+"""
+
+from __future__ import annotations
+
+from ciris_billing.accounts.hot.crossings import alerted, crossing_columns, next_sequence
+from ciris_billing.events.outbox import THRESHOLD_SQL
+from ciris_billing.ledger.rules import (
+    can_take,
+    free_period_current,
+    touched_lots,
+    walk_assignment,
+)
+
+
+def _period(row: str, at: str, monthly: bool) -> str:
+    """The WHERE condition of the free period ('' when free uses do not renew)."""
+    return f"AND {free_period_current(row, at)}" if monthly else ""
+
+
+def key_unused(key: str, api_key_id: str) -> str:
+    """SQL: the idempotency key is NULL (none sent), or neither a request's answer nor a charge
+    has taken it under this API key (or under the legacy scope '')."""
+    return f"""({key} IS NULL OR (
+          NOT EXISTS (SELECT 1 FROM idempotency_keys k
+                      WHERE k.api_key_id IN ({api_key_id}, '') AND k.key = {key})
+          AND NOT EXISTS (SELECT 1 FROM charges c
+                          WHERE c.api_key_id IN ({api_key_id}, '')
+                            AND c.idempotency_key = {key})))"""  # noqa: S608 (our own constants)
+
+
+def claim(source: str, api_key_id: str, key: str, fingerprint: str, at: str) -> str:
+    """SQL (a CTE's body): the key taken for each row of `source` that has one, its answer left
+    to RECORD_SQL / RECORD_BATCH_SQL before the commit; a twin taking it too (in the batch or
+    racing it) fails on the key's primary key (DuplicateKey)."""
+    return f"""INSERT INTO idempotency_keys (api_key_id, key, fingerprint, response_status,
+                                  response_body, created_at)
+    SELECT {api_key_id}, {key}, {fingerprint}, 0, '', {at} FROM {source}
+    WHERE {key} IS NOT NULL"""  # noqa: S608 (our own constants)
+
+
+# A charge. $1 provider, $2 external id, $3 uses, $4 idempotency key, $5 charge id, $6 amount,
+# $7 currency, $8 description, $9 metadata (JSON text), $10 request fingerprint, $11 the
+# charge's time, $12 the API key's id (the idempotency key's scope; '' = LEGACY_SCOPE, keys
+# from before scoping, which are everyone's to refuse).
+def charge_sql(monthly: bool = False) -> str:
+    uses, at = "$3::bigint", "$11::timestamptz"
+    return f"""
+WITH spent AS (
+    UPDATE accounts SET
+        {walk_assignment("", uses, at)},
+        total_uses = total_uses + {uses},
+        {next_sequence("", uses)},
+        updated_at = {at}
+    WHERE oauth_provider = $1 AND external_id = $2 AND status = 'active' AND currency = $7
+      AND {can_take("", uses, at)}
+      {_period("", at, monthly)}
+      AND ($4::text IS NULL OR NOT EXISTS (
+          SELECT 1 FROM idempotency_keys WHERE api_key_id IN ($12::text, '') AND key = $4))
+    RETURNING id, free_uses_remaining, paid_uses_remaining, total_uses,
+              last_charge_free_uses, plan_name, {crossing_columns("")}, {touched_lots("")},
+              {uses} AS uses, {at} AS created_at
+), recorded AS (
+    INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
+                         currency, description, metadata, api_key_id, idempotency_key,
+                         request_fingerprint, free_uses_after, paid_uses_after,
+                         total_uses_after, lot_ids, lot_uses, created_at)
+    SELECT $5, id, {uses}, last_charge_free_uses, {uses} - last_charge_free_uses, $6, $7, $8,
+           $9::json, $12, $4, $10, free_uses_remaining, paid_uses_remaining, total_uses,
+           lot_ids, lot_uses, {at}
+    FROM spent
+), {alerted("spent", "id")}
+SELECT id, free_uses_remaining, paid_uses_remaining, total_uses, last_charge_free_uses,
+       plan_name, lot_ids, lot_uses
+FROM spent
+"""  # noqa: S608 (our own constants, no input)
+
+
+# The same for many charges: each parameter is an array with one element per charge, in the
+# same order ($9 metadata as JSON text, $11 each charge's own time, $12 its API key's id).
+def charge_batch_sql(monthly: bool = False) -> str:
+    return f"""
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                         $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[],
+                         $11::timestamptz[], $12::text[])
+        AS i(oauth_provider, external_id, uses, idempotency_key, charge_id, amount_minor,
+             currency, description, metadata, request_fingerprint, created_at, api_key_id)
+), locked AS MATERIALIZED (
+    -- One global lock order: the batch's account rows are locked by id, ascending, before any
+    -- is updated (LockRows runs above the Sort, so rows are locked in the order they are sorted),
+    -- so two overlapping batches wait for each other instead of deadlocking. The UPDATE below
+    -- touches only these rows, already locked by this statement.
+    SELECT a.id AS account_id, i.*
+    FROM accounts a
+    JOIN input i ON a.oauth_provider = i.oauth_provider AND a.external_id = i.external_id
+    ORDER BY a.id
+    FOR UPDATE OF a
+), spent AS (
+    UPDATE accounts a SET
+        {walk_assignment("a.", "i.uses", "i.created_at")},
+        total_uses = a.total_uses + i.uses,
+        {next_sequence("a.", "i.uses")},
+        updated_at = i.created_at
+    FROM locked i
+    WHERE a.id = i.account_id
+      AND a.status = 'active' AND a.currency = i.currency
+      AND {can_take("a.", "i.uses", "i.created_at")}
+      {_period("a.", "i.created_at", monthly)}
+      AND (i.idempotency_key IS NULL
+           OR NOT EXISTS (SELECT 1 FROM idempotency_keys k
+                          WHERE k.api_key_id IN (i.api_key_id, '') AND k.key = i.idempotency_key))
+    RETURNING a.id, a.free_uses_remaining, a.paid_uses_remaining, a.total_uses,
+              a.last_charge_free_uses, a.plan_name, i.oauth_provider, i.external_id, i.uses,
+              a.event_sequence, {THRESHOLD_SQL} AS low_threshold, i.idempotency_key,
+              i.charge_id, i.amount_minor, i.currency, i.description, i.metadata,
+              i.request_fingerprint, i.created_at, i.api_key_id, {touched_lots("a.")}
+), recorded AS (
+    INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
+                         currency, description, metadata, api_key_id, idempotency_key,
+                         request_fingerprint, free_uses_after, paid_uses_after,
+                         total_uses_after, lot_ids, lot_uses, created_at)
+    SELECT charge_id, id, uses, last_charge_free_uses, uses - last_charge_free_uses,
+           amount_minor, currency, description, metadata::json, api_key_id, idempotency_key,
+           request_fingerprint, free_uses_remaining, paid_uses_remaining, total_uses, lot_ids,
+           lot_uses, created_at
+    FROM spent
+), {alerted("spent", "id")}
+SELECT charge_id, id, free_uses_remaining, paid_uses_remaining, total_uses,
+       last_charge_free_uses, plan_name, lot_ids, lot_uses
+FROM spent
+"""  # noqa: S608 (our own constants, no input)
+
+
+# A hold. $1 provider, $2 external id, $3 uses, $4 reservation id, $5 API key id, $6 metadata
+# (JSON text), $7 now, $8 expires_at, $9 idempotency key (or NULL), $10 the request's
+# fingerprint. The walk keeps how many of the held uses were free in last_charge_free_uses
+# (as it keeps a charge's split) and the lots in last_lot_uses, for the reservation row.
+def hold_sql(monthly: bool = False) -> str:
+    uses, at = "$3::bigint", "$7::timestamptz"
+    return f"""
+WITH held AS (
+    UPDATE accounts a SET
+        {walk_assignment("a.", uses, at, hold=True)},
+        -- A hold takes available uses: balance events as a charge's (crossings.py).
+        {next_sequence("a.", uses)},
+        updated_at = {at}
+    WHERE a.oauth_provider = $1::text AND a.external_id = $2::text AND a.status = 'active'
+      AND {can_take("a.", uses, at)}
+      {_period("a.", at, monthly)}
+      AND {key_unused("$9::text", "$5::text")}
+    RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
+              a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
+              a.last_charge_free_uses, {crossing_columns("a.")}, {touched_lots("a.")},
+              {uses} AS uses, {at} AS created_at
+), claimed AS (
+    {claim("held", "$5::text", "$9::text", "$10::text", at)}
+), made AS (
+    INSERT INTO reservations (id, account_id, api_key_id, status, uses, free_uses_held,
+                              paid_uses_held, expires_at, metadata, idempotency_key,
+                              lot_ids, lot_kinds, lot_uses, created_at, updated_at)
+    SELECT $4::text, account_id, $5::text, 'held', {uses}, last_charge_free_uses,
+           {uses} - last_charge_free_uses, $8::timestamptz, $6::json, $9::text,
+           lot_ids, lot_kinds, lot_uses, {at}, {at}
+    FROM held
+), {alerted("held", "account_id")}
+SELECT $4::text AS reservation_id, account_id, free_uses_remaining, paid_uses_remaining,
+       reserved_free_uses, reserved_paid_uses, total_uses, last_charge_free_uses
+FROM held
+"""  # noqa: S608 (our own constants, no input)
+
+
+# The same for many holds: each parameter an array, one element per hold, in the same order.
+def hold_batch_sql(monthly: bool = False) -> str:
+    return f"""
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                         $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[],
+                         $10::text[])
+        AS i(oauth_provider, external_id, uses, reservation_id, api_key_id, metadata, at,
+             expires_at, idempotency_key, fingerprint)
+), locked AS MATERIALIZED (
+    -- The charges' lock order: the batch's accounts locked by id, ascending, before any is
+    -- updated (LockRows runs above the Sort), so overlapping batches wait instead of
+    -- deadlocking. The UPDATE below touches only these rows.
+    SELECT a.id AS locked_id, i.*
+    FROM accounts a
+    JOIN input i ON a.oauth_provider = i.oauth_provider AND a.external_id = i.external_id
+    ORDER BY a.id
+    FOR UPDATE OF a
+), held AS (
+    UPDATE accounts a SET
+        {walk_assignment("a.", "i.uses", "i.at", hold=True)},
+        {next_sequence("a.", "i.uses")},
+        updated_at = i.at
+    FROM locked i
+    WHERE a.id = i.locked_id AND a.status = 'active'
+      AND {can_take("a.", "i.uses", "i.at")}
+      {_period("a.", "i.at", monthly)}
+      AND {key_unused("i.idempotency_key", "i.api_key_id")}
+    RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
+              a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
+              a.last_charge_free_uses, i.reservation_id, i.uses, i.api_key_id, i.metadata, i.at,
+              i.expires_at, i.idempotency_key, i.fingerprint, {crossing_columns("a.")},
+              {touched_lots("a.")}, i.at AS created_at
+), claimed AS (
+    {claim("held", "api_key_id", "idempotency_key", "fingerprint", "at")}
+), made AS (
+    INSERT INTO reservations (id, account_id, api_key_id, status, uses, free_uses_held,
+                              paid_uses_held, expires_at, metadata, idempotency_key,
+                              lot_ids, lot_kinds, lot_uses, created_at, updated_at)
+    SELECT reservation_id, account_id, api_key_id, 'held', uses, last_charge_free_uses,
+           uses - last_charge_free_uses, expires_at, metadata::json, idempotency_key,
+           lot_ids, lot_kinds, lot_uses, at, at
+    FROM held
+), {alerted("held", "account_id")}
+SELECT reservation_id, account_id, free_uses_remaining, paid_uses_remaining,
+       reserved_free_uses, reserved_paid_uses, total_uses, last_charge_free_uses
+FROM held
+"""  # noqa: S608 (our own constants, no input)
+
+
+CHARGE_SQL = charge_sql()
+CHARGE_BATCH_SQL = charge_batch_sql()
+HOLD_SQL = hold_sql()
+HOLD_BATCH_SQL = hold_batch_sql()
