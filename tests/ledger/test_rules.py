@@ -1,0 +1,125 @@
+"""One consumption rule (issue 23): the database's walk is ledger/functions.py's, every hot
+statement is rendered from rules.py's clauses, and a charge made alone and the same charge made
+in a batch leave the same wallet."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from ciris_billing.accounts.hot.pool import StatementPool
+from ciris_billing.ledger import capture_statements, statements
+from ciris_billing.ledger.functions import FUNCTIONS
+from ciris_billing.ledger.holds import consume
+from ciris_billing.ledger.rules import can_take, free_period_current, walk_assignment
+from tests.ledger.support import account_row, account_with, books_problems, charge, random_mix
+from tests.support.api import Api
+
+NOW = datetime(2026, 12, 7, 12, tzinfo=UTC)
+
+
+@pytest.fixture
+async def pool(api: Api) -> AsyncIterator[StatementPool]:
+    statement_pool = await StatementPool.open(api.engine, 2)
+    try:
+        yield statement_pool
+    finally:
+        await statement_pool.close()
+
+
+async def test_the_database_walks_with_the_functions_the_code_defines(api: Api) -> None:
+    async with api.engine.connect() as conn:
+        held = {
+            row.proname: row.prosrc
+            for row in await conn.execute(
+                text("SELECT proname, prosrc FROM pg_proc WHERE proname LIKE 'ledger\\_%'")
+            )
+        }
+    assert held == {name: body for name, _arguments, _returns, body in FUNCTIONS}
+
+
+# (statement, the row alias, its uses, its time) for every statement that takes from lots.
+HOT = {
+    "charge": (statements.charge_sql, "", "$3::bigint", "$11::timestamptz"),
+    "charge batch": (statements.charge_batch_sql, "a.", "i.uses", "i.created_at"),
+    "hold": (statements.hold_sql, "a.", "$3::bigint", "$7::timestamptz"),
+    "hold batch": (statements.hold_batch_sql, "a.", "i.uses", "i.at"),
+}
+
+
+@pytest.mark.parametrize("name", HOT)
+@pytest.mark.parametrize("monthly", [False, True])
+def test_every_hot_statement_is_rendered_from_the_rule(name: str, monthly: bool) -> None:
+    render, row, uses, at = HOT[name]
+    sql = render(monthly)
+    assert can_take(row, uses, at) in sql
+    assert walk_assignment(row, uses, at, hold=name.startswith("hold")) in sql
+    assert "ledger_touched(" in sql  # the movement row names its lots (rules.touched_lots)
+    assert (free_period_current(row, at) in sql) is monthly
+    # One statement: the walk appears once, no other take of uses.
+    assert sql.count("ledger_walk(") == 1
+    assert "LEAST(" not in sql.split("alerted AS")[0]  # the old free-first arithmetic is gone
+
+
+def test_captures_spend_the_holds_lots_without_expiry_and_give_back_the_rest() -> None:
+    for sql in (capture_statements.CAPTURE_SQL, capture_statements.CAPTURE_BATCH_SQL):
+        assert "ledger_walk(l.lot_uses, l.lot_kinds, NULL::timestamptz[]" in sql
+        assert "ledger_give_back(a.lot_ids, a.lot_left, s.lot_ids, s.given)" in sql
+
+
+async def test_the_capture_walk_in_python_is_the_databases(api: Api) -> None:
+    rng = random.Random(23)
+    async with api.engine.connect() as conn:
+        for _ in range(100):
+            held = [rng.randint(0, 5) for _ in range(rng.randint(1, 6))]
+            uses = rng.randint(0, sum(held))
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT taken, new_left FROM ledger_walk(CAST(:held AS bigint[]), "
+                        "CAST(:kinds AS smallint[]), NULL, :uses, now())"
+                    ),
+                    {"held": held, "kinds": [2] * len(held), "uses": uses},
+                )
+            ).one()
+            assert consume(held, uses) == (list(row.taken), list(row.new_left))
+
+
+async def test_a_charge_alone_and_in_a_batch_leave_the_same_wallet(
+    api: Api, pool: StatementPool
+) -> None:
+    rng = random.Random(7)
+    for case in range(30):
+        mix = random_mix(rng, NOW)
+        alone = await account_with(api.engine, f"alone-{case}", mix, NOW - timedelta(hours=1))
+        batched = await account_with(api.engine, f"batched-{case}", mix, NOW - timedelta(hours=1))
+        other = await account_with(api.engine, f"other-{case}", mix, NOW - timedelta(hours=1))
+        for step in range(4):
+            uses = rng.randint(1, 4)
+            at = NOW + timedelta(minutes=step)
+            one = await pool.fetch_one(
+                statements.CHARGE_SQL, charge(f"alone-{case}", uses, at).parameters()
+            )
+            members = [charge(f"batched-{case}", uses, at), charge(f"other-{case}", 1, at)]
+            columns = [list(c) for c in zip(*(m.parameters() for m in members), strict=True)]
+            rows = await pool.fetch_all(statements.CHARGE_BATCH_SQL, columns)
+            made = {row["charge_id"]: row for row in rows}
+            twin = made.get(members[0].charge_id)
+            assert (one is None) == (twin is None), (case, step)
+            if one is not None and twin is not None:
+                assert list(one["lot_uses"]) == list(twin["lot_uses"])
+                assert one["last_charge_free_uses"] == twin["last_charge_free_uses"]
+        first = await account_row(api.engine, alone)
+        second = await account_row(api.engine, batched)
+        assert list(first.lot_left) == list(second.lot_left)
+        assert list(first.lot_kinds) == list(second.lot_kinds)
+        assert (first.free_uses_remaining, first.paid_uses_remaining) == (
+            second.free_uses_remaining,
+            second.paid_uses_remaining,
+        )
+        assert other
+    assert await books_problems(api.engine) == []
