@@ -52,10 +52,12 @@ async def test_a_lot_is_unusable_one_millisecond_after_it_expires(api: Api) -> N
     assert status.next_expiry is None
     # A millisecond before, the same lot gives.
     before = credit_status(row, state.pricing, BEFORE)
-    assert before.has_credit and before.credits_remaining == 2
+    assert before.has_credit
+    assert before.credits_remaining == 2
     assert before.next_expiry == {"uses": 2, "expires_at": "2026-12-07T12:00:00+00:00"}
     made = await state.charge_store.charge(charge("expiring", 1, BEFORE))
-    assert made is not None and list(made["lot_uses"]) == [1]
+    assert made is not None
+    assert list(made["lot_uses"]) == [1]
     assert await books_problems(api.engine) == []
 
 
