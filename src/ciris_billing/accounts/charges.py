@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
@@ -85,10 +86,15 @@ class _Next(Enum):
 
 
 async def charge(
-    request: ChargeRequest, *, store: ChargeStore, engine: AsyncEngine, pricing: Pricing
+    request: ChargeRequest,
+    *,
+    store: ChargeStore,
+    engine: AsyncEngine,
+    pricing: Pricing,
+    at: datetime | None = None,
 ) -> Charge:
     """Spend `request.uses` and record the charge (or replay the one made under its key), or
-    raise 402 / 403 / 409."""
+    raise 402 / 403 / 409. `at`: the charge's time (default: now)."""
     metadata_json = json.dumps(request.metadata, separators=(",", ":"))
     for _attempt in range(3):
         attempt = ChargeAttempt(
@@ -102,24 +108,24 @@ async def charge(
             idempotency_key=request.idempotency_key,
             fingerprint=request.fingerprint,
             charge_id=new_id("ch"),
-            at=utcnow(),
+            at=at or utcnow(),
             api_key_id=request.api_key_id,
         )
         spent = await store.charge(attempt)
         if spent is not None:
             return _charge(attempt, request, spent)
-        outcome = await _after_refusal(engine, request, pricing)
+        outcome = await _after_refusal(engine, request, pricing, attempt.at)
         if isinstance(outcome, Charge):
             return outcome
         if isinstance(outcome, ChargeRequest):
             request = outcome  # the same charge, in the account's currency
     # Three rounds of "the account appeared / changed under us": answer from what it holds now.
     account, _ = await open_account(engine, request.identity, pricing)
-    raise _refusal(account, request, pricing)
+    raise _refusal(account, request, pricing, at or utcnow())
 
 
 async def _after_refusal(
-    engine: AsyncEngine, request: ChargeRequest, pricing: Pricing
+    engine: AsyncEngine, request: ChargeRequest, pricing: Pricing, now: datetime
 ) -> Charge | ChargeRequest | _Next:
     """Why the charge was not made: a retried key (replay; 409 if another request), another
     currency than the account's (422; or, when the request named none, try again in the
@@ -138,7 +144,6 @@ async def _after_refusal(
             # No use of the key yet: a charge with it committing meanwhile is not a conflict,
             # the next attempt's statement fails on the unique key and finds it here.
         account, created = await ensure_account(conn, request.identity, pricing)
-        now = utcnow()
         # Monthly free uses: the month's first charge adds its free lot (once: free_periods),
         # then is sent again.
         renewed = free_periods.is_due(account.free_period, now, pricing) and (
@@ -148,14 +153,14 @@ async def _after_refusal(
         if not request.currency_named:
             # An account's currency never changes, so the retry cannot loop on this.
             return replace(request, currency=account.currency)
-        raise _refusal(account, request, pricing)
+        raise _refusal(account, request, pricing, now)
     enough = usable(account, now).total >= request.uses
     if created or renewed or (account.status == "active" and enough):
         return _Next.TRY_AGAIN
-    raise _refusal(account, request, pricing)
+    raise _refusal(account, request, pricing, now)
 
 
-def _refusal(account: Any, request: ChargeRequest, pricing: Pricing) -> Exception:
+def _refusal(account: Any, request: ChargeRequest, pricing: Pricing, now: datetime) -> Exception:
     if account.currency != request.currency:
         return CurrencyMismatch(
             f"This charge is in {request.currency} but the account is in {account.currency}: "
@@ -166,7 +171,7 @@ def _refusal(account: Any, request: ChargeRequest, pricing: Pricing) -> Exceptio
     if account.status != "active":
         return AccountSuspended("This account is suspended; charges are refused")
     # What it can give now: a lot expired and not yet swept by the job is not counted.
-    return purchase_required(with_usable(account, utcnow()), request.uses, pricing)
+    return purchase_required(with_usable(account, now), request.uses, pricing)
 
 
 async def _replay(conn: AsyncConnection, charge_id: str) -> Charge:

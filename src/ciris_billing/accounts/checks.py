@@ -77,11 +77,15 @@ def credit_status(
 
 
 async def check_credit(
-    reader: AccountReader, engine: AsyncEngine, identity: Identity, pricing: Pricing
+    reader: AccountReader,
+    engine: AsyncEngine,
+    identity: Identity,
+    pricing: Pricing,
+    at: datetime | None = None,
 ) -> CreditStatus:
     """May this identity go on? One read; an unknown identity's account is opened first (and,
     with monthly free uses, a month's first check adds its free lot: one unit of work, once)."""
-    at = utcnow()
+    at = at or utcnow()
     account: Mapping[Any, Any] | None = await reader.read(identity)
     if account is None or free_periods.is_due(account["free_period"], at, pricing):
         row = await _opened(engine, identity, pricing, at)

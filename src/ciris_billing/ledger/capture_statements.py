@@ -16,7 +16,7 @@ Lock order: the reservation's row, then the account's (as every other transition
 
 from __future__ import annotations
 
-from ciris_billing.ledger.statements import claim, key_unused
+from ciris_billing.ledger.statements import claim, key_unused, usable_columns
 
 
 def _per_slot(expression: str, first: str, second: str) -> str:
@@ -82,7 +82,8 @@ def _settled_and_spent(claimed: str, extra: str) -> str:
               array_remove(s.took, 0::bigint) AS lot_uses,
               ledger_touched(s.lot_ids, s.owed_took) AS owed_lot_ids,
               ARRAY(SELECT -t.x FROM unnest(array_remove(s.owed_took, 0::bigint))
-                    WITH ORDINALITY AS t(x, n) ORDER BY t.n) AS owed_lot_uses{extra}
+                    WITH ORDINALITY AS t(x, n) ORDER BY t.n) AS owed_lot_uses,
+              {usable_columns("a.", "s.at")}{extra}
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, reservation_id,
@@ -90,8 +91,7 @@ def _settled_and_spent(claimed: str, extra: str) -> str:
                          created_at)
     SELECT charge_id, account_id, captured_uses, free_used, paid_used, amount_minor, currency,
            description, (held_metadata::jsonb || extra::jsonb)::json, api_key_id,
-           reservation_id, free_uses_remaining, paid_uses_remaining, total_uses, lot_ids,
-           lot_uses, at
+           reservation_id, usable_free, usable_other, total_uses, lot_ids, lot_uses, at
     FROM spent
 ), repaid AS (
     INSERT INTO credits (id, account_id, kind, free_uses_delta, paid_uses_delta,
@@ -105,7 +105,8 @@ def _settled_and_spent(claimed: str, extra: str) -> str:
     {claimed}
 )
 SELECT reservation_id, account_id, oauth_provider, external_id, currency, plan_name,
-       free_uses_remaining, paid_uses_remaining, reserved_free_uses, reserved_paid_uses,
+       usable_free AS free_uses_remaining, usable_other AS paid_uses_remaining,
+       reserved_free_uses, reserved_paid_uses,
        total_uses, held_uses_of, captured_uses, free_used, paid_used, charge_id,
        held_metadata::text AS held_metadata, lot_ids, lot_uses
 FROM spent

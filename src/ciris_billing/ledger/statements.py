@@ -36,6 +36,22 @@ def _period(row: str, at: str, monthly: bool) -> str:
     return f"AND {free_period_current(row, at)}" if monthly else ""
 
 
+def usable_columns(row: str, at: str) -> str:
+    """SQL (two RETURNING items): the free and other uses the account can give after the
+    statement, at its time: its counters, or past next_expiry_at what its unexpired lots hold
+    (the counters still include lots expired and not yet swept by the expiry job). What the
+    answer and the movement row's *_after report; balance events keep comparing counters."""
+
+    def kind(test: str) -> str:
+        return f"""CASE WHEN {row}next_expiry_at IS NULL OR {row}next_expiry_at > {at}
+                THEN {row}{"free" if test == "= 0" else "paid"}_uses_remaining
+                ELSE (SELECT coalesce(sum(t.l), 0)::bigint
+                      FROM unnest({row}lot_left, {row}lot_kinds, {row}lot_expires) AS t(l, k, e)
+                      WHERE t.k {test} AND (t.e IS NULL OR t.e > {at})) END"""  # noqa: S608
+
+    return f"{kind('= 0')} AS usable_free, {kind('<> 0')} AS usable_other"
+
+
 def key_unused(key: str, api_key_id: str) -> str:
     """SQL: the idempotency key is NULL (none sent), or neither a request's answer nor a charge
     has taken it under this API key (or under the legacy scope '')."""
@@ -77,19 +93,19 @@ WITH spent AS (
           SELECT 1 FROM idempotency_keys WHERE api_key_id IN ($12::text, '') AND key = $4))
     RETURNING id, free_uses_remaining, paid_uses_remaining, total_uses,
               last_charge_free_uses, plan_name, {crossing_columns("")}, {touched_lots("")},
-              {uses} AS uses, {at} AS created_at
+              {usable_columns("", at)}, {uses} AS uses, {at} AS created_at
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, idempotency_key,
                          request_fingerprint, free_uses_after, paid_uses_after,
                          total_uses_after, lot_ids, lot_uses, created_at)
     SELECT $5, id, {uses}, last_charge_free_uses, {uses} - last_charge_free_uses, $6, $7, $8,
-           $9::json, $12, $4, $10, free_uses_remaining, paid_uses_remaining, total_uses,
-           lot_ids, lot_uses, {at}
+           $9::json, $12, $4, $10, usable_free, usable_other, total_uses, lot_ids, lot_uses,
+           {at}
     FROM spent
 ), {alerted("spent", "id")}
-SELECT id, free_uses_remaining, paid_uses_remaining, total_uses, last_charge_free_uses,
-       plan_name, lot_ids, lot_uses
+SELECT id, usable_free AS free_uses_remaining, usable_other AS paid_uses_remaining, total_uses,
+       last_charge_free_uses, plan_name, lot_ids, lot_uses
 FROM spent
 """  # noqa: S608 (our own constants, no input)
 
@@ -132,7 +148,8 @@ WITH input AS (
               a.last_charge_free_uses, a.plan_name, i.oauth_provider, i.external_id, i.uses,
               a.event_sequence, {THRESHOLD_SQL} AS low_threshold, i.idempotency_key,
               i.charge_id, i.amount_minor, i.currency, i.description, i.metadata,
-              i.request_fingerprint, i.created_at, i.api_key_id, {touched_lots("a.")}
+              i.request_fingerprint, i.created_at, i.api_key_id, {touched_lots("a.")},
+              {usable_columns("a.", "i.created_at")}
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, idempotency_key,
@@ -140,12 +157,12 @@ WITH input AS (
                          total_uses_after, lot_ids, lot_uses, created_at)
     SELECT charge_id, id, uses, last_charge_free_uses, uses - last_charge_free_uses,
            amount_minor, currency, description, metadata::json, api_key_id, idempotency_key,
-           request_fingerprint, free_uses_remaining, paid_uses_remaining, total_uses, lot_ids,
-           lot_uses, created_at
+           request_fingerprint, usable_free, usable_other, total_uses, lot_ids, lot_uses,
+           created_at
     FROM spent
 ), {alerted("spent", "id")}
-SELECT charge_id, id, free_uses_remaining, paid_uses_remaining, total_uses,
-       last_charge_free_uses, plan_name, lot_ids, lot_uses
+SELECT charge_id, id, usable_free AS free_uses_remaining, usable_other AS paid_uses_remaining,
+       total_uses, last_charge_free_uses, plan_name, lot_ids, lot_uses
 FROM spent
 """  # noqa: S608 (our own constants, no input)
 
@@ -170,7 +187,7 @@ WITH held AS (
     RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
               a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
               a.last_charge_free_uses, {crossing_columns("a.")}, {touched_lots("a.")},
-              {uses} AS uses, {at} AS created_at
+              {usable_columns("a.", at)}, {uses} AS uses, {at} AS created_at
 ), claimed AS (
     {claim("held", "$5::text", "$9::text", "$10::text", at)}
 ), made AS (
@@ -182,8 +199,9 @@ WITH held AS (
            lot_ids, lot_kinds, lot_uses, {at}, {at}
     FROM held
 ), {alerted("held", "account_id")}
-SELECT $4::text AS reservation_id, account_id, free_uses_remaining, paid_uses_remaining,
-       reserved_free_uses, reserved_paid_uses, total_uses, last_charge_free_uses
+SELECT $4::text AS reservation_id, account_id, usable_free AS free_uses_remaining,
+       usable_other AS paid_uses_remaining, reserved_free_uses, reserved_paid_uses, total_uses,
+       last_charge_free_uses
 FROM held
 """  # noqa: S608 (our own constants, no input)
 
@@ -220,7 +238,7 @@ WITH input AS (
               a.reserved_free_uses, a.reserved_paid_uses, a.total_uses,
               a.last_charge_free_uses, i.reservation_id, i.uses, i.api_key_id, i.metadata, i.at,
               i.expires_at, i.idempotency_key, i.fingerprint, {crossing_columns("a.")},
-              {touched_lots("a.")}, i.at AS created_at
+              {touched_lots("a.")}, {usable_columns("a.", "i.at")}, i.at AS created_at
 ), claimed AS (
     {claim("held", "api_key_id", "idempotency_key", "fingerprint", "at")}
 ), made AS (
@@ -232,8 +250,9 @@ WITH input AS (
            lot_ids, lot_kinds, lot_uses, at, at
     FROM held
 ), {alerted("held", "account_id")}
-SELECT reservation_id, account_id, free_uses_remaining, paid_uses_remaining,
-       reserved_free_uses, reserved_paid_uses, total_uses, last_charge_free_uses
+SELECT reservation_id, account_id, usable_free AS free_uses_remaining,
+       usable_other AS paid_uses_remaining, reserved_free_uses, reserved_paid_uses, total_uses,
+       last_charge_free_uses
 FROM held
 """  # noqa: S608 (our own constants, no input)
 
