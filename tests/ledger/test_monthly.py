@@ -89,7 +89,7 @@ async def test_a_new_month_brings_a_new_free_lot_and_ends_the_old_one(monthly: A
     assert status.next_expiry == {"uses": 3, "expires_at": iso(free_periods.next_period(later))}
     assert [lot[0] for lot in await free_lots(api)] == ["free_grant", "free_period"]
     async with api.engine.begin() as conn:
-        account_id = await conn.scalar(select(accounts.c.id))
+        account_id = str(await conn.scalar(select(accounts.c.id)))
         assert not await free_periods.renew(conn, account_id, "USD", later, state.pricing)
     # A charge of the new month takes the new lot; 4 uses are more than it has (the old lot's
     # 2 are unusable since the month began).
@@ -97,7 +97,9 @@ async def test_a_new_month_brings_a_new_free_lot_and_ends_the_old_one(monthly: A
         request(), store=state.charge_store, engine=api.engine, pricing=state.pricing, at=later
     )
     assert made.free_uses_remaining == 2
-    [lot] = made.lots
+    async with api.engine.connect() as conn:
+        renewed = await conn.scalar(select(lots.c.id).where(lots.c.source == "free_period"))
+    assert made.lots == [{"lot_id": renewed, "uses": 1}]
     with pytest.raises(PurchaseRequired):
         await charges.charge(
             request(3),
