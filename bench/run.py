@@ -75,44 +75,86 @@ def ensure_wrk() -> None:
 # ---------------------------------------------------------------------------------- database
 
 
-def seed_sql(accounts: int, history: bool) -> str:
-    """Accounts bench-0 (the hot one) .. bench-N, each with its ledger rows so audit is clean.
+PROMO_USES = 1_000  # --lots: each account's expiring promotional lot, consumed first
 
-    With `history`, account n also has n % 7 past charges of one use (free uses first): about
-    3 charges per account, so 1M accounts carry ~3M charges + 2M credits = ~5M ledger rows.
+
+def seed_sql(accounts: int, history: bool, lots: bool = False) -> str:
+    """Accounts bench-0 (the hot one) .. bench-N, each with its lots, its wallet (ledger/rules.py)
+    and its ledger rows, so audit is clean: a free lot (FREE_USES) and a paid lot (PAID_USES).
+    With `lots`, also a promotional lot of PROMO_USES that expires in 30 days, at priority 50:
+    first in the consumption order, and the account's next_expiry_at is set.
+
+    With `history`, account n also has n % 7 past charges of one use (by the rule: the free lot
+    first, then the paid one; with `lots` the promotional lot): about 3 charges per account, so
+    1M accounts carry ~3M charges + 2M credits = ~5M ledger rows.
     """
     k = "(n % 7)" if history else "0"
+    # What the history took from each lot.
+    promo_spent = k if lots else "0"
+    free_spent = "0" if lots else f"least({k}, {FREE_USES})"
+    paid_spent = "0" if lots else f"greatest({k} - {FREE_USES}, 0)"
+    expiry = "date_trunc('second', now()) + interval '30 days'"
+    promo_ids = "ARRAY['lot_bench_x_' || n]" if lots else "ARRAY[]::text[]"
+    promo_left = f"ARRAY[{PROMO_USES} - {promo_spent}]::bigint[]" if lots else "ARRAY[]::bigint[]"
+    promo_kinds = "ARRAY[1]::smallint[]" if lots else "ARRAY[]::smallint[]"
+    promo_expires = f"ARRAY[{expiry}]" if lots else "ARRAY[]::timestamptz[]"
+    promo_credit = f"('grant', 0, {PROMO_USES})," if lots else ""
+    promo_lot = (
+        f"""('x', 'promotional', 'grant', 50, {expiry}, {PROMO_USES}, 0, NULL, 'grant'),"""
+        if lots
+        else ""
+    )
+    charged_lot = "'x'" if lots else f"CASE WHEN i <= {FREE_USES} THEN 'f' ELSE 'p' END"
+    charged_free = "0" if lots else f"(i <= {FREE_USES})::int"
     return f"""
     INSERT INTO accounts (id, oauth_provider, external_id, plan_name, currency, status,
         free_uses_remaining, paid_uses_remaining, total_uses, last_charge_free_uses,
-        created_at, updated_at)
+        lot_ids, lot_left, lot_kinds, lot_expires, next_expiry_at, created_at, updated_at)
     SELECT 'acct_bench_' || n, 'oauth:google', 'bench-' || n || '@example.com', 'free', 'USD',
-        'active', {FREE_USES} - least({k}, {FREE_USES}),
-        {PAID_USES} - greatest({k} - {FREE_USES}, 0), {k}, 0, now(), now()
+        'active', {FREE_USES} - {free_spent},
+        {PAID_USES} - {paid_spent} + {PROMO_USES if lots else 0} - {promo_spent}, {k}, 0,
+        {promo_ids} || ARRAY['lot_bench_f_' || n, 'lot_bench_p_' || n],
+        {promo_left} || ARRAY[{FREE_USES} - {free_spent}, {PAID_USES} - {paid_spent}]::bigint[],
+        {promo_kinds} || ARRAY[0, 2]::smallint[],
+        {promo_expires} || ARRAY[NULL, NULL]::timestamptz[],
+        {expiry if lots else "NULL"}, now(), now()
     FROM generate_series(0, {accounts}) AS n;
     INSERT INTO credits (id, account_id, kind, free_uses_delta, paid_uses_delta, amount_minor,
         currency, description, created_at)
     SELECT 'cr_bench_' || g.kind || '_' || n, 'acct_bench_' || n, g.kind, g.free, g.paid, 0,
         'USD', 'bench seed', now() - interval '2 days'
     FROM generate_series(0, {accounts}) AS n,
-        (VALUES ('free_grant', {FREE_USES}, 0), ('initial_balance', 0, {PAID_USES}))
-        AS g(kind, free, paid);
+        (VALUES {promo_credit} ('free_grant', {FREE_USES}, 0),
+                ('initial_balance', 0, {PAID_USES})) AS g(kind, free, paid);
+    INSERT INTO lots (id, account_id, kind, source, priority, expires_at, uses_granted,
+        amount_minor, currency, cost_basis_minor, credit_id, status, created_at)
+    SELECT 'lot_bench_' || l.tag || '_' || n, 'acct_bench_' || n, l.kind, l.source, l.priority,
+        l.expires_at, l.uses, l.amount, 'USD', l.basis, 'cr_bench_' || l.credit || '_' || n,
+        'active', now() - interval '2 days'
+    FROM generate_series(0, {accounts}) AS n,
+        (VALUES {promo_lot}
+                ('f', 'free', 'free_grant', 100, NULL::timestamptz, {FREE_USES}, 0, NULL::bigint,
+                 'free_grant'),
+                ('p', 'paid', 'initial_balance', 100, NULL, {PAID_USES}, 0, 0, 'initial_balance'))
+        AS l(tag, kind, source, priority, expires_at, uses, amount, basis, credit);
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
-        currency, description, metadata, idempotency_key, created_at)
+        currency, description, metadata, idempotency_key, lot_ids, lot_uses, created_at)
     SELECT 'ch_bench_' || n || '_' || i, 'acct_bench_' || n, 1,
-        (i <= {FREE_USES})::int, (i > {FREE_USES})::int, 100, 'USD', 'bench seed', '{{}}', NULL,
+        {charged_free}, 1 - {charged_free}, 100, 'USD', 'bench seed', '{{}}', NULL,
+        ARRAY['lot_bench_' || {charged_lot} || '_' || n], ARRAY[1]::bigint[],
         now() - interval '1 day'
     FROM generate_series(0, {accounts}) AS n, generate_series(1, {k}) AS i;
     """  # noqa: S608 (our own numbers, no input)
 
 
-def create_database(db: str, accounts: int, history: bool) -> str:
-    """A fresh, migrated, seeded database; returns a write-scoped API key for it."""
+def create_database(db: str, accounts: int, history: bool, lots: bool = False) -> str:
+    """A fresh, migrated, seeded database (`lots`: an expiring promotional lot first in every
+    account's wallet); returns a write-scoped API key for it."""
     drop_database(db)
     psql(f"CREATE DATABASE {db}")
     env = service_env(db)
     run([str(BIN / "ciris-billing"), "migrate"], env=env)
-    psql(seed_sql(accounts, history), db)
+    psql(seed_sql(accounts, history, lots), db)
     psql("VACUUM ANALYZE", db)
     output = run(
         [str(BIN / "ciris-billing"), "keys", "create", "--name", "bench", "--scopes", "write"],
@@ -520,10 +562,10 @@ def audit(db: str) -> str:
     return f"$ ciris-billing audit  (exit {done.returncode})\n{done.stdout.strip()}"
 
 
-def growth(duration: int, requests: int, base: Row) -> tuple[Row, str]:
+def growth(duration: int, requests: int, base: Row, lots: bool = False) -> tuple[Row, str]:
     """Scenario (b) at 64 connections on 1M accounts / ~5M ledger rows, and worker memory."""
     started = time.monotonic()
-    key = create_database(GROWTH_DB, GROWTH_ACCOUNTS, history=True)
+    key = create_database(GROWTH_DB, GROWTH_ACCOUNTS, history=True, lots=lots)
     counts = (
         "SELECT (SELECT count(*) FROM accounts),"
         " (SELECT count(*) FROM charges) + (SELECT count(*) FROM credits)"
@@ -699,6 +741,11 @@ def main() -> None:
         "table and the audit, RESULTS.md untouched",
     )
     parser.add_argument(
+        "--lots",
+        action="store_true",
+        help="every account also has an expiring promotional lot, consumed first (issue 23)",
+    )
+    parser.add_argument(
         "--growth-requests", type=int, default=1_000_000, help="charges before the last RSS reading"
     )
     parser.add_argument(
@@ -714,7 +761,7 @@ def main() -> None:
     ensure_wrk()
     try:
         print(f"Seeding {ACCOUNTS:,} accounts in {DB} ...", flush=True)
-        key = create_database(DB, ACCOUNTS, history=False)
+        key = create_database(DB, ACCOUNTS, history=False, lots=args.lots)
         if args.holds:
             print("The service (ciris-billing serve --workers 2), scenarios (b), (d), (f):")
             rows, _ = service(key, duration, {}, args.idempotency, HOLD_SCENARIOS)
@@ -732,7 +779,7 @@ def main() -> None:
         if args.growth:
             print("Growth (1M accounts; long) ...", flush=True)
             base = next(r for r in rows if r.scenario.startswith("(b)") and r.connections == 64)
-            growth_row, growth_text = growth(duration, args.growth_requests, base)
+            growth_row, growth_text = growth(duration, args.growth_requests, base, args.lots)
     finally:
         drop_database(DB)
         if args.growth:
