@@ -60,6 +60,7 @@ async def test_check_charge_and_ledger_are_typed(billing: InProcess) -> None:
     assert (check.free_uses_remaining, check.credits_remaining, check.total_uses) == (3, 0, 0)
     assert check.plan_name == "free"
     assert check.purchase_price_minor is None
+    assert check.next_expiry is None  # nothing of it expires
 
     charge = await client.charge(
         GOOGLE,
@@ -80,6 +81,8 @@ async def test_check_charge_and_ledger_are_typed(billing: InProcess) -> None:
     )
     assert charge.metadata == {"model": "m-1", "tokens": 42}
     assert (charge.free_uses_remaining, charge.total_uses) == (2, 1)
+    [lot] = charge.lots  # the account's free lot
+    assert (lot.lot_id.startswith("lot_"), lot.uses) == (True, 1)
     assert billing.network.sent("/v1/billing/charges")[0].headers["Idempotency-Key"] == (
         charge.idempotency_key
     )

@@ -11,6 +11,22 @@ from ciris_billing_client.errors import BillingError, Offer
 
 
 @dataclass(frozen=True, slots=True)
+class NextExpiry:
+    """The usable uses of the account's soonest-expiring lot(s), and when they expire."""
+
+    uses: int
+    expires_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class LotUse:
+    """A lot a charge drew from, and how many uses it took there."""
+
+    lot_id: str
+    uses: int
+
+
+@dataclass(frozen=True, slots=True)
 class CreditCheck:
     """May this user go on? Counts are None only when `degraded` (billing was unreachable and
     the client failed open: `has_credit` is then True without the server having said so)."""
@@ -25,6 +41,8 @@ class CreditCheck:
     purchase_price_minor: int | None = None
     purchase_uses: int | None = None
     held_uses: int | None = None  # uses the account's active holds keep aside (not counted above)
+    # The soonest-expiring usable uses (None: nothing expires, or an older server).
+    next_expiry: NextExpiry | None = None
     # The user's portal (balance, usage history, receipts, buy more): a signed link to show
     # them; kept out of repr() (whoever holds it sees the account).
     portal_url: str | None = field(default=None, repr=False)
@@ -62,6 +80,8 @@ class Charge:
     reservation_id: str | None = None
     released_uses: int | None = None
     held_uses: int | None = None
+    # The lots it drew from, in order (empty while pending, or from an older server).
+    lots: tuple[LotUse, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -277,8 +297,27 @@ def parse_check(data: object) -> CreditCheck:
         purchase_price_minor=f.opt_integer("purchase_price_minor"),
         purchase_uses=f.opt_integer("purchase_uses"),
         held_uses=f.opt_integer("held_uses"),
+        next_expiry=_next_expiry(f.data.get("next_expiry")),
         portal_url=f.opt_text("portal_url"),
         raw=f.data,
+    )
+
+
+def _next_expiry(data: object) -> NextExpiry | None:
+    if data is None:
+        return None
+    f = _Fields(data, "next expiry")
+    return NextExpiry(uses=f.integer("uses"), expires_at=f.text("expires_at"))
+
+
+def _lots(data: object) -> tuple[LotUse, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise _invalid("charge", f"field 'lots' is {data!r}")
+    return tuple(
+        LotUse(lot_id=f.text("lot_id"), uses=f.integer("uses"))
+        for f in (_Fields(item, "charge's lot") for item in data)
     )
 
 
@@ -320,6 +359,7 @@ def parse_charge(data: object, idempotency_key: str, replayed: bool) -> Charge:
         reservation_id=f.opt_text("reservation_id"),
         released_uses=f.opt_integer("released_uses"),
         held_uses=f.opt_integer("held_uses"),
+        lots=_lots(f.data.get("lots")),
         raw=f.data,
     )
 
