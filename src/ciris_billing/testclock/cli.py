@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 
 import click
@@ -62,5 +63,5 @@ def advance(seconds: int | None, days: int | None) -> None:
         raise click.BadParameter(f"at most {store.MAX_ADVANCE_SECONDS} seconds (10 years)")
     moved = _run(lambda conn: store.advance(conn, cli_operator(), amount))
     clock.set_offset(moved.offset_seconds)
-    asyncio.run(asyncio.sleep(clock.SETTLE_SECONDS))  # the service's processes refresh meanwhile
+    time.sleep(clock.SETTLE_SECONDS)  # the service's processes refresh their copy meanwhile
     click.echo(json.dumps(moved.body(), indent=2))

@@ -27,9 +27,7 @@ from ciris_billing.errors import error_responses
 from ciris_billing.request_body import RequestBody
 from ciris_billing.testclock import store
 
-router = APIRouter(
-    prefix="/v1/billing", tags=["sandbox"], responses=error_responses(401, 403, 404)
-)
+router = APIRouter(prefix="/v1/billing", tags=["sandbox"], responses=error_responses(401, 403, 404))
 
 
 class ClockAdvance(RequestBody):
@@ -55,9 +53,7 @@ async def get_test_clock(state: StateDep, _principal: ReadKey) -> Response:
     return json_response(200, current.body())
 
 
-@router.post(
-    "/test_clock/advance", response_model=ClockOut, responses=error_responses(409, 422)
-)
+@router.post("/test_clock/advance", response_model=ClockOut, responses=error_responses(409, 422))
 async def advance_test_clock(
     body: ClockAdvance,
     request: Request,
