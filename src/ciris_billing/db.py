@@ -696,6 +696,7 @@ test_clock = Table(
     metadata,
     # The sandbox's test clock (clock.py, testclock/): how far the installation's "now" is
     # ahead of the real time. One row at most (id 1); none means 0. Moves forward only.
+    # updated_at: the real (wall-clock) time of the last advance.
     Column("id", SmallInteger, primary_key=True, autoincrement=False),
     Column("offset_seconds", BigInteger, nullable=False),
     Column("updated_at", Timestamp, nullable=False),

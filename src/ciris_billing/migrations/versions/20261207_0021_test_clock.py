@@ -1,7 +1,7 @@
 """test clock: the sandbox's offset of the installation's "now" (issue 23 item 8)
 
 Revision ID: 20261207_test_clock
-Revises: 20261207_paid_plan
+Revises: 20261207_lots
 Create Date: 2026-12-07 16:45:00
 
 - `test_clock`: at most one row (id 1), `offset_seconds` ahead of the real time (clock.py);
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "20261207_test_clock"
-down_revision: str | None = "20261207_paid_plan"
+down_revision: str | None = "20261207_lots"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
