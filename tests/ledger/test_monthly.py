@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
+from ciris_billing import clock
 from ciris_billing.accounts import charges, checks
 from ciris_billing.accounts.hot.holds import HoldAttempt
 from ciris_billing.accounts.service import Identity
@@ -144,3 +145,31 @@ async def test_an_identity_back_after_erasure_gets_no_free_uses_before_next_mont
         state.account_reader, api.engine, IDENTITY, state.pricing, at=later
     )
     assert (status.has_credit, status.free_uses_remaining) == (True, 3)
+
+
+async def test_through_the_api_with_the_test_clock_next_month_brings_free_uses(
+    monthly: Api,
+) -> None:
+    api = monthly
+    try:
+        for _ in range(3):
+            assert (await api.post("/v1/billing/charges", WHO)).status_code == 201
+        empty = (await api.post("/v1/billing/credits/check", WHO, scope="read")).json()
+        assert (empty["has_credit"], empty["next_expiry"]) == (False, None)
+        ahead = free_periods.next_period(utcnow()) - utcnow() + timedelta(hours=1)
+        moved = await api.post(
+            "/v1/billing/test_clock/advance", {"seconds": int(ahead.total_seconds())}, scope="admin"
+        )
+        assert moved.status_code == 200, moved.text
+        # The month's first check renews: has_credit on the 1st.
+        check = (await api.post("/v1/billing/credits/check", WHO, scope="read")).json()
+        assert (check["has_credit"], check["free_uses_remaining"]) == (True, 3)
+        assert check["next_expiry"]["uses"] == 3
+        made = await api.post("/v1/billing/charges", WHO)
+        assert made.status_code == 201, made.text
+        assert made.json()["free_uses_remaining"] == 2
+        assert len(await free_lots(api)) == 2
+        assert await books_problems(api.engine) == []
+        assert (await api.audit()).clean
+    finally:
+        clock.set_offset(0)
