@@ -40,6 +40,7 @@ from ciris_billing.events.outbox import RESERVATION_EXPIRED, record_available_ch
 from ciris_billing.ledger import free_periods
 from ciris_billing.ledger import holds as ledger_holds
 from ciris_billing.ledger.balance import with_usable
+from ciris_billing.payments import disputes
 from ciris_billing.pricing import Pricing
 
 HELD = "held"
@@ -168,7 +169,13 @@ async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
     taken, back = ledger_holds.consume(won.lot_uses, uses)
     free_used = sum(t for t, kind in zip(taken, won.lot_kinds, strict=True) if kind == 0)
     account = await ledger_holds.end_holds(
-        conn, won.account_id, [ledger_holds.Ending(won, back)], now=now, why=won.id, spent=uses
+        conn,
+        won.account_id,
+        [ledger_holds.Ending(won, back)],
+        now=now,
+        why=won.id,
+        spent=uses,
+        to_disputes=disputes.owed_to_disputes,
     )
     charge = await ledger_holds.write_capture(
         conn,
@@ -277,7 +284,9 @@ async def _give_back(
     """Ending holds give all their uses back, each to the lot it came from (ledger/holds.py)."""
     why = ", ".join(r.id for r in held)
     ending = [ledger_holds.Ending(r, [int(u) for u in r.lot_uses]) for r in held]
-    return await ledger_holds.end_holds(conn, account_id, ending, now=now, why=why)
+    return await ledger_holds.end_holds(
+        conn, account_id, ending, now=now, why=why, to_disputes=disputes.owed_to_disputes
+    )
 
 
 async def _account(conn: AsyncConnection, account_id: str) -> Row[Any]:

@@ -18,7 +18,7 @@ that owes uses to a dispute.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,6 +30,11 @@ from ciris_billing.db import LotIds, LotUses, accounts, charges
 from ciris_billing.ledger.credits import write_credit
 from ciris_billing.ledger.rules import can_take, touched_lots, walk_assignment
 
+# payments/disputes.py owed_to_disputes: (conn, account id, {hold id: (row, paid uses back)},
+# paid uses back after owed ones, why) -> the uses moved into open disputes' holds.
+OwedToDisputes = Callable[
+    [AsyncConnection, str, dict[str, tuple[Row[Any], int]], int, str], Awaitable[int]
+]
 _USES, _AT = "CAST(:uses AS bigint)", "CAST(:at AS timestamptz)"
 # The hot hold's walk for one account, by id: the lots it took, or no row when the account
 # cannot give `uses` at `at` (the caller has its row locked and says why).
@@ -123,14 +128,14 @@ async def end_holds(
     now: datetime,
     why: str,
     spent: int = 0,
+    to_disputes: OwedToDisputes | None = None,
 ) -> Row[Any]:
     """Holds end (their reservation rows already moved from 'held', so each ends once): their
     reserved uses leave the reserved counters, `spent` of them were charged (total uses),
     the rest comes back to the lots they came from, after paying off owed uses (a refund's or
-    a lost dispute's: `owed_taken`, naming its lots) and the uses owed to open disputes. The
-    account's row after it."""
-    from ciris_billing.payments import disputes  # a cold path's call into payments, once
-
+    a lost dispute's: `owed_taken`, naming its lots) and the uses owed to open disputes
+    (`to_disputes`: payments/disputes.py owed_to_disputes, passed by the caller so the core
+    imports no business module). The account's row after it."""
     free_held = sum(int(h.row.free_uses_held) for h in ending)
     paid_held = sum(int(h.row.paid_uses_held) for h in ending)
     paid_back = sum(h.paid_back for h in ending)
@@ -151,15 +156,13 @@ async def end_holds(
             int(locked.refund_owed_uses), paid_back, int(locked.reserved_paid_uses) - paid_held
         )
     repaid = _take_paid(ending, back, paid_off)
-    to_disputes = 0
-    if any(int(h.row.owed_uses) for h in ending):
+    disputed = 0
+    if to_disputes is not None and any(int(h.row.owed_uses) for h in ending):
         # Safe: the account's row is locked (above), and a dispute closes only under that lock
         # too (disputes._close), so a dispute read open here is open until this ends.
         owing = {h.row.id: (h.row, h.paid_back) for h in ending}
-        to_disputes = await disputes.owed_to_disputes(
-            conn, account_id, owing, paid_back - paid_off, why
-        )
-        _take_paid(ending, back, to_disputes)  # held by the dispute: not given back
+        disputed = await to_disputes(conn, account_id, owing, paid_back - paid_off, why)
+        _take_paid(ending, back, disputed)  # held by the dispute: not given back
     ids = [lot for h in ending for lot in h.row.lot_ids]
     uses = [u for slots in back for u in slots]
     free_back = sum(
@@ -180,7 +183,7 @@ async def end_holds(
         "reserved_paid_uses": accounts.c.reserved_paid_uses - paid_held,
         "free_uses_remaining": accounts.c.free_uses_remaining + free_back,
         "paid_uses_remaining": accounts.c.paid_uses_remaining + sum(uses) - free_back,
-        "held_uses": accounts.c.held_uses + to_disputes,
+        "held_uses": accounts.c.held_uses + disputed,
         "total_uses": accounts.c.total_uses + spent,
         "updated_at": now,
     }
