@@ -81,6 +81,8 @@ async def test_the_fast_path_answers_the_same_link_as_the_framework(database_url
                     for volatile in ("charge_id", "account_id", "created_at", "checkout_url"):
                         body.pop(volatile, None)
                     body.pop("external_id", None)
+                    if "lots" in body:  # a charge's lots: each account's own ids
+                        body["lots"] = [lot["uses"] for lot in body["lots"]]
                     if "portal_url" in body:
                         url = body["portal_url"]
                         assert url.startswith("http://localhost/v1/billing/portal/")
