@@ -38,6 +38,7 @@ async def test_free_uses_then_purchase_required(api: Api) -> None:
         "total_uses": 0,
         "held_uses": 0,
         "purchase_required": False,
+        "next_expiry": None,  # issue 23: nothing of it expires
         "portal_url": portal,
     }
 
@@ -66,6 +67,7 @@ async def test_free_uses_then_purchase_required(api: Api) -> None:
         "purchase_required": True,
         "purchase_price_minor": 500,
         "purchase_uses": 20,
+        "next_expiry": None,
         "portal_url": portal,
     }
 
