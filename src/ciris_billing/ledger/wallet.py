@@ -255,6 +255,8 @@ async def add_lot(
             created_at=at,
         )
     )
+    # Lots used up and named by no open hold leave the wallet here too (arrays stay short).
+    wallet = await close_spent(conn, account_id, wallet, at=at)
     wallet.ids.append(lot_id)
     wallet.left.append(lot.uses)
     wallet.kinds.append(KIND_RANK[lot.kind])
