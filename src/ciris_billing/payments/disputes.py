@@ -233,7 +233,11 @@ async def owed_to_disputes(
     """Reservations are ending and give `paid_back` paid uses back (after a refund's owed
     uses): those owed to a still open dispute go into its hold instead (a `dispute_hold`
     ledger row each, paid -n, held +n). The caller holds the account's row lock and moves the
-    returned count from the account's paid uses to its held ones."""
+    returned count from the account's paid uses to its held ones.
+
+    Before lots: names no lot (so the per-lot audit finds it). Kept for the hold transitions
+    of accounts/reservations.py until they give uses back to their lots; then
+    `hold_owed_uses` (through the money core) replaces it."""
     moved = 0
     for row, given_back in ending.values():
         owed = int(row.owed_uses)
@@ -264,6 +268,70 @@ async def owed_to_disputes(
             f"reservation {row.id} ended ({why})"[:500],
         ):
             moved += share
+    return moved
+
+
+async def hold_owed_uses(
+    conn: AsyncConnection,
+    account_id: str,
+    ending: dict[str, tuple[Row[Any], int]],
+    paid_back: int,
+    why: str,
+) -> int:
+    """Reservations ended and GAVE BACK their uses to their lots already (the wallet): of
+    those, the uses each owed to a still open dispute (`owed_uses`, set when the dispute
+    opened) go into that dispute's hold, taken from the dispute's purchase lot through the
+    money core (a `dispute_hold` row naming the lot, paid -n, held +n, counters moved here:
+    the caller moves none). `ending`: reservation id -> (its row, paid uses it gave back);
+    `paid_back`: how many of those are free to go (after a refund's owed uses). Returns how
+    many moved. The caller holds the account's row lock (a dispute closes only under it, so
+    one read open here stays open until commit).
+
+    This replaces `owed_to_disputes` (whose caller moves the counters itself, before giving
+    the uses back) once the hold's release gives uses back to their lots (issue 23, hot)."""
+    moved = 0
+    wallet = await lock_wallet(conn, account_id)
+    for row, given_back in ending.values():
+        owed = int(row.owed_uses)
+        if not owed or row.owed_dispute_id is None or paid_back - moved <= 0:
+            continue
+        dispute = (
+            await conn.execute(
+                select(
+                    disputes.c.dispute_id,
+                    disputes.c.state,
+                    purchases.c.id.label("purchase_id"),
+                    purchases.c.currency,
+                )
+                .join(purchases, purchases.c.id == disputes.c.purchase_id)
+                .where(disputes.c.id == row.owed_dispute_id)
+            )
+        ).first()
+        if dispute is None or dispute.state != "open":
+            continue  # closed: a lost one made what was still owed a refund's owed uses
+        lot_id = await purchase_lot(conn, dispute.purchase_id)
+        room = left_of(wallet, lot_id) if lot_id else 0
+        share = min(owed, given_back, paid_back - moved, room)
+        if share <= 0 or lot_id is None:
+            continue
+        # Once: a reservation ends once, so its row id makes this ledger row unique.
+        after = await moves.apply(
+            conn,
+            account_id,
+            moves.Move(
+                kind="dispute_hold",
+                currency=dispute.currency,
+                held=share,
+                external_transaction_id=_owed_row_id(dispute.dispute_id, row.id),
+                description=f"{share} paid uses owed to dispute {dispute.dispute_id}, held "
+                f"when reservation {row.id} ended ({why})"[:500],
+                lots={lot_id: -share},
+            ),
+            wallet=wallet,
+        )
+        if after is not None:
+            moved += share
+            wallet = await lock_wallet(conn, account_id)
     return moved
 
 
