@@ -211,3 +211,32 @@ async def test_erasure_writes_every_lot_off(api: Api) -> None:
 async def account_row_by_id(api: Api, account_id: str) -> Any:
     async with api.engine.connect() as conn:
         return (await conn.execute(select(accounts).where(accounts.c.id == account_id))).one()
+
+
+async def test_an_auto_topup_is_a_paid_lot_that_says_so(api: Api) -> None:
+    from tests.autotopup.test_auto_topup import buy_saving_card, deliver_stored_webhooks, run_job
+
+    who = "cold-topup@example.com"
+    await buy_saving_card(api, who)  # 3 free + 20 paid, auto top-up on
+    account = f"/v1/billing/accounts/oauth:google/{who}"
+    threshold = await api.http.put(
+        f"{account}/low_balance_threshold", json={"uses": 10}, headers=api.headers("admin")
+    )
+    assert threshold.status_code == 200, threshold.text
+    body = {**identity(who), "uses": -15, "reason": "crossing by adjustment"}
+    assert (await api.post("/v1/billing/credits", body, scope="admin")).status_code == 201
+    assert (await run_job(api)).started == 1
+    assert "credited" in await deliver_stored_webhooks(api)
+    async with api.engine.connect() as conn:
+        sources = sorted(
+            (r.kind, r.source, r.uses_granted)
+            for r in await conn.execute(
+                select(lots).join(accounts).where(accounts.c.external_id == who)
+            )
+        )
+    assert sources == [
+        ("free", "free_grant", 3),
+        ("paid", "auto_topup", 20),
+        ("paid", "purchase", 20),
+    ]
+    await assert_clean(api)
