@@ -6,7 +6,8 @@ open ('held') reservations hold of it; and 0 <= left <= uses_granted. An account
 exactly its 'active' lots (a lot leaves it only closed: used, expired, voided, erased), each
 slot with its lot's kind. Counters are the wallet's sums by kind (free_uses_remaining: free
 lots; paid_uses_remaining: promotional and paid lots); reserved counters are the sums of the
-open holds' `lot_uses` by kind, and each open hold's `lot_uses` add up to its uses.
+open holds' `lot_uses` by kind, and each open hold's `lot_uses` add up to its uses. The
+wallet is in the consumption order (priority, soonest expiry, kind, oldest, id).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class LotFinding:
     # its grant), active_lot_not_in_wallet, closed_lot_in_wallet, unknown_lot_in_wallet,
     # wallet_kind_mismatch, counters_not_wallet (free/paid counters vs the wallet's sums),
     # reserved_not_holds (reserved counters vs open holds' lot_uses), hold_lots_mismatch (an
-    # open hold's lot_uses do not add up to its held uses)
+    # open hold's lot_uses do not add up to its held uses), wallet_out_of_order (the wallet is
+    # not in the consumption order, ledger/rules.py)
     problem: str
 
 
@@ -59,15 +61,15 @@ WITH moved AS (
     LEFT JOIN held h ON h.lot_id = l.id
     LEFT JOIN wallet w ON w.lot_id = l.id
 )
-SELECT account_id, id,
-       CASE WHEN left_now <> expected THEN 'lot_left_mismatch'
-            WHEN left_now < 0 OR left_now > uses_granted THEN 'lot_out_of_bounds'
-            WHEN status = 'active' AND NOT in_wallet THEN 'active_lot_not_in_wallet'
-            WHEN status <> 'active' AND in_wallet THEN 'closed_lot_in_wallet'
-            ELSE 'wallet_kind_mismatch' END AS problem
-FROM checked
-WHERE left_now <> expected OR left_now < 0 OR left_now > uses_granted
-   OR (status = 'active') <> in_wallet OR wrong_kind
+SELECT c.account_id, c.id, p.problem
+FROM checked c, LATERAL (VALUES
+    ('lot_left_mismatch', c.left_now <> c.expected),
+    ('lot_out_of_bounds', c.left_now < 0 OR c.left_now > c.uses_granted),
+    ('active_lot_not_in_wallet', c.status = 'active' AND NOT c.in_wallet),
+    ('closed_lot_in_wallet', c.status <> 'active' AND c.in_wallet),
+    ('wallet_kind_mismatch', c.wrong_kind)
+) AS p(problem, found)
+WHERE p.found
 UNION ALL
 SELECT a.id, w.lot_id, 'unknown_lot_in_wallet'
 FROM accounts a, unnest(a.lot_ids) AS w(lot_id)
@@ -95,6 +97,14 @@ UNION ALL
 SELECT a.id, NULL, 'reserved_not_holds'
 FROM accounts a LEFT JOIN holds h ON h.account_id = a.id
 WHERE a.reserved_free_uses <> coalesce(h.free, 0) OR a.reserved_paid_uses <> coalesce(h.paid, 0)
+UNION ALL
+SELECT a.id, NULL, 'wallet_out_of_order'
+FROM accounts a
+WHERE cardinality(a.lot_ids) > 1 AND a.lot_ids <> ARRAY(
+    SELECT l.id FROM lots l WHERE l.id = ANY (a.lot_ids)
+    ORDER BY l.priority, l.expires_at IS NULL, l.expires_at,
+             CASE l.kind WHEN 'free' THEN 0 WHEN 'promotional' THEN 1 ELSE 2 END,
+             l.created_at, l.id COLLATE "C")
 UNION ALL
 SELECT r.account_id, r.id, 'hold_lots_mismatch'
 FROM reservations r
