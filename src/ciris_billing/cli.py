@@ -680,10 +680,13 @@ def _print_audit(report: AuditReport, paid: list[PurchaseFinding]) -> None:
             f"RESERVATION {found.problem}: {found.reservation_id or '-'} "
             f"(account {found.account_id})"
         )
+    for lot in report.lot_findings:
+        click.echo(f"LOT {lot.problem}: {lot.lot_id or '-'} (account {lot.account_id})")
     problems = (
         len(report.discrepancies)
         + len(report.purchase_findings)
         + len(report.reservation_findings)
+        + len(report.lot_findings)
         + len(paid)
     )
     verdict = "clean" if not problems else f"{problems} findings"

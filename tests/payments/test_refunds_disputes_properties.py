@@ -2,6 +2,9 @@
 or the provider's dashboard and its webhook) and dispute events (opened, won, lost) on a purchase
 keeps the books.
 
+Issue 23: a refund or a dispute of A takes only from A's lot (what A has left; the uses spent
+were spent oldest first, A's before B's); what A no longer has is shortfall.
+
 Each example is one customer with two paid purchases (A and B, 20 uses each) who may have spent
 some uses first; then the events, in the order Hypothesis picks, all on purchase A. After every
 step:
@@ -58,6 +61,8 @@ class Model:
     """Purchase A and the account, as SPEC.md's rules say they should be."""
 
     paid: int
+    # A's lot (issue 23): what it has left. Refunds and disputes of A take only from it.
+    a_left: int = USES
     held: int = 0
     refunded_minor: int = 0
     uses_refunded: int = 0
@@ -69,19 +74,24 @@ class Model:
         holds the purchase's uses (then nothing is taken: shortfall)."""
         due = uses_for(total_minor) - self.uses_refunded
         if self.dispute not in ("open", "lost"):
-            self.paid -= min(due, self.paid)
+            take = min(due, self.a_left)  # only from the purchase's own lot (issue 23)
+            self.paid -= take
+            self.a_left -= take
         self.refunded_minor, self.uses_refunded = total_minor, uses_for(total_minor)
 
     def opened(self) -> None:
-        self.hold = max(0, min(USES - self.uses_refunded, self.paid))
+        self.hold = max(0, min(USES - self.uses_refunded, self.a_left))
         self.paid -= self.hold
+        self.a_left -= self.hold
         self.held += self.hold
         self.dispute = "open"
 
     def closed(self, won: bool) -> None:
         self.held -= self.hold
         if won:
-            self.paid += min(self.hold, USES - self.uses_refunded)
+            released = min(self.hold, USES - self.uses_refunded)
+            self.paid += released
+            self.a_left += released
         self.dispute = "won" if won else "lost"
 
 
@@ -134,7 +144,8 @@ class Harness:
         b = await self.paid_purchase(who)
         charged = await self.post("/v1/billing/charges", {**who, "uses": FREE + spent})
         assert charged.status_code == 201, charged.text
-        model = Model(paid=2 * USES - spent)
+        # Spent oldest first: A's lot before B's.
+        model = Model(paid=2 * USES - spent, a_left=max(0, USES - spent))
         await self.verify(who, a, b, model)
         for kind, value in events:
             if kind == "dispute":

@@ -173,18 +173,21 @@ async def test_lost_dispute_never_takes_reserved_uses(api: Api) -> None:
 async def test_api_refund_dashboard_refund_and_lost_dispute_all_spare_an_active_hold(
     api: Api,
 ) -> None:
-    """Two packs (3 free + 40 paid); 30 held (3 free, 27 paid), 13 paid available. Pack A is
-    refunded half by our API, the rest in the dashboard; pack B is charged back (lost)."""
+    """Two packs (3 free + 40 paid); 30 held (3 free, all 20 of pack A, 7 of pack B), 13 of
+    pack B available. Pack A is refunded half by our API, the rest in the dashboard; pack B is
+    charged back (lost). Issue 23: a refund takes only from its purchase's lot, so pack A's
+    refunds take nothing (its lot is all held: shortfall, owed by the hold), and pack B's
+    dispute holds its 13 available uses."""
     pack_a = await paid_purchase(api, USER)
     pack_b = await paid_purchase(api, USER)
     hold = await reserve(api, 30)
     assert (hold["free_uses_remaining"], hold["credits_remaining"]) == (0, 13)
 
     half = (await refund(api, pack_a["payment_id"], 250)).json()
-    assert (half["uses_reversed"], half["shortfall_uses"]) == (10, 0)
-    await dashboard_refund(api, pack_a["payment_id"])  # the other 10 uses: 3 available
-    assert await refund_rows(api) == [(10, 0), (3, 7)]
-    await dispute(api, pack_b["payment_id"], "needs_response")  # nothing available to hold
+    assert (half["uses_reversed"], half["shortfall_uses"]) == (0, 10)
+    await dashboard_refund(api, pack_a["payment_id"])  # the other 10 uses: held too
+    assert await refund_rows(api) == [(0, 10), (0, 10)]
+    await dispute(api, pack_b["payment_id"], "needs_response")  # holds pack B's 13
     await dispute(api, pack_b["payment_id"], "lost")
 
     after = await counters(api)

@@ -35,7 +35,8 @@ from ciris_billing.db import (
 )
 from ciris_billing.errors import AccountNotFound, AdjustmentBelowZero
 from ciris_billing.events.outbox import record_available_change, threshold_of
-from ciris_billing.ledger import write_credit
+from ciris_billing.ledger import moves
+from ciris_billing.ledger.moves import PAID_KINDS, erase_wallet, take_in_order
 from ciris_billing.ledger.wallet import Credit, NewLot, add_lot
 from ciris_billing.pricing import Pricing
 
@@ -57,7 +58,12 @@ async def grant(
     *,
     api_key_id: str | None = None,
 ) -> Grant:
-    """Add (grant) or remove (adjustment) paid uses, with the reason on the ledger row."""
+    """Add (grant) or remove (adjustment) paid uses, with the reason on the ledger row.
+
+    A grant is a new promotional lot. An adjustment (uses < 0) takes from the account's
+    promotional and paid lots in the consumption order (ledger/rules.py: priority, soonest
+    expiry, promotional before paid, oldest), never from its free uses nor from lots expired
+    now; AdjustmentBelowZero when they hold fewer."""
     account, _ = await ensure_account(conn, identity, pricing)
     if uses > 0:
         # A grant is a promotional lot (ledger/wallet.py): the credits row, the lot, the
@@ -85,30 +91,29 @@ async def grant(
         ).one()
         await record_available_change(conn, granted, uses)
         return Grant(await get_account(conn, identity), uses, kind)
-    # Conditional update: a negative adjustment can never take the balance below zero.
-    changed = (
-        await conn.execute(
-            accounts.update()
-            .where(accounts.c.id == account.id, accounts.c.paid_uses_remaining + uses >= 0)
-            .values(paid_uses_remaining=accounts.c.paid_uses_remaining + uses, updated_at=utcnow())
-            .returning(*accounts.c)
-        )
-    ).first()
-    if changed is None:
+    # A negative adjustment takes from the promotional and paid lots (never the free uses), in
+    # the consumption order, skipping lots expired now: one `adjustment` row naming them.
+    # Safe: take_in_order locks the account's row (its wallet) first, and no lot can go below 0.
+    found = await take_in_order(conn, account.id, -uses, PAID_KINDS, utcnow())
+    if found is None:
         raise AdjustmentBelowZero(
             f"Removing {-uses} uses would take the paid balance "
             f"({account.paid_uses_remaining}) below zero"
         )
+    wallet, take = found
     kind = "adjustment"
-    await write_credit(
+    changed = await moves.apply(
         conn,
-        account_id=account.id,
-        kind=kind,
-        currency=account.currency,
-        paid=uses,
-        description=reason,
-        idempotency_key=idempotency_key,
-        api_key_id=api_key_id,
+        account.id,
+        moves.Move(
+            kind=kind,
+            currency=account.currency,
+            description=reason,
+            idempotency_key=idempotency_key,
+            api_key_id=api_key_id,
+            lots=take,
+        ),
+        wallet=wallet,
     )
     await record_available_change(conn, changed, uses)
     return Grant(await get_account(conn, identity), uses, kind)
@@ -221,6 +226,9 @@ async def erase(conn: AsyncConnection, identity: Identity) -> Row[Any]:
             updated_at=now,
         )
     )
+    # The account's uses are written off (a `void` row naming each lot), its wallet emptied
+    # but for lots open holds name (ledger/moves.py erase_wallet).
+    await erase_wallet(conn, account.id, account.currency)
     await conn.execute(
         purchases.update().where(purchases.c.account_id == account.id).values(customer_email=None)
     )

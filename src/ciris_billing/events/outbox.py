@@ -17,6 +17,10 @@ below it, depleted when they reach zero. Computed from the counters before and a
 change, so each crossing is reported once, and a rise above the threshold re-arms it by
 construction. Charges detect their crossing inside their one statement (accounts/hot/writer.py);
 every other change calls `record_balance_events`.
+
+Balances (issue 23): this module only READS them (the counters of the row its caller changed,
+to tell a crossing); the one account column it writes is `event_sequence`, no balance, so it
+is not a movement of uses and stays outside the money core (src/ciris_billing/ledger/).
 """
 
 from __future__ import annotations

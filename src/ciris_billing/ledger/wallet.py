@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.db import accounts, insert_or_ignore, lots, new_id, utcnow
+from ciris_billing.db import accounts, lots, new_id, reservations, utcnow
 from ciris_billing.ledger.credits import write_credit
 from ciris_billing.ledger.rules import DEFAULT_PRIORITY, KIND_RANK, LotKind, consumption_key
 
@@ -108,22 +108,104 @@ async def _ordered(conn: AsyncConnection, wallet: Wallet) -> Wallet:
     )
 
 
-async def _store(
-    conn: AsyncConnection, account_id: str, wallet: Wallet, free_delta: int, paid_delta: int
-) -> None:
-    await conn.execute(
-        accounts.update()
-        .where(accounts.c.id == account_id)
-        .values(
-            lot_ids=wallet.ids,
-            lot_left=wallet.left,
-            lot_kinds=wallet.kinds,
-            lot_expires=wallet.expires,
-            next_expiry_at=wallet.next_expiry(),
-            free_uses_remaining=accounts.c.free_uses_remaining + free_delta,
-            paid_uses_remaining=accounts.c.paid_uses_remaining + paid_delta,
-            updated_at=utcnow(),
+async def store(
+    conn: AsyncConnection,
+    account_id: str,
+    wallet: Wallet,
+    free_delta: int,
+    paid_delta: int,
+    **values: Any,
+) -> Any:
+    """Write the (locked) wallet back with next_expiry_at, the counters moved by the deltas and
+    any other `values` (held_uses, refund_owed_uses...); the account row after."""
+    return (
+        await conn.execute(
+            accounts.update()
+            .where(accounts.c.id == account_id)
+            .values(
+                lot_ids=wallet.ids,
+                lot_left=wallet.left,
+                lot_kinds=wallet.kinds,
+                lot_expires=wallet.expires,
+                next_expiry_at=wallet.next_expiry(),
+                free_uses_remaining=accounts.c.free_uses_remaining + free_delta,
+                paid_uses_remaining=accounts.c.paid_uses_remaining + paid_delta,
+                updated_at=utcnow(),
+                **values,
+            )
+            .returning(*accounts.c)
         )
+    ).one()
+
+
+async def reopen(conn: AsyncConnection, wallet: Wallet, lot_id: str) -> Wallet:
+    """The wallet with `lot_id` back in it (left 0), in order, its status 'active' again: uses
+    are given back to a lot that had left the wallet (a dispute won, after its lot was used
+    up and closed). The caller holds the account's lock (lock_wallet)."""
+    if lot_id in wallet.ids:
+        return wallet
+    lot = (
+        await conn.execute(
+            lots.update()
+            .where(lots.c.id == lot_id)
+            .values(status="active", closed_at=None)
+            .returning(lots.c.kind, lots.c.expires_at)
+        )
+    ).one()
+    wallet.ids.append(lot_id)
+    wallet.left.append(0)
+    wallet.kinds.append(KIND_RANK[lot.kind])
+    wallet.expires.append(lot.expires_at)
+    return await _ordered(conn, wallet)
+
+
+async def held_lot_ids(conn: AsyncConnection, account_id: str) -> set[str]:
+    """The lots the account's open ('held') reservations name: they stay in the wallet."""
+    rows = await conn.execute(
+        select(func.unnest(reservations.c.lot_ids).label("lot_id")).where(
+            reservations.c.account_id == account_id, reservations.c.status == "held"
+        )
+    )
+    return {row.lot_id for row in rows}
+
+
+async def close_spent(
+    conn: AsyncConnection,
+    account_id: str,
+    wallet: Wallet,
+    *,
+    status: str = "used",
+    only: set[str] | None = None,
+    at: datetime | None = None,
+) -> Wallet:
+    """The wallet without its lots that have nothing left and that no open hold names (or
+    only those of `only`), each closed with `status` (used, erased...): keeps the wallet's
+    arrays short. Cold moves only, never the hot path. Safe: the caller holds the account's
+    row lock, and a hold takes uses only by updating that row (it waits for us, then walks
+    the wallet as we leave it); a hold read open here that is ending meanwhile merely keeps
+    its lots in the wallet until the next cold move."""
+    empty = [
+        lot_id
+        for lot_id, left in zip(wallet.ids, wallet.left, strict=True)
+        if left == 0 and (only is None or lot_id in only)
+    ]
+    if not empty:
+        return wallet
+    named = await held_lot_ids(conn, account_id)
+    closing = [lot_id for lot_id in empty if lot_id not in named]
+    if not closing:
+        return wallet
+    await conn.execute(
+        lots.update()
+        .where(lots.c.id.in_(closing), lots.c.status == "active")
+        .values(status=status, closed_at=at or utcnow())
+    )
+    keep = [i for i, lot_id in enumerate(wallet.ids) if lot_id not in closing]
+    return Wallet(
+        [wallet.ids[i] for i in keep],
+        [wallet.left[i] for i in keep],
+        [wallet.kinds[i] for i in keep],
+        [wallet.expires[i] for i in keep],
     )
 
 
@@ -173,21 +255,24 @@ async def add_lot(
             created_at=at,
         )
     )
+    # Lots used up and named by no open hold leave the wallet here too (arrays stay short).
+    wallet = await close_spent(conn, account_id, wallet, at=at)
     wallet.ids.append(lot_id)
     wallet.left.append(lot.uses)
     wallet.kinds.append(KIND_RANK[lot.kind])
     wallet.expires.append(lot.expires_at)
-    await _store(conn, account_id, await _ordered(conn, wallet), free, lot.uses - free)
+    await store(conn, account_id, await _ordered(conn, wallet), free, lot.uses - free)
     return lot_id
 
 
 __all__ = [
-    "Any",
     "Credit",
     "NewLot",
     "Wallet",
     "add_lot",
-    "insert_or_ignore",
+    "close_spent",
+    "held_lot_ids",
     "lock_wallet",
-    "text",
+    "reopen",
+    "store",
 ]

@@ -34,7 +34,9 @@ from ciris_billing.events.outbox import (
     record_available_change,
     record_event,
 )
-from ciris_billing.ledger import write_credit
+from ciris_billing.ledger import moves, write_credit
+from ciris_billing.ledger.moves import held_of_lot, left_of, purchase_lot
+from ciris_billing.ledger.wallet import lock_wallet
 from ciris_billing.observability import log
 from ciris_billing.payments.providers.base import Dispute
 from ciris_billing.payments.refunds import owed_from_holds
@@ -86,43 +88,34 @@ async def apply_dispute(conn: AsyncConnection, provider: str, dispute: Dispute) 
 
 
 async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase: Row[Any]) -> None:
-    # The account's active holds with paid uses no dispute is owed yet, locked before the
-    # account's row: the lock order of every hold transition (reservation, then account), so a
-    # capture, release or expiry racing this opening waits for it (or it for them), never
-    # deadlocks, and the holds read here stay held until this transaction ends.
-    holds = list(
-        await conn.execute(
-            select(reservations.c.id, reservations.c.paid_uses_held)
-            .where(
-                reservations.c.account_id == purchase.account_id,
-                reservations.c.status == "held",
-                reservations.c.paid_uses_held > 0,
-                reservations.c.owed_uses == 0,
-            )
-            .order_by(reservations.c.id)
-            .with_for_update()
-        )
-    )
+    lot_id = await purchase_lot(conn, purchase.id)
+    # The account's active holds that hold uses of the purchase's lot and no dispute is owed
+    # yet, locked before the account's row: the lock order of every hold transition
+    # (reservation, then account), so a capture, release or expiry racing this opening waits
+    # for it (or it for them), never deadlocks, and the holds read here stay held until this
+    # transaction ends.
+    holds = await held_of_lot(conn, purchase.account_id, lot_id, lock=True) if lot_id else []
+    owing = await _owing(conn, purchase.account_id)
+    holds = [(held_id, uses) for held_id, uses in holds if held_id not in owing]
+    wallet = await lock_wallet(conn, purchase.account_id)
     account = (
         await conn.execute(
-            select(
-                accounts.c.paid_uses_remaining,
-                accounts.c.reserved_paid_uses,
-                accounts.c.refund_owed_uses,
+            select(accounts.c.reserved_paid_uses, accounts.c.refund_owed_uses).where(
+                accounts.c.id == purchase.account_id
             )
-            .where(accounts.c.id == purchase.account_id)
-            .with_for_update()
         )
     ).one()
     # Uses another open or lost dispute of this purchase already covers are not held twice.
     unused = int(purchase.uses) - int(purchase.uses_refunded) - await _claimed(conn, purchase)
-    hold = max(0, min(unused, int(account.paid_uses_remaining)))
+    # Only the purchase's own lot is held from (issue 23).
+    hold = max(0, min(unused, left_of(wallet, lot_id) if lot_id else 0))
     # Held uses are never taken (a hold is a promise): those of the purchase's unused uses that
-    # reservations hold are owed to the dispute, each reservation's share on its row, and go
-    # into the dispute's hold when the reservation ends (owed_to_disputes), so they are never
-    # spendable while the dispute is open (issue 21 finding 2). Not those a refund is owed.
+    # reservations hold (of its lot) are owed to the dispute, each reservation's share on its
+    # row, and go into the dispute's hold when the reservation ends (owed_to_disputes), so they
+    # are never spendable while the dispute is open (issue 21 finding 2). Not those a refund
+    # is owed.
     room = int(account.reserved_paid_uses) - int(account.refund_owed_uses)
-    reserved = max(0, min(unused - hold, room, sum(int(r.paid_uses_held) for r in holds)))
+    reserved = max(0, min(unused - hold, room, sum(uses for _, uses in holds)))
     row_id = new_id("dsp")
     inserted = await conn.execute(
         insert_or_ignore(disputes)
@@ -142,38 +135,30 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
     if inserted.first() is None:
         return
     left = reserved
-    for held in holds:
-        share = min(left, int(held.paid_uses_held))
+    for held_id, held_uses in holds:
+        share = min(left, held_uses)
         if share <= 0:
             break
         left -= share
         await conn.execute(
             reservations.update()
-            .where(reservations.c.id == held.id)
+            .where(reservations.c.id == held_id)
             .values(owed_dispute_id=row_id, owed_uses=share)
         )
-    if await write_credit(
+    changed = await moves.apply(
         conn,
-        account_id=purchase.account_id,
-        kind="dispute_hold",
-        currency=purchase.currency,
-        paid=-hold,
-        held=hold,
-        external_transaction_id=f"{dispute.dispute_id}:hold",
-        description=f"Held while dispute {dispute.dispute_id} is open",
-    ):
-        changed = (
-            await conn.execute(
-                accounts.update()
-                .where(accounts.c.id == purchase.account_id)
-                .values(
-                    paid_uses_remaining=accounts.c.paid_uses_remaining - hold,
-                    held_uses=accounts.c.held_uses + hold,
-                    updated_at=utcnow(),
-                )
-                .returning(*accounts.c)
-            )
-        ).one()
+        purchase.account_id,
+        moves.Move(
+            kind="dispute_hold",
+            currency=purchase.currency,
+            held=hold,
+            external_transaction_id=f"{dispute.dispute_id}:hold",
+            description=f"Held while dispute {dispute.dispute_id} is open",
+            lots={lot_id: -hold} if lot_id and hold else {},
+        ),
+        wallet=wallet,
+    )
+    if changed is not None:
         # Once: only the transaction that inserted the dispute (and its hold) gets here.
         await record_event(
             conn,
@@ -182,6 +167,18 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
             {**_dispute_data(dispute.dispute_id, purchase), "state": "open", "held_uses": hold},
         )
         await record_available_change(conn, changed, -hold)
+
+
+async def _owing(conn: AsyncConnection, account_id: str) -> set[str]:
+    """The account's open holds already owing uses to a dispute."""
+    rows = await conn.execute(
+        select(reservations.c.id).where(
+            reservations.c.account_id == account_id,
+            reservations.c.status == "held",
+            reservations.c.owed_uses > 0,
+        )
+    )
+    return {row.id for row in rows}
 
 
 def _dispute_data(dispute_id: str, purchase: Row[Any]) -> dict[str, Any]:
@@ -236,7 +233,11 @@ async def owed_to_disputes(
     """Reservations are ending and give `paid_back` paid uses back (after a refund's owed
     uses): those owed to a still open dispute go into its hold instead (a `dispute_hold`
     ledger row each, paid -n, held +n). The caller holds the account's row lock and moves the
-    returned count from the account's paid uses to its held ones."""
+    returned count from the account's paid uses to its held ones.
+
+    Before lots: names no lot (so the per-lot audit finds it). Kept for the hold transitions
+    of accounts/reservations.py until they give uses back to their lots; then
+    `hold_owed_uses` (through the money core) replaces it."""
     moved = 0
     for row, given_back in ending.values():
         owed = int(row.owed_uses)
@@ -270,6 +271,70 @@ async def owed_to_disputes(
     return moved
 
 
+async def hold_owed_uses(
+    conn: AsyncConnection,
+    account_id: str,
+    ending: dict[str, tuple[Row[Any], int]],
+    paid_back: int,
+    why: str,
+) -> int:
+    """Reservations ended and GAVE BACK their uses to their lots already (the wallet): of
+    those, the uses each owed to a still open dispute (`owed_uses`, set when the dispute
+    opened) go into that dispute's hold, taken from the dispute's purchase lot through the
+    money core (a `dispute_hold` row naming the lot, paid -n, held +n, counters moved here:
+    the caller moves none). `ending`: reservation id -> (its row, paid uses it gave back);
+    `paid_back`: how many of those are free to go (after a refund's owed uses). Returns how
+    many moved. The caller holds the account's row lock (a dispute closes only under it, so
+    one read open here stays open until commit).
+
+    This replaces `owed_to_disputes` (whose caller moves the counters itself, before giving
+    the uses back) once the hold's release gives uses back to their lots (issue 23, hot)."""
+    moved = 0
+    wallet = await lock_wallet(conn, account_id)
+    for row, given_back in ending.values():
+        owed = int(row.owed_uses)
+        if not owed or row.owed_dispute_id is None or paid_back - moved <= 0:
+            continue
+        dispute = (
+            await conn.execute(
+                select(
+                    disputes.c.dispute_id,
+                    disputes.c.state,
+                    purchases.c.id.label("purchase_id"),
+                    purchases.c.currency,
+                )
+                .join(purchases, purchases.c.id == disputes.c.purchase_id)
+                .where(disputes.c.id == row.owed_dispute_id)
+            )
+        ).first()
+        if dispute is None or dispute.state != "open":
+            continue  # closed: a lost one made what was still owed a refund's owed uses
+        lot_id = await purchase_lot(conn, dispute.purchase_id)
+        room = left_of(wallet, lot_id) if lot_id else 0
+        share = min(owed, given_back, paid_back - moved, room)
+        if share <= 0 or lot_id is None:
+            continue
+        # Once: a reservation ends once, so its row id makes this ledger row unique.
+        after = await moves.apply(
+            conn,
+            account_id,
+            moves.Move(
+                kind="dispute_hold",
+                currency=dispute.currency,
+                held=share,
+                external_transaction_id=_owed_row_id(dispute.dispute_id, row.id),
+                description=f"{share} paid uses owed to dispute {dispute.dispute_id}, held "
+                f"when reservation {row.id} ended ({why})"[:500],
+                lots={lot_id: -share},
+            ),
+            wallet=wallet,
+        )
+        if after is not None:
+            moved += share
+            wallet = await lock_wallet(conn, account_id)
+    return moved
+
+
 async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row[Any]) -> None:
     account_id: str = purchase.account_id
     dispute_id: str = row.dispute_id
@@ -289,51 +354,49 @@ async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row
         released = max(0, min(held, unrefunded))
     kept = held - released if state == "won" else 0
     taken, shortfall, owe = 0, 0, 0
+    lot_id = await purchase_lot(conn, purchase.id)
+    # Safe: the account's row is locked until commit (lock order: purchase, account).
+    wallet = await lock_wallet(conn, account_id)
     if state == "lost" and int(row.reserved_uses) > paid_in:
-        # The uses reservations held when the dispute opened go back like a refund's: what is
-        # available now is taken, the rest is shortfall, owed while holds still have it.
-        # Safe: the account's row is locked until commit (lock order: purchase, account).
+        # The uses reservations held (of the purchase's lot) when the dispute opened go back
+        # like a refund's: what the lot has now is taken, the rest is shortfall, owed while
+        # holds still have it.
         account = (
             await conn.execute(
-                select(
-                    accounts.c.paid_uses_remaining,
-                    accounts.c.reserved_paid_uses,
-                    accounts.c.refund_owed_uses,
+                select(accounts.c.reserved_paid_uses, accounts.c.refund_owed_uses).where(
+                    accounts.c.id == account_id
                 )
-                .where(accounts.c.id == account_id)
-                .with_for_update()
             )
         ).one()
         # What came into the hold from ended reservations is no longer due.
         due = max(0, int(row.reserved_uses) - paid_in)
-        taken = min(due, int(account.paid_uses_remaining))
+        taken = min(due, left_of(wallet, lot_id) if lot_id else 0)
         shortfall = due - taken
-        owe = owed_from_holds(account, shortfall)
+        still_held = (
+            sum(uses for _, uses in await held_of_lot(conn, account_id, lot_id)) if lot_id else 0
+        )
+        owe = min(still_held, owed_from_holds(account, shortfall))
     notes = f"; {kept} held uses not released: refunded during the dispute" if kept else ""
     if state == "lost" and int(row.reserved_uses) > paid_in:
         notes += f"; {taken} uses held by reservations at its opening taken back"
         notes += f", {shortfall} short ({owe} owed by holds)" if shortfall else ""
-    if await write_credit(
+    # A won dispute gives the released uses back to the purchase's lot (back into the wallet
+    # if the lot had left it); a lost one takes the reservations' share from it.
+    await moves.apply(
         conn,
-        account_id=account_id,
-        kind=f"dispute_{state}",
-        currency=purchase.currency,
-        paid=released - taken,
-        held=-held,
-        shortfall=shortfall,
-        external_transaction_id=f"{dispute_id}:{state}",
-        description=f"Dispute {dispute_id} {state}{notes}"[:500],
-    ):
-        await conn.execute(
-            accounts.update()
-            .where(accounts.c.id == account_id)
-            .values(
-                paid_uses_remaining=accounts.c.paid_uses_remaining + released - taken,
-                held_uses=accounts.c.held_uses - held,
-                refund_owed_uses=accounts.c.refund_owed_uses + owe,
-                updated_at=utcnow(),
-            )
-        )
+        account_id,
+        moves.Move(
+            kind=f"dispute_{state}",
+            currency=purchase.currency,
+            held=-held,
+            shortfall=shortfall,
+            owed=owe,
+            external_transaction_id=f"{dispute_id}:{state}",
+            description=f"Dispute {dispute_id} {state}{notes}"[:500],
+            lots={lot_id: released - taken} if lot_id and released - taken else {},
+        ),
+        wallet=wallet,
+    )
     await conn.execute(
         disputes.update()
         .where(disputes.c.id == row.id)

@@ -1,14 +1,19 @@
-"""Looking purchases up by their provider payment, and their status as the API shows it."""
+"""Purchases: the offer, recording a provider's payment as a purchase, looking purchases up by
+their provider payment, and their status as the API shows it. (Shared by payments/service.py
+and autotopup/topups.py, neither importing the other.)"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.db import purchases
+from ciris_billing.db import insert_or_ignore, purchases, utcnow
 from ciris_billing.errors import PurchaseNotFound
+from ciris_billing.payments.providers.base import PaymentResult
+from ciris_billing.pricing import Pricing
 
 # The guide documents Stripe's word for a purchase that waits for its payment; the API keeps
 # that promise, whatever we store (db.PURCHASE_STATUSES). Every other status reads the same.
@@ -40,3 +45,48 @@ async def get_purchase(conn: AsyncConnection, provider: str, payment_id: str) ->
     if row is None:
         raise PurchaseNotFound(f"No purchase for payment {payment_id}")
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    amount_minor: int
+    currency: str
+    uses: int
+
+    @classmethod
+    def from_pricing(cls, pricing: Pricing) -> Offer:
+        return cls(
+            pricing.price_per_purchase_minor, pricing.currency, pricing.paid_uses_per_purchase
+        )
+
+
+async def record_purchase(
+    conn: AsyncConnection,
+    *,
+    purchase_id: str,
+    account_id: str,
+    provider: str,
+    payment: PaymentResult,
+    offer: Offer,
+    customer_email: str | None,
+) -> Row[Any]:
+    """Insert the purchase for a payment the provider created (once per provider payment)."""
+    now = utcnow()
+    await conn.execute(
+        insert_or_ignore(purchases).values(
+            id=purchase_id,
+            account_id=account_id,
+            provider=provider,
+            payment_id=payment.payment_id,
+            amount_minor=offer.amount_minor,
+            currency=offer.currency,
+            uses=offer.uses,
+            status=payment.state,
+            customer_email=customer_email,
+            failure_message=None,
+            created_at=now,
+            updated_at=now,
+            credited_at=None,
+        )
+    )
+    return await get_purchase(conn, provider, payment.payment_id)

@@ -27,7 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ciris_billing.db import accounts, credits, disputes, purchases, utcnow
 from ciris_billing.errors import RefundExceedsPayment, RefundNotAllowed
 from ciris_billing.events.outbox import REFUND_SUCCEEDED, record_available_change, record_event
-from ciris_billing.ledger import write_credit
+from ciris_billing.ledger import moves
+from ciris_billing.ledger.moves import held_of_lot, left_of, purchase_lot
+from ciris_billing.ledger.wallet import lock_wallet
 from ciris_billing.observability import log
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.payments.purchases import api_status, get_purchase
@@ -105,55 +107,54 @@ async def apply_refunded_total(
         return None
     uses_target = uses_for_refund(int(purchase.uses), int(purchase.amount_minor), total)
     uses_due = uses_target - int(purchase.uses_refunded)
-    account = (
+    # The account's row next (lock order: purchase, account): its wallet and counters cannot
+    # move until we commit.
+    wallet = await lock_wallet(conn, purchase.account_id)
+    counters = (
         await conn.execute(
-            select(
-                accounts.c.paid_uses_remaining,
-                accounts.c.reserved_paid_uses,
-                accounts.c.refund_owed_uses,
+            select(accounts.c.reserved_paid_uses, accounts.c.refund_owed_uses).where(
+                accounts.c.id == purchase.account_id
             )
-            .where(accounts.c.id == purchase.account_id)
-            .with_for_update()
         )
     ).one()
     # Read under the purchase's row lock, which apply_dispute takes first too: no dispute of
     # this purchase can open or close until we commit.
     claiming = await claiming_disputes(conn, purchase.id)
-    # With an open or lost dispute, the purchase's unused uses are its hold (never taken here;
-    # a won dispute releases only what is still unrefunded): every paid use on the account
-    # belongs to another purchase, so nothing is taken and the uses are recorded as shortfall.
-    take = 0 if claiming else min(uses_due, int(account.paid_uses_remaining))
+    # Only the purchase's own lot gives uses back (issue 23): what was spent there, or is held
+    # by reservations, is shortfall. With an open or lost dispute, the lot's unused uses are
+    # its hold (never taken here; a won dispute releases only what is still unrefunded), so
+    # nothing is taken and the uses are recorded as shortfall.
+    lot_id = await purchase_lot(conn, purchase.id)
+    left = left_of(wallet, lot_id) if lot_id else 0
+    take = 0 if claiming else min(uses_due, left)
     shortfall = uses_due - take
-    # Of the shortfall, what reservations hold may still come back (a release or an expiry
-    # instead of a capture): owed, and paid off before those uses return (reservations.py).
-    owe = 0 if claiming else owed_from_holds(account, shortfall)
-    amount = total - int(purchase.refunded_minor)
-    recorded = await write_credit(
-        conn,
-        account_id=purchase.account_id,
-        kind="refund",
-        currency=purchase.currency,
-        paid=-take,
-        shortfall=shortfall,
-        amount_minor=amount,
-        external_transaction_id=f"{purchase.payment_id}:refunded:{total}",
-        description=f"Refund of {amount} ({source})" + _shortfall_note(shortfall, claiming),
+    # Of the shortfall, what reservations hold of this lot may still come back (a release or
+    # an expiry instead of a capture): owed, and paid off before those uses return.
+    held = (
+        sum(uses for _, uses in await held_of_lot(conn, purchase.account_id, lot_id))
+        if (lot_id and not claiming)
+        else 0
     )
-    if not recorded:
+    owe = min(held, owed_from_holds(counters, shortfall))
+    amount = total - int(purchase.refunded_minor)
+    account = await moves.apply(
+        conn,
+        purchase.account_id,
+        moves.Move(
+            kind="refund",
+            currency=purchase.currency,
+            shortfall=shortfall,
+            owed=owe,
+            amount_minor=amount,
+            external_transaction_id=f"{purchase.payment_id}:refunded:{total}",
+            description=f"Refund of {amount} ({source})" + _shortfall_note(shortfall, claiming),
+            lots={lot_id: -take} if lot_id and take else {},
+        ),
+        wallet=wallet,
+    )
+    if account is None:
         return None
     now = utcnow()
-    account = (
-        await conn.execute(
-            accounts.update()
-            .where(accounts.c.id == purchase.account_id)
-            .values(
-                paid_uses_remaining=accounts.c.paid_uses_remaining - take,
-                refund_owed_uses=accounts.c.refund_owed_uses + owe,
-                updated_at=now,
-            )
-            .returning(*accounts.c)
-        )
-    ).one()
     await conn.execute(
         purchases.update()
         .where(purchases.c.id == purchase.id)

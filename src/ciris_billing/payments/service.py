@@ -15,8 +15,9 @@ from sqlalchemy import Row, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.accounts.service import Identity, ensure_account, plan_with_paid_uses
-from ciris_billing.autotopup import cards, topups
-from ciris_billing.db import accounts, insert_or_ignore, new_id, purchases, utcnow
+from ciris_billing.autotopup import cards
+from ciris_billing.autotopup.outcomes import after_payment
+from ciris_billing.db import accounts, auto_topups, new_id, purchases, utcnow
 from ciris_billing.errors import PurchaseNoLongerPayable, PurchaseNotYetRecorded
 from ciris_billing.events.outbox import PURCHASE_FAILED, PURCHASE_SUCCEEDED, record_event
 from ciris_billing.ledger.wallet import Credit, NewLot, add_lot
@@ -30,9 +31,11 @@ from ciris_billing.payments.providers.base import (
 )
 
 # Re-exported: callers look purchases up through the service.
+from ciris_billing.payments.purchases import Offer as Offer
 from ciris_billing.payments.purchases import api_status as api_status
 from ciris_billing.payments.purchases import find_purchase as find_purchase
 from ciris_billing.payments.purchases import get_purchase as get_purchase
+from ciris_billing.payments.purchases import record_purchase as record_purchase
 from ciris_billing.pricing import Pricing
 from ciris_billing.unit_of_work import UnitOfWork
 
@@ -53,19 +56,6 @@ def purchase_id_for(idempotency_key: str | None) -> str:
     if idempotency_key is None:
         return new_id("pur")
     return "pur_" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:24]
-
-
-@dataclass(frozen=True, slots=True)
-class Offer:
-    amount_minor: int
-    currency: str
-    uses: int
-
-    @classmethod
-    def from_pricing(cls, pricing: Pricing) -> Offer:
-        return cls(
-            pricing.price_per_purchase_minor, pricing.currency, pricing.paid_uses_per_purchase
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,38 +127,6 @@ async def start_purchase(
     return StartedPurchase(purchase, payment, offer)
 
 
-async def record_purchase(
-    conn: AsyncConnection,
-    *,
-    purchase_id: str,
-    account_id: str,
-    provider: str,
-    payment: PaymentResult,
-    offer: Offer,
-    customer_email: str | None,
-) -> Row[Any]:
-    """Insert the purchase for a payment the provider created (once per provider payment)."""
-    now = utcnow()
-    await conn.execute(
-        insert_or_ignore(purchases).values(
-            id=purchase_id,
-            account_id=account_id,
-            provider=provider,
-            payment_id=payment.payment_id,
-            amount_minor=offer.amount_minor,
-            currency=offer.currency,
-            uses=offer.uses,
-            status=payment.state,
-            customer_email=customer_email,
-            failure_message=None,
-            created_at=now,
-            updated_at=now,
-            credited_at=None,
-        )
-    )
-    return await get_purchase(conn, provider, payment.payment_id)
-
-
 async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
     """Add the purchase's uses to its account, exactly once. True if this call credited it.
 
@@ -183,14 +141,18 @@ async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
         select(purchases.c.id).where(purchases.c.id == purchase.id).with_for_update()
     )
     # The purchase's paid lot (its price over its uses is the cost basis), once: the credits
-    # row's unique external id refuses a second.
+    # row's unique external id refuses a second. An auto top-up's purchase is one like any
+    # other; its lot says where it came from.
+    topup = await conn.scalar(
+        select(auto_topups.c.id).where(auto_topups.c.purchase_id == purchase.id)
+    )
     credited = await add_lot(
         conn,
         purchase.account_id,
         NewLot(
             kind="paid",
             uses=purchase.uses,
-            source="purchase",
+            source="purchase" if topup is None else "auto_topup",
             amount_minor=purchase.amount_minor,
             purchase_id=purchase.id,
         ),
@@ -284,7 +246,7 @@ async def apply_payment(conn: AsyncConnection, provider: str, payment: PaymentRe
             # In the crediting transaction, once: the card the payer asked to keep becomes the
             # auto top-up card; a top-up this purchase paid is done.
             await cards.keep_saved_card(conn, provider, purchase, payment)
-            await topups.after_payment(conn, purchase, payment, credited=True)
+            await after_payment(conn, purchase, payment, credited=True)
         if payment.amount_refunded_minor > purchase.refunded_minor and (
             await refunds.apply_refunded_total(
                 conn, purchase.id, payment.amount_refunded_minor, source="provider"
@@ -314,7 +276,7 @@ async def apply_payment(conn: AsyncConnection, provider: str, payment: PaymentRe
             conn, purchase.account_id, PURCHASE_FAILED, purchase_data(purchase, "failed")
         )
     if payment.state in ("failed", "canceled"):
-        await topups.after_payment(conn, purchase, payment, credited=False)
+        await after_payment(conn, purchase, payment, credited=False)
     if failed:
         PURCHASES.labels(provider, "failed").inc()
         log.info(

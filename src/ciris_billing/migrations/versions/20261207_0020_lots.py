@@ -310,6 +310,18 @@ def _lots_from_history(bind: Any) -> None:
         )
     ):
         grants[row.account_id].append(row)
+    # Uses open or lost disputes hold or removed, per purchase: they came out of the
+    # purchase's own lot (a won dispute gives them back to it; lost, they are gone).
+    disputed: dict[str, int] = defaultdict(int)
+    for row in bind.execute(
+        sa.text(
+            "SELECT d.purchase_id, d.held_uses + CASE WHEN d.state = 'open' THEN coalesce(("
+            "SELECT sum(c.held_uses_delta) FROM credits c WHERE c.kind = 'dispute_hold' AND "
+            "c.external_transaction_id LIKE d.dispute_id || ':owed:%'), 0) ELSE 0 END AS held "
+            "FROM disputes d WHERE d.state IN ('open', 'lost')"
+        )
+    ):
+        disputed[row.purchase_id] += int(row.held or 0)
     holds: dict[str, list[Any]] = defaultdict(list)
     for row in bind.execute(
         sa.text(
@@ -325,11 +337,16 @@ def _lots_from_history(bind: Any) -> None:
         )
     ).fetchall()
     for account in accounts:
-        _migrate_account(bind, account, grants[account.id], holds[account.id], now)
+        _migrate_account(bind, account, grants[account.id], holds[account.id], now, disputed)
 
 
 def _migrate_account(
-    bind: Any, account: Any, grants: list[Any], holds: list[Any], now: datetime
+    bind: Any,
+    account: Any,
+    grants: list[Any],
+    holds: list[Any],
+    now: datetime,
+    disputed: dict[str, int],
 ) -> None:
     free_inside = int(account.free_uses_remaining) + int(account.reserved_free_uses)
     paid_inside = int(account.paid_uses_remaining) + int(account.reserved_paid_uses)
@@ -353,7 +370,11 @@ def _migrate_account(
             lot = _Lot(_new_id(), "paid", "purchase", int(grant.paid_uses_delta), grant.created_at)
             lot.purchase_id = grant.purchase_id
             lot.amount_minor = int(grant.amount_minor or 0)
-            lot.capacity = lot.granted - int(grant.uses_refunded or 0)
+            lot.capacity = (
+                lot.granted
+                - int(grant.uses_refunded or 0)
+                - disputed.get(grant.purchase_id or "", 0)
+            )
         else:
             lot = _Lot(
                 _new_id(), "promotional", grant.kind, int(grant.paid_uses_delta), grant.created_at
@@ -369,7 +390,10 @@ def _migrate_account(
         extra = _Lot(_new_id(), "promotional", "migration", remaining, now)
         extra.inside = remaining
         paid.append(extra)
-    ordered = ([free] if free is not None else []) + paid  # kind rank, then oldest
+    # The consumption order (ledger/rules.py with today's defaults: one priority, nothing
+    # expires): kind (free, promotional, paid), then oldest.
+    paid.sort(key=lambda lot: (KIND_RANK[lot.kind], lot.created_at, lot.id))
+    ordered = ([free] if free is not None else []) + paid
     for lot in ordered:
         lot.left = lot.inside
     # Open holds took from the front of the consumption order.
