@@ -64,7 +64,7 @@ from procrastinate.manager import JobManager
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ciris_billing.accounts import reservations
+from ciris_billing.accounts import lot_expiry, reservations
 from ciris_billing.autotopup import cards, topups
 from ciris_billing.config import Settings
 from ciris_billing.db import purchases, utcnow, webhook_events
@@ -104,6 +104,7 @@ class RecoveryReport:
     events: dict[str, int] = field(default_factory=dict)
     purchases: dict[str, int] = field(default_factory=dict)
     expired: int = 0
+    lots_expired: int = 0
     failures: int = 0
 
     def count(self, kind: dict[str, int], outcome: str) -> None:
@@ -121,6 +122,7 @@ class Recovery:
     async def run_once(self) -> RecoveryReport:
         report = RecoveryReport()
         await self.expire_holds(report)
+        await self._expire_lots(report)
         await self._redeliver_provider_webhooks()
         await self._retry_events(report)
         await self._reconcile_purchases(report)
@@ -168,6 +170,21 @@ class Recovery:
                     account_id=account_id,
                     uses=int(held.uses),
                 )
+
+    async def _expire_lots(self, report: RecoveryReport) -> None:
+        """Lots past their expiry written off, credits.expiring sent (accounts/lot_expiry.py)."""
+        notice_days = self.settings.credits_expiring_notice_days
+        try:
+            done = await lot_expiry.run_once(self.engine, utcnow(), notice_days)
+        except Exception as exc:  # the database: next run
+            done = lot_expiry.LotsReport(failures=1)
+            log.warning("job_expire_lots_failed", error=_name(exc))
+        report.failures += done.failures
+        report.lots_expired += done.expired
+        if done.failures:
+            JOBS_FAILURES.labels("expire_lots").inc(done.failures)
+        JOBS_ITEMS.labels("expire_lots", "expired").inc(done.expired)
+        JOBS_ITEMS.labels("expire_lots", "notified").inc(done.notified)
 
     async def _redeliver_provider_webhooks(self) -> None:
         """The sandbox's side of Stripe's redelivery (sandbox_webhooks.py); Stripe does its own."""
@@ -360,12 +377,13 @@ def job_queue(settings: Settings) -> App:
             JOBS_RUNS.labels(RECOVER, "failed").inc()
             raise
         JOBS_RUNS.labels(RECOVER, "ok").inc()
-        if report.events or report.purchases or report.expired:
+        if report.events or report.purchases or report.expired or report.lots_expired:
             log.info(
                 "job_recover_done",
                 events=report.events,
                 purchases=report.purchases,
                 expired_holds=report.expired,
+                expired_lots=report.lots_expired,
                 failures=report.failures,
             )
 
