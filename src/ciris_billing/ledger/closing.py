@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, exists, select
+from sqlalchemy import Row, any_, exists, literal, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.db import accounts, lots, reservations, utcnow
@@ -77,7 +77,7 @@ async def _held(conn: AsyncConnection, account_id: str, lot_id: str) -> bool:
     named = exists().where(
         reservations.c.account_id == account_id,
         reservations.c.status == "held",
-        reservations.c.lot_ids.any(lot_id),
+        literal(lot_id) == any_(reservations.c.lot_ids),
     )
     return bool(await conn.scalar(select(named)))
 
