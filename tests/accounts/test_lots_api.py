@@ -8,6 +8,7 @@ they are made: these tests grant, list, void and expire, and never charge.)
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +19,9 @@ from sqlalchemy import select
 from ciris_billing.accounts import lot_expiry
 from ciris_billing.db import accounts, audit_trail, credits, lots
 from tests.support.api import Api, identity, make_settings, running_app
+from tests.support.cli import cli
 from tests.support.events import events_of, types
+from tests.support.servers import service_env
 
 CREDITS = "/v1/billing/credits"
 
@@ -308,3 +311,47 @@ async def test_grant_expiring_in_seconds_expires_through_the_running_job(
         assert [e["data"]["uses"] for e in expired] == [3]
         assert (await api.get(account_path(user))).json()["credits_remaining"] == 0
         await clean(api)
+
+
+async def test_the_cli_twins(api: Api) -> None:
+    user = who("cli")
+    env = service_env(api.database_url)
+    provider, external = user["oauth_provider"], user["external_id"]
+    granted = cli(
+        env, "grant", provider, external, "--uses", "4", "--reason", "Sorry",
+        "--expires-in-days", "10", "--priority", "3",
+    )  # fmt: skip
+    assert granted.returncode == 0, granted.stderr
+    assert "grant: +4 uses (lot lot" in granted.stdout
+    assert "paid uses now 4" in granted.stdout
+    found = json.loads(cli(env, "lots", "list", provider, external, "--json").stdout)["lots"]
+    assert [(lot["kind"], lot["priority"], lot["uses_remaining"]) for lot in found] == [
+        ("promotional", 3, 4),
+        ("free", 100, 3),
+    ]
+    assert found == await listed(api, user)
+    table = cli(env, "lots", "list", f"{provider}/{external}")
+    assert table.returncode == 0, table.stderr
+    assert "Lots of oauth:google/lots-cli@example.com" in table.stdout
+    past = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    refused = cli(
+        env, "grant", provider, external, "--uses", "1", "--reason", "x", "--expires-at", past
+    )
+    assert refused.returncode != 0
+    assert "in the future" in refused.stderr
+    voided = cli(env, "lots", "void", found[0]["lot_id"], "--reason", "Wrong account")
+    assert voided.returncode == 0, voided.stderr
+    assert json.loads(voided.stdout)["uses_voided"] == 4
+    again = cli(env, "lots", "void", found[0]["lot_id"], "--reason", "again")
+    assert again.returncode != 0
+    assert "lot_not_open" in again.stderr
+    everything = json.loads(cli(env, "lots", "list", provider, external, "--all", "--json").stdout)
+    assert [lot["status"] for lot in everything["lots"]] == ["active", "voided"]
+    async with api.engine.connect() as conn:
+        doors = (
+            await conn.execute(
+                select(audit_trail.c.action, audit_trail.c.door).order_by(audit_trail.c.created_at)
+            )
+        ).all()
+    assert [tuple(row) for row in doors] == [("grant", "cli"), ("void_lot", "cli")]
+    await clean(api)

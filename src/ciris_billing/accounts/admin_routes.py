@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -10,7 +9,7 @@ from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
-from ciris_billing.accounts import admin, operator_actions
+from ciris_billing.accounts import admin, lots, operator_actions
 from ciris_billing.accounts.routes import account_body, identity_of, path_identity
 from ciris_billing.accounts.schemas import (
     LOT_TERMS,
@@ -33,7 +32,6 @@ from ciris_billing.deps import (
     run_idempotent,
 )
 from ciris_billing.errors import InvalidRequest, error_responses
-from ciris_billing.ledger.rules import DEFAULT_PRIORITY
 from ciris_billing.observability import log
 from ciris_billing.unit_of_work import UnitOfWork
 
@@ -59,7 +57,7 @@ async def grant_credits(
     key = idempotency.resolve_key(idempotency_key, body.idempotency_key)
     if body.uses == 0:
         raise InvalidRequest("uses must not be 0")
-    terms = grant_terms(body, utcnow())
+    terms = lots.grant_terms(body, utcnow())
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
         done = await operator_actions.grant(
@@ -92,21 +90,6 @@ async def grant_credits(
         if name not in LOT_TERMS or value is not None
     }
     return await run_idempotent(request, work, principal, key, payload, effect)
-
-
-def grant_terms(body: GrantCreate, now: datetime) -> admin.LotTerms:
-    """The lot a grant makes; an expiry not in the future is refused (422)."""
-    expires_at = body.expires_at
-    if body.expires_in_days is not None:
-        expires_at = now + timedelta(days=body.expires_in_days)
-    if expires_at is not None and expires_at <= now:
-        raise InvalidRequest("expires_at must be in the future")
-    return admin.LotTerms(
-        kind=body.kind or "promotional",
-        priority=DEFAULT_PRIORITY if body.priority is None else body.priority,
-        expires_at=expires_at,
-        cost_basis_minor=body.cost_basis_minor,
-    )
 
 
 async def _set_status(

@@ -9,21 +9,39 @@ asked, the closed ones (used, expired, voided, erased: nothing left), newest fir
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import audit_trail
+from ciris_billing.accounts.admin import LotTerms
 from ciris_billing.accounts.lot_expiry import record_closed
+from ciris_billing.accounts.schemas import GrantCreate
 from ciris_billing.accounts.service import Identity, get_account
 from ciris_billing.audit_trail import Entry, Operator, account_state
 from ciris_billing.db import accounts, iso, lots, utcnow
-from ciris_billing.errors import LotNotFound, LotNotOpen
+from ciris_billing.errors import InvalidRequest, LotNotFound, LotNotOpen
 from ciris_billing.ledger.closing import VOID, Closed, Why, close_lot, lot_account
+from ciris_billing.ledger.rules import DEFAULT_PRIORITY
 
 INCLUDE = ("active", "expired", "all")
+
+
+def grant_terms(body: GrantCreate, now: datetime) -> LotTerms:
+    """The lot a grant makes; an expiry not in the future is refused (422)."""
+    expires_at = body.expires_at
+    if body.expires_in_days is not None:
+        expires_at = now + timedelta(days=body.expires_in_days)
+    if expires_at is not None and expires_at <= now:
+        raise InvalidRequest("expires_at must be in the future")
+    return LotTerms(
+        kind=body.kind or "promotional",
+        priority=DEFAULT_PRIORITY if body.priority is None else body.priority,
+        expires_at=expires_at,
+        cost_basis_minor=body.cost_basis_minor,
+    )
 
 
 def lot_body(lot: Row[Any], left: int, status: str) -> dict[str, Any]:
