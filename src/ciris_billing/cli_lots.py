@@ -135,7 +135,7 @@ def lots_void(lot_id: str, reason: str) -> None:
     """Void what the lot has left (uses held by open holds stay theirs)."""
 
     async def work(conn: AsyncConnection) -> dict[str, Any]:
-        closed = await lots.void(conn, cli_operator(), lot_id, reason.strip() or None)
+        closed, _entry = await lots.void(conn, cli_operator(), lot_id, reason.strip() or None)
         return lots.void_body(closed, reason)
 
     click.echo(json.dumps(_in_transaction(work), indent=2))

@@ -64,7 +64,7 @@ async def void_lot(
     key = idempotency.resolve_key(idempotency_key)
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        closed = await lots.void(conn, api_operator(principal), lot_id, body.reason, key)
+        closed, _entry = await lots.void(conn, api_operator(principal), lot_id, body.reason, key)
         log.info("lot_voided", lot_id=lot_id, account_id=closed.account_id, uses=closed.uses)
         return 200, lots.void_body(closed, body.reason)
 

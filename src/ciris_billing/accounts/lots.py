@@ -108,10 +108,12 @@ async def void(
     lot_id: str,
     reason: str | None,
     idempotency_key: str | None = None,
-) -> Closed:
+    request_id: str | None = None,
+) -> tuple[Closed, str]:
     """Void what the lot has left now (uses held by open holds stay theirs: ledger/closing.py),
-    with the audit trail's row, in the caller's transaction. LotNotFound (404), LotNotOpen
-    (409) for a lot already closed or voided."""
+    with the audit trail's row (its id returned; `request_id`: the console confirmation's),
+    in the caller's transaction. LotNotFound (404), LotNotOpen (409) for a lot already closed
+    or voided."""
     account_id = await lot_account(conn, lot_id)
     if account_id is None:
         raise LotNotFound(f"No lot {lot_id}")
@@ -132,8 +134,9 @@ async def void(
         account_state(before),
         account_state(closed.account),
     )
-    await audit_trail.record_action(conn, operator, entry)
-    return closed
+    if request_id is None:
+        return closed, await audit_trail.record_action(conn, operator, entry)
+    return closed, await audit_trail.record(conn, operator, entry, request_id)
 
 
 def void_body(closed: Closed, reason: str | None) -> dict[str, Any]:

@@ -201,6 +201,26 @@ async def _plan_release(state: AppState, work: UnitOfWork, form: dict[str, str])
     )
 
 
+async def _plan_void_lot(state: AppState, work: UnitOfWork, form: dict[str, str]) -> Plan:
+    lot_id = _required(form, "lot_id", "The lot")
+    lot = await queries.lot(await work.connection(), lot_id)
+    if lot is None:
+        raise InvalidRequest(f"No lot {lot_id}")
+    reason = form.get("reason", "").strip()[:500]
+    return Plan(
+        "Void this lot?",
+        [
+            f"Lot: {lot_id} ({lot.kind}, {lot.left} of {lot.uses_granted} uses left, {lot.status})",
+            "What it has left is voided now (one `void` ledger row); uses held by open "
+            "reservations stay theirs. This cannot be undone.",
+            *([f"Reason (on the ledger row): {reason}"] if reason else []),
+        ],
+        {"lot_id": lot_id, "reason": reason},
+        f"/console/accounts/{lot.account_id}",
+        danger=True,
+    )
+
+
 async def _plan_replay(state: AppState, work: UnitOfWork, form: dict[str, str]) -> Plan:
     event_row = _required(form, "event", "The event")
     conn = await work.connection()
@@ -365,6 +385,10 @@ ACTIONS: dict[str, tuple[Planner, Runner]] = {
     "release": (
         _plan_release,
         lambda st, w, s, f, r: actions.release(w, s.operator, f["reservation_id"], r),
+    ),
+    "void_lot": (
+        _plan_void_lot,
+        lambda st, w, s, f, r: actions.void_lot(w, s.operator, f["lot_id"], f.get("reason"), r),
     ),
     "replay": (
         _plan_replay,

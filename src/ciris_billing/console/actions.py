@@ -20,7 +20,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import audit_trail, auth
-from ciris_billing.accounts import admin, reservations
+from ciris_billing.accounts import admin, lots, reservations
 from ciris_billing.accounts.service import Identity
 from ciris_billing.audit_trail import Entry, Operator
 from ciris_billing.console import outgoing, queries
@@ -241,6 +241,17 @@ async def release(
         {"reservation": outcome.reservation.status, **balances(outcome.account)},
     )
     return await _recorded(conn, operator, entry, request_id)
+
+
+async def void_lot(
+    work: UnitOfWork, operator: Operator, lot_id: str, reason: str | None, request_id: str
+) -> Done:
+    """Void what a lot has left: accounts.lots.void (its audit row carries the request id)."""
+    conn = await work.connection()
+    await _unused(conn, request_id)
+    closed, entry_id = await lots.void(conn, operator, lot_id, reason, request_id=request_id)
+    log.info("lot_voided", lot_id=lot_id, account_id=closed.account_id, by="console")
+    return Done(entry_id, closed.account_id)
 
 
 async def replay(
