@@ -60,6 +60,20 @@ def lot_body(lot: Row[Any], left: int, status: str) -> dict[str, Any]:
     }
 
 
+def next_expiry(account: Row[Any], at: datetime) -> tuple[int, datetime] | None:
+    """The soonest expiry among the account's usable lots (its row's wallet) and how many
+    uses expire then; None when nothing left expires."""
+    dated = [
+        (when, int(left))
+        for when, left in zip(account.lot_expires, account.lot_left, strict=True)
+        if when is not None and when > at and left > 0
+    ]
+    if not dated:
+        return None
+    soonest = min(when for when, _ in dated)
+    return sum(left for when, left in dated if when == soonest), soonest
+
+
 def open_status(lot: Row[Any], at: datetime) -> str:
     if lot.voided_at is not None:
         return "voided"
