@@ -1,6 +1,6 @@
 """Background jobs: nothing a customer paid for waits on an operator.
 
-Four kinds of work (the middle two used to need `ciris-billing webhooks replay` and `reconcile`
+Five kinds of work (the retries and reconciliation used to need `ciris-billing webhooks replay` and `reconcile`
 by hand):
 
 - release every reservation held past its expires_at (accounts/reservations.py), so a client
@@ -9,6 +9,9 @@ by hand):
 - retry every stored webhook event that is not handled (its handling failed, or the worker
   died mid-way), with exponential backoff per event (attempts, last error and the next try
   are kept on the event: webhooks/inbox.py);
+- write off the lots past their expires_at (an `expired` movement and `credits.expired`) and
+  send `credits.expiring` once per lot CREDITS_EXPIRING_NOTICE_DAYS before
+  (accounts/lot_expiry.py); an expired lot was unusable from its instant already;
 - ask the provider about every purchase still not final RECONCILE_AFTER_SECONDS after it
   started (a webhook that never came, or never got stored), and apply what it says, with the
   very code `ciris-billing reconcile` runs (payments.service.reconcile_purchase). A purchase
