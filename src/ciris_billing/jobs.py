@@ -1,7 +1,7 @@
 """Background jobs: nothing a customer paid for waits on an operator.
 
-Five kinds of work (the retries and reconciliation used to need `ciris-billing webhooks replay` and `reconcile`
-by hand):
+Five kinds of work (the retries and reconciliation used to need `ciris-billing webhooks
+replay` and `reconcile` by hand):
 
 - release every reservation held past its expires_at (accounts/reservations.py), so a client
   that died mid-interaction gets its uses back within a poll interval (capture after
