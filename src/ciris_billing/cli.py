@@ -41,6 +41,8 @@ from ciris_billing.payments.providers import PaymentConfigurationError, get_paym
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.portal.cli import portal_links as portal_links_commands
 from ciris_billing.serving import TimedHttpToolsProtocol
+from ciris_billing.testclock import store as test_clock
+from ciris_billing.testclock.cli import test_clock_commands
 from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 from ciris_billing.workers import Supervisor, listening_sockets
@@ -109,6 +111,26 @@ def main(ctx: click.Context) -> None:
     embedded = ctx.invoked_subcommand != "db" and not ctx.meta.get("help_only")
     if settings.database_url is None and embedded:
         _use_embedded_postgres(ctx, settings.embedded_postgres_dir)
+    if embedded and ctx.invoked_subcommand not in (None, *FOLLOW_THEIR_OWN_CLOCK):
+        # The command's time rules (a hold's release, a link's lifetime) use the sandbox's test
+        # clock too: read once here, for every command (clock.py).
+        asyncio.run(_load_test_clock())
+
+
+# Commands that read the test clock themselves (`serve`'s and `worker`'s processes follow it)
+# or have no time rule to apply (`migrate`: the table may not exist yet).
+FOLLOW_THEIR_OWN_CLOCK = ("migrate", "serve", "worker", "test-clock")
+
+
+async def _load_test_clock() -> None:
+    settings = get_settings()
+    if not test_clock.is_sandbox(settings):
+        return
+    engine = create_engine(settings)
+    try:
+        await test_clock.load(engine, settings)
+    finally:
+        await engine.dispose()
 
 
 @main.group()
@@ -710,7 +732,8 @@ def worker() -> None:
             f"(payments: {provider.name}); Ctrl-C stops.",
             err=True,
         )
-        await JobWorker(settings, engine, provider).run()
+        async with test_clock.following(engine, settings):  # the sandbox's clock (clock.py)
+            await JobWorker(settings, engine, provider).run()
 
     with contextlib.suppress(KeyboardInterrupt):
         # The worker redelivers the sandbox's webhooks too, into the inbox (local_delivery.py).
@@ -723,6 +746,7 @@ main.add_command(auto_topup_commands)
 main.add_command(lot_commands.grant)
 main.add_command(lot_commands.lots_group)
 main.add_command(portal_links_commands)
+main.add_command(test_clock_commands)
 
 
 if __name__ == "__main__":

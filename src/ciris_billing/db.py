@@ -37,6 +37,7 @@ from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ciris_billing import clock
 from ciris_billing.config import Settings, async_database_url
 from ciris_billing.database_errors import is_read_only
 
@@ -701,6 +702,19 @@ portal_link_revocations = Table(
     Column("revoked_at", Timestamp, nullable=False),
 )
 
+test_clock = Table(
+    "test_clock",
+    metadata,
+    # The sandbox's test clock (clock.py, testclock/): how far the installation's "now" is
+    # ahead of the real time. One row at most (id 1); none means 0. Moves forward only.
+    # updated_at: the real (wall-clock) time of the last advance.
+    Column("id", SmallInteger, primary_key=True, autoincrement=False),
+    Column("offset_seconds", BigInteger, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    CheckConstraint("id = 1", name="one_row"),
+    CheckConstraint("offset_seconds >= 0", name="forward_only"),
+)
+
 console_sessions = Table(
     "console_sessions",
     metadata,
@@ -845,8 +859,8 @@ webhook_deliveries = Table(
 )
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+# The installation's time (clock.py): the real UTC time plus the sandbox's test-clock offset.
+utcnow = clock.now
 
 
 def iso(value: datetime | str) -> str:

@@ -21,12 +21,13 @@ import hashlib
 import hmac
 import json
 import os
-import time
 from collections.abc import Sequence
 from functools import lru_cache
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ciris_billing import clock
 
 MAX_TOKEN_LENGTH = 2048
 _NONCE = 12
@@ -70,6 +71,6 @@ def unseal(secret: bytes, purpose: str, token: str, now: float | None = None) ->
         raise LinkInvalid("not sealed here") from None
     if not isinstance(expires, int) or not all(isinstance(f, str | int) for f in fields):
         raise LinkInvalid("not a token")
-    if expires < (time.time() if now is None else now):
+    if expires < (clock.timestamp() if now is None else now):
         raise LinkExpired("expired")
     return list(fields)

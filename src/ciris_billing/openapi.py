@@ -54,6 +54,8 @@ OPERATION_IDS = {
     "sandbox_authenticate": "sandboxAuthenticatePayment",
     "sandbox_dispute": "sandboxDisputePayment",
     "sandbox_dashboard_refund": "sandboxDashboardRefund",
+    "get_test_clock": "getTestClock",
+    "advance_test_clock": "advanceTestClock",
     # events out
     "create_endpoint": "createWebhookEndpoint",
     "list_endpoints": "listWebhookEndpoints",

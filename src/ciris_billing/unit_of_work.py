@@ -8,7 +8,8 @@ failed request leaves nothing behind.
 The one principled exception is `UnitOfWork.provider_call()`: a transaction is never held while
 the payment provider answers (seconds, or a timeout), so what the request has done so far is
 committed first and the next `connection()` opens a new transaction. It is the only place that
-commits mid-request.
+commits mid-request, besides the sandbox's test-clock advance (testclock/routes.py), which
+commits and then waits for every process to read the new offset before it answers.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class UnitOfWork:
         return self._conn
 
     async def commit(self) -> None:
-        """Commit what was done (the dependency's exit and `provider_call` only)."""
+        """Commit what was done (the dependency's exit, `provider_call` and the test clock's
+        advance only)."""
         conn, self._conn = self._conn, None
         if conn is None:
             return

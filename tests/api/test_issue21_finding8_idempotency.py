@@ -222,6 +222,11 @@ async def _dashboard_refund(api: Api) -> Two:
     return Two(path, {"amount_minor": 100}, path, {"amount_minor": 200})
 
 
+async def _test_clock(api: Api) -> Two:
+    path = "/v1/billing/test_clock/advance"
+    return Two(path, {"seconds": 60}, path, {"seconds": 120})
+
+
 async def _endpoint_create(api: Api) -> Two:
     return Two(HOOKS, {"url": "http://127.0.0.1:9/a"}, HOOKS, {"url": "http://127.0.0.1:9/b"})
 
@@ -280,6 +285,7 @@ CASES: dict[tuple[str, str], Callable[[Api], Awaitable[Two]]] = {
     ("POST", "/v1/billing/sandbox/payment_intents/{payment_id}/dashboard_refund"): (
         _dashboard_refund
     ),
+    ("POST", "/v1/billing/test_clock/advance"): _test_clock,
     ("POST", HOOKS): _endpoint_create,
     ("DELETE", HOOKS + "/{endpoint_id}"): _endpoint_delete,
     ("POST", HOOKS + "/{endpoint_id}/rotate_secret"): _on_endpoint("/rotate_secret"),

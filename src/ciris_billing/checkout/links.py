@@ -8,9 +8,9 @@ the payment provider).
 
 from __future__ import annotations
 
-import time
 from urllib.parse import quote
 
+from ciris_billing import clock
 from ciris_billing.link_tokens import LinkExpired, LinkInvalid, seal, unseal
 
 CHECKOUT_PATH = "/v1/billing/checkout"
@@ -37,7 +37,7 @@ def buy_token(
     """A sealed, expiring token (link_tokens.py: opaque, no personal data readable) naming an
     identity: whoever holds it may start a purchase for that identity (and nothing else).
     Stateless, so a 402 costs no database write."""
-    expires = int((time.time() if now is None else now) + OFFER_LIFETIME_SECONDS)
+    expires = int((clock.timestamp() if now is None else now) + OFFER_LIFETIME_SECONDS)
     return seal(secret, _PURPOSE, [oauth_provider, external_id], expires)
 
 

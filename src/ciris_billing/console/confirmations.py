@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import time
 
+from ciris_billing import clock
 from ciris_billing.console.sessions import same_token
 
 CONFIRMATION_SECONDS = 15 * 60
@@ -39,7 +39,7 @@ def issue(
     now: float | None = None,
 ) -> str:
     """The token the confirmation page carries for this action, its fields and request id."""
-    expires = str(int((time.time() if now is None else now) + CONFIRMATION_SECONDS))
+    expires = str(int((clock.timestamp() if now is None else now) + CONFIRMATION_SECONDS))
     return f"{expires}.{_mac(secret, csrf, action, fields, request_id, expires)}"
 
 
@@ -57,6 +57,6 @@ def valid(
     if not token or len(token) > 200 or "." not in token:
         return False
     expires, mac = token.split(".", 1)
-    if not expires.isdigit() or (time.time() if now is None else now) >= int(expires):
+    if not expires.isdigit() or (clock.timestamp() if now is None else now) >= int(expires):
         return False
     return same_token(_mac(secret, csrf, action, fields, request_id, expires), mac)

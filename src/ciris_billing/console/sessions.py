@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ciris_billing import clock
 from ciris_billing.audit_trail import Operator
 from ciris_billing.auth import Principal
 from ciris_billing.config import Settings
@@ -125,7 +125,7 @@ def login_nonce(secret: bytes, client: str, now: float | None = None) -> str:
     """A new login nonce for the browser at `client` (its address): random, signed with its
     time of issue and that address."""
     random = secrets.token_urlsafe(18)
-    issued = str(int(time.time() if now is None else now))
+    issued = str(int(clock.timestamp() if now is None else now))
     return f"{random}.{issued}.{_nonce_mac(secret, random, issued, client)}"
 
 
@@ -136,7 +136,7 @@ def valid_nonce(secret: bytes, nonce: str | None, client: str, now: float | None
     random, issued, mac = nonce.split(".")
     if not issued.isdigit() or not same_token(_nonce_mac(secret, random, issued, client), mac):
         return False
-    age = (time.time() if now is None else now) - int(issued)
+    age = (clock.timestamp() if now is None else now) - int(issued)
     return 0 <= age < LOGIN_NONCE_SECONDS
 
 

@@ -43,6 +43,7 @@ from sqlalchemy import Row, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import __version__
+from ciris_billing.clock import wall_now
 from ciris_billing.config import Settings
 from ciris_billing.db import events, iso, utcnow, webhook_deliveries, webhook_endpoints
 from ciris_billing.errors import WebhookUrlRefused
@@ -321,12 +322,12 @@ class Deliveries:
             )
             return Attempt(False, error="url_refused")
         body = event_body(_EventView(delivery.type, delivery.event_created_at, delivery.data))
-        # The receiver checks webhook-timestamp against its own clock: the real time of sending
-        # (the injected clock decides only what is due and which secrets are in force).
+        # The receiver checks webhook-timestamp against its own clock: the real time of sending,
+        # never the sandbox's test clock (the injected clock decides only what is due and which
+        # secrets are in force).
+        in_force = endpoint_rules.secrets_in_force(endpoint, now)
         headers = {
-            **signing.headers(
-                endpoint_rules.secrets_in_force(endpoint, now), delivery.event_id, utcnow(), body
-            ),
+            **signing.headers(in_force, delivery.event_id, wall_now(), body),
             "content-type": "application/json",
         }
         if target.host_header is not None:

@@ -17,7 +17,6 @@ when a link is opened.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -26,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ciris_billing import clock
 from ciris_billing.db import portal_link_revocations, utcnow
 from ciris_billing.link_tokens import LinkExpired, LinkInvalid, seal, unseal
 
@@ -65,7 +65,7 @@ def portal_token(
     lifetime_seconds: int = DEFAULT_PORTAL_LINK_SECONDS,
     now: float | None = None,
 ) -> str:
-    moment = time.time() if now is None else now
+    moment = clock.timestamp() if now is None else now
     fields: list[str | int] = [oauth_provider, external_id, scope, int(moment * 1000)]
     return seal(secret, _PURPOSE, fields, int(moment) + lifetime_seconds)
 

@@ -51,6 +51,8 @@ def sign_event(
     secret: str, event_id: str, event_type: str, data_object: dict[str, Any]
 ) -> tuple[bytes, str]:
     """A Stripe-shaped event's body and its Stripe-Signature header."""
+    # The provider's own clock, as Stripe's (the sandbox's test clock moves ours, not its):
+    # wall-clock time, like the signature's timestamp checked against it.
     created = int(time.time())
     event = {
         "id": event_id,

@@ -40,6 +40,7 @@ def verify(
             signatures.append(value)
     if timestamp is None or not signatures:
         return False
+    # Wall-clock time, never the sandbox's test clock: `t` is the sender's real time.
     current = time.time() if now is None else now
     if abs(current - timestamp) > tolerance:
         return False
