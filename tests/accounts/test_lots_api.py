@@ -16,8 +16,10 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
+from ciris_billing import clock
 from ciris_billing.accounts import lot_expiry
 from ciris_billing.db import accounts, audit_trail, credits, lots
+from ciris_billing.jobs import Recovery
 from tests.support.api import Api, identity, make_settings, running_app
 from tests.support.cli import cli
 from tests.support.events import events_of, types
@@ -354,4 +356,29 @@ async def test_the_cli_twins(api: Api) -> None:
             )
         ).all()
     assert [tuple(row) for row in doors] == [("grant", "cli"), ("void_lot", "cli")]
+    await clean(api)
+
+
+async def test_the_test_clock_expires_lots_and_sends_the_notice(api: Api) -> None:
+    """Advance the sandbox's clock past a grant's expiry: the recovery job (the one the queue
+    runs every JOBS_POLL_SECONDS) sends credits.expiring, then writes the lot off."""
+    user = who("clock")
+    lot_id = (await grant(api, user, 2, expires_in_days=10)).json()["lot_id"]
+    try:
+        moved = await api.post("/v1/billing/test_clock/advance", {"seconds": 5 * 86_400}, "admin")
+        assert moved.status_code == 200, moved.text
+        report = await Recovery(api.settings, api.engine, api.state.provider).run_once()
+        assert report.lots_expired == 0
+        assert (
+            types(await events_of(api.engine, user["external_id"])).count("credits.expiring") == 1
+        )
+        moved = await api.post("/v1/billing/test_clock/advance", {"seconds": 6 * 86_400}, "admin")
+        assert moved.status_code == 200, moved.text
+        report = await Recovery(api.settings, api.engine, api.state.provider).run_once()
+        assert report.lots_expired == 1
+    finally:
+        clock.set_offset(0)
+    closed = [lot for lot in await listed(api, user, "all") if lot["lot_id"] == lot_id]
+    assert [(lot["status"], lot["uses_remaining"]) for lot in closed] == [("expired", 0)]
+    assert "credits.expired" in types(await events_of(api.engine, user["external_id"]))
     await clean(api)

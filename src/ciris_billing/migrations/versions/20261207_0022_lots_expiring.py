@@ -1,7 +1,7 @@
 """lots: the expiring notice's marker and the void's instant
 
 Revision ID: 20261207_lots_expiring
-Revises: 20261207_lots
+Revises: 20261207_test_clock
 Create Date: 2026-12-07 18:00:00
 
 Issue 23 item 4: `credits.expiring` goes out once per lot, CREDITS_EXPIRING_NOTICE_DAYS before
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "20261207_lots_expiring"
-down_revision: str | None = "20261207_lots"
+down_revision: str | None = "20261207_test_clock"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
