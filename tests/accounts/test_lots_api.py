@@ -382,3 +382,15 @@ async def test_the_test_clock_expires_lots_and_sends_the_notice(api: Api) -> Non
     assert [(lot["status"], lot["uses_remaining"]) for lot in closed] == [("expired", 0)]
     assert "credits.expired" in types(await events_of(api.engine, user["external_id"]))
     await clean(api)
+
+
+async def test_the_job_pages_through_due_lots(api: Api) -> None:
+    users = [who(f"page-{n}") for n in range(3)]
+    for user in users:
+        await grant(api, user, 1, expires_in_days=1)
+    at = datetime.now(UTC) + timedelta(days=2)
+    report = await lot_expiry.expire_lots(api.engine, at, batch=1)
+    assert (report.expired, report.expired_uses) == (3, 3)
+    for user in users:
+        assert [lot["kind"] for lot in await listed(api, user)] == ["free"]
+    await clean(api)

@@ -35,6 +35,7 @@ from ciris_billing.observability import log
 from ciris_billing.unit_of_work import unit_of_work
 
 BATCH = 200
+PAGES = 5  # at most PAGES * BATCH lots looked at per run (the next run takes the rest)
 
 
 @dataclass
@@ -68,8 +69,15 @@ async def record_closed(conn: AsyncConnection, closed: Closed) -> None:
 async def expire_lots(engine: AsyncEngine, at: datetime, batch: int = BATCH) -> LotsReport:
     """Close the lots due at `at`, one unit of work each."""
     report = LotsReport()
-    async with engine.connect() as conn:
-        due = await due_lots(conn, at, batch)
+    due: list[str] = []
+    after = None
+    for _ in range(PAGES):
+        async with engine.connect() as conn:
+            page = await due_lots(conn, at, batch, after)
+        due += [lot_id for _due, lot_id in page]
+        if len(page) < batch:
+            break
+        after = page[-1]
     for lot_id in due:
         try:
             async with unit_of_work(engine) as work:

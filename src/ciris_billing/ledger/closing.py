@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, any_, exists, literal, select
+from sqlalchemy import Row, any_, exists, literal, select, tuple_, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing.db import accounts, lots, reservations, utcnow
@@ -82,6 +82,21 @@ async def _held(conn: AsyncConnection, account_id: str, lot_id: str) -> bool:
     return bool(await conn.scalar(select(named)))
 
 
+async def _waiting(conn: AsyncConnection, account_id: str, lot_id: str) -> bool:
+    """An expired (or voided) lot with nothing left whose open holds still name it: nothing to
+    write until they end, so the job neither locks the account nor writes (read without a
+    lock: a hold ending meanwhile is seen by the next run)."""
+    row = (
+        await conn.execute(
+            select(accounts.c.lot_ids, accounts.c.lot_left).where(accounts.c.id == account_id)
+        )
+    ).one()
+    ids = list(row.lot_ids)
+    if lot_id not in ids or int(row.lot_left[ids.index(lot_id)]) > 0:
+        return False
+    return await _held(conn, account_id, lot_id)
+
+
 async def close_lot(
     conn: AsyncConnection, lot_id: str, why: Why, at: datetime | None = None
 ) -> Closed | None:
@@ -91,6 +106,8 @@ async def close_lot(
     at = at or utcnow()
     account_id = await lot_account(conn, lot_id)
     if account_id is None:
+        return None
+    if why.kind == EXPIRED and await _waiting(conn, account_id, lot_id):
         return None
     wallet = await lock_wallet(conn, account_id)
     # Read after the account's lock: a close that committed meanwhile is seen.
@@ -174,21 +191,29 @@ async def _store(
     ).one()
 
 
-async def due_lots(conn: AsyncConnection, at: datetime, limit: int) -> list[str]:
-    """Open lots the expiry job must close: expired at `at` (ix_lots_open_expires_at), or
-    voided while held (ix_lots_open_voided_at); oldest expiry first."""
-    expired = (
-        select(lots.c.id, lots.c.expires_at.label("due"))
-        .where(lots.c.status == "active", lots.c.expires_at <= at)
-        .order_by(lots.c.expires_at)
-        .limit(limit)
+Due = tuple[datetime, str]
+
+
+async def due_lots(
+    conn: AsyncConnection, at: datetime, limit: int, after: Due | None = None
+) -> list[Due]:
+    """Open lots the expiry job must close, as (due, lot id), in that order, after `after` (a
+    run pages through them: lots still held at their expiry never hide the next ones):
+    expired at `at` (ix_lots_open_expires_at), or voided while held (ix_lots_open_voided_at)."""
+
+    def page(due: Any, *where: Any) -> Any:
+        query = select(lots.c.id, due.label("due")).where(lots.c.status == "active", *where)
+        if after is not None:
+            query = query.where(
+                tuple_(due, lots.c.id) > tuple_(literal(after[0]), literal(after[1]))
+            )
+        return query.order_by(due, lots.c.id).limit(limit)
+
+    union = union_all(
+        page(lots.c.expires_at, lots.c.expires_at <= at),
+        page(lots.c.voided_at, lots.c.voided_at.is_not(None)),
+    ).subquery()
+    rows = await conn.execute(
+        select(union.c.due, union.c.id).distinct().order_by(union.c.due, union.c.id).limit(limit)
     )
-    voided = (
-        select(lots.c.id, lots.c.voided_at.label("due"))
-        .where(lots.c.status == "active", lots.c.voided_at.is_not(None))
-        .order_by(lots.c.voided_at)
-        .limit(limit)
-    )
-    union = expired.union(voided).subquery()
-    rows = await conn.execute(select(union.c.id).order_by(union.c.due, union.c.id).limit(limit))
-    return [row.id for row in rows]
+    return [(row.due, row.id) for row in rows]
