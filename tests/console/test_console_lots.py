@@ -53,3 +53,30 @@ async def test_the_account_page_lists_lots_and_voids_one(api: Api, console: Cons
     unknown = await console.confirmation("void_lot", {"lot_id": "lot_nope"})
     assert "No lot lot_nope" in unknown.text
     assert (await api.audit()).clean
+
+
+async def test_a_console_grant_may_expire(api: Api, console: Console) -> None:
+    await balance(api)
+    account = await account_of(api)
+    page = await console.confirmation(
+        "grant", {"account_id": account.id, "uses": "4", "reason": "trial", "expires_in_days": "7"}
+    )
+    assert page.status_code == 200
+    assert "They expire in 7 days" in page.text
+    done = await console.confirm("grant", page.text)
+    assert done.status_code == 303
+    lots = (
+        await api.get(f"/v1/billing/accounts/{USER['oauth_provider']}/{USER['external_id']}/lots")
+    ).json()["lots"]
+    assert [(lot["kind"], lot["uses_remaining"]) for lot in lots] == [
+        ("promotional", 4),
+        ("free", 3),
+    ]
+    assert lots[0]["expires_at"] is not None
+    [entry] = await trail(api.engine, account.id)
+    assert entry.detail["lot_id"] == lots[0]["lot_id"]
+    refused = await console.confirmation(
+        "grant", {"account_id": account.id, "uses": "-1", "reason": "x", "expires_in_days": "7"}
+    )
+    assert "for a grant only" in refused.text
+    assert (await api.audit()).clean
