@@ -438,3 +438,22 @@ async def test_void_of_a_held_lot_voids_what_is_left_and_the_job_the_rest(api: A
     assert [tuple(row) for row in rows] == [("void", [-3]), ("void", [-2])]
     assert "credits.expired" not in types(await events_of(api.engine, user["external_id"]))
     await clean(api)
+
+
+async def test_voiding_the_free_lot_takes_free_uses(api: Api) -> None:
+    user = who("void-free")
+    await api.post("/v1/billing/accounts", user)
+    [free] = await listed(api, user)
+    assert (free["kind"], free["source"], free["uses_remaining"]) == ("free", "free_grant", 3)
+    voided = await api.post(f"/v1/billing/lots/{free['lot_id']}/void", {}, "admin")
+    assert voided.json()["uses_voided"] == 3
+    account = (await api.get(account_path(user))).json()
+    assert (account["free_uses_remaining"], account["credits_remaining"]) == (0, 0)
+    ledger = (await api.get("/v1/billing/transactions", **user)).json()["transactions"]
+    assert (ledger[0]["kind"], ledger[0]["free_uses_delta"], ledger[0]["paid_uses_delta"]) == (
+        "void",
+        -3,
+        0,
+    )
+    assert await listed(api, user) == []
+    await clean(api)

@@ -122,8 +122,8 @@ async def close_lot(
     kind = VOID if voided else why.kind
     slot = wallet.ids.index(lot_id) if lot_id in wallet.ids else None
     left = 0 if slot is None else int(wallet.left[slot])
+    free = left if slot is not None and wallet.kinds[slot] == KIND_RANK["free"] else 0
     if left:
-        free = left if wallet.kinds[slot or 0] == KIND_RANK["free"] else 0
         await write_credit(
             conn,
             account_id=account_id,
@@ -137,8 +137,6 @@ async def close_lot(
             lot_ids=[lot_id],
             lot_uses=[-left],
         )
-    else:
-        free = 0
     removed = not await _held(conn, account_id, lot_id)
     if slot is not None:
         wallet.left[slot] = 0
