@@ -456,4 +456,8 @@ async def test_voiding_the_free_lot_takes_free_uses(api: Api) -> None:
         0,
     )
     assert await listed(api, user) == []
+    exported = await api.http.get(f"{account_path(user)}/export", headers=api.headers("admin"))
+    assert [(lot["id"], lot["status"]) for lot in exported.json()["lots"]] == [
+        (free["lot_id"], "voided")
+    ]
     await clean(api)

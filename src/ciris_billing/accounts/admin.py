@@ -29,6 +29,7 @@ from ciris_billing.db import (
     events,
     idempotency_keys,
     iso,
+    lots,
     purchases,
     reservations,
     utcnow,
@@ -411,6 +412,7 @@ async def export(conn: AsyncConnection, identity: Identity) -> dict[str, Any]:
         "purchases": purchase_rows,
         "disputes": dispute_rows,
         "reservations": await rows(reservations, reservations.c.created_at),
+        "lots": await rows(lots, lots.c.created_at),
     }
 
 
