@@ -26,6 +26,7 @@ from ciris_billing.accounts.hot.holds import CaptureStore, HoldStore
 from ciris_billing.accounts.hot.pool import StatementPool
 from ciris_billing.accounts.hot.reader import AccountReader
 from ciris_billing.accounts.hot.writer import ChargeStore
+from ciris_billing.accounts.lot_routes import router as lots_router
 from ciris_billing.accounts.reservation_routes import router as reservations_router
 from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.auth import API_KEY_HEADER, BEARER, KeyStore, chosen_key, same_secret
@@ -197,6 +198,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(accounts_router)
     app.include_router(reservations_router)
     app.include_router(admin_router)
+    app.include_router(lots_router)
     app.include_router(auto_topup_router)
     app.include_router(payments_router)
     app.include_router(sandbox_router)

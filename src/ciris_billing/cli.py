@@ -20,6 +20,7 @@ import click
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import audit_trail, auth, installation
+from ciris_billing import cli_lots as lot_commands
 from ciris_billing.accounts import admin, operator_actions
 from ciris_billing.accounts import reservations as held
 from ciris_billing.audit import AuditReport, PurchaseFinding, audit_payments
@@ -39,7 +40,6 @@ from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers import PaymentConfigurationError, get_payment_provider
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.portal.cli import portal_links as portal_links_commands
-from ciris_billing.pricing import Pricing
 from ciris_billing.serving import TimedHttpToolsProtocol
 from ciris_billing.testclock import store as test_clock
 from ciris_billing.testclock.cli import test_clock_commands
@@ -566,27 +566,6 @@ def _reservation_json(row: Any) -> dict[str, Any]:
 @main.command()
 @click.argument("oauth_provider")
 @click.argument("external_id")
-@click.option("--uses", required=True, type=int, help="Positive grants; negative takes back")
-@click.option("--reason", required=True)
-def grant(oauth_provider: str, external_id: str, uses: int, reason: str) -> None:
-    """Grant (or with negative --uses, take back) paid uses, with a reason."""
-    if uses == 0:
-        raise click.BadParameter("must not be 0", param_hint="--uses")
-    identity = parse_identity((oauth_provider, external_id))
-    pricing = Pricing.from_settings(get_settings())
-    done = _run_operator(
-        _with_connection_async(
-            lambda conn: operator_actions.grant(
-                conn, cli_operator(), identity, uses, reason, pricing
-            )
-        )
-    )
-    click.echo(f"{done.kind}: {uses:+d} uses; paid uses now {done.account.paid_uses_remaining}.")
-
-
-@main.command()
-@click.argument("oauth_provider")
-@click.argument("external_id")
 @click.option("--reason", default=None)
 def suspend(oauth_provider: str, external_id: str, reason: str | None) -> None:
     """Suspend an account: its charges are refused until reactivated."""
@@ -767,6 +746,8 @@ def worker() -> None:
 for _command in (*COMMANDS, webhook_endpoints, low_balance_threshold):
     main.add_command(_command)
 main.add_command(auto_topup_commands)
+main.add_command(lot_commands.grant)
+main.add_command(lot_commands.lots_group)
 main.add_command(portal_links_commands)
 main.add_command(test_clock_commands)
 

@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     # Events out (events/): balance.low fires when an account's available uses cross below
     # this (an account may have its own threshold).
     low_balance_threshold_uses: int = Field(default=3, ge=0, le=1_000_000)
+    # Lots (issue 23): credits.expiring goes out this many days before a lot expires (0: never).
+    credits_expiring_notice_days: int = Field(default=7, ge=0, le=366)
     # Auto top-up (autotopup/): at most this many off-session payments per account and
     # calendar month (UTC), whatever their outcome.
     auto_topup_max_per_month: int = Field(default=10, ge=0, le=1000)

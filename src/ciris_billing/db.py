@@ -330,6 +330,11 @@ lots = Table(
     Column("status", String(16), nullable=False, server_default=text("'active'")),
     Column("closed_at", Timestamp),
     Column("created_at", Timestamp, nullable=False),
+    # When credits.expiring went out for it (once per lot: accounts/lot_expiry.py).
+    Column("expiring_notified_at", Timestamp),
+    # When an operator voided it: what was left then was voided at once; a lot that open holds
+    # still name stays in its wallet, unusable from then on, until the expiry job closes it.
+    Column("voided_at", Timestamp),
     CheckConstraint("kind IN ('free', 'promotional', 'paid')", name="kind_known"),
     CheckConstraint(
         "status IN (" + ", ".join(f"'{s}'" for s in LOT_STATUSES) + ")", name="status_known"
@@ -350,6 +355,12 @@ lots = Table(
         "ix_lots_open_expires_at",
         "expires_at",
         postgresql_where=text("status = 'active' AND expires_at IS NOT NULL"),
+    ),
+    # ...and voided lots still in a wallet (open holds named them).
+    Index(
+        "ix_lots_open_voided_at",
+        "voided_at",
+        postgresql_where=text("status = 'active' AND voided_at IS NOT NULL"),
     ),
 )
 

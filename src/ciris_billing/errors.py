@@ -212,6 +212,18 @@ class WebhookUrlRefused(BillingError):
     code = "webhook_url_refused"
 
 
+class LotNotFound(BillingError):
+    status_code = 404
+    code = "lot_not_found"
+
+
+class LotNotOpen(BillingError):
+    """A void of a lot already closed (used up, expired, voided or erased)."""
+
+    status_code = 409
+    code = "lot_not_open"
+
+
 class FieldError(BaseModel):
     """One problem with the request (a 422 `validation_error` lists them in `errors`)."""
 

@@ -1,7 +1,7 @@
 """Background jobs: nothing a customer paid for waits on an operator.
 
-Four kinds of work (the middle two used to need `ciris-billing webhooks replay` and `reconcile`
-by hand):
+Five kinds of work (the retries and reconciliation used to need `ciris-billing webhooks
+replay` and `reconcile` by hand):
 
 - release every reservation held past its expires_at (accounts/reservations.py), so a client
   that died mid-interaction gets its uses back within a poll interval (capture after
@@ -9,6 +9,9 @@ by hand):
 - retry every stored webhook event that is not handled (its handling failed, or the worker
   died mid-way), with exponential backoff per event (attempts, last error and the next try
   are kept on the event: webhooks/inbox.py);
+- write off the lots past their expires_at (an `expired` movement and `credits.expired`) and
+  send `credits.expiring` once per lot CREDITS_EXPIRING_NOTICE_DAYS before
+  (accounts/lot_expiry.py); an expired lot was unusable from its instant already;
 - ask the provider about every purchase still not final RECONCILE_AFTER_SECONDS after it
   started (a webhook that never came, or never got stored), and apply what it says, with the
   very code `ciris-billing reconcile` runs (payments.service.reconcile_purchase). A purchase
@@ -64,7 +67,7 @@ from procrastinate.manager import JobManager
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ciris_billing.accounts import reservations
+from ciris_billing.accounts import lot_expiry, reservations
 from ciris_billing.autotopup import cards, topups
 from ciris_billing.config import Settings
 from ciris_billing.db import purchases, utcnow, webhook_events
@@ -104,6 +107,7 @@ class RecoveryReport:
     events: dict[str, int] = field(default_factory=dict)
     purchases: dict[str, int] = field(default_factory=dict)
     expired: int = 0
+    lots_expired: int = 0
     failures: int = 0
 
     def count(self, kind: dict[str, int], outcome: str) -> None:
@@ -121,6 +125,7 @@ class Recovery:
     async def run_once(self) -> RecoveryReport:
         report = RecoveryReport()
         await self.expire_holds(report)
+        await self._expire_lots(report)
         await self._redeliver_provider_webhooks()
         await self._retry_events(report)
         await self._reconcile_purchases(report)
@@ -168,6 +173,21 @@ class Recovery:
                     account_id=account_id,
                     uses=int(held.uses),
                 )
+
+    async def _expire_lots(self, report: RecoveryReport) -> None:
+        """Lots past their expiry written off, credits.expiring sent (accounts/lot_expiry.py)."""
+        notice_days = self.settings.credits_expiring_notice_days
+        try:
+            done = await lot_expiry.run_once(self.engine, utcnow(), notice_days)
+        except Exception as exc:  # the database: next run
+            done = lot_expiry.LotsReport(failures=1)
+            log.warning("job_expire_lots_failed", error=_name(exc))
+        report.failures += done.failures
+        report.lots_expired += done.expired
+        if done.failures:
+            JOBS_FAILURES.labels("expire_lots").inc(done.failures)
+        JOBS_ITEMS.labels("expire_lots", "expired").inc(done.expired)
+        JOBS_ITEMS.labels("expire_lots", "notified").inc(done.notified)
 
     async def _redeliver_provider_webhooks(self) -> None:
         """The sandbox's side of Stripe's redelivery (sandbox_webhooks.py); Stripe does its own."""
@@ -360,12 +380,13 @@ def job_queue(settings: Settings) -> App:
             JOBS_RUNS.labels(RECOVER, "failed").inc()
             raise
         JOBS_RUNS.labels(RECOVER, "ok").inc()
-        if report.events or report.purchases or report.expired:
+        if report.events or report.purchases or report.expired or report.lots_expired:
             log.info(
                 "job_recover_done",
                 events=report.events,
                 purchases=report.purchases,
                 expired_holds=report.expired,
+                expired_lots=report.lots_expired,
                 failures=report.failures,
             )
 

@@ -34,6 +34,9 @@ OPERATION_IDS = {
     "set_low_balance_threshold": "setLowBalanceThreshold",
     "export_account": "exportAccount",
     "erase_account": "eraseAccount",
+    # lots
+    "list_lots": "listLots",
+    "void_lot": "voidLot",
     "get_auto_topup": "getAutoTopup",
     "put_auto_topup": "updateAutoTopup",
     "delete_auto_topup": "deleteAutoTopup",

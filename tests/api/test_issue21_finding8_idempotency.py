@@ -135,6 +135,17 @@ async def _grant(api: Api) -> Two:
     )
 
 
+async def _void_lot(api: Api) -> Two:
+    paths = []
+    for _ in range(2):
+        user = await account(api)
+        granted = await api.post(
+            "/v1/billing/credits", {**user, "uses": 3, "reason": "a"}, scope="admin"
+        )
+        paths.append(f"/v1/billing/lots/{granted.json()['lot_id']}/void")
+    return Two(paths[0], {"reason": "a"}, paths[1], {"reason": "a"})
+
+
 async def _suspend(api: Api) -> Two:
     path = f"{acct(await account(api))}/suspend"
     return Two(path, {"reason": "a"}, path, {"reason": "b"})
@@ -252,6 +263,7 @@ CASES: dict[tuple[str, str], Callable[[Api], Awaitable[Two]]] = {
     ("POST", "/v1/billing/reservations/{reservation_id}/capture"): _capture,
     ("POST", "/v1/billing/reservations/{reservation_id}/release"): _release,
     ("POST", "/v1/billing/credits"): _grant,
+    ("POST", "/v1/billing/lots/{lot_id}/void"): _void_lot,
     ("POST", "/v1/billing/accounts/{oauth_provider}/{external_id}/suspend"): _suspend,
     ("POST", "/v1/billing/accounts/{oauth_provider}/{external_id}/reactivate"): _reactivate,
     ("PUT", "/v1/billing/accounts/{oauth_provider}/{external_id}/low_balance_threshold"): (

@@ -104,6 +104,32 @@ async def test_check_charge_and_ledger_are_typed(billing: InProcess) -> None:
     assert (missing.value.status, missing.value.code) == (404, "account_not_found")
 
 
+async def test_lots_are_typed(billing: InProcess) -> None:
+    client, who = billing.client(), user()
+    await client.check(GOOGLE, who)
+    async with httpx.AsyncClient(transport=billing.network.app, base_url=BASE) as http:
+        granted = await http.post(
+            "/v1/billing/credits",
+            json={"oauth_provider": GOOGLE, "external_id": who, "uses": 4, "reason": "promo",
+                  "priority": 1, "expires_in_days": 30},
+            headers={"X-API-Key": billing.keys["admin"]},
+        )  # fmt: skip
+    assert granted.status_code == 201, granted.text
+    found = await client.lots(GOOGLE, who)
+    assert [(lot.kind, lot.uses_remaining, lot.priority, lot.status) for lot in found] == [
+        ("promotional", 4, 1, "active"),
+        ("free", 3, 100, "active"),
+    ]
+    assert (found[0].lot_id, found[0].expires_at) == (
+        granted.json()["lot_id"],
+        granted.json()["expires_at"],
+    )
+    assert found[1].expires_at is None
+    assert len(await client.lots(GOOGLE, who, include="all")) == 2
+    with pytest.raises(NotFoundError):
+        await client.lots(GOOGLE, user())
+
+
 async def test_402_raises_purchase_required_with_the_offer(billing: InProcess) -> None:
     client, who = billing.client(), user()
     for _ in range(3):

@@ -44,16 +44,6 @@ LEDGER_TABLES = {"credits", "charges", "lots"}
 
 # module (relative to src/ciris_billing) -> why it may still write. Only shrinks.
 ALLOWED: dict[str, str] = {
-    # The hot half (issue 23, helper `hot`): the charge and hold statements move into
-    # ledger/statements.py; until then these render them.
-    "accounts/hot/writer.py": "hot path: the charge statements (moving to ledger/statements.py)",
-    "accounts/hot/holds.py": "hot path: the hold statements (moving to ledger/statements.py)",
-    "accounts/reservations.py": "hold capture/release/expiry (moving to ledger/statements.py)",
-    # Issue 21 finding 2's uses owed to a dispute, held when a reservation ends: the caller
-    # (accounts/reservations.py) moves the counters itself before giving uses back. Its
-    # replacement through the core, disputes.hold_owed_uses, takes over when the hold
-    # transitions give uses back to their lots (hot).
-    "payments/disputes.py": "owed_to_disputes, called by accounts/reservations.py (hot)",
     # Creates the account row with its counters at 0; the lots then fill them through
     # ledger/wallet.py add_lot. (No uses are written here.)
     "accounts/service.py": "the new account's row, counters 0 (ledger/wallet.py fills them)",

@@ -10,6 +10,7 @@ const CHECK = "/v1/billing/credits/check";
 const CHARGES = "/v1/billing/charges";
 const PURCHASES = "/v1/billing/purchases";
 const TRANSACTIONS = "/v1/billing/transactions";
+const ACCOUNTS = "/v1/billing/accounts";
 const RESERVATIONS = "/v1/billing/reservations";
 export const VERSION = "0.1.0";
 
@@ -265,6 +266,12 @@ export class BillingClient {
   async transactions(oauthProvider, externalId, { limit = 50, offset = 0 } = {}) {
     const params = { oauth_provider: oauthProvider, external_id: externalId, limit, offset };
     return (await this._call({ method: "GET", path: TRANSACTIONS, params })).data;
+  }
+
+  /** The account's lots: open ones in consumption order (include: "expired" adds closed). */
+  async lots(oauthProvider, externalId, { include = "active" } = {}) {
+    const path = `${ACCOUNTS}/${seg(oauthProvider)}/${seg(externalId)}/lots`;
+    return (await this._call({ method: "GET", path, params: { include } })).data;
   }
 
   // -- holds (reserve before, capture after); always fail closed -------------------------

@@ -168,6 +168,26 @@ export interface TransactionsOut {
   has_more: boolean;
 }
 
+/** @schema LotOut */
+export interface LotOut {
+  lot_id: string;
+  kind: "free" | "promotional" | "paid";
+  uses_granted: number;
+  uses_remaining: number;
+  priority: number;
+  expires_at: string | null;
+  source: string;
+  created_at: string;
+  status: "active" | "expired" | "voided" | "used" | "erased";
+  cost_basis_minor: number | null;
+  closed_at: string | null;
+}
+
+/** @schema LotsOut */
+export interface LotsOut {
+  lots: LotOut[];
+}
+
 /** @schema FieldError */
 export interface FieldError {
   field: string;
@@ -291,6 +311,12 @@ export declare class BillingClient {
     externalId: string,
     options?: { limit?: number; offset?: number },
   ): Promise<TransactionsOut>;
+  /** Open lots in consumption order; `include: "expired"` (or "all") adds the closed ones. */
+  lots(
+    oauthProvider: string,
+    externalId: string,
+    options?: { include?: "active" | "expired" | "all" },
+  ): Promise<LotsOut>;
 
   /** Runs `fn` with the hold; releases it if `fn` throws or returns without capturing. */
   reserve<T>(oauthProvider: string, externalId: string, options: ReserveOptions, fn: (hold: Hold) => Promise<T>): Promise<T>;

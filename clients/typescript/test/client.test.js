@@ -278,3 +278,19 @@ test("verifyWebhook accepts the service's own signed delivery and refuses a tamp
     await new Promise((resolve) => receiver.close(resolve));
   }
 });
+
+test("lots: open ones in consumption order, closed ones on asking", async () => {
+  const client = billing();
+  const who = user();
+  const granted = await fetch(`${BASE}/v1/billing/credits`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "X-API-Key": ADMIN },
+    body: JSON.stringify({ oauth_provider: GOOGLE, external_id: who, uses: 4, reason: "promo", priority: 1, expires_in_days: 30 }),
+  }).then((r) => r.json());
+  const { lots } = await client.lots(GOOGLE, who);
+  assert.deepEqual(lots.map((l) => [l.kind, l.uses_remaining, l.priority]), [["promotional", 4, 1], ["free", 3, 100]]);
+  assert.equal(lots[0].lot_id, granted.lot_id);
+  assert.equal(lots[0].expires_at, granted.expires_at);
+  const all = await client.lots(GOOGLE, who, { include: "all" });
+  assert.equal(all.lots.length, 2);
+});

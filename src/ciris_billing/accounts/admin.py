@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, select
@@ -28,6 +29,7 @@ from ciris_billing.db import (
     events,
     idempotency_keys,
     iso,
+    lots,
     purchases,
     reservations,
     utcnow,
@@ -37,6 +39,7 @@ from ciris_billing.errors import AccountNotFound, AdjustmentBelowZero
 from ciris_billing.events.outbox import record_available_change, threshold_of
 from ciris_billing.ledger import moves
 from ciris_billing.ledger.moves import PAID_KINDS, erase_wallet, take_in_order
+from ciris_billing.ledger.rules import DEFAULT_PRIORITY, LotKind
 from ciris_billing.ledger.wallet import Credit, NewLot, add_lot
 from ciris_billing.pricing import Pricing
 
@@ -46,6 +49,29 @@ class Grant:
     account: Row[Any]
     uses: int
     kind: str
+    lot_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LotTerms:
+    """A grant's lot: its kind (`promotional`, or `paid` with a per-use cost basis), its
+    priority and when it expires (None: never)."""
+
+    kind: LotKind = "promotional"
+    priority: int = DEFAULT_PRIORITY
+    expires_at: datetime | None = None
+    cost_basis_minor: int | None = None
+
+    def lot(self, uses: int) -> NewLot:
+        paid = self.kind == "paid" and self.cost_basis_minor is not None
+        return NewLot(
+            kind=self.kind,
+            uses=uses,
+            source="grant",
+            priority=self.priority,
+            expires_at=self.expires_at,
+            amount_minor=(self.cost_basis_minor or 0) * uses if paid else 0,
+        )
 
 
 async def grant(
@@ -57,6 +83,7 @@ async def grant(
     idempotency_key: str | None = None,
     *,
     api_key_id: str | None = None,
+    terms: LotTerms = LotTerms(),
 ) -> Grant:
     """Add (grant) or remove (adjustment) paid uses, with the reason on the ledger row.
 
@@ -66,13 +93,13 @@ async def grant(
     now; AdjustmentBelowZero when they hold fewer."""
     account, _ = await ensure_account(conn, identity, pricing)
     if uses > 0:
-        # A grant is a promotional lot (ledger/wallet.py): the credits row, the lot, the
-        # wallet in order and the counters, under the account's lock.
+        # A grant is a lot (ledger/wallet.py): the credits row, the lot, the wallet in order
+        # and the counters, under the account's lock.
         kind = "grant"
-        await add_lot(
+        lot_id = await add_lot(
             conn,
             account.id,
-            NewLot(kind="promotional", uses=uses, source="grant"),
+            terms.lot(uses),
             Credit(
                 kind=kind,
                 currency=account.currency,
@@ -90,7 +117,7 @@ async def grant(
             )
         ).one()
         await record_available_change(conn, granted, uses)
-        return Grant(await get_account(conn, identity), uses, kind)
+        return Grant(await get_account(conn, identity), uses, kind, lot_id)
     # A negative adjustment takes from the promotional and paid lots (never the free uses), in
     # the consumption order, skipping lots expired now: one `adjustment` row naming them.
     # Safe: take_in_order locks the account's row (its wallet) first, and no lot can go below 0.
@@ -393,6 +420,7 @@ async def export(conn: AsyncConnection, identity: Identity) -> dict[str, Any]:
         "purchases": purchase_rows,
         "disputes": dispute_rows,
         "reservations": await rows(reservations, reservations.c.created_at),
+        "lots": await rows(lots, lots.c.created_at),
     }
 
 

@@ -9,9 +9,10 @@ from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import idempotency
-from ciris_billing.accounts import admin, operator_actions
+from ciris_billing.accounts import admin, lots, operator_actions
 from ciris_billing.accounts.routes import account_body, identity_of, path_identity
 from ciris_billing.accounts.schemas import (
+    LOT_TERMS,
     AccountOut,
     GrantCreate,
     LowBalanceThreshold,
@@ -21,6 +22,7 @@ from ciris_billing.accounts.service import Identity
 from ciris_billing.audit_trail import api_operator
 from ciris_billing.auth import Principal
 from ciris_billing.autotopup import cards
+from ciris_billing.db import iso, utcnow
 from ciris_billing.deps import (
     AdminKey,
     IdempotencyKeyHeader,
@@ -48,10 +50,14 @@ async def grant_credits(
     principal: AdminKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    """Grant (uses > 0) or take back (uses < 0) paid uses, with a reason; never below zero."""
+    """Grant (uses > 0) or take back (uses < 0) paid uses, with a reason; never below zero.
+    A grant is a lot: `promotional` unless `paid` with `cost_basis_minor`, consumed by
+    `priority` (lower first, default 100) and expiry (`expires_at` or `expires_in_days`;
+    default never); the answer names it (`lot_id`)."""
     key = idempotency.resolve_key(idempotency_key, body.idempotency_key)
     if body.uses == 0:
         raise InvalidRequest("uses must not be 0")
+    terms = lots.grant_terms(body, utcnow())
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
         done = await operator_actions.grant(
@@ -62,16 +68,27 @@ async def grant_credits(
             body.reason,
             state.pricing,
             key,
+            terms,
         )
         log.info("credits_granted", account_id=done.account.id, uses=body.uses, kind=done.kind)
+        lot = done.lot_id is not None
         return 201, {
             "kind": done.kind,
             "uses": done.uses,
             "reason": body.reason,
+            "lot_id": done.lot_id,
+            "lot_kind": terms.kind if lot else None,
+            "priority": terms.priority if lot else None,
+            "expires_at": iso(terms.expires_at) if lot and terms.expires_at else None,
             "account": account_body(done.account),
         }
 
-    payload = body.model_dump(mode="json", exclude={"idempotency_key"})
+    # The lot's terms count only when given: a request of before them keeps its fingerprint.
+    payload = {
+        name: value
+        for name, value in body.model_dump(mode="json", exclude={"idempotency_key"}).items()
+        if name not in LOT_TERMS or value is not None
+    }
     return await run_idempotent(request, work, principal, key, payload, effect)
 
 

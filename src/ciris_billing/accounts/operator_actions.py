@@ -26,17 +26,34 @@ async def grant(
     reason: str,
     pricing: Pricing,
     idempotency_key: str | None = None,
+    terms: admin.LotTerms = admin.LotTerms(),
 ) -> admin.Grant:
-    """Grant (uses > 0) or take back (uses < 0) paid uses; the ledger row carries the API key."""
+    """Grant (uses > 0: a lot on `terms`) or take back (uses < 0) paid uses; the ledger row
+    carries the API key."""
     before = await find_account(conn, identity)
     done = await admin.grant(
-        conn, identity, uses, reason, pricing, idempotency_key, api_key_id=operator.key_id
+        conn,
+        identity,
+        uses,
+        reason,
+        pricing,
+        idempotency_key,
+        api_key_id=operator.key_id,
+        terms=terms,
     )
+    detail: dict[str, Any] = {"uses": uses, "reason": reason}
+    if done.lot_id is not None:
+        detail |= {
+            "lot_id": done.lot_id,
+            "lot_kind": terms.kind,
+            "priority": terms.priority,
+            "expires_at": terms.expires_at.isoformat() if terms.expires_at else None,
+        }
     entry = Entry(
         "grant" if uses > 0 else "adjust",
         done.account.id,
         None,
-        {"uses": uses, "reason": reason},
+        detail,
         {} if before is None else account_state(before),
         account_state(done.account),
     )

@@ -175,7 +175,7 @@ async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
         now=now,
         why=won.id,
         spent=uses,
-        to_disputes=disputes.owed_to_disputes,
+        to_disputes=disputes.hold_owed_uses,
     )
     charge = await ledger_holds.write_capture(
         conn,
@@ -285,7 +285,7 @@ async def _give_back(
     why = ", ".join(r.id for r in held)
     ending = [ledger_holds.Ending(r, [int(u) for u in r.lot_uses]) for r in held]
     return await ledger_holds.end_holds(
-        conn, account_id, ending, now=now, why=why, to_disputes=disputes.owed_to_disputes
+        conn, account_id, ending, now=now, why=why, to_disputes=disputes.hold_owed_uses
     )
 
 

@@ -6,12 +6,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
     StrictInt,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 from ciris_billing.request_body import RequestBody
@@ -218,12 +220,57 @@ Reason = Annotated[
 ]
 
 
+# A grant's lot terms (issue 23): fields a negative adjustment may not carry.
+LOT_TERMS = ("expires_at", "expires_in_days", "priority", "kind", "cost_basis_minor")
+
+
 class GrantCreate(IdentityFields):
     uses: StrictInt = Field(
         ge=-1_000_000, le=1_000_000, description="Positive grants, negative removes"
     )
     reason: Reason
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    # A positive grant is a lot with these terms (a negative adjustment takes none of them).
+    expires_at: AwareDatetime | None = Field(
+        default=None,
+        description="When the granted uses stop counting (RFC 3339, in the future); "
+        "not with expires_in_days. Default: never",
+        examples=["2027-01-12T00:00:00Z"],
+    )
+    expires_in_days: StrictInt | None = Field(
+        default=None, ge=1, le=36_600, description="Expires this many days from now"
+    )
+    priority: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description="Consumption order: lower first (default 100, as every other lot)",
+    )
+    kind: Literal["promotional", "paid"] | None = Field(
+        default=None,
+        description="`promotional` (default) or `paid` (sold outside this service: give "
+        "cost_basis_minor). Free uses are the installation's own, never granted",
+    )
+    cost_basis_minor: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_MINOR,
+        description="What one use of a `paid` lot was paid, in minor units of the account's "
+        "currency (the lot's amount is this times uses)",
+    )
+
+    @model_validator(mode="after")
+    def _lot_terms(self) -> GrantCreate:
+        given = [name for name in LOT_TERMS if getattr(self, name) is not None]
+        if self.uses < 0 and given:
+            raise ValueError(f"{', '.join(given)}: only a grant (uses > 0) makes a lot")
+        if self.expires_at is not None and self.expires_in_days is not None:
+            raise ValueError("give expires_at or expires_in_days, not both")
+        if self.kind == "paid" and self.cost_basis_minor is None:
+            raise ValueError("a paid lot needs cost_basis_minor")
+        if self.kind != "paid" and self.cost_basis_minor is not None:
+            raise ValueError("cost_basis_minor is for kind paid")
+        return self
 
 
 class LowBalanceThreshold(RequestBody):
@@ -289,3 +336,42 @@ class ReservationsOut(BaseModel):
     reservations: list[ReservationOut]
     limit: int
     offset: int
+
+
+class LotVoid(RequestBody):
+    reason: Reason | None = None
+
+
+class LotOut(BaseModel):
+    lot_id: str
+    kind: Literal["free", "promotional", "paid"]
+    uses_granted: int
+    uses_remaining: int = Field(description="Usable now (held uses excluded); 0 once closed")
+    priority: int
+    expires_at: str | None
+    source: str = Field(description="What granted it: free_grant, purchase, grant, auto_topup...")
+    created_at: str
+    status: Literal["active", "expired", "voided", "used", "erased"] = Field(
+        description="`active`; `expired` (past expires_at: unusable, written off by the next "
+        "job run); `voided`; `used`; `erased`"
+    )
+    cost_basis_minor: int | None = Field(description="Per use, paid lots only")
+    closed_at: str | None
+
+
+class LotsOut(BaseModel):
+    lots: list[LotOut] = Field(
+        description="Open lots first in consumption order, then (include=expired) closed ones"
+    )
+
+
+class LotVoidOut(BaseModel):
+    lot_id: str
+    account_id: str
+    status: Literal["voided"]
+    uses_voided: int = Field(description="What was left in the lot, now voided")
+    reason: str | None
+    held_open: bool = Field(
+        description="True while open holds name the lot: their uses stay theirs (a release "
+        "gives them back unusable, and the next job run voids them)"
+    )

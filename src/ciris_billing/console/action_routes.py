@@ -86,16 +86,19 @@ async def _plan_grant(state: AppState, work: UnitOfWork, form: dict[str, str]) -
         )
     paid = int(row.paid_uses_remaining)
     verb = f"Grant {uses} paid uses to" if uses > 0 else f"Take back {-uses} paid uses from"
-    return Plan(
-        f"{verb} this account?",
-        [
-            f"Account: {_who(row)}",
-            f"Paid uses: {paid} → {paid + uses}",
-            f"Reason (on the ledger row): {reason}",
-        ],
-        {"account_id": row.id, "uses": str(uses), "reason": reason},
-        f"/console/accounts/{row.id}",
-    )
+    fields = {"account_id": row.id, "uses": str(uses), "reason": reason}
+    lines = [
+        f"Account: {_who(row)}",
+        f"Paid uses: {paid} → {paid + uses}",
+        f"Reason (on the ledger row): {reason}",
+    ]
+    if form.get("expires_in_days", "").strip():
+        days = _int(form, "expires_in_days", "Expires in days")
+        if uses < 0 or not 1 <= days <= 36_600:
+            raise InvalidRequest("An expiry (1 to 36600 days) is for a grant only")
+        fields["expires_in_days"] = str(days)
+        lines.append(f"They expire in {days} days (unused ones are written off then).")
+    return Plan(f"{verb} this account?", lines, fields, f"/console/accounts/{row.id}")
 
 
 async def _plan_status(
@@ -198,6 +201,26 @@ async def _plan_release(state: AppState, work: UnitOfWork, form: dict[str, str])
         ],
         {"reservation_id": reservation_id},
         f"/console/accounts/{held.account_id}",
+    )
+
+
+async def _plan_void_lot(state: AppState, work: UnitOfWork, form: dict[str, str]) -> Plan:
+    lot_id = _required(form, "lot_id", "The lot")
+    lot = await queries.lot(await work.connection(), lot_id)
+    if lot is None:
+        raise InvalidRequest(f"No lot {lot_id}")
+    reason = form.get("reason", "").strip()[:500]
+    return Plan(
+        "Void this lot?",
+        [
+            f"Lot: {lot_id} ({lot.kind}, {lot.left} of {lot.uses_granted} uses left, {lot.status})",
+            "What it has left is voided now (one `void` ledger row); uses held by open "
+            "reservations stay theirs. This cannot be undone.",
+            *([f"Reason (on the ledger row): {reason}"] if reason else []),
+        ],
+        {"lot_id": lot_id, "reason": reason},
+        f"/console/accounts/{lot.account_id}",
+        danger=True,
     )
 
 
@@ -335,7 +358,14 @@ ACTIONS: dict[str, tuple[Planner, Runner]] = {
     "grant": (
         _plan_grant,
         lambda st, w, s, f, r: actions.grant(
-            w, st.pricing, s.operator, f["account_id"], int(f["uses"]), f["reason"], r
+            w,
+            st.pricing,
+            s.operator,
+            f["account_id"],
+            int(f["uses"]),
+            f["reason"],
+            r,
+            int(f["expires_in_days"]) if f.get("expires_in_days") else None,
         ),
     ),
     "suspend": (
@@ -365,6 +395,10 @@ ACTIONS: dict[str, tuple[Planner, Runner]] = {
     "release": (
         _plan_release,
         lambda st, w, s, f, r: actions.release(w, s.operator, f["reservation_id"], r),
+    ),
+    "void_lot": (
+        _plan_void_lot,
+        lambda st, w, s, f, r: actions.void_lot(w, s.operator, f["lot_id"], f.get("reason"), r),
     ),
     "replay": (
         _plan_replay,

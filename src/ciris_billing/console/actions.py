@@ -14,18 +14,19 @@ reservations: reservation, then account), and read `before` without a lock.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import audit_trail, auth
-from ciris_billing.accounts import admin, reservations
+from ciris_billing.accounts import admin, lots, reservations
 from ciris_billing.accounts.service import Identity
 from ciris_billing.audit_trail import Entry, Operator
 from ciris_billing.console import outgoing, queries
 from ciris_billing.console.queries import account_of_payment, event
-from ciris_billing.db import accounts, api_keys, iso, purchases
+from ciris_billing.db import accounts, api_keys, iso, purchases, utcnow
 from ciris_billing.db import audit_trail as audit_table
 from ciris_billing.errors import (
     AccountNotFound,
@@ -96,23 +97,37 @@ async def grant(
     uses: int,
     reason: str,
     request_id: str,
+    expires_in_days: int | None = None,
 ) -> Done:
-    """Grant (uses > 0) or take back (uses < 0) paid uses: accounts.admin.grant."""
+    """Grant (uses > 0; a lot expiring in `expires_in_days`, or never) or take back (uses < 0)
+    paid uses: accounts.admin.grant."""
     if uses == 0 or abs(uses) > MAX_GRANT:
         raise InvalidRequest(f"uses must be between -{MAX_GRANT} and {MAX_GRANT}, not 0")
     if not reason.strip():
         raise InvalidRequest("A reason is required (it goes on the ledger row)")
+    if expires_in_days is not None and (uses < 0 or not 1 <= expires_in_days <= 36_600):
+        raise InvalidRequest("An expiry (1 to 36600 days) is for a grant only")
     conn = await work.connection()
     await _unused(conn, request_id)
     before = await _locked_account(conn, account_id)
+    expires_at = None if expires_in_days is None else utcnow() + timedelta(days=expires_in_days)
     done = await admin.grant(
-        conn, _identity(before), uses, reason.strip(), pricing, f"console:{request_id}"
+        conn,
+        _identity(before),
+        uses,
+        reason.strip(),
+        pricing,
+        f"console:{request_id}",
+        terms=admin.LotTerms(expires_at=expires_at),
     )
+    detail: dict[str, Any] = {"uses": uses, "reason": reason.strip()}
+    if done.lot_id is not None and expires_at is not None:
+        detail |= {"lot_id": done.lot_id, "expires_at": iso(expires_at)}
     entry = Entry(
         "grant" if uses > 0 else "adjust",
         account_id,
         None,
-        {"uses": uses, "reason": reason.strip()},
+        detail,
         balances(before),
         balances(done.account),
     )
@@ -241,6 +256,17 @@ async def release(
         {"reservation": outcome.reservation.status, **balances(outcome.account)},
     )
     return await _recorded(conn, operator, entry, request_id)
+
+
+async def void_lot(
+    work: UnitOfWork, operator: Operator, lot_id: str, reason: str | None, request_id: str
+) -> Done:
+    """Void what a lot has left: accounts.lots.void (its audit row carries the request id)."""
+    conn = await work.connection()
+    await _unused(conn, request_id)
+    closed, entry_id = await lots.void(conn, operator, lot_id, reason, request_id=request_id)
+    log.info("lot_voided", lot_id=lot_id, account_id=closed.account_id, by="console")
+    return Done(entry_id, closed.account_id)
 
 
 async def replay(

@@ -17,6 +17,7 @@ from ciris_billing.db import (
     charges,
     credits,
     disputes,
+    lots,
     purchases,
     reservations,
     utcnow,
@@ -159,6 +160,20 @@ async def search(conn: AsyncConnection, text: str, limit: int = 50) -> list[Row[
 
 async def account(conn: AsyncConnection, account_id: str) -> Row[Any] | None:
     return (await conn.execute(select(accounts).where(accounts.c.id == account_id))).first()
+
+
+async def lot(conn: AsyncConnection, lot_id: str) -> Row[Any] | None:
+    """A lot with what it has left now (its wallet slot; 0 once closed)."""
+    left = func.coalesce(
+        accounts.c.lot_left[func.array_position(accounts.c.lot_ids, lots.c.id)], 0
+    ).label("left")
+    return (
+        await conn.execute(
+            select(lots, left)
+            .join(accounts, accounts.c.id == lots.c.account_id)
+            .where(lots.c.id == lot_id)
+        )
+    ).first()
 
 
 # The ledger, a page at a time: (created_at, id) of the last row shown is the cursor.

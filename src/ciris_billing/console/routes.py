@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from ciris_billing import audit_trail, auth
+from ciris_billing.accounts import lots
 from ciris_billing.accounts.answers import portal_link
 from ciris_billing.accounts.service import Identity
 from ciris_billing.console import outgoing, queries
@@ -240,6 +241,7 @@ async def account_page(
     )
     ledger = await queries.ledger(conn, account_id, before)
     trail = await audit_trail.entries(conn, account_id=account_id, limit=30)
+    account_lots = await lots.account_lots(conn, row, closed=True)
     return page(
         "console_account.html",
         session,
@@ -247,6 +249,7 @@ async def account_page(
         d=detail,
         portal=portal,
         ledger=ledger,
+        lots=account_lots,
         paged=before is not None,
         trail=trail,
         changes=audit_trail.changes,

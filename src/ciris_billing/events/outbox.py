@@ -44,6 +44,8 @@ REFUND_SUCCEEDED = "refund.succeeded"
 DISPUTE_OPENED = "dispute.opened"
 DISPUTE_CLOSED = "dispute.closed"
 RESERVATION_EXPIRED = "reservation.expired"
+CREDITS_EXPIRING = "credits.expiring"
+CREDITS_EXPIRED = "credits.expired"
 AUTO_TOPUP_SUCCEEDED = "auto_topup.succeeded"
 AUTO_TOPUP_FAILED = "auto_topup.failed"
 AUTO_TOPUP_REQUIRES_ACTION = "auto_topup.requires_action"
@@ -60,6 +62,8 @@ EVENT_TYPES = (
     DISPUTE_OPENED,
     DISPUTE_CLOSED,
     RESERVATION_EXPIRED,
+    CREDITS_EXPIRING,
+    CREDITS_EXPIRED,
     AUTO_TOPUP_SUCCEEDED,
     AUTO_TOPUP_FAILED,
     AUTO_TOPUP_REQUIRES_ACTION,

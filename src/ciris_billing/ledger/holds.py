@@ -12,7 +12,7 @@ that owes uses to a dispute.
 - `end_holds`: holds that end give their uses back, each to the lot it came from
   (`ledger_give_back`), after paying off the account's owed uses from their non-free lots (the
   `owed_taken` ledger row names those lots) and the uses owed to open disputes
-  (payments/disputes.py owed_to_disputes), with the counters, reserved counters by kind and
+  (payments/disputes.py hold_owed_uses), with the counters, reserved counters by kind and
   total uses (a capture's spent uses) in one UPDATE of the locked account row.
 """
 
@@ -30,8 +30,9 @@ from ciris_billing.db import LotIds, LotUses, accounts, charges
 from ciris_billing.ledger.credits import write_credit
 from ciris_billing.ledger.rules import can_take, touched_lots, walk_assignment
 
-# payments/disputes.py owed_to_disputes: (conn, account id, {hold id: (row, paid uses back)},
-# paid uses back after owed ones, why) -> the uses moved into open disputes' holds.
+# payments/disputes.py hold_owed_uses: (conn, account id, {hold id: (row, paid uses back)},
+# paid uses back after owed ones, why) -> the uses moved into open disputes' holds (from the
+# disputes' purchase lots, through the money core), after the holds gave their uses back.
 OwedToDisputes = Callable[
     [AsyncConnection, str, dict[str, tuple[Row[Any], int]], int, str], Awaitable[int]
 ]
@@ -134,7 +135,7 @@ async def end_holds(
     reserved uses leave the reserved counters, `spent` of them were charged (total uses),
     the rest comes back to the lots they came from, after paying off owed uses (a refund's or
     a lost dispute's: `owed_taken`, naming its lots) and the uses owed to open disputes
-    (`to_disputes`: payments/disputes.py owed_to_disputes, passed by the caller so the core
+    (`to_disputes`: payments/disputes.py hold_owed_uses, passed by the caller so the core
     imports no business module). The account's row after it."""
     free_held = sum(int(h.row.free_uses_held) for h in ending)
     paid_held = sum(int(h.row.paid_uses_held) for h in ending)
@@ -156,13 +157,6 @@ async def end_holds(
             int(locked.refund_owed_uses), paid_back, int(locked.reserved_paid_uses) - paid_held
         )
     repaid = _take_paid(ending, back, paid_off)
-    disputed = 0
-    if to_disputes is not None and any(int(h.row.owed_uses) for h in ending):
-        # Safe: the account's row is locked (above), and a dispute closes only under that lock
-        # too (disputes._close), so a dispute read open here is open until this ends.
-        owing = {h.row.id: (h.row, h.paid_back) for h in ending}
-        disputed = await to_disputes(conn, account_id, owing, paid_back - paid_off, why)
-        _take_paid(ending, back, disputed)  # held by the dispute: not given back
     ids = [lot for h in ending for lot in h.row.lot_ids]
     uses = [u for slots in back for u in slots]
     free_back = sum(
@@ -183,7 +177,6 @@ async def end_holds(
         "reserved_paid_uses": accounts.c.reserved_paid_uses - paid_held,
         "free_uses_remaining": accounts.c.free_uses_remaining + free_back,
         "paid_uses_remaining": accounts.c.paid_uses_remaining + sum(uses) - free_back,
-        "held_uses": accounts.c.held_uses + disputed,
         "total_uses": accounts.c.total_uses + spent,
         "updated_at": now,
     }
@@ -209,6 +202,16 @@ async def end_holds(
             lot_ids=[lot for lot, _ in repaid],
             lot_uses=[-part for _, part in repaid],
         )
+    if to_disputes is not None and any(int(h.row.owed_uses) for h in ending):
+        # Given back above: the uses the ending holds owed an open dispute now go into its
+        # hold from the dispute's purchase lot, through the money core (counters included).
+        # Safe: the account's row is locked (above), and a dispute closes only under that lock
+        # too (disputes._close), so a dispute read open here is open until this ends.
+        owing = {h.row.id: (h.row, h.paid_back) for h in ending}
+        if await to_disputes(conn, account_id, owing, paid_back - paid_off, why):
+            account = (
+                await conn.execute(select(accounts).where(accounts.c.id == account_id))
+            ).one()
     return account
 
 

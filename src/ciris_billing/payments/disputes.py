@@ -34,7 +34,7 @@ from ciris_billing.events.outbox import (
     record_available_change,
     record_event,
 )
-from ciris_billing.ledger import moves, write_credit
+from ciris_billing.ledger import moves
 from ciris_billing.ledger.moves import held_of_lot, left_of, purchase_lot
 from ciris_billing.ledger.wallet import lock_wallet
 from ciris_billing.observability import log
@@ -111,7 +111,7 @@ async def _hold(conn: AsyncConnection, provider: str, dispute: Dispute, purchase
     hold = max(0, min(unused, left_of(wallet, lot_id) if lot_id else 0))
     # Held uses are never taken (a hold is a promise): those of the purchase's unused uses that
     # reservations hold (of its lot) are owed to the dispute, each reservation's share on its
-    # row, and go into the dispute's hold when the reservation ends (owed_to_disputes), so they
+    # row, and go into the dispute's hold when the reservation ends (hold_owed_uses), so they
     # are never spendable while the dispute is open (issue 21 finding 2). Not those a refund
     # is owed.
     room = int(account.reserved_paid_uses) - int(account.refund_owed_uses)
@@ -223,54 +223,6 @@ async def _paid_in(conn: AsyncConnection, dispute_id: str) -> int:
     return int(total or 0)
 
 
-async def owed_to_disputes(
-    conn: AsyncConnection,
-    account_id: str,
-    ending: dict[str, tuple[Row[Any], int]],
-    paid_back: int,
-    why: str,
-) -> int:
-    """Reservations are ending and give `paid_back` paid uses back (after a refund's owed
-    uses): those owed to a still open dispute go into its hold instead (a `dispute_hold`
-    ledger row each, paid -n, held +n). The caller holds the account's row lock and moves the
-    returned count from the account's paid uses to its held ones.
-
-    Before lots: names no lot (so the per-lot audit finds it). Kept for the hold transitions
-    of accounts/reservations.py until they give uses back to their lots; then
-    `hold_owed_uses` (through the money core) replaces it."""
-    moved = 0
-    for row, given_back in ending.values():
-        owed = int(row.owed_uses)
-        if not owed or row.owed_dispute_id is None or paid_back - moved <= 0:
-            continue
-        dispute = (
-            await conn.execute(
-                select(disputes.c.dispute_id, disputes.c.state, purchases.c.currency)
-                .join(purchases, purchases.c.id == disputes.c.purchase_id)
-                .where(disputes.c.id == row.owed_dispute_id)
-            )
-        ).first()
-        if dispute is None or dispute.state != "open":
-            continue  # closed: a lost one made what was still owed a refund's owed uses
-        share = min(owed, given_back, paid_back - moved)
-        if share <= 0:
-            continue
-        # Once: a reservation ends once, so its row id makes this ledger row unique.
-        if await write_credit(
-            conn,
-            account_id=account_id,
-            kind="dispute_hold",
-            currency=dispute.currency,
-            paid=-share,
-            held=share,
-            external_transaction_id=_owed_row_id(dispute.dispute_id, row.id),
-            description=f"{share} paid uses owed to dispute {dispute.dispute_id}, held when "
-            f"reservation {row.id} ended ({why})"[:500],
-        ):
-            moved += share
-    return moved
-
-
 async def hold_owed_uses(
     conn: AsyncConnection,
     account_id: str,
@@ -285,10 +237,7 @@ async def hold_owed_uses(
     the caller moves none). `ending`: reservation id -> (its row, paid uses it gave back);
     `paid_back`: how many of those are free to go (after a refund's owed uses). Returns how
     many moved. The caller holds the account's row lock (a dispute closes only under it, so
-    one read open here stays open until commit).
-
-    This replaces `owed_to_disputes` (whose caller moves the counters itself, before giving
-    the uses back) once the hold's release gives uses back to their lots (issue 23, hot)."""
+    one read open here stays open until commit)."""
     moved = 0
     wallet = await lock_wallet(conn, account_id)
     for row, given_back in ending.values():
@@ -339,7 +288,7 @@ async def _close(conn: AsyncConnection, row: Row[Any], state: str, purchase: Row
     account_id: str = purchase.account_id
     dispute_id: str = row.dispute_id
     # The account's row first (lock order: purchase, dispute, account): a reservation ending
-    # meanwhile (owed_to_disputes, under this lock) has put its owed uses in the hold and
+    # meanwhile (hold_owed_uses, under this lock) has put its owed uses in the hold and
     # committed, or sees this dispute closed; so what came in is read exactly.
     await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id).with_for_update())
     paid_in = await _paid_in(conn, dispute_id)

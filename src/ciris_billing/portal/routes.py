@@ -18,13 +18,14 @@ from fastapi.responses import Response
 from sqlalchemy import Row, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ciris_billing.accounts import lots
 from ciris_billing.accounts.service import Identity, find_account
 from ciris_billing.autotopup import cards
 from ciris_billing.autotopup.routes import auto_topup_body
 from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.console.queries import decode_cursor, encode_cursor
 from ciris_billing.console.web import form_of
-from ciris_billing.db import charges, credits, purchases
+from ciris_billing.db import charges, credits, purchases, utcnow
 from ciris_billing.deps import AppState, StateDep, UnitOfWorkDep
 from ciris_billing.errors import BillingError, InvalidRequest
 from ciris_billing.observability import log
@@ -120,6 +121,7 @@ async def portal(
         )
     )
     topup = await auto_topup_body(conn, state.pricing, state.settings, account)
+    expiring = lots.next_expiry(account, utcnow())
     may_write = _may_write(state, token)
     base = state.public_base_url(request)
     here = portal_url(base, token)
@@ -137,6 +139,9 @@ async def portal(
         buy_url=buy,
         offer=state.pricing,
         topup=topup,
+        expiring=None
+        if expiring is None
+        else {"uses": expiring[0], "on": f"{expiring[1].day} {expiring[1]:%b %Y}"},
         may_write=may_write,
         notice=NOTICES.get(notice or ""),
     )

@@ -39,6 +39,7 @@ from ciris_billing_client.models import (
     CreditCheck,
     DroppedCharge,
     FlushReport,
+    Lot,
     PendingCharge,
     Purchase,
     Reservation,
@@ -48,6 +49,7 @@ from ciris_billing_client.models import (
     degraded_check,
     parse_charge,
     parse_check,
+    parse_lots,
     parse_purchase,
     parse_reservation,
     parse_reservations,
@@ -74,6 +76,7 @@ CHECK_PATH = "/v1/billing/credits/check"
 CHARGES_PATH = "/v1/billing/charges"
 PURCHASES_PATH = "/v1/billing/purchases"
 TRANSACTIONS_PATH = "/v1/billing/transactions"
+ACCOUNTS_PATH = "/v1/billing/accounts"
 RESERVATIONS_PATH = "/v1/billing/reservations"
 
 
@@ -474,6 +477,15 @@ class ClientCore:
         }
         response = yield from self.call(Call("GET", TRANSACTIONS_PATH, params=params))
         return parse_transactions(response_json(response))
+
+    def lots(
+        self, oauth_provider: str, external_id: str, include: str = "active"
+    ) -> Program[tuple[Lot, ...]]:
+        path = (
+            f"{ACCOUNTS_PATH}/{quote(oauth_provider, safe='')}/{quote(external_id, safe='')}/lots"
+        )
+        response = yield from self.call(Call("GET", path, params={"include": include}))
+        return parse_lots(response_json(response))
 
     # -- reservations (holds) ---------------------------------------------------------
     # Always fail closed: a hold is the service's promise, which no client can make for it.

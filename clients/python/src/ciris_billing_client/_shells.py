@@ -22,6 +22,7 @@ from ciris_billing_client.models import (
     Charge,
     CreditCheck,
     FlushReport,
+    Lot,
     PendingCharge,
     Purchase,
     Reservation,
@@ -301,6 +302,13 @@ class BillingClient(_ClientBase):
         """A page of the account's ledger, newest first."""
         return self._run(self._core.transactions(oauth_provider, external_id, limit, offset))
 
+    def lots(
+        self, oauth_provider: str, external_id: str, include: str = "active"
+    ) -> tuple[Lot, ...]:
+        """The account's lots: open ones in the order uses are taken from them (then, with
+        include="expired" or "all", the closed ones, newest first)."""
+        return self._run(self._core.lots(oauth_provider, external_id, include))
+
     def reserve(
         self,
         oauth_provider: str,
@@ -487,6 +495,13 @@ class AsyncBillingClient(_ClientBase):
     ) -> TransactionPage:
         """A page of the account's ledger, newest first."""
         return await self._run(self._core.transactions(oauth_provider, external_id, limit, offset))
+
+    async def lots(
+        self, oauth_provider: str, external_id: str, include: str = "active"
+    ) -> tuple[Lot, ...]:
+        """The account's lots: open ones in the order uses are taken from them (then, with
+        include="expired" or "all", the closed ones, newest first)."""
+        return await self._run(self._core.lots(oauth_provider, external_id, include))
 
     def reserve(
         self,

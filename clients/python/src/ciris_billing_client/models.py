@@ -228,6 +228,22 @@ class TransactionPage:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
+@dataclass(frozen=True, slots=True)
+class Lot:
+    """One grant of uses (free, promotional or paid): what is left, when it expires."""
+
+    lot_id: str
+    kind: str
+    uses_granted: int
+    uses_remaining: int
+    priority: int
+    expires_at: str | None
+    source: str
+    created_at: str
+    status: str
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
 class _Fields:
     """Typed reads from a JSON object; a missing or mistyped field is an `invalid_response`."""
 
@@ -468,3 +484,25 @@ __all__ = [
     "Transaction",
     "TransactionPage",
 ]
+
+
+def parse_lots(data: object) -> tuple[Lot, ...]:
+    f = _Fields(data, "lots")
+    found: list[Lot] = []
+    for item in f.array("lots"):
+        lot = _Fields(item, "lot")
+        found.append(
+            Lot(
+                lot_id=lot.text("lot_id"),
+                kind=lot.text("kind"),
+                uses_granted=lot.integer("uses_granted"),
+                uses_remaining=lot.integer("uses_remaining"),
+                priority=lot.integer("priority"),
+                expires_at=lot.opt_text("expires_at"),
+                source=lot.text("source"),
+                created_at=lot.text("created_at"),
+                status=lot.text("status"),
+                raw=lot.data,
+            )
+        )
+    return tuple(found)
