@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import os
 import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -19,25 +17,29 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ciris_billing import audit_trail, auth, installation
+from ciris_billing import audit_trail, auth
 from ciris_billing import cli_lots as lot_commands
-from ciris_billing.accounts import admin, operator_actions
-from ciris_billing.accounts import reservations as held
-from ciris_billing.audit import AuditReport, PurchaseFinding, audit_payments
-from ciris_billing.audit import audit as run_audit
 from ciris_billing.audit_trail import Entry, cli_operator
 from ciris_billing.autotopup.cli import auto_topup as auto_topup_commands
-from ciris_billing.cli_lookup import COMMANDS, parse_identity
+from ciris_billing.cli_accounts import erase, export, reactivate, reservations, suspend
+from ciris_billing.cli_audit import audit_command, audit_log
+from ciris_billing.cli_common import (
+    _print_json,
+    _run_operator,
+    _with_connection,
+    _with_provider,
+)
+from ciris_billing.cli_keys import keys
+from ciris_billing.cli_lookup import COMMANDS
 from ciris_billing.cli_webhooks import low_balance_threshold, webhook_endpoints
 from ciris_billing.config import get_settings
 from ciris_billing.database_errors import explained
-from ciris_billing.db import create_engine, iso
+from ciris_billing.db import create_engine
 from ciris_billing.embedded import embedded_postgres, stop_running
 from ciris_billing.errors import BillingError
-from ciris_billing.observability import configure_logging, log
+from ciris_billing.observability import configure_logging
 from ciris_billing.payments import refunds
 from ciris_billing.payments import service as payments
-from ciris_billing.payments.providers import PaymentConfigurationError, get_payment_provider
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.portal.cli import portal_links as portal_links_commands
 from ciris_billing.serving import TimedHttpToolsProtocol
@@ -48,20 +50,6 @@ from ciris_billing.webhooks import inbox
 from ciris_billing.workers import Supervisor, listening_sockets
 
 T = TypeVar("T")
-
-
-def _with_connection(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    """Run `work` in one committed transaction on the configured database."""
-    return asyncio.run(_with_connection_async(work))
-
-
-async def _with_connection_async(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    engine = create_engine(get_settings())
-    try:
-        async with engine.begin() as conn:
-            return await work(conn)
-    finally:
-        await engine.dispose()
 
 
 def migrate_database(database_url: str | None = None) -> None:
@@ -303,90 +291,6 @@ def _stopped(_signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-@main.group()
-def keys() -> None:
-    """Create, list and revoke API keys."""
-
-
-@keys.command("create")
-@click.option("--name", required=True, help="Who or what uses the key")
-@click.option("--scopes", default="read,write", show_default=True, help="read, write, admin")
-def keys_create(name: str, scopes: str) -> None:
-    """Create a key; the key itself is printed alone on the last line, once."""
-    try:
-        scope_set = auth.parse_scopes(scopes)
-    except BillingError as exc:
-        raise click.BadParameter(exc.detail, param_hint="--scopes") from None
-
-    async def create(conn: AsyncConnection) -> tuple[str, str]:
-        key_id, key = await auth.create_key(conn, name, scope_set)
-        entry = Entry(
-            "create_key", None, key_id, {"name": name, "scopes": sorted(scope_set)}, {}, {}
-        )
-        await audit_trail.record_action(conn, cli_operator(), entry)
-        return key_id, key
-
-    key_id, key = _with_connection(create)
-    click.echo(
-        f"Created key {key_id} ({name}; scopes: {','.join(sorted(scope_set))}). Store it now:"
-    )
-    click.echo(key)
-
-
-@keys.command("list")
-def keys_list() -> None:
-    """List keys (never the keys themselves: only their first characters)."""
-    rows = _with_connection(auth.list_keys)
-    for row in rows:
-        state = f"revoked {iso(row.revoked_at)}" if row.revoked_at else "active"
-        click.echo(
-            f"{row.id}  {row.key_prefix}...  {row.scopes:<16} {state:<10} "
-            f"{iso(row.created_at)}  {row.name}"
-        )
-
-
-@keys.command("revoke")
-@click.argument("key_id")
-def keys_revoke(key_id: str) -> None:
-    """Revoke a key by its id (see `keys list`); running servers stop accepting it in seconds."""
-
-    async def revoke(conn: AsyncConnection) -> bool:
-        if not await auth.revoke_key(conn, key_id):
-            return False
-        entry = Entry("revoke_key", None, key_id, {}, {"active": True}, {"active": False})
-        await audit_trail.record_action(conn, cli_operator(), entry)
-        return True
-
-    if not _with_connection(revoke):
-        raise click.ClickException(f"No active key with id {key_id}")
-    click.echo(f"Revoked {key_id}.")
-
-
-async def _with_provider(
-    work: Callable[[AsyncEngine, PaymentProvider], Awaitable[T]], *, delivers: bool = False
-) -> T:
-    """`delivers`: the sandbox's webhooks go to the inbox from this process (the worker's
-    redelivery); a one-shot command's are left recorded for the jobs to send."""
-    settings = get_settings()
-    engine = create_engine(settings)
-    deliver = None
-    if delivers:
-        from ciris_billing.webhooks.local_delivery import to_inbox
-
-        deliver = to_inbox(engine, lambda: provider, settings.jobs_poll_seconds)
-    try:
-        stored = await installation.load(engine, settings)
-        provider = get_payment_provider(settings, engine, stored, deliver)
-    except PaymentConfigurationError as exc:
-        await engine.dispose()
-        raise click.ClickException(str(exc)) from None
-    try:
-        return await work(engine, provider)
-    finally:
-        await provider.aclose()
-        await engine.dispose()
-
-
 @main.command()
 def reconcile() -> None:
     """Ask the provider about every purchase not yet final; credit paid ones (exactly once)."""
@@ -440,10 +344,6 @@ def webhooks_replay() -> None:
         sys.exit(1)
 
 
-def _print_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
 @main.command()
 @click.argument("payment_id")
 @click.option(
@@ -475,252 +375,6 @@ def refund(payment_id: str, amount_minor: int | None, reason: str | None) -> Non
     _print_json(_run_operator(_with_provider(work)))
 
 
-def _run_operator(work: Awaitable[T]) -> T:
-    async def run() -> T:
-        return await work
-
-    try:
-        return asyncio.run(run())
-    except BillingError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.detail}") from None
-
-
-@main.group()
-def reservations() -> None:
-    """List, show and release reservations (holds)."""
-
-
-def _reservation_line(row: Any) -> str:
-    captured = "-" if row.captured_uses is None else str(row.captured_uses)
-    return (
-        f"{row.id}  {row.status:<8}  uses={row.uses} captured={captured}  "
-        f"{row.oauth_provider}/{row.external_id}  expires {iso(row.expires_at)}"
-    )
-
-
-@reservations.command("list")
-@click.argument("identity", nargs=-1)
-@click.option(
-    "--status", type=click.Choice(["held", "captured", "released", "expired"]), default=None
-)
-@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
-def reservations_list(identity: tuple[str, ...], status: str | None, limit: int) -> None:
-    """Reservations, newest first (of IDENTITY, PROVIDER/EXTERNAL_ID, when given)."""
-    who = parse_identity(identity) if identity else None
-    rows = _with_connection(
-        lambda conn: held.list_reservations(conn, who, status, limit=limit, offset=0)
-    )
-    for row in rows:
-        click.echo(_reservation_line(row))
-    click.echo(f"{len(rows)} reservation(s).", err=True)
-
-
-@reservations.command("show")
-@click.argument("reservation_id")
-def reservations_show(reservation_id: str) -> None:
-    """One reservation, as JSON."""
-    row = _run_operator(_with_connection_async(lambda conn: held.get(conn, reservation_id)))
-    click.echo(json.dumps(_reservation_json(row), indent=2))
-
-
-@reservations.command("release")
-@click.argument("reservation_id")
-def reservations_release(reservation_id: str) -> None:
-    """Give a hold's uses back now (idempotent; a captured hold cannot be released)."""
-    done = _run_operator(
-        _with_connection_async(
-            lambda conn: operator_actions.release(conn, cli_operator(), reservation_id)
-        )
-    )
-    if done.changed:
-        log.info(
-            "reservation_released",
-            reservation_id=done.reservation.id,
-            account_id=done.account.id,
-            uses=int(done.reservation.uses),
-            by="cli",
-        )
-    click.echo(f"{done.reservation.id}: {done.reservation.status}")
-
-
-def _reservation_json(row: Any) -> dict[str, Any]:
-    m = row._mapping
-    return {
-        "reservation_id": m["id"],
-        "account_id": m["account_id"],
-        "oauth_provider": m["oauth_provider"],
-        "external_id": m["external_id"],
-        "status": m["status"],
-        "uses": int(m["uses"]),
-        "free_uses_held": int(m["free_uses_held"]),
-        "paid_uses_held": int(m["paid_uses_held"]),
-        "captured_uses": m["captured_uses"],
-        "charge_id": m["charge_id"],
-        "expires_at": iso(m["expires_at"]),
-        "created_at": iso(m["created_at"]),
-        "closed_at": None if m["closed_at"] is None else iso(m["closed_at"]),
-        "metadata": m["metadata"],
-    }
-
-
-@main.command()
-@click.argument("oauth_provider")
-@click.argument("external_id")
-@click.option("--reason", default=None)
-def suspend(oauth_provider: str, external_id: str, reason: str | None) -> None:
-    """Suspend an account: its charges are refused until reactivated."""
-    identity = parse_identity((oauth_provider, external_id))
-    _run_operator(
-        _with_connection_async(
-            lambda conn: operator_actions.set_status(
-                conn, cli_operator(), identity, "suspended", reason
-            )
-        )
-    )
-    click.echo("Suspended.")
-
-
-@main.command()
-@click.argument("oauth_provider")
-@click.argument("external_id")
-def reactivate(oauth_provider: str, external_id: str) -> None:
-    """Reactivate a suspended account."""
-    identity = parse_identity((oauth_provider, external_id))
-    _run_operator(
-        _with_connection_async(
-            lambda conn: operator_actions.set_status(conn, cli_operator(), identity, "active", None)
-        )
-    )
-    click.echo("Reactivated.")
-
-
-@main.command()
-@click.argument("oauth_provider")
-@click.argument("external_id")
-@click.confirmation_option(prompt="Erase this account's personal data? The ledger stays.")
-def erase(oauth_provider: str, external_id: str) -> None:
-    """Erase an account's personal data (the ledger and its amounts stay)."""
-    identity = parse_identity((oauth_provider, external_id))
-    row = _run_operator(
-        _with_connection_async(lambda conn: operator_actions.erase(conn, cli_operator(), identity))
-    )
-    click.echo(f"Erased personal data of {row.id}.")
-
-
-@main.command()
-@click.argument("oauth_provider")
-@click.argument("external_id")
-def export(oauth_provider: str, external_id: str) -> None:
-    """Everything held about an account, as JSON."""
-    identity = parse_identity((oauth_provider, external_id))
-    _print_json(_run_operator(_with_connection_async(lambda conn: admin.export(conn, identity))))
-
-
-@main.command("audit")
-@click.option(
-    "--ledger-only",
-    is_flag=True,
-    help="Only the database's own invariants; do not ask the provider about purchases",
-)
-def audit_command(ledger_only: bool) -> None:
-    """Check every account's counters against its ledger, and every purchase's credit against
-    its payment at the provider (paid but uncredited, credited but not paid); exit 1 on any
-    finding."""
-    click.echo("Auditing every account against its ledger...", err=True)
-    report = _with_connection(run_audit)
-    paid: list[PurchaseFinding] = []
-    if not ledger_only:
-        click.echo("Checking every purchase with the payment provider...", err=True)
-
-        async def ask(engine: AsyncEngine, provider: PaymentProvider) -> list[PurchaseFinding]:
-            return await audit_payments(engine, provider)
-
-        paid = asyncio.run(_with_provider(ask))
-    _print_audit(report, paid)
-    if not report.clean or paid:
-        sys.exit(1)
-
-
-def _print_audit(report: AuditReport, paid: list[PurchaseFinding]) -> None:
-    for d in report.discrepancies:
-        click.echo(
-            f"MISMATCH {d.account_id} ({d.oauth_provider} {d.external_id}): "
-            f"counters free={d.counters[0]} paid={d.counters[1]} total={d.counters[2]} "
-            f"held={d.counters[3]}; ledger free={d.ledger[0]} paid={d.ledger[1]} "
-            f"total={d.ledger[2]} held={d.ledger[3]}"
-        )
-    for finding in [*report.purchase_findings, *paid]:
-        click.echo(
-            f"PURCHASE {finding.problem}: {finding.purchase_id or '-'} "
-            f"(payment {finding.payment_id})"
-        )
-    for found in report.reservation_findings:
-        click.echo(
-            f"RESERVATION {found.problem}: {found.reservation_id or '-'} "
-            f"(account {found.account_id})"
-        )
-    for lot in report.lot_findings:
-        click.echo(f"LOT {lot.problem}: {lot.lot_id or '-'} (account {lot.account_id})")
-    problems = (
-        len(report.discrepancies)
-        + len(report.purchase_findings)
-        + len(report.reservation_findings)
-        + len(report.lot_findings)
-        + len(paid)
-    )
-    verdict = "clean" if not problems else f"{problems} findings"
-    click.echo(f"Audited {report.accounts_checked} accounts: {verdict}.")
-
-
-@main.command("audit-log")
-@click.option("--account", "account_id", default=None, help="Only this account's (acct_...)")
-@click.option("--action", default=None, help="Only this action (grant, refund, suspend, ...)")
-@click.option(
-    "--door", type=click.Choice(["api", "cli", "console"]), default=None, help="Only this door"
-)
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of text")
-def audit_log(
-    account_id: str | None, action: str | None, door: str | None, limit: int, as_json: bool
-) -> None:
-    """The operators' audit trail (every operator action: API, CLI and console), newest first:
-    who, by which door, when, what, before -> after."""
-    rows = _with_connection(
-        lambda conn: audit_trail.entries(
-            conn, account_id=account_id, action=action, door=door, limit=limit
-        )
-    )
-    for row in rows:
-        if as_json:
-            click.echo(
-                json.dumps(
-                    {
-                        "id": row.id,
-                        "created_at": iso(row.created_at),
-                        "actor": row.actor,
-                        "api_key_id": row.api_key_id,
-                        "door": row.door,
-                        "action": row.action,
-                        "account_id": row.account_id,
-                        "subject": row.subject,
-                        "detail": row.detail,
-                        "before": row.before,
-                        "after": row.after,
-                    }
-                )
-            )
-            continue
-        changed = "; ".join(
-            f"{name}: {old} -> {new}"
-            for name, old, new in audit_trail.changes(row.before, row.after)
-        )
-        click.echo(
-            f"{iso(row.created_at)}  {row.actor}  {row.action}  {row.account_id or '-'}  "
-            f"{row.subject or '-'}  {changed or 'no change'}  (by {row.door})"
-        )
-    click.echo(f"{len(rows)} entries.", err=True)
-
-
 @main.command()
 def worker() -> None:
     """Run the background jobs only (webhook retries, reconcile, hold expiry, outgoing webhook
@@ -750,6 +404,8 @@ main.add_command(lot_commands.grant)
 main.add_command(lot_commands.lots_group)
 main.add_command(portal_links_commands)
 main.add_command(test_clock_commands)
+for _command in (keys, reservations, suspend, reactivate, erase, export, audit_command, audit_log):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":
