@@ -24,144 +24,52 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from ciris_billing import clock
 from ciris_billing.config import Settings, async_database_url
 from ciris_billing.database_errors import is_read_only
-from ciris_billing.tables.autotopup import (
-    AUTO_TOPUP_IN_FLIGHT as AUTO_TOPUP_IN_FLIGHT,
-)
-from ciris_billing.tables.autotopup import (
-    AUTO_TOPUP_STATUSES as AUTO_TOPUP_STATUSES,
-)
-from ciris_billing.tables.autotopup import (
-    auto_topup_settings as auto_topup_settings,
-)
-from ciris_billing.tables.autotopup import (
-    auto_topups as auto_topups,
-)
-from ciris_billing.tables.autotopup import (
-    payment_customers as payment_customers,
-)
-from ciris_billing.tables.base import (
-    ACCOUNTS_FILLFACTOR as ACCOUNTS_FILLFACTOR,
-)
-from ciris_billing.tables.base import (
-    Id as Id,
-)
-from ciris_billing.tables.base import (
-    LotIds as LotIds,
-)
-from ciris_billing.tables.base import (
-    LotKinds as LotKinds,
-)
-from ciris_billing.tables.base import (
-    LotUses as LotUses,
-)
-from ciris_billing.tables.base import (
-    Minor as Minor,
-)
-from ciris_billing.tables.base import (
-    Timestamp as Timestamp,
-)
-from ciris_billing.tables.base import (
-    Uses as Uses,
-)
-from ciris_billing.tables.base import (
-    metadata as metadata,
-)
-from ciris_billing.tables.events import (
-    DELIVERY_STATUSES as DELIVERY_STATUSES,
-)
-from ciris_billing.tables.events import (
-    ENDPOINT_STATUSES as ENDPOINT_STATUSES,
-)
-from ciris_billing.tables.events import (
-    events as events,
-)
-from ciris_billing.tables.events import (
-    webhook_deliveries as webhook_deliveries,
-)
-from ciris_billing.tables.events import (
-    webhook_endpoints as webhook_endpoints,
-)
-from ciris_billing.tables.keys import (
-    LEGACY_SCOPE as LEGACY_SCOPE,
-)
-from ciris_billing.tables.keys import (
-    api_keys as api_keys,
-)
-from ciris_billing.tables.keys import (
-    idempotency_keys as idempotency_keys,
-)
-from ciris_billing.tables.ledger import (
-    CREDIT_KINDS as CREDIT_KINDS,
-)
-from ciris_billing.tables.ledger import (
-    LOT_STATUSES as LOT_STATUSES,
-)
-from ciris_billing.tables.ledger import (
-    RESERVATION_STATUSES as RESERVATION_STATUSES,
-)
-from ciris_billing.tables.ledger import (
-    accounts as accounts,
-)
-from ciris_billing.tables.ledger import (
-    charges as charges,
-)
-from ciris_billing.tables.ledger import (
-    credits as credits,
-)
-from ciris_billing.tables.ledger import (
-    lots as lots,
-)
-from ciris_billing.tables.ledger import (
-    reservations as reservations,
-)
-from ciris_billing.tables.operations import (
-    audit_trail as audit_trail,
-)
-from ciris_billing.tables.operations import (
-    console_sessions as console_sessions,
-)
-from ciris_billing.tables.operations import (
-    installation_secrets as installation_secrets,
-)
-from ciris_billing.tables.operations import (
-    portal_link_revocations as portal_link_revocations,
-)
-from ciris_billing.tables.operations import (
-    test_clock as test_clock,
-)
-from ciris_billing.tables.payments import (
-    DISPUTE_STATES as DISPUTE_STATES,
-)
-from ciris_billing.tables.payments import (
-    PURCHASE_STATUSES as PURCHASE_STATUSES,
-)
-from ciris_billing.tables.payments import (
-    disputes as disputes,
-)
-from ciris_billing.tables.payments import (
-    purchases as purchases,
-)
-from ciris_billing.tables.payments import (
-    webhook_events as webhook_events,
-)
-from ciris_billing.tables.sandbox import (
-    SANDBOX_CARD_BEHAVIOURS as SANDBOX_CARD_BEHAVIOURS,
-)
-from ciris_billing.tables.sandbox import (
-    sandbox_customers as sandbox_customers,
-)
-from ciris_billing.tables.sandbox import (
-    sandbox_disputes as sandbox_disputes,
-)
-from ciris_billing.tables.sandbox import (
-    sandbox_payment_methods as sandbox_payment_methods,
-)
-from ciris_billing.tables.sandbox import (
-    sandbox_payments as sandbox_payments,
-)
-from ciris_billing.tables.sandbox import (
-    sandbox_webhook_events as sandbox_webhook_events,
-)
+from ciris_billing.tables.autotopup import AUTO_TOPUP_IN_FLIGHT as AUTO_TOPUP_IN_FLIGHT
+from ciris_billing.tables.autotopup import AUTO_TOPUP_STATUSES as AUTO_TOPUP_STATUSES
+from ciris_billing.tables.autotopup import auto_topup_settings as auto_topup_settings
+from ciris_billing.tables.autotopup import auto_topups as auto_topups
+from ciris_billing.tables.autotopup import payment_customers as payment_customers
+from ciris_billing.tables.base import ACCOUNTS_FILLFACTOR as ACCOUNTS_FILLFACTOR
+from ciris_billing.tables.base import Id as Id
+from ciris_billing.tables.base import LotIds as LotIds
+from ciris_billing.tables.base import LotKinds as LotKinds
+from ciris_billing.tables.base import LotUses as LotUses
+from ciris_billing.tables.base import Minor as Minor
+from ciris_billing.tables.base import Timestamp as Timestamp
+from ciris_billing.tables.base import Uses as Uses
+from ciris_billing.tables.base import metadata as metadata
+from ciris_billing.tables.events import DELIVERY_STATUSES as DELIVERY_STATUSES
+from ciris_billing.tables.events import ENDPOINT_STATUSES as ENDPOINT_STATUSES
+from ciris_billing.tables.events import events as events
+from ciris_billing.tables.events import webhook_deliveries as webhook_deliveries
+from ciris_billing.tables.events import webhook_endpoints as webhook_endpoints
+from ciris_billing.tables.keys import LEGACY_SCOPE as LEGACY_SCOPE
+from ciris_billing.tables.keys import api_keys as api_keys
+from ciris_billing.tables.keys import idempotency_keys as idempotency_keys
+from ciris_billing.tables.ledger import CREDIT_KINDS as CREDIT_KINDS
+from ciris_billing.tables.ledger import LOT_STATUSES as LOT_STATUSES
+from ciris_billing.tables.ledger import RESERVATION_STATUSES as RESERVATION_STATUSES
+from ciris_billing.tables.ledger import accounts as accounts
+from ciris_billing.tables.ledger import charges as charges
+from ciris_billing.tables.ledger import credits as credits
+from ciris_billing.tables.ledger import lots as lots
+from ciris_billing.tables.ledger import reservations as reservations
+from ciris_billing.tables.operations import audit_trail as audit_trail
+from ciris_billing.tables.operations import console_sessions as console_sessions
+from ciris_billing.tables.operations import installation_secrets as installation_secrets
+from ciris_billing.tables.operations import portal_link_revocations as portal_link_revocations
+from ciris_billing.tables.operations import test_clock as test_clock
+from ciris_billing.tables.payments import DISPUTE_STATES as DISPUTE_STATES
+from ciris_billing.tables.payments import PURCHASE_STATUSES as PURCHASE_STATUSES
+from ciris_billing.tables.payments import disputes as disputes
+from ciris_billing.tables.payments import purchases as purchases
+from ciris_billing.tables.payments import webhook_events as webhook_events
+from ciris_billing.tables.sandbox import SANDBOX_CARD_BEHAVIOURS as SANDBOX_CARD_BEHAVIOURS
+from ciris_billing.tables.sandbox import sandbox_customers as sandbox_customers
+from ciris_billing.tables.sandbox import sandbox_disputes as sandbox_disputes
+from ciris_billing.tables.sandbox import sandbox_payment_methods as sandbox_payment_methods
+from ciris_billing.tables.sandbox import sandbox_payments as sandbox_payments
+from ciris_billing.tables.sandbox import sandbox_webhook_events as sandbox_webhook_events
 
 # The installation's time (clock.py): the real UTC time plus the sandbox's test-clock offset.
 utcnow = clock.now

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from ciris_billing import jobs
+from ciris_billing import job_recovery
 from ciris_billing.accounts import reservation_answers, reservation_routes, reservations
 from ciris_billing.accounts.reservation_answers import capture_body as capture_answer
 from ciris_billing.db import reservations as reservations_table
@@ -395,7 +395,7 @@ async def test_every_outcome_is_counted_and_logged(
 ) -> None:
     """billing_reservations_total{outcome} and the guide-style log events, once per step."""
     events = Events()
-    for module in (reservation_answers, reservation_routes, jobs):
+    for module in (reservation_answers, reservation_routes, job_recovery):
         monkeypatch.setattr(module, "log", events)
 
     def counted(outcome: str) -> float:
