@@ -35,12 +35,12 @@ import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import httpx
-from sqlalchemy import Row, func, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import Row, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ciris_billing import __version__
 from ciris_billing.clock import wall_now
@@ -49,7 +49,14 @@ from ciris_billing.db import events, iso, utcnow, webhook_deliveries, webhook_en
 from ciris_billing.errors import WebhookUrlRefused
 from ciris_billing.events import endpoints as endpoint_rules
 from ciris_billing.events import signing, ssrf
-from ciris_billing.events.outbox import ENDPOINT_DISABLED, record_event
+from ciris_billing.events.delivery_schedule import BATCH as BATCH
+from ciris_billing.events.delivery_schedule import DISABLE_AFTER as DISABLE_AFTER
+from ciris_billing.events.delivery_schedule import GROWTH as GROWTH
+from ciris_billing.events.delivery_schedule import MAX_DELAY as MAX_DELAY
+from ciris_billing.events.delivery_schedule import RETRY_FOR as RETRY_FOR
+from ciris_billing.events.delivery_schedule import _dispatch_batch, _update_failing_run
+from ciris_billing.events.delivery_schedule import retry_delay as retry_delay
+from ciris_billing.events.delivery_schedule import schedule as schedule
 from ciris_billing.observability import (
     JOBS_QUEUE_DEPTH,
     WEBHOOK_DELIVERIES,
@@ -59,11 +66,6 @@ from ciris_billing.observability import (
     log,
 )
 
-GROWTH = 4  # each retry waits this many times longer than the one before
-MAX_DELAY = timedelta(hours=8)
-RETRY_FOR = timedelta(days=3)  # a delivery is retried until it is this old
-DISABLE_AFTER = timedelta(days=3)  # an endpoint failing this long in a row is disabled
-BATCH = 100  # events per dispatch, deliveries per read of an endpoint's due ones
 # An endpoint's run takes no new delivery after this long (its job slot frees for others),
 # nor after an attempt that failed slowly (the endpoint hangs: its next try is its retry's).
 RUN_SECONDS = 30.0
@@ -71,22 +73,6 @@ SLOW_FAILURES = frozenset({"timeout", "dns_timeout"})
 USER_AGENT = f"ciris-billing-webhooks/{__version__}"
 
 Clock = Callable[[], datetime]
-
-
-def retry_delay(failures: int, base_seconds: float) -> timedelta:
-    """How long after its `failures`-th failed attempt a delivery is tried again."""
-    growth = float(GROWTH ** min(max(failures - 1, 0), 20))
-    return min(timedelta(seconds=base_seconds * growth), MAX_DELAY)
-
-
-def schedule(base_seconds: float) -> list[timedelta]:
-    """Every attempt's time after the first, until the retries are over (for docs and tests)."""
-    times, at, failures = [], timedelta(0), 0
-    while at < RETRY_FOR:
-        failures += 1
-        at += retry_delay(failures, base_seconds)
-        times.append(at)
-    return times
 
 
 def event_body(event: Any) -> str:
@@ -481,89 +467,3 @@ def _error_kind(exc: httpx.HTTPError) -> str:
     if isinstance(exc, httpx.RemoteProtocolError):
         return "protocol_error"
     return type(exc).__name__
-
-
-# Fan a batch of undispatched events out and mark them dispatched, in one statement. Safe with
-# several dispatchers at once: SKIP LOCKED gives each its own events, and a delivery is unique
-# per (endpoint, event) (ON CONFLICT DO NOTHING). An endpoint gets the events that happened
-# after it was created, if it subscribed to their type and is enabled when they go out.
-_DISPATCH_SQL = text(
-    """
-    WITH batch AS (
-        SELECT id, type, created_at FROM events
-        WHERE dispatched_at IS NULL
-        ORDER BY created_at
-        LIMIT :batch
-        FOR UPDATE SKIP LOCKED
-    ), fanned AS (
-        INSERT INTO webhook_deliveries (id, endpoint_id, event_id, status, attempts,
-                                        next_attempt_at, created_at)
-        SELECT 'whd_' || replace(gen_random_uuid()::text, '-', ''), e.id, b.id, 'pending', 0,
-               :now, :now
-        FROM batch b
-        JOIN webhook_endpoints e
-          ON e.status = 'enabled' AND e.created_at <= b.created_at
-         AND (e.events IS NULL OR json_typeof(e.events) = 'null' OR (e.events)::jsonb ? b.type)
-        ON CONFLICT (endpoint_id, event_id) DO NOTHING
-    )
-    UPDATE events SET dispatched_at = :now FROM batch WHERE events.id = batch.id
-    """
-)
-
-
-async def _dispatch_batch(conn: AsyncConnection, now: datetime) -> int:
-    result = await conn.execute(_DISPATCH_SQL, {"batch": BATCH, "now": now})
-    return int(result.rowcount or 0)
-
-
-async def _update_failing_run(
-    conn: AsyncConnection, endpoint_id: str, delivered: bool, now: datetime
-) -> bool:
-    """The endpoint's run of failures after one attempt; True when it disabled the endpoint
-    (its row is locked by the caller, so this is decided once)."""
-    if delivered:
-        await conn.execute(
-            webhook_endpoints.update()
-            .where(
-                webhook_endpoints.c.id == endpoint_id,
-                webhook_endpoints.c.failing_since.is_not(None),
-            )
-            .values(failing_since=None)
-        )
-        return False
-    row = (
-        await conn.execute(
-            webhook_endpoints.update()
-            .where(webhook_endpoints.c.id == endpoint_id)
-            .values(failing_since=func.coalesce(webhook_endpoints.c.failing_since, now))
-            .returning(
-                webhook_endpoints.c.failing_since,
-                webhook_endpoints.c.status,
-                webhook_endpoints.c.description,
-            )
-        )
-    ).one()
-    if row.status != "enabled" or row.failing_since > now - DISABLE_AFTER:
-        return False
-    await conn.execute(
-        webhook_endpoints.update()
-        .where(webhook_endpoints.c.id == endpoint_id)
-        .values(
-            status="disabled",
-            disabled_reason="failing for 3 days in a row",
-            updated_at=now,
-        )
-    )
-    # With the change it reports (the endpoint itself, disabled, does not receive it).
-    await record_event(
-        conn,
-        None,
-        ENDPOINT_DISABLED,
-        {
-            "endpoint_id": endpoint_id,
-            "description": row.description,
-            "reason": "failing for 3 days in a row",
-            "failing_since": iso(row.failing_since),
-        },
-    )
-    return True
