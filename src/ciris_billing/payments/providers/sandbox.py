@@ -31,7 +31,6 @@ from ciris_billing.db import (
 from ciris_billing.errors import (
     CardDeclined,
     InvalidWebhookSignature,
-    PaymentNotFound,
     PaymentStateConflict,
     ProviderError,
 )
@@ -43,8 +42,35 @@ from ciris_billing.payments.providers.base import (
     OffSessionPayment,
     PaymentIntent,
     PaymentResult,
-    SavedCard,
     WebhookEvent,
+)
+from ciris_billing.payments.providers.sandbox_cards import (
+    CARD_ALWAYS_AUTHENTICATES as CARD_ALWAYS_AUTHENTICATES,
+)
+from ciris_billing.payments.providers.sandbox_cards import (
+    CARD_CHARGE_DECLINED as CARD_CHARGE_DECLINED,
+)
+from ciris_billing.payments.providers.sandbox_cards import CARD_DECLINED as CARD_DECLINED
+from ciris_billing.payments.providers.sandbox_cards import (
+    CARD_NEEDS_AUTHENTICATION as CARD_NEEDS_AUTHENTICATION,
+)
+from ciris_billing.payments.providers.sandbox_cards import CARD_SUCCEEDS as CARD_SUCCEEDS
+from ciris_billing.payments.providers.sandbox_cards import DECLINES as DECLINES
+from ciris_billing.payments.providers.sandbox_cards import (
+    NEEDS_AUTHENTICATION as NEEDS_AUTHENTICATION,
+)
+from ciris_billing.payments.providers.sandbox_cards import card_brand as card_brand
+from ciris_billing.payments.providers.sandbox_cards import normalize_card as normalize_card
+from ciris_billing.payments.providers.sandbox_cards import (
+    off_session_behaviour as off_session_behaviour,
+)
+from ciris_billing.payments.providers.sandbox_rows import (
+    _attach_card,
+    _export,
+    _keep_card,
+    _locked,
+    _result,
+    _set_status,
 )
 from ciris_billing.payments.providers.sandbox_webhooks import SandboxWebhooks
 
@@ -56,56 +82,6 @@ PAYMENT_EVENTS = {
     "requires_payment_method": "payment_intent.payment_failed",
     "requires_action": "payment_intent.requires_action",
 }
-
-# The guide's test cards, and what Stripe test mode does with them.
-CARD_SUCCEEDS = "4242424242424242"
-CARD_DECLINED = "4000000000009995"  # insufficient funds
-CARD_NEEDS_AUTHENTICATION = "4000002500003155"  # 3D Secure
-CARD_CHARGE_DECLINED = "4000000000000341"
-# Asks for authentication on every payment, off-session ones too (Stripe's test card).
-CARD_ALWAYS_AUTHENTICATES = "4000002760003184"
-NEEDS_AUTHENTICATION = {CARD_NEEDS_AUTHENTICATION, CARD_ALWAYS_AUTHENTICATES}
-DECLINES = {
-    CARD_DECLINED: "Your card has insufficient funds.",
-    CARD_CHARGE_DECLINED: "Your card was declined.",
-    "4000000000000002": "Your card was declined.",
-}
-
-
-def _luhn_ok(number: str) -> bool:
-    digits = [int(d) for d in number]
-    for i in range(len(digits) - 2, -1, -2):
-        digits[i] = digits[i] * 2 - 9 if digits[i] > 4 else digits[i] * 2
-    return sum(digits) % 10 == 0
-
-
-def card_brand(number: str) -> str:
-    """A test card's brand from its number, in Stripe's words."""
-    if number.startswith("4"):
-        return "visa"
-    if number[:2] in ("51", "52", "53", "54", "55") or number.startswith("2"):
-        return "mastercard"
-    if number[:2] in ("34", "37"):
-        return "amex"
-    return "unknown"
-
-
-def off_session_behaviour(number: str) -> str:
-    """What a saved test card does when charged later, as in Stripe test mode: 0341 attaches
-    fine and is declined when charged; 3184 always wants authentication; 3155 wants it only on
-    the payment that saved it (Stripe's "authenticated once for off-session use")."""
-    if number == CARD_CHARGE_DECLINED or number in DECLINES:
-        return "declined"
-    if number == CARD_ALWAYS_AUTHENTICATES:
-        return "authentication_required"
-    return "succeeds"
-
-
-def normalize_card(number: str) -> str:
-    digits = number.replace(" ", "").replace("-", "")
-    if not digits.isdigit() or not 12 <= len(digits) <= 19 or not _luhn_ok(digits):
-        raise CardDeclined("Your card number is incorrect.", decline_code="incorrect_number")
-    return digits
 
 
 class SandboxProvider:
@@ -503,102 +479,3 @@ class SandboxProvider:
     async def redeliver_webhooks(self) -> int:
         """The jobs' step: send again the payment events the inbox has not taken yet."""
         return await self.webhooks.redeliver_due(self._engine)
-
-
-async def _locked(conn: Any, payment_id: str, client_secret: str | None = None) -> Any:
-    row = (
-        await conn.execute(
-            select(sandbox_payments).where(sandbox_payments.c.id == payment_id).with_for_update()
-        )
-    ).first()
-    if row is None or (
-        client_secret is not None
-        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
-        and not secrets.compare_digest(row.client_secret.encode(), client_secret.encode())
-    ):
-        raise PaymentNotFound("No such payment intent (or wrong client_secret)")
-    return row
-
-
-async def _customer_exists(conn: Any, customer_id: str) -> bool:
-    found = await conn.execute(
-        select(sandbox_customers.c.id).where(sandbox_customers.c.id == customer_id)
-    )
-    return found.first() is not None
-
-
-async def _keep_card(conn: Any, payment: Any, card: str) -> None:
-    """The card a payment that saves its card is paid with: recorded (brand, last 4, what it
-    does when charged later; never its number), attached once the payment succeeds."""
-    method_id = "pm_sbx_" + secrets.token_hex(12)
-    await conn.execute(
-        sandbox_payment_methods.insert().values(
-            id=method_id,
-            customer_id=payment.customer_id,
-            brand=card_brand(card),
-            last4=card[-4:],
-            behaviour=off_session_behaviour(card),
-            created_at=utcnow(),
-            attached_at=None,
-        )
-    )
-    await conn.execute(
-        sandbox_payments.update()
-        .where(sandbox_payments.c.id == payment.id)
-        .values(payment_method_id=method_id)
-    )
-
-
-async def _attach_card(conn: Any, payment_id: str) -> None:
-    row = (
-        await conn.execute(select(sandbox_payments).where(sandbox_payments.c.id == payment_id))
-    ).one()
-    if row.save_card and row.payment_method_id and not row.off_session:
-        await conn.execute(
-            sandbox_payment_methods.update()
-            .where(sandbox_payment_methods.c.id == row.payment_method_id)
-            .values(attached_at=utcnow())
-        )
-
-
-async def _set_status(conn: Any, payment_id: str, status: str, failure: str | None) -> None:
-    await conn.execute(
-        sandbox_payments.update()
-        .where(sandbox_payments.c.id == payment_id)
-        .values(status=status, failure_message=failure, updated_at=utcnow())
-    )
-
-
-def _result(row: Any, card: Any = None) -> PaymentResult:
-    saved = None
-    if card is not None and card.attached_at is not None and row.save_card:
-        saved = SavedCard(card.id, card.customer_id, card.brand, card.last4)
-    return PaymentResult(
-        payment_id=row.id,
-        state=stripe_wire.payment_state(row.status, declined=row.failure_message is not None),
-        amount_minor=int(row.amount_minor),
-        currency=row.currency,
-        provider_status=row.status,
-        client_secret=row.client_secret,
-        metadata=dict(row.metadata),
-        failure_message=row.failure_message,
-        amount_refunded_minor=int(row.amount_refunded_minor),
-        card_brand=row.card_brand,
-        card_last4=row.card_last4,
-        saved_card=saved,
-    )
-
-
-def _export(payment: PaymentResult) -> dict[str, Any]:
-    """The payment as a Stripe-shaped `payment_intent` object (no client secret)."""
-    return {
-        "id": payment.payment_id,
-        "object": "payment_intent",
-        "amount": payment.amount_minor,
-        "currency": payment.currency.lower(),
-        "status": payment.provider_status,
-        "metadata": payment.metadata,
-        "last_payment_error": (
-            {"message": payment.failure_message} if payment.failure_message else None
-        ),
-    }
