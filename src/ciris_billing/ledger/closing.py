@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ciris_billing.db import accounts, lots, reservations, utcnow
 from ciris_billing.ledger.credits import write_credit
 from ciris_billing.ledger.rules import KIND_RANK
-from ciris_billing.ledger.wallet import Wallet, lock_wallet
+from ciris_billing.ledger.wallet import Wallet, lock_wallet, store
 
 # The credits kind and the lot's final status, by why it closes.
 EXPIRED = "expired"
@@ -154,7 +154,8 @@ async def close_lot(
             voided_at=at if why.kind == VOID else lot.voided_at,
         )
     )
-    account = await _store(conn, account_id, wallet, -free, -(left - free))
+    # Removing a slot keeps the others' order: the wallet is written back as it is.
+    account = await store(conn, account_id, wallet, -free, -(left - free))
     return Closed(
         lot_id, account_id, lot.kind, kind, left, lot.expires_at, removed, status, account
     )
@@ -163,30 +164,6 @@ async def close_lot(
 def _remove(wallet: Wallet, slot: int) -> None:
     for column in (wallet.ids, wallet.left, wallet.kinds, wallet.expires):
         del column[slot]
-
-
-async def _store(
-    conn: AsyncConnection, account_id: str, wallet: Wallet, free_delta: int, paid_delta: int
-) -> Row[Any]:
-    """The wallet (its order unchanged: removing a slot keeps the others' order) and the
-    counters, on the row this transaction locked."""
-    return (
-        await conn.execute(
-            accounts.update()
-            .where(accounts.c.id == account_id)
-            .values(
-                lot_ids=wallet.ids,
-                lot_left=wallet.left,
-                lot_kinds=wallet.kinds,
-                lot_expires=wallet.expires,
-                next_expiry_at=wallet.next_expiry(),
-                free_uses_remaining=accounts.c.free_uses_remaining + free_delta,
-                paid_uses_remaining=accounts.c.paid_uses_remaining + paid_delta,
-                updated_at=utcnow(),
-            )
-            .returning(*accounts.c)
-        )
-    ).one()
 
 
 Due = tuple[datetime, str]
