@@ -26,6 +26,14 @@ def _with_connection(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
     return asyncio.run(_with_connection_async(work))
 
 
+def in_transaction(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """Run `work` in one committed transaction; a BillingError is the command's error."""
+    try:
+        return _with_connection(work)
+    except BillingError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.detail}") from None
+
+
 async def _with_connection_async(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
     engine = create_engine(get_settings())
     try:

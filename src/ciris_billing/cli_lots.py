@@ -4,9 +4,7 @@ to the audit trail (door 'cli'), as through the API."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
@@ -16,30 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ciris_billing.accounts import lots, operator_actions
 from ciris_billing.accounts.schemas import GrantCreate
 from ciris_billing.audit_trail import cli_operator
+from ciris_billing.cli_common import in_transaction as _in_transaction
 from ciris_billing.cli_lookup import parse_identity, show
 from ciris_billing.config import get_settings
-from ciris_billing.db import create_engine, utcnow
+from ciris_billing.db import utcnow
 from ciris_billing.errors import BillingError
 from ciris_billing.pricing import Pricing
 
 T = TypeVar("T")
-
-
-def _in_transaction(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    """Run `work` in one committed transaction; a BillingError is the command's error."""
-
-    async def run() -> T:
-        engine = create_engine(get_settings())
-        try:
-            async with engine.begin() as conn:
-                return await work(conn)
-        finally:
-            await engine.dispose()
-
-    try:
-        return asyncio.run(run())
-    except BillingError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.detail}") from None
 
 
 @click.command()

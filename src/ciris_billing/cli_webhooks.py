@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
@@ -13,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import audit_trail
 from ciris_billing.audit_trail import Entry, cli_operator
+from ciris_billing.cli_common import in_transaction as _in_transaction
 from ciris_billing.config import get_settings
 from ciris_billing.db import create_engine
 from ciris_billing.errors import BillingError
@@ -22,23 +22,6 @@ from ciris_billing.events.outbox import EVENT_TYPES
 from ciris_billing.observability import log
 
 T = TypeVar("T")
-
-
-def _in_transaction(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    """Run `work` in one committed transaction; a BillingError is the command's error."""
-
-    async def run() -> T:
-        engine = create_engine(get_settings())
-        try:
-            async with engine.begin() as conn:
-                return await work(conn)
-        finally:
-            await engine.dispose()
-
-    try:
-        return asyncio.run(run())
-    except BillingError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.detail}") from None
 
 
 async def _audited(
