@@ -1,8 +1,10 @@
 """pgbench scripts made from the service's own statements, so the reference can never drift.
 
 The service sends its credit check (`accounts/hot/reader.py` CHECK_SQL) and its charge
-(`accounts/hot/writer.py` CHARGE_SQL: one statement, autocommit) with $n parameters; pgbench gets
-the same text with each parameter replaced by the value a bench request carries.
+(`accounts/hot/writer.py` HEAD_SQL: one statement, autocommit; the walk's text CHARGE_SQL only
+for a charge the head lot cannot give alone, a few per account in a bench run) with $n
+parameters; pgbench gets the same text with each parameter replaced by the value a bench
+request carries.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import re
 from pathlib import Path
 
 from ciris_billing.accounts.hot.reader import CHECK_SQL
-from ciris_billing.accounts.hot.writer import CHARGE_SQL
+from ciris_billing.accounts.hot.writer import HEAD_SQL
 
 # pgbench draws :n per transaction; the seeded identities are bench-<n>@example.com. The
 # provider comes as a variable (-D provider=oauth:google): pgbench would read the colon in a
@@ -50,7 +52,7 @@ def write_scripts(directory: Path) -> dict[str, Path]:
     """check.sql and charge.sql in `directory`; their paths by name."""
     scripts = {
         "check.sql": HEADER.format(name="CHECK_SQL") + _render(CHECK_SQL, IDENTITY),
-        "charge.sql": HEADER.format(name="CHARGE_SQL") + _render(CHARGE_SQL, CHARGE),
+        "charge.sql": HEADER.format(name="HEAD_SQL") + _render(HEAD_SQL, CHARGE),
     }
     paths = {}
     for name, text in scripts.items():

@@ -15,7 +15,14 @@ from ciris_billing.accounts.hot.pool import StatementPool
 from ciris_billing.ledger import capture_statements, statements
 from ciris_billing.ledger.functions import FUNCTIONS
 from ciris_billing.ledger.holds import consume
-from ciris_billing.ledger.rules import can_take, free_period_current, walk_assignment
+from ciris_billing.ledger.rules import (
+    can_take,
+    free_period_current,
+    head_assignment,
+    head_covers,
+    touched_lots,
+    walk_assignment,
+)
 from tests.ledger.support import account_row, account_with, books_problems, charge, random_mix
 from tests.support.api import Api
 
@@ -58,11 +65,148 @@ def test_every_hot_statement_is_rendered_from_the_rule(name: str, monthly: bool)
     sql = render(monthly)
     assert can_take(row, uses, at) in sql
     assert walk_assignment(row, uses, at, hold=name.startswith("hold")) in sql
-    assert "ledger_touched(" in sql  # the movement row names its lots (rules.touched_lots)
+    assert touched_lots(row) in sql  # the movement row names its lots (rules.touched_lots)
     assert (free_period_current(row, at) in sql) is monthly
     # One statement: the walk appears once, no other take of uses.
-    assert sql.count("ledger_walk(") == 1
+    assert sql.count("ledger_take(") == 1
+    assert "ledger_walk(" not in sql
+    assert "ledger_touched(" not in sql
     assert "LEAST(" not in sql.split("alerted AS")[0]  # the old free-first arithmetic is gone
+
+
+HEAD = {
+    "charge": (statements.charge_sql, "", "$3::bigint", "$11::timestamptz"),
+    "charge batch": (statements.charge_batch_sql, "a.", "i.uses", "i.created_at"),
+}
+
+
+@pytest.mark.parametrize("name", HEAD)
+@pytest.mark.parametrize("monthly", [False, True])
+def test_the_head_texts_are_the_walks_common_case_without_a_function(
+    name: str, monthly: bool
+) -> None:
+    render, row, uses, at = HEAD[name]
+    sql = render(monthly, head=True)
+    assert head_covers(row, uses, at) in sql
+    assert head_assignment(row, uses) in sql
+    assert touched_lots(row) in sql
+    assert (free_period_current(row, at) in sql) is monthly
+    # No walk, no availability function: only the answer's ledger_usable past an expiry.
+    assert "ledger_take(" not in sql
+    assert "ledger_available(" not in sql
+    assert "ledger_walk(" not in sql
+    assert "ledger_touched(" not in sql
+
+
+async def test_the_wallet_walk_is_the_capture_walk_with_the_touched_lots(api: Api) -> None:
+    """ledger_take (the account's wallet) and ledger_walk (a hold's lots) are one walk: over
+    random wallets, the same new wallet, the same split, and ledger_take's lots are exactly
+    those ledger_walk took from, in order."""
+    rng = random.Random(2323)
+    at = NOW
+    async with api.engine.connect() as conn:
+        for _ in range(300):
+            slots = rng.randint(0, 6)
+            left = [rng.choice([0, 0, 1, 2, 5]) for _ in range(slots)]
+            kinds = [rng.randint(0, 2) for _ in range(slots)]
+            expires = [
+                rng.choice([None, None, at - timedelta(seconds=1), at, at + timedelta(hours=1)])
+                for _ in range(slots)
+            ]
+            ids = [f"lot_{i}" for i in range(slots)]
+            uses = rng.randint(1, 8)
+            values = {
+                "ids": ids,
+                "left": left,
+                "kinds": kinds,
+                "expires": expires,
+                "uses": uses,
+                "at": at,
+            }
+            walked = (
+                await conn.execute(
+                    text(
+                        "SELECT * FROM ledger_walk(CAST(:left AS bigint[]), "
+                        "CAST(:kinds AS smallint[]), CAST(:expires AS timestamptz[]), "
+                        ":uses, :at)"
+                    ),
+                    values,
+                )
+            ).one()
+            took = (
+                await conn.execute(
+                    text(
+                        "SELECT * FROM ledger_take(CAST(:ids AS varchar[]), "
+                        "CAST(:left AS bigint[]), CAST(:kinds AS smallint[]), "
+                        "CAST(:expires AS timestamptz[]), :uses, :at)"
+                    ),
+                    values,
+                )
+            ).one()
+            if walked.new_left is None:
+                assert took.new_left is None, values
+                continue
+            touched = [i for i, part in enumerate(walked.taken) if part]
+            assert list(took.new_left) == list(walked.new_left), values
+            assert list(took.ids) == [ids[i] for i in touched], values
+            assert list(took.kinds) == [kinds[i] for i in touched], values
+            assert list(took.taken) == [walked.taken[i] for i in touched], values
+            assert (took.free_taken, took.other_taken) == (
+                walked.free_taken,
+                walked.other_taken,
+            )
+
+
+async def test_the_head_text_makes_what_the_walk_makes_whenever_it_makes_a_row(
+    api: Api, pool: StatementPool
+) -> None:
+    """Two accounts with the same random lots: the head text on one, the walk on the other.
+    Whenever the head text makes a charge, the walk makes the same (lots, uses, wallet,
+    counters); when it makes none, the walk either makes none or takes from something else
+    than the head lot alone (the uses span lots, or the head lot has expired)."""
+    rng = random.Random(9)
+    for case in range(30):
+        mix = random_mix(rng, NOW)
+        head = await account_with(api.engine, f"head-{case}", mix, NOW - timedelta(hours=1))
+        walk = await account_with(api.engine, f"walk-{case}", mix, NOW - timedelta(hours=1))
+        for step in range(6):
+            uses = rng.randint(1, 4)
+            at = NOW + timedelta(minutes=step)
+            before = await account_row(api.engine, walk)
+            fast = await pool.fetch_one(
+                statements.CHARGE_HEAD_SQL, charge(f"head-{case}", uses, at).parameters()
+            )
+            walked = await pool.fetch_one(
+                statements.CHARGE_SQL, charge(f"walk-{case}", uses, at).parameters()
+            )
+            if fast is None:
+                if walked is None:
+                    continue
+                # The head text declined a charge the walk made: the head lot could not give
+                # all of it. Make it on the first account too, to go on from the same wallet.
+                k = 0 if before.lot_left and before.lot_left[0] > 0 else 1
+                head_lot = before.lot_ids[k] if k < len(before.lot_ids) else None
+                assert list(walked["lot_ids"]) != [head_lot] or (
+                    before.lot_expires[k] is not None and before.lot_expires[k] <= at
+                ), (case, step)
+                fast = await pool.fetch_one(
+                    statements.CHARGE_SQL, charge(f"head-{case}", uses, at).parameters()
+                )
+            assert walked is not None, (case, step)
+            assert fast is not None, (case, step)
+            assert list(fast["lot_uses"]) == list(walked["lot_uses"])
+            assert [i.split("_")[0] for i in fast["lot_ids"]] == [
+                i.split("_")[0] for i in walked["lot_ids"]
+            ]
+            assert fast["last_charge_free_uses"] == walked["last_charge_free_uses"]
+            first = await account_row(api.engine, head)
+            second = await account_row(api.engine, walk)
+            assert list(first.lot_left) == list(second.lot_left), (case, step)
+            assert (first.free_uses_remaining, first.paid_uses_remaining) == (
+                second.free_uses_remaining,
+                second.paid_uses_remaining,
+            )
+    assert await books_problems(api.engine) == []
 
 
 def test_captures_spend_the_holds_lots_without_expiry_and_give_back_the_rest() -> None:

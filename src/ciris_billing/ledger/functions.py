@@ -54,6 +54,81 @@ BEGIN
 END
 """
 
+# THE WALK ON THE WALLET, as the hot statements apply it to the locked account row: the walk
+# above, answering with only the lots it touched (their ids, kinds and the uses taken from each,
+# in the wallet's order) instead of a take per slot, so the statement's RETURNING needs no
+# further call. Its common case, one lot giving all the uses, returns at once.
+# tests/ledger/test_rules.py checks it against ledger_walk over random wallets.
+LEDGER_TAKE = """
+DECLARE
+    slots integer := coalesce(cardinality(p_left), 0);
+    need bigint := p_uses;
+    part bigint;
+    l bigint;
+BEGIN
+    free_taken := 0;
+    other_taken := 0;
+    FOR i IN 1 .. slots LOOP
+        l := p_left[i];
+        CONTINUE WHEN l = 0 OR p_expires[i] <= p_at;
+        part := LEAST(l, need);
+        IF ids IS NULL THEN
+            IF part = need THEN
+                new_left := p_left[1 : i - 1] || (l - part) || p_left[i + 1 :];
+                ids := ARRAY[p_ids[i]];
+                kinds := ARRAY[p_kinds[i]];
+                taken := ARRAY[part];
+                IF p_kinds[i] = 0 THEN
+                    free_taken := part;
+                ELSE
+                    other_taken := part;
+                END IF;
+                RETURN;
+            END IF;
+            new_left := p_left;
+            ids := ARRAY[p_ids[i]];
+            kinds := ARRAY[p_kinds[i]];
+            taken := ARRAY[part];
+        ELSE
+            ids := ids || p_ids[i];
+            kinds := kinds || p_kinds[i];
+            taken := taken || part;
+        END IF;
+        new_left[i] := l - part;
+        need := need - part;
+        IF p_kinds[i] = 0 THEN
+            free_taken := free_taken + part;
+        ELSE
+            other_taken := other_taken + part;
+        END IF;
+        EXIT WHEN need = 0;
+    END LOOP;
+    IF need > 0 OR ids IS NULL THEN
+        new_left := NULL;
+        ids := NULL;
+        kinds := NULL;
+        taken := NULL;
+        free_taken := NULL;
+        other_taken := NULL;
+    END IF;
+END
+"""
+
+# The uses the wallet's unexpired lots of one side give at p_at: the free lots' (p_free) or
+# all the others'. What a movement reports as left past next_expiry_at (statements.py).
+LEDGER_USABLE = """
+DECLARE
+    total bigint := 0;
+BEGIN
+    FOR i IN 1 .. coalesce(cardinality(p_left), 0) LOOP
+        IF (p_kinds[i] = 0) = p_free AND (p_expires[i] IS NULL OR p_expires[i] > p_at) THEN
+            total := total + p_left[i];
+        END IF;
+    END LOOP;
+    RETURN total;
+END
+"""
+
 # The uses the wallet's lots can give at p_at (expired lots give none).
 LEDGER_AVAILABLE = """
 DECLARE
@@ -130,6 +205,22 @@ FUNCTIONS: tuple[tuple[str, str, str, str], ...] = (
         "p_ids anycompatiblearray, p_uses bigint[]",
         "anycompatiblearray",
         LEDGER_TOUCHED,
+    ),
+    (
+        "ledger_take",
+        "p_ids varchar[], p_left bigint[], p_kinds smallint[], p_expires timestamptz[], "
+        "p_uses bigint, p_at timestamptz, OUT new_left bigint[], OUT ids varchar[], "
+        "OUT kinds smallint[], OUT taken bigint[], OUT free_taken bigint, "
+        "OUT other_taken bigint",
+        "record",
+        LEDGER_TAKE,
+    ),
+    (
+        "ledger_usable",
+        "p_left bigint[], p_kinds smallint[], p_expires timestamptz[], p_at timestamptz, "
+        "p_free boolean",
+        "bigint",
+        LEDGER_USABLE,
     ),
 )
 

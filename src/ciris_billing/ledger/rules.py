@@ -8,11 +8,13 @@ Two halves, one definition:
 - `consumption_key` orders an account's lots; whoever adds a lot to an account (or removes one)
   writes the account's wallet (`lot_ids`, `lot_left`, `lot_kinds`, `lot_expires`) back in this
   order, under the account row's lock (ledger/wallet.py);
-- the walk (`ledger_walk`, ledger/functions.py) takes uses from the wallet in its order,
+- the walk (`ledger_take`, ledger/functions.py) takes uses from the wallet in its order,
   skipping lots expired at the statement's time. The hot statements (charge, hold and their
   batched twins) render their WHERE and SET clauses from `can_take` and `walk_assignment`
   below, so every one of them applies the same rule; tests/ledger/test_rules.py renders them
-  and checks.
+  and checks. A charge first tries the walk's common case in plain SQL (`head_covers`,
+  `head_assignment`: the first lot with uses left gives them all), and only when that makes
+  no row sends the walk.
 
 An expired lot is unusable at its instant: the walk skips it and `can_take` counts it out,
 whether or not the expiry job has written its `expired` movement yet. The counters on the
@@ -60,9 +62,10 @@ def can_take(row: str, uses: str, at: str) -> str:
 
 
 def walk_assignment(row: str, uses: str, at: str, *, hold: bool = False) -> str:
-    """SQL (one SET item): the walk applied to the locked account row `row`: its wallet after
-    taking `uses` at `at`, the per-slot take kept in `last_lot_uses` (the movement row reads it
-    from RETURNING: SET sees the old row, RETURNING the new), how many were free kept in
+    """SQL (one SET item): the walk (`ledger_take`) applied to the locked account row `row`: its
+    wallet after taking `uses` at `at`, the lots it touched with their kinds and the uses taken
+    from each kept in `last_lot_ids`, `last_lot_kinds`, `last_lot_uses` (the movement row reads
+    them from RETURNING: SET sees the old row, RETURNING the new), how many were free kept in
     `last_charge_free_uses`, and the counters. Guarded by `can_take` in the same WHERE. A
     `hold` also moves the taken uses into the reserved counters, by kind."""
     reserved = (
@@ -72,13 +75,46 @@ def walk_assignment(row: str, uses: str, at: str, *, hold: bool = False) -> str:
         else ""
     )
     columns = ", reserved_free_uses, reserved_paid_uses" if hold else ""
-    return f"""(lot_left, last_lot_uses, last_charge_free_uses, free_uses_remaining,
-         paid_uses_remaining{columns}) = (
-            SELECT w.new_left, w.taken, w.free_taken,
+    return f"""(lot_left, last_lot_ids, last_lot_kinds, last_lot_uses, last_charge_free_uses,
+         free_uses_remaining, paid_uses_remaining{columns}) = (
+            SELECT w.new_left, w.ids, w.kinds, w.taken, w.free_taken,
                    {row}free_uses_remaining - w.free_taken,
                    {row}paid_uses_remaining - w.other_taken{reserved}
-            FROM ledger_walk({row}lot_left, {row}lot_kinds, {row}lot_expires,
+            FROM ledger_take({row}lot_ids, {row}lot_left, {row}lot_kinds, {row}lot_expires,
                              {uses}, {at}) w)"""  # noqa: S608 (our own constants)
+
+
+def head_slot(row: str) -> str:
+    """SQL: the wallet slot of its first lot with uses left when that is slot 1 or 2 (slot 1
+    empty: a used-up lot still in the wallet, e.g. the free uses before a purchase closes it)."""
+    return f"(CASE WHEN {row}lot_left[1] > 0 THEN 1 ELSE 2 END)"
+
+
+def head_covers(row: str, uses: str, at: str) -> str:
+    """SQL (a WHERE condition): the head lot (`head_slot`) is usable at `at` and has `uses`.
+    Then the walk takes them all from it, in plain SQL (`head_assignment`): no function call.
+    When not (the uses span lots, the head expired, or there are not enough), the statement
+    makes no row and the caller sends the walk's statement (`walk_assignment`): the same rule,
+    tests/ledger/test_rules.py checks both over random wallets."""
+    k = head_slot(row)
+    return (
+        f"{row}lot_left[{k}] >= {uses} "
+        f"AND ({row}lot_expires[{k}] IS NULL OR {row}lot_expires[{k}] > {at})"
+    )
+
+
+def head_assignment(row: str, uses: str) -> str:
+    """SQL (SET items): the walk's outcome when the head lot gives all `uses` (`head_covers`
+    holds): its slot lowered, the movement's lots and the counters, as `walk_assignment`'s."""
+    k = head_slot(row)
+    free = f"CASE WHEN {row}lot_kinds[{k}] = 0 THEN {uses} ELSE 0 END"
+    return f"""lot_left[{k}] = {row}lot_left[{k}] - {uses},
+        last_lot_ids = ARRAY[{row}lot_ids[{k}]],
+        last_lot_kinds = ARRAY[{row}lot_kinds[{k}]],
+        last_lot_uses = ARRAY[{uses}],
+        last_charge_free_uses = {free},
+        free_uses_remaining = {row}free_uses_remaining - {free},
+        paid_uses_remaining = {row}paid_uses_remaining - ({uses} - {free})"""
 
 
 def free_period_current(row: str, at: str) -> str:
@@ -90,9 +126,9 @@ def free_period_current(row: str, at: str) -> str:
 
 def touched_lots(row: str) -> str:
     """SQL (three select items): the lots a movement touched, their kinds and the uses it took
-    from each, from a RETURNING row of a statement that applied `walk_assignment`."""
+    from each, from a RETURNING row of a statement that applied `walk_assignment` or
+    `head_assignment`."""
     return (
-        f"ledger_touched({row}lot_ids, {row}last_lot_uses) AS lot_ids, "
-        f"ledger_touched({row}lot_kinds, {row}last_lot_uses) AS lot_kinds, "
-        f"array_remove({row}last_lot_uses, 0::bigint) AS lot_uses"
+        f"{row}last_lot_ids AS lot_ids, {row}last_lot_kinds AS lot_kinds, "
+        f"{row}last_lot_uses AS lot_uses"
     )
