@@ -85,9 +85,13 @@ def walk_assignment(row: str, uses: str, at: str, *, hold: bool = False) -> str:
 
 
 def head_slot(row: str) -> str:
-    """SQL: the wallet slot of its first lot with uses left when that is slot 1 or 2 (slot 1
-    empty: a used-up lot still in the wallet, e.g. the free uses before a purchase closes it)."""
-    return f"(CASE WHEN {row}lot_left[1] > 0 THEN 1 ELSE 2 END)"
+    """SQL: the wallet slot of its first lot with uses left when that is one of the first three
+    (a used-up lot stays in the wallet until the next cold move closes it: the free uses, a
+    promotional grant used up before a purchase). Past three used-up lots the head text makes
+    no row and the walk's text serves, until a cold move (a grant, a purchase) closes them."""
+    return (
+        f"(CASE WHEN {row}lot_left[1] > 0 THEN 1 WHEN {row}lot_left[2] > 0 THEN 2 ELSE 3 END)"
+    )
 
 
 def head_covers(row: str, uses: str, at: str) -> str:
