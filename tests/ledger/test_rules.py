@@ -77,6 +77,8 @@ def test_every_hot_statement_is_rendered_from_the_rule(name: str, monthly: bool)
 HEAD = {
     "charge": (statements.charge_sql, "", "$3::bigint", "$11::timestamptz"),
     "charge batch": (statements.charge_batch_sql, "a.", "i.uses", "i.created_at"),
+    "hold": (statements.hold_sql, "a.", "$3::bigint", "$7::timestamptz"),
+    "hold batch": (statements.hold_batch_sql, "a.", "i.uses", "i.at"),
 }
 
 
@@ -88,7 +90,7 @@ def test_the_head_texts_are_the_walks_common_case_without_a_function(
     render, row, uses, at = HEAD[name]
     sql = render(monthly, head=True)
     assert head_covers(row, uses, at) in sql
-    assert head_assignment(row, uses) in sql
+    assert head_assignment(row, uses, hold=name.startswith("hold")) in sql
     assert touched_lots(row) in sql
     assert (free_period_current(row, at) in sql) is monthly
     # No walk, no availability function: only the answer's ledger_usable past an expiry.

@@ -89,9 +89,7 @@ def head_slot(row: str) -> str:
     (a used-up lot stays in the wallet until the next cold move closes it: the free uses, a
     promotional grant used up before a purchase). Past three used-up lots the head text makes
     no row and the walk's text serves, until a cold move (a grant, a purchase) closes them."""
-    return (
-        f"(CASE WHEN {row}lot_left[1] > 0 THEN 1 WHEN {row}lot_left[2] > 0 THEN 2 ELSE 3 END)"
-    )
+    return f"(CASE WHEN {row}lot_left[1] > 0 THEN 1 WHEN {row}lot_left[2] > 0 THEN 2 ELSE 3 END)"
 
 
 def head_covers(row: str, uses: str, at: str) -> str:
@@ -107,18 +105,26 @@ def head_covers(row: str, uses: str, at: str) -> str:
     )
 
 
-def head_assignment(row: str, uses: str) -> str:
+def head_assignment(row: str, uses: str, *, hold: bool = False) -> str:
     """SQL (SET items): the walk's outcome when the head lot gives all `uses` (`head_covers`
-    holds): its slot lowered, the movement's lots and the counters, as `walk_assignment`'s."""
+    holds): its slot lowered, the movement's lots and the counters, as `walk_assignment`'s
+    (a `hold` also into the reserved counters, by kind)."""
     k = head_slot(row)
     free = f"CASE WHEN {row}lot_kinds[{k}] = 0 THEN {uses} ELSE 0 END"
+    reserved = (
+        f""",
+        reserved_free_uses = {row}reserved_free_uses + {free},
+        reserved_paid_uses = {row}reserved_paid_uses + ({uses} - {free})"""
+        if hold
+        else ""
+    )
     return f"""lot_left[{k}] = {row}lot_left[{k}] - {uses},
         last_lot_ids = ARRAY[{row}lot_ids[{k}]],
         last_lot_kinds = ARRAY[{row}lot_kinds[{k}]],
         last_lot_uses = ARRAY[{uses}],
         last_charge_free_uses = {free},
         free_uses_remaining = {row}free_uses_remaining - {free},
-        paid_uses_remaining = {row}paid_uses_remaining - ({uses} - {free})"""
+        paid_uses_remaining = {row}paid_uses_remaining - ({uses} - {free}){reserved}"""
 
 
 def free_period_current(row: str, at: str) -> str:

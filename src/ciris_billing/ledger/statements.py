@@ -9,15 +9,16 @@ row that names its lots (`rules.touched_lots`), the balance events (accounts/hot
 and, for holds, the idempotency key's claim. tests/ledger/test_rules.py renders every one of
 them and checks that each contains the rule's clauses.
 
-A charge (alone and batched) also comes as a `head` text: the walk's common case in plain SQL,
-the first lot with uses left giving them all (`rules.head_covers`, `rules.head_assignment`).
-PostgreSQL compiles every expression and sets up every subquery of a statement on each run, so
-a function call or a subquery costs even when its branch is not taken; the head text has none.
-The charge store (accounts/hot/writer.py) sends it first and, for a charge it makes no row for
-(the uses span lots, the head lot expired, not enough uses, a key already taken), the walk's
-text. Measured with callgrind on one PostgreSQL backend (instructions per charge, 1,000
-accounts each with a used-up free lot and a paid lot): 820k before lots, 1,189k with the walk
-and the touched lots as three function calls, ~950k for the head text.
+A charge and a hold (alone and batched) also come as a `head` text: the walk's common case in
+plain SQL, the first lot with uses left giving them all (`rules.head_covers`,
+`rules.head_assignment`). PostgreSQL compiles every expression and sets up every subquery of a
+statement on each run, so a function call or a subquery costs even when its branch is not
+taken; the head text has none. The charge and hold stores (accounts/hot/writer.py, holds.py)
+send it first and, for one it makes no row for (the uses span lots, the head lot expired, not
+enough uses, a key already taken), the walk's text. Measured with callgrind on one PostgreSQL
+backend (instructions per charge, 1,000 accounts each with a used-up free lot and a paid lot):
+820k before lots, 1,189k with the walk and the touched lots as three function calls, ~980k
+for the head text.
 
 With FREE_USES_RESET=monthly a statement also requires the account's free period to be the
 month of its time (`rules.free_period_current`, a column compare): an account whose month's
@@ -188,17 +189,23 @@ FROM spent
 # (JSON text), $7 now, $8 expires_at, $9 idempotency key (or NULL), $10 the request's
 # fingerprint. The walk keeps how many of the held uses were free in last_charge_free_uses
 # (as it keeps a charge's split) and the lots in last_lot_uses, for the reservation row.
-def hold_sql(monthly: bool = False) -> str:
+def hold_sql(monthly: bool = False, head: bool = False) -> str:
     uses, at = "$3::bigint", "$7::timestamptz"
+    take = (
+        head_assignment("a.", uses, hold=True)
+        if head
+        else walk_assignment("a.", uses, at, hold=True)
+    )
+    enough = head_covers("a.", uses, at) if head else can_take("a.", uses, at)
     return f"""
 WITH held AS (
     UPDATE accounts a SET
-        {walk_assignment("a.", uses, at, hold=True)},
+        {take},
         -- A hold takes available uses: balance events as a charge's (crossings.py).
         {next_sequence("a.", uses)},
         updated_at = {at}
     WHERE a.oauth_provider = $1::text AND a.external_id = $2::text AND a.status = 'active'
-      AND {can_take("a.", uses, at)}
+      AND {enough}
       {_period("a.", at, monthly)}
       AND {key_unused("$9::text", "$5::text")}
     RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
@@ -224,7 +231,14 @@ FROM held
 
 
 # The same for many holds: each parameter an array, one element per hold, in the same order.
-def hold_batch_sql(monthly: bool = False) -> str:
+def hold_batch_sql(monthly: bool = False, head: bool = False) -> str:
+    uses, at = "i.uses", "i.at"
+    take = (
+        head_assignment("a.", uses, hold=True)
+        if head
+        else walk_assignment("a.", uses, at, hold=True)
+    )
+    enough = head_covers("a.", uses, at) if head else can_take("a.", uses, at)
     return f"""
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
@@ -243,12 +257,12 @@ WITH input AS (
     FOR UPDATE OF a
 ), held AS (
     UPDATE accounts a SET
-        {walk_assignment("a.", "i.uses", "i.at", hold=True)},
+        {take},
         {next_sequence("a.", "i.uses")},
         updated_at = i.at
     FROM locked i
     WHERE a.id = i.locked_id AND a.status = 'active'
-      AND {can_take("a.", "i.uses", "i.at")}
+      AND {enough}
       {_period("a.", "i.at", monthly)}
       AND {key_unused("i.idempotency_key", "i.api_key_id")}
     RETURNING a.id AS account_id, a.free_uses_remaining, a.paid_uses_remaining,
@@ -280,3 +294,5 @@ CHARGE_HEAD_SQL = charge_sql(head=True)
 CHARGE_HEAD_BATCH_SQL = charge_batch_sql(head=True)
 HOLD_SQL = hold_sql()
 HOLD_BATCH_SQL = hold_batch_sql()
+HOLD_HEAD_SQL = hold_sql(head=True)
+HOLD_HEAD_BATCH_SQL = hold_batch_sql(head=True)

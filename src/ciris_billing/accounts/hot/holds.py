@@ -37,7 +37,14 @@ from typing import Any, TypeVar
 from ciris_billing.accounts.hot.lanes import Lanes, Waiting
 from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
 from ciris_billing.ledger.capture_statements import CAPTURE_BATCH_SQL, CAPTURE_SQL
-from ciris_billing.ledger.statements import HOLD_BATCH_SQL, HOLD_SQL, hold_batch_sql, hold_sql
+from ciris_billing.ledger.statements import (
+    HOLD_BATCH_SQL,
+    HOLD_HEAD_BATCH_SQL,
+    HOLD_HEAD_SQL,
+    HOLD_SQL,
+    hold_batch_sql,
+    hold_sql,
+)
 
 # A keyed hold's or capture's answer, recorded with its key in the same transaction.
 RECORD_SQL = """
@@ -133,19 +140,39 @@ class _ReservationLanes(Lanes[A]):
     resend_unmade = False
 
     def __init__(
-        self, statement: str, statements: StatementPool, lanes: int, one: str, batch: str
+        self,
+        statement: str,
+        statements: StatementPool,
+        lanes: int,
+        one: str,
+        batch: str,
+        head: tuple[str, str] | None = None,
     ) -> None:
         super().__init__(statement, lanes)
         self._statements = statements
         self._one, self._batch = one, batch
+        # Holds: the walk's common case in plain SQL (ledger/statements.py), sent first; what
+        # it makes no row for goes again with the walk's texts.
+        self._head = head
 
     async def _send_one(self, waiting: Waiting[A]) -> None:
-        waiting.settle(await _send_one(self._statements, self._one, waiting.request))
+        made = None
+        if self._head is not None:
+            made = await _send_one(self._statements, self._head[0], waiting.request)
+        if made is None:
+            made = await _send_one(self._statements, self._one, waiting.request)
+        waiting.settle(made)
 
     async def _send_many(self, batch: list[Waiting[A]]) -> None:
         # A batch that fails (a key taken twice: DuplicateKey, or any other error) has each
         # request sent again alone by Lanes._alone, each getting its own answer.
-        made = await _send_batch(self._statements, self._batch, batch)
+        if self._head is None:
+            made = await _send_batch(self._statements, self._batch, batch)
+        else:
+            made = await _send_batch(self._statements, self._head[1], batch)
+            rest = [w for w in batch if w.request.reservation_id not in made]
+            if rest:
+                made.update(await _send_batch(self._statements, self._batch, rest))
         for waiting in batch:
             found = made.get(waiting.request.reservation_id)
             if found is None and self.resend_unmade:
@@ -162,7 +189,12 @@ class HoldStore(_ReservationLanes[HoldAttempt]):
         one, batch = (
             (hold_sql(True), hold_batch_sql(True)) if monthly else (HOLD_SQL, HOLD_BATCH_SQL)
         )
-        super().__init__("hold", statements, lanes, one, batch)
+        head = (
+            (hold_sql(True, head=True), hold_batch_sql(True, head=True))
+            if monthly
+            else (HOLD_HEAD_SQL, HOLD_HEAD_BATCH_SQL)
+        )
+        super().__init__("hold", statements, lanes, one, batch, head)
 
     async def hold(self, attempt: HoldAttempt) -> Any:
         """The account's row after the hold (counters, last_charge_free_uses: the free uses
