@@ -63,6 +63,7 @@ from ciris_billing.ratelimit import (
     SharedStore,
     TokenBuckets,
 )
+from ciris_billing.reports.routes import router as reports_router
 from ciris_billing.testclock import store as test_clock
 from ciris_billing.testclock.routes import router as test_clock_router
 from ciris_billing.web.docs import router as docs_router
@@ -199,6 +200,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(reservations_router)
     app.include_router(admin_router)
     app.include_router(lots_router)
+    app.include_router(reports_router)
     app.include_router(auto_topup_router)
     app.include_router(payments_router)
     app.include_router(sandbox_router)
