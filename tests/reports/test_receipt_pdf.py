@@ -64,7 +64,7 @@ async def test_the_receipt_downloads_as_a_pdf_with_its_facts(seller: Api) -> Non
         "Net paid $7.50",
     ):
         assert expected in lines, (expected, lines)
-    assert [line for line in lines if line.startswith("Refund ")][0].endswith("-$2.50")
+    assert next(line for line in lines if line.startswith("Refund ")).endswith("-$2.50")
     # Another account's link does not open this receipt.
     other = await portal_link(api, who("pdf-other"))
     refused = await api.http.get(f"{other}/receipts/{bought['payment_id']}/pdf")
