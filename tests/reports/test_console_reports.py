@@ -42,8 +42,8 @@ async def test_the_overview_draws_svg_charts_and_the_reports_page_links_csv(shop
         titles.append(title.text)
     assert titles == [
         "Uses per day",
-        "Revenue recognized per day",
-        "Deferred revenue (unused paid uses) at the end of each day",
+        "Revenue recognized per day (USD)",
+        "Deferred revenue (unused paid uses, USD) at the end of each day",
         "New and converting accounts per day",
     ]
     assert "<script" not in "".join(charts)

@@ -85,8 +85,8 @@ def test_charts_and_reports_in_a_browser(tab: Tab, service: tuple[str, str]) -> 
     page.wait_for_url(f"{base}/console")
     for name in (
         "Uses per day",
-        "Revenue recognized per day",
-        "Deferred revenue (unused paid uses) at the end of each day",
+        "Revenue recognized per day (USD)",
+        "Deferred revenue (unused paid uses, USD) at the end of each day",
         "New and converting accounts per day",
     ):
         expect(page.get_by_role("img", name=name)).to_be_visible()

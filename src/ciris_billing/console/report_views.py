@@ -63,14 +63,14 @@ def overview_charts(found: Reports) -> list[Markup]:
         ),
         charts.bars(
             "chart-revenue",
-            "Revenue recognized per day",
+            f"Revenue recognized per day ({money})",
             days,
             [charts.Series("recognized", [row.recognized_minor for row in found.revenue])],
             money=money,
         ),
         charts.line(
             "chart-deferred",
-            "Deferred revenue (unused paid uses) at the end of each day",
+            f"Deferred revenue (unused paid uses, {money}) at the end of each day",
             days,
             [row.deferred_end_minor for row in found.revenue],
             money,

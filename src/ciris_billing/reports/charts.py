@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from markupsafe import Markup, escape
 
 WIDTH, HEIGHT = 640, 200
-LEFT, BOTTOM, TOP = 56, 24, 12
+LEFT, BOTTOM, TOP = 60, 24, 12
 # Colour-blind safe (Okabe-Ito), and distinguishable in grey by their lightness.
 COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7")
 
@@ -32,6 +32,15 @@ def _label(value: int, money: str | None) -> str:
         return f"{value:,}"
     sign = "-" if value < 0 else ""
     return f"{sign}{abs(value) // 100:,}.{abs(value) % 100:02d} {money}"
+
+
+def _short(value: int, money: str | None) -> str:
+    """An axis label that fits left of the axis (the bars' own titles carry exact figures)."""
+    units = value / 100 if money else value
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e4, "k")):
+        if abs(units) >= size:
+            return f"{units / size:.1f}{suffix}"
+    return f"{units:,.2f}" if money and units != int(units) else f"{units:,.0f}"
 
 
 def _frame(chart_id: str, title: str, desc: str, body: list[str], legend: list[str]) -> Markup:
@@ -55,12 +64,12 @@ def _axis(top: int, bottom: int, money: str | None) -> list[str]:
     parts = [
         f'<line x1="{LEFT}" y1="{zero_y:.1f}" x2="{WIDTH}" y2="{zero_y:.1f}" stroke="#888"/>',
         f'<text x="{LEFT - 4}" y="{TOP + 10}" text-anchor="end" font-size="11" '
-        f'fill="currentColor">{escape(_label(top, money))}</text>',
+        f'fill="currentColor">{escape(_short(top, money))}</text>',
     ]
     if bottom < 0:
         parts.append(
             f'<text x="{LEFT - 4}" y="{HEIGHT - BOTTOM}" text-anchor="end" font-size="11" '
-            f'fill="currentColor">{escape(_label(bottom, money))}</text>'
+            f'fill="currentColor">{escape(_short(bottom, money))}</text>'
         )
     return parts
 
