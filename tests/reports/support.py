@@ -71,7 +71,7 @@ async def paid_grant(api: Api, user: dict[str, str], uses: int, cost: int, days:
 async def paid_lot(api: Api, user: dict[str, str]) -> str:
     path = f"/v1/billing/accounts/{user['oauth_provider']}/{user['external_id']}/lots"
     answer = await api.get(path, include="all")
-    return next(lot["lot_id"] for lot in answer.json()["lots"] if lot["kind"] == "paid")
+    return str(next(lot["lot_id"] for lot in answer.json()["lots"] if lot["kind"] == "paid"))
 
 
 async def void(api: Api, lot_id: str) -> None:

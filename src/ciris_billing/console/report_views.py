@@ -10,7 +10,7 @@ from markupsafe import Markup
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import clock
-from ciris_billing.reports import charts, revenue, usage
+from ciris_billing.reports import charts, revenue, rollups, usage
 from ciris_billing.reports.revenue import Granularity
 
 WINDOWS = (30, 90)
@@ -34,8 +34,8 @@ async def reports(
         last,
         granularity,
         currency,
-        await revenue.revenue_report(conn, currency, first, last, granularity),
-        await usage.usage_report(conn, first, last, granularity),
+        await rollups.revenue_report(conn, currency, first, last, granularity),
+        await rollups.usage_report(conn, first, last, granularity),
     )
 
 

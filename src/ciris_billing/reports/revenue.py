@@ -81,25 +81,36 @@ _KIND_STEP_SQL = (
     + " END"
 )
 
-# The per-(lot, day) movements of the currency's paid lots up to :end; :start splits the
-# history into what happened before the report (one sum per lot) and the report's days.
-MOVEMENTS = f"""
+
+# The per-(lot, day) movements of the paid lots from :start to :end, each lot starting from its
+# exhausted uses before :start (revenue_lot_states, kept by reports/rollups.py up to the
+# rollup's day; :start is that day), and their values per currency and day.
+def _value(k: str) -> str:
+    """value(k) = floor(P * k / U), in numeric so P * k never overflows."""
+    return f"floor(w.p::numeric * ({k}) / w.u)"
+
+
+_MOVES = f"""
 WITH paid AS (
-    SELECT id, amount_minor AS p, uses_granted AS u FROM lots
-    WHERE kind = 'paid' AND currency = :currency AND amount_minor > 0 AND uses_granted > 0
+    SELECT id, currency, amount_minor AS p, uses_granted AS u FROM lots
+    WHERE kind = 'paid' AND amount_minor > 0 AND uses_granted > 0
 ), moves AS (
     SELECT x.lot_id, ch.created_at AS at, 1 AS step, x.n AS uses
     FROM charges ch, unnest(ch.lot_ids, ch.lot_uses) AS x(lot_id, n)
-    WHERE ch.lot_ids IS NOT NULL AND ch.created_at < :end AND ch.currency = :currency
+    WHERE ch.lot_ids IS NOT NULL AND ch.created_at >= :start AND ch.created_at < :end
     UNION ALL
     SELECT x.lot_id, c.created_at, {_KIND_STEP_SQL}, -x.n
     FROM credits c, unnest(c.lot_ids, c.lot_uses) AS x(lot_id, n)
-    WHERE c.lot_ids IS NOT NULL AND c.created_at < :end AND c.currency = :currency
+    WHERE c.lot_ids IS NOT NULL AND c.created_at >= :start AND c.created_at < :end
       AND c.kind IN ({", ".join(f"'{kind}'" for kind in STEP_OF_KIND)})
-), per_day AS (
-    SELECT m.lot_id,
-           CASE WHEN m.at < :start THEN NULL
-                ELSE (m.at AT TIME ZONE 'UTC')::date END AS day,
+)
+"""  # noqa: S608 (our own constants)
+
+FIGURES = (
+    _MOVES  # noqa: S608 (our own constants)
+    + f"""
+, per_day AS (
+    SELECT m.lot_id, (m.at AT TIME ZONE 'UTC')::date AS day,
            coalesce(sum(m.uses) FILTER (WHERE m.step = 0), 0) AS s0,
            coalesce(sum(m.uses) FILTER (WHERE m.step = 1), 0) AS s1,
            coalesce(sum(m.uses) FILTER (WHERE m.step = 2), 0) AS s2,
@@ -107,62 +118,45 @@ WITH paid AS (
     FROM moves m JOIN paid ON paid.id = m.lot_id
     GROUP BY 1, 2
 ), walked AS (
-    SELECT d.day, paid.p, paid.u, d.s0, d.s1, d.s2, d.s3,
-           coalesce(sum(d.s0 + d.s1 + d.s2 + d.s3) OVER (
-               PARTITION BY d.lot_id ORDER BY d.day NULLS FIRST
+    SELECT d.day, paid.currency, paid.p, paid.u, d.s0, d.s1, d.s2, d.s3,
+           coalesce(st.exhausted_uses, 0) + coalesce(sum(d.s0 + d.s1 + d.s2 + d.s3) OVER (
+               PARTITION BY d.lot_id ORDER BY d.day
                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS k0
     FROM per_day d JOIN paid ON paid.id = d.lot_id
+    LEFT JOIN revenue_lot_states st ON st.lot_id = d.lot_id
 )
-"""  # noqa: S608 (our own constants)
-
-
-# value(k) = floor(P * k / U), in numeric so P * k never overflows.
-def _value(k: str) -> str:
-    return f"floor(w.p::numeric * ({k}) / w.u)"
-
-
-DAYS = (
-    MOVEMENTS
-    + f"""
-SELECT w.day,
+SELECT w.currency, w.day,
        sum({_value("w.k0 + w.s0")} - {_value("w.k0")}) AS disputed,
        sum({_value("w.k0 + w.s0 + w.s1")} - {_value("w.k0 + w.s0")}) AS consumed,
        sum({_value("w.k0 + w.s0 + w.s1 + w.s2")} - {_value("w.k0 + w.s0 + w.s1")}) AS taken_back,
        sum({_value("w.k0 + w.s0 + w.s1 + w.s2 + w.s3")} - {_value("w.k0 + w.s0 + w.s1 + w.s2")})
            AS broken
 FROM walked w
-WHERE w.day IS NOT NULL
-GROUP BY w.day
+GROUP BY 1, 2
 """  # noqa: S608 (our own constants)
 )
 
-# Deferred at :start: every paid lot bought before it, less the value of its uses gone by then.
-DEFERRED_AT_START = (
-    MOVEMENTS  # noqa: S608 (our own constants)
-    + f"""
-, gone AS (
-    SELECT w.p, w.u, (w.s0 + w.s1 + w.s2 + w.s3) AS k0 FROM walked w WHERE w.day IS NULL
-)
-SELECT coalesce((SELECT sum(amount_minor) FROM lots
-                 WHERE kind = 'paid' AND currency = :currency AND uses_granted > 0
-                   AND created_at < :start), 0)
-     - coalesce((SELECT sum({_value("w.k0")}) FROM gone w), 0)
-"""  # noqa: S608 (our own constants)
+# Each paid lot's exhausted uses moved from :start to :end (what rollups.py adds to its state).
+EXHAUSTED = (
+    _MOVES
+    + """
+SELECT m.lot_id, sum(m.uses) AS uses FROM moves m JOIN paid ON paid.id = m.lot_id
+GROUP BY m.lot_id
+"""
 )
 
 PURCHASES = """
-SELECT (created_at AT TIME ZONE 'UTC')::date AS day, sum(amount_minor) AS amount
+SELECT currency, (created_at AT TIME ZONE 'UTC')::date AS day, sum(amount_minor) AS amount
 FROM lots
-WHERE kind = 'paid' AND currency = :currency AND uses_granted > 0
-  AND created_at >= :start AND created_at < :end
-GROUP BY 1
+WHERE kind = 'paid' AND uses_granted > 0 AND created_at >= :start AND created_at < :end
+GROUP BY 1, 2
 """
 
 REFUNDS = """
-SELECT (created_at AT TIME ZONE 'UTC')::date AS day, sum(amount_minor) AS amount
+SELECT currency, (created_at AT TIME ZONE 'UTC')::date AS day, sum(amount_minor) AS amount
 FROM credits
-WHERE kind = 'refund' AND currency = :currency AND created_at >= :start AND created_at < :end
-GROUP BY 1
+WHERE kind = 'refund' AND created_at >= :start AND created_at < :end
+GROUP BY 1, 2
 """
 
 
@@ -210,54 +204,62 @@ def periods(first: date, last: date, granularity: Granularity) -> list[str]:
 
 
 async def day_figures(
-    conn: AsyncConnection, currency: str, first: date, last: date
-) -> tuple[int, dict[date, DayFigures]]:
-    """Deferred revenue at the start of `first`, and each day's figures up to `last`."""
-    params = {
-        "currency": currency,
-        "start": day_start(first),
-        "end": day_start(last) + timedelta(1),
-    }
-    deferred = int(await conn.scalar(text(DEFERRED_AT_START), params) or 0)
-    figures: dict[date, dict[str, int]] = {}
+    conn: AsyncConnection, start: datetime, end: datetime
+) -> dict[tuple[str, date], DayFigures]:
+    """Each (currency, day)'s figures from the ledger's rows from `start` to `end`, every paid
+    lot starting from its exhausted uses in revenue_lot_states (which must be as of `start`)."""
+    params = {"start": start, "end": end}
+    figures: dict[tuple[str, date], dict[str, int]] = {}
 
-    def add(day: date, name: str, amount: int) -> None:
-        figures.setdefault(day, {}).setdefault(name, 0)
-        figures[day][name] += amount
+    def add(key: tuple[str, date], name: str, amount: int) -> None:
+        figures.setdefault(key, {}).setdefault(name, 0)
+        figures[key][name] += amount
 
     for row in await conn.execute(text(PURCHASES), params):
-        add(row.day, "purchases", int(row.amount))
+        add((row.currency, row.day), "purchases", int(row.amount))
     for row in await conn.execute(text(REFUNDS), params):
-        add(row.day, "refunds", int(row.amount))
-        add(row.day, "recognized", -int(row.amount))
-    for row in await conn.execute(text(DAYS), params):
-        add(row.day, "refunds", int(row.disputed))
-        add(row.day, "recognized", int(row.consumed) + int(row.taken_back))
-        add(row.day, "breakage", int(row.broken))
-    return deferred, {day: DayFigures(**values) for day, values in figures.items()}
+        add((row.currency, row.day), "refunds", int(row.amount))
+        add((row.currency, row.day), "recognized", -int(row.amount))
+    for row in await conn.execute(text(FIGURES), params):
+        key = (row.currency, row.day)
+        add(key, "refunds", int(row.disputed))
+        add(key, "recognized", int(row.consumed) + int(row.taken_back))
+        add(key, "breakage", int(row.broken))
+    return {key: DayFigures(**values) for key, values in figures.items()}
 
 
-async def revenue_report(
-    conn: AsyncConnection, currency: str, first: date, last: date, granularity: Granularity
+def plus(one: DayFigures, other: DayFigures) -> DayFigures:
+    return DayFigures(
+        one.purchases + other.purchases,
+        one.refunds + other.refunds,
+        one.recognized + other.recognized,
+        one.breakage + other.breakage,
+    )
+
+
+def change(figures: DayFigures) -> int:
+    """What a day's figures do to deferred revenue."""
+    return figures.purchases - figures.refunds - figures.recognized - figures.breakage
+
+
+def report_rows(
+    currency: str,
+    deferred: int,
+    by_day: dict[date, DayFigures],
+    first: date,
+    last: date,
+    granularity: Granularity,
 ) -> list[RevenueRow]:
-    """One row per period from `first` to `last` (inclusive; UTC days), deferred rolled from
-    one period to the next so the identity holds exactly on every row."""
-    deferred, by_day = await day_figures(conn, currency, first, last)
-    totals: dict[str, DayFigures] = {
-        name: DayFigures() for name in periods(first, last, granularity)
-    }
+    """One row per period from `first` to `last`, deferred rolled from `deferred` (at the
+    start of `first`) so the identity holds exactly on every row."""
+    totals = {name: DayFigures() for name in periods(first, last, granularity)}
     for day, figures in by_day.items():
-        name = period_of(day, granularity)
-        now = totals[name]
-        totals[name] = DayFigures(
-            now.purchases + figures.purchases,
-            now.refunds + figures.refunds,
-            now.recognized + figures.recognized,
-            now.breakage + figures.breakage,
-        )
+        if first <= day <= last:
+            name = period_of(day, granularity)
+            totals[name] = plus(totals[name], figures)
     rows = []
     for name, figures in totals.items():
-        end = deferred + figures.purchases - figures.refunds - figures.recognized - figures.breakage
+        end = deferred + change(figures)
         rows.append(
             RevenueRow(
                 name,

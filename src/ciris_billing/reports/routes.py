@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from ciris_billing.deps import AdminKey, StateDep, UnitOfWorkDep, json_response
 from ciris_billing.errors import InvalidRequest, error_responses
-from ciris_billing.reports import exports, revenue, tables, usage
+from ciris_billing.reports import exports, revenue, rollups, tables
 
 router = APIRouter(prefix="/v1/billing", tags=["reports"], responses=error_responses(401, 403, 422))
 
@@ -57,7 +57,7 @@ async def revenue_report(
     installation's)."""
     checked_span(first, last)
     chosen = (currency or state.settings.currency).upper()
-    rows = await revenue.revenue_report(await work.connection(), chosen, first, last, granularity)
+    rows = await rollups.revenue_report(await work.connection(), chosen, first, last, granularity)
     if tables.wants_csv(accept):
         return csv_response(tables.revenue_csv(rows), f"revenue-{first}-{last}")
     return json_response(200, {"rows": [row.as_dict() for row in rows]})
@@ -75,7 +75,7 @@ async def usage_report(
     """Uses per period by lot kind (free, promotional, paid) and by feature; active accounts
     (charged in the period), new accounts, and accounts that bought for the first time."""
     checked_span(first, last)
-    rows = await usage.usage_report(await work.connection(), first, last, granularity)
+    rows = await rollups.usage_report(await work.connection(), first, last, granularity)
     if tables.wants_csv(accept):
         return csv_response(tables.usage_csv(rows), f"usage-{first}-{last}")
     return json_response(200, {"rows": [row.as_dict() for row in rows]})

@@ -5,9 +5,14 @@ many of each; a lot's kind says free, promotional or paid). Active accounts: tho
 charge in the period; new: created in it; converted: whose first purchased lot (a purchase
 or an auto top-up) came in it (free -> paid).
 
+Closed days are read from the rollups that reports/rollups.py keeps (`usage_days`: uses per
+day, kind and feature; `usage_active`: active accounts per closed day and closed month); the
+days since its `rolled_until` are counted from the charges (their BRIN index on created_at
+finds them). A month only partly in the report is counted over its part, from the charges.
+
 By feature: charges carry no `feature` yet (the rates of the catalog add it), so every use is
-under NO_FEATURE; `:no_feature AS feature` in USES is the one expression to change when
-the column lands (`coalesce(ch.feature, :no_feature)`).
+under NO_FEATURE; `:no_feature AS feature` in USES is the one expression to change when the
+column lands (`coalesce(ch.feature, :no_feature)`).
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ciris_billing.db import revenue_rollup, usage_active, usage_days
 from ciris_billing.reports.revenue import Granularity, day_start, period_of, periods
 
 NO_FEATURE = "(none)"
@@ -85,26 +91,104 @@ class UsageRow:
         return found
 
 
+def _span(first: date, last_excluded: date, fmt: str) -> dict[str, object]:
+    return {
+        "start": day_start(first),
+        "end": day_start(last_excluded),
+        "fmt": fmt,
+        "no_feature": NO_FEATURE,
+    }
+
+
+def _month_end(day: date) -> date:
+    """The first day of the next month."""
+    return (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+
+
+async def roll_usage(conn: AsyncConnection, rolled: date, until: date) -> None:
+    """Roll days from `rolled` to `until` (excluded), and the months closed by then (called
+    by reports/rollups.py under the rollup's lock: once per day and month)."""
+    params = _span(rolled, until, FORMATS["day"])
+    found = [dict(row._mapping) for row in await conn.execute(text(USES), params)]
+    if found:
+        await conn.execute(usage_days.insert(), found)
+    active = [dict(row._mapping) for row in await conn.execute(text(ACTIVE), params)]
+    month = rolled.replace(day=1)
+    while _month_end(month) <= until:
+        if _month_end(month) > rolled:  # closed by this roll: counted once, whole
+            counted = await conn.execute(
+                text(ACTIVE), _span(month, _month_end(month), FORMATS["month"])
+            )
+            active += [dict(row._mapping) for row in counted]
+        month = _month_end(month)
+    if active:
+        await conn.execute(usage_active.insert(), active)
+
+
 async def usage_report(
     conn: AsyncConnection, first: date, last: date, granularity: Granularity
 ) -> list[UsageRow]:
-    """One row per period from `first` to `last` (inclusive; UTC days)."""
-    params = {
-        "start": day_start(first),
-        "end": day_start(last) + timedelta(1),
-        "fmt": FORMATS[granularity],
-        "no_feature": NO_FEATURE,
-    }
+    """One row per period from `first` to `last` (inclusive; UTC days). The caller has
+    rolled (reports/rollups.py) and holds the rollup's row (one picture)."""
+    rolled = await conn.scalar(select(revenue_rollup.c.rolled_until)) or first
+    after_last = last + timedelta(1)
     rows = {name: UsageRow(name) for name in periods(first, last, granularity)}
-    for found in await conn.execute(text(USES), params):
+    fmt = FORMATS[granularity]
+    stored = await conn.execute(
+        select(usage_days).where(
+            usage_days.c.day >= first, usage_days.c.day < min(rolled, after_last)
+        )
+    )
+    live = await conn.execute(text(USES), _span(max(first, rolled), after_last, fmt))
+    for found in [*stored, *live]:
         row = rows[period_of(found.day, granularity)]
         uses = int(found.uses)
         name = f"{found.kind}_uses"
         setattr(row, name, getattr(row, name) + uses)
         row.uses_by_feature[found.feature] = row.uses_by_feature.get(found.feature, 0) + uses
-    for query, name in ((ACTIVE, "active_accounts"), (NEW, "new_accounts")):
-        for found in await conn.execute(text(query), params):
+    await _active(conn, rows, first, after_last, rolled, granularity)
+    whole = _span(first, after_last, fmt)
+    for query, name in ((NEW, "new_accounts"), (CONVERTED, "converted_accounts")):
+        for found in await conn.execute(text(query), whole):
             setattr(rows[found.period], name, int(found.accounts))
-    for found in await conn.execute(text(CONVERTED), params):
-        rows[found.period].converted_accounts = int(found.accounts)
     return list(rows.values())
+
+
+async def _active(
+    conn: AsyncConnection,
+    rows: dict[str, UsageRow],
+    first: date,
+    after_last: date,
+    rolled: date,
+    granularity: Granularity,
+) -> None:
+    """Active accounts: closed periods wholly in the report from usage_active, the others
+    (today; a month cut by the report's ends or still open) counted from the charges."""
+    fmt = FORMATS[granularity]
+    live: list[tuple[date, date]] = []
+    closed: list[str] = []
+    for name in rows:
+        if granularity == "day":
+            start = date.fromisoformat(name)
+            end = start + timedelta(1)
+        else:
+            start = date.fromisoformat(f"{name}-01")
+            end = _month_end(start)
+        if first <= start and end <= after_last and end <= rolled:
+            closed.append(name)
+        else:
+            live.append((max(start, first), min(end, after_last)))
+    if closed:
+        for found in await conn.execute(
+            select(usage_active).where(usage_active.c.period.in_(closed))
+        ):
+            rows[found.period].active_accounts = int(found.accounts)
+    spans: list[tuple[date, date]] = []
+    for start, end in live:  # adjacent periods in one scan (the days not rolled up: today)
+        if spans and spans[-1][1] == start:
+            spans[-1] = (spans[-1][0], end)
+        else:
+            spans.append((start, end))
+    for start, end in spans:
+        for found in await conn.execute(text(ACTIVE), _span(start, end, fmt)):
+            rows[found.period].active_accounts = int(found.accounts)
