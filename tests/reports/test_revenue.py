@@ -8,7 +8,7 @@ that expires in 40 days. Buyers consume, are refunded, a lot is voided and one e
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import text
 
@@ -93,6 +93,10 @@ async def test_revenue_to_the_cent_across_months(shop: Api) -> None:
     await run_jobs(api)
     book("breakage_minor", 750)
     end = clock.now()
+    # The recovery run also rolled the closed days up (to 15 minutes ago's day).
+    async with api.engine.connect() as conn:
+        rolled = await conn.scalar(text("SELECT rolled_until FROM revenue_rollup"))
+    assert rolled == (end - timedelta(minutes=15)).date()
 
     params = {"from": start.date().isoformat(), "to": end.date().isoformat()}
     monthly = await report(api, REVENUE, granularity="month", **params)

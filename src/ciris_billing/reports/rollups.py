@@ -21,14 +21,14 @@ between its reads (the days, the states and `rolled_until` are one picture).
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ciris_billing import clock
-from ciris_billing.db import revenue_days, revenue_rollup
+from ciris_billing.db import accounts, lots, revenue_days, revenue_rollup
 from ciris_billing.reports import revenue, usage
 from ciris_billing.reports.revenue import DayFigures, Granularity, RevenueRow, day_start
 
@@ -78,6 +78,16 @@ async def roll(conn: AsyncConnection, now: datetime | None = None) -> int:
         )
         or EPOCH
     )
+    if rolled == EPOCH:  # the first roll: from the first account's or lot's day (no row is older)
+        oldest = await conn.scalar(
+            select(
+                func.least(
+                    func.min(accounts.c.created_at),
+                    select(func.min(lots.c.created_at)).scalar_subquery(),
+                )
+            )
+        )
+        rolled = min(oldest.astimezone(UTC).date(), until) if oldest else until
     if until <= rolled:
         return 0
     start, end = day_start(rolled), day_start(until)
