@@ -72,6 +72,8 @@ async def test_the_overview_draws_svg_charts_and_the_reports_page_links_csv(shop
     ledger = await api.http.get(f"/console/exports/ledger.csv?from={today}&to={today}")
     assert ledger.status_code == 200
     assert len(list(csv.DictReader(io.StringIO(ledger.text)))) == 3
+    assert (await api.http.get("/console/reports/secrets.csv")).status_code == 404
+    assert (await api.http.get("/console/exports/secrets.csv")).status_code == 404
     # Without a session: back to the login form.
     api.http.cookies.clear()
     assert (await api.http.get("/console/reports/revenue.csv")).status_code == 303

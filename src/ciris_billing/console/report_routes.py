@@ -10,8 +10,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ciris_billing.console import report_views
-from ciris_billing.console.web import page, session_of, to_login
+from ciris_billing.console.web import page, problem, session_of, to_login
 from ciris_billing.deps import StateDep, UnitOfWorkDep
+from ciris_billing.errors import ReportNotFound
 from ciris_billing.reports import exports, revenue, tables
 from ciris_billing.reports.routes import checked_span, csv_response
 from ciris_billing.web.templating import PAGE_HEADERS
@@ -58,7 +59,7 @@ async def reports_page(
 
 @router.get("/reports/{name}.csv")
 async def report_csv(
-    name: Literal["revenue", "usage"],
+    name: str,
     request: Request,
     state: StateDep,
     work: UnitOfWorkDep,
@@ -69,6 +70,8 @@ async def report_csv(
     session = await session_of(request, state, work)
     if session is None:
         return to_login()
+    if name not in ("revenue", "usage"):  # checked after the session: a stranger learns nothing
+        return problem(ReportNotFound(f"No report named {name}"), session)
     span = _span(first, last)
     found = await report_views.reports(
         await work.connection(), state.settings.currency, *span, granularity
@@ -81,7 +84,7 @@ async def report_csv(
 
 @router.get("/exports/{name}.csv")
 async def export_csv(
-    name: exports.Export,
+    name: str,
     request: Request,
     state: StateDep,
     work: UnitOfWorkDep,
@@ -91,11 +94,14 @@ async def export_csv(
     session = await session_of(request, state, work)
     if session is None:
         return to_login()
+    if name not in exports.QUERIES:  # checked after the session: a stranger learns nothing
+        return problem(ReportNotFound(f"No export named {name}"), session)
+    kind: exports.Export = "ledger" if name == "ledger" else "lots"
     span = _span(first, last)
     return StreamingResponse(
         exports.stream_csv(
             state.engine,
-            name,
+            kind,
             revenue.day_start(span[0]),
             revenue.day_start(span[1]) + timedelta(1),
         ),
