@@ -7,12 +7,14 @@ that expires in 40 days. Buyers consume, are refunded, a lot is voided and one e
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from datetime import datetime, timedelta
 
 from sqlalchemy import text
 
 from ciris_billing import clock
+from ciris_billing.reports import rollups
 from tests.reports.support import (
     REVENUE,
     USAGE,
@@ -163,3 +165,25 @@ async def test_reports_need_the_admin_key_and_a_sane_span(shop: Api) -> None:
     empty = await report(api, REVENUE, **{"from": "2026-01-01", "to": "2026-01-03"})
     assert [row["period"] for row in empty] == ["2026-01-01", "2026-01-02", "2026-01-03"]
     assert all(row["deferred_end_minor"] == 0 and identity_holds(row) for row in empty)
+
+
+async def test_two_rolls_at_once_roll_each_day_once(shop: Api) -> None:
+    """The job and a report rolling at the same moment: one computes the closed days, the
+    other waits on the rollup's row and finds nothing left (no duplicate day, no error)."""
+    api = shop
+    user = who("rolls")
+    await buy(api, user)
+    await charge(api, user, 3)
+    await advance(api, 2)
+
+    async def roll_once() -> int:
+        async with api.engine.begin() as conn:
+            return await rollups.roll(conn)
+
+    done = await asyncio.gather(roll_once(), roll_once())
+    assert sorted(done)[0] == 0
+    assert sorted(done)[1] >= 2
+    async with api.engine.connect() as conn:
+        days = (await conn.execute(text("SELECT day, recognized_minor FROM revenue_days"))).all()
+    assert [row.recognized_minor for row in days] == [666]
+    assert (await api.audit()).clean

@@ -14,9 +14,10 @@ whatever is still due, so it is never stale.
 A report then reads its closed days from `revenue_days` and computes only the days since
 `rolled_until` (normally today) from the ledger, each lot starting from its state.
 
-Concurrency: `roll` locks the rollup's row (FOR UPDATE) before it reads `rolled_until`, so two
-rolls never compute the same days; a report takes FOR KEY SHARE on it, so no roll commits
-between its reads (the days, the states and `rolled_until` are one picture).
+Concurrency: `roll` locks the rollup's row (FOR UPDATE) before it reads `rolled_until` again,
+so two rolls never compute the same days (and with nothing due it neither locks nor writes);
+a report takes FOR KEY SHARE on it, so no roll commits between its reads (the days, the states
+and `rolled_until` are one picture), while reports never wait for each other.
 """
 
 from __future__ import annotations
@@ -66,11 +67,15 @@ async def deferred_before(conn: AsyncConnection, currency: str, day: date) -> in
 async def roll(conn: AsyncConnection, now: datetime | None = None) -> int:
     """Roll the closed days not yet rolled (in the caller's transaction); how many days."""
     until = closed_until(now or clock.now())
-    await conn.execute(
-        insert(revenue_rollup)
-        .values(id=1, rolled_until=EPOCH, updated_at=clock.now())
-        .on_conflict_do_nothing()
-    )
+    seen = await conn.scalar(select(revenue_rollup.c.rolled_until))
+    if seen is not None and until <= seen:
+        return 0  # nothing due: no lock, no write (reports do not queue behind each other)
+    if seen is None:
+        await conn.execute(
+            insert(revenue_rollup)
+            .values(id=1, rolled_until=EPOCH, updated_at=clock.now())
+            .on_conflict_do_nothing()
+        )
     # The lock serializes rolls: the second waits, then reads the first's rolled_until.
     rolled: date = (
         await conn.scalar(
