@@ -1,8 +1,8 @@
 """revenue rollups: closed days' revenue and usage figures, each paid lot's exhausted uses
 
 Revision ID: 20261207_revenue_rollups
-Revises: 20261207_lots_expiring
-Create Date: 2026-12-07 20:00:00
+Revises: 20261207_hot_wallet
+Create Date: 2026-12-07 20:15:00
 
 Issue 25 item 6: the revenue report reads closed days from `revenue_days` (one row per day and
 currency, deferred revenue at its end) and computes only the days since `revenue_rollup`'s
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "20261207_revenue_rollups"
-down_revision: str | None = "20261207_lots_expiring"
+down_revision: str | None = "20261207_hot_wallet"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
