@@ -37,11 +37,11 @@ GRACE = timedelta(minutes=15)
 # Before anything was rolled: every day from here on is computed from the ledger.
 EPOCH = date(1970, 1, 1)
 
+# Run under the rollup's row lock (one roll at a time), once per range of days: each lot's
+# state moves forward by exactly that range's movements.
 ADD_EXHAUSTED = (
     "INSERT INTO revenue_lot_states (lot_id, exhausted_uses) "
-    + revenue.EXHAUSTED.replace(
-        "SELECT m.lot_id, sum(m.uses) AS uses", "SELECT m.lot_id, sum(m.uses)"
-    )
+    + revenue.EXHAUSTED
     + " ON CONFLICT (lot_id) DO UPDATE SET "
     "exhausted_uses = revenue_lot_states.exhausted_uses + EXCLUDED.exhausted_uses"
 )
