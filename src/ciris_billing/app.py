@@ -34,6 +34,7 @@ from ciris_billing.autotopup.routes import router as auto_topup_router
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.console.action_routes import router as console_actions_router
+from ciris_billing.console.report_routes import router as console_reports_router
 from ciris_billing.console.routes import router as console_router
 from ciris_billing.db import create_engine, session_settings
 from ciris_billing.deps import AppState, StateDep, authorize_key, json_response
@@ -63,6 +64,7 @@ from ciris_billing.ratelimit import (
     SharedStore,
     TokenBuckets,
 )
+from ciris_billing.reports.routes import router as reports_router
 from ciris_billing.testclock import store as test_clock
 from ciris_billing.testclock.routes import router as test_clock_router
 from ciris_billing.web.docs import router as docs_router
@@ -199,6 +201,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(reservations_router)
     app.include_router(admin_router)
     app.include_router(lots_router)
+    app.include_router(reports_router)
     app.include_router(auto_topup_router)
     app.include_router(payments_router)
     app.include_router(sandbox_router)
@@ -210,6 +213,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(portal_links_router)
     app.include_router(console_router)
     app.include_router(console_actions_router)
+    app.include_router(console_reports_router)
     app.include_router(docs_router)
     _add_operational_routes(app)
     _add_error_handlers(app)

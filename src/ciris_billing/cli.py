@@ -21,7 +21,7 @@ from ciris_billing import audit_trail, auth
 from ciris_billing import cli_lots as lot_commands
 from ciris_billing.audit_trail import Entry, cli_operator
 from ciris_billing.autotopup.cli import auto_topup as auto_topup_commands
-from ciris_billing.cli_accounts import erase, export, reactivate, reservations, suspend
+from ciris_billing.cli_accounts import erase, reactivate, reservations, suspend
 from ciris_billing.cli_audit import audit_command, audit_log
 from ciris_billing.cli_common import (
     _print_json,
@@ -29,6 +29,7 @@ from ciris_billing.cli_common import (
     _with_connection,
     _with_provider,
 )
+from ciris_billing.cli_exports import export
 from ciris_billing.cli_keys import keys
 from ciris_billing.cli_lookup import COMMANDS
 from ciris_billing.cli_webhooks import low_balance_threshold, webhook_endpoints

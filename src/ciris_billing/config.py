@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     paid_uses_per_purchase: int = Field(default=20, ge=1, le=1_000_000)
     price_per_purchase_minor: int = Field(default=500, ge=1)
     currency: str = "USD"
+    # Who sells, as the portal's PDF receipts show it (portal/receipt_pdf.py): a name and a
+    # postal address (lines separated by newlines or " | ").
+    seller_name: str = Field(default="", max_length=200)
+    seller_address: str = Field(default="", max_length=500)
 
     # Payments (the guide's names). Without PAYMENT_PROVIDER: stripe if STRIPE_API_KEY is set,
     # else the built-in sandbox.

@@ -64,6 +64,11 @@ from ciris_billing.tables.payments import PURCHASE_STATUSES as PURCHASE_STATUSES
 from ciris_billing.tables.payments import disputes as disputes
 from ciris_billing.tables.payments import purchases as purchases
 from ciris_billing.tables.payments import webhook_events as webhook_events
+from ciris_billing.tables.reports import revenue_days as revenue_days
+from ciris_billing.tables.reports import revenue_lot_states as revenue_lot_states
+from ciris_billing.tables.reports import revenue_rollup as revenue_rollup
+from ciris_billing.tables.reports import usage_active as usage_active
+from ciris_billing.tables.reports import usage_days as usage_days
 from ciris_billing.tables.sandbox import SANDBOX_CARD_BEHAVIOURS as SANDBOX_CARD_BEHAVIOURS
 from ciris_billing.tables.sandbox import sandbox_customers as sandbox_customers
 from ciris_billing.tables.sandbox import sandbox_disputes as sandbox_disputes

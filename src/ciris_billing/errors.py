@@ -217,6 +217,13 @@ class LotNotFound(BillingError):
     code = "lot_not_found"
 
 
+class ReportNotFound(BillingError):
+    """The console's CSV of a report or export that does not exist."""
+
+    status_code = 404
+    code = "report_not_found"
+
+
 class LotNotOpen(BillingError):
     """A void of a lot already closed (used up, expired, voided or erased)."""
 

@@ -1,6 +1,7 @@
 """The periodic recovery run (jobs.py's `billing.recover`): expire holds and lots, detach erased
-accounts' cards, redeliver the sandbox's webhooks, retry stored webhook events and reconcile
-purchases not yet final; each step on its own, so one failing does not stop the others."""
+accounts' cards, redeliver the sandbox's webhooks, retry stored webhook events, reconcile
+purchases not yet final and roll up the reports' closed days; each step on its own, so one
+failing does not stop the others."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ciris_billing.observability import (
 )
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers.base import PaymentProvider
+from ciris_billing.reports import rollups
 from ciris_billing.unit_of_work import unit_of_work
 from ciris_billing.webhooks import inbox
 
@@ -61,6 +63,7 @@ class Recovery:
         await self._retry_events(report)
         await self._reconcile_purchases(report)
         await self._detach_erased_cards(report)
+        await self._roll_reports(report)
         await self._measure()
         return report
 
@@ -119,6 +122,18 @@ class Recovery:
             JOBS_FAILURES.labels("expire_lots").inc(done.failures)
         JOBS_ITEMS.labels("expire_lots", "expired").inc(done.expired)
         JOBS_ITEMS.labels("expire_lots", "notified").inc(done.notified)
+
+    async def _roll_reports(self, report: RecoveryReport) -> None:
+        """The reports' closed days rolled up (reports/rollups.py), so a report reads them."""
+        try:
+            async with unit_of_work(self.engine) as work:
+                days = await rollups.roll(await work.connection(), utcnow())
+        except Exception as exc:  # the database: next run (a report rolls what is due too)
+            report.failures += 1
+            JOBS_FAILURES.labels("roll_reports").inc()
+            log.warning("job_roll_reports_failed", error=_name(exc))
+            return
+        JOBS_ITEMS.labels("roll_reports", "days").inc(days)
 
     async def _redeliver_provider_webhooks(self) -> None:
         """The sandbox's side of Stripe's redelivery (sandbox_webhooks.py); Stripe does its own."""

@@ -29,6 +29,7 @@ PUBLIC = {
     # The customer portal (its link is signed) and the console's login form and assets.
     "/v1/billing/portal/{token}",
     "/v1/billing/portal/{token}/receipts/{payment_id}",
+    "/v1/billing/portal/{token}/receipts/{payment_id}/pdf",
     "/v1/billing/portal/{token}/auto-topup",
     "/v1/billing/portal/{token}/card",
     "/console/login",

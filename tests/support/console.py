@@ -37,6 +37,9 @@ CONSOLE_SESSION = {
     "/console/endpoints",
     "/console/audit",
     "/console/actions/{action}",
+    "/console/reports",
+    "/console/reports/{name}.csv",
+    "/console/exports/{name}.csv",
 }
 
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')

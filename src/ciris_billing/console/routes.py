@@ -15,7 +15,7 @@ from ciris_billing import audit_trail, auth
 from ciris_billing.accounts import lots
 from ciris_billing.accounts.answers import portal_link
 from ciris_billing.accounts.service import Identity
-from ciris_billing.console import outgoing, queries
+from ciris_billing.console import outgoing, queries, report_views
 from ciris_billing.console.sessions import (
     COOKIE_PATH,
     LOGIN_COOKIE,
@@ -173,7 +173,12 @@ async def _notice(work: UnitOfWork, notice: str | None) -> object | None:
 
 
 @router.get("")
-async def overview(request: Request, state: StateDep, work: UnitOfWorkDep) -> Response:
+async def overview(
+    request: Request,
+    state: StateDep,
+    work: UnitOfWorkDep,
+    days: Annotated[int, Query(ge=1, le=366)] = 30,
+) -> Response:
     session = await session_of(request, state, work)
     if session is None:
         return to_login()
@@ -181,6 +186,8 @@ async def overview(request: Request, state: StateDep, work: UnitOfWorkDep) -> Re
     conn = await work.connection()
     figures = await queries.overview(conn, stuck_after)
     retrying, troubled = await outgoing.failing(conn)
+    first, last = report_views.last_days(days)
+    found = await report_views.reports(conn, state.settings.currency, first, last, "day")
     return page(
         "console_overview.html",
         session,
@@ -188,6 +195,9 @@ async def overview(request: Request, state: StateDep, work: UnitOfWorkDep) -> Re
         retrying=retrying,
         troubled=troubled,
         checks=credit_checks_served(),
+        charts=report_views.overview_charts(found),
+        days=days,
+        windows=report_views.WINDOWS,
         nav="overview",
     )
 

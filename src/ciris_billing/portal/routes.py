@@ -30,6 +30,7 @@ from ciris_billing.deps import AppState, StateDep, UnitOfWorkDep
 from ciris_billing.errors import BillingError, InvalidRequest
 from ciris_billing.observability import log
 from ciris_billing.payments.purchases import api_status
+from ciris_billing.portal import receipt_pdf
 from ciris_billing.portal.links import (
     PortalLinkExpired,
     PortalLinkInvalid,
@@ -37,6 +38,7 @@ from ciris_billing.portal.links import (
     read_portal_token,
     still_valid,
 )
+from ciris_billing.unit_of_work import UnitOfWork
 from ciris_billing.web.templating import PAGE_HEADERS, render
 
 router = APIRouter(prefix="/v1/billing/portal", include_in_schema=False)
@@ -247,8 +249,11 @@ def _problem(exc: BillingError, token: str) -> Response:
     )
 
 
-@router.get("/{token}/receipts/{payment_id}")
-async def receipt(token: str, payment_id: str, state: StateDep, work: UnitOfWorkDep) -> Response:
+async def _receipt_of(
+    state: AppState, work: UnitOfWork, token: str, payment_id: str
+) -> tuple[Row[Any], Any] | Response:
+    """The link's own purchase with this payment id (else the refusal to answer) and what the
+    provider says of its payment (the card)."""
     account = await _account_of(state, work, token)
     if isinstance(account, Response):
         return account
@@ -265,12 +270,62 @@ async def receipt(token: str, payment_id: str, state: StateDep, work: UnitOfWork
         return _refused(404)
     async with work.provider_call():
         payment = await state.provider.get_payment(payment_id)
+    return found, payment
+
+
+@router.get("/{token}/receipts/{payment_id}")
+async def receipt(token: str, payment_id: str, state: StateDep, work: UnitOfWorkDep) -> Response:
+    found = await _receipt_of(state, work, token, payment_id)
+    if isinstance(found, Response):
+        return found
+    purchase, payment = found
     return render(
         "portal_receipt.html",
-        a=account,
-        p=found,
+        p=purchase,
         card_brand=payment.card_brand if payment else None,
         card_last4=payment.card_last4 if payment else None,
         status=api_status,
         back=f"/v1/billing/portal/{token}",
+        pdf=f"/v1/billing/portal/{token}/receipts/{payment_id}/pdf",
+    )
+
+
+@router.get("/{token}/receipts/{payment_id}/pdf")
+async def receipt_as_pdf(
+    token: str, payment_id: str, state: StateDep, work: UnitOfWorkDep
+) -> Response:
+    """The receipt as a PDF download (portal/receipt_pdf.py)."""
+    found = await _receipt_of(state, work, token, payment_id)
+    if isinstance(found, Response):
+        return found
+    purchase, payment = found
+    refunds = await (await work.connection()).execute(
+        select(credits.c.created_at, credits.c.amount_minor)
+        .where(
+            credits.c.account_id == purchase.account_id,
+            credits.c.kind == "refund",
+            credits.c.external_transaction_id.like(f"{payment_id}:refunded:%"),
+        )
+        .order_by(credits.c.created_at)
+    )
+    facts = receipt_pdf.ReceiptFacts(
+        seller_name=state.settings.seller_name,
+        seller_address=state.settings.seller_address,
+        payment_id=purchase.payment_id,
+        paid_at=purchase.credited_at or purchase.created_at,
+        pack=receipt_pdf.purchase_pack(purchase),
+        amount_minor=int(purchase.amount_minor),
+        discount_minor=receipt_pdf.purchase_discount(purchase),
+        currency=purchase.currency,
+        card_brand=payment.card_brand if payment else None,
+        card_last4=payment.card_last4 if payment else None,
+        refunds=tuple(receipt_pdf.Refund(r.created_at, int(r.amount_minor)) for r in refunds),
+    )
+    return Response(
+        receipt_pdf.receipt_pdf(facts),
+        media_type="application/pdf",
+        headers={
+            **PAGE_HEADERS,
+            "Content-Disposition": f'attachment; filename="receipt-{purchase.payment_id}.pdf"',
+        },
     )
