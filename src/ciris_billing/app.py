@@ -31,6 +31,7 @@ from ciris_billing.accounts.reservation_routes import router as reservations_rou
 from ciris_billing.accounts.routes import router as accounts_router
 from ciris_billing.auth import API_KEY_HEADER, BEARER, KeyStore, chosen_key, same_secret
 from ciris_billing.autotopup.routes import router as auto_topup_router
+from ciris_billing.catalog.routes import router as catalog_router
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.console.action_routes import router as console_actions_router
@@ -202,6 +203,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(admin_router)
     app.include_router(lots_router)
     app.include_router(reports_router)
+    app.include_router(catalog_router)
     app.include_router(auto_topup_router)
     app.include_router(payments_router)
     app.include_router(sandbox_router)

@@ -38,6 +38,10 @@ from ciris_billing.tables.base import Minor as Minor
 from ciris_billing.tables.base import Timestamp as Timestamp
 from ciris_billing.tables.base import Uses as Uses
 from ciris_billing.tables.base import metadata as metadata
+from ciris_billing.tables.catalog import packs as packs
+from ciris_billing.tables.catalog import plans as plans
+from ciris_billing.tables.catalog import promotion_codes as promotion_codes
+from ciris_billing.tables.catalog import promotion_redemptions as promotion_redemptions
 from ciris_billing.tables.events import DELIVERY_STATUSES as DELIVERY_STATUSES
 from ciris_billing.tables.events import ENDPOINT_STATUSES as ENDPOINT_STATUSES
 from ciris_billing.tables.events import events as events

@@ -231,6 +231,44 @@ class LotNotOpen(BillingError):
     code = "lot_not_open"
 
 
+class PackNotFound(BillingError):
+    status_code = 404
+    code = "pack_not_found"
+
+
+class PackNotOffered(BillingError):
+    """A purchase of a pack that is archived, or not among the account's plan's packs."""
+
+    status_code = 422
+    code = "pack_not_offered"
+
+
+class PlanNotFound(BillingError):
+    status_code = 404
+    code = "plan_not_found"
+
+
+class PromotionCodeNotFound(BillingError):
+    status_code = 404
+    code = "promotion_code_not_found"
+
+
+class PromotionCodeRefused(BillingError):
+    """A purchase's promotion code that cannot be redeemed; `reason` says why: unknown,
+    inactive, expired, exhausted, not_for_pack, already_redeemed."""
+
+    status_code = 422
+    code = "promotion_code_refused"
+
+
+class CatalogConflict(BillingError):
+    """A pack, plan or code that exists already (or a default one, which the environment
+    defines)."""
+
+    status_code = 409
+    code = "catalog_conflict"
+
+
 class FieldError(BaseModel):
     """One problem with the request (a 422 `validation_error` lists them in `errors`)."""
 

@@ -20,6 +20,7 @@ from ciris_billing.db import (
     credits,
     insert_or_ignore,
     new_id,
+    plans,
     utcnow,
 )
 from ciris_billing.errors import AccountNotFound, PurchaseRequired
@@ -109,6 +110,18 @@ async def ensure_account(
     now = utcnow()
     account_id = new_id("acct")
     currency = new.currency or pricing.currency
+    free_uses, monthly = pricing.free_uses_per_account, pricing.monthly_free_uses
+    if new.plan_name not in (FREE_PLAN, PAID_PLAN):
+        # A plan of the catalog (catalog/plans.py): its own free uses and period.
+        plan = (
+            await conn.execute(
+                select(plans.c.free_uses, plans.c.free_uses_reset).where(
+                    plans.c.name == new.plan_name
+                )
+            )
+        ).first()
+        if plan is not None:
+            free_uses, monthly = int(plan.free_uses), plan.free_uses_reset == "monthly"
     inserted = await conn.execute(
         insert_or_ignore(accounts)
         .values(
@@ -131,14 +144,13 @@ async def ensure_account(
             last_charge_free_uses=0,
             # Monthly free uses: a new account starts in its month (its free lot below, or
             # none for an identity back after erasure, until the next month).
-            free_period=period_of(now) if pricing.monthly_free_uses else None,
+            free_period=period_of(now) if monthly else None,
             created_at=now,
             updated_at=now,
         )
         .returning(accounts.c.id)
     )
     created = inserted.first() is not None
-    free_uses = pricing.free_uses_per_account
     if created and free_uses and await _was_erased(conn, identity):
         # An identity that comes back after erasure gets a new account without new free uses
         # (erase-and-return must not be a way to free uses). In the creating transaction, so
@@ -154,7 +166,7 @@ async def ensure_account(
                     uses=free_uses,
                     source="free_grant",
                     # Monthly: this month's free uses, unusable from the next month's start.
-                    expires_at=next_period(now) if pricing.monthly_free_uses else None,
+                    expires_at=next_period(now) if monthly else None,
                 ),
                 Credit(
                     kind="free_grant", currency=currency, description="Free uses for a new account"

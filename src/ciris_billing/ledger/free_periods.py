@@ -11,15 +11,24 @@ month's lot expired at this one's: unusable from that instant, ledger/rules.py).
 A new account (accounts/service.py ensure_account) starts in its month: its first free lot
 expires at the month's end and its free_period is set, also for an identity back after erasure
 that gets no free uses, so it gets none before the next month.
+
+Plans (catalog/plans.py) have their own free uses and reset: the renewal grants the terms of
+the account's plan at the time of the renewal (a plan row, else the environment's), so a plan
+change takes effect from the next period. An account on a monthly plan while
+FREE_USES_RESET=never has a free_period too (set when it joined the plan, `start_periods`):
+the statements do not compare periods then, so its month's lot is added when its first request
+of the month takes the slow path (a 402 or a check), not before paid uses are spent; set
+FREE_USES_RESET=monthly for exact monthly renewal.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing.db import accounts
+from ciris_billing.db import accounts, plans
 from ciris_billing.ledger.wallet import Credit, NewLot, add_lot
 from ciris_billing.pricing import Pricing
 
@@ -39,8 +48,21 @@ def next_period(at: datetime) -> datetime:
 
 
 def is_due(free_period: datetime | None, at: datetime, pricing: Pricing) -> bool:
-    """Whether the account's month's free lot is still to be added (monthly only)."""
-    return pricing.monthly_free_uses and free_period != period_of(at)
+    """Whether the account's month's free lot is still to be added (monthly only: everyone's
+    with FREE_USES_RESET=monthly, else an account that joined a monthly plan)."""
+    monthly = pricing.monthly_free_uses or free_period is not None
+    return monthly and free_period != period_of(at)
+
+
+async def start_periods(conn: AsyncConnection, account_id: str, at: datetime) -> None:
+    """An account joining a monthly plan: its periods count from the month of `at` (its next
+    free lot comes at the next month's start). Nothing when it has a period already."""
+    # Safe: a conditional UPDATE of the account's own row; a racing renewal wins or waits.
+    await conn.execute(
+        accounts.update()
+        .where(accounts.c.id == account_id, accounts.c.free_period.is_(None))
+        .values(free_period=period_of(at))
+    )
 
 
 async def renew(
@@ -48,8 +70,6 @@ async def renew(
 ) -> bool:
     """Add the account's free lot of the month of `at` if it is due (monthly only); True when
     this call added it. In the caller's transaction."""
-    if not pricing.monthly_free_uses:
-        return False
     period = period_of(at)
     # Safe: once per account per month. The conditional UPDATE takes the account's row lock;
     # of racing renewals the first sets the period and the others, re-checking the locked row,
@@ -59,18 +79,28 @@ async def renew(
             accounts.update()
             .where(accounts.c.id == account_id, accounts.c.free_period.is_distinct_from(period))
             .values(free_period=period)
-            .returning(accounts.c.id)
+            .returning(accounts.c.plan_name)
         )
     ).first()
     if renewed is None:
         return False
-    if pricing.free_uses_per_account:
+    # The terms of the account's plan now (a plan row), else the environment's.
+    plan = (
+        await conn.execute(
+            select(plans.c.free_uses, plans.c.free_uses_reset).where(
+                plans.c.name == renewed.plan_name
+            )
+        )
+    ).first()
+    free_uses = pricing.free_uses_per_account if plan is None else int(plan.free_uses)
+    monthly = pricing.monthly_free_uses if plan is None else plan.free_uses_reset == "monthly"
+    if monthly and free_uses:
         await add_lot(
             conn,
             account_id,
             NewLot(
                 kind="free",
-                uses=pricing.free_uses_per_account,
+                uses=free_uses,
                 source="free_period",
                 expires_at=next_period(period),
             ),

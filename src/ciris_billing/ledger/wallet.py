@@ -32,6 +32,7 @@ class NewLot:
     expires_at: datetime | None = None
     amount_minor: int = 0  # what was paid for the whole lot (paid lots only)
     purchase_id: str | None = None
+    pack_id: str | None = None  # the catalog's pack a purchase's lot came from
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +251,7 @@ async def add_lot(
             if lot.kind == "paid" and lot.uses
             else None,
             purchase_id=lot.purchase_id,
+            pack_id=lot.pack_id,
             credit_id=credit_id,
             status="active",
             created_at=at,

@@ -52,6 +52,10 @@ class Offer:
     amount_minor: int
     currency: str
     uses: int
+    # The catalog (issue 24): the pack, its lot's expiry, the promotion code that priced it.
+    pack_id: str = "default"
+    lot_expires_in_days: int | None = None
+    promotion_code: str | None = None
 
     @classmethod
     def from_pricing(cls, pricing: Pricing) -> Offer:
@@ -81,6 +85,9 @@ async def record_purchase(
             amount_minor=offer.amount_minor,
             currency=offer.currency,
             uses=offer.uses,
+            pack_id=offer.pack_id,
+            lot_expires_in_days=offer.lot_expires_in_days,
+            promotion_code=offer.promotion_code,
             status=payment.state,
             customer_email=customer_email,
             failure_message=None,

@@ -45,6 +45,8 @@ def purchase_body(
         "amount_minor": int(purchase.amount_minor),
         "currency": purchase.currency,
         "uses_purchased": int(purchase.uses),
+        "pack_id": purchase.pack_id or "default",
+        "promotion_code": purchase.promotion_code,
         "status": service.api_status(purchase.status),
         "provider": purchase.provider,
         "account_id": purchase.account_id,
@@ -86,6 +88,8 @@ async def create_purchase(
         accounts.Identity(body.oauth_provider, body.external_id),
         body.customer_email,
         None if key is None else service.scoped_key(principal.key_id, key),
+        body.pack_id,
+        body.promotion_code,
     )
     started = await service.start_purchase(work, state.provider, state.pricing, order)
 

@@ -12,6 +12,12 @@ from ciris_billing.request_body import RequestBody
 
 class PurchaseCreate(IdentityFields):
     customer_email: Email | None = None
+    pack_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = Field(
+        default=None, description="The pack to buy (GET /v1/billing/packs); default `default`"
+    )
+    promotion_code: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = (
+        Field(default=None, description="A promotion code: the purchase is charged the discount")
+    )
 
 
 class PurchaseOut(BaseModel):
@@ -21,6 +27,8 @@ class PurchaseOut(BaseModel):
     amount_minor: int
     currency: str
     uses_purchased: int
+    pack_id: str | None = None
+    promotion_code: str | None = None
     status: str
     provider: str
     publishable_key: str | None = Field(default=None, description="Where the provider has one")

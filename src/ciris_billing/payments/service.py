@@ -8,7 +8,8 @@ order in which events arrive does not matter and a payment is credited exactly o
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Row, select, true
@@ -17,6 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ciris_billing.accounts.service import Identity, ensure_account, plan_with_paid_uses
 from ciris_billing.autotopup import cards
 from ciris_billing.autotopup.outcomes import after_payment
+from ciris_billing.catalog import codes, offers
+from ciris_billing.catalog.packs import DEFAULT_PACK
 from ciris_billing.db import accounts, auto_topups, new_id, purchases, utcnow
 from ciris_billing.errors import PurchaseNoLongerPayable, PurchaseNotYetRecorded
 from ciris_billing.events.outbox import PURCHASE_FAILED, PURCHASE_SUCCEEDED, record_event
@@ -38,6 +41,9 @@ from ciris_billing.payments.purchases import get_purchase as get_purchase
 from ciris_billing.payments.purchases import record_purchase as record_purchase
 from ciris_billing.pricing import Pricing
 from ciris_billing.unit_of_work import UnitOfWork
+
+# The provider of a purchase a promotion code made free: no payment, credited at once.
+FREE_PROVIDER = "promotion"
 
 # A purchase in one of these states will not change by itself any more (reconcile skips it).
 FINAL_STATUSES = ("succeeded", "canceled")
@@ -72,6 +78,8 @@ class PurchaseOrder:
     # Already scoped to who asked: an API key's (scoped_key) or a buy link's ("buy:..."), so
     # two API keys using one key never find each other's purchase.
     idempotency_key: str | None
+    pack_id: str | None = None  # the catalog's pack (None: the default pack)
+    promotion_code: str | None = None
 
 
 async def start_purchase(
@@ -96,25 +104,54 @@ async def start_purchase(
                 payment = await provider.get_payment(existing.payment_id)
             if payment is None:
                 raise PurchaseNoLongerPayable("The provider no longer knows this purchase")
-            offer = Offer(int(existing.amount_minor), existing.currency, int(existing.uses))
+            offer = Offer(
+                int(existing.amount_minor),
+                existing.currency,
+                int(existing.uses),
+                existing.pack_id or DEFAULT_PACK,
+                existing.lot_expires_in_days,
+                existing.promotion_code,
+            )
             return StartedPurchase(existing, payment, offer)
     account, _ = await ensure_account(await work.connection(), order.identity, pricing)
-    offer = Offer.from_pricing(pricing)
+    conn = await work.connection()
+    pack = await offers.pack_to_buy(conn, pricing, account, order.pack_id)
+    offer = Offer(pack.price_minor, pack.currency, pack.uses, pack.pack_id, pack.expires_in_days)
+    if order.promotion_code is not None:
+        # Counted in this transaction, committed with it before the provider is asked (so
+        # racing purchases see it): exact by construction (catalog/codes.py redeem).
+        code = await codes.redeem(conn, order.promotion_code, account.id, pack.pack_id, purchase_id)
+        offer = replace(
+            offer, amount_minor=code.price_after(pack.price_minor), promotion_code=code.code
+        )
+        if offer.amount_minor == 0:
+            return await _grant_free(conn, purchase_id, account.id, offer, order)
     # Whose card is kept if the payer asks to at confirmation (made once per account).
     customer_id = await cards.customer_for(work, provider, account.id)
+    metadata = {"pack_id": offer.pack_id}
+    if offer.promotion_code is not None:
+        metadata["promotion_code"] = offer.promotion_code
     # The account (if new) commits before the call: it is valid on its own.
-    async with work.provider_call():
-        payment = await provider.create_payment_intent(
-            PaymentIntent(
-                amount_minor=offer.amount_minor,
-                currency=offer.currency,
-                purchase_id=purchase_id,
-                account_id=account.id,
-                idempotency_key=f"purchase-{purchase_id}",
-                customer_email=order.customer_email,
-                customer_id=customer_id,
+    try:
+        async with work.provider_call():
+            payment = await provider.create_payment_intent(
+                PaymentIntent(
+                    amount_minor=offer.amount_minor,
+                    currency=offer.currency,
+                    purchase_id=purchase_id,
+                    account_id=account.id,
+                    idempotency_key=f"purchase-{purchase_id}",
+                    customer_email=order.customer_email,
+                    customer_id=customer_id,
+                    metadata=metadata,
+                )
             )
-        )
+    except Exception:
+        if offer.promotion_code is not None:
+            # No payment, no purchase: the redemption (committed before the call) goes back.
+            async with work.engine.begin() as undo:
+                await codes.give_back(undo, offer.promotion_code, purchase_id)
+        raise
     purchase = await record_purchase(
         await work.connection(),
         purchase_id=purchase_id,
@@ -125,6 +162,33 @@ async def start_purchase(
         customer_email=order.customer_email,
     )
     return StartedPurchase(purchase, payment, offer)
+
+
+async def _grant_free(
+    conn: AsyncConnection, purchase_id: str, account_id: str, offer: Offer, order: PurchaseOrder
+) -> StartedPurchase:
+    """A promotion code brought the price to 0: the purchase is recorded as paid with no
+    payment (provider "promotion") and credited now, as a paid lot with cost basis 0."""
+    payment = PaymentResult(
+        payment_id=purchase_id,
+        state="succeeded",
+        amount_minor=0,
+        currency=offer.currency,
+        provider_status="succeeded",
+        metadata={PURCHASE_ID_KEY: purchase_id},
+    )
+    purchase = await record_purchase(
+        conn,
+        purchase_id=purchase_id,
+        account_id=account_id,
+        provider=FREE_PROVIDER,
+        payment=payment,
+        offer=offer,
+        customer_email=order.customer_email,
+    )
+    await credit_purchase(conn, purchase)
+    credited = await get_purchase(conn, FREE_PROVIDER, purchase_id)
+    return StartedPurchase(credited, payment, offer)
 
 
 async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
@@ -155,6 +219,11 @@ async def credit_purchase(conn: AsyncConnection, purchase: Row[Any]) -> bool:
             source="purchase" if topup is None else "auto_topup",
             amount_minor=purchase.amount_minor,
             purchase_id=purchase.id,
+            pack_id=purchase.pack_id,
+            # The pack's lot expiry, as it was when the purchase began.
+            expires_at=None
+            if purchase.lot_expires_in_days is None
+            else now + timedelta(days=purchase.lot_expires_in_days),
         ),
         Credit(
             kind="purchase",

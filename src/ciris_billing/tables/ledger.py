@@ -303,6 +303,8 @@ lots = Table(
     # When an operator voided it: what was left then was voided at once; a lot that open holds
     # still name stays in its wallet, unusable from then on, until the expiry job closes it.
     Column("voided_at", Timestamp),
+    # The pack a purchase's lot came from (catalog/packs.py).
+    Column("pack_id", String(64)),
     CheckConstraint("kind IN ('free', 'promotional', 'paid')", name="kind_known"),
     CheckConstraint(
         "status IN (" + ", ".join(f"'{s}'" for s in LOT_STATUSES) + ")", name="status_known"

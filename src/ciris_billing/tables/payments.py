@@ -67,9 +67,19 @@ purchases = Table(
     # told it had succeeded: the background reconcile asks about it at once, not after
     # RECONCILE_AFTER_SECONDS (issue 22: a paying customer waited 3 minutes after a fault).
     Column("paid_seen_at", Timestamp),
+    # The catalog (issue 24): the pack bought ("default": the environment's), the promotion
+    # code that discounted it, and the pack's lot expiry as it was when the purchase began (so
+    # a pack changed or archived meanwhile never changes a purchase in flight).
+    Column("pack_id", String(64)),
+    Column("promotion_code", String(64)),
+    Column("lot_expires_in_days", Integer),
     # One purchase per provider payment: a retried create finds the row instead of adding one.
     UniqueConstraint("provider", "payment_id"),
-    CheckConstraint("amount_minor > 0", name="amount_positive"),
+    # 0 only for a purchase a promotion code made free (provider "promotion": no payment).
+    CheckConstraint(
+        "amount_minor > 0 OR (amount_minor = 0 AND provider = 'promotion')",
+        name="amount_positive",
+    ),
     CheckConstraint("uses > 0", name="uses_positive"),
     CheckConstraint(
         "refunded_minor >= 0 AND refunded_minor <= amount_minor", name="refund_within_amount"

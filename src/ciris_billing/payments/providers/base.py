@@ -37,6 +37,8 @@ class PaymentIntent:
     # The account's customer at the provider: a card the payer asks to keep (at confirmation,
     # `setup_future_usage`) is attached to it once the payment succeeds.
     customer_id: str | None = None
+    # More for the payment's metadata (the catalog's pack_id, promotion_code), never personal.
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

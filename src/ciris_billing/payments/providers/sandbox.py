@@ -107,6 +107,7 @@ class SandboxProvider:
                     status="requires_payment_method",
                     client_secret=f"{payment_id}_secret_{secrets.token_urlsafe(18)}",
                     metadata={
+                        **intent.metadata,
                         "ciris_purchase_id": intent.purchase_id,
                         "ciris_account_id": intent.account_id,
                     },

@@ -163,6 +163,7 @@ class StripeProvider:
             # replacement `allowed_payment_method_types`. Without either, Stripe offers
             # the account's dynamic payment methods (cards included), localstripe any card.
             "metadata": {
+                **intent.metadata,
                 PURCHASE_ID_KEY: intent.purchase_id,
                 ACCOUNT_ID_KEY: intent.account_id,
             },
