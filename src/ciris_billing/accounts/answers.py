@@ -22,6 +22,7 @@ from ciris_billing.accounts import charges, checks
 from ciris_billing.accounts.schemas import ChargeCreate, CreditCheck
 from ciris_billing.accounts.service import Identity
 from ciris_billing.auth import Principal
+from ciris_billing.catalog.offers import offers_for
 from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.deps import AppState, json_response, take_limits
 from ciris_billing.errors import PurchaseRequired
@@ -130,6 +131,8 @@ async def charge(
         token = buy_token(state.link_secret, identity.oauth_provider, identity.external_id)
         refused.extra["checkout_url"] = buy_url(state.public_base_url(request), token)
         refused.extra["portal_url"] = portal_link(state, request, identity, "write")
+        # The packs the account's plan may buy (the guide's fields above are the default's).
+        refused.extra["offers"] = await offers_for(state.engine, state.pricing, identity)
         raise
     except Exception:
         CHARGES.labels("False").inc()

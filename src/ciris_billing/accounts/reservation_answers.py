@@ -32,6 +32,7 @@ from ciris_billing.accounts.checks import open_account
 from ciris_billing.accounts.hot.holds import CaptureAttempt, HoldAttempt, Keyed
 from ciris_billing.accounts.schemas import ReservationCapture, ReservationCreate
 from ciris_billing.auth import Principal
+from ciris_billing.catalog.offers import offers_in
 from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.db import iso, new_id, utcnow
 from ciris_billing.deps import AppState, json_response, run_idempotent, take_limits
@@ -216,6 +217,8 @@ async def reserve(
             token = buy_token(state.link_secret, identity.oauth_provider, identity.external_id)
             refused.extra["checkout_url"] = buy_url(state.public_base_url(request), token)
             refused.extra["portal_url"] = portal_link(state, request, identity, "write")
+            # The packs the account's plan may buy (the guide's fields are the default's).
+            refused.extra["offers"] = await offers_in(conn, state.pricing, identity)
             raise
         _held(made.reservation.id, made.account.id, body)
         return 201, reservation_body(made.reservation, made.account)

@@ -191,6 +191,11 @@ class PurchaseRequiredOut(BaseModel):
     uses_requested: int
     checkout_url: str = Field(description="A page where the user can buy more (expires in 24 h)")
     portal_url: str = Field(description="The user's portal: balance, usage history, receipts")
+    offers: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The packs the account's plan may buy, in its currency (GET /v1/billing/packs"
+        " fields); buy one with POST /v1/billing/purchases `pack_id`",
+    )
 
 
 class TransactionOut(BaseModel):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ciris_billing.accounts.service import Identity, find_account
 from ciris_billing.catalog.packs import DEFAULT_PACK, Pack, get_pack, list_packs
 from ciris_billing.catalog.plans import Plan, plan_for
 from ciris_billing.errors import CurrencyMismatch, PackNotFound, PackNotOffered
@@ -59,3 +60,16 @@ async def pack_to_buy(
             account_currency=account.currency,
         )
     return pack
+
+
+async def offers_for(engine: AsyncEngine, pricing: Pricing, identity: Identity) -> list[Any]:
+    """A 402's `offers` (its own short read, after the refusal: never on a success)."""
+    async with engine.connect() as conn:
+        return await offers_in(conn, pricing, identity)
+
+
+async def offers_in(conn: AsyncConnection, pricing: Pricing, identity: Identity) -> list[Any]:
+    account = await find_account(conn, identity)
+    if account is None:
+        return []
+    return offer_bodies(await offered_packs(conn, pricing, account))
