@@ -23,6 +23,7 @@ from ciris_billing.audit_trail import Entry, cli_operator
 from ciris_billing.autotopup.cli import auto_topup as auto_topup_commands
 from ciris_billing.cli_accounts import erase, reactivate, reservations, suspend
 from ciris_billing.cli_audit import audit_command, audit_log
+from ciris_billing.cli_catalog import COMMANDS as CATALOG_COMMANDS
 from ciris_billing.cli_common import (
     _print_json,
     _run_operator,
@@ -405,6 +406,8 @@ main.add_command(lot_commands.grant)
 main.add_command(lot_commands.lots_group)
 main.add_command(portal_links_commands)
 main.add_command(test_clock_commands)
+for _command in CATALOG_COMMANDS:
+    main.add_command(_command)
 for _command in (keys, reservations, suspend, reactivate, erase, export, audit_command, audit_log):
     main.add_command(_command)
 
