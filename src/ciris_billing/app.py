@@ -36,6 +36,7 @@ from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.console.action_routes import router as console_actions_router
 from ciris_billing.console.report_routes import router as console_reports_router
+from ciris_billing.console.catalog import router as console_catalog_router
 from ciris_billing.console.routes import router as console_router
 from ciris_billing.db import create_engine, session_settings
 from ciris_billing.deps import AppState, StateDep, authorize_key, json_response
@@ -216,6 +217,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(console_router)
     app.include_router(console_actions_router)
     app.include_router(console_reports_router)
+    app.include_router(console_catalog_router)
     app.include_router(docs_router)
     _add_operational_routes(app)
     _add_error_handlers(app)

@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing import audit_trail
 from ciris_billing.audit_trail import Entry, Operator
+from ciris_billing.catalog.audit import audit
 from ciris_billing.db import (
     insert_or_ignore,
     new_id,
@@ -84,7 +84,7 @@ async def get_code(conn: AsyncConnection, code: str) -> PromotionCode:
 
 
 async def create_code(
-    conn: AsyncConnection, operator: Operator, code: PromotionCode
+    conn: AsyncConnection, operator: Operator, code: PromotionCode, *, request_id: str | None = None
 ) -> PromotionCode:
     now = utcnow()
     values = asdict(code)
@@ -97,16 +97,22 @@ async def create_code(
     )
     if inserted.first() is None:
         raise CatalogConflict(f"A promotion code {code.code!r} exists already")
-    await audit_trail.record_action(
+    await audit(
         conn,
         operator,
+        request_id,
         Entry("promotion_code_create", None, code.code, code.body(), {}, code.body()),
     )
     return code
 
 
 async def update_code(
-    conn: AsyncConnection, operator: Operator, code: str, changes: dict[str, Any]
+    conn: AsyncConnection,
+    operator: Operator,
+    code: str,
+    changes: dict[str, Any],
+    *,
+    request_id: str | None = None,
 ) -> PromotionCode:
     """Switch a code on or off, or change its limit or expiry (never below its redemptions:
     the table's CHECK refuses)."""
@@ -121,9 +127,10 @@ async def update_code(
     ).one()
     after = _code(row)
     detail = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in changes.items()}
-    await audit_trail.record_action(
+    await audit(
         conn,
         operator,
+        request_id,
         Entry("promotion_code_update", None, code, detail, before.body(), after.body()),
     )
     return after

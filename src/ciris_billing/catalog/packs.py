@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing import audit_trail
 from ciris_billing.audit_trail import Entry, Operator
+from ciris_billing.catalog.audit import audit
 from ciris_billing.db import insert_or_ignore, packs, utcnow
 from ciris_billing.errors import CatalogConflict, PackNotFound
 from ciris_billing.pricing import Pricing
@@ -75,7 +75,9 @@ async def get_pack(conn: AsyncConnection, pricing: Pricing, pack_id: str) -> Pac
     return _pack(row)
 
 
-async def create_pack(conn: AsyncConnection, operator: Operator, pack: Pack) -> Pack:
+async def create_pack(
+    conn: AsyncConnection, operator: Operator, pack: Pack, *, request_id: str | None = None
+) -> Pack:
     if pack.pack_id == DEFAULT_PACK:
         raise CatalogConflict("The default pack is defined by the environment")
     now = utcnow()
@@ -87,14 +89,22 @@ async def create_pack(conn: AsyncConnection, operator: Operator, pack: Pack) -> 
     )
     if inserted.first() is None:
         raise CatalogConflict(f"A pack {pack.pack_id!r} exists already")
-    await audit_trail.record_action(
-        conn, operator, Entry("pack_create", None, pack.pack_id, pack.body(), {}, pack.body())
+    await audit(
+        conn,
+        operator,
+        request_id,
+        Entry("pack_create", None, pack.pack_id, pack.body(), {}, pack.body()),
     )
     return pack
 
 
 async def update_pack(
-    conn: AsyncConnection, operator: Operator, pack_id: str, changes: dict[str, Any]
+    conn: AsyncConnection,
+    operator: Operator,
+    pack_id: str,
+    changes: dict[str, Any],
+    *,
+    request_id: str | None = None,
 ) -> Pack:
     """Change a pack's name, price, uses, expiry or `active` (archive); not its currency."""
     if pack_id == DEFAULT_PACK:
@@ -109,9 +119,10 @@ async def update_pack(
     await conn.execute(
         packs.update().where(packs.c.pack_id == pack_id).values(**changes, updated_at=utcnow())
     )
-    await audit_trail.record_action(
+    await audit(
         conn,
         operator,
+        request_id,
         Entry("pack_update", None, pack_id, changes, before.body(), after.body()),
     )
     return after

@@ -19,9 +19,9 @@ from typing import Any
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ciris_billing import audit_trail
 from ciris_billing.accounts.service import FREE_PLAN, PAID_PLAN, Identity, get_account
 from ciris_billing.audit_trail import Entry, Operator
+from ciris_billing.catalog.audit import audit
 from ciris_billing.db import accounts, insert_or_ignore, plans, utcnow
 from ciris_billing.errors import CatalogConflict, PlanNotFound
 from ciris_billing.ledger import free_periods
@@ -87,7 +87,9 @@ async def get_plan(conn: AsyncConnection, pricing: Pricing, name: str) -> Plan:
     return found
 
 
-async def create_plan(conn: AsyncConnection, operator: Operator, plan: Plan) -> Plan:
+async def create_plan(
+    conn: AsyncConnection, operator: Operator, plan: Plan, *, request_id: str | None = None
+) -> Plan:
     if plan.name in DEFAULT_PLANS:
         raise CatalogConflict(f"The plan {plan.name!r} is defined by the environment")
     now = utcnow()
@@ -99,14 +101,22 @@ async def create_plan(conn: AsyncConnection, operator: Operator, plan: Plan) -> 
     )
     if inserted.first() is None:
         raise CatalogConflict(f"A plan {plan.name!r} exists already")
-    await audit_trail.record_action(
-        conn, operator, Entry("plan_create", None, plan.name, plan.body(), {}, plan.body())
+    await audit(
+        conn,
+        operator,
+        request_id,
+        Entry("plan_create", None, plan.name, plan.body(), {}, plan.body()),
     )
     return plan
 
 
 async def update_plan(
-    conn: AsyncConnection, operator: Operator, name: str, changes: dict[str, Any]
+    conn: AsyncConnection,
+    operator: Operator,
+    name: str,
+    changes: dict[str, Any],
+    *,
+    request_id: str | None = None,
 ) -> Plan:
     """Change a plan's terms; its accounts get the new free uses from their next period."""
     if name in DEFAULT_PLANS:
@@ -119,14 +129,23 @@ async def update_plan(
     await conn.execute(
         plans.update().where(plans.c.name == name).values(**changes, updated_at=utcnow())
     )
-    await audit_trail.record_action(
-        conn, operator, Entry("plan_update", None, name, changes, before.body(), after.body())
+    await audit(
+        conn,
+        operator,
+        request_id,
+        Entry("plan_update", None, name, changes, before.body(), after.body()),
     )
     return after
 
 
 async def set_account_plan(
-    conn: AsyncConnection, operator: Operator, pricing: Pricing, identity: Identity, name: str
+    conn: AsyncConnection,
+    operator: Operator,
+    pricing: Pricing,
+    identity: Identity,
+    name: str,
+    *,
+    request_id: str | None = None,
 ) -> tuple[Row[Any], Plan]:
     """Move the account to plan `name` (a plan row or a default plan). Its free uses change
     from the next period; a plan's low-balance threshold becomes the account's."""
@@ -147,9 +166,10 @@ async def set_account_plan(
             .returning(*accounts.c)
         )
     ).one()
-    await audit_trail.record_action(
+    await audit(
         conn,
         operator,
+        request_id,
         Entry(
             "account_plan",
             before.id,

@@ -8,8 +8,6 @@ redirect to the page it concerns, which shows the audit row as the notice of wha
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +16,8 @@ from fastapi.responses import Response
 from ciris_billing import auth
 from ciris_billing.checkout.routes import format_price
 from ciris_billing.console import actions, confirmations, queries
-from ciris_billing.console.sessions import Session
+from ciris_billing.console.action_plan import Plan, Planner, Runner
+from ciris_billing.console.catalog import CATALOG_ACTIONS
 from ciris_billing.console.web import (
     check_csrf,
     form_of,
@@ -37,17 +36,6 @@ from ciris_billing.unit_of_work import UnitOfWork
 from ciris_billing.web.templating import render
 
 router = APIRouter(prefix="/console/actions", include_in_schema=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What the confirmation page says and carries, and where to go afterwards."""
-
-    title: str
-    lines: list[str]
-    fields: dict[str, str]  # posted again with the confirmation
-    back: str  # the page the action concerns
-    danger: bool = False
 
 
 def _int(form: dict[str, str], name: str, label: str) -> int:
@@ -337,10 +325,6 @@ async def _plan_resend(state: AppState, work: UnitOfWork, form: dict[str, str]) 
     )
 
 
-Planner = Callable[[AppState, UnitOfWork, dict[str, str]], Awaitable[Plan]]
-Runner = Callable[[AppState, UnitOfWork, Session, dict[str, str], str], Awaitable[actions.Done]]
-
-
 async def _suspend_plan(state: AppState, work: UnitOfWork, form: dict[str, str]) -> Plan:
     return await _plan_status(state, work, form, True)
 
@@ -432,6 +416,7 @@ ACTIONS: dict[str, tuple[Planner, Runner]] = {
         _plan_revoke_key,
         lambda st, w, s, f, r: actions.revoke_key(w, s.operator, f["key_id"], r),
     ),
+    **CATALOG_ACTIONS,
 }
 
 
