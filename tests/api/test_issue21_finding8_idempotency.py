@@ -256,7 +256,79 @@ async def _resend(api: Api) -> Two:
     return Two(paths[0], {}, paths[1], {})
 
 
+def _uid() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def _pack(pack_id: str) -> dict[str, Any]:
+    return {"pack_id": pack_id, "name": "n", "uses": 5, "price_minor": 100, "currency": "USD"}
+
+
+async def _pack_create(api: Api) -> Two:
+    path = "/v1/billing/packs"
+    return Two(path, _pack(f"p{_uid()}"), path, _pack(f"p{_uid()}"))
+
+
+async def _pack_update(api: Api) -> Two:
+    first, second = f"p{_uid()}", f"p{_uid()}"
+    for pack_id in (first, second):
+        assert (await api.post("/v1/billing/packs", _pack(pack_id), "admin")).status_code == 201
+    body = {"active": False}
+    return Two(f"/v1/billing/packs/{first}", body, f"/v1/billing/packs/{second}", body)
+
+
+async def _plan_create(api: Api) -> Two:
+    path = "/v1/billing/plans"
+    return Two(
+        path, {"name": f"p{_uid()}", "free_uses": 1}, path, {"name": f"p{_uid()}", "free_uses": 1}
+    )
+
+
+async def _plan_update(api: Api) -> Two:
+    first, second = f"p{_uid()}", f"p{_uid()}"
+    for name in (first, second):
+        made = await api.post("/v1/billing/plans", {"name": name, "free_uses": 1}, "admin")
+        assert made.status_code == 201
+    body = {"free_uses": 2}
+    return Two(f"/v1/billing/plans/{first}", body, f"/v1/billing/plans/{second}", body)
+
+
+async def _account_plan(api: Api) -> Two:
+    first, second = await account(api), await account(api)
+    body = {"plan_name": "paid"}
+    return Two(acct(first), body, acct(second), body)
+
+
+async def _code_create(api: Api) -> Two:
+    path = "/v1/billing/promotion_codes"
+    return Two(
+        path,
+        {"code": f"C{_uid()}", "percent_off": 5},
+        path,
+        {"code": f"C{_uid()}", "percent_off": 5},
+    )
+
+
+async def _code_update(api: Api) -> Two:
+    first, second = f"C{_uid()}", f"C{_uid()}"
+    for code in (first, second):
+        made = await api.post(
+            "/v1/billing/promotion_codes", {"code": code, "percent_off": 5}, "admin"
+        )
+        assert made.status_code == 201
+    body = {"active": False}
+    path = "/v1/billing/promotion_codes/"
+    return Two(path + first, body, path + second, body)
+
+
 CASES: dict[tuple[str, str], Callable[[Api], Awaitable[Two]]] = {
+    ("POST", "/v1/billing/packs"): _pack_create,
+    ("PATCH", "/v1/billing/packs/{pack_id}"): _pack_update,
+    ("POST", "/v1/billing/plans"): _plan_create,
+    ("PATCH", "/v1/billing/plans/{name}"): _plan_update,
+    ("PATCH", "/v1/billing/accounts/{oauth_provider}/{external_id}"): _account_plan,
+    ("POST", "/v1/billing/promotion_codes"): _code_create,
+    ("PATCH", "/v1/billing/promotion_codes/{code}"): _code_update,
     ("POST", "/v1/billing/accounts"): _accounts,
     ("POST", "/v1/billing/charges"): _charges,
     ("POST", "/v1/billing/reservations"): _reserve,
