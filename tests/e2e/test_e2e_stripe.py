@@ -380,3 +380,42 @@ def test_agent_client_end_to_end(stack: Stack) -> None:
         assert again.charge_id == charged.charge_id
         ledger = billing.transactions("oauth:google", user)
         assert ledger.transactions[0].kind == "charge"
+
+
+def test_a_euro_pack_with_a_promotion_code(stack: Stack) -> None:
+    """Issue 24 item 5: the PaymentIntent carries the discounted amount, the pack's currency and
+    metadata pack_id / promotion_code; paid, the lot is the pack's at what was paid."""
+    user = "stripe-euro@example.com"
+    pack = {"pack_id": "e2e-eur", "name": "100 uses", "uses": 100, "price_minor": 2000,
+            "currency": "EUR", "expires_in_days": 30}  # fmt: skip
+    assert stack.post("/v1/billing/packs", pack).status_code == 201
+    code = {"code": "E2E25", "percent_off": 25, "pack_ids": ["e2e-eur"], "max_redemptions": 5}
+    assert stack.post("/v1/billing/promotion_codes", code).status_code == 201
+    identity = {"oauth_provider": "oauth:google", "external_id": user}
+    assert stack.post("/v1/billing/accounts", {**identity, "currency": "EUR"}).status_code in (
+        200,
+        201,
+    )
+    response = stack.post(
+        "/v1/billing/purchases", {**identity, "pack_id": "e2e-eur", "promotion_code": "E2E25"}
+    )
+    assert response.status_code == 201, response.text
+    bought = response.json()
+    assert (bought["amount_minor"], bought["currency"], bought["uses_purchased"]) == (
+        1500, "EUR", 100,
+    )  # fmt: skip
+    intent = stack.stripe.retrieve(bought["payment_id"])
+    assert (intent["amount"], intent["currency"]) == (1500, "eur")
+    assert intent["metadata"]["pack_id"] == "e2e-eur"
+    assert intent["metadata"]["promotion_code"] == "E2E25"
+    assert intent["metadata"]["ciris_purchase_id"] == bought["purchase_id"]
+
+    assert stack.stripe.pay(bought["payment_id"])["status"] == "succeeded"
+    assert stack.wait_for_purchase(bought["payment_id"], "succeeded")["credited"] is True
+    assert stack.check(user)["credits_remaining"] == 100
+    lots = stack.get(f"/v1/billing/accounts/oauth:google/{user}/lots").json()["lots"]
+    paid = [lot for lot in lots if lot["kind"] == "paid"]
+    assert len(paid) == 1
+    assert paid[0]["expires_at"] is not None
+    codes = stack.get("/v1/billing/promotion_codes").json()["promotion_codes"]
+    assert [(c["code"], c["redemptions"]) for c in codes] == [("E2E25", 1)]
