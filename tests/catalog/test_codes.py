@@ -23,7 +23,8 @@ async def test_a_percent_code_discounts_the_purchase_and_the_lot_cost(api: Api) 
     created = await made(
         api, "/v1/billing/promotion_codes", {"code": "LAUNCH20", "percent_off": 20}
     )
-    assert created["redemptions"] == 0 and created["active"] is True
+    assert created["redemptions"] == 0
+    assert created["active"] is True
     response = await api.post("/v1/billing/purchases", buy("LAUNCH20"))
     assert response.status_code == 201, response.text
     bought = response.json()

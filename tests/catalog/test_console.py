@@ -30,15 +30,16 @@ async def confirmed(console: Console, action: str, fields: dict[str, str]) -> st
 async def test_the_catalog_page_and_its_actions(api: Api, console: Console) -> None:
     page = await api.http.get("/console/catalog")
     assert page.status_code == 200
-    assert "<code>default</code>" in page.text and "<code>free</code>" in page.text
+    assert "<code>default</code>" in page.text
+    assert "<code>free</code>" in page.text
 
     pack = {"pack_id": "pro-eur", "name": "100 uses", "uses": "100", "price_minor": "2000",
             "currency": "EUR", "expires_in_days": "30"}  # fmt: skip
     page = await console.confirmation("create_pack", pack)
     assert "Add this pack?" in page.text
     assert (await api.get("/v1/billing/packs")).json()["packs"][1:] == []  # nothing before Confirm
-    where = await console.confirm("create_pack", page.text)
-    assert where.headers["location"].startswith("/console/catalog?notice=aud_")
+    done = await console.confirm("create_pack", page.text)
+    assert done.headers["location"].startswith("/console/catalog?notice=aud_")
     assert [p["pack_id"] for p in (await api.get("/v1/billing/packs")).json()["packs"]] == [
         "default", "pro-eur",
     ]  # fmt: skip
@@ -64,7 +65,9 @@ async def test_the_catalog_page_and_its_actions(api: Api, console: Console) -> N
     assert "exactly one" in bad.text
 
     listed = await api.http.get("/console/catalog")
-    assert "pro-eur" in listed.text and "HALF" in listed.text and "archived" in listed.text
+    assert "pro-eur" in listed.text
+    assert "HALF" in listed.text
+    assert "archived" in listed.text
     for action in ("pack_create", "pack_update", "plan_create", "account_plan",
                    "promotion_code_create", "promotion_code_update"):  # fmt: skip
         assert [row.door for row in await audit_rows(api, action)] == ["console"], action

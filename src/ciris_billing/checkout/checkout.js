@@ -155,6 +155,20 @@
     $("balance").textContent = balanceText(s, "You have");
     $("pay-button").textContent = `Pay ${s.price}`;
     $("stripe-pay-button").textContent = `Pay ${s.price}`;
+    // The account's other packs (the catalog), each a link that starts its own purchase.
+    const others = (s.offers || []).filter((o) => o.pack_id !== s.pack_id);
+    const list = $("other-packs-list");
+    list.replaceChildren(
+      ...others.map((o) => {
+        const item = document.createElement("li");
+        const link = document.createElement("a");
+        link.href = o.buy_url;
+        link.textContent = `${o.name}: ${plural(o.uses, "use")} for ${o.price}`;
+        item.append(link);
+        return item;
+      }),
+    );
+    $("other-packs").hidden = others.length === 0;
     // Whose uses these are: the payer sees it before paying (a link may come from anyone).
     $("account-line").textContent = `The uses go to the account ${s.account_label}.`;
     // The pack's real size and what ticking the box agrees to. The box itself starts (and

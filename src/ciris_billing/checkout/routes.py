@@ -20,12 +20,14 @@ from functools import lru_cache
 from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 from sqlalchemy import select
 
 from ciris_billing.accounts.service import Identity
-from ciris_billing.checkout.links import checkout_url, read_buy_token
+from ciris_billing.catalog.offers import offer_bodies, offered_packs, offers_in
+from ciris_billing.catalog.packs import DEFAULT_PACK
+from ciris_billing.checkout.links import buy_token, buy_url, checkout_url, read_buy_token
 from ciris_billing.checkout.schemas import AutoTopupOffer, CheckoutSummary
 from ciris_billing.db import accounts
 from ciris_billing.deps import AppState, StateDep, UnitOfWorkDep, json_response
@@ -197,7 +199,11 @@ ClientSecretHeader = Annotated[
     },
 )
 async def checkout_summary(
-    payment_id: str, state: StateDep, work: UnitOfWorkDep, client_secret: ClientSecretHeader = None
+    payment_id: str,
+    request: Request,
+    state: StateDep,
+    work: UnitOfWorkDep,
+    client_secret: ClientSecretHeader = None,
 ) -> Response:
     """What the payment page shows: the offer, the payment's status and the account's balance.
 
@@ -205,7 +211,7 @@ async def checkout_summary(
     """
     payment = await _verified(state, work, payment_id, client_secret)
     # Read after the secret was checked, and fresh: the page polls this for the balance.
-    return await _summary_answer(state, work, payment)
+    return await _summary_answer(request, state, work, payment)
 
 
 @router.post(
@@ -217,7 +223,11 @@ async def checkout_summary(
     },
 )
 async def checkout_sync(
-    payment_id: str, state: StateDep, work: UnitOfWorkDep, client_secret: ClientSecretHeader = None
+    payment_id: str,
+    request: Request,
+    state: StateDep,
+    work: UnitOfWorkDep,
+    client_secret: ClientSecretHeader = None,
 ) -> Response:
     """The page was told by the provider that the payment succeeded: the service asks the
     provider itself and, if paid, credits the purchase now (once, as its webhook would: a
@@ -225,10 +235,12 @@ async def checkout_sync(
     after it. No API key: the payment's client secret (`X-Client-Secret`) is the credential."""
     payment = await _verified(state, work, payment_id, client_secret)
     await payments.confirm_paid(work, state.provider.name, payment)
-    return await _summary_answer(state, work, payment)
+    return await _summary_answer(request, state, work, payment)
 
 
-async def _summary_answer(state: AppState, work: UnitOfWork, payment: PaymentResult) -> Response:
+async def _summary_answer(
+    request: Request, state: AppState, work: UnitOfWork, payment: PaymentResult
+) -> Response:
     conn = await work.connection()
     purchase = await payments.get_purchase(conn, state.provider.name, payment.payment_id)
     account = (
@@ -247,6 +259,17 @@ async def _summary_answer(state: AppState, work: UnitOfWork, payment: PaymentRes
         max_per_month=state.settings.auto_topup_max_per_month,
     )
     summary = _summary(state, purchase, account, payment.provider_status, offer)
+    summary["pack_id"] = purchase.pack_id or DEFAULT_PACK
+    # The account's other packs, each with its own buy link (the payer may choose another).
+    link = buy_url(
+        state.public_base_url(request),
+        buy_token(state.link_secret, account.oauth_provider, account.external_id),
+    )
+    summary["offers"] = [
+        {**offer, "price": format_price(offer["price_minor"], offer["currency"]),
+         "buy_url": f"{link}?pack_id={offer['pack_id']}"}
+        for offer in offer_bodies(await offered_packs(conn, state.pricing, account))
+    ]  # fmt: skip
     return json_response(200, summary, PRIVATE_HEADERS)
 
 
@@ -323,17 +346,33 @@ def _summary(
         **error_responses(422, 502, 503),
     },
 )
-async def buy(token: str, request: Request, state: StateDep, work: UnitOfWorkDep) -> Response:
+async def buy(
+    token: str,
+    request: Request,
+    state: StateDep,
+    work: UnitOfWorkDep,
+    pack_id: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = None,
+) -> Response:
     """Public: the `checkout_url` of a 402 answer. Starts a purchase for the link's identity
-    (the same one each time the link is opened) and redirects to its payment page."""
+    (the same one each time the link is opened) and redirects to its payment page. `pack_id`:
+    one of the account's offers (default: the default pack if offered, else the first offer)."""
     named = read_buy_token(state.link_secret, token) if len(token) <= 2048 else None
     if named is None:
         raise CheckoutNotFound("This buy link is invalid or has expired; ask for a new one")
     identity = Identity(*named)
-    # The signed token (identity + expiry) is the key: reopening or double-clicking one link
-    # finds its purchase; a new 402 mints a new link and so a new purchase.
-    key = "buy:" + hashlib.sha256(token.encode()).hexdigest()
-    order = payments.PurchaseOrder(identity, customer_email=None, idempotency_key=key)
+    if pack_id is None:
+        offered = [
+            o["pack_id"] for o in await offers_in(await work.connection(), state.pricing, identity)
+        ]
+        if offered and DEFAULT_PACK not in offered:
+            pack_id = offered[0]
+    # The signed token (identity + expiry) and the pack are the key: reopening or
+    # double-clicking one link finds its purchase; a new 402 mints a new link and so a new
+    # purchase.
+    key = "buy:" + hashlib.sha256(f"{token}\x00{pack_id or ''}".encode()).hexdigest()
+    order = payments.PurchaseOrder(
+        identity, customer_email=None, idempotency_key=key, pack_id=pack_id
+    )
     try:
         started = await payments.start_purchase(work, state.provider, state.pricing, order)
     except PurchaseNoLongerPayable:

@@ -13,6 +13,18 @@ class AutoTopupOffer(BaseModel):
     max_per_month: int = Field(description="At most this many top-ups a calendar month")
 
 
+class PackOffer(BaseModel):
+    pack_id: str
+    name: str
+    uses: int
+    price_minor: int
+    currency: str
+    expires_in_days: int | None
+    active: bool
+    price: str = Field(examples=["$5.00"])
+    buy_url: str = Field(description="Starts a purchase of this pack instead (its payment page)")
+
+
 class CheckoutSummary(BaseModel):
     payment_id: str
     uses: int = Field(description="Uses this purchase buys")
@@ -30,6 +42,10 @@ class CheckoutSummary(BaseModel):
     publishable_key: str | None = Field(default=None, description="Stripe mode only")
     account_label: str = Field(
         description="Which account the uses go to, masked (`b•••@example.com (google)`)"
+    )
+    pack_id: str | None = Field(default=None, description="The pack this purchase buys")
+    offers: list[PackOffer] = Field(
+        default_factory=list, description="The packs the account may buy (the catalog)"
     )
     auto_topup: AutoTopupOffer = Field(
         description="What ticking the page's auto top-up box agrees to (it starts unticked; "

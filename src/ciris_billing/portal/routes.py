@@ -22,6 +22,7 @@ from ciris_billing.accounts import lots
 from ciris_billing.accounts.service import Identity, find_account
 from ciris_billing.autotopup import cards
 from ciris_billing.autotopup.routes import auto_topup_body
+from ciris_billing.catalog.offers import offer_bodies, offered_packs
 from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.console.queries import decode_cursor, encode_cursor
 from ciris_billing.console.web import form_of
@@ -128,6 +129,11 @@ async def portal(
     base = state.public_base_url(request)
     here = portal_url(base, token)
     buy = buy_url(base, buy_token(state.link_secret, account.oauth_provider, account.external_id))
+    # The catalog: the packs the account's plan offers, each with its own buy link.
+    offers = [
+        {**offer, "buy_url": f"{buy}?pack_id={offer['pack_id']}"}
+        for offer in offer_bodies(await offered_packs(conn, state.pricing, account))
+    ]
     return render(
         "portal.html",
         a=account,
@@ -140,6 +146,7 @@ async def portal(
         token=token,
         buy_url=buy,
         offer=state.pricing,
+        offers=offers,
         topup=topup,
         expiring=None
         if expiring is None
