@@ -36,6 +36,7 @@ CONSOLE_SESSION = {
     "/console/keys",
     "/console/endpoints",
     "/console/audit",
+    "/console/catalog",
     "/console/actions/{action}",
     "/console/reports",
     "/console/reports/{name}.csv",
