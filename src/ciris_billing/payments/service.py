@@ -126,13 +126,13 @@ async def start_purchase(
         )
         if offer.amount_minor == 0:
             return await _grant_free(conn, purchase_id, account.id, offer, order)
-    # Whose card is kept if the payer asks to at confirmation (made once per account).
-    customer_id = await cards.customer_for(work, provider, account.id)
     metadata = {"pack_id": offer.pack_id}
     if offer.promotion_code is not None:
         metadata["promotion_code"] = offer.promotion_code
-    # The account (if new) commits before the call: it is valid on its own.
     try:
+        # Whose card is kept if the payer asks to at confirmation (made once per account).
+        customer_id = await cards.customer_for(work, provider, account.id)
+        # The account (if new) commits before the call: it is valid on its own.
         async with work.provider_call():
             payment = await provider.create_payment_intent(
                 PaymentIntent(
