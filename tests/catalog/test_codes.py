@@ -145,3 +145,34 @@ async def test_fifty_concurrent_purchases_against_a_limit_of_ten(api: Api) -> No
         )
     assert (counted, rows, discounted) == (10, 10, 10)
     assert (await api.audit()).clean
+
+
+async def test_a_purchase_the_provider_cannot_start_gives_its_redemption_back(api: Api) -> None:
+    import socket
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from ciris_billing.payments.providers.sandbox import SandboxProvider
+
+    await made(
+        api,
+        "/v1/billing/promotion_codes",
+        {"code": "ONLY1", "percent_off": 50, "max_redemptions": 1},
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The provider is unreachable (its state lives in a database that does not answer).
+    away = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x")
+    api.state.provider, sandbox = SandboxProvider(away, "whsec_down", None), api.state.provider
+    try:
+        failed = await api.post("/v1/billing/purchases", buy("ONLY1"))
+    finally:
+        api.state.provider = sandbox
+        await away.dispose()
+    assert failed.status_code >= 500
+    codes = (await api.get("/v1/billing/promotion_codes")).json()["promotion_codes"]
+    assert codes[0]["redemptions"] == 0
+    # The one redemption is still there for a purchase that starts.
+    assert (await api.post("/v1/billing/purchases", buy("ONLY1"))).status_code == 201
+    assert (await api.audit()).clean
