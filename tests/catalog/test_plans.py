@@ -66,6 +66,9 @@ async def test_a_plans_free_uses_packs_and_offers(api: Api) -> None:
     assert joined.status_code in (200, 201), joined.text
     check = (await api.post("/v1/billing/credits/check", PRO_USER)).json()
     assert check["free_uses_remaining"] == 10
+    async with api.engine.connect() as conn:
+        threshold = await conn.scalar(select(accounts.c.low_balance_threshold_uses))
+    assert threshold == 5  # the plan's balance.low threshold
     for _ in range(10):
         assert (await api.post("/v1/billing/charges", PRO_USER)).status_code == 201
     refused = await api.post("/v1/billing/charges", PRO_USER)

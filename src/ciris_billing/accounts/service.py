@@ -111,17 +111,19 @@ async def ensure_account(
     account_id = new_id("acct")
     currency = new.currency or pricing.currency
     free_uses, monthly = pricing.free_uses_per_account, pricing.monthly_free_uses
+    threshold: int | None = None
     if new.plan_name not in (FREE_PLAN, PAID_PLAN):
         # A plan of the catalog (catalog/plans.py): its own free uses and period.
         plan = (
             await conn.execute(
-                select(plans.c.free_uses, plans.c.free_uses_reset).where(
-                    plans.c.name == new.plan_name
-                )
+                select(
+                    plans.c.free_uses, plans.c.free_uses_reset, plans.c.low_balance_threshold_uses
+                ).where(plans.c.name == new.plan_name)
             )
         ).first()
         if plan is not None:
             free_uses, monthly = int(plan.free_uses), plan.free_uses_reset == "monthly"
+            threshold = plan.low_balance_threshold_uses
     inserted = await conn.execute(
         insert_or_ignore(accounts)
         .values(
@@ -145,6 +147,7 @@ async def ensure_account(
             # Monthly free uses: a new account starts in its month (its free lot below, or
             # none for an identity back after erasure, until the next month).
             free_period=period_of(now) if monthly else None,
+            low_balance_threshold_uses=threshold,
             created_at=now,
             updated_at=now,
         )
