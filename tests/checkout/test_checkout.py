@@ -105,7 +105,13 @@ async def test_summary_needs_the_purchases_client_secret(api: Api) -> None:
     assert response.status_code == 200, response.text
     assert response.headers["cache-control"] == "no-store"
     assert response.headers["referrer-policy"] == "no-referrer"
-    assert response.json() == {
+    answer = response.json()
+    # The catalog (issue 24): the account's packs, each with its buy link.
+    offers = answer.pop("offers")
+    assert [(o["pack_id"], o["price"]) for o in offers] == [("default", "$5.00")]
+    assert "?pack_id=default" in offers[0]["buy_url"]
+    assert answer == {
+        "pack_id": "default",
         "payment_id": payment_id,
         "uses": 20,
         "uses_purchased": 20,
