@@ -446,11 +446,19 @@ class ClientCore:
         external_id: str,
         customer_email: str | None = None,
         idempotency_key: str | None = None,
+        *,
+        pack_id: str | None = None,
+        promotion_code: str | None = None,
     ) -> Program[Purchase]:
         key = new_idempotency_key() if idempotency_key is None else idempotency_key
         body: dict[str, Any] = {"oauth_provider": oauth_provider, "external_id": external_id}
         if customer_email is not None:
             body["customer_email"] = customer_email
+        # The catalog: which pack (default: the server's default pack), and a promotion code.
+        if pack_id is not None:
+            body["pack_id"] = pack_id
+        if promotion_code is not None:
+            body["promotion_code"] = promotion_code
         call = Call("POST", PURCHASES_PATH, body=body, idempotency_key=key)
         response = yield from self.call(call)
         return parse_purchase(response_json(response), idempotency_key=key)

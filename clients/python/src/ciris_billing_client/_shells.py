@@ -281,10 +281,22 @@ class BillingClient(_ClientBase):
         external_id: str,
         customer_email: str | None = None,
         idempotency_key: str | None = None,
+        *,
+        pack_id: str | None = None,
+        promotion_code: str | None = None,
     ) -> Purchase:
-        """Start buying uses; pay with `checkout_url` or `client_secret`."""
+        """Start buying uses (`pack_id`: a pack of GET /v1/billing/packs, default the default
+        pack; `promotion_code`: charged the discount); pay with `checkout_url` or
+        `client_secret`."""
         return self._run(
-            self._core.purchase(oauth_provider, external_id, customer_email, idempotency_key)
+            self._core.purchase(
+                oauth_provider,
+                external_id,
+                customer_email,
+                idempotency_key,
+                pack_id=pack_id,
+                promotion_code=promotion_code,
+            )
         )
 
     def purchase_status(self, payment_id: str) -> Purchase:
@@ -475,10 +487,22 @@ class AsyncBillingClient(_ClientBase):
         external_id: str,
         customer_email: str | None = None,
         idempotency_key: str | None = None,
+        *,
+        pack_id: str | None = None,
+        promotion_code: str | None = None,
     ) -> Purchase:
-        """Start buying uses; pay with `checkout_url` or `client_secret`."""
+        """Start buying uses (`pack_id`: a pack of GET /v1/billing/packs, default the default
+        pack; `promotion_code`: charged the discount); pay with `checkout_url` or
+        `client_secret`."""
         return await self._run(
-            self._core.purchase(oauth_provider, external_id, customer_email, idempotency_key)
+            self._core.purchase(
+                oauth_provider,
+                external_id,
+                customer_email,
+                idempotency_key,
+                pack_id=pack_id,
+                promotion_code=promotion_code,
+            )
         )
 
     async def purchase_status(self, payment_id: str) -> Purchase:
