@@ -242,9 +242,16 @@ export class BillingClient {
   }
 
   /** Start buying uses: pay at `checkout_url` (or confirm `client_secret` with Stripe.js). */
-  async purchase(oauthProvider, externalId, { customerEmail, idempotencyKey } = {}) {
+  async purchase(oauthProvider, externalId, { customerEmail, idempotencyKey, packId, promotionCode } = {}) {
     const key = idempotencyKey ?? newIdempotencyKey();
-    const body = withoutUndefined({ oauth_provider: oauthProvider, external_id: externalId, customer_email: customerEmail });
+    const body = withoutUndefined({
+      oauth_provider: oauthProvider,
+      external_id: externalId,
+      customer_email: customerEmail,
+      // The catalog: which pack (default: the server's default pack), and a promotion code.
+      pack_id: packId,
+      promotion_code: promotionCode,
+    });
     const reply = await this._call({ method: "POST", path: PURCHASES, body, idempotencyKey: key });
     return { ...reply.data, idempotency_key: key };
   }

@@ -105,6 +105,8 @@ export interface PurchaseOut {
   amount_minor: number;
   currency: string;
   uses_purchased: number;
+  pack_id?: string | null;
+  promotion_code?: string | null;
   status: string;
   provider: string;
   publishable_key?: string | null;
@@ -217,6 +219,8 @@ export interface PurchaseRequiredOut {
   uses_requested: number;
   checkout_url: string;
   portal_url: string;
+  /** The packs the account's plan may buy (GET /v1/billing/packs fields). */
+  offers?: Record<string, unknown>[];
   [field: string]: unknown;
 }
 
@@ -301,7 +305,7 @@ export declare class BillingClient {
   purchase(
     oauthProvider: string,
     externalId: string,
-    options?: { customerEmail?: string; idempotencyKey?: string },
+    options?: { customerEmail?: string; idempotencyKey?: string; packId?: string; promotionCode?: string },
   ): Promise<PurchaseOut & { idempotency_key: string }>;
   purchaseStatus(paymentId: string): Promise<PurchaseOut>;
   /** After the payer's provider said succeeded: credited now, once (as its webhook would). */
