@@ -45,6 +45,11 @@ async def test_a_percent_code_discounts_the_purchase_and_the_lot_cost(api: Api) 
     assert (lot.amount_minor, lot.cost_basis_minor) == (400, 20)
     listed = (await api.get("/v1/billing/promotion_codes")).json()["promotion_codes"]
     assert listed[0]["redemptions"] == 1
+    async with api.engine.connect() as conn:
+        event = (
+            await conn.execute(text("SELECT data FROM events WHERE type = 'purchase.succeeded'"))
+        ).one()
+    assert (event.data["pack_id"], event.data["promotion_code"]) == ("default", "LAUNCH20")
     assert len(await audit_rows(api, "promotion_code_create")) == 1
     assert (await api.audit()).clean
 

@@ -267,6 +267,9 @@ def purchase_data(purchase: Any, status: str) -> dict[str, Any]:
         "currency": purchase.currency,
         "uses": int(purchase.uses),
         "status": status,
+        # The catalog (issue 24): the pack bought, and the promotion code that priced it.
+        "pack_id": purchase.pack_id or DEFAULT_PACK,
+        "promotion_code": purchase.promotion_code,
     }
 
 
