@@ -64,6 +64,9 @@ async def test_a_code_bringing_the_price_to_zero_grants_without_the_provider(api
     assert bought["credited"] is True
     assert bought["provider"] == "promotion"
     assert "client_secret" not in bought
+    status = await api.get(f"/v1/billing/purchases/{bought['payment_id']}")
+    assert status.status_code == 200
+    assert (status.json()["status"], status.json()["credited"]) == ("succeeded", True)
     check = (await api.post("/v1/billing/credits/check", BUYER)).json()
     assert check["credits_remaining"] == 20
     async with api.engine.connect() as conn:

@@ -186,7 +186,10 @@ async def get_purchase(
     payment_id: str, state: StateDep, work: UnitOfWorkDep, _key: ReadKey
 ) -> Response:
     """A purchase's status (`succeeded` once its uses are credited)."""
-    purchase = await lookup_purchase(await work.connection(), state.provider.name, payment_id)
+    conn = await work.connection()
+    # A purchase a promotion code made free has no payment at the provider (its own id).
+    free = await service.find_purchase(conn, service.FREE_PROVIDER, payment_id)
+    purchase = free or await lookup_purchase(conn, state.provider.name, payment_id)
     return json_response(200, purchase_body(purchase, state))
 
 
