@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import httpx
 from sqlalchemy import text
 
 from tests.catalog.support import audit_rows, made, patch
@@ -66,6 +67,9 @@ async def test_a_code_bringing_the_price_to_zero_grants_without_the_provider(api
     assert "client_secret" not in bought
     status = await api.get(f"/v1/billing/purchases/{bought['payment_id']}")
     assert status.status_code == 200
+    portal = httpx.URL(bought["portal_url"]).path
+    receipt = await api.http.get(f"{portal}/receipts/{bought['payment_id']}")
+    assert receipt.status_code == 200
     assert (status.json()["status"], status.json()["credited"]) == ("succeeded", True)
     check = (await api.post("/v1/billing/credits/check", BUYER)).json()
     assert check["credits_remaining"] == 20

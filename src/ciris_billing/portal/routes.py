@@ -275,8 +275,10 @@ async def _receipt_of(
     ).first()
     if found is None:
         return _refused(404)
-    async with work.provider_call():
-        payment = await state.provider.get_payment(payment_id)
+    payment = None
+    if found.provider == state.provider.name:  # not one a promotion code made free (no card)
+        async with work.provider_call():
+            payment = await state.provider.get_payment(payment_id)
     return found, payment
 
 
