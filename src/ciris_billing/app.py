@@ -35,8 +35,8 @@ from ciris_billing.catalog.routes import router as catalog_router
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.console.action_routes import router as console_actions_router
-from ciris_billing.console.report_routes import router as console_reports_router
 from ciris_billing.console.catalog import router as console_catalog_router
+from ciris_billing.console.report_routes import router as console_reports_router
 from ciris_billing.console.routes import router as console_router
 from ciris_billing.db import create_engine, session_settings
 from ciris_billing.deps import AppState, StateDep, authorize_key, json_response
