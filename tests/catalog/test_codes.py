@@ -188,3 +188,29 @@ async def test_a_purchase_the_provider_cannot_start_gives_its_redemption_back(ap
     # The one redemption is still there for a purchase that starts.
     assert (await api.post("/v1/billing/purchases", buy("ONLY1"))).status_code == 201
     assert (await api.audit()).clean
+
+
+async def test_the_receipt_pdf_names_the_pack_and_the_discount(api: Api) -> None:
+    import io
+
+    from pypdf import PdfReader
+
+    big = {"pack_id": "big", "name": "50 uses", "uses": 50, "price_minor": 900, "currency": "USD"}
+    await made(api, "/v1/billing/packs", big)
+    await made(api, "/v1/billing/promotion_codes", {"code": "TWO", "amount_off_minor": 200})
+    response = await api.post("/v1/billing/purchases", buy("TWO", pack_id="big"))
+    assert response.status_code == 201, response.text
+    bought = response.json()
+    assert (await pay(api, bought, VISA)).json()["status"] == "succeeded"
+    portal = httpx.URL(bought["portal_url"]).path
+    answer = await api.http.get(f"{portal}/receipts/{bought['payment_id']}/pdf")
+    assert answer.status_code == 200
+    text = PdfReader(io.BytesIO(answer.content)).pages[0].extract_text()
+    lines = [line.strip() for line in text.splitlines()]
+    for expected in (
+        "Pack 50 uses (pack big)",
+        "Price $9.00",
+        "Discount $2.00",
+        "Amount paid $7.00",
+    ):
+        assert expected in lines, (expected, lines)

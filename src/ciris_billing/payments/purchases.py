@@ -56,6 +56,7 @@ class Offer:
     pack_id: str = "default"
     lot_expires_in_days: int | None = None
     promotion_code: str | None = None
+    discount_minor: int = 0  # what the promotion code took off the pack's price
 
     @classmethod
     def from_pricing(cls, pricing: Pricing) -> Offer:
@@ -88,6 +89,7 @@ async def record_purchase(
             pack_id=offer.pack_id,
             lot_expires_in_days=offer.lot_expires_in_days,
             promotion_code=offer.promotion_code,
+            discount_minor=offer.discount_minor,
             status=payment.state,
             customer_email=customer_email,
             failure_message=None,

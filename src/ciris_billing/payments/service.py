@@ -111,6 +111,7 @@ async def start_purchase(
                 existing.pack_id or DEFAULT_PACK,
                 existing.lot_expires_in_days,
                 existing.promotion_code,
+                int(existing.discount_minor),
             )
             return StartedPurchase(existing, payment, offer)
     account, _ = await ensure_account(await work.connection(), order.identity, pricing)
@@ -121,8 +122,12 @@ async def start_purchase(
         # Counted in this transaction, committed with it before the provider is asked (so
         # racing purchases see it): exact by construction (catalog/codes.py redeem).
         code = await codes.redeem(conn, order.promotion_code, account.id, pack.pack_id, purchase_id)
+        paid = code.price_after(pack.price_minor)
         offer = replace(
-            offer, amount_minor=code.price_after(pack.price_minor), promotion_code=code.code
+            offer,
+            amount_minor=paid,
+            promotion_code=code.code,
+            discount_minor=pack.price_minor - paid,
         )
         if offer.amount_minor == 0:
             return await _grant_free(conn, purchase_id, account.id, offer, order)

@@ -3,9 +3,8 @@
 What it shows: the seller (SELLER_NAME, SELLER_ADDRESS settings), the receipt's number (the
 payment's id) and date, what was bought (the pack: its uses), the amount, the discount, the
 card's brand and last 4 as the provider reports them, each refund (date and amount) and the
-net paid. The catalog's pack names and promotion discounts are not on purchases yet: the pack
-is named by its uses and the discount is none (purchase_pack / purchase_discount below are
-the follow-up's two places).
+net paid. The pack is named by its uses and, when not the default pack, its pack_id; the
+discount is what the purchase's promotion code took off (issue 24).
 
 The PDF's built-in Helvetica covers Latin-1 only: any other character is shown as "?" (a name
 in another script needs a Unicode font shipped with the service: not done here).
@@ -44,13 +43,15 @@ class ReceiptFacts:
 
 
 def purchase_pack(purchase: Any) -> str:
-    """The pack bought: by its uses until purchases carry the catalog's pack_id."""
-    return f"{int(purchase.uses)} uses"
+    """The pack bought: its uses, and its pack_id when not the default pack."""
+    pack_id = getattr(purchase, "pack_id", None)
+    named = f" (pack {pack_id})" if pack_id and pack_id != "default" else ""
+    return f"{int(purchase.uses)} uses{named}"
 
 
 def purchase_discount(purchase: Any) -> int:
-    """The promotion's discount in minor units: none until purchases carry one."""
-    return 0
+    """What the purchase's promotion code took off the price, in minor units."""
+    return int(getattr(purchase, "discount_minor", 0) or 0)
 
 
 def _latin1(value: str) -> str:

@@ -73,6 +73,8 @@ purchases = Table(
     Column("pack_id", String(64)),
     Column("promotion_code", String(64)),
     Column("lot_expires_in_days", Integer),
+    # What the promotion code took off the pack's price (amount_minor is what is charged).
+    Column("discount_minor", Minor, nullable=False, server_default=text("0")),
     # One purchase per provider payment: a retried create finds the row instead of adding one.
     UniqueConstraint("provider", "payment_id"),
     # 0 only for a purchase a promotion code made free (provider "promotion": no payment).

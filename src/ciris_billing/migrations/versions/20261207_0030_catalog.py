@@ -129,6 +129,10 @@ def upgrade() -> None:
     op.add_column("purchases", sa.Column("pack_id", sa.String(64)))
     op.add_column("purchases", sa.Column("promotion_code", sa.String(64)))
     op.add_column("purchases", sa.Column("lot_expires_in_days", sa.Integer()))
+    op.add_column(
+        "purchases",
+        sa.Column("discount_minor", sa.BigInteger(), server_default=sa.text("0"), nullable=False),
+    )
     op.add_column("lots", sa.Column("pack_id", sa.String(64)))
     # A purchase a promotion code made free costs 0 and has no payment (provider "promotion").
     op.drop_constraint(op.f("ck_purchases_amount_positive"), "purchases", type_="check")
@@ -146,6 +150,7 @@ def downgrade() -> None:
         op.f("ck_purchases_amount_positive"), "purchases", "amount_minor > 0"
     )
     op.drop_column("lots", "pack_id")
+    op.drop_column("purchases", "discount_minor")
     op.drop_column("purchases", "lot_expires_in_days")
     op.drop_column("purchases", "promotion_code")
     op.drop_column("purchases", "pack_id")
