@@ -19,18 +19,14 @@ from __future__ import annotations
 from ciris_billing.ledger.statements import claim, key_unused, usable_columns
 
 
-def _per_slot(expression: str, first: str, second: str) -> str:
-    """SQL: the array of `expression` over two parallel arrays' slots (x, y), in slot order."""
-    unnested = f"unnest({first}, {second}) WITH ORDINALITY AS t(x, y, n)"
-    return f"ARRAY(SELECT {expression} FROM {unnested} ORDER BY t.n)"  # noqa: S608
-
-
 def _settled_and_spent(claimed: str, extra: str) -> str:
     """The CTEs after `won` (the reservation captured: its row, the capture's inputs), shared
     by the statement alone and batched: lock the account, walk the hold's lots, pay off owed
     uses, give the rest back, write the charge (and owed_taken) rows and claim the key."""
-    paid_back = _per_slot("CASE WHEN t.y = 0 THEN 0::bigint ELSE t.x END", "s.back", "s.lot_kinds")
-    given = _per_slot("t.x - t.y", "o.back", "o.owed_took")
+    # Slot by slot (ledger_slotwise): the paid uses coming back; what comes back once owed
+    # uses were paid off from them.
+    paid_back = "ledger_slotwise(s.back, s.lot_kinds::bigint[], true)"
+    given = "ledger_slotwise(o.back, o.owed_took, false)"
     return f"""
 , locked AS MATERIALIZED (
     -- The account's row, locked after the reservation's (the one lock order of holds), by id
@@ -81,8 +77,10 @@ def _settled_and_spent(claimed: str, extra: str) -> str:
               s.at, ledger_touched(s.lot_ids, s.took) AS lot_ids,
               array_remove(s.took, 0::bigint) AS lot_uses,
               ledger_touched(s.lot_ids, s.owed_took) AS owed_lot_ids,
-              ARRAY(SELECT -t.x FROM unnest(array_remove(s.owed_took, 0::bigint))
-                    WITH ORDINALITY AS t(x, n) ORDER BY t.n) AS owed_lot_uses,
+              CASE WHEN s.paid_off = 0 THEN '{{}}'::bigint[] ELSE ledger_slotwise(
+                  array_fill(0::bigint, ARRAY[cardinality(
+                      array_remove(s.owed_took, 0::bigint))]),
+                  array_remove(s.owed_took, 0::bigint), false) END AS owed_lot_uses,
               {usable_columns("a.", "s.at")}{extra}
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,

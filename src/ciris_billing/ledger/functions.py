@@ -178,6 +178,27 @@ BEGIN
 END
 """
 
+# Slot by slot: p_a[i] - p_b[i] (what comes back of a hold's lots after owed uses were paid
+# off from them, capture_statements.py); with p_free_zero, p_a[i] where p_b[i] (a kind) is not
+# free, else 0 (the paid uses coming back). Functions, not ARRAY(SELECT ... unnest ...): a
+# subquery is set up on every run of the statement even when its branch is not taken.
+LEDGER_SLOTWISE = """
+DECLARE
+    result bigint[] := p_a;
+BEGIN
+    FOR i IN 1 .. coalesce(cardinality(p_a), 0) LOOP
+        IF p_free_zero THEN
+            IF p_b[i] = 0 THEN
+                result[i] := 0;
+            END IF;
+        ELSE
+            result[i] := p_a[i] - p_b[i];
+        END IF;
+    END LOOP;
+    RETURN result;
+END
+"""
+
 # name, arguments (OUT ones included), return type, body: as the migration creates them.
 FUNCTIONS: tuple[tuple[str, str, str, str], ...] = (
     (
@@ -221,6 +242,12 @@ FUNCTIONS: tuple[tuple[str, str, str, str], ...] = (
         "p_free boolean",
         "bigint",
         LEDGER_USABLE,
+    ),
+    (
+        "ledger_slotwise",
+        "p_a bigint[], p_b bigint[], p_free_zero boolean",
+        "bigint[]",
+        LEDGER_SLOTWISE,
     ),
 )
 
