@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ciris_billing import __version__, openapi
+from ciris_billing.rates.routes import router as rates_router
 from ciris_billing.accounts.admin_routes import router as admin_router
 from ciris_billing.accounts.hot.asgi import HotPath
 from ciris_billing.accounts.hot.holds import CaptureStore, HoldStore
@@ -157,6 +158,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             account_limits=account_limits,
             secrets=installation,
             console_logins=login_failures(settings, shared),
+            rate_book=RateBook(engine, settings.rates_refresh_seconds),
         )
         app.state.billing = state
         log.info("billing_started", version=__version__, database=engine.dialect.name)
@@ -202,6 +204,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(admin_router)
     app.include_router(lots_router)
     app.include_router(reports_router)
+    app.include_router(rates_router)
     app.include_router(auto_topup_router)
     app.include_router(payments_router)
     app.include_router(sandbox_router)

@@ -59,6 +59,8 @@ from ciris_billing.tables.operations import console_sessions as console_sessions
 from ciris_billing.tables.operations import installation_secrets as installation_secrets
 from ciris_billing.tables.operations import portal_link_revocations as portal_link_revocations
 from ciris_billing.tables.operations import test_clock as test_clock
+from ciris_billing.tables.rates import RATE_ROUNDINGS as RATE_ROUNDINGS
+from ciris_billing.tables.rates import rates as rates
 from ciris_billing.tables.payments import DISPUTE_STATES as DISPUTE_STATES
 from ciris_billing.tables.payments import PURCHASE_STATUSES as PURCHASE_STATUSES
 from ciris_billing.tables.payments import disputes as disputes
