@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ciris_billing import __version__, openapi
+from ciris_billing.rates.book import RateBook
 from ciris_billing.rates.routes import router as rates_router
 from ciris_billing.accounts.admin_routes import router as admin_router
 from ciris_billing.accounts.hot.asgi import HotPath

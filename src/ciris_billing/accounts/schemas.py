@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from ciris_billing.rates.schemas import Feature
 from ciris_billing.request_body import RequestBody
 
 OAuthProvider = Annotated[
@@ -42,6 +43,7 @@ MetadataValue = (
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=50)]
 
 MAX_USES_PER_CHARGE = 1_000
+MAX_QUANTITY = 1_000_000_000_000
 MAX_MINOR = 100_000_000
 
 
@@ -153,6 +155,19 @@ class ChargeCreate(IdentityFields):
     metadata: Metadata = Field(default_factory=dict)
     uses: StrictInt = Field(default=1, ge=1, le=MAX_USES_PER_CHARGE)
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    # Rated usage (rates/service.py): instead of `uses`, a feature and its quantity.
+    feature: Feature | None = None
+    quantity: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_QUANTITY, description="Units of `feature` (not with `uses`)"
+    )
+
+    @model_validator(mode="after")
+    def _rated(self) -> ChargeCreate:
+        if self.feature is not None and "uses" in self.model_fields_set:
+            raise ValueError("give uses, or feature and quantity, not both")
+        if (self.feature is None) != (self.quantity is None):
+            raise ValueError("feature and quantity go together")
+        return self
 
 
 class ChargeOut(BaseModel):
@@ -174,6 +189,8 @@ class ChargeOut(BaseModel):
     plan_name: str
     created_at: str
     lots: list[LotUseOut] = Field(description="The lots the charge drew from, in order")
+    feature: str | None = Field(default=None, description="A rated charge's feature")
+    quantity: int | None = Field(default=None, description="A rated charge's quantity")
 
 
 class PurchaseRequiredOut(BaseModel):

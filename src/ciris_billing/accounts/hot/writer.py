@@ -108,6 +108,7 @@ class ChargeAttempt:
 # The texts a charge of each kind tries in order: (zero: the `carry` remainder only, head,
 # walk); a text that makes no row for a charge passes it to the next.
 _ORDER = ("zero", "head", "walk")
+_CYCLES = 3
 
 
 class ChargeStore(Lanes[ChargeAttempt]):
@@ -139,8 +140,12 @@ class ChargeStore(Lanes[ChargeAttempt]):
 
     def _steps(self, attempt: ChargeAttempt) -> list[tuple[str, str]]:
         """The (one, batch) texts `attempt` tries, in order."""
-        zero = attempt.below_one_use()
-        return [self._texts[(attempt.rated, step)] for step in _ORDER if step != "zero" or zero]
+        if not attempt.below_one_use():
+            return [self._texts[(attempt.rated, step)] for step in _ORDER[1:]]
+        # Below one use, whether it completes one depends on the carry at the statement's
+        # time: a concurrent charge may change it between the texts (the zero text finds a
+        # use is due, then the use texts find none is), so the cycle is tried up to 3 times.
+        return [self._texts[(attempt.rated, step)] for step in _ORDER] * _CYCLES
 
     async def charge(self, attempt: ChargeAttempt) -> Any:
         """The account's row after the charge (id, counters, last_charge_free_uses, plan_name;
