@@ -20,8 +20,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ciris_billing import __version__, openapi
-from ciris_billing.rates.book import RateBook
-from ciris_billing.rates.routes import router as rates_router
 from ciris_billing.accounts.admin_routes import router as admin_router
 from ciris_billing.accounts.hot.asgi import HotPath
 from ciris_billing.accounts.hot.holds import CaptureStore, HoldStore
@@ -66,6 +64,8 @@ from ciris_billing.ratelimit import (
     SharedStore,
     TokenBuckets,
 )
+from ciris_billing.rates.book import RateBook
+from ciris_billing.rates.routes import router as rates_router
 from ciris_billing.reports.routes import router as reports_router
 from ciris_billing.testclock import store as test_clock
 from ciris_billing.testclock.routes import router as test_clock_router

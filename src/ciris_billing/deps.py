@@ -30,8 +30,8 @@ from ciris_billing.config import Settings, host_name
 from ciris_billing.installation import InstallationSecrets
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
-from ciris_billing.rates.book import RateBook
 from ciris_billing.ratelimit import FailureLimit, Limiter, check_all
+from ciris_billing.rates.book import RateBook
 from ciris_billing.unit_of_work import UnitOfWork, unit_of_work
 
 

@@ -195,7 +195,8 @@ async def test_a_carry_charge_beyond_the_balance_is_402_and_keeps_nothing(api: A
     user = identity("poor@example.com")
     await api.post("/v1/billing/credits/check", user)  # 3 free uses
     answer = await api.post("/v1/billing/charges", {**user, "feature": TOKENS, "quantity": 350})
-    assert answer.status_code == 201 and answer.json()["uses"] == 3
+    assert answer.status_code == 201
+    assert answer.json()["uses"] == 3
     assert await carried(api, user) == {TOKENS: 50}
     # 50 + 60 = 110: one use, none left.
     answer = await api.post("/v1/billing/charges", {**user, "feature": TOKENS, "quantity": 60})
@@ -204,7 +205,8 @@ async def test_a_carry_charge_beyond_the_balance_is_402_and_keeps_nothing(api: A
     assert await carried(api, user) == {TOKENS: 50}
     # 50 + 40 = 90: no use, the remainder kept.
     answer = await api.post("/v1/billing/charges", {**user, "feature": TOKENS, "quantity": 40})
-    assert answer.status_code == 201 and answer.json()["uses"] == 0
+    assert answer.status_code == 201
+    assert answer.json()["uses"] == 0
     assert answer.json()["lots"] == []
     assert await carried(api, user) == {TOKENS: 90}
     assert (await api.audit()).clean

@@ -46,7 +46,6 @@ from ciris_billing.ledger.rules import (
     walk_assignment,
 )
 
-
 # A rated charge's rounding (ledger/carry.py); None: a charge in uses.
 Rated = Literal["up", "carry"] | None
 
@@ -109,7 +108,8 @@ def charge_sql(monthly: bool = False, head: bool = False, rated: Rated = None) -
     enough = head_covers("", uses, at) if head else can_take("", uses, at)
     kept = carry_assignment("", "$13::text", "$3::bigint", "$14::bigint") + ",\n        "
     returned = taken_uses("", head) if carry else uses
-    inserted = "uses" if carry else uses
+    took = "uses" if carry else uses
+    columns = _RATED_COLUMNS if rated else ""
     return f"""
 WITH spent AS (
     UPDATE accounts SET
@@ -129,8 +129,8 @@ WITH spent AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, idempotency_key,
                          request_fingerprint, free_uses_after, paid_uses_after,
-                         total_uses_after, lot_ids, lot_uses, {_RATED_COLUMNS if rated else ""}created_at)
-    SELECT $5, id, {inserted}, last_charge_free_uses, {inserted} - last_charge_free_uses, $6, $7, $8,
+                         total_uses_after, lot_ids, lot_uses, {columns}created_at)
+    SELECT $5, id, {took}, last_charge_free_uses, {took} - last_charge_free_uses, $6, $7, $8,
            $9::json, $12, $4, $10, usable_free, usable_other, total_uses, lot_ids, lot_uses,
            {_rated_values(rated)}{at}
     FROM spent
@@ -168,9 +168,8 @@ def charge_batch_sql(monthly: bool = False, head: bool = False, rated: Rated = N
         rated, (", $13::text[], $14::bigint[]", ", feature, units")
     )
     returned = f"{taken_uses('a.', head)} AS uses" if carry else "i.uses"
-    rated_returned = ", i.feature, i.quantity" if rated == "up" else ""
-    if carry:
-        rated_returned = ", i.feature, i.quantity"
+    rated_returned = ", i.feature, i.quantity" if rated else ""
+    columns = _RATED_COLUMNS if rated else ""
     return f"""
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
@@ -212,7 +211,7 @@ WITH input AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, idempotency_key,
                          request_fingerprint, free_uses_after, paid_uses_after,
-                         total_uses_after, lot_ids, lot_uses, {_RATED_COLUMNS if rated else ""}created_at)
+                         total_uses_after, lot_ids, lot_uses, {columns}created_at)
     SELECT charge_id, id, uses, last_charge_free_uses, uses - last_charge_free_uses,
            amount_minor, currency, description, metadata::json, api_key_id, idempotency_key,
            request_fingerprint, usable_free, usable_other, total_uses, lot_ids, lot_uses,
