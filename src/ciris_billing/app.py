@@ -34,6 +34,7 @@ from ciris_billing.autotopup.routes import router as auto_topup_router
 from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.console.action_routes import router as console_actions_router
+from ciris_billing.console.rates import router as console_rates_router
 from ciris_billing.console.report_routes import router as console_reports_router
 from ciris_billing.console.routes import router as console_router
 from ciris_billing.db import create_engine, session_settings
@@ -206,6 +207,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(lots_router)
     app.include_router(reports_router)
     app.include_router(rates_router)
+    app.include_router(console_rates_router)
     app.include_router(auto_topup_router)
     app.include_router(payments_router)
     app.include_router(sandbox_router)

@@ -210,3 +210,56 @@ async def test_a_carry_charge_beyond_the_balance_is_402_and_keeps_nothing(api: A
     assert answer.json()["lots"] == []
     assert await carried(api, user) == {TOKENS: 90}
     assert (await api.audit()).clean
+
+
+async def test_the_portal_shows_usage_by_feature(api: Api) -> None:
+    await set_rate(api, TOKENS, 1000, "carry")
+    await set_rate(api, "images", 1, "up")
+    user = identity("portal-rated@example.com")
+    await paid_account(api, user, 20)
+    for _ in range(4):
+        await api.post("/v1/billing/charges", {**user, "feature": TOKENS, "quantity": 300})
+    await api.post("/v1/billing/charges", {**user, "feature": "images", "quantity": 2})
+    await api.post("/v1/billing/charges", user)  # a plain use: not in the table
+    link = (await api.post("/v1/billing/credits/check", user)).json()["portal_url"]
+    page = (await api.http.get(link)).text
+    assert "Usage by feature" in page
+    assert (
+        '<td data-label="Feature">gpt-4o-tokens</td><td data-label="Quantity">1200</td>'
+        '<td data-label="Uses">1</td><td data-label="Charges">4</td>'
+    ) in page
+    assert (
+        '<td data-label="Feature">images</td><td data-label="Quantity">2</td>'
+        '<td data-label="Uses">2</td><td data-label="Charges">1</td>'
+    ) in page
+    assert "(300 gpt-4o-tokens)" in page
+    assert (await api.audit()).clean
+
+
+async def test_holds_by_feature_take_an_up_rate_and_refuse_carry(api: Api) -> None:
+    await set_rate(api, "images-up", 4, "up")
+    await set_rate(api, TOKENS, 1000, "carry")
+    user = identity("held-rated@example.com")
+    await paid_account(api, user, 10)
+    held = await api.post(
+        "/v1/billing/reservations", {**user, "feature": "images-up", "quantity": 9}
+    )
+    assert held.status_code == 201, held.text
+    assert held.json()["uses"] == 3
+    refused = await api.post(
+        "/v1/billing/reservations", {**user, "feature": TOKENS, "quantity": 900}
+    )
+    assert refused.status_code == 422
+    assert "carry rate" in refused.json()["detail"]
+    both = await api.post(
+        "/v1/billing/reservations", {**user, "uses": 2, "feature": "images-up", "quantity": 9}
+    )
+    assert both.status_code == 422
+    unknown = await api.post("/v1/billing/reservations", {**user, "feature": "nope", "quantity": 9})
+    assert unknown.status_code == 422
+    captured = await api.post(
+        f"/v1/billing/reservations/{held.json()['reservation_id']}/capture", {}
+    )
+    assert captured.status_code in (200, 201), captured.text
+    assert captured.json()["uses"] == 3
+    assert (await api.audit()).clean

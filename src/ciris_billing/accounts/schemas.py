@@ -69,6 +69,15 @@ Email = Annotated[
 ]
 
 
+def _rated_fields(body: Any) -> Any:
+    """A charge or hold gives `uses`, or `feature` and `quantity` (a rated one), not both."""
+    if body.feature is not None and "uses" in body.model_fields_set:
+        raise ValueError("give uses, or feature and quantity, not both")
+    if (body.feature is None) != (body.quantity is None):
+        raise ValueError("feature and quantity go together")
+    return body
+
+
 class IdentityFields(RequestBody):
     oauth_provider: OAuthProvider
     external_id: Annotated[
@@ -161,13 +170,7 @@ class ChargeCreate(IdentityFields):
         default=None, ge=1, le=MAX_QUANTITY, description="Units of `feature` (not with `uses`)"
     )
 
-    @model_validator(mode="after")
-    def _rated(self) -> ChargeCreate:
-        if self.feature is not None and "uses" in self.model_fields_set:
-            raise ValueError("give uses, or feature and quantity, not both")
-        if (self.feature is None) != (self.quantity is None):
-            raise ValueError("feature and quantity go together")
-        return self
+    _rated = model_validator(mode="after")(lambda self: _rated_fields(self))
 
 
 class ChargeOut(BaseModel):
@@ -311,6 +314,13 @@ class ReservationCreate(IdentityFields):
         default=300, ge=1, le=MAX_HOLD_SECONDS, description="Released by itself after this"
     )
     metadata: Metadata = Field(default_factory=dict)
+    # Rated (an `up` rate only: rates/service.py): instead of `uses`, a feature and quantity.
+    feature: Feature | None = None
+    quantity: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_QUANTITY, description="Units of `feature` (not with `uses`)"
+    )
+
+    _rated = model_validator(mode="after")(lambda self: _rated_fields(self))
 
 
 class ReservationCapture(RequestBody):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,7 +16,8 @@ from fastapi.responses import Response
 
 from ciris_billing import auth
 from ciris_billing.checkout.routes import format_price
-from ciris_billing.console import actions, confirmations, queries
+from ciris_billing.console import actions, confirmations, queries, rates
+from ciris_billing.console.plan import Plan
 from ciris_billing.console.sessions import Session
 from ciris_billing.console.web import (
     check_csrf,
@@ -37,17 +37,6 @@ from ciris_billing.unit_of_work import UnitOfWork
 from ciris_billing.web.templating import render
 
 router = APIRouter(prefix="/console/actions", include_in_schema=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What the confirmation page says and carries, and where to go afterwards."""
-
-    title: str
-    lines: list[str]
-    fields: dict[str, str]  # posted again with the confirmation
-    back: str  # the page the action concerns
-    danger: bool = False
 
 
 def _int(form: dict[str, str], name: str, label: str) -> int:
@@ -432,6 +421,7 @@ ACTIONS: dict[str, tuple[Planner, Runner]] = {
         _plan_revoke_key,
         lambda st, w, s, f, r: actions.revoke_key(w, s.operator, f["key_id"], r),
     ),
+    "set_rate": (rates.plan_set_rate, rates.set_rate),
 }
 
 

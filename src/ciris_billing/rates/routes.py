@@ -48,7 +48,7 @@ async def set_rate(
     rate = service.Rate(body.feature, body.units_per_use, body.rounding)
 
     async def effect(conn: AsyncConnection) -> tuple[int, Any]:
-        out = await service.set_rate(conn, api_operator(principal), rate)
+        out, _entry = await service.set_rate(conn, api_operator(principal), rate)
         log.info("rate_set", feature=rate.feature, units_per_use=rate.units_per_use)
         return 200, out
 

@@ -63,8 +63,11 @@ def rate_out(row: Any) -> dict[str, Any]:
     }
 
 
-async def set_rate(conn: AsyncConnection, operator: Operator, rate: Rate) -> dict[str, Any]:
-    """Create or replace the feature's rate, with its audit row in the same transaction."""
+async def set_rate(
+    conn: AsyncConnection, operator: Operator, rate: Rate, request_id: str | None = None
+) -> tuple[dict[str, Any], str]:
+    """Create or replace the feature's rate, with its audit row in the same transaction (under
+    `request_id`: a console confirmation's, used once). Returns the rate and the row's id."""
     # Locks the feature's row (FOR UPDATE) so `before` is what this change replaced, even when
     # two operators set one feature at once (the second waits, then sees the first's).
     before = (
@@ -84,5 +87,8 @@ async def set_rate(conn: AsyncConnection, operator: Operator, rate: Rate) -> dic
         _rate(before).as_dict() if before is not None else {},
         rate.as_dict(),
     )
-    await audit_trail.record_action(conn, operator, entry)
-    return rate_out(row)
+    if request_id is None:
+        entry_id = await audit_trail.record_action(conn, operator, entry)
+    else:
+        entry_id = await audit_trail.record(conn, operator, entry, request_id)
+    return rate_out(row), entry_id
