@@ -160,7 +160,8 @@ class ChargeStore(Lanes[ChargeAttempt]):
         # charge sent again alone by Lanes._alone, each getting its own answer. Charges of one
         # kind (plain, up, carry below a use, carry) go together through their texts in order;
         # those a text made no row for go on, together, to the next.
-        made: dict[str, Any] = {}
+        # A charge is answered as soon as a text made it (committed: if a later text fails,
+        # Lanes._alone sends again only the charges not answered yet).
         groups: dict[tuple[Rated, bool], list[Waiting[ChargeAttempt]]] = {}
         for waiting in batch:
             kind = (waiting.request.rated, waiting.request.below_one_use())
@@ -171,12 +172,15 @@ class ChargeStore(Lanes[ChargeAttempt]):
                 parameters = (waiting.request.parameters() for waiting in rest)
                 columns = [list(column) for column in zip(*parameters, strict=True)]
                 rows = await self._statements.fetch_all(many, columns)
-                made.update((row["charge_id"], row) for row in rows)
+                made = {row["charge_id"]: row for row in rows}
+                for waiting in rest:
+                    if waiting.request.charge_id in made:
+                        waiting.settle(made[waiting.request.charge_id])
                 rest = [w for w in rest if w.request.charge_id not in made]
                 if not rest:
                     break
         for waiting in batch:
-            waiting.settle(made.get(waiting.request.charge_id))
+            waiting.settle(None)  # the charges no text made (answered ones stay answered)
 
     async def _send_one(self, waiting: Waiting[ChargeAttempt]) -> None:
         row = None
