@@ -5,6 +5,8 @@
 --
 -- MODE      check | charge | hot | mix (check then charge for the same user) | hello (GET /)
 --           | reserve (a 1-use hold, then the capture of a hold this thread was answered)
+--           | carry, up (a rated charge: 300 units of feature bench-carry or bench-up, rated
+--             1,000 units per use by bench/run.py --rated)
 -- ACCOUNTS  seeded accounts are bench-1@example.com .. bench-ACCOUNTS@example.com;
 --           the hot account is bench-0@example.com
 -- LIMIT     stop each thread after LIMIT responses (0 = run for the duration); a thread that
@@ -18,6 +20,9 @@ local CHECK_BODY = '{"oauth_provider":"oauth:google","external_id":"bench-%d@exa
   .. '"context":{}}'
 local CHARGE_BODY = '{"oauth_provider":"oauth:google","external_id":"bench-%d@example.com",'
   .. '"amount_minor":100,"currency":"USD","description":"bench","metadata":{}}'
+local RATED_BODY = '{"oauth_provider":"oauth:google","external_id":"bench-%d@example.com",'
+  .. '"amount_minor":100,"currency":"USD","description":"bench","metadata":{},'
+  .. '"feature":"bench-%s","quantity":300}'
 local RESERVE = "/v1/billing/reservations"
 local RESERVE_BODY = '{"oauth_provider":"oauth:google","external_id":"bench-%d@example.com",'
   .. '"uses":1,"ttl_seconds":300,"metadata":{}}'
@@ -92,6 +97,9 @@ function request()
     return charge(math.random(1, accounts))
   elseif mode == "hot" then
     return charge(0)
+  elseif mode == "carry" or mode == "up" then
+    local body = string.format(RATED_BODY, math.random(1, accounts), mode)
+    return wrk.format("POST", CHARGE, keyed(), body)
   elseif mode == "reserve" then
     -- One interaction = a hold on a random account, then its capture (all of it).
     local id = table.remove(held)

@@ -479,6 +479,33 @@ def interaction_ratios(row: Row, rows: list[Row]) -> str:
 
 # `--holds`: only what issue 13's target compares, in one run ((f) against (d); (b) for its ratio).
 HOLD_SCENARIOS = tuple(s for s in SCENARIOS if s[0][:3] in ("(b)", "(d)", "(f)"))
+# --rated (issue 24): (b) and its rated twins, 300 units a charge at 1,000 units per use:
+# `carry` (7 in 10 charges complete no use and only keep the remainder) and `up` (1 use each).
+RATED_SCENARIOS: tuple[tuple[str, str, int, str | None], ...] = (
+    SCENARIOS[1],
+    ("(b-carry) rated charge, carry", "carry", ACCOUNTS, "pgbench charge"),
+    ("(b-up) rated charge, up", "up", ACCOUNTS, "pgbench charge"),
+)
+
+
+def set_rates(db: str) -> None:
+    """The rates the rated scenarios charge by (bench/billing.lua's features)."""
+    for rounding in ("carry", "up"):
+        command = [str(BIN / "ciris-billing"), "rates", "set", f"bench-{rounding}"]
+        run([*command, "--units-per-use", "1000", "--rounding", rounding], env=service_env(db))
+
+
+def rated_ratios(rows: list[Row]) -> list[str]:
+    """Each rated scenario's charges/s against (b)'s at the same connections (target: >= 0.9)."""
+    by = {(r.scenario[:3], r.connections): r for r in rows}
+    lines = []
+    for row in rows:
+        base = by.get(("(b)", row.connections))
+        if base is not None and row is not base:
+            ratio = row.rps / base.rps
+            mark = "x" if ratio >= 0.9 else " "
+            lines.append(f"- [{mark}] {row.scenario}, c={row.connections}: {ratio:.2f} x (b)")
+    return lines
 
 
 def service(
@@ -741,6 +768,12 @@ def main() -> None:
         "table and the audit, RESULTS.md untouched",
     )
     parser.add_argument(
+        "--rated",
+        action="store_true",
+        help="only scenario (b) and its rated twins (issue 24: feature and quantity, carry and "
+        "up rounding), no references; prints the table and the audit, RESULTS.md untouched",
+    )
+    parser.add_argument(
         "--lots",
         action="store_true",
         help="every account also has an expiring promotional lot, consumed first (issue 23)",
@@ -762,6 +795,15 @@ def main() -> None:
     try:
         print(f"Seeding {ACCOUNTS:,} accounts in {DB} ...", flush=True)
         key = create_database(DB, ACCOUNTS, history=False, lots=args.lots)
+        if args.rated:
+            set_rates(DB)
+            print("The service (ciris-billing serve --workers 2), scenario (b) and rated twins:")
+            rows, _ = service(key, duration, {}, args.idempotency, RATED_SCENARIOS)
+            for row, line in zip(rows[len(CONNECTIONS) :], rated_ratios(rows), strict=True):
+                row.ratio = line.split(": ")[-1]
+            print(f"\n{table(rows)}\n\n{audit(DB)}\n\nTarget (issue 24: within 10% of (b)):")
+            print("\n".join(rated_ratios(rows)))
+            return
         if args.holds:
             print("The service (ciris-billing serve --workers 2), scenarios (b), (d), (f):")
             rows, _ = service(key, duration, {}, args.idempotency, HOLD_SCENARIOS)

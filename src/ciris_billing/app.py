@@ -36,6 +36,7 @@ from ciris_billing.checkout.routes import router as checkout_router
 from ciris_billing.config import Settings, get_settings
 from ciris_billing.console.action_routes import router as console_actions_router
 from ciris_billing.console.catalog import router as console_catalog_router
+from ciris_billing.console.rates import router as console_rates_router
 from ciris_billing.console.report_routes import router as console_reports_router
 from ciris_billing.console.routes import router as console_router
 from ciris_billing.db import create_engine, session_settings
@@ -66,6 +67,8 @@ from ciris_billing.ratelimit import (
     SharedStore,
     TokenBuckets,
 )
+from ciris_billing.rates.book import RateBook
+from ciris_billing.rates.routes import router as rates_router
 from ciris_billing.reports.routes import router as reports_router
 from ciris_billing.testclock import store as test_clock
 from ciris_billing.testclock.routes import router as test_clock_router
@@ -159,6 +162,7 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             account_limits=account_limits,
             secrets=installation,
             console_logins=login_failures(settings, shared),
+            rate_book=RateBook(engine, settings.rates_refresh_seconds),
         )
         app.state.billing = state
         log.info("billing_started", version=__version__, database=engine.dialect.name)
@@ -205,6 +209,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
     app.include_router(lots_router)
     app.include_router(reports_router)
     app.include_router(catalog_router)
+    app.include_router(rates_router)
+    app.include_router(console_rates_router)
     app.include_router(auto_topup_router)
     app.include_router(payments_router)
     app.include_router(sandbox_router)

@@ -44,6 +44,7 @@ from ciris_billing.payments import refunds
 from ciris_billing.payments import service as payments
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.portal.cli import portal_links as portal_links_commands
+from ciris_billing.rates.cli import rates_group as rates_commands
 from ciris_billing.serving import TimedHttpToolsProtocol
 from ciris_billing.testclock import store as test_clock
 from ciris_billing.testclock.cli import test_clock_commands
@@ -408,6 +409,7 @@ main.add_command(portal_links_commands)
 main.add_command(test_clock_commands)
 for _command in CATALOG_COMMANDS:
     main.add_command(_command)
+main.add_command(rates_commands)
 for _command in (keys, reservations, suspend, reactivate, erase, export, audit_command, audit_log):
     main.add_command(_command)
 

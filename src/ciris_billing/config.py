@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     # One `http_request` event per request (route template, status, duration, redacted query).
     access_log: bool = True
     api_key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+    # How old a process's copy of the rates may be (rates/book.py): a rate change reaches
+    # rated charges in every process within this time.
+    rates_refresh_seconds: float = Field(default=5.0, ge=0, le=300)
     db_pool_size: int = Field(default=10, ge=1, le=200)
     # Connecting to PostgreSQL gives up after this (then 503): a database that stops answering
     # must not hang requests; a busy server that forks slowly may need more (tests use 30 s).

@@ -68,6 +68,8 @@ from ciris_billing.tables.payments import PURCHASE_STATUSES as PURCHASE_STATUSES
 from ciris_billing.tables.payments import disputes as disputes
 from ciris_billing.tables.payments import purchases as purchases
 from ciris_billing.tables.payments import webhook_events as webhook_events
+from ciris_billing.tables.rates import RATE_ROUNDINGS as RATE_ROUNDINGS
+from ciris_billing.tables.rates import rates as rates
 from ciris_billing.tables.reports import revenue_days as revenue_days
 from ciris_billing.tables.reports import revenue_lot_states as revenue_lot_states
 from ciris_billing.tables.reports import revenue_rollup as revenue_rollup

@@ -31,6 +31,7 @@ from ciris_billing.installation import InstallationSecrets
 from ciris_billing.payments.providers.base import PaymentProvider
 from ciris_billing.pricing import Pricing
 from ciris_billing.ratelimit import FailureLimit, Limiter, check_all
+from ciris_billing.rates.book import RateBook
 from ciris_billing.unit_of_work import UnitOfWork, unit_of_work
 
 
@@ -50,6 +51,7 @@ class AppState:
     account_limits: Limiter
     secrets: InstallationSecrets
     console_logins: FailureLimit  # failed console logins, per client address
+    rate_book: RateBook  # each feature's rate, refreshed every RATES_REFRESH_SECONDS
 
     def public_base_url(self, request: Request) -> str:
         """Where links sent to buyers point: PUBLIC_BASE_URL; else the request's own base URL

@@ -125,6 +125,11 @@ async def _release(api: Api) -> Two:
     )
 
 
+async def _set_rate(api: Api) -> Two:
+    path, rate = "/v1/billing/rates", {"feature": "tokens", "rounding": "carry"}
+    return Two(path, {**rate, "units_per_use": 10}, path, {**rate, "units_per_use": 20})
+
+
 async def _grant(api: Api) -> Two:
     user = await account(api)
     return Two(
@@ -335,6 +340,7 @@ CASES: dict[tuple[str, str], Callable[[Api], Awaitable[Two]]] = {
     ("POST", "/v1/billing/reservations/{reservation_id}/capture"): _capture,
     ("POST", "/v1/billing/reservations/{reservation_id}/release"): _release,
     ("POST", "/v1/billing/credits"): _grant,
+    ("POST", "/v1/billing/rates"): _set_rate,
     ("POST", "/v1/billing/lots/{lot_id}/void"): _void_lot,
     ("POST", "/v1/billing/accounts/{oauth_provider}/{external_id}/suspend"): _suspend,
     ("POST", "/v1/billing/accounts/{oauth_provider}/{external_id}/reactivate"): _reactivate,

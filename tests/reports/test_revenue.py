@@ -226,3 +226,21 @@ async def test_disputes_hold_deferred_revenue_under_refunds_until_they_close(sho
         2000
     )
     assert (await api.audit()).clean
+
+
+async def test_usage_counts_rated_charges_under_their_feature(shop: Api) -> None:
+    """Uses by feature (issue 25 item 2 with issue 24's rates): a charge by `feature` and
+    `quantity` counts under its feature, one by `uses` under "(none)"."""
+    api = shop
+    rate = {"feature": "tokens", "units_per_use": 100, "rounding": "up"}
+    assert (await api.post("/v1/billing/rates", rate, scope="admin")).status_code == 200
+    user = who("rated")
+    await buy(api, user)
+    rated = await api.post("/v1/billing/charges", {**user, "feature": "tokens", "quantity": 250})
+    assert rated.status_code == 201, rated.text
+    assert rated.json()["uses"] == 3
+    await charge(api, user, 1)
+    today = clock.now().date().isoformat()
+    [row] = await report(api, USAGE, **{"from": today, "to": today})
+    assert row["uses_by_feature"] == {"(none)": 1, "tokens": 3}
+    assert (await api.audit()).clean

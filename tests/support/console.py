@@ -34,6 +34,7 @@ CONSOLE_SESSION = {
     "/console/accounts/{account_id}",
     "/console/webhooks",
     "/console/keys",
+    "/console/rates",
     "/console/endpoints",
     "/console/audit",
     "/console/catalog",

@@ -212,12 +212,15 @@ export class BillingClient {
   }
 
   /** Record a use (free first, then paid). 402 throws PurchaseRequiredError. */
-  async charge(oauthProvider, externalId, { uses = 1, amountMinor = 0, currency, description, metadata = {}, idempotencyKey } = {}) {
+  async charge(oauthProvider, externalId, { uses = 1, amountMinor = 0, currency, description, metadata = {}, idempotencyKey, feature, quantity } = {}) {
     const key = idempotencyKey ?? newIdempotencyKey();
     const body = withoutUndefined({
       oauth_provider: oauthProvider,
       external_id: externalId,
-      uses,
+      // A rated charge sends its feature and quantity instead of uses (the rate makes them uses).
+      uses: feature === undefined ? uses : undefined,
+      feature,
+      quantity,
       amount_minor: amountMinor,
       currency,
       description,

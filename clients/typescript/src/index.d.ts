@@ -65,6 +65,9 @@ export interface ChargeOut {
   plan_name: string;
   created_at: string;
   lots: LotUseOut[];
+  /** A rated charge's feature and quantity (charged by `feature` and `quantity`). */
+  feature?: string | null;
+  quantity?: number | null;
 }
 
 /** @schema ReservationCaptureOut */
@@ -300,6 +303,9 @@ export declare class BillingClient {
       description?: string;
       metadata?: Record<string, unknown>;
       idempotencyKey?: string;
+      /** A rated charge: `quantity` units of `feature` instead of `uses`. */
+      feature?: string;
+      quantity?: number;
     },
   ): Promise<Charge>;
   purchase(

@@ -95,6 +95,9 @@ async def charge(
     identity = Identity(body.oauth_provider, body.external_id)
     await take_limits(state, identity.oauth_provider, identity.external_id, key_limit_due)
     currency = body.currency or state.pricing.currency
+    # A rated charge: its feature's rate (the process's rate book: no read per request).
+    rate = None if body.feature is None else await state.rate_book.rate(body.feature)
+    uses = body.uses if rate is None or body.quantity is None else rate.uses_for(body.quantity)
     fingerprint = None
     if key is not None:
         # What makes a retry "the same request": the route and the validated charge.
@@ -107,10 +110,12 @@ async def charge(
             "description": body.description,
             "metadata": body.metadata,
         }
+        if body.feature is not None:  # a plain charge keeps the fingerprint it had
+            payload |= {"uses": None, "feature": body.feature, "quantity": body.quantity}
         fingerprint = idempotency.fingerprint("POST", CHARGE_ROUTE, payload)
     wanted = charges.ChargeRequest(
         identity=identity,
-        uses=body.uses,
+        uses=uses,
         amount_minor=body.amount_minor,
         currency=currency,
         description=body.description,
@@ -119,6 +124,8 @@ async def charge(
         fingerprint=fingerprint,
         api_key_id=principal.key_id,
         currency_named=body.currency is not None,
+        rate=rate,
+        quantity=body.quantity,
     )
     try:
         made = await charges.charge(
@@ -167,4 +174,6 @@ async def charge(
         "created_at": made.created_at,
         "lots": made.lots,
     }
+    if made.feature is not None:
+        answer |= {"feature": made.feature, "quantity": made.quantity}
     return json_response(201, answer, REPLAYED if made.replayed else None)

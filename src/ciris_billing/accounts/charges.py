@@ -37,6 +37,7 @@ from ciris_billing.errors import AccountSuspended, CurrencyMismatch
 from ciris_billing.ledger import free_periods
 from ciris_billing.ledger.balance import usable, with_usable
 from ciris_billing.pricing import Pricing
+from ciris_billing.rates.service import Rate
 from ciris_billing.unit_of_work import unit_of_work
 
 
@@ -56,6 +57,17 @@ class ChargeRequest:
     api_key_id: str
     # False: the request named no currency, so `currency` is a default and the account's wins.
     currency_named: bool = True
+    # A rated charge: its feature's rate and the quantity (`uses`: an `up` charge's, rounded
+    # up; a `carry` charge's at most, what the account's carry makes is decided in SQL).
+    rate: Rate | None = None
+    quantity: int | None = None
+
+    def uses_for(self, account: Any) -> int:
+        """The uses this charge takes from `account` now (a `carry` charge: with its carry)."""
+        if self.rate is None or self.rate.rounding != "carry" or self.quantity is None:
+            return self.uses
+        carried = dict(zip(account.carry_features, account.carry_left, strict=True))
+        return (int(carried.get(self.rate.feature, 0)) + self.quantity) // self.rate.units_per_use
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +89,8 @@ class Charge:
     # The lots it drew from, in the order it took them: [{"lot_id", "uses"}].
     lots: list[dict[str, Any]] = field(default_factory=list)
     replayed: bool = False
+    feature: str | None = None
+    quantity: int | None = None
 
 
 class _Next(Enum):
@@ -110,6 +124,10 @@ async def charge(
             charge_id=new_id("ch"),
             at=at or utcnow(),
             api_key_id=request.api_key_id,
+            rated=None if request.rate is None else request.rate.rounding,
+            feature=None if request.rate is None else request.rate.feature,
+            quantity=request.quantity,
+            units_per_use=None if request.rate is None else request.rate.units_per_use,
         )
         spent = await store.charge(attempt)
         if spent is not None:
@@ -154,7 +172,7 @@ async def _after_refusal(
             # An account's currency never changes, so the retry cannot loop on this.
             return replace(request, currency=account.currency)
         raise _refusal(account, request, pricing, now)
-    enough = usable(account, now).total >= request.uses
+    enough = usable(account, now).total >= request.uses_for(account)
     if created or renewed or (account.status == "active" and enough):
         return _Next.TRY_AGAIN
     raise _refusal(account, request, pricing, now)
@@ -171,7 +189,7 @@ def _refusal(account: Any, request: ChargeRequest, pricing: Pricing, now: dateti
     if account.status != "active":
         return AccountSuspended("This account is suspended; charges are refused")
     # What it can give now: a lot expired and not yet swept by the job is not counted.
-    return purchase_required(with_usable(account, now), request.uses, pricing)
+    return purchase_required(with_usable(account, now), request.uses_for(account), pricing)
 
 
 async def _replay(conn: AsyncConnection, charge_id: str) -> Charge:
@@ -200,17 +218,21 @@ async def _replay(conn: AsyncConnection, charge_id: str) -> Charge:
         created_at=iso(row.created_at),
         lots=_lots(row.lot_ids, row.lot_uses),
         replayed=True,
+        feature=row.feature,
+        quantity=None if row.quantity is None else int(row.quantity),
     )
 
 
 def _charge(attempt: ChargeAttempt, request: ChargeRequest, spent: Any) -> Charge:
     free_used = int(spent["last_charge_free_uses"])
+    # A rated text returns the uses it took (a `carry` charge's are decided by its statement).
+    uses = request.uses if attempt.rated is None else int(spent["uses"])
     return Charge(
         charge_id=attempt.charge_id,
         account_id=spent["id"],
-        uses=request.uses,
+        uses=uses,
         free_uses_used=free_used,
-        paid_uses_used=request.uses - free_used,
+        paid_uses_used=uses - free_used,
         amount_minor=request.amount_minor,
         currency=request.currency,
         description=request.description,
@@ -221,6 +243,8 @@ def _charge(attempt: ChargeAttempt, request: ChargeRequest, spent: Any) -> Charg
         plan_name=spent["plan_name"],
         created_at=iso(attempt.at),
         lots=_lots(spent["lot_ids"], spent["lot_uses"]),
+        feature=attempt.feature,
+        quantity=attempt.quantity,
     )
 
 

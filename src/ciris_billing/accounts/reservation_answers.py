@@ -36,7 +36,7 @@ from ciris_billing.catalog.offers import offers_in
 from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.db import iso, new_id, utcnow
 from ciris_billing.deps import AppState, json_response, run_idempotent, take_limits
-from ciris_billing.errors import PurchaseRequired
+from ciris_billing.errors import InvalidRequest, PurchaseRequired
 from ciris_billing.observability import RESERVATIONS, log
 from ciris_billing.unit_of_work import unit_of_work
 
@@ -131,8 +131,28 @@ def _captured(reservation_id: str, charge_id: str, account_id: str, uses: int, h
 
 def _fingerprint(request: Request, body: ReservationCreate | ReservationCapture) -> str:
     """As run_idempotent computes it, so either path finds the other's key."""
-    payload = body.model_dump(mode="json")
-    return idempotency.fingerprint(request.method, request.url.path, payload)
+    return idempotency.fingerprint(request.method, request.url.path, _payload(body))
+
+
+def _payload(body: ReservationCreate | ReservationCapture) -> dict[str, Any]:
+    """The body as fingerprinted: a hold in uses keeps the fingerprint it had before rates."""
+    rated = isinstance(body, ReservationCreate) and body.feature is not None
+    return body.model_dump(mode="json", exclude=None if rated else {"feature", "quantity"})
+
+
+async def _rated_hold(state: AppState, body: ReservationCreate) -> ReservationCreate:
+    """A hold by feature and quantity as a hold of uses, by the feature's `up` rate."""
+    if body.feature is None or body.quantity is None:
+        return body
+    rate = await state.rate_book.rate(body.feature)
+    if rate.rounding != "up":
+        # A hold is captured later in uses; a carry remainder would need the hold to take
+        # and give back carried units too. Not supported: hold uses, or use an `up` rate.
+        raise InvalidRequest(
+            f"Feature {body.feature!r} has a carry rate: holds take uses, or an up rate",
+            feature=body.feature,
+        )
+    return body.model_copy(update={"uses": rate.uses_for(body.quantity)})
 
 
 def _text(body: dict[str, Any]) -> str:
@@ -157,6 +177,7 @@ async def reserve(
     key = idempotency.resolve_key(key_header)
     identity = service.Identity(body.oauth_provider, body.external_id)
     await take_limits(state, identity.oauth_provider, identity.external_id, key_limit_due)
+    asked, body = body, await _rated_hold(state, body)
     now = utcnow()
     attempt = HoldAttempt(
         oauth_provider=identity.oauth_provider,
@@ -195,7 +216,7 @@ async def reserve(
             _held(attempt.reservation_id, made["account_id"], body)
             return json_response(201, answer(made))
     else:
-        keyed = Keyed(key, _fingerprint(request, body), lambda row: (201, _text(answer(row))))
+        keyed = Keyed(key, _fingerprint(request, asked), lambda row: (201, _text(answer(row))))
         recorded = await state.hold_store.hold_keyed(attempt, keyed)
         if recorded is not None:
             _held(attempt.reservation_id, recorded[0]["account_id"], body)
@@ -228,8 +249,7 @@ async def reserve(
             # As a check would: in a unit of work of its own (committed), so the account stays
             # even when this hold is refused. Safe when first requests race (ensure_account).
             await open_account(state.engine, identity, state.pricing)
-        payload = body.model_dump(mode="json")
-        return await run_idempotent(request, work, principal, key, payload, effect)
+        return await run_idempotent(request, work, principal, key, _payload(asked), effect)
 
 
 async def capture(

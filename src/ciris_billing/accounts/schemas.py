@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from ciris_billing.rates.schemas import Feature
 from ciris_billing.request_body import RequestBody
 
 OAuthProvider = Annotated[
@@ -42,6 +43,7 @@ MetadataValue = (
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=50)]
 
 MAX_USES_PER_CHARGE = 1_000
+MAX_QUANTITY = 1_000_000_000_000
 MAX_MINOR = 100_000_000
 
 
@@ -65,6 +67,15 @@ Email = Annotated[
     AfterValidator(_email_shape),
     Field(examples=["user@example.com"]),
 ]
+
+
+def _rated_fields(body: Any) -> Any:
+    """A charge or hold gives `uses`, or `feature` and `quantity` (a rated one), not both."""
+    if body.feature is not None and "uses" in body.model_fields_set:
+        raise ValueError("give uses, or feature and quantity, not both")
+    if (body.feature is None) != (body.quantity is None):
+        raise ValueError("feature and quantity go together")
+    return body
 
 
 class IdentityFields(RequestBody):
@@ -153,6 +164,13 @@ class ChargeCreate(IdentityFields):
     metadata: Metadata = Field(default_factory=dict)
     uses: StrictInt = Field(default=1, ge=1, le=MAX_USES_PER_CHARGE)
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    # Rated usage (rates/service.py): instead of `uses`, a feature and its quantity.
+    feature: Feature | None = None
+    quantity: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_QUANTITY, description="Units of `feature` (not with `uses`)"
+    )
+
+    _rated = model_validator(mode="after")(lambda self: _rated_fields(self))
 
 
 class ChargeOut(BaseModel):
@@ -174,6 +192,8 @@ class ChargeOut(BaseModel):
     plan_name: str
     created_at: str
     lots: list[LotUseOut] = Field(description="The lots the charge drew from, in order")
+    feature: str | None = Field(default=None, description="A rated charge's feature")
+    quantity: int | None = Field(default=None, description="A rated charge's quantity")
 
 
 class PurchaseRequiredOut(BaseModel):
@@ -299,6 +319,13 @@ class ReservationCreate(IdentityFields):
         default=300, ge=1, le=MAX_HOLD_SECONDS, description="Released by itself after this"
     )
     metadata: Metadata = Field(default_factory=dict)
+    # Rated (an `up` rate only: rates/service.py): instead of `uses`, a feature and quantity.
+    feature: Feature | None = None
+    quantity: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_QUANTITY, description="Units of `feature` (not with `uses`)"
+    )
+
+    _rated = model_validator(mode="after")(lambda self: _rated_fields(self))
 
 
 class ReservationCapture(RequestBody):

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 
 from ciris_billing import auth
 from ciris_billing.checkout.routes import format_price
-from ciris_billing.console import actions, confirmations, queries
+from ciris_billing.console import actions, confirmations, queries, rates
 from ciris_billing.console.action_plan import Plan, Planner, Runner
 from ciris_billing.console.catalog import CATALOG_ACTIONS
 from ciris_billing.console.web import (
@@ -417,6 +417,7 @@ ACTIONS: dict[str, tuple[Planner, Runner]] = {
         lambda st, w, s, f, r: actions.revoke_key(w, s.operator, f["key_id"], r),
     ),
     **CATALOG_ACTIONS,
+    "set_rate": (rates.plan_set_rate, rates.set_rate),
 }
 
 

@@ -32,8 +32,11 @@ expiry, the framework's hold and capture) in holds.py.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from ciris_billing.accounts.hot.crossings import alerted, crossing_columns, next_sequence
 from ciris_billing.events.outbox import THRESHOLD_SQL
+from ciris_billing.ledger.carry import carry_assignment, carry_uses, taken_uses
 from ciris_billing.ledger.rules import (
     can_take,
     free_period_current,
@@ -42,6 +45,9 @@ from ciris_billing.ledger.rules import (
     touched_lots,
     walk_assignment,
 )
+
+# A rated charge's rounding (ledger/carry.py); None: a charge in uses.
+Rated = Literal["up", "carry"] | None
 
 
 def _period(row: str, at: str, monthly: bool) -> str:
@@ -90,54 +96,87 @@ def claim(source: str, api_key_id: str, key: str, fingerprint: str, at: str) -> 
 # $7 currency, $8 description, $9 metadata (JSON text), $10 request fingerprint, $11 the
 # charge's time, $12 the API key's id (the idempotency key's scope; '' = LEGACY_SCOPE, keys
 # from before scoping, which are everyone's to refuse).
-def charge_sql(monthly: bool = False, head: bool = False) -> str:
-    uses, at = "$3::bigint", "$11::timestamptz"
+# A rated charge (ledger/carry.py) adds $13 the feature and, `up`: $14 the quantity ($3 the
+# uses, rounded up in Python); `carry`: $3 is the quantity and $14 the units per use, the uses
+# computed from the locked row's carry (only a charge that completes a use: `AND uses > 0`;
+# CARRY_ZERO_SQL records those that complete none). Rated texts also return `uses`.
+def charge_sql(monthly: bool = False, head: bool = False, rated: Rated = None) -> str:
+    at = "$11::timestamptz"
+    carry = rated == "carry"
+    uses = carry_uses("", "$13::text", "$3::bigint", "$14::bigint") if carry else "$3::bigint"
     take = head_assignment("", uses) if head else walk_assignment("", uses, at)
     enough = head_covers("", uses, at) if head else can_take("", uses, at)
+    kept = carry_assignment("", "$13::text", "$3::bigint", "$14::bigint") + ",\n        "
+    returned = taken_uses("", head) if carry else uses
+    took = "uses" if carry else uses
+    columns = _RATED_COLUMNS if rated else ""
     return f"""
 WITH spent AS (
     UPDATE accounts SET
         {take},
-        total_uses = total_uses + {uses},
+        {kept if carry else ""}total_uses = total_uses + {uses},
         {next_sequence("", uses)},
         updated_at = {at}
     WHERE oauth_provider = $1 AND external_id = $2 AND status = 'active' AND currency = $7
-      AND {enough}
+      AND {enough}{f" AND {uses} > 0" if carry else ""}
       {_period("", at, monthly)}
       AND ($4::text IS NULL OR NOT EXISTS (
           SELECT 1 FROM idempotency_keys WHERE api_key_id IN ($12::text, '') AND key = $4))
     RETURNING id, free_uses_remaining, paid_uses_remaining, total_uses,
               last_charge_free_uses, plan_name, {crossing_columns("")}, {touched_lots("")},
-              {usable_columns("", at)}, {uses} AS uses, {at} AS created_at
+              {usable_columns("", at)}, {returned} AS uses, {at} AS created_at
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, idempotency_key,
                          request_fingerprint, free_uses_after, paid_uses_after,
-                         total_uses_after, lot_ids, lot_uses, created_at)
-    SELECT $5, id, {uses}, last_charge_free_uses, {uses} - last_charge_free_uses, $6, $7, $8,
+                         total_uses_after, lot_ids, lot_uses, {columns}created_at)
+    SELECT $5, id, {took}, last_charge_free_uses, {took} - last_charge_free_uses, $6, $7, $8,
            $9::json, $12, $4, $10, usable_free, usable_other, total_uses, lot_ids, lot_uses,
-           {at}
+           {_rated_values(rated)}{at}
     FROM spent
 ), {alerted("spent", "id")}
 SELECT id, usable_free AS free_uses_remaining, usable_other AS paid_uses_remaining, total_uses,
-       last_charge_free_uses, plan_name, lot_ids, lot_uses
+       last_charge_free_uses, plan_name, lot_ids, lot_uses{", uses" if rated else ""}
 FROM spent
 """  # noqa: S608 (our own constants, no input)
 
 
+_RATED_COLUMNS = "feature, quantity, "
+
+
+def _rated_values(rated: Rated, batch: bool = False) -> str:
+    """The INSERT's feature and quantity values of a rated text ('' for a plain one)."""
+    if rated is None:
+        return ""
+    if batch:
+        return "feature, quantity, "
+    return "$13::text, $14::bigint, " if rated == "up" else "$13::text, $3::bigint, "
+
+
 # The same for many charges: each parameter is an array with one element per charge, in the
-# same order ($9 metadata as JSON text, $11 each charge's own time, $12 its API key's id).
-def charge_batch_sql(monthly: bool = False, head: bool = False) -> str:
-    uses, at = "i.uses", "i.created_at"
+# same order ($9 metadata as JSON text, $11 each charge's own time, $12 its API key's id; a
+# rated text's $13 and $14 as charge_sql's, and for `carry` $3 the quantities).
+def charge_batch_sql(monthly: bool = False, head: bool = False, rated: Rated = None) -> str:
+    at = "i.created_at"
+    carry = rated == "carry"
+    uses = carry_uses("a.", "i.feature", "i.quantity", "i.units") if carry else "i.uses"
     take = head_assignment("a.", uses) if head else walk_assignment("a.", uses, at)
     enough = head_covers("a.", uses, at) if head else can_take("a.", uses, at)
+    kept = carry_assignment("a.", "i.feature", "i.quantity", "i.units") + ",\n        "
+    first = "quantity" if carry else "uses"
+    more = {None: ("", ""), "up": (", $13::text[], $14::bigint[]", ", feature, quantity")}.get(
+        rated, (", $13::text[], $14::bigint[]", ", feature, units")
+    )
+    returned = f"{taken_uses('a.', head)} AS uses" if carry else "i.uses"
+    rated_returned = ", i.feature, i.quantity" if rated else ""
+    columns = _RATED_COLUMNS if rated else ""
     return f"""
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
                          $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[],
-                         $11::timestamptz[], $12::text[])
-        AS i(oauth_provider, external_id, uses, idempotency_key, charge_id, amount_minor,
-             currency, description, metadata, request_fingerprint, created_at, api_key_id)
+                         $11::timestamptz[], $12::text[]{more[0]})
+        AS i(oauth_provider, external_id, {first}, idempotency_key, charge_id, amount_minor,
+             currency, description, metadata, request_fingerprint, created_at, api_key_id{more[1]})
 ), locked AS MATERIALIZED (
     -- One global lock order: the batch's account rows are locked by id, ascending, before any
     -- is updated (LockRows runs above the Sort, so rows are locked in the order they are sorted),
@@ -151,36 +190,36 @@ WITH input AS (
 ), spent AS (
     UPDATE accounts a SET
         {take},
-        total_uses = a.total_uses + i.uses,
-        {next_sequence("a.", "i.uses")},
+        {kept if carry else ""}total_uses = a.total_uses + {uses},
+        {next_sequence("a.", uses)},
         updated_at = i.created_at
     FROM locked i
     WHERE a.id = i.account_id
       AND a.status = 'active' AND a.currency = i.currency
-      AND {enough}
+      AND {enough}{f" AND {uses} > 0" if carry else ""}
       {_period("a.", "i.created_at", monthly)}
       AND (i.idempotency_key IS NULL
            OR NOT EXISTS (SELECT 1 FROM idempotency_keys k
                           WHERE k.api_key_id IN (i.api_key_id, '') AND k.key = i.idempotency_key))
     RETURNING a.id, a.free_uses_remaining, a.paid_uses_remaining, a.total_uses,
-              a.last_charge_free_uses, a.plan_name, i.oauth_provider, i.external_id, i.uses,
+              a.last_charge_free_uses, a.plan_name, i.oauth_provider, i.external_id, {returned},
               a.event_sequence, {THRESHOLD_SQL} AS low_threshold, i.idempotency_key,
               i.charge_id, i.amount_minor, i.currency, i.description, i.metadata,
               i.request_fingerprint, i.created_at, i.api_key_id, {touched_lots("a.")},
-              {usable_columns("a.", "i.created_at")}
+              {usable_columns("a.", "i.created_at")}{rated_returned}
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, idempotency_key,
                          request_fingerprint, free_uses_after, paid_uses_after,
-                         total_uses_after, lot_ids, lot_uses, created_at)
+                         total_uses_after, lot_ids, lot_uses, {columns}created_at)
     SELECT charge_id, id, uses, last_charge_free_uses, uses - last_charge_free_uses,
            amount_minor, currency, description, metadata::json, api_key_id, idempotency_key,
            request_fingerprint, usable_free, usable_other, total_uses, lot_ids, lot_uses,
-           created_at
+           {_rated_values(rated, batch=True)}created_at
     FROM spent
 ), {alerted("spent", "id")}
 SELECT charge_id, id, usable_free AS free_uses_remaining, usable_other AS paid_uses_remaining,
-       total_uses, last_charge_free_uses, plan_name, lot_ids, lot_uses
+       total_uses, last_charge_free_uses, plan_name, lot_ids, lot_uses{", uses" if rated else ""}
 FROM spent
 """  # noqa: S608 (our own constants, no input)
 

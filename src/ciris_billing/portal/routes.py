@@ -39,6 +39,7 @@ from ciris_billing.portal.links import (
     read_portal_token,
     still_valid,
 )
+from ciris_billing.rates.usage import usage_by_feature
 from ciris_billing.unit_of_work import UnitOfWork
 from ciris_billing.web.templating import PAGE_HEADERS, render
 
@@ -107,6 +108,7 @@ async def portal(
         return account
     conn = await work.connection()
     usage, older = await _usage(conn, account.id, before)
+    by_feature = await usage_by_feature(conn, account.id)
     bought = list(
         await conn.execute(
             select(purchases)
@@ -138,6 +140,7 @@ async def portal(
         "portal.html",
         a=account,
         usage=usage,
+        by_feature=by_feature,
         older=f"{here}?before={older}#usage" if older else None,
         newest=f"{here}#usage" if before else None,
         purchases=bought,

@@ -10,9 +10,8 @@ day, kind and feature; `usage_active`: active accounts per closed day and closed
 days since its `rolled_until` are counted from the charges (their BRIN index on created_at
 finds them). A month only partly in the report is counted over its part, from the charges.
 
-By feature: charges carry no `feature` yet (the rates of the catalog add it), so every use is
-under NO_FEATURE; `:no_feature AS feature` in USES is the one expression to change when the
-column lands (`coalesce(ch.feature, :no_feature)`).
+By feature: a charge made by `feature` and `quantity` (rates, issue 24) records its feature;
+uses of charges made by `uses` are under NO_FEATURE.
 """
 
 from __future__ import annotations
@@ -39,7 +38,8 @@ FIELDS = (
 )
 
 USES = """
-SELECT (ch.created_at AT TIME ZONE 'UTC')::date AS day, l.kind, :no_feature AS feature,
+SELECT (ch.created_at AT TIME ZONE 'UTC')::date AS day, l.kind,
+       coalesce(ch.feature, :no_feature) AS feature,
        sum(x.n) AS uses
 FROM charges ch
 CROSS JOIN LATERAL unnest(ch.lot_ids, ch.lot_uses) AS x(lot_id, n)

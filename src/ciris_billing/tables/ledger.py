@@ -98,6 +98,12 @@ accounts = Table(
     # FREE_USES_RESET=monthly: the first day (UTC) of the month of the account's current free
     # lot; a month later the next free lot is due (ledger/free_periods.py).
     Column("free_period", DateTime(timezone=True)),
+    # Rated usage with `carry` rounding (rates/service.py): per feature, the quantity charged
+    # and not yet making a whole use, as parallel arrays. On the account row for the wallet's
+    # reason: the one statement that locks the row reads and writes it, so concurrent charges
+    # (re-checked by PostgreSQL on the locked row) carry exactly.
+    Column("carry_features", ARRAY(String(64)), nullable=False, server_default=text("'{}'")),
+    Column("carry_left", LotUses, nullable=False, server_default=text("'{}'")),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     # One account per identity, even when first requests race (INSERT ... ON CONFLICT DO NOTHING).
@@ -156,8 +162,12 @@ charges = Table(
     # made before lots (the migration's `opening` rows account for those).
     Column("lot_ids", LotIds),
     Column("lot_uses", LotUses),
+    # A rated charge's feature and quantity (rates/service.py); NULL for a charge in uses. A
+    # `carry` charge whose quantity completes no use takes 0 uses (and names no lot).
+    Column("feature", String(64)),
+    Column("quantity", BigInteger),
     Column("created_at", Timestamp, nullable=False),
-    CheckConstraint("uses > 0", name="uses_positive"),
+    CheckConstraint("uses > 0 OR feature IS NOT NULL", name="uses_positive"),
     CheckConstraint("free_uses_used >= 0 AND paid_uses_used >= 0", name="split_not_negative"),
     CheckConstraint("free_uses_used + paid_uses_used = uses", name="split_adds_up"),
     CheckConstraint("amount_minor >= 0", name="amount_not_negative"),

@@ -190,10 +190,14 @@ def charge_call(charge: PendingCharge) -> Call:
     body: dict[str, Any] = {
         "oauth_provider": charge.oauth_provider,
         "external_id": charge.external_id,
-        "uses": charge.uses,
         "amount_minor": charge.amount_minor,
         "metadata": dict(charge.metadata),
     }
+    if charge.feature is None:
+        body["uses"] = charge.uses
+    else:  # rated: the service turns the quantity into uses by the feature's rate
+        body["feature"] = charge.feature
+        body["quantity"] = charge.quantity
     if charge.currency is not None:
         body["currency"] = charge.currency
     if charge.description is not None:
@@ -399,7 +403,13 @@ class ClientCore:
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        feature: str | None = None,
+        quantity: int | None = None,
     ) -> Program[Charge]:
+        if (feature is None) != (quantity is None):
+            raise ValueError("feature and quantity go together")
+        if feature is not None and uses != 1:
+            raise ValueError("give uses, or feature and quantity, not both")
         request = PendingCharge(
             oauth_provider=oauth_provider,
             external_id=external_id,
@@ -410,6 +420,8 @@ class ClientCore:
             metadata=dict(metadata or {}),
             idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key,
             queued_at=0.0,
+            feature=feature,
+            quantity=quantity,
         )
         try:
             response = yield from self.call(charge_call(request))

@@ -260,8 +260,11 @@ class BillingClient(_ClientBase):
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        feature: str | None = None,
+        quantity: int | None = None,
     ) -> Charge:
-        """Record `uses` uses. Raises PurchaseRequiredError (402) when none is left."""
+        """Record `uses` uses, or `quantity` units of `feature` (the service's rate for it
+        makes them uses). Raises PurchaseRequiredError (402) when none is left."""
         return self._run(
             self._core.charge(
                 oauth_provider,
@@ -272,6 +275,8 @@ class BillingClient(_ClientBase):
                 description=description,
                 metadata=metadata,
                 idempotency_key=idempotency_key,
+                feature=feature,
+                quantity=quantity,
             )
         )
 
@@ -466,8 +471,11 @@ class AsyncBillingClient(_ClientBase):
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        feature: str | None = None,
+        quantity: int | None = None,
     ) -> Charge:
-        """Record `uses` uses. Raises PurchaseRequiredError (402) when none is left."""
+        """Record `uses` uses, or `quantity` units of `feature` (the service's rate for it
+        makes them uses). Raises PurchaseRequiredError (402) when none is left."""
         return await self._run(
             self._core.charge(
                 oauth_provider,
@@ -478,6 +486,8 @@ class AsyncBillingClient(_ClientBase):
                 description=description,
                 metadata=metadata,
                 idempotency_key=idempotency_key,
+                feature=feature,
+                quantity=quantity,
             )
         )
 

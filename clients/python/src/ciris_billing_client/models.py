@@ -82,6 +82,10 @@ class Charge:
     held_uses: int | None = None
     # The lots it drew from, in order (empty while pending, or from an older server).
     lots: tuple[LotUse, ...] = ()
+    # A rated charge (charged by `feature` and `quantity`; `uses` what the rate made of it,
+    # 0 while pending).
+    feature: str | None = None
+    quantity: int | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -134,12 +138,16 @@ class PendingCharge:
     metadata: Mapping[str, Any]
     idempotency_key: str
     queued_at: float  # time.time() when queued
+    feature: str | None = None  # a rated charge: sent instead of `uses`
+    quantity: int | None = None
 
     def as_charge(self) -> Charge:
         return Charge(
             oauth_provider=self.oauth_provider,
             external_id=self.external_id,
-            uses=self.uses,
+            uses=0 if self.feature is not None else self.uses,
+            feature=self.feature,
+            quantity=self.quantity,
             amount_minor=self.amount_minor,
             currency=self.currency,
             description=self.description,
@@ -376,6 +384,8 @@ def parse_charge(data: object, idempotency_key: str, replayed: bool) -> Charge:
         released_uses=f.opt_integer("released_uses"),
         held_uses=f.opt_integer("held_uses"),
         lots=_lots(f.data.get("lots")),
+        feature=f.opt_text("feature"),
+        quantity=f.opt_integer("quantity"),
         raw=f.data,
     )
 

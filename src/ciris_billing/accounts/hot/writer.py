@@ -40,6 +40,8 @@ from typing import Any
 from ciris_billing.accounts.hot.lanes import Lanes, Waiting
 from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
 from ciris_billing.ledger import statements
+from ciris_billing.ledger.carry_statements import carry_zero_batch_sql, carry_zero_sql
+from ciris_billing.ledger.statements import Rated
 
 # The statements (ledger/statements.py): $1 provider, $2 external id, $3 uses, $4 idempotency
 # key, $5 charge id, $6 amount, $7 currency, $8 description, $9 metadata (JSON text), $10
@@ -68,13 +70,20 @@ class ChargeAttempt:
     charge_id: str
     at: datetime
     api_key_id: str  # the API key that charges: its idempotency key's scope
+    # A rated charge (rates/service.py): its feature, quantity and rounding; `up` charges
+    # `uses` (rounded up), `carry` takes what the account's carry makes (units_per_use).
+    rated: Rated = None
+    feature: str | None = None
+    quantity: int | None = None
+    units_per_use: int | None = None
 
     def parameters(self) -> tuple[Any, ...]:
-        """The statement's $1..$12, in the order CHARGE_SQL and BATCH_SQL name them."""
-        return (
+        """The statement's $1..$12, in the order CHARGE_SQL and BATCH_SQL name them (a rated
+        charge's $13, $14 as ledger/statements.py says; `carry`: $3 the quantity)."""
+        plain = (
             self.oauth_provider,
             self.external_id,
-            self.uses,
+            self.quantity if self.rated == "carry" else self.uses,
             self.idempotency_key,
             self.charge_id,
             self.amount_minor,
@@ -85,6 +94,21 @@ class ChargeAttempt:
             self.at,
             self.api_key_id,
         )
+        if self.rated is None:
+            return plain
+        last = self.quantity if self.rated == "up" else self.units_per_use
+        return (*plain, self.feature, last)
+
+    def below_one_use(self) -> bool:
+        """A `carry` charge whose quantity alone makes no use: it tries first the text that
+        only keeps the remainder (most such charges end there), then the head's and walk's."""
+        return self.rated == "carry" and (self.quantity or 0) < (self.units_per_use or 0)
+
+
+# The texts a charge of each kind tries in order: (zero: the `carry` remainder only, head,
+# walk); a text that makes no row for a charge passes it to the next.
+_ORDER = ("zero", "head", "walk")
+_CYCLES = 3
 
 
 class ChargeStore(Lanes[ChargeAttempt]):
@@ -101,37 +125,71 @@ class ChargeStore(Lanes[ChargeAttempt]):
         self._head_batch = (
             statements.charge_batch_sql(True, head=True) if monthly else HEAD_BATCH_SQL
         )
+        # (kind, text) -> (one, batch): the plain texts above and the rated ones.
+        self._texts: dict[tuple[Rated, str], tuple[str, str]] = {
+            (None, "head"): (self._head, self._head_batch),
+            (None, "walk"): (self._one, self._batch),
+            ("carry", "zero"): (carry_zero_sql(monthly), carry_zero_batch_sql(monthly)),
+        }
+        for rated in ("up", "carry"):
+            for step, head in (("head", True), ("walk", False)):
+                self._texts[(rated, step)] = (
+                    statements.charge_sql(monthly, head=head, rated=rated),
+                    statements.charge_batch_sql(monthly, head=head, rated=rated),
+                )
+
+    def _steps(self, attempt: ChargeAttempt) -> list[tuple[str, str]]:
+        """The (one, batch) texts `attempt` tries, in order."""
+        if not attempt.below_one_use():
+            return [self._texts[(attempt.rated, step)] for step in _ORDER[1:]]
+        # Below one use, whether it completes one depends on the carry at the statement's
+        # time: a concurrent charge may change it between the texts (the zero text finds a
+        # use is due, then the use texts find none is), so the cycle is tried up to 3 times.
+        return [self._texts[(attempt.rated, step)] for step in _ORDER] * _CYCLES
 
     async def charge(self, attempt: ChargeAttempt) -> Any:
-        """The account's row after the charge (id, counters, last_charge_free_uses, plan_name),
-        or None when it was not made: no active account with enough uses, or the idempotency key
-        already taken (the caller finds out which, outside the hot statement)."""
+        """The account's row after the charge (id, counters, last_charge_free_uses, plan_name;
+        a rated charge's `uses`), or None when it was not made: no active account with enough
+        uses, or the idempotency key already taken (the caller finds out which, outside the hot
+        statement)."""
         # One account per batch (the lane key): an UPDATE ... FROM updates a row only once.
         return await self.submit((attempt.oauth_provider, attempt.external_id), attempt)
 
     async def _send_many(self, batch: list[Waiting[ChargeAttempt]]) -> None:
-        parameters = (waiting.request.parameters() for waiting in batch)
-        columns = [list(column) for column in zip(*parameters, strict=True)]
         # A batch that fails (a key taken twice: DuplicateKey, or any other error) has each
-        # charge sent again alone by Lanes._alone, each getting its own answer.
-        rows = await self._statements.fetch_all(self._head_batch, columns)
-        made = {row["charge_id"]: row for row in rows}
-        # The charges the head text made no row for go again, together, with the walk's.
-        rest = [w for w in batch if w.request.charge_id not in made]
-        if rest:
-            parameters = (waiting.request.parameters() for waiting in rest)
-            columns = [list(column) for column in zip(*parameters, strict=True)]
-            rows = await self._statements.fetch_all(self._batch, columns)
-            made.update((row["charge_id"], row) for row in rows)
+        # charge sent again alone by Lanes._alone, each getting its own answer. Charges of one
+        # kind (plain, up, carry below a use, carry) go together through their texts in order;
+        # those a text made no row for go on, together, to the next.
+        # A charge is answered as soon as a text made it (committed: if a later text fails,
+        # Lanes._alone sends again only the charges not answered yet).
+        groups: dict[tuple[Rated, bool], list[Waiting[ChargeAttempt]]] = {}
         for waiting in batch:
-            waiting.settle(made.get(waiting.request.charge_id))
+            kind = (waiting.request.rated, waiting.request.below_one_use())
+            groups.setdefault(kind, []).append(waiting)
+        for group in groups.values():
+            rest = group
+            for _one, many in self._steps(group[0].request):
+                parameters = (waiting.request.parameters() for waiting in rest)
+                columns = [list(column) for column in zip(*parameters, strict=True)]
+                rows = await self._statements.fetch_all(many, columns)
+                made = {row["charge_id"]: row for row in rows}
+                for waiting in rest:
+                    if waiting.request.charge_id in made:
+                        waiting.settle(made[waiting.request.charge_id])
+                rest = [w for w in rest if w.request.charge_id not in made]
+                if not rest:
+                    break
+        for waiting in batch:
+            waiting.settle(None)  # the charges no text made (answered ones stay answered)
 
     async def _send_one(self, waiting: Waiting[ChargeAttempt]) -> None:
+        row = None
         try:
             parameters = waiting.request.parameters()
-            row = await self._statements.fetch_one(self._head, parameters)
-            if row is None:
-                row = await self._statements.fetch_one(self._one, parameters)
+            for one, _many in self._steps(waiting.request):
+                row = await self._statements.fetch_one(one, parameters)
+                if row is not None:
+                    break
         except DuplicateKey:
             # Safe: the key's first use committed (the unique index waited for it); the caller
             # answers from that row, or 409, as for any charge not made.

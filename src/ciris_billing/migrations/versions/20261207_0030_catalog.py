@@ -1,7 +1,7 @@
 """catalog: packs, plans, promotion codes and their redemptions; the pack on purchases and lots
 
 Revision ID: 20261207_catalog
-Revises: 20261207_revenue_rollups
+Revises: 20261207_rates
 Create Date: 2026-12-07 20:00:00
 
 Issue 24 items 1, 2 and 4. The default pack and plans are not rows (they come from the
@@ -15,7 +15,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "20261207_catalog"
-down_revision: str | None = "20261207_revenue_rollups"
+down_revision: str | None = "20261207_rates"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

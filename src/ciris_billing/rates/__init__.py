@@ -1,0 +1,1 @@
+"""Rates: a feature's quantity (tokens, seconds, images...) turned into uses."""
