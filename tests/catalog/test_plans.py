@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
+from ciris_billing import clock
 from ciris_billing.accounts import checks
 from ciris_billing.accounts.service import Identity
 from ciris_billing.db import accounts, utcnow
@@ -148,6 +149,32 @@ async def test_a_monthly_plan_while_the_environment_says_never(api: Api) -> None
         api.state.account_reader, api.engine, who, api.state.pricing, at=later
     )
     assert status.free_uses_remaining == 10
+    assert (await api.audit()).clean
+
+
+async def test_a_monthly_plan_renews_before_the_first_charge_of_the_month(api: Api) -> None:
+    """FREE_USES_RESET=never, an account on a monthly plan: the first charge of the next month
+    takes the month's free uses, not the paid ones (the statements compare its period)."""
+    await made(api, "/v1/billing/plans", {**PRO, "pack_ids": None})
+    await exhaust_free_uses(api)
+    changed = await patch(
+        api, "/v1/billing/accounts/oauth:google/buyer@example.com", {"plan_name": "pro"}
+    )
+    assert changed.status_code == 200
+    body = {**BUYER, "uses": 5, "reason": "goodwill", "kind": "paid", "cost_basis_minor": 10}
+    assert (await api.post("/v1/billing/credits", body, "admin")).status_code == 201
+    now = clock.now()
+    seconds = int((free_periods.next_period(now) - now).total_seconds()) + 3600
+    try:
+        moved = await api.post("/v1/billing/test_clock/advance", {"seconds": seconds}, "admin")
+        assert moved.status_code == 200, moved.text
+        charged = await api.post("/v1/billing/charges", {**BUYER, "uses": 1})
+        assert charged.status_code == 201, charged.text
+        answer = charged.json()
+        assert answer["free_uses_remaining"] == 9, answer
+        assert answer["credits_remaining"] == 5, answer
+    finally:
+        clock.set_offset(0)
     assert (await api.audit()).clean
 
 

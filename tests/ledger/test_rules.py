@@ -66,7 +66,7 @@ def test_every_hot_statement_is_rendered_from_the_rule(name: str, monthly: bool)
     assert can_take(row, uses, at) in sql
     assert walk_assignment(row, uses, at, hold=name.startswith("hold")) in sql
     assert touched_lots(row) in sql  # the movement row names its lots (rules.touched_lots)
-    assert (free_period_current(row, at) in sql) is monthly
+    assert free_period_current(row, at, everyone=monthly) in sql
     # One statement: the walk appears once, no other take of uses.
     assert sql.count("ledger_take(") == 1
     assert "ledger_walk(" not in sql
@@ -92,7 +92,7 @@ def test_the_head_texts_are_the_walks_common_case_without_a_function(
     assert head_covers(row, uses, at) in sql
     assert head_assignment(row, uses, hold=name.startswith("hold")) in sql
     assert touched_lots(row) in sql
-    assert (free_period_current(row, at) in sql) is monthly
+    assert free_period_current(row, at, everyone=monthly) in sql
     # No walk, no availability function: only the answer's ledger_usable past an expiry.
     assert "ledger_take(" not in sql
     assert "ledger_available(" not in sql

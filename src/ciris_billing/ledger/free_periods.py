@@ -15,10 +15,9 @@ that gets no free uses, so it gets none before the next month.
 Plans (catalog/plans.py) have their own free uses and reset: the renewal grants the terms of
 the account's plan at the time of the renewal (a plan row, else the environment's), so a plan
 change takes effect from the next period. An account on a monthly plan while
-FREE_USES_RESET=never has a free_period too (set when it joined the plan, `start_periods`):
-the statements do not compare periods then, so its month's lot is added when its first request
-of the month takes the slow path (a 402 or a check), not before paid uses are spent; set
-FREE_USES_RESET=monthly for exact monthly renewal.
+FREE_USES_RESET=never has a free_period too (set when it joined the plan, `start_periods`, or
+was created on it), and the statements compare it as for everyone under monthly; an account
+without one (NULL) passes (rules.free_period_current).
 """
 
 from __future__ import annotations

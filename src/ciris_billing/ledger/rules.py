@@ -127,11 +127,14 @@ def head_assignment(row: str, uses: str, *, hold: bool = False) -> str:
         paid_uses_remaining = {row}paid_uses_remaining - ({uses} - {free}){reserved}"""
 
 
-def free_period_current(row: str, at: str) -> str:
-    """SQL (a WHERE condition, FREE_USES_RESET=monthly only): the account's free period is the
-    calendar month (UTC) of `at`, so its month's free lot is in the wallet. When it is not, the
-    statement makes nothing and the slow path adds the lot (ledger/free_periods.py)."""
-    return f"{row}free_period = date_trunc('month', {at}, 'UTC')"
+def free_period_current(row: str, at: str, *, everyone: bool = True) -> str:
+    """SQL (a WHERE condition): the account's free period is the calendar month (UTC) of `at`,
+    so its month's free lot is in the wallet. When it is not, the statement makes nothing and
+    the slow path adds the lot (ledger/free_periods.py). With FREE_USES_RESET=monthly
+    (`everyone`) every account has a period; otherwise only accounts on a monthly plan
+    (catalog) have one, and an account without one (NULL) never renews."""
+    current = f"{row}free_period = date_trunc('month', {at}, 'UTC')"
+    return current if everyone else f"({row}free_period IS NULL OR {current})"
 
 
 def touched_lots(row: str) -> str:

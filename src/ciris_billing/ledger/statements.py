@@ -20,11 +20,11 @@ backend (instructions per charge, 1,000 accounts each with a used-up free lot an
 820k before lots, 1,189k with the walk and the touched lots as three function calls, ~980k
 for the head text.
 
-With FREE_USES_RESET=monthly a statement also requires the account's free period to be the
-month of its time (`rules.free_period_current`, a column compare): an account whose month's
-free lot is not there yet gets no row, and the slow path adds it (ledger/free_periods.py) and
-sends the statement again. The `monthly=False` texts are the default (the guide: free uses
-once).
+A statement also requires the account's free period, when it has one, to be the month of its
+time (`rules.free_period_current`, a column compare): an account whose month's free lot is not
+there yet gets no row, and the slow path adds it (ledger/free_periods.py) and sends the
+statement again. With FREE_USES_RESET=monthly every account has a period (the `monthly=True`
+texts); by default (the guide: free uses once) only accounts on a monthly plan (catalog).
 
 Captures are in capture_statements.py; the cold movements (holds given back on release and
 expiry, the framework's hold and capture) in holds.py.
@@ -51,8 +51,9 @@ Rated = Literal["up", "carry"] | None
 
 
 def _period(row: str, at: str, monthly: bool) -> str:
-    """The WHERE condition of the free period ('' when free uses do not renew)."""
-    return f"AND {free_period_current(row, at)}" if monthly else ""
+    """The WHERE condition of the free period: every account's (FREE_USES_RESET=monthly), or
+    that of an account on a monthly plan (the others have no period)."""
+    return f"AND {free_period_current(row, at, everyone=monthly)}"
 
 
 def usable_columns(row: str, at: str) -> str:
