@@ -7,7 +7,6 @@ import pytest
 
 from ciris_billing.ledger import statements
 from ciris_billing.ledger.carry import carry_assignment, carry_uses
-from ciris_billing.ledger.carry_statements import carry_zero_batch_sql, carry_zero_sql
 from ciris_billing.ledger.rules import can_take, head_assignment, head_covers, walk_assignment
 
 ONE = ("", "$13::text", "$3::bigint", "$14::bigint", "$11::timestamptz")
@@ -25,14 +24,15 @@ def test_carry_texts_apply_the_rule_to_the_carried_uses(
     sql = render(monthly, head=head, rated="carry")
     uses = carry_uses(row, feature, quantity, units)
     if head:
-        assert head_covers(row, uses, at) in sql
-        assert head_assignment(row, uses) in sql
+        # The head text also makes a charge that completes no use (0 uses, no lot named).
+        assert f"({uses} = 0 OR {head_covers(row, uses, at)})" in sql
+        assert head_assignment(row, uses, maybe_none=True) in sql
         assert "ledger_take(" not in sql
     else:
         assert can_take(row, uses, at) in sql
         assert walk_assignment(row, uses, at) in sql
+        assert f"AND {uses} > 0" in sql  # the walk takes at least one use
     assert carry_assignment(row, feature, quantity, units) in sql
-    assert f"AND {uses} > 0" in sql  # a charge completing no use is the zero text's
 
 
 @pytest.mark.parametrize("monthly", [False, True])
@@ -45,15 +45,3 @@ def test_plain_and_up_texts_take_no_carry(monthly: bool, head: bool) -> None:
         ):
             assert "carry" not in sql
             assert ("feature" in sql) is (rated is not None)
-
-
-def test_the_zero_texts_keep_the_remainder_and_take_nothing() -> None:
-    for sql, (row, feature, quantity, units, _at) in (
-        (carry_zero_sql(), ONE),
-        (carry_zero_batch_sql(), BATCH),
-    ):
-        assert carry_assignment(row, feature, quantity, units) in sql
-        assert "lot_left =" not in sql
-        assert "lot_left[" not in sql
-        assert "ledger_take(" not in sql
-        assert "total_uses = " not in sql

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from ciris_billing.db import accounts, audit_trail, charges
+from ciris_billing.db import accounts, audit_trail, charges, events
 from tests.support.api import Api, identity, running_app
 
 TOKENS = "gpt-4o-tokens"
@@ -209,6 +209,11 @@ async def test_a_carry_charge_beyond_the_balance_is_402_and_keeps_nothing(api: A
     assert answer.json()["uses"] == 0
     assert answer.json()["lots"] == []
     assert await carried(api, user) == {TOKENS: 90}
+    # The charge of 0 uses on the emptied account crossed nothing: balance.depleted once (the
+    # 350's), not again.
+    async with api.engine.connect() as conn:
+        kinds = list((await conn.execute(select(events.c.type))).scalars())
+    assert kinds.count("balance.depleted") == 1
     assert (await api.audit()).clean
 
 

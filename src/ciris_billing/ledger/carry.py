@@ -11,7 +11,9 @@ with the row's new columns, so concurrent charges of one feature carry exactly (
 300 units at 1,000 units per use take 30 uses), and the remainder is durable with the row.
 
 These helpers render the pieces; statements.py puts them in the `carry` variants of the
-charge texts (the plain texts do not change).
+charge texts (the plain texts do not change). The `carry` head text makes every charge whose
+uses the head lot covers, 0 included (the remainder kept, no lot named): one statement, one
+round trip, for the common case of a charge below one use.
 """
 
 from __future__ import annotations
@@ -45,6 +47,6 @@ def carry_assignment(row: str, feature: str, quantity: str, units: str) -> str:
 def taken_uses(row: str, head: bool) -> str:
     """SQL (RETURNING): the uses a `carry` statement took, read back from the movement's lots
     (RETURNING sees the new carry, so the expression above no longer gives them)."""
-    if head:
-        return f"{row}last_lot_uses[1]"
+    if head:  # none when the charge completed no use (its movement names no lot)
+        return f"coalesce({row}last_lot_uses[1], 0)"
     return f"(SELECT sum(t)::bigint FROM unnest({row}last_lot_uses) t)"  # noqa: S608

@@ -105,10 +105,13 @@ def head_covers(row: str, uses: str, at: str) -> str:
     )
 
 
-def head_assignment(row: str, uses: str, *, hold: bool = False) -> str:
+def head_assignment(row: str, uses: str, *, hold: bool = False, maybe_none: bool = False) -> str:
     """SQL (SET items): the walk's outcome when the head lot gives all `uses` (`head_covers`
     holds): its slot lowered, the movement's lots and the counters, as `walk_assignment`'s
-    (a `hold` also into the reserved counters, by kind)."""
+    (a `hold` also into the reserved counters, by kind). `maybe_none`: `uses` may be 0 (a
+    `carry` charge completing no use, ledger/carry.py; its WHERE is `uses = 0 OR head_covers`):
+    then the wallet is left as it is (the head slot may not even exist: assigning past an
+    array's end would extend it) and the movement names no lot."""
     k = head_slot(row)
     free = f"CASE WHEN {row}lot_kinds[{k}] = 0 THEN {uses} ELSE 0 END"
     reserved = (
@@ -118,10 +121,19 @@ def head_assignment(row: str, uses: str, *, hold: bool = False) -> str:
         if hold
         else ""
     )
-    return f"""lot_left[{k}] = {row}lot_left[{k}] - {uses},
-        last_lot_ids = ARRAY[{row}lot_ids[{k}]],
-        last_lot_kinds = ARRAY[{row}lot_kinds[{k}]],
-        last_lot_uses = ARRAY[{uses}],
+    lowered = f"lot_left[{k}] = {row}lot_left[{k}] - {uses}"
+    lots = [f"ARRAY[{row}lot_ids[{k}]]", f"ARRAY[{row}lot_kinds[{k}]]", f"ARRAY[{uses}]"]
+    if maybe_none:
+        left = f"{row}lot_left"
+        lowered = (
+            f"lot_left = CASE WHEN {uses} = 0 THEN {left} ELSE {left}[:{k} - 1]"
+            f" || ({left}[{k}] - {uses}) || {left}[{k} + 1:] END"
+        )
+        lots = [f"CASE WHEN {uses} = 0 THEN '{{}}' ELSE {lot} END" for lot in lots]
+    return f"""{lowered},
+        last_lot_ids = {lots[0]},
+        last_lot_kinds = {lots[1]},
+        last_lot_uses = {lots[2]},
         last_charge_free_uses = {free},
         free_uses_remaining = {row}free_uses_remaining - {free},
         paid_uses_remaining = {row}paid_uses_remaining - ({uses} - {free}){reserved}"""

@@ -99,14 +99,14 @@ def claim(source: str, api_key_id: str, key: str, fingerprint: str, at: str) -> 
 # from before scoping, which are everyone's to refuse).
 # A rated charge (ledger/carry.py) adds $13 the feature and, `up`: $14 the quantity ($3 the
 # uses, rounded up in Python); `carry`: $3 is the quantity and $14 the units per use, the uses
-# computed from the locked row's carry (only a charge that completes a use: `AND uses > 0`;
-# CARRY_ZERO_SQL records those that complete none). Rated texts also return `uses`.
+# computed from the locked row's carry (the head text also records a charge that completes
+# none, with 0 uses: `_enough`). Rated texts also return `uses`.
 def charge_sql(monthly: bool = False, head: bool = False, rated: Rated = None) -> str:
     at = "$11::timestamptz"
     carry = rated == "carry"
     uses = carry_uses("", "$13::text", "$3::bigint", "$14::bigint") if carry else "$3::bigint"
-    take = head_assignment("", uses) if head else walk_assignment("", uses, at)
-    enough = head_covers("", uses, at) if head else can_take("", uses, at)
+    take = head_assignment("", uses, maybe_none=carry) if head else walk_assignment("", uses, at)
+    enough = _enough("", uses, at, head, carry)
     kept = carry_assignment("", "$13::text", "$3::bigint", "$14::bigint") + ",\n        "
     returned = taken_uses("", head) if carry else uses
     took = "uses" if carry else uses
@@ -119,7 +119,7 @@ WITH spent AS (
         {next_sequence("", uses)},
         updated_at = {at}
     WHERE oauth_provider = $1 AND external_id = $2 AND status = 'active' AND currency = $7
-      AND {enough}{f" AND {uses} > 0" if carry else ""}
+      AND {enough}
       {_period("", at, monthly)}
       AND ($4::text IS NULL OR NOT EXISTS (
           SELECT 1 FROM idempotency_keys WHERE api_key_id IN ($12::text, '') AND key = $4))
@@ -142,6 +142,17 @@ FROM spent
 """  # noqa: S608 (our own constants, no input)
 
 
+def _enough(row: str, uses: str, at: str, head: bool, carry: bool) -> str:
+    """The WHERE condition on the wallet. A `carry` head text also makes the charge that
+    completes no use (the remainder kept, 0 uses, no lot: one statement whatever the carry
+    makes of the quantity); a `carry` walk text only one that completes a use (the walk takes
+    at least one)."""
+    if not head:
+        return can_take(row, uses, at) + (f" AND {uses} > 0" if carry else "")
+    covers = head_covers(row, uses, at)
+    return f"({uses} = 0 OR {covers})" if carry else covers
+
+
 _RATED_COLUMNS = "feature, quantity, "
 
 
@@ -161,8 +172,10 @@ def charge_batch_sql(monthly: bool = False, head: bool = False, rated: Rated = N
     at = "i.created_at"
     carry = rated == "carry"
     uses = carry_uses("a.", "i.feature", "i.quantity", "i.units") if carry else "i.uses"
-    take = head_assignment("a.", uses) if head else walk_assignment("a.", uses, at)
-    enough = head_covers("a.", uses, at) if head else can_take("a.", uses, at)
+    take = (
+        head_assignment("a.", uses, maybe_none=carry) if head else walk_assignment("a.", uses, at)
+    )
+    enough = _enough("a.", uses, at, head, carry)
     kept = carry_assignment("a.", "i.feature", "i.quantity", "i.units") + ",\n        "
     first = "quantity" if carry else "uses"
     more = {None: ("", ""), "up": (", $13::text[], $14::bigint[]", ", feature, quantity")}.get(
@@ -197,7 +210,7 @@ WITH input AS (
     FROM locked i
     WHERE a.id = i.account_id
       AND a.status = 'active' AND a.currency = i.currency
-      AND {enough}{f" AND {uses} > 0" if carry else ""}
+      AND {enough}
       {_period("a.", "i.created_at", monthly)}
       AND (i.idempotency_key IS NULL
            OR NOT EXISTS (SELECT 1 FROM idempotency_keys k

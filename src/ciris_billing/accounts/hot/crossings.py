@@ -17,13 +17,14 @@ from ciris_billing.events.outbox import BALANCE_DEPLETED, BALANCE_LOW, THRESHOLD
 
 def next_sequence(row: str, uses: str) -> str:
     """The UPDATE's SET of event_sequence (`row`: the accounts alias and a dot, or ''): one
-    more per balance event crossed (SET sees the counters before the change)."""
+    more per balance event crossed (SET sees the counters before the change). A statement
+    that takes no use (a `carry` charge completing none, ledger/carry.py) crosses nothing."""
     available = f"{row}free_uses_remaining + {row}paid_uses_remaining"
     return (
         f"event_sequence = {row}event_sequence"
         f" + CASE WHEN {available} >= {THRESHOLD_SQL} AND {available} - {uses} < {THRESHOLD_SQL}"
         f" THEN 1 ELSE 0 END"
-        f" + CASE WHEN {available} = {uses} THEN 1 ELSE 0 END"
+        f" + CASE WHEN {available} = {uses} AND {uses} > 0 THEN 1 ELSE 0 END"
     )
 
 
@@ -40,7 +41,7 @@ def alerted(source: str, account_id: str) -> str:
     """The CTE inserting the crossings' outbox rows, from `source`: a CTE with the account's id
     (column `account_id`), the counters after the change, `uses`, `created_at` and
     crossing_columns. balance.low takes the earlier sequence number when the same change also
-    emptied the account."""
+    emptied the account; a change of 0 uses (a `carry` remainder kept) crosses nothing."""
     available = "s.free_uses_remaining + s.paid_uses_remaining"
     return f"""
 alerted AS (
@@ -59,6 +60,6 @@ alerted AS (
         SELECT '{BALANCE_LOW}' AS type, CASE WHEN {available} = 0 THEN 1 ELSE 0 END AS back
         WHERE {available} + s.uses >= s.low_threshold AND {available} < s.low_threshold
         UNION ALL
-        SELECT '{BALANCE_DEPLETED}', 0 WHERE {available} = 0
+        SELECT '{BALANCE_DEPLETED}', 0 WHERE {available} = 0 AND s.uses > 0
     ) c
 )"""  # noqa: S608 (our own constants, no input)

@@ -40,7 +40,6 @@ from typing import Any
 from ciris_billing.accounts.hot.lanes import Lanes, Waiting
 from ciris_billing.accounts.hot.pool import DuplicateKey, StatementPool
 from ciris_billing.ledger import statements
-from ciris_billing.ledger.carry_statements import carry_zero_batch_sql, carry_zero_sql
 from ciris_billing.ledger.statements import Rated
 
 # The statements (ledger/statements.py): $1 provider, $2 external id, $3 uses, $4 idempotency
@@ -100,14 +99,15 @@ class ChargeAttempt:
         return (*plain, self.feature, last)
 
     def below_one_use(self) -> bool:
-        """A `carry` charge whose quantity alone makes no use: it tries first the text that
-        only keeps the remainder (most such charges end there), then the head's and walk's."""
+        """A `carry` charge whose quantity alone makes no use: whether it completes one depends
+        on the account's carry at the statement's time."""
         return self.rated == "carry" and (self.quantity or 0) < (self.units_per_use or 0)
 
 
-# The texts a charge of each kind tries in order: (zero: the `carry` remainder only, head,
-# walk); a text that makes no row for a charge passes it to the next.
-_ORDER = ("zero", "head", "walk")
+# The texts a charge tries in order (ledger/statements.py): the head's, then the walk's; a text
+# that makes no row for a charge passes it to the next. A `carry` charge below one use is made
+# by the head text when it completes none (most do) as when the head lot covers the use.
+_ORDER = ("head", "walk")
 _CYCLES = 3
 
 
@@ -129,7 +129,6 @@ class ChargeStore(Lanes[ChargeAttempt]):
         self._texts: dict[tuple[Rated, str], tuple[str, str]] = {
             (None, "head"): (self._head, self._head_batch),
             (None, "walk"): (self._one, self._batch),
-            ("carry", "zero"): (carry_zero_sql(monthly), carry_zero_batch_sql(monthly)),
         }
         for rated in ("up", "carry"):
             for step, head in (("head", True), ("walk", False)):
@@ -140,12 +139,14 @@ class ChargeStore(Lanes[ChargeAttempt]):
 
     def _steps(self, attempt: ChargeAttempt) -> list[tuple[str, str]]:
         """The (one, batch) texts `attempt` tries, in order."""
+        steps = [self._texts[(attempt.rated, step)] for step in _ORDER]
         if not attempt.below_one_use():
-            return [self._texts[(attempt.rated, step)] for step in _ORDER[1:]]
+            return steps
         # Below one use, whether it completes one depends on the carry at the statement's
-        # time: a concurrent charge may change it between the texts (the zero text finds a
-        # use is due, then the use texts find none is), so the cycle is tried up to 3 times.
-        return [self._texts[(attempt.rated, step)] for step in _ORDER] * _CYCLES
+        # time: a concurrent charge may change it between the texts (the head text finds a use
+        # is due and the head lot cannot give it, then the walk finds none is due), so the
+        # cycle is tried up to 3 times.
+        return steps * _CYCLES
 
     async def charge(self, attempt: ChargeAttempt) -> Any:
         """The account's row after the charge (id, counters, last_charge_free_uses, plan_name;
