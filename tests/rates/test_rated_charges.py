@@ -241,7 +241,7 @@ async def test_the_portal_shows_usage_by_feature(api: Api) -> None:
     assert (await api.audit()).clean
 
 
-async def test_holds_by_feature_take_an_up_rate_and_refuse_carry(api: Api) -> None:
+async def test_holds_by_feature_up_and_carry(api: Api) -> None:
     await set_rate(api, "images-up", 4, "up")
     await set_rate(api, TOKENS, 1000, "carry")
     user = identity("held-rated@example.com")
@@ -251,20 +251,59 @@ async def test_holds_by_feature_take_an_up_rate_and_refuse_carry(api: Api) -> No
     )
     assert held.status_code == 201, held.text
     assert held.json()["uses"] == 3
-    refused = await api.post(
-        "/v1/billing/reservations", {**user, "feature": TOKENS, "quantity": 900}
-    )
-    assert refused.status_code == 422
-    assert "carry rate" in refused.json()["detail"]
     both = await api.post(
         "/v1/billing/reservations", {**user, "uses": 2, "feature": "images-up", "quantity": 9}
     )
     assert both.status_code == 422
-    unknown = await api.post("/v1/billing/reservations", {**user, "feature": "nope", "quantity": 9})
-    assert unknown.status_code == 422
-    captured = await api.post(
-        f"/v1/billing/reservations/{held.json()['reservation_id']}/capture", {}
+    # A carry hold holds what its quantity can complete (900 tokens: 1 use whatever is carried).
+    held = await api.post("/v1/billing/reservations", {**user, "feature": TOKENS, "quantity": 900})
+    assert held.status_code == 201, held.text
+    assert (held.json()["uses"], held.json()["feature"], held.json()["quantity"]) == (
+        1,
+        TOKENS,
+        900,
     )
-    assert captured.status_code in (200, 201), captured.text
-    assert captured.json()["uses"] == 3
+    capture = f"/v1/billing/reservations/{held.json()['reservation_id']}/capture"
+    for wrong in ({"uses": 1}, {"quantity": 901}, {"uses": 1, "quantity": 3}):
+        refused = await api.post(capture, wrong)
+        assert refused.status_code == 422, (wrong, refused.text)
+    # The interaction used 300: nothing completed, the use given back, 300 carried.
+    made = await api.post(capture, {"quantity": 300})
+    assert made.status_code == 201, made.text
+    assert (made.json()["uses"], made.json()["released_uses"]) == (0, 1)
+    assert (made.json()["feature"], made.json()["quantity"]) == (TOKENS, 300)
+    assert await carried(api, user) == {TOKENS: 300}
+    # All of a 900 hold captured (no quantity given): 300 + 900 completes one, 200 kept.
+    held = await api.post("/v1/billing/reservations", {**user, "feature": TOKENS, "quantity": 900})
+    made = await api.post(f"/v1/billing/reservations/{held.json()['reservation_id']}/capture", {})
+    assert made.status_code == 201, made.text
+    assert made.json()["uses"] == 1
+    assert await carried(api, user) == {TOKENS: 200}
+    # A hold of uses is not captured by quantity.
+    plain = await api.post("/v1/billing/reservations", {**user, "uses": 1})
+    refused = await api.post(
+        f"/v1/billing/reservations/{plain.json()['reservation_id']}/capture", {"quantity": 1}
+    )
+    assert refused.status_code == 422, refused.text
+    assert (await api.audit()).clean
+
+
+async def test_carry_holds_and_charges_racing_carry_exactly(api: Api) -> None:
+    await set_rate(api, TOKENS, 1000, "carry")
+    user = identity("racing-holds@example.com")
+    await paid_account(api, user, 40)
+    body = {**user, "feature": TOKENS, "quantity": 300}
+    holds = await asyncio.gather(*(api.post("/v1/billing/reservations", body) for _ in range(10)))
+    assert {h.status_code for h in holds} == {201}
+    captures = [
+        api.post(f"/v1/billing/reservations/{h.json()['reservation_id']}/capture", {})
+        for h in holds
+    ]
+    charges_ = [api.post("/v1/billing/charges", body) for _ in range(10)]
+    answers = await asyncio.gather(*captures, *charges_)
+    assert {a.status_code for a in answers} == {201}
+    # 20 x 300 = 6,000 tokens: exactly 6 uses, nothing carried.
+    assert sum(a.json()["uses"] for a in answers) == 6
+    assert await used(api, user) == 6
+    assert await carried(api, user) == {TOKENS: 0}
     assert (await api.audit()).clean

@@ -36,7 +36,7 @@ from ciris_billing.catalog.offers import offers_in
 from ciris_billing.checkout.links import buy_token, buy_url
 from ciris_billing.db import iso, new_id, utcnow
 from ciris_billing.deps import AppState, json_response, run_idempotent, take_limits
-from ciris_billing.errors import InvalidRequest, PurchaseRequired
+from ciris_billing.errors import PurchaseRequired
 from ciris_billing.observability import RESERVATIONS, log
 from ciris_billing.unit_of_work import unit_of_work
 
@@ -66,6 +66,7 @@ def reservation_body(reservation: Any, account: Any) -> dict[str, Any]:
         "charge_id": r["charge_id"],
         "expires_at": iso(r["expires_at"]),
         "metadata": dict(r["metadata"]),
+        **_rated(r),
         "held_uses": reservations.held_uses(a),
         "free_uses_remaining": int(a["free_uses_remaining"]),
         "credits_remaining": int(a["paid_uses_remaining"]),
@@ -103,7 +104,14 @@ def capture_body(charge: Any, account: Any, held: Any) -> dict[str, Any]:
             {"lot_id": lot_id, "uses": int(uses)}
             for lot_id, uses in zip(c["lot_ids"] or [], c["lot_uses"] or [], strict=True)
         ],
+        **_rated(c),
     }
+
+
+def _rated(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A `carry` hold's (or its capture's) feature and quantity; nothing for one of uses."""
+    feature = row.get("feature")
+    return {} if feature is None else {"feature": feature, "quantity": int(row["quantity"])}
 
 
 def _held(reservation_id: str, account_id: str, body: ReservationCreate) -> None:
@@ -135,24 +143,28 @@ def _fingerprint(request: Request, body: ReservationCreate | ReservationCapture)
 
 
 def _payload(body: ReservationCreate | ReservationCapture) -> dict[str, Any]:
-    """The body as fingerprinted: a hold in uses keeps the fingerprint it had before rates."""
-    rated = isinstance(body, ReservationCreate) and body.feature is not None
-    return body.model_dump(mode="json", exclude=None if rated else {"feature", "quantity"})
+    """The body as fingerprinted: a hold or capture in uses keeps the fingerprint it had
+    before rates."""
+    if isinstance(body, ReservationCreate):
+        rated = body.feature is not None
+        return body.model_dump(mode="json", exclude=None if rated else {"feature", "quantity"})
+    return body.model_dump(mode="json", exclude=None if body.quantity is not None else {"quantity"})
 
 
-async def _rated_hold(state: AppState, body: ReservationCreate) -> ReservationCreate:
-    """A hold by feature and quantity as a hold of uses, by the feature's `up` rate."""
+async def _rated_hold(
+    state: AppState, body: ReservationCreate
+) -> tuple[ReservationCreate, reservations.CarryRate | None]:
+    """A hold by feature and quantity as a hold of uses: ceil(quantity / units_per_use) by
+    either rate. With `up` that is its charge; with `carry` it is what the quantity can
+    complete whatever the account carries (the remainder is below one use), and the hold
+    keeps its feature, quantity and rate for the capture (reservations.py)."""
     if body.feature is None or body.quantity is None:
-        return body
+        return body, None
     rate = await state.rate_book.rate(body.feature)
-    if rate.rounding != "up":
-        # A hold is captured later in uses; a carry remainder would need the hold to take
-        # and give back carried units too. Not supported: hold uses, or use an `up` rate.
-        raise InvalidRequest(
-            f"Feature {body.feature!r} has a carry rate: holds take uses, or an up rate",
-            feature=body.feature,
-        )
-    return body.model_copy(update={"uses": rate.uses_for(body.quantity)})
+    held = body.model_copy(update={"uses": rate.uses_for(body.quantity)})
+    if rate.rounding != "carry":
+        return held, None
+    return held, reservations.CarryRate(body.feature, body.quantity, rate.units_per_use)
 
 
 def _text(body: dict[str, Any]) -> str:
@@ -177,7 +189,8 @@ async def reserve(
     key = idempotency.resolve_key(key_header)
     identity = service.Identity(body.oauth_provider, body.external_id)
     await take_limits(state, identity.oauth_provider, identity.external_id, key_limit_due)
-    asked, body = body, await _rated_hold(state, body)
+    asked = body
+    body, carry = await _rated_hold(state, body)
     now = utcnow()
     attempt = HoldAttempt(
         oauth_provider=identity.oauth_provider,
@@ -210,12 +223,14 @@ async def reserve(
         }
         return reservation_body(reservation, counters)
 
-    if key is None:
+    # A `carry` hold keeps its rate: only the framework's path below writes it.
+    fast = carry is None
+    if fast and key is None:
         made = await state.hold_store.hold(attempt)
         if made is not None:
             _held(attempt.reservation_id, made["account_id"], body)
             return json_response(201, answer(made))
-    else:
+    elif fast and key is not None:
         keyed = Keyed(key, _fingerprint(request, asked), lambda row: (201, _text(answer(row))))
         recorded = await state.hold_store.hold_keyed(attempt, keyed)
         if recorded is not None:
@@ -230,6 +245,7 @@ async def reserve(
             metadata=body.metadata,
             api_key_id=principal.key_id,
             idempotency_key=key,
+            carry=carry,
         )
         try:
             made = await reservations.hold(conn, wanted, state.pricing)
@@ -303,12 +319,15 @@ async def capture(
         uses, held = int(made["captured_uses"]), int(made["held_uses_of"])
         _captured(reservation_id, attempt.charge_id, made["account_id"], uses, held)
 
-    if key is None:
+    # A `carry` hold's capture goes the framework's path below (the statements make no row
+    # for a `carry` hold, whether or not the capture names a quantity).
+    fast = body.quantity is None
+    if fast and key is None:
         made = await state.capture_store.capture(attempt)
         if made is not None:
             captured(made)
             return json_response(201, answer(made))
-    else:
+    elif fast and key is not None:
         keyed = Keyed(key, _fingerprint(request, body), lambda row: (201, _text(answer(row))))
         recorded = await state.capture_store.capture_keyed(attempt, keyed)
         if recorded is not None:
@@ -323,6 +342,7 @@ async def capture(
             description=body.description,
             metadata=body.metadata,
             api_key_id=principal.key_id,
+            quantity=body.quantity,
         )
         made = await reservations.capture(conn, wanted)
         charge, account, held = made.charge, made.account, made.reservation

@@ -54,6 +54,18 @@ class HoldRequest:
     metadata: dict[str, Any]
     api_key_id: str
     idempotency_key: str | None = None
+    # A hold by a feature with a `carry` rate: `uses` is what its quantity can complete
+    # whatever the account carries (ceil(quantity / units_per_use)); the capture applies it.
+    carry: CarryRate | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CarryRate:
+    """A `carry` hold's feature, quantity held and the rate's units per use."""
+
+    feature: str
+    quantity: int
+    units_per_use: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +76,8 @@ class CaptureRequest:
     description: str | None
     metadata: dict[str, Any]
     api_key_id: str
+    # A `carry` hold's capture: the units the interaction used (None: the held quantity).
+    quantity: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +137,9 @@ async def hold(conn: AsyncConnection, request: HoldRequest, pricing: Pricing) ->
                 lot_ids=taken.lot_ids,
                 lot_kinds=taken.lot_kinds,
                 lot_uses=taken.lot_uses,
+                feature=None if request.carry is None else request.carry.feature,
+                quantity=None if request.carry is None else request.carry.quantity,
+                units_per_use=None if request.carry is None else request.carry.units_per_use,
                 created_at=now,
                 updated_at=now,
             )
@@ -142,6 +159,13 @@ async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
     now = utcnow()
     charge_id = new_id("ch")
     wanted = request.uses if request.uses is not None else reservations.c.uses
+    # A `carry` hold is captured by quantity (at most the held one), a hold of uses by uses.
+    # (Only a `carry` hold has a quantity: NULL >= q is not true.)
+    by_quantity = []
+    if request.quantity is not None:
+        by_quantity = [reservations.c.quantity >= request.quantity]
+    elif request.uses is not None:
+        by_quantity = [reservations.c.units_per_use.is_(None)]
     # Safe: exactly once. Of racing captures / releases / expiries, only one finds status
     # 'held' (the row lock makes the others re-check and see the winner's status).
     won = (
@@ -152,6 +176,7 @@ async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
                 reservations.c.status == HELD,
                 reservations.c.expires_at > now,
                 reservations.c.uses >= wanted,
+                *by_quantity,
             )
             .values(
                 status="captured",
@@ -164,7 +189,11 @@ async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
         )
     ).first()
     if won is None:
-        raise await _why_not(conn, request.reservation_id, now, request.uses, capturing=True)
+        raise await _why_not(conn, request.reservation_id, now, request, capturing=True)
+    quantity = None
+    if won.units_per_use is not None:
+        quantity = int(won.quantity) if request.quantity is None else request.quantity
+        won = await _carry_captured(conn, won, quantity)
     uses = int(won.captured_uses)
     taken, back = ledger_holds.consume(won.lot_uses, uses)
     free_used = sum(t for t, kind in zip(taken, won.lot_kinds, strict=True) if kind == 0)
@@ -189,8 +218,48 @@ async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
         metadata={**dict(won._mapping["metadata"]), **request.metadata},
         api_key_id=request.api_key_id,
         at=now,
+        feature=won.feature,
+        quantity=quantity,
     )
     return Outcome(won, account, charge)
+
+
+async def _carry_captured(conn: AsyncConnection, won: Row[Any], quantity: int) -> Row[Any]:
+    """A `carry` hold captured by `quantity`: the uses the account's carried remainder of the
+    feature and `quantity` complete (what a `carry` charge of `quantity` takes, ledger/carry.py)
+    become the captured uses, and the new remainder is kept. The hold held ceil(its quantity /
+    units) uses and a remainder is below one use, so they never exceed the held uses."""
+    # Safe: the account's row locked here, after the reservation's (the one lock order of
+    # holds); the carry read and written under that lock, so concurrent charges of the
+    # feature wait and carry exactly.
+    account = (
+        await conn.execute(
+            select(accounts.c.carry_features, accounts.c.carry_left)
+            .where(accounts.c.id == won.account_id)
+            .with_for_update()
+        )
+    ).one()
+    features, left = list(account.carry_features), [int(n) for n in account.carry_left]
+    slot = features.index(won.feature) if won.feature in features else len(features)
+    if slot == len(features):
+        features.append(won.feature)
+        left.append(0)
+    completed, left[slot] = divmod(left[slot] + quantity, int(won.units_per_use))
+    if completed > int(won.uses):  # by construction never (see above)
+        raise InvalidRequest(f"quantity: completes {completed} uses, {int(won.uses)} held")
+    await conn.execute(
+        accounts.update()
+        .where(accounts.c.id == won.account_id)
+        .values(carry_features=features, carry_left=left)
+    )
+    return (
+        await conn.execute(
+            reservations.update()
+            .where(reservations.c.id == won.id)
+            .values(captured_uses=completed)
+            .returning(*reservations.c)
+        )
+    ).one()
 
 
 async def release(conn: AsyncConnection, reservation_id: str) -> Outcome:
@@ -300,7 +369,12 @@ async def _find(conn: AsyncConnection, reservation_id: str) -> Row[Any] | None:
 
 
 async def _why_not(
-    conn: AsyncConnection, reservation_id: str, now: datetime, uses: int | None, *, capturing: bool
+    conn: AsyncConnection,
+    reservation_id: str,
+    now: datetime,
+    capture: CaptureRequest | None,
+    *,
+    capturing: bool,
 ) -> Exception:
     current = await _find(conn, reservation_id)
     if current is None:
@@ -313,6 +387,17 @@ async def _why_not(
         return ReservationNotHeld(
             f"This reservation was already {current.status}", status=current.status
         )
+    uses = None if capture is None else capture.uses
+    quantity = None if capture is None else capture.quantity
+    carry = current.units_per_use is not None
+    if capturing and uses is not None and carry:
+        return InvalidRequest(
+            f"This hold is by feature {current.feature!r}: capture its quantity, not uses"
+        )
+    if capturing and quantity is not None and not carry:
+        return InvalidRequest("This hold is of uses: capture uses, not a quantity")
+    if capturing and quantity is not None and quantity > int(current.quantity):
+        return InvalidRequest(f"quantity: at most the {int(current.quantity)} held units")
     if capturing and uses is not None and uses > int(current.uses):
         return InvalidRequest(f"uses: at most the {int(current.uses)} held uses can be captured")
     return ReservationNotHeld("This reservation is not held", status=current.status)

@@ -319,7 +319,9 @@ class ReservationCreate(IdentityFields):
         default=300, ge=1, le=MAX_HOLD_SECONDS, description="Released by itself after this"
     )
     metadata: Metadata = Field(default_factory=dict)
-    # Rated (an `up` rate only: rates/service.py): instead of `uses`, a feature and quantity.
+    # Rated (rates/service.py): instead of `uses`, a feature and quantity. An `up` rate holds
+    # its rounded-up uses; a `carry` rate holds what the quantity can complete (the same) and
+    # its capture applies the carry to the quantity used (ReservationCapture.quantity).
     feature: Feature | None = None
     quantity: StrictInt | None = Field(
         default=None, ge=1, le=MAX_QUANTITY, description="Units of `feature` (not with `uses`)"
@@ -332,9 +334,20 @@ class ReservationCapture(RequestBody):
     uses: StrictInt | None = Field(
         default=None, ge=1, le=MAX_USES_PER_CHARGE, description="At most the held uses; all"
     )
+    # A hold by a feature with a `carry` rate: the units used (at most the held quantity;
+    # default: all of it); the carry makes them uses. Not with `uses`.
+    quantity: StrictInt | None = Field(
+        default=None, ge=0, le=MAX_QUANTITY, description="A carry hold's units used (not uses)"
+    )
     amount_minor: StrictInt = Field(default=0, ge=0, le=MAX_MINOR)
     description: Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL)] | None = None
     metadata: Metadata = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _uses_or_quantity(self) -> ReservationCapture:
+        if self.uses is not None and self.quantity is not None:
+            raise ValueError("give uses, or quantity (a carry hold's), not both")
+        return self
 
 
 class ReservationOut(BaseModel):

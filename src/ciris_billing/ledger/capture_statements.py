@@ -126,6 +126,8 @@ WITH won AS (
       -- A hold owing uses to a dispute ends on the framework's path (reservations.py): the
       -- uses it gives back go into the dispute's hold. Read on the locked row's last version.
       AND r.owed_uses = 0
+      -- A `carry` hold is captured by quantity on the framework's path (reservations.py).
+      AND r.units_per_use IS NULL
       AND {key_unused("$10::text", "$8::text")}
     RETURNING r.id AS reservation_id, r.account_id, r.uses, r.captured_uses,
               r.free_uses_held, r.paid_uses_held, r.metadata, r.lot_ids, r.lot_kinds,
@@ -157,6 +159,7 @@ WITH input AS (
     WHERE r.id = i.reservation_id AND r.id IN (SELECT id FROM chosen)
       AND r.status = 'held' AND r.expires_at > i.at AND r.uses >= COALESCE(i.uses, r.uses)
       AND r.owed_uses = 0  -- as CAPTURE_SQL: a hold owing a dispute goes the framework's path
+      AND r.units_per_use IS NULL  -- as CAPTURE_SQL: a `carry` hold too
       AND {key_unused("i.idempotency_key", "i.api_key_id")}
     RETURNING r.id AS reservation_id, r.account_id, r.uses, r.captured_uses,
               r.free_uses_held, r.paid_uses_held, r.metadata, r.lot_ids, r.lot_kinds,

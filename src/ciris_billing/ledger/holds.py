@@ -228,9 +228,12 @@ async def write_capture(
     metadata: dict[str, Any],
     api_key_id: str,
     at: datetime,
+    feature: str | None = None,
+    quantity: int | None = None,
 ) -> Row[Any]:
     """The charge row of a captured hold (`won`), naming the lots it spent (`taken` per slot of
-    the hold), with the account's counters after it."""
+    the hold), with the account's counters after it (a `carry` hold's: its feature and the
+    quantity captured)."""
     uses = sum(taken)
     return (
         await conn.execute(
@@ -252,6 +255,8 @@ async def write_capture(
                 total_uses_after=account.total_uses,
                 lot_ids=[lot for lot, t in zip(won.lot_ids, taken, strict=True) if t],
                 lot_uses=[t for t in taken if t],
+                feature=feature,
+                quantity=quantity,
                 created_at=at,
             )
             .returning(*charges.c)

@@ -209,14 +209,24 @@ reservations = Table(
     Column("lot_ids", LotIds),
     Column("lot_kinds", LotKinds),
     Column("lot_uses", LotUses),
+    # A hold by a feature with a `carry` rate (accounts/reservations.py): its feature, quantity
+    # and the rate's units per use; the capture applies the carry and may capture 0 uses.
+    Column("feature", String(64)),
+    Column("quantity", BigInteger),
+    Column("units_per_use", BigInteger),
     CheckConstraint("uses > 0", name="uses_positive"),
+    CheckConstraint(
+        "units_per_use IS NULL OR (feature IS NOT NULL AND quantity > 0 AND units_per_use > 0)",
+        name="carry_complete",
+    ),
     CheckConstraint("owed_uses >= 0 AND owed_uses <= paid_uses_held", name="owed_within_paid_held"),
     CheckConstraint(
         "free_uses_held >= 0 AND paid_uses_held >= 0 AND free_uses_held + paid_uses_held = uses",
         name="held_split_adds_up",
     ),
     CheckConstraint(
-        "captured_uses IS NULL OR (captured_uses > 0 AND captured_uses <= uses)",
+        "captured_uses IS NULL OR (captured_uses <= uses"
+        " AND (captured_uses > 0 OR (captured_uses = 0 AND units_per_use IS NOT NULL)))",
         name="captured_within_held",
     ),
     CheckConstraint(
