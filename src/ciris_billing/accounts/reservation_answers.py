@@ -351,5 +351,4 @@ async def capture(
         return 201, capture_body(charge, account, held)
 
     async with unit_of_work(state.engine) as work:
-        payload = body.model_dump(mode="json")
-        return await run_idempotent(request, work, principal, key, payload, effect)
+        return await run_idempotent(request, work, principal, key, _payload(body), effect)
