@@ -7,8 +7,10 @@ This protocol arms a timer from the first byte of a request (or the connection's
 the end of its headers (HEADER_READ_TIMEOUT_SECONDS), then to the end of its body
 (BODY_READ_TIMEOUT_SECONDS). When it fires, a request not yet answered gets a 408 in the one
 error shape, and the connection is closed (the app's `receive` then says the client is gone).
-At the protocol level, the timers cost nothing per request but two call_later handles, and the
-event loop never runs a coroutine for a slow client until its headers are complete.
+At the protocol level, the timers cost a request no more than setting a deadline (one timer per
+connection, moved only when a deadline comes earlier than it fires: it re-arms itself for a
+later one), and the event loop never runs a coroutine for a slow client until its headers are
+complete.
 
 It also sends each response's status line and headers together with its body, in one write:
 uvicorn writes them separately (two `write` calls, two TCP segments, two wake-ups of the
@@ -34,6 +36,11 @@ _TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
     b"content-length: " + str(len(_BODY)).encode() + b"\r\nconnection: close\r\n\r\n" + _BODY
 )
+
+
+# A timer may fire a little before its time (the event loop's clock resolution): a deadline
+# this close counts as passed, rather than re-arming for a moment.
+_EARLY = 0.01
 
 
 class _HeadersWithBody:
@@ -84,16 +91,28 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         settings = get_settings()
         self.header_timeout = settings.header_read_timeout_seconds
         self.body_timeout = settings.body_read_timeout_seconds
+        # The read deadline (loop time; None: not reading a request) and the one timer that
+        # checks it. Re-arming per request only moves the deadline (three timer handles made
+        # and cancelled per request, profiled, cost more than the protocol's own parsing).
+        self._deadline: float | None = None
         self._read_timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._read_timer = self.loop.call_later(seconds, self._read_timed_out)
+        deadline = self.loop.time() + seconds
+        self._deadline = deadline
+        if self._read_timer is not None and self._timer_at <= deadline:
+            return  # it fires first, and re-arms itself for this deadline
+        self._set_timer(deadline)
 
-    def _disarm(self) -> None:
+    def _set_timer(self, at: float) -> None:
         if self._read_timer is not None:
             self._read_timer.cancel()
-            self._read_timer = None
+        self._timer_at = at
+        self._read_timer = self.loop.call_at(at, self._read_timed_out)
+
+    def _disarm(self) -> None:
+        self._deadline = None  # the timer, when it fires, finds nothing to time out
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -124,10 +143,20 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
         super().connection_lost(exc)
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # nothing being read: the next request's headers arm it again
+        if deadline - self.loop.time() > _EARLY:
+            self._set_timer(deadline)  # moved later since this timer was set
+            return
+        self._deadline = None
         if self.transport.is_closing():
             return
         if self.cycle is None or not self.cycle.response_started:
