@@ -10,8 +10,8 @@ the same workers (2), the same app and the same event loop (uvloop):
 
 Servers: `uvicorn` is what `ciris-billing serve --workers 2` runs (uvicorn with httptools and
 serving.py's protocol: read timeouts, headers and body in one write; workers on SO_REUSEPORT
-sockets); hello runs under that same protocol. `uvicorn-plain` is uvicorn's own httptools
-protocol and supervisor (`uvicorn --workers 2 --http httptools`), as `bench/run.py` serves hello.
+sockets), hello under the same (run.py's hello_command). `uvicorn-plain` is uvicorn's own
+httptools protocol and supervisor (`uvicorn --workers 2 --http httptools`: the issue's figure).
 `granian` is granian's ASGI interface (HTTP/1 only, no websockets, its own workers). Every
 measurement is wrk -t2 for the duration, after a 2 s warm-up per server; the table gives req/s,
 latency, and each figure against uvicorn's. Nothing is written; the database is dropped.
@@ -28,13 +28,6 @@ from collections.abc import Callable
 import run as bench
 
 APP = "ciris_billing.app:create_app"
-UVICORN_HELLO = f"""
-import uvicorn
-from ciris_billing.serving import TimedHttpToolsProtocol
-uvicorn.run("hello_app:app", host="127.0.0.1", port={{port}}, workers=2, loop="uvloop",
-            http=TimedHttpToolsProtocol, access_log=False, server_header=False,
-            log_level="warning", app_dir={str(bench.BENCH)!r})
-"""
 
 
 def granian(target: str, port: int, factory: bool) -> list[str]:
@@ -53,12 +46,9 @@ def uvicorn_plain(target: str, port: int, factory: bool) -> list[str]:
 
 # server -> (hello command, service command), each given the port.
 SERVERS: dict[str, tuple[Callable[[int], list[str]], Callable[[int], list[str]]]] = {
-    "uvicorn": (
-        lambda port: [str(bench.BIN / "python"), "-c", UVICORN_HELLO.format(port=port)],
-        bench.service_command,
-    ),
+    "uvicorn": (bench.hello_command, bench.service_command),
     "uvicorn-plain": (
-        lambda port: uvicorn_plain("hello_app:app", port, factory=False),
+        bench.uvicorn_hello_command,
         lambda port: uvicorn_plain(APP, port, factory=True),
     ),
     "granian": (
