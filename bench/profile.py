@@ -36,10 +36,19 @@ def frame_name(frame: str) -> str:
     return f"{match['func']} ({match['file']})" if match else frame
 
 
-def top_frames(raw: Path, count: int) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
-    """Samples, and the `count` frames with the most self and the most cumulative samples."""
+# Cumulative frames on (nearly) every sample are the process's scaffolding (the runner, the
+# event loop's own frames): left out of the cumulative table.
+SCAFFOLD = 0.85
+
+
+def top_frames(
+    raw: Path, count: int
+) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]:
+    """Samples; the `count` frames with the most self and the most cumulative samples; and the
+    write() system calls by the Python frame that made them (with --native)."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
+    writes: Counter[str] = Counter()
     samples = 0
     for line in raw.read_text().splitlines():
         stack, _, number = line.rpartition(" ")
@@ -51,13 +60,19 @@ def top_frames(raw: Path, count: int) -> tuple[int, list[tuple[str, int]], list[
         own[frames[-1]] += n
         for name in set(frames):  # a recursive frame counts once per sample
             total[name] += n
-    return samples, own.most_common(count), total.most_common(count)
+        if frames[-1].startswith("write (libc"):
+            python = [f for f in frames if ".py)" in f]
+            writes[" < ".join(reversed(python[-2:])) or "?"] += n
+    cumulative = [(f, n) for f, n in total.most_common() if n < SCAFFOLD * samples][:count]
+    return samples, own.most_common(count), cumulative, writes.most_common(5)
 
 
 def report(name: str, raw: Path, count: int) -> str:
-    samples, own, total = top_frames(raw, count)
+    samples, own, total, writes = top_frames(raw, count)
     lines = [f"### {name}: {samples:,} busy samples of one worker", ""]
-    for title, rows in (("self", own), ("cumulative", total)):
+    tables = [("self", own), ("cumulative", total)]
+    tables += [("write() calls, by caller", writes)] if writes else []
+    for title, rows in tables:
         lines += [f"| {title} % | frame |", "|---|---|"]
         lines += [f"| {n / samples * 100:.1f} | `{frame}` |" for frame, n in rows]
         lines.append("")
