@@ -14,7 +14,7 @@ complete.
 
 It also sends each response's status line and headers together with its body, in one write:
 uvicorn writes them separately (two `write` calls, two TCP segments, two wake-ups of the
-client). Profiled under charges at 8 connections, those writes took a fifth of a worker's CPU
+client). Profiled under charges at 8 connections, those writes were a fifth of a worker's samples
 (bench/PROFILE.md).
 """
 
