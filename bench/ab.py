@@ -1,5 +1,5 @@
 """Charges/s of two versions of the service at the same moment: `.venv/bin/python bench/ab.py
-[--before REF] [--rounds N] [--seconds S]`.
+[--before REF] [--rounds N] [--seconds S] [--modes charge,check,mix] [--no-endpoint]`.
 
 On a machine whose load moves a lot between runs (shared cores), two runs one after the other
 compare the machine's moods more than the code. Here both versions serve at once, on one
@@ -7,7 +7,9 @@ seeded database, each with `serve --workers 2`, and wrk drives both at the same 
 on random accounts, 8 then 32 connections per server, N rounds): whatever slows the machine
 slows both. A = REF (default `main`, unpacked with `git archive`, run with this venv); B = this
 checkout with one webhook endpoint subscribed to every event (a receiver on 127.0.0.1 that
-answers 204). Prints each round and B/A. The database is dropped at the end.
+answers 204; with --no-endpoint, none: both versions then run the same configuration).
+`--modes` (wrk modes of billing.lua, default `charge`): each round measures each mode in turn.
+Prints each round and B/A. The database is dropped at the end.
 """
 
 from __future__ import annotations
@@ -57,17 +59,22 @@ def main() -> None:
     parser.add_argument("--before", default="main", help="the git ref to compare with")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=6, help="per measurement")
+    parser.add_argument("--modes", default="charge", help="billing.lua modes, comma-separated")
+    parser.add_argument(
+        "--no-endpoint", action="store_true", help="no webhook endpoint (A and B alike)"
+    )
     args = parser.parse_args()
+    modes = args.modes.split(",")
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     hook = f"http://127.0.0.1:{receiver.server_address[1]}/hooks"
     db = f"ciris_billing_ab_{os.getpid()}"
     bench.ensure_wrk()
-    results: dict[tuple[str, int], list[float]] = {}
+    results: dict[tuple[str, str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         sources = {
             f"A {args.before}": unpack(args.before, Path(folder)),
-            "B this checkout + endpoint": bench.ROOT / "src",
+            f"B this checkout{'' if args.no_endpoint else ' + endpoint'}": bench.ROOT / "src",
         }
         try:
             key = bench.create_database(db, bench.ACCOUNTS, history=False)
@@ -77,7 +84,8 @@ def main() -> None:
                 f"VALUES ('we_bench', '{hook}', 'whsec_' || encode(sha256('bench'), 'base64'), "
                 "'enabled', now(), now())"
             )
-            bench.psql(endpoint, db)
+            if not args.no_endpoint:
+                bench.psql(endpoint, db)
             with ExitStack() as stack:
                 servers = {}
                 for name, src in sources.items():
@@ -94,31 +102,38 @@ def main() -> None:
                     bench.wrk("warm-up", url, key, "check", 16, 2, pid)
                 with ThreadPoolExecutor(len(servers)) as pool:
                     for round_ in range(args.rounds):
-                        for c in CONNECTIONS:
-                            runs = {
-                                name: pool.submit(
-                                    bench.wrk, name, url, key, "charge", c, args.seconds, pid
+                        for mode in modes:
+                            for c in CONNECTIONS:
+                                runs = {
+                                    name: pool.submit(
+                                        bench.wrk, name, url, key, mode, c, args.seconds, pid
+                                    )
+                                    for name, (url, pid) in servers.items()
+                                }
+                                line = []
+                                for name, future in runs.items():
+                                    row = future.result()
+                                    results.setdefault((name, mode, c), []).append(row.rps)
+                                    line.append(
+                                        f"{name}: {row.rps:,.0f} req/s, p99 {row.p99:.1f} ms "
+                                        f"(errors {row.errors})"
+                                    )
+                                print(
+                                    f"round {round_} {mode} c={c}: " + "; ".join(line), flush=True
                                 )
-                                for name, (url, pid) in servers.items()
-                            }
-                            line = []
-                            for name, future in runs.items():
-                                row = future.result()
-                                results.setdefault((name, c), []).append(row.rps)
-                                line.append(f"{name}: {row.rps:,.0f} req/s (errors {row.errors})")
-                            print(f"round {round_} c={c}: " + "; ".join(line), flush=True)
             print(bench.audit(db))
         finally:
             bench.drop_database(db)
     a_name, b_name = sources
-    for c in CONNECTIONS:
-        a, b = results[a_name, c], results[b_name, c]
-        ratios = [y / x for x, y in zip(a, b, strict=True)]
-        print(
-            f"c={c}: A {[round(x) for x in a]}, B {[round(x) for x in b]}; B/A per round "
-            f"{[round(r, 2) for r in ratios]}, median {statistics.median(ratios):.2f}, "
-            f"totals {sum(b) / sum(a):.2f}"
-        )
+    for mode in modes:
+        for c in CONNECTIONS:
+            a, b = results[a_name, mode, c], results[b_name, mode, c]
+            ratios = [y / x for x, y in zip(a, b, strict=True)]
+            print(
+                f"{mode} c={c}: A {[round(x) for x in a]}, B {[round(x) for x in b]}; B/A per "
+                f"round {[round(r, 2) for r in ratios]}, median {statistics.median(ratios):.2f}, "
+                f"totals {sum(b) / sum(a):.2f}"
+            )
 
 
 if __name__ == "__main__":

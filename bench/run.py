@@ -433,18 +433,45 @@ def references(duration: int) -> dict[tuple[str, int], Row]:
             for c in CONNECTIONS:
                 refs[label, c] = pgbench(label, DB, scripts, c, duration, accounts)
                 print_row(refs[label, c])
-    port = free_port()
-    # The service's server settings (cli.py serve): uvloop, httptools, no access log.
+    # The HTTP ceiling on the service's own server, and on uvicorn's own (issue 26's figure).
+    for label, command in (("hello", hello_command), ("hello uvicorn", uvicorn_hello_command)):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with serving(command(port), dict(os.environ), f"{url}/") as pid:
+            wrk("warm-up", url, "-", "hello", 64, 2, pid)
+            for c in CONNECTIONS:
+                refs[label, c] = wrk(HELLO_NAMES[label], url, "-", "hello", c, duration, pid)
+                print_row(refs[label, c])
+    return refs
+
+
+HELLO_NAMES = {
+    "hello": "hello (HTTP ceiling)",
+    "hello uvicorn": "hello, uvicorn's own protocol",
+}
+# hello_app under the service's server, as `ciris-billing serve --workers 2` runs (cli.py):
+# serving.py's protocol, one SO_REUSEPORT socket per worker (workers.py), no access log.
+_HELLO_SERVER = """
+import sys, uvicorn
+from ciris_billing.serving import TimedHttpToolsProtocol
+from ciris_billing.workers import Supervisor, listening_sockets
+port = int(sys.argv[1])
+config = uvicorn.Config("hello_app:app", host="127.0.0.1", port=port, workers=2,
+    http=TimedHttpToolsProtocol, access_log=False, log_config=None, server_header=False,
+    timeout_keep_alive=15)
+Supervisor(config, listening_sockets("127.0.0.1", port, 2)).run()
+"""
+
+
+def hello_command(port: int) -> list[str]:
+    return [str(BIN / "python"), "-c", _HELLO_SERVER, str(port)]
+
+
+def uvicorn_hello_command(port: int) -> list[str]:
+    """hello_app under uvicorn's own httptools protocol and supervisor (the issue's figure)."""
     hello = [str(BIN / "python"), "-m", "uvicorn", "hello_app:app", "--app-dir", str(BENCH)]
     options = f"--host 127.0.0.1 --port {port} --workers 2 --loop uvloop --http httptools"
-    hello += f"{options} --no-access-log --no-server-header --log-level warning".split()
-    url = f"http://127.0.0.1:{port}"
-    with serving(hello, dict(os.environ), f"{url}/") as pid:
-        wrk("warm-up", url, "-", "hello", 64, 2, pid)
-        for c in CONNECTIONS:
-            refs["hello", c] = wrk("hello (HTTP ceiling)", url, "-", "hello", c, duration, pid)
-            print_row(refs["hello", c])
-    return refs
+    return hello + f"{options} --no-access-log --no-server-header --log-level warning".split()
 
 
 def service_command(port: int) -> list[str]:
@@ -734,6 +761,53 @@ def targets(rows: list[Row], refs: dict[tuple[str, int], Row], clean: bool) -> l
     return [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks]
 
 
+# Issue 26: (figure, target) as the issue's table has them.
+ISSUE_26 = (
+    ("charges c=8 / pgbench charge", ">= 0.6"),
+    ("charges c=64 / pgbench charge", ">= 1.2"),
+    ("agent mix c=8 / pgbench mix", ">= 0.5"),
+    ("agent mix c=64 / pgbench mix", ">= 0.8"),
+    ("checks c=64 / hello on the same server", ">= 0.85"),
+    ("hello c=64 / hello under uvicorn's own protocol", ">= 1.3"),
+    ("charges c=8 p99", "< 5 ms"),
+    ("checks c=8 p99", "< 2 ms"),
+    ("charges c=64 p99", "< 20 ms"),
+    ("checks c=64 p99", "< 20 ms"),
+)
+
+
+def issue26_targets(rows: list[Row], refs: dict[tuple[str, int], Row]) -> str:
+    """Issue 26's table: each figure of this run against its target, marked met or not."""
+    by = {(r.scenario, r.connections): r for r in rows}
+    charge = {c: by["(b) charge, random", c] for c in CONNECTIONS}
+    check = {c: by["(a) check, random", c] for c in CONNECTIONS}
+    mix = {c: by["(d) agent mix: check+charge", c] for c in CONNECTIONS}
+    ratios = [
+        charge[8].rps / refs["pgbench charge", 8].rps,
+        charge[64].rps / refs["pgbench charge", 64].rps,
+        mix[8].rps / refs["pgbench mix", 8].rps,
+        mix[64].rps / refs["pgbench mix", 64].rps,
+        check[64].rps / refs["hello", 64].rps,
+        refs["hello", 64].rps / refs["hello uvicorn", 64].rps,
+    ]
+    floors = (0.6, 1.2, 0.5, 0.8, 0.85, 1.3)
+    latencies = (charge[8].p99, check[8].p99, charge[64].p99, check[64].p99)
+    ceilings = (5.0, 2.0, 20.0, 20.0)
+    figures = [f"{r:.2f}" for r in ratios] + [f"{ms:.1f} ms" for ms in latencies]
+    met = [r >= f for r, f in zip(ratios, floors, strict=True)]
+    met += [ms < c for ms, c in zip(latencies, ceilings, strict=True)]
+    lines = ["| | figure | this run | target |", "|---|---|---|---|"]
+    for (figure, target), value, ok in zip(ISSUE_26, figures, met, strict=True):
+        lines.append(f"| [{'x' if ok else ' '}] | {figure} | {value} | {target} |")
+    hello = refs["hello", 64].rps
+    lines.append(
+        f"\n(hello c=64: {hello:,.0f} req/s on the service's server, "
+        f"{refs['hello uvicorn', 64].rps:,.0f} under uvicorn's own protocol; other servers: "
+        "bench/servers.py)"
+    )
+    return "\n".join(lines)
+
+
 def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
@@ -832,7 +906,8 @@ def main() -> None:
         f"- Command: `{command}` (`make bench` runs it without flags), "
         f"{duration} s per measurement, total {elapsed:.0f} s\n"
         f"- Date: {date}\n- Machine: {machine()}; {load}\n"
-        f"- Server: `ciris-billing serve --workers 2` (uvicorn, uvloop, httptools), "
+        f"- Server: `ciris-billing serve --workers 2` (uvicorn, uvloop, httptools: serving.py's "
+        "protocol), "
         f"{' '.join(f'{k}={v}' for k, v in SERVICE_SETTINGS.items())}; "
         f"wrk -t2 over loopback; CPU in % of one core (200% = both); "
         f"charges, holds and captures {'with' if args.idempotency else 'without'} an "
@@ -850,7 +925,8 @@ def main() -> None:
     all_rows = rows + sorted(refs.values(), key=lambda r: (r.scenario, r.connections))
     checks = targets(rows, refs, "exit 0" in audited)
     report = f"{table(all_rows)}\n\n{audited}\n\n{hot}\n\nTargets (issues 5 and 13):\n"
-    report += "\n".join(checks) + f"\n\n{growth_part}"
+    report += "\n".join(checks)
+    report += f"\n\nTargets (issue 26):\n\n{issue26_targets(rows, refs)}\n\n{growth_part}"
     print(f"\n{report}\n\nTotal time: {elapsed:.0f} s; {load}")
     (BENCH / "RESULTS.md").write_text(f"# Benchmark results\n\n{header}\n\n{report}\n")
 

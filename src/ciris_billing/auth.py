@@ -13,6 +13,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -53,7 +54,12 @@ class Principal:
     scopes: frozenset[str]
 
     def allows(self, scope: str) -> bool:
-        return any(_RANK[held] >= _RANK[scope] for held in self.scopes)
+        return _top_rank(self.scopes) >= _RANK[scope]
+
+
+@cache  # a handful of scope sets (subsets of SCOPES): asked on every request
+def _top_rank(scopes: frozenset[str]) -> int:
+    return max((_RANK[held] for held in scopes), default=-1)
 
 
 def hash_key(key: str) -> str:

@@ -211,9 +211,13 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
+# json.dumps with any option builds a new encoder per call; this one is built once.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def json_response(status_code: int, body: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(
-        content=json.dumps(body, separators=(",", ":")),
+        content=_ENCODE(body),
         status_code=status_code,
         media_type="application/json",
         headers=headers,

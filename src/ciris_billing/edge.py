@@ -66,6 +66,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
+# json.loads with hooks builds a new decoder (and its scanner) per call; this one is built once.
+_STRICT = json.JSONDecoder(
+    parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique_keys
+)
+
+
 def loads_strict(body: bytes) -> Any:
     """JSON as RFC 8259 has it, and nothing two parsers could read differently: UTF-8 only, no
     NaN/Infinity, no number that does not fit a double (or an int over Python's 4,300 digits),
@@ -73,12 +79,9 @@ def loads_strict(body: bytes) -> Any:
     allows. Raises InvalidJSON (a ValueError) with a reason that echoes no input."""
     try:
         text = body.decode("utf-8")
-        parsed = json.loads(
-            text,
-            parse_constant=_no_constant,
-            parse_float=_finite,
-            object_pairs_hook=_unique_keys,
-        )
+        if text.startswith("\ufeff"):  # as json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        parsed = _STRICT.decode(text)
         if "\\u" in text:
             # Only an escape can put these in a string (raw control characters are not JSON):
             # "\u0000" decodes to NUL, which PostgreSQL text and jsonb cannot hold, and

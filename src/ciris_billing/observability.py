@@ -104,6 +104,22 @@ HTTP_LATENCY = Histogram(
     ["method", "route", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+# HTTP_LATENCY's series by (method, route, status): `labels()` checks, builds and looks up the
+# series under a lock on every call; the few series a service serves are kept here once found.
+# Bounded (methods are the client's to choose): past it, `labels()` as before.
+_LATENCY_SERIES: dict[tuple[str, str, int], Any] = {}
+_LATENCY_SERIES_MAX = 1_000
+
+
+def observe_latency(method: str, template: str, status: int, seconds: float) -> None:
+    series = _LATENCY_SERIES.get((method, template, status))
+    if series is None:
+        series = HTTP_LATENCY.labels(method, template, str(status))
+        if len(_LATENCY_SERIES) < _LATENCY_SERIES_MAX:
+            _LATENCY_SERIES[method, template, status] = series
+    series.observe(seconds)
+
+
 # The scope key under which a layer that serves a route itself (the fast path) names the route
 # template it served; the framework's own routes are read from scope["route"].
 ROUTE_TEMPLATE = "ciris_billing.route_template"
@@ -237,7 +253,7 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             template = scope.get(ROUTE_TEMPLATE) or _framework_route(scope) or "unmatched"
-            HTTP_LATENCY.labels(scope["method"], template, str(status)).observe(elapsed)
+            observe_latency(scope["method"], template, status, elapsed)
             if self.access_log:
                 # The route template, never the path (it may hold an email); the query's
                 # names, and only harmless values (redacted_query).

@@ -326,12 +326,9 @@ async def check_all(checks: Sequence[tuple[Limiter, str, str]]) -> None:
     on one store are taken in one round trip (the hot path's API key and account limits: one
     Redis call per request, not two)."""
     checks = [check for check in checks if check[0].enabled]
-    stores = {limit.store for limit, _, _ in checks if isinstance(limit, SharedBuckets)}
-    if (
-        len(checks) > 1
-        and len(stores) == 1
-        and all(isinstance(c[0], SharedBuckets) for c in checks)
-    ):
+    shared = [limit for limit, _, _ in checks if isinstance(limit, SharedBuckets)]
+    stores = {limit.store for limit in shared}
+    if len(checks) > 1 and len(shared) == len(checks) and len(stores) == 1:
         takes = [limit.bucket(key) for limit, key, _ in checks]  # type: ignore[attr-defined]
         waits = await stores.pop().take(takes)
         for (_limit, _key, what), wait in zip(checks, waits, strict=True):
@@ -339,7 +336,12 @@ async def check_all(checks: Sequence[tuple[Limiter, str, str]]) -> None:
                 raise _refuse(wait, what)
         return
     for limit, key, what in checks:
-        await limit.check(key, what)
+        if isinstance(limit, TokenBuckets):  # per process: no await needed
+            wait = limit.take(key)
+            if wait is not None:
+                raise _refuse(wait, what)
+        else:
+            await limit.check(key, what)
 
 
 class FailureLimit:
