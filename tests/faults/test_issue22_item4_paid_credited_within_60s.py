@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow  # a real service, 2 workers killed again and agai
 
 PAYERS = 60
 CREDIT_WITHIN_SECONDS = 60
-# Both workers SIGKILLed every 1.5-3 s (once both are back) while the payers pay.
+# Both workers SIGKILLed every 1.5-3 s (once both serve again) while the payers pay.
 KILL_EVERY = (1.5, 3.0)
 ARRIVE_EVERY = 0.5  # a payer every half second
 TRIES = 10  # a payer whose request failed clicks again, up to this many times
@@ -186,13 +186,17 @@ async def test_a_paying_customer_still_waits_up_to_3_minutes(
 
         async def killer() -> None:
             nonlocal kills, last_kill
+            started = 2  # worker start-ups so far
             while not buying.is_set() and not payers.all_paid.is_set():
                 await asyncio.sleep(random.uniform(KILL_EVERY[0], KILL_EVERY[1]))
                 for pid in processes.workers():
                     processes.kill_worker(pid, signal.SIGKILL)
                     kills += 1
+                    started += 1
                     last_kill = time.time()
-                await asyncio.to_thread(processes.wait_for_workers, 2)
+                # Back = serving again: a worker's process exists seconds before it has
+                # imported the app, and killing it then would keep the service down throughout.
+                await asyncio.to_thread(processes.wait_for_started, log_path, started)
 
         gate = asyncio.Semaphore(16)
         async with httpx.AsyncClient(

@@ -364,6 +364,15 @@ class ServiceProcesses:
                 raise AssertionError(f"{len(workers)} of {count} workers after {timeout} s")
             time.sleep(0.1)
 
+    def wait_for_started(self, log_path: Path, count: int, timeout: float = 60) -> None:
+        """Until the server's log says its workers completed start-up `count` times in all (a
+        worker process exists seconds before it serves: it imports the app first)."""
+        deadline = time.monotonic() + timeout
+        while log_path.read_text().count("Application startup complete") < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {count} worker start-ups after {timeout} s")
+            time.sleep(0.1)
+
     def kill_worker(self, pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
         """Signal one of this server's workers (checked: a worker of ours, by pid)."""
         assert pid in self.workers(), f"pid {pid} is not a worker of {self.parent}"
