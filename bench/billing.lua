@@ -7,6 +7,9 @@
 --           | reserve (a 1-use hold, then the capture of a hold this thread was answered)
 --           | carry, up (a rated charge: 300 units of feature bench-carry or bench-up, rated
 --             1,000 units per use by bench/run.py --rated)
+--           | client (the agent client's loop: a charge with its own Idempotency-Key and
+--             "Prefer: next-check", whose answer also answers the next check, so one request
+--             is one interaction)
 -- ACCOUNTS  seeded accounts are bench-1@example.com .. bench-ACCOUNTS@example.com;
 --           the hot account is bench-0@example.com
 -- LIMIT     stop each thread after LIMIT responses (0 = run for the duration); a thread that
@@ -88,6 +91,18 @@ local function charge(n)
   return wrk.format("POST", CHARGE, keyed(), string.format(CHARGE_BODY, n))
 end
 
+-- client: what the agent client sends per interaction (a key of its own, as the client makes).
+local function client_charge(n)
+  sent = sent + 1
+  local headers = {}
+  for name, value in pairs(wrk.headers) do
+    headers[name] = value
+  end
+  headers["Idempotency-Key"] = string.format("client-%d-%d-%d", os.time(), thread_id, sent)
+  headers["Prefer"] = "next-check"
+  return wrk.format("POST", CHARGE, headers, string.format(CHARGE_BODY, n))
+end
+
 function request()
   if mode == "hello" then
     return wrk.format("GET", "/")
@@ -97,6 +112,8 @@ function request()
     return charge(math.random(1, accounts))
   elseif mode == "hot" then
     return charge(0)
+  elseif mode == "client" then
+    return client_charge(math.random(1, accounts))
   elseif mode == "carry" or mode == "up" then
     local body = string.format(RATED_BODY, math.random(1, accounts), mode)
     return wrk.format("POST", CHARGE, keyed(), body)

@@ -439,3 +439,38 @@ def test_purchase_repr_hides_the_client_secret() -> None:
     assert purchase.checkout_url is not None
     assert purchase.checkout_url.endswith("s3cr3t")
     assert purchase.raw["a_field_from_the_future"] == {"x": 1}
+
+
+async def test_the_check_after_a_charge_is_answered_from_the_charge(billing: InProcess) -> None:
+    """Issue 26 item 3: the agent's loop (check, work, charge) sends the check once: a charge
+    asks for the next check's answer (Prefer: next-check) and the client answers the user's
+    next check from it, once, within check_reuse_seconds; a "no" is always asked again."""
+    client, who = billing.client(), user()
+    checks = "/v1/billing/credits/check"
+    first = await client.check(GOOGLE, who)
+    assert first.has_credit
+    for turn in range(2):  # 3 free uses: two turns leave 1
+        charge = await client.charge(GOOGLE, who)
+        assert billing.network.sent("/v1/billing/charges")[-1].headers["Prefer"] == "next-check"
+        assert charge.next_check is not None
+        again = await client.check(GOOGLE, who)
+        assert len(billing.network.sent(checks)) == 1  # answered from the charge
+        assert again.free_uses_remaining == 2 - turn
+        assert again == charge.next_check
+    # Once only: the next check (no charge between) asks the service, and says the same.
+    asked = await client.check(GOOGLE, who)
+    assert len(billing.network.sent(checks)) == 2
+    assert (asked.free_uses_remaining, asked.total_uses) == (1, 2)
+    # The charge that empties the account: its "no" is not reused (the user may buy now).
+    last = await client.charge(GOOGLE, who)
+    assert last.next_check is not None
+    assert last.next_check.purchase_required
+    refused = await client.check(GOOGLE, who)
+    assert len(billing.network.sent(checks)) == 3
+    assert refused.purchase_required
+    # check_reuse_seconds=0: every check asks.
+    plain, other = billing.client(), user()
+    plain._core.check_reuse_seconds = 0
+    await plain.charge(GOOGLE, other)
+    await plain.check(GOOGLE, other)
+    assert [r for r in billing.network.sent(checks) if other in r.content.decode()]

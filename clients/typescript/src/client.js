@@ -8,6 +8,8 @@ const RETRYABLE = new Set([429, 502, 503, 504]);
 const RETRY_AFTER = new Set([429, 503]);
 const CHECK = "/v1/billing/credits/check";
 const CHARGES = "/v1/billing/charges";
+const NEXT_CHECK = "next-check";
+const MAX_NEXT_CHECKS = 10_000;
 const PURCHASES = "/v1/billing/purchases";
 const TRANSACTIONS = "/v1/billing/transactions";
 const ACCOUNTS = "/v1/billing/accounts";
@@ -47,6 +49,7 @@ export class BillingClient {
     backoffMs = 250,
     maxBackoffMs = 10_000,
     failOpenGraceSeconds = null,
+    checkReuseSeconds = 2,
     fetch: fetchImpl = globalThis.fetch,
     onEvent = null,
   }) {
@@ -73,6 +76,12 @@ export class BillingClient {
     this._unreachableSince = null;
     this._outbox = new Map();
     this._inFlight = new Set();
+    if (!(checkReuseSeconds >= 0)) throw new RangeError("checkReuseSeconds must be >= 0 (0: every check asks)");
+    // A charge asks for the next check's answer (Prefer: next-check); the user's next check is
+    // answered from it, once, within checkReuseSeconds. Only a "yes" is kept: a stale "no"
+    // would stop a user who just bought. At most MAX_NEXT_CHECKS users (the oldest go first).
+    this.checkReuseSeconds = checkReuseSeconds;
+    this._nextChecks = new Map();
   }
 
   // -- state ---------------------------------------------------------------------------
@@ -103,7 +112,7 @@ export class BillingClient {
     return ceiling / 2 + (Math.random() * ceiling) / 2;
   }
 
-  async _send({ method, path, body, params, idempotencyKey }) {
+  async _send({ method, path, body, params, idempotencyKey, prefer }) {
     let url = this.baseUrl + path;
     if (params) {
       const query = new URLSearchParams(
@@ -117,6 +126,7 @@ export class BillingClient {
     };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (idempotencyKey !== undefined) headers["Idempotency-Key"] = idempotencyKey;
+    if (prefer !== undefined) headers.Prefer = prefer;
     return this._fetch(url, {
       method,
       headers,
@@ -188,6 +198,10 @@ export class BillingClient {
   /** May this user go on? Fails open (degraded) only within the grace period. */
   async check(oauthProvider, externalId, { context = {}, customerEmail } = {}) {
     const body = withoutUndefined({ oauth_provider: oauthProvider, external_id: externalId, context, customer_email: customerEmail });
+    const who = JSON.stringify([oauthProvider, externalId]);
+    const kept = this._nextChecks.get(who);
+    this._nextChecks.delete(who);
+    if (kept !== undefined && (Date.now() - kept.at) / 1000 < this.checkReuseSeconds) return kept.check;
     try {
       return (await this._call({ method: "POST", path: CHECK, body })).data;
     } catch (error) {
@@ -227,8 +241,10 @@ export class BillingClient {
       metadata,
     });
     let reply;
+    const who = JSON.stringify([oauthProvider, externalId]);
+    this._nextChecks.delete(who); // whatever this charge's outcome, an earlier answer is stale
     try {
-      reply = await this._call({ method: "POST", path: CHARGES, body, idempotencyKey: key });
+      reply = await this._call({ method: "POST", path: CHARGES, body, idempotencyKey: key, prefer: NEXT_CHECK });
     } catch (error) {
       if (!(error instanceof BillingUnavailableError)) throw error;
       const fields = { oauthProvider, externalId, uses, idempotencyKey: key, unreachableFor: this.unreachableFor, error: error.detail };
@@ -240,6 +256,11 @@ export class BillingClient {
       this._outbox.set(key, { body, idempotencyKey: key, queuedAt: Date.now() });
       this._event("warn", "billing_fail_open_charge_queued", { ...fields, pending: this._outbox.size });
       return { ...body, idempotency_key: key, pending: true, replayed: false };
+    }
+    const next = reply.data.next_check;
+    if (this.checkReuseSeconds > 0 && next && next.has_credit) {
+      this._nextChecks.set(who, { check: next, at: Date.now() });
+      if (this._nextChecks.size > MAX_NEXT_CHECKS) this._nextChecks.delete(this._nextChecks.keys().next().value);
     }
     return { ...reply.data, idempotency_key: key, pending: false, replayed: reply.headers.get("idempotent-replayed") === "true" };
   }

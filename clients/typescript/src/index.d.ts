@@ -68,6 +68,9 @@ export interface ChargeOut {
   /** A rated charge's feature and quantity (charged by `feature` and `quantity`). */
   feature?: string | null;
   quantity?: number | null;
+  /** What the user's next credit check answers, right after this charge (the client asks with
+   * `Prefer: next-check` and answers that check from it; absent on a replay). */
+  next_check?: CreditCheckOut | null;
 }
 
 /** @schema ReservationCaptureOut */
@@ -252,6 +255,9 @@ export interface ClientOptions {
   /** null (default): fail closed. N: when billing is unreachable, checks pass (degraded) and
    * charges are queued for N seconds from the first failure; then fail closed again. */
   failOpenGraceSeconds?: number | null;
+  /** Seconds (default 2; 0: never) for which the user's next check is answered from the last
+   * charge's `next_check` (once, and only a "yes"), instead of asking the service again. */
+  checkReuseSeconds?: number;
   /** Another fetch (default globalThis.fetch). */
   fetch?: typeof fetch;
   /** Told of retries, fail-open decisions, holds (no secrets in them). */

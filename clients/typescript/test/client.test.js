@@ -294,3 +294,32 @@ test("lots: open ones in consumption order, closed ones on asking", async () => 
   const all = await client.lots(GOOGLE, who, { include: "all" });
   assert.equal(all.lots.length, 2);
 });
+
+test("the check after a charge is answered from the charge's next_check (once, a yes only)", async () => {
+  const front = await proxy();
+  try {
+    const client = new BillingClient({ baseUrl: front.url, apiKey: KEY, ...FAST });
+    const who = user();
+    await client.check(GOOGLE, who);
+    const charge = await client.charge(GOOGLE, who);
+    assert.equal(charge.next_check.free_uses_remaining, 2);
+    assert.equal(front.seen, 2);
+    const again = await client.check(GOOGLE, who);
+    assert.equal(front.seen, 2); // not sent: answered from the charge
+    assert.deepEqual(again, charge.next_check);
+    await client.check(GOOGLE, who); // once only: this one asks
+    assert.equal(front.seen, 3);
+    await client.charge(GOOGLE, who);
+    const emptied = await client.charge(GOOGLE, who);
+    assert.equal(emptied.next_check.purchase_required, true);
+    const refused = await client.check(GOOGLE, who); // a "no" is always asked again
+    assert.equal(front.seen, 6);
+    assert.equal(refused.purchase_required, true);
+    const never = new BillingClient({ baseUrl: front.url, apiKey: KEY, ...FAST, checkReuseSeconds: 0 });
+    await never.charge(GOOGLE, user());
+    await never.check(GOOGLE, who);
+    assert.equal(front.seen, 8);
+  } finally {
+    await front.close();
+  }
+});

@@ -62,6 +62,13 @@ async def check(
     await take_limits(state, identity.oauth_provider, identity.external_id, key_limit_due)
     status = await checks.check_credit(state.account_reader, state.engine, identity, state.pricing)
     CREDIT_CHECKS.labels("true" if status.purchase_required else "false").inc()
+    # The link does what the key may: a read key's check gets a link that only shows.
+    link = portal_link(state, request, identity, "write" if may_write else "read")
+    return json_response(200, check_answer(status, link))
+
+
+def check_answer(status: checks.CreditStatus, portal_url: str) -> dict[str, Any]:
+    """A credit check's body; a charge's `next_check` is the same."""
     answer: dict[str, Any] = {
         "has_credit": status.has_credit,
         "credits_remaining": status.credits_remaining,
@@ -76,9 +83,8 @@ async def check(
     if status.purchase_required:
         answer["purchase_price_minor"] = status.purchase_price_minor
         answer["purchase_uses"] = status.purchase_uses
-    # The link does what the key may: a read key's check gets a link that only shows.
-    answer["portal_url"] = portal_link(state, request, identity, "write" if may_write else "read")
-    return json_response(200, answer)
+    answer["portal_url"] = portal_url
+    return answer
 
 
 async def charge(
@@ -176,4 +182,22 @@ async def charge(
     }
     if made.feature is not None:
         answer |= {"feature": made.feature, "quantity": made.quantity}
+    if made.next_check is not None and _prefers_next_check(request):
+        # What a check right after it answers (a charge needs a write key: a write link), so
+        # the agent can skip that check (the clients ask for it). Only when asked: the guide's
+        # answer is unchanged, and a replay (the original answer: none) never has it.
+        link = portal_link(state, request, identity, "write")
+        answer["next_check"] = check_answer(made.next_check, link)
+        return json_response(201, answer, NEXT_CHECK_APPLIED)
     return json_response(201, answer, REPLAYED if made.replayed else None)
+
+
+# RFC 7240: a request may state preferences (`Prefer: next-check`); the answer says which it
+# applied.
+NEXT_CHECK = "next-check"
+NEXT_CHECK_APPLIED = {"Preference-Applied": NEXT_CHECK}
+
+
+def _prefers_next_check(request: Request) -> bool:
+    prefer = request.headers.get("prefer")
+    return prefer is not None and NEXT_CHECK in (p.strip() for p in prefer.lower().split(","))

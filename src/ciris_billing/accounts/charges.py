@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ciris_billing import idempotency
-from ciris_billing.accounts.checks import open_account
+from ciris_billing.accounts.checks import CreditStatus, credit_status, open_account
 from ciris_billing.accounts.hot.writer import ChargeAttempt, ChargeStore
 from ciris_billing.accounts.service import Identity, ensure_account, purchase_required
 from ciris_billing.db import accounts, charges, iso, new_id, utcnow
@@ -91,6 +91,9 @@ class Charge:
     replayed: bool = False
     feature: str | None = None
     quantity: int | None = None
+    # What a credit check would answer right after this charge (None for a replay): the answer
+    # carries it so an agent can skip its next check.
+    next_check: CreditStatus | None = None
 
 
 class _Next(Enum):
@@ -131,7 +134,7 @@ async def charge(
         )
         spent = await store.charge(attempt)
         if spent is not None:
-            return _charge(attempt, request, spent)
+            return _charge(attempt, request, spent, pricing)
         outcome = await _after_refusal(engine, request, pricing, attempt.at)
         if isinstance(outcome, Charge):
             return outcome
@@ -223,7 +226,7 @@ async def _replay(conn: AsyncConnection, charge_id: str) -> Charge:
     )
 
 
-def _charge(attempt: ChargeAttempt, request: ChargeRequest, spent: Any) -> Charge:
+def _charge(attempt: ChargeAttempt, request: ChargeRequest, spent: Any, pricing: Pricing) -> Charge:
     free_used = int(spent["last_charge_free_uses"])
     # A rated text returns the uses it took (a `carry` charge's are decided by its statement).
     uses = request.uses if attempt.rated is None else int(spent["uses"])
@@ -245,7 +248,28 @@ def _charge(attempt: ChargeAttempt, request: ChargeRequest, spent: Any) -> Charg
         lots=_lots(spent["lot_ids"], spent["lot_uses"]),
         feature=attempt.feature,
         quantity=attempt.quantity,
+        next_check=credit_status(_as_checked(spent), pricing, attempt.at),
     )
+
+
+def _as_checked(spent: Any) -> dict[str, Any]:
+    """The charge statement's row as a check reads the account (reader.py): the statement made
+    the charge, so the account is active; its counters are what it can give at the charge's
+    time (usable_columns), the wallet is there when something in it expires."""
+    return {
+        "status": "active",
+        "status_reason": None,
+        "plan_name": spent["plan_name"],
+        "free_uses_remaining": spent["free_uses_remaining"],
+        "paid_uses_remaining": spent["paid_uses_remaining"],
+        "total_uses": spent["total_uses"],
+        "reserved_free_uses": spent["reserved_free_uses"],
+        "reserved_paid_uses": spent["reserved_paid_uses"],
+        "next_expiry_at": spent["next_expiry_at"],
+        "lot_left": spent["wallet_left"],
+        "lot_kinds": spent["wallet_kinds"],
+        "lot_expires": spent["wallet_expires"],
+    }
 
 
 def _lots(lot_ids: list[str] | None, lot_uses: list[int] | None) -> list[dict[str, Any]]:

@@ -194,6 +194,11 @@ class ChargeOut(BaseModel):
     lots: list[LotUseOut] = Field(description="The lots the charge drew from, in order")
     feature: str | None = Field(default=None, description="A rated charge's feature")
     quantity: int | None = Field(default=None, description="A rated charge's quantity")
+    next_check: CreditCheckOut | None = Field(
+        default=None,
+        description="Asked with `Prefer: next-check`: what a credit check right after this "
+        "charge answers, so an agent may skip that check (never on a replay)",
+    )
 
 
 class PurchaseRequiredOut(BaseModel):

@@ -72,6 +72,26 @@ def usable_columns(row: str, at: str) -> str:
     return f"{side(True)} AS usable_free, {side(False)} AS usable_other"
 
 
+def next_check_columns(row: str) -> str:
+    """SQL (RETURNING items): what a credit check of the account would read after the
+    statement, besides the counters it returns already: the held uses and, when something in
+    the wallet expires, the wallet (as `wallet_*`; NULL otherwise, no bytes). A charge's answer
+    carries that check's answer (accounts/answers.py), so an agent need not send it."""
+    wallet = ", ".join(
+        f"CASE WHEN {row}next_expiry_at IS NULL THEN NULL ELSE {row}lot_{column} END"
+        f" AS wallet_{column}"
+        for column in ("left", "kinds", "expires")
+    )
+    return f"{row}reserved_free_uses, {row}reserved_paid_uses, {row}next_expiry_at, {wallet}"
+
+
+# The next check's columns, as the charge statements' last SELECT passes them on.
+NEXT_CHECK = (
+    "reserved_free_uses, reserved_paid_uses, next_expiry_at, wallet_left, wallet_kinds, "
+    "wallet_expires"
+)
+
+
 def key_unused(key: str, api_key_id: str) -> str:
     """SQL: the idempotency key is NULL (none sent), or neither a request's answer nor a charge
     has taken it under this API key (or under the legacy scope '')."""
@@ -125,7 +145,8 @@ WITH spent AS (
           SELECT 1 FROM idempotency_keys WHERE api_key_id IN ($12::text, '') AND key = $4))
     RETURNING id, free_uses_remaining, paid_uses_remaining, total_uses,
               last_charge_free_uses, plan_name, {crossing_columns("")}, {touched_lots("")},
-              {usable_columns("", at)}, {returned} AS uses, {at} AS created_at
+              {usable_columns("", at)}, {returned} AS uses, {at} AS created_at,
+              {next_check_columns("")}
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, idempotency_key,
@@ -137,7 +158,8 @@ WITH spent AS (
     FROM spent
 ), {alerted("spent", "id")}
 SELECT id, usable_free AS free_uses_remaining, usable_other AS paid_uses_remaining, total_uses,
-       last_charge_free_uses, plan_name, lot_ids, lot_uses{", uses" if rated else ""}
+       last_charge_free_uses, plan_name, lot_ids, lot_uses{", uses" if rated else ""},
+       {NEXT_CHECK}
 FROM spent
 """  # noqa: S608 (our own constants, no input)
 
@@ -220,7 +242,8 @@ WITH input AS (
               a.event_sequence, {THRESHOLD_SQL} AS low_threshold, i.idempotency_key,
               i.charge_id, i.amount_minor, i.currency, i.description, i.metadata,
               i.request_fingerprint, i.created_at, i.api_key_id, {touched_lots("a.")},
-              {usable_columns("a.", "i.created_at")}{rated_returned}
+              {usable_columns("a.", "i.created_at")}{rated_returned},
+              {next_check_columns("a.")}
 ), recorded AS (
     INSERT INTO charges (id, account_id, uses, free_uses_used, paid_uses_used, amount_minor,
                          currency, description, metadata, api_key_id, idempotency_key,
@@ -233,7 +256,8 @@ WITH input AS (
     FROM spent
 ), {alerted("spent", "id")}
 SELECT charge_id, id, usable_free AS free_uses_remaining, usable_other AS paid_uses_remaining,
-       total_uses, last_charge_free_uses, plan_name, lot_ids, lot_uses{", uses" if rated else ""}
+       total_uses, last_charge_free_uses, plan_name, lot_ids, lot_uses{", uses" if rated else ""},
+       {NEXT_CHECK}
 FROM spent
 """  # noqa: S608 (our own constants, no input)
 

@@ -14,6 +14,7 @@ import random
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeAlias, TypeVar
@@ -91,6 +92,8 @@ class Call:
     idempotency_key: str | None = None
     # Safe to repeat, so a 500 is retried too: reads, checks and keyed mutations.
     idempotent: bool = True
+    # RFC 7240 preferences (a charge asks for `next-check`: the next credit check's answer).
+    prefer: str | None = None
 
 
 def new_idempotency_key() -> str:
@@ -202,7 +205,14 @@ def charge_call(charge: PendingCharge) -> Call:
         body["currency"] = charge.currency
     if charge.description is not None:
         body["description"] = charge.description
-    return Call("POST", CHARGES_PATH, body=body, idempotency_key=charge.idempotency_key)
+    return Call(
+        "POST", CHARGES_PATH, body=body, idempotency_key=charge.idempotency_key, prefer=NEXT_CHECK
+    )
+
+
+NEXT_CHECK = "next-check"
+# At most this many users' next checks are kept (the oldest go first).
+MAX_NEXT_CHECKS = 10_000
 
 
 class ClientCore:
@@ -218,6 +228,7 @@ class ClientCore:
         backoff: float,
         max_backoff: float,
         fail_open_grace_seconds: float | None,
+        check_reuse_seconds: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         url = httpx.URL(base_url)
@@ -229,6 +240,12 @@ class ClientCore:
             raise ValueError("timeout must be > 0; max_retries, backoff, max_backoff >= 0")
         if fail_open_grace_seconds is not None and fail_open_grace_seconds < 0:
             raise ValueError("fail_open_grace_seconds must be >= 0 (or None: fail closed)")
+        if check_reuse_seconds < 0:
+            raise ValueError("check_reuse_seconds must be >= 0 (0: every check asks)")
+        self.check_reuse_seconds = check_reuse_seconds
+        # (provider, external id) -> (the next check's answer, when it was given): a charge's
+        # answer says what the user's next check would; that check is answered from it once.
+        self._next_checks: OrderedDict[tuple[str, str], tuple[CreditCheck, float]] = OrderedDict()
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.backoff = backoff
@@ -273,6 +290,8 @@ class ClientCore:
         headers = dict(self._headers)
         if call.idempotency_key is not None:
             headers["Idempotency-Key"] = call.idempotency_key
+        if call.prefer is not None:
+            headers["Prefer"] = call.prefer
         return httpx.Request(
             call.method,
             self.base_url + call.path,
@@ -374,6 +393,9 @@ class ClientCore:
         }
         if customer_email is not None:
             body["customer_email"] = customer_email
+        known = self._next_check(oauth_provider, external_id)
+        if known is not None:
+            return known
         try:
             response = yield from self.call(Call("POST", CHECK_PATH, body=body))
         except BillingUnavailableError as exc:
@@ -423,6 +445,10 @@ class ClientCore:
             feature=feature,
             quantity=quantity,
         )
+        # Whatever this charge's outcome, an earlier charge's answer no longer says the next
+        # check's.
+        with self._lock:
+            self._next_checks.pop((oauth_provider, external_id), None)
         try:
             response = yield from self.call(charge_call(request))
         except BillingUnavailableError as exc:
@@ -446,11 +472,37 @@ class ClientCore:
                 error=exc.detail,
             )
             return queued.as_charge()
-        return parse_charge(
+        made = parse_charge(
             response_json(response),
             request.idempotency_key,
             replayed=response.headers.get("Idempotent-Replayed") == "true",
         )
+        self._keep_next_check(made)
+        return made
+
+    def _keep_next_check(self, made: Charge) -> None:
+        """Keep what the user's next check would answer, when it says they may go on (a stale
+        "yes" costs at most a charge refused with 402 and the check's answer then; a stale "no"
+        would stop a user who just bought, so a "no" is always asked again)."""
+        if self.check_reuse_seconds == 0 or made.next_check is None:
+            return
+        who = (made.oauth_provider, made.external_id)
+        with self._lock:
+            self._next_checks.pop(who, None)
+            if made.next_check.has_credit:
+                self._next_checks[who] = (made.next_check, self._clock())
+                while len(self._next_checks) > MAX_NEXT_CHECKS:
+                    self._next_checks.popitem(last=False)
+
+    def _next_check(self, oauth_provider: str, external_id: str) -> CreditCheck | None:
+        """The check a charge answered for this user, once, while fresh."""
+        if self.check_reuse_seconds == 0:
+            return None
+        with self._lock:
+            kept = self._next_checks.pop((oauth_provider, external_id), None)
+        if kept is None or self._clock() - kept[1] >= self.check_reuse_seconds:
+            return None
+        return kept[0]
 
     def purchase(
         self,

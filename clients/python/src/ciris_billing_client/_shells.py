@@ -37,6 +37,9 @@ DEFAULT_MAX_RETRIES = 3
 DEFAULT_BACKOFF = 0.25
 DEFAULT_MAX_BACKOFF = 10.0
 DEFAULT_HOLD_TTL = 300
+# A charge's answer carries the next credit check's (`Prefer: next-check`): the client answers
+# the user's next check from it for this long (0: always ask the service).
+DEFAULT_CHECK_REUSE_SECONDS = 2.0
 
 
 class _HoldView:
@@ -207,6 +210,7 @@ class BillingClient(_ClientBase):
         max_backoff: float = DEFAULT_MAX_BACKOFF,
         fail_open_grace_seconds: float | None = None,
         transport: httpx.BaseTransport | None = None,
+        check_reuse_seconds: float = DEFAULT_CHECK_REUSE_SECONDS,
     ) -> None:
         self._core = ClientCore(
             base_url,
@@ -216,6 +220,7 @@ class BillingClient(_ClientBase):
             backoff=backoff,
             max_backoff=max_backoff,
             fail_open_grace_seconds=fail_open_grace_seconds,
+            check_reuse_seconds=check_reuse_seconds,
         )
         self._http = httpx.Client(transport=transport)
 
@@ -416,6 +421,7 @@ class AsyncBillingClient(_ClientBase):
         max_backoff: float = DEFAULT_MAX_BACKOFF,
         fail_open_grace_seconds: float | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        check_reuse_seconds: float = DEFAULT_CHECK_REUSE_SECONDS,
     ) -> None:
         self._core = ClientCore(
             base_url,
@@ -425,6 +431,7 @@ class AsyncBillingClient(_ClientBase):
             backoff=backoff,
             max_backoff=max_backoff,
             fail_open_grace_seconds=fail_open_grace_seconds,
+            check_reuse_seconds=check_reuse_seconds,
         )
         self._http = httpx.AsyncClient(transport=transport)
 

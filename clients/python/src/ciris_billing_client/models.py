@@ -86,6 +86,9 @@ class Charge:
     # 0 while pending).
     feature: str | None = None
     quantity: int | None = None
+    # What the user's next credit check answers, right after this charge (the client asks for
+    # it; None from a replay or an older server). The client answers that check from it.
+    next_check: CreditCheck | None = field(default=None, repr=False, compare=False)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -386,6 +389,7 @@ def parse_charge(data: object, idempotency_key: str, replayed: bool) -> Charge:
         lots=_lots(f.data.get("lots")),
         feature=f.opt_text("feature"),
         quantity=f.opt_integer("quantity"),
+        next_check=None if f.data.get("next_check") is None else parse_check(f.data["next_check"]),
         raw=f.data,
     )
 
