@@ -168,7 +168,8 @@ test("a hold is async-disposable (`await using hold = await billing.reserve(...)
 test("429 and 503 are retried after Retry-After; the same key throughout", async () => {
   const front = await proxy();
   try {
-    const client = new BillingClient({ baseUrl: front.url, apiKey: KEY, ...FAST });
+    // Every check asks (checkReuseSeconds 0): the check below must reach the proxy.
+    const client = new BillingClient({ baseUrl: front.url, apiKey: KEY, ...FAST, checkReuseSeconds: 0 });
     const who = user();
     front.answers.push({ status: 503, headers: { "Retry-After": "1" } }, { status: 429, headers: { "Retry-After": "0" } });
     const started = Date.now();
