@@ -26,6 +26,7 @@ from ciris_billing_client import (
     ReservationNotHeldError,
 )
 from tests.support.agent import (
+    BASE,
     FAST,
     GOOGLE,
     InProcess,
@@ -370,3 +371,24 @@ async def _audit(server: Server) -> bool:
             return (await audit(conn)).clean
     finally:
         await engine.dispose()
+
+
+async def test_a_hold_by_a_carry_feature_is_captured_by_quantity(billing: Held) -> None:
+    """Holds by feature (issue 24): the client sends feature and quantity; a `carry` hold is
+    captured by the units the work used, the carry making them uses."""
+    rate = {"feature": "tokens", "units_per_use": 1000, "rounding": "carry"}
+    async with httpx.AsyncClient(transport=billing.network.app, base_url=BASE) as http:
+        made = await http.post(
+            "/v1/billing/rates", json=rate, headers={"X-API-Key": billing.keys["admin"]}
+        )
+        assert made.status_code == 200, made.text
+    client, who = billing.client(), user()
+    async with client.reserve(GOOGLE, who, feature="tokens", quantity=2500) as hold:
+        assert hold.uses == 3  # what 2,500 tokens can complete, whatever is carried
+        charge = await hold.capture(quantity=1200)
+        assert (charge.uses, charge.released_uses) == (1, 2)
+        assert (charge.feature, charge.quantity) == ("tokens", 1200)
+    async with client.reserve(GOOGLE, who, feature="tokens", quantity=900) as hold:
+        charge = await hold.capture(quantity=700)  # 200 carried + 700: no use completed
+        assert (charge.uses, charge.released_uses) == (0, 1)
+    await billing.audit_clean()

@@ -79,7 +79,7 @@ def test_the_typescript_clients_own_tests_pass_against_the_service(service: Serv
     done = run([node(), "--test", "test/"], PACKAGE, service.env())
     assert done.returncode == 0, done.stdout + done.stderr
     assert "# fail 0" in done.stdout
-    assert "# pass 11" in done.stdout
+    assert "# pass 12" in done.stdout
 
 
 @pytest.mark.slow

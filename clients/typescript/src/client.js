@@ -330,16 +330,19 @@ export class BillingClient {
     return result;
   }
 
-  async createReservation(oauthProvider, externalId, { uses = 1, ttlSeconds = 300, metadata = {}, idempotencyKey } = {}) {
+  async createReservation(oauthProvider, externalId, { uses = 1, ttlSeconds = 300, metadata = {}, idempotencyKey, feature, quantity } = {}) {
     const key = idempotencyKey ?? newIdempotencyKey();
-    const body = { oauth_provider: oauthProvider, external_id: externalId, uses, ttl_seconds: ttlSeconds, metadata };
+    // A hold by a feature's quantity (the rate makes it uses), or of uses.
+    const held = feature === undefined ? { uses } : { feature, quantity };
+    const body = { oauth_provider: oauthProvider, external_id: externalId, ...held, ttl_seconds: ttlSeconds, metadata };
     const reply = await this._call({ method: "POST", path: RESERVATIONS, body, idempotencyKey: key });
     return { ...reply.data, idempotency_key: key, replayed: reply.headers.get("idempotent-replayed") === "true" };
   }
 
-  async capture(reservationId, { uses = null, amountMinor = 0, description = null, metadata = {}, idempotencyKey } = {}) {
+  async capture(reservationId, { uses = null, amountMinor = 0, description = null, metadata = {}, idempotencyKey, quantity } = {}) {
     const key = idempotencyKey ?? newIdempotencyKey();
-    const body = { uses, amount_minor: amountMinor, description, metadata };
+    // quantity: a hold by a `carry` feature is captured by the units the work used.
+    const body = withoutUndefined({ uses, quantity, amount_minor: amountMinor, description, metadata });
     const path = `${RESERVATIONS}/${seg(reservationId)}/capture`;
     const reply = await this._call({ method: "POST", path, body, idempotencyKey: key });
     return { ...reply.data, idempotency_key: key, pending: false, replayed: reply.headers.get("idempotent-replayed") === "true" };
@@ -418,11 +421,13 @@ export class BillingClient {
 
 /** One hold: `capture()` what the work took (once), or `release()`; disposable. */
 export class Hold {
-  constructor(client, oauthProvider, externalId, { uses = 1, ttlSeconds = 300, metadata = {}, idempotencyKey } = {}) {
+  constructor(client, oauthProvider, externalId, { uses = 1, ttlSeconds = 300, metadata = {}, idempotencyKey, feature, quantity } = {}) {
     this.client = client;
     this.oauthProvider = oauthProvider;
     this.externalId = externalId;
     this.uses = uses;
+    this.feature = feature;
+    this.quantity = quantity;
     this.ttlSeconds = ttlSeconds;
     this.metadata = metadata;
     // Made once: every send of the reserve and of the capture reuses its key, so a lost
@@ -456,14 +461,16 @@ export class Hold {
       ttlSeconds: this.ttlSeconds,
       metadata: this.metadata,
       idempotencyKey: this.idempotencyKey,
+      feature: this.feature,
+      quantity: this.quantity,
     });
     this.client._event("info", "billing_hold_made", { reservationId: this.reservationId, uses: this.uses });
     return this;
   }
 
   /** Charge `uses` (at most the held ones; all when null) as one charge; the rest go back. */
-  async capture(uses = null, { description = null, metadata = {}, amountMinor = 0 } = {}) {
-    const asked = { uses, description, metadata, amountMinor };
+  async capture(uses = null, { description = null, metadata = {}, amountMinor = 0, quantity } = {}) {
+    const asked = { uses, description, metadata, amountMinor, quantity };
     this._unsettled = asked;
     try {
       this.charge = await this.client.capture(this.reservationId, { ...asked, idempotencyKey: this.captureKey });

@@ -269,12 +269,17 @@ export interface ReserveOptions {
   ttlSeconds?: number;
   metadata?: Record<string, unknown>;
   idempotencyKey?: string;
+  /** Hold by a feature's rate instead of uses (both or neither). */
+  feature?: string;
+  quantity?: number;
 }
 
 export interface CaptureOptions {
   description?: string | null;
   metadata?: Record<string, unknown>;
   amountMinor?: number;
+  /** A hold by a `carry` feature: the units the work used (default: all held). */
+  quantity?: number;
 }
 
 export interface FlushReport {

@@ -324,3 +324,19 @@ test("the check after a charge is answered from the charge's next_check (once, a
     await front.close();
   }
 });
+
+test("a hold by a carry feature is captured by the quantity used", async () => {
+  const rate = await fetch(`${BASE}/v1/billing/rates`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "X-API-Key": ADMIN },
+    body: JSON.stringify({ feature: "ts-tokens", units_per_use: 1000, rounding: "carry" }),
+  });
+  assert.equal(rate.status, 200, await rate.text());
+  const client = billing();
+  const who = user();
+  const charge = await client.reserve(GOOGLE, who, { feature: "ts-tokens", quantity: 2500 }, async (hold) => {
+    assert.equal(hold.reservation.uses, 3);
+    return hold.capture(null, { quantity: 1200 });
+  });
+  assert.deepEqual([charge.uses, charge.released_uses, charge.feature, charge.quantity], [1, 2, "ts-tokens", 1200]);
+});

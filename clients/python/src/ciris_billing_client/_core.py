@@ -571,15 +571,20 @@ class ClientCore:
         ttl_seconds: int = 300,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        feature: str | None = None,
+        quantity: int | None = None,
     ) -> Program[Reservation]:
+        if (feature is None) != (quantity is None):
+            raise ValueError("feature and quantity go together")
         key = new_idempotency_key() if idempotency_key is None else idempotency_key
         body: dict[str, Any] = {
             "oauth_provider": oauth_provider,
             "external_id": external_id,
-            "uses": uses,
             "ttl_seconds": ttl_seconds,
             "metadata": dict(metadata or {}),
         }
+        # A hold by a feature's quantity (the rate makes it uses), or of uses.
+        body |= {"uses": uses} if feature is None else {"feature": feature, "quantity": quantity}
         # Safe to retry: every attempt carries `key`, so a hold made by an attempt whose answer
         # was lost is replayed, never made twice.
         call = Call("POST", RESERVATIONS_PATH, body=body, idempotency_key=key)
@@ -596,6 +601,7 @@ class ClientCore:
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        quantity: int | None = None,
     ) -> Program[Charge]:
         key = new_idempotency_key() if idempotency_key is None else idempotency_key
         body: dict[str, Any] = {
@@ -604,6 +610,8 @@ class ClientCore:
             "description": description,
             "metadata": dict(metadata or {}),
         }
+        if quantity is not None:  # a hold by a `carry` feature: the units the work used
+            body["quantity"] = quantity
         path = f"{RESERVATIONS_PATH}/{quote(reservation_id, safe='')}/capture"
         # Safe to retry: the same key on every attempt; the service replays the one charge.
         response = yield from self.call(Call("POST", path, body=body, idempotency_key=key))
@@ -746,6 +754,7 @@ class CaptureAsked:
     amount_minor: int
     description: str | None
     metadata: Mapping[str, Any]
+    quantity: int | None = None  # a hold by a `carry` feature's: the units used
 
 
 class HoldState:
@@ -767,11 +776,15 @@ class HoldState:
         ttl_seconds: int,
         metadata: Mapping[str, Any] | None,
         idempotency_key: str | None,
+        feature: str | None = None,
+        quantity: int | None = None,
     ) -> None:
         self.core = core
         self.oauth_provider = oauth_provider
         self.external_id = external_id
         self.uses = uses
+        self.feature = feature
+        self.quantity = quantity
         self.ttl_seconds = ttl_seconds
         self.metadata = dict(metadata or {})
         self.idempotency_key = new_idempotency_key() if idempotency_key is None else idempotency_key
@@ -808,6 +821,8 @@ class HoldState:
             ttl_seconds=self.ttl_seconds,
             metadata=self.metadata,
             idempotency_key=self.idempotency_key,
+            feature=self.feature,
+            quantity=self.quantity,
         )
         event(
             logging.INFO,
@@ -829,6 +844,7 @@ class HoldState:
                 description=asked.description,
                 metadata=asked.metadata,
                 idempotency_key=self.capture_key,
+                quantity=asked.quantity,
             )
         except BillingError as exc:
             if 400 <= (exc.status or 0) < 500 and exc.status != 429:

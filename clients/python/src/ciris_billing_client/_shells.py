@@ -119,10 +119,12 @@ class Hold(_HoldView):
         metadata: Mapping[str, Any] | None = None,
         *,
         amount_minor: int = 0,
+        quantity: int | None = None,
     ) -> Charge:
         """Charge `uses` (at most the held ones; all when None) as one charge; the rest go back.
-        Raises ReservationExpiredError past `expires_at`."""
-        asked = CaptureAsked(uses, amount_minor, description, dict(metadata or {}))
+        A hold by a `carry` feature is captured by `quantity` (the units the work used; all the
+        held ones when None). Raises ReservationExpiredError past `expires_at`."""
+        asked = CaptureAsked(uses, amount_minor, description, dict(metadata or {}), quantity)
         return self._client._run(self._state.capture(asked))
 
     def release(self) -> Reservation:
@@ -156,10 +158,12 @@ class AsyncHold(_HoldView):
         metadata: Mapping[str, Any] | None = None,
         *,
         amount_minor: int = 0,
+        quantity: int | None = None,
     ) -> Charge:
         """Charge `uses` (at most the held ones; all when None) as one charge; the rest go back.
-        Raises ReservationExpiredError past `expires_at`."""
-        asked = CaptureAsked(uses, amount_minor, description, dict(metadata or {}))
+        A hold by a `carry` feature is captured by `quantity` (the units the work used; all the
+        held ones when None). Raises ReservationExpiredError past `expires_at`."""
+        asked = CaptureAsked(uses, amount_minor, description, dict(metadata or {}), quantity)
         return await self._client._run(self._state.capture(asked))
 
     async def release(self) -> Reservation:
@@ -340,6 +344,8 @@ class BillingClient(_ClientBase):
         ttl: int = DEFAULT_HOLD_TTL,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        feature: str | None = None,
+        quantity: int | None = None,
     ) -> Hold:
         """Hold `uses` uses for `ttl` seconds, for work whose cost is known only at its end:
 
@@ -349,7 +355,9 @@ class BillingClient(_ClientBase):
 
         Entering makes the hold (PurchaseRequiredError when fewer uses are available). An
         exception in the block releases it; a normal exit releases it unless `capture()` was
-        called. Past `ttl` the service releases it by itself.
+        called. Past `ttl` the service releases it by itself. By a feature's rate instead of
+        uses: `reserve(..., feature="gpt-4o-tokens", quantity=4000)`, then
+        `hold.capture(quantity=used)` for a `carry` rate.
         """
         return Hold(
             self,
@@ -361,6 +369,8 @@ class BillingClient(_ClientBase):
                 ttl_seconds=ttl,
                 metadata=metadata,
                 idempotency_key=idempotency_key,
+                feature=feature,
+                quantity=quantity,
             ),
         )
 
@@ -553,6 +563,8 @@ class AsyncBillingClient(_ClientBase):
         ttl: int = DEFAULT_HOLD_TTL,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        feature: str | None = None,
+        quantity: int | None = None,
     ) -> AsyncHold:
         """Hold `uses` uses for `ttl` seconds, for work whose cost is known only at its end:
 
@@ -562,7 +574,9 @@ class AsyncBillingClient(_ClientBase):
 
         Entering makes the hold (PurchaseRequiredError when fewer uses are available). An
         exception in the block releases it; a normal exit releases it unless `capture()` was
-        called. Past `ttl` the service releases it by itself.
+        called. Past `ttl` the service releases it by itself. By a feature's rate instead of
+        uses: `reserve(..., feature="gpt-4o-tokens", quantity=4000)`, then
+        `hold.capture(quantity=used)` for a `carry` rate.
         """
         return AsyncHold(
             self,
@@ -574,6 +588,8 @@ class AsyncBillingClient(_ClientBase):
                 ttl_seconds=ttl,
                 metadata=metadata,
                 idempotency_key=idempotency_key,
+                feature=feature,
+                quantity=quantity,
             ),
         )
 
