@@ -37,7 +37,7 @@ from ciris_billing.errors import (
     ReservationNotHeld,
 )
 from ciris_billing.events.outbox import RESERVATION_EXPIRED, record_available_change, record_event
-from ciris_billing.ledger import free_periods
+from ciris_billing.ledger import carry, free_periods
 from ciris_billing.ledger import holds as ledger_holds
 from ciris_billing.ledger.balance import with_usable
 from ciris_billing.payments import disputes
@@ -226,32 +226,14 @@ async def capture(conn: AsyncConnection, request: CaptureRequest) -> Outcome:
 
 async def _carry_captured(conn: AsyncConnection, won: Row[Any], quantity: int) -> Row[Any]:
     """A `carry` hold captured by `quantity`: the uses the account's carried remainder of the
-    feature and `quantity` complete (what a `carry` charge of `quantity` takes, ledger/carry.py)
-    become the captured uses, and the new remainder is kept. The hold held ceil(its quantity /
-    units) uses and a remainder is below one use, so they never exceed the held uses."""
-    # Safe: the account's row locked here, after the reservation's (the one lock order of
-    # holds); the carry read and written under that lock, so concurrent charges of the
-    # feature wait and carry exactly.
-    account = (
-        await conn.execute(
-            select(accounts.c.carry_features, accounts.c.carry_left)
-            .where(accounts.c.id == won.account_id)
-            .with_for_update()
-        )
-    ).one()
-    features, left = list(account.carry_features), [int(n) for n in account.carry_left]
-    slot = features.index(won.feature) if won.feature in features else len(features)
-    if slot == len(features):
-        features.append(won.feature)
-        left.append(0)
-    completed, left[slot] = divmod(left[slot] + quantity, int(won.units_per_use))
+    feature and `quantity` complete (ledger/carry.py) become the captured uses. The hold held
+    ceil(its quantity / units) uses and a remainder is below one use, so they never exceed
+    the held uses."""
+    completed = await carry.take_carried(
+        conn, won.account_id, won.feature, quantity, int(won.units_per_use)
+    )
     if completed > int(won.uses):  # by construction never (see above)
         raise InvalidRequest(f"quantity: completes {completed} uses, {int(won.uses)} held")
-    await conn.execute(
-        accounts.update()
-        .where(accounts.c.id == won.account_id)
-        .values(carry_features=features, carry_left=left)
-    )
     return (
         await conn.execute(
             reservations.update()

@@ -18,6 +18,11 @@ round trip, for the common case of a charge below one use.
 
 from __future__ import annotations
 
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ciris_billing.db import accounts
+
 
 def carry_slot(row: str, feature: str) -> str:
     """SQL: the feature's slot in the account's carry arrays (NULL when never charged)."""
@@ -50,3 +55,33 @@ def taken_uses(row: str, head: bool) -> str:
     if head:  # none when the charge completed no use (its movement names no lot)
         return f"coalesce({row}last_lot_uses[1], 0)"
     return f"(SELECT sum(t)::bigint FROM unnest({row}last_lot_uses) t)"  # noqa: S608
+
+
+async def take_carried(
+    conn: AsyncConnection, account_id: str, feature: str, quantity: int, units: int
+) -> int:
+    """Outside the hot statements (a `carry` hold's capture, accounts/reservations.py): add
+    `quantity` to the account's remainder of `feature`, keep what makes no whole use, and
+    return the uses completed (the caller takes them). The same arithmetic as the charge's SQL
+    above, on the row locked here."""
+    # Safe: the account's row is locked (FOR UPDATE) until the transaction ends, so the carry
+    # read here is the one written below; concurrent charges of the feature wait for it.
+    row = (
+        await conn.execute(
+            select(accounts.c.carry_features, accounts.c.carry_left)
+            .where(accounts.c.id == account_id)
+            .with_for_update()
+        )
+    ).one()
+    features, left = list(row.carry_features), [int(n) for n in row.carry_left]
+    if feature not in features:
+        features.append(feature)
+        left.append(0)
+    slot = features.index(feature)
+    completed, left[slot] = divmod(left[slot] + quantity, units)
+    await conn.execute(
+        accounts.update()
+        .where(accounts.c.id == account_id)
+        .values(carry_features=features, carry_left=left)
+    )
+    return completed
