@@ -76,10 +76,6 @@ from ciris_billing.web.docs import router as docs_router
 from ciris_billing.webhooks.local_delivery import to_inbox
 from ciris_billing.webhooks.routes import router as webhooks_router
 
-# Statements of each hot kind (check, charge) in flight at once per worker; requests beyond
-# wait and go out batched (lanes.py). Measured for charges at 64 connections: 2, 4 and 10
-# lanes gave the same throughput, 4 the lowest p99 at 8 connections.
-LANES = 4
 # /health answers 503 rather than wait longer than this for the database (a load balancer's
 # health check must not hang while a connection attempt times out).
 HEALTH_TIMEOUT_SECONDS = 3
@@ -135,7 +131,8 @@ def create_app(settings: Settings | None = None, *, hot_path: bool = True) -> Fa
             session_settings(settings),
             connect_timeout=settings.db_connect_timeout_seconds,
         )
-        lanes = min(LANES, settings.db_pool_size)
+        # HOT_PATH_LANES statements of each hot kind in flight per worker (lanes.py).
+        lanes = min(settings.hot_path_lanes, settings.db_pool_size)
         # Stored once per installation: every worker, instance and restart gets the same.
         installation = await load_installation_secrets(engine, settings)
 

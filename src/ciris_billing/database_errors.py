@@ -27,6 +27,19 @@ def is_read_only(exc: BaseException) -> bool:
     return any(getattr(current, "sqlstate", None) == READ_ONLY_SQLSTATE for current in _chain(exc))
 
 
+def opened_read_only(connection: asyncpg.Connection) -> bool:
+    """Whether the server said this connection's session is read-only: a standby, or a server
+    whose default is read-only (a demoted primary, as the fault tests play it). Read from what
+    the server reports by itself (ParameterStatus, PostgreSQL 14+), no round trip. Such a
+    session keeps refusing writes after the server is writable again, so the pools use it once
+    and then replace it: reads still work on it, and no write would."""
+    settings = connection.get_settings()
+    return (
+        getattr(settings, "default_transaction_read_only", "off") == "on"
+        or getattr(settings, "in_hot_standby", "off") == "on"
+    )
+
+
 def too_many_connections(exc: BaseException) -> bool:
     """Whether this error (or one it came from) says the server has no connection slot left."""
     return any(

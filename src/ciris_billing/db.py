@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ciris_billing import clock
 from ciris_billing.config import Settings, async_database_url
-from ciris_billing.database_errors import is_read_only
+from ciris_billing.database_errors import is_read_only, opened_read_only
 from ciris_billing.tables.autotopup import AUTO_TOPUP_IN_FLIGHT as AUTO_TOPUP_IN_FLIGHT
 from ciris_billing.tables.autotopup import AUTO_TOPUP_STATUSES as AUTO_TOPUP_STATUSES
 from ciris_billing.tables.autotopup import auto_topup_settings as auto_topup_settings
@@ -170,14 +170,28 @@ def _drop_unusable_connections(engine: AsyncEngine) -> None:
             context.is_disconnect = True
 
 
+# Marks a pooled connection opened read-only that has served its one checkout (`record.info`
+# lives as long as the driver's connection).
+_USED_READ_ONLY = "ciris_billing.used_read_only"
+
+
 def _replace_closed_connections(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "checkout")
     def _on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         # A pooled connection the server closed while it sat idle (a restart, a terminated
         # backend) is known closed by the driver already: the pool replaces it now, at no
         # round-trip cost, instead of handing it to a request that would fail with a 503.
-        if record.driver_connection.is_closed():
+        driver = record.driver_connection
+        if driver.is_closed():
             raise DisconnectionError("connection closed while idle in the pool")
+        # A connection opened while the server was read-only serves one checkout (a read works
+        # there, and goes back to the pool without an error that would drop it); at its next
+        # it is replaced, so the first write after the server is writable again gets a
+        # writable session (tests/faults/test_faults_read_only.py).
+        if opened_read_only(driver):
+            if record.info.get(_USED_READ_ONLY):
+                raise DisconnectionError("connection opened while the server was read-only")
+            record.info[_USED_READ_ONLY] = True
 
 
 # How long a request waits for a pooled connection before it is answered 503 (the engine's

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ciris_billing.database_errors import connection_unusable
+from ciris_billing.database_errors import connection_unusable, opened_read_only
 from ciris_billing.db import POOL_TIMEOUT_SECONDS
 from ciris_billing.observability import STATEMENT_RETRIES, log
 
@@ -18,6 +18,8 @@ from ciris_billing.observability import STATEMENT_RETRIES, log
 # serialization failure (40001): a handful, then the error is the request's.
 STATEMENT_ATTEMPTS = 5
 _TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+# The retry metric's label for a read sent again after its connection was lost.
+_LOST = "connection_lost"
 # Every statement of this pool reaches its rows through a unique index (an account by id or
 # identity, a reservation by id, a key by its key), so a table scan is never the right plan;
 # yet the planner picks one while a table is small, and a connection keeps a prepared
@@ -69,15 +71,19 @@ class StatementPool:
         )
         return cls(pool, size)
 
-    async def fetch_one(self, sql: str, args: Sequence[Any]) -> asyncpg.Record | None:
+    async def fetch_one(
+        self, sql: str, args: Sequence[Any], *, read: bool = False
+    ) -> asyncpg.Record | None:
         """One statement on a pooled connection: its row, or None; DuplicateKey when it broke
-        a unique constraint."""
-        row: asyncpg.Record | None = await self._run("fetchrow", sql, args)
+        a unique constraint. `read`: it changes nothing (see _run)."""
+        row: asyncpg.Record | None = await self._run("fetchrow", sql, args, read)
         return row
 
-    async def fetch_all(self, sql: str, args: Sequence[Any]) -> list[asyncpg.Record]:
-        """One statement on a pooled connection: its rows; DuplicateKey as above."""
-        rows: list[asyncpg.Record] = await self._run("fetch", sql, args)
+    async def fetch_all(
+        self, sql: str, args: Sequence[Any], *, read: bool = False
+    ) -> list[asyncpg.Record]:
+        """One statement on a pooled connection: its rows; DuplicateKey and `read` as above."""
+        rows: list[asyncpg.Record] = await self._run("fetch", sql, args, read)
         return rows
 
     async def in_transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -103,9 +109,22 @@ class StatementPool:
         async with self._connection() as conn:
             return await transaction(conn)
 
-    async def _run(self, method: str, sql: str, args: Sequence[Any]) -> Any:
+    async def _run(self, method: str, sql: str, args: Sequence[Any], read: bool) -> Any:
         """A statement that failed on a deadlock or a serialization failure is sent again (at
-        most STATEMENT_ATTEMPTS times), transparently."""
+        most STATEMENT_ATTEMPTS times), transparently. A read that lost its connection is sent
+        once more on a new one: a pooled connection whose server side ended while it was idle
+        (a terminated backend, a restart) is found lost only by the next statement written to
+        it, and a read changes nothing, so sending it again is always safe. A write is not
+        (it may have committed before the answer was lost): its error stays the request's
+        (503, and the client retries with its idempotency key)."""
+        try:
+            async with self._connection() as conn:
+                return await self._send(conn, method, sql, args)
+        except Exception as exc:
+            if not read or not connection_unusable(exc):
+                raise
+            STATEMENT_RETRIES.labels(_LOST).inc()
+            log.warning("statement_retried", sqlstate=_LOST, attempt=1)
         async with self._connection() as conn:
             return await self._send(conn, method, sql, args)
 
@@ -146,6 +165,12 @@ class StatementPool:
                     await self._pool.expire_connections()
                 raise
             finally:
+                # Opened while the server was read-only: used once, never kept (its session
+                # would refuse writes after the server is writable again: database_errors).
+                # (InterfaceError: a lost connection asyncpg already released.)
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    if opened_read_only(conn):
+                        conn.terminate()
                 await self._pool.release(conn)
         finally:
             self._turns.release()

@@ -56,14 +56,14 @@ class AccountReader(Lanes[Identity]):
     async def _send_one(self, waiting: Waiting[Identity]) -> None:
         identity = waiting.request
         row = await self._statements.fetch_one(
-            CHECK_SQL, (identity.oauth_provider, identity.external_id)
+            CHECK_SQL, (identity.oauth_provider, identity.external_id), read=True
         )
         waiting.settle(row)
 
     async def _send_many(self, batch: list[Waiting[Identity]]) -> None:
         providers = [w.request.oauth_provider for w in batch]
         external_ids = [w.request.external_id for w in batch]
-        rows = await self._statements.fetch_all(BATCH_SQL, (providers, external_ids))
+        rows = await self._statements.fetch_all(BATCH_SQL, (providers, external_ids), read=True)
         found: dict[Hashable, Any] = {
             Identity(row["oauth_provider"], row["external_id"]): row for row in rows
         }
