@@ -12,7 +12,9 @@ Servers: `uvicorn` is what `ciris-billing serve --workers 2` runs (uvicorn with 
 serving.py's protocol: read timeouts, headers and body in one write; workers on SO_REUSEPORT
 sockets), hello under the same (run.py's hello_command). `uvicorn-plain` is uvicorn's own
 httptools protocol and supervisor (`uvicorn --workers 2 --http httptools`: the issue's figure).
-`granian` is granian's ASGI interface (HTTP/1 only, no websockets, its own workers). Every
+`granian` is granian's ASGI interface (HTTP/1 only, no websockets, its own workers).
+`raw-protocol` (hello only) is bench/raw_hello.py: the same answer from a bare uvloop + httptools
+protocol, no ASGI and no framework: the floor under any ASGI server's cost per request. Every
 measurement is wrk -t2 for the duration, after a 2 s warm-up per server; the table gives req/s,
 latency, and each figure against uvicorn's. Nothing is written; the database is dropped.
 """
@@ -44,8 +46,12 @@ def uvicorn_plain(target: str, port: int, factory: bool) -> list[str]:
     return [str(bench.BIN / "python"), "-m", "uvicorn", *options.split(), target]
 
 
-# server -> (hello command, service command), each given the port.
-SERVERS: dict[str, tuple[Callable[[int], list[str]], Callable[[int], list[str]]]] = {
+def raw_protocol(port: int) -> list[str]:
+    return [str(bench.BIN / "python"), str(bench.BENCH / "raw_hello.py"), str(port)]
+
+
+# server -> (hello command, service command or None: hello only), each given the port.
+SERVERS: dict[str, tuple[Callable[[int], list[str]], Callable[[int], list[str]] | None]] = {
     "uvicorn": (bench.hello_command, bench.service_command),
     "uvicorn-plain": (
         bench.uvicorn_hello_command,
@@ -55,6 +61,7 @@ SERVERS: dict[str, tuple[Callable[[int], list[str]], Callable[[int], list[str]]]
         lambda port: granian("hello_app:app", port, factory=False),
         lambda port: granian(APP, port, factory=True),
     ),
+    "raw-protocol": (raw_protocol, None),
 }
 SCENARIOS = (("(a) check, random", "check"), ("(b) charge, random", "charge"))
 
@@ -69,6 +76,8 @@ def measure(server: str, key: str, duration: int) -> list[bench.Row]:
         for c in bench.CONNECTIONS:
             rows.append(bench.wrk(f"{server}: hello", url, "-", "hello", c, duration, pid))
             bench.print_row(rows[-1])
+    if service_command is None:
+        return rows
     port = bench.free_port()
     url = f"http://127.0.0.1:{port}"
     with (
@@ -89,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--quick", action="store_true", help="3 s per measurement")
-    parser.add_argument("--servers", default="uvicorn,uvicorn-plain,granian")
+    parser.add_argument("--servers", default="uvicorn,uvicorn-plain,granian,raw-protocol")
     args = parser.parse_args()
     duration = 3 if args.quick else args.duration
     servers = args.servers.split(",")

@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     # requests beyond wait and go out together in one statement (accounts/hot/lanes.py).
     # Measured (both settings serving at once, 2026-12-08): 1 lane made ~10% more charges and
     # mixes at 32 connections per server and 5-10% fewer at 8; 4 keeps the low end.
-    hot_path_lanes: int = Field(default=4, ge=1, le=64)
+    hot_path_lanes: int = Field(default=2, ge=1, le=64)
     # Connecting to PostgreSQL gives up after this (then 503): a database that stops answering
     # must not hang requests; a busy server that forks slowly may need more (tests use 30 s).
     db_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
