@@ -1,7 +1,8 @@
 """The HTTP ceiling without ASGI: hello_app's answer (a FastAPI endpoint there) from a bare
 protocol on uvloop and httptools (the parser uvicorn uses), two processes on one SO_REUSEPORT
-port, no framework, no ASGI messages, no timeouts, nothing else a real server keeps. Not a server to deploy: the floor under
-every ASGI server's per-request cost (bench/servers.py `raw-protocol`).
+port, no framework, no ASGI messages, no timeouts, nothing else a real server keeps. Not a
+server to deploy: the floor under every ASGI server's per-request cost (bench/servers.py
+`raw-protocol`).
 
     .venv/bin/python bench/raw_hello.py PORT
 """
