@@ -1,8 +1,8 @@
 """Checks and charges that queue up go out together (accounts/hot/lanes.py: reader.py,
 writer.py), and each one's outcome is what it would have been alone. PostgreSQL only
-(batching is how the hot path reaches it); one lane (DB_POOL_SIZE=1), so concurrent requests
-must queue and go out in batches. No free uses (FREE_USES_PER_ACCOUNT=0): every account has
-exactly the paid uses it is given.
+(batching is how the hot path reaches it); one lane (DB_POOL_SIZE=1, or HOT_PATH_LANES=1),
+so concurrent requests must queue and go out in batches. No free uses
+(FREE_USES_PER_ACCOUNT=0): every account has exactly the paid uses it is given.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from tests.support.postgres import truncate
 CHARGES = "/v1/billing/charges"
 
 
-@pytest.fixture
-async def one_lane(postgres_url: str) -> AsyncIterator[Api]:
+# One lane by the pool's size (lanes never outnumber connections), or by HOT_PATH_LANES alone.
+@pytest.fixture(params=[{"db_pool_size": 1}, {"hot_path_lanes": 1}], ids=["pool", "lanes"])
+async def one_lane(postgres_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Api]:
     await truncate(postgres_url)
     settings = make_settings(
-        postgres_url, db_pool_size=1, free_uses_per_account=0, rate_limit_account_per_minute=60_000
+        postgres_url, free_uses_per_account=0, rate_limit_account_per_minute=60_000, **request.param
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
