@@ -150,8 +150,9 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, le=200)
     # Hot statements of each kind (check, charge, hold, capture) in flight at once per worker;
     # requests beyond wait and go out together in one statement (accounts/hot/lanes.py).
-    # Measured (both settings serving at once, 2026-12-08): 1 lane made ~10% more charges and
-    # mixes at 32 connections per server and 5-10% fewer at 8; 4 keeps the low end.
+    # Measured (both settings serving at once, 2026-12-08; docs/deploy.md): against 4 lanes,
+    # 2 made 5-8% more charges at 8 and 32 connections per server and 17% more mixes at 32,
+    # checks 5% fewer at 8; 1 lane lost 5-11% at 8.
     hot_path_lanes: int = Field(default=2, ge=1, le=64)
     # Connecting to PostgreSQL gives up after this (then 503): a database that stops answering
     # must not hang requests; a busy server that forks slowly may need more (tests use 30 s).

@@ -117,16 +117,16 @@ class StatementPool:
         it, and a read changes nothing, so sending it again is always safe. A write is not
         (it may have committed before the answer was lost): its error stays the request's
         (503, and the client retries with its idempotency key)."""
-        try:
-            async with self._connection() as conn:
-                return await self._send(conn, method, sql, args)
-        except Exception as exc:
-            if not read or not connection_unusable(exc):
-                raise
-            STATEMENT_RETRIES.labels(_LOST).inc()
-            log.warning("statement_retried", sqlstate=_LOST, attempt=1)
-        async with self._connection() as conn:
-            return await self._send(conn, method, sql, args)
+        for attempt in (1, 2):
+            try:
+                async with self._connection() as conn:
+                    return await self._send(conn, method, sql, args)
+            except Exception as exc:
+                if attempt == 2 or not read or not connection_unusable(exc):
+                    raise
+                STATEMENT_RETRIES.labels(_LOST).inc()
+                log.warning("statement_retried", sqlstate=_LOST, attempt=attempt)
+        raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
