@@ -17,11 +17,18 @@ import os
 import signal
 import socket
 import threading
+import time
 
 from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors.multiprocess import Process
 
 logger = logging.getLogger("uvicorn.error")
+
+# A worker answers health pings only once it has started (a spawned process first imports the
+# service, 2-5 s here, more on a loaded machine): pinged before that, it looked hung and was
+# killed and replaced, again and again (seen in CI: a worker killed by a fault test did not
+# serve again within 60 s). Until this long after its start, only its process is checked.
+STARTUP_GRACE_SECONDS = 60.0
 
 
 def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
@@ -47,6 +54,7 @@ class Supervisor:
         self.config = config
         self.sockets = sockets
         self.processes: list[Process] = []
+        self.started_at: list[float] = []  # each process's start (monotonic)
         self.should_exit = threading.Event()
 
     def _start(self, sock: socket.socket) -> Process:
@@ -54,11 +62,19 @@ class Supervisor:
         process.start()
         return process
 
+    def _alive(self, index: int) -> bool:
+        """Dead, or hung (not answering its health ping once past its start-up)."""
+        process = self.processes[index]
+        if time.monotonic() - self.started_at[index] < STARTUP_GRACE_SECONDS:
+            return process.process.is_alive()  # still importing, perhaps: no ping yet
+        return process.is_alive(timeout=self.config.timeout_worker_healthcheck)
+
     def run(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.should_exit.set())
         logger.info(f"Started parent process [{os.getpid()}]")
         self.processes = [self._start(sock) for sock in self.sockets]
+        self.started_at = [time.monotonic() for _ in self.processes]
         while not self.should_exit.wait(0.5):
             self._replace_dead_workers()
         for process in self.processes:
@@ -69,7 +85,7 @@ class Supervisor:
 
     def _replace_dead_workers(self) -> None:
         for index, process in enumerate(self.processes):
-            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+            if self._alive(index):
                 continue
             process.kill()  # dead, or hung: not answering its health ping
             process.join()
@@ -83,3 +99,4 @@ class Supervisor:
                 return
             logger.info(f"Child process [{process.pid}] died")
             self.processes[index] = self._start(self.sockets[index])
+            self.started_at[index] = time.monotonic()

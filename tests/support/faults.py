@@ -370,7 +370,10 @@ class ServiceProcesses:
         deadline = time.monotonic() + timeout
         while log_path.read_text().count("Application startup complete") < count:
             if time.monotonic() > deadline:
-                raise AssertionError(f"fewer than {count} worker start-ups after {timeout} s")
+                tail = log_path.read_text()[-4000:]
+                raise AssertionError(
+                    f"fewer than {count} worker start-ups after {timeout} s; the log ends:\n{tail}"
+                )
             time.sleep(0.1)
 
     def kill_worker(self, pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
