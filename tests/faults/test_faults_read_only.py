@@ -96,8 +96,8 @@ async def test_a_read_only_database_answers_503_and_its_connections_are_dropped(
     after = await asyncio.gather(
         *(api.post("/v1/billing/charges", identity(f"after-{n}@x.y")) for n in range(6))
     )
-    # (A connection opened during the read-only phase for a read, e.g. /health's, once went back
-    # to its pool and answered one of these 503: the next test reproduces it.)
+    # (A connection opened during the read-only phase for a read, which went back to its pool
+    # without an error, once answered one of these 503: the next test reproduces it.)
     assert [r.status_code for r in after] == [201] * 6, [r.text for r in after]
     assert (await api.post("/v1/billing/accounts", identity("acct-after@x.y"))).status_code == 201
     purchase = await api.post(
