@@ -13,7 +13,9 @@ serving.py's protocol: read timeouts, headers and body in one write; workers on 
 sockets), hello under the same (run.py's hello_command). `uvicorn-plain` is uvicorn's own
 httptools protocol and supervisor (`uvicorn --workers 2 --http httptools`: the issue's figure).
 `granian` is granian's ASGI interface (HTTP/1 only, no websockets, its own workers).
-`raw-protocol` (hello only) is bench/raw_hello.py: the same answer from a bare uvloop + httptools
+`raw-asgi` (hello only) is bench/raw_asgi_hello.py, the same answer from a bare ASGI callable
+under the service's server: what the server costs without FastAPI. `raw-protocol` (hello only)
+is bench/raw_hello.py: the same answer from a bare uvloop + httptools
 protocol, no ASGI and no framework: the floor under any ASGI server's cost per request. Every
 measurement is wrk -t2 for the duration, after a 2 s warm-up per server; the table gives req/s,
 latency, and each figure against uvicorn's. Nothing is written; the database is dropped.
@@ -46,6 +48,11 @@ def uvicorn_plain(target: str, port: int, factory: bool) -> list[str]:
     return [str(bench.BIN / "python"), "-m", "uvicorn", *options.split(), target]
 
 
+def raw_asgi(port: int) -> list[str]:
+    """raw_asgi_hello.py's bare ASGI hello under the service's server (run.py's hello_command)."""
+    return [arg.replace("hello_app:app", "raw_asgi_hello:app") for arg in bench.hello_command(port)]
+
+
 def raw_protocol(port: int) -> list[str]:
     return [str(bench.BIN / "python"), str(bench.BENCH / "raw_hello.py"), str(port)]
 
@@ -61,6 +68,7 @@ SERVERS: dict[str, tuple[Callable[[int], list[str]], Callable[[int], list[str]] 
         lambda port: granian("hello_app:app", port, factory=False),
         lambda port: granian(APP, port, factory=True),
     ),
+    "raw-asgi": (raw_asgi, None),
     "raw-protocol": (raw_protocol, None),
 }
 SCENARIOS = (("(a) check, random", "check"), ("(b) charge, random", "charge"))
@@ -98,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--quick", action="store_true", help="3 s per measurement")
-    parser.add_argument("--servers", default="uvicorn,uvicorn-plain,granian,raw-protocol")
+    parser.add_argument("--servers", default="uvicorn,uvicorn-plain,granian,raw-asgi,raw-protocol")
     args = parser.parse_args()
     duration = 3 if args.quick else args.duration
     servers = args.servers.split(",")
