@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ciris_billing.accounts.hot.pool import StatementPool
 from ciris_billing.cli import migrate_database
 from ciris_billing.embedded import embedded_postgres, run_to_end
 from tests.support.api import Api, make_settings, running_app
@@ -120,3 +121,13 @@ async def api(database_url: str) -> AsyncIterator[Api]:
     )
     async with running_app(settings) as api:
         yield api
+
+
+@pytest.fixture
+async def statement_pool(api: Api) -> AsyncIterator[StatementPool]:
+    """The hot path's statement pool (two connections) on `api`'s database, closed after."""
+    pool = await StatementPool.open(api.engine, 2)
+    try:
+        yield pool
+    finally:
+        await pool.close()

@@ -6,7 +6,6 @@ the pool is closed. Real PostgreSQL; the backends are told apart by their pids."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -23,15 +22,6 @@ READ_ONLY_ERROR = (
 )
 
 
-@pytest.fixture
-async def pool(api: Api) -> AsyncIterator[StatementPool]:
-    statement_pool = await StatementPool.open(api.engine, 2)
-    try:
-        yield statement_pool
-    finally:
-        await statement_pool.close()
-
-
 async def pids(pool: StatementPool) -> set[int]:
     """The backends of two statements sent at once (so both connections are in use)."""
     rows = await asyncio.gather(*(pool.fetch_one(PID, (0.05,), read=True) for _ in range(2)))
@@ -45,21 +35,21 @@ async def alive(api: Api, backends: set[int]) -> set[int]:
         return {row.pid for row in rows}
 
 
-async def test_connections_are_used_again(pool: StatementPool) -> None:
-    first = await pids(pool)
+async def test_connections_are_used_again(statement_pool: StatementPool) -> None:
+    first = await pids(statement_pool)
     assert len(first) == 2
-    assert await pids(pool) == first
+    assert await pids(statement_pool) == first
 
 
 async def test_after_a_read_only_refusal_no_connection_opened_before_is_used_again(
-    api: Api, pool: StatementPool
+    api: Api, statement_pool: StatementPool
 ) -> None:
-    before = await pids(pool)
+    before = await pids(statement_pool)
 
     with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
-        await pool.fetch_one(READ_ONLY_ERROR, ())
+        await statement_pool.fetch_one(READ_ONLY_ERROR, ())
 
-    after = await pids(pool)
+    after = await pids(statement_pool)
     assert not after & before, "a failover's demoted server: every pooled connection replaced"
     for _ in range(50):  # closed, not left open on the server
         if not await alive(api, before):
@@ -69,20 +59,22 @@ async def test_after_a_read_only_refusal_no_connection_opened_before_is_used_aga
 
 
 async def test_a_connection_idle_too_long_is_replaced(
-    pool: StatementPool, monkeypatch: pytest.MonkeyPatch
+    statement_pool: StatementPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    before = await pids(pool)
+    before = await pids(statement_pool)
     monkeypatch.setattr(pool_module, "IDLE_SECONDS", 0.0)
     await asyncio.sleep(0.01)
 
-    assert not await pids(pool) & before
+    assert not await pids(statement_pool) & before
 
 
-async def test_closing_the_pool_closes_its_connections(api: Api, pool: StatementPool) -> None:
-    before = await pids(pool)
+async def test_closing_the_pool_closes_its_connections(
+    api: Api, statement_pool: StatementPool
+) -> None:
+    before = await pids(statement_pool)
     assert await alive(api, before) == before
 
-    await pool.close()
+    await statement_pool.close()
 
     for _ in range(50):
         if not await alive(api, before):

@@ -5,7 +5,6 @@ in a batch leave the same wallet."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -27,15 +26,6 @@ from tests.ledger.support import account_row, account_with, books_problems, char
 from tests.support.api import Api
 
 NOW = datetime(2026, 12, 7, 12, tzinfo=UTC)
-
-
-@pytest.fixture
-async def pool(api: Api) -> AsyncIterator[StatementPool]:
-    statement_pool = await StatementPool.open(api.engine, 2)
-    try:
-        yield statement_pool
-    finally:
-        await statement_pool.close()
 
 
 async def test_the_database_walks_with_the_functions_the_code_defines(api: Api) -> None:
@@ -160,7 +150,7 @@ async def test_the_wallet_walk_is_the_capture_walk_with_the_touched_lots(api: Ap
 
 
 async def test_the_head_text_makes_what_the_walk_makes_whenever_it_makes_a_row(
-    api: Api, pool: StatementPool
+    api: Api, statement_pool: StatementPool
 ) -> None:
     """Two accounts with the same random lots: the head text on one, the walk on the other.
     Whenever the head text makes a charge, the walk makes the same (lots, uses, wallet,
@@ -175,10 +165,10 @@ async def test_the_head_text_makes_what_the_walk_makes_whenever_it_makes_a_row(
             uses = rng.randint(1, 4)
             at = NOW + timedelta(minutes=step)
             before = await account_row(api.engine, walk)
-            fast = await pool.fetch_one(
+            fast = await statement_pool.fetch_one(
                 statements.CHARGE_HEAD_SQL, charge(f"head-{case}", uses, at).parameters()
             )
-            walked = await pool.fetch_one(
+            walked = await statement_pool.fetch_one(
                 statements.CHARGE_SQL, charge(f"walk-{case}", uses, at).parameters()
             )
             if fast is None:
@@ -191,7 +181,7 @@ async def test_the_head_text_makes_what_the_walk_makes_whenever_it_makes_a_row(
                 assert list(walked["lot_ids"]) != [head_lot] or (
                     before.lot_expires[k] is not None and before.lot_expires[k] <= at
                 ), (case, step)
-                fast = await pool.fetch_one(
+                fast = await statement_pool.fetch_one(
                     statements.CHARGE_SQL, charge(f"head-{case}", uses, at).parameters()
                 )
             assert walked is not None, (case, step)
@@ -236,7 +226,7 @@ async def test_the_capture_walk_in_python_is_the_databases(api: Api) -> None:
 
 
 async def test_a_charge_alone_and_in_a_batch_leave_the_same_wallet(
-    api: Api, pool: StatementPool
+    api: Api, statement_pool: StatementPool
 ) -> None:
     rng = random.Random(7)
     for case in range(30):
@@ -247,12 +237,12 @@ async def test_a_charge_alone_and_in_a_batch_leave_the_same_wallet(
         for step in range(4):
             uses = rng.randint(1, 4)
             at = NOW + timedelta(minutes=step)
-            one = await pool.fetch_one(
+            one = await statement_pool.fetch_one(
                 statements.CHARGE_SQL, charge(f"alone-{case}", uses, at).parameters()
             )
             members = [charge(f"batched-{case}", uses, at), charge(f"other-{case}", 1, at)]
             columns = [list(c) for c in zip(*(m.parameters() for m in members), strict=True)]
-            rows = await pool.fetch_all(statements.CHARGE_BATCH_SQL, columns)
+            rows = await statement_pool.fetch_all(statements.CHARGE_BATCH_SQL, columns)
             made = {row["charge_id"]: row for row in rows}
             twin = made.get(members[0].charge_id)
             assert (one is None) == (twin is None), (case, step)
