@@ -47,11 +47,11 @@ class StatementPool:
     already bound and order the connections. Idle connections wait on a stack (the most recently
     used first: its prepared statements are warm).
 
-    Requests get connections strictly in arrival order: asyncpg's pool hands a released
-    connection to whichever request asks first, and a request that was already waiting goes to
-    the back of the line when a newcomer beats it; under load some requests starved for
-    hundreds of milliseconds (p99). A fair semaphore with one permit per connection admits
-    requests first come, first served, so the pool itself never makes anyone wait.
+    Requests get connections strictly in arrival order: a fair semaphore with one permit per
+    connection admits them first come, first served. (asyncpg's pool, used before, handed a
+    released connection to whichever request asked first, and a request already waiting went
+    to the back of the line when a newcomer beat it; under load some requests starved for
+    hundreds of milliseconds: p99.)
     """
 
     def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], size: int) -> None:
